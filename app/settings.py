@@ -1,0 +1,41 @@
+"""One source of truth for configuration: environment variables prefixed SPKD_ (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPKD_", env_file=".env", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="spkd", description="namespace of every Redis key spkd writes")
+    api_keys: str = Field(default="", description="comma-separated API keys; empty refuses to serve")
+    allow_open: bool = Field(default=False, description="serve without keys, on localhost only")
+    data_root: Path = Path(".spkd/data")
+    artifact_root: Path = Path(".spkd/artifacts")
+    weights_roots: str = Field(default="", description="comma-separated folders weight files may come from")
+    queue: str = "spkd"
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_uncompressed_bytes: int = 8 * 1024**3
+    max_files: int = 200_000
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb default
+
+    # Longer than any job, or Redis hands an unacked job to a second worker (DESIGN.md section 4).
+    visibility_timeout_s: int = 7 * 24 * 3600
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def weights_root_list(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.weights_roots.split(",") if p.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

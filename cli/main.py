@@ -1,0 +1,19 @@
+"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/download, demo.
+
+Each command group lives in its own module and imports its heavy dependencies (torch, celery,
+uvicorn) inside the command, so `spkd submit` starts fast and never loads torch.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cli import client, demo, local, server
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+for module in (local, server, client, demo):
+    module.register(app)
+
+if __name__ == "__main__":
+    app()
