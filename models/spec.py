@@ -134,7 +134,9 @@ class JobSpec(_Strict):
     dataset: DatasetSpec
     distill: DistillSpec = DistillSpec()
     train: TrainSpec = TrainSpec()
-    baseline: bool = Field(default=True, description="also fine-tune the student without SP to report the gain")
+    baseline: bool = Field(
+        default=True, description="also fine-tune the student without SP to report the gain"
+    )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobSpec:
