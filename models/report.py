@@ -1,0 +1,206 @@
+"""A per-job report that opens without the server: report.html (self-contained) and curves.png.
+
+Reads only out_dir/metrics.json (the engine's contract), so it can be rerun on any finished job.
+Imports nothing of ours and keeps matplotlib inside the function: `models` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "report.html"
+CURVES_NAME = "curves.png"
+
+# One colour per stage, same order as models.spec.STAGES; colour-blind friendly (Okabe-Ito).
+STAGE_COLOURS = {
+    "teacher_finetune": "#0072B2",
+    "baseline": "#D55E00",
+    "distill": "#009E73",
+    "evaluate": "#CC79A7",
+    "export": "#E69F00",
+}
+FALLBACK_COLOUR = "#555555"
+
+
+def write_report(out_dir: Path) -> list[Path]:
+    """Write report.html and curves.png next to metrics.json; return their paths."""
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    png = render_curves_png(metrics.get("curves") or {})
+    curves_path = out_dir / CURVES_NAME
+    curves_path.write_bytes(png)
+    report_path = out_dir / REPORT_NAME
+    report_path.write_text(render_html(metrics, png), encoding="utf-8")
+    return [report_path, curves_path]
+
+
+def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Loss and accuracy per epoch, one line colour per stage (solid: val, dashed: train)."""
+    # The OO API (no pyplot): no global state, safe in a worker thread, always the Agg backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    plotted = False
+    for stage, rows in curves.items():
+        colour = STAGE_COLOURS.get(stage, FALLBACK_COLOUR)
+        epochs = [r.get("epoch") for r in rows]
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            for split, style in (("train", "--"), ("val", "-")):
+                xs, ys = _points(epochs, [r.get(f"{split}_{key}") for r in rows])
+                if xs:
+                    ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=f"{stage} {split}")
+                    plotted = True
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if plotted:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _points(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
+    """Keep only pairs where both are numbers (a stage may lack val metrics)."""
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=False) if _is_number(x) and _is_number(y)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}%" if _is_number(v) else "n/a"
+
+
+def _acc(metrics: dict[str, Any], who: str) -> Any:
+    block = metrics.get(who)
+    return block.get("val_acc") if isinstance(block, dict) else None
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
+    """The whole report as one HTML string: no external CSS, JS, fonts or images."""
+    spec = metrics.get("spec") or {}
+    title = "spkd report"
+    if isinstance(spec, dict) and spec.get("teacher") and spec.get("student"):
+        title = f"spkd: {spec['teacher'].get('model')} \u2192 {spec['student'].get('model')}"
+    img = base64.b64encode(curves_png).decode("ascii")
+    sections = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p>Device: <code>{_e(metrics.get('device', 'unknown'))}</code></p>",
+        _accuracy_section(metrics),
+        "<section><h2>Curves</h2>"
+        f'<img src="data:image/png;base64,{img}" alt="Loss and accuracy per epoch for each stage" '
+        'style="max-width:100%;height:auto"></section>',
+        _epochs_section(metrics.get("curves") or {}),
+        _timing_section(metrics.get("timing") or {}),
+        _dataset_section(metrics.get("dataset") or {}),
+        f"<section><h2>Job spec</h2><pre>{_e(json.dumps(spec, indent=2, sort_keys=True))}</pre></section>",
+    ]
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
+        + "\n".join(sections)
+        + "</main></body></html>\n"
+    )
+
+
+def _accuracy_section(metrics: dict[str, Any]) -> str:
+    rows = [("Teacher", _acc(metrics, "teacher")), ("Baseline student (no SP)", _acc(metrics, "baseline"))]
+    rows.append(("Distilled student (SP)", _acc(metrics, "distilled")))
+    body = "".join(f"<tr><th scope='row'>{_e(name)}</th><td>{_pct(v)}</td></tr>" for name, v in rows)
+    gain = metrics.get("gain")
+    gain_txt = f"{100 * gain:+.1f} points" if _is_number(gain) else "n/a"
+    body += f"<tr><th scope='row'>Gain from distillation</th><td>{gain_txt}</td></tr>"
+    return (
+        "<section><h2>Validation accuracy</h2><table><thead><tr><th scope='col'>Model</th>"
+        f"<th scope='col'>Top-1</th></tr></thead><tbody>{body}</tbody></table></section>"
+    )
+
+
+def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "ce", "sp", "kd", "images_per_sec"]
+    parts = ["<section><h2>Epochs</h2>"]
+    for stage, rows in curves.items():
+        head = "".join(f"<th scope='col'>{_e(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+        parts.append(
+            f"<h3>{_e(stage)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
+    if not curves:
+        parts.append("<p>No epochs recorded.</p>")
+    return "".join(parts) + "</section>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else _e(v)
+
+
+def _timing_section(timing: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th scope='row'>{_e(k)}</th><td>{_fmt_s(v)}</td></tr>" for k, v in timing.items())
+    total = sum(v for v in timing.values() if _is_number(v))
+    rows += f"<tr><th scope='row'>total</th><td>{_fmt_s(total)}</td></tr>"
+    return f"<section><h2>Timing</h2><table><tbody>{rows}</tbody></table></section>"
+
+
+def _fmt_s(v: Any) -> str:
+    if not _is_number(v):
+        return "n/a"
+    minutes, seconds = divmod(float(v), 60)
+    return f"{int(minutes)} min {seconds:.1f} s" if minutes else f"{seconds:.1f} s"
+
+
+def _dataset_section(dataset: dict[str, Any]) -> str:
+    classes = dataset.get("classes") or []
+    counts = dataset.get("counts") or {}
+    rejected = dataset.get("rejected") or []
+    parts = [f"<section><h2>Dataset</h2><p>{len(classes)} classes: {_e(', '.join(map(str, classes)))}</p>"]
+    if counts:
+        parts.append("<h3>Images</h3><pre>" + _e(json.dumps(counts, indent=2, sort_keys=True)) + "</pre>")
+    parts.append(f"<h3>Rejected files ({len(rejected)})</h3>")
+    if rejected:
+        rows = "".join(
+            f"<tr><td><code>{_e(r.get('path', ''))}</code></td><td>{_e(r.get('reason', ''))}</td></tr>"
+            if isinstance(r, dict)
+            else f"<tr><td colspan='2'>{_e(r)}</td></tr>"
+            for r in rejected
+        )
+        parts.append(
+            "<table><thead><tr><th scope='col'>File</th><th scope='col'>Reason</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
+        )
+    else:
+        parts.append("<p>None.</p>")
+    return "".join(parts) + "</section>"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:0;color:#1a1a1a;background:#fff;line-height:1.45}
+main{max-width:60rem;margin:0 auto;padding:1rem}
+table{border-collapse:collapse;margin:.5rem 0;display:block;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+thead th{background:#f0f0f0}
+pre{background:#f6f6f6;padding:.75rem;overflow-x:auto}
+h1{font-size:1.5rem}
+"""
