@@ -1,7 +1,497 @@
-"""(filled in by its owner)"""
+"""`spkd demo`: the whole product on one machine, from nothing to a downloaded distilled model.
+
+It starts what it needs (Redis unless SPKD_REDIS_URL answers, the API, one worker), writes a real
+dataset (scikit-learn's handwritten digits as an ImageFolder) or uploads the one given, submits a
+distillation job over REST, follows its event stream, downloads the artifacts and prints the
+accuracies. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import typer
 
+DEFAULT_TEACHER = "tf_efficientnet_lite2"
+DEFAULT_STUDENT = "tf_efficientnet_lite0"
+DIGITS_SIZE = 64  # the 8x8 scans upscaled to what the models see in the demo
+
+
+# --- the default dataset --------------------------------------------------------------------------
+
+
+def write_digits_imagefolder(
+    dest: Path, size: int = DIGITS_SIZE, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, dict[str, int]]:
+    """Write scikit-learn's handwritten digits (1797 real 8x8 scans) as `dest/{train,val}/<digit>/*.png`.
+
+    Dark ink on white, upscaled with bicubic resampling, a stratified split by `seed`.
+    Returns {split: {class: count}}.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    for label in sorted(set(digits.target.tolist())):
+        idx = np.flatnonzero(digits.target == label)
+        rng.shuffle(idx)
+        n_val = max(1, round(len(idx) * val_fraction))
+        for split, chosen in (("val", idx[:n_val]), ("train", idx[n_val:])):
+            folder = dest / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                grey = (255 - digits.images[i] * (255 / 16)).clip(0, 255).astype(np.uint8)
+                img = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+                img.convert("RGB").save(folder / f"digit_{i:04d}.png")
+            counts[split][str(label)] = len(chosen)
+    return counts
+
+
+def zip_imagefolder(src: Path, dest: Path) -> Path:
+    """Zip an ImageFolder (files only, relative paths) for POST /v1/datasets."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                zf.write(path, path.relative_to(src).as_posix())
+    return dest
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+class Stack:
+    """The processes the demo started, each in its own process group, stopped in reverse order."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        atexit.register(self.stop)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it open
+        # A new session: Ctrl-C in the terminal reaches only us, and we stop the whole group.
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        """Fail with the log tail when a process we started has died."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise DemoError(f"{name} exited with code {proc.returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 25) -> str:
+        path = self.logs / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        while self.procs:
+            name, proc = self.procs.pop()
+            if proc.poll() is None:
+                _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group (a warm shutdown for celery/uvicorn), SIGKILL it if it lingers."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Children of the group (celery's pool) may outlive the leader for a moment.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _raise_on_term(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class DemoError(RuntimeError):
+    """Something the person running the demo should read."""
+
+
+def start_redis(stack: Stack, workdir: Path) -> str:
+    """A throwaway redis-server on a free loopback port (installing Debian's when missing and root)."""
+    exe = shutil.which("redis-server")
+    if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        say("installing redis-server (apt-get)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        exe = shutil.which("redis-server")
+    if exe is None:
+        raise DemoError(
+            "no Redis: set SPKD_REDIS_URL, or install redis-server (apt-get install redis-server)"
+        )
+    port = free_port()
+    data = workdir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    stack.start("redis", [*argv, "--dir", str(data)], dict(os.environ))
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: redis_answers(url), 20, "redis-server to answer", stack)
+    return url
+
+
+def wait_for(ready: Callable[[], bool], timeout_s: float, what: str, stack: Stack) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stack.check()
+        if ready():
+            return
+        time.sleep(0.5)
+    raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+# --- talking to the API ---------------------------------------------------------------------------
+
+
+def say(msg: str) -> None:
+    typer.secho(f"[demo] {msg}", fg=typer.colors.CYAN, err=True)
+
+
+def check(resp: Any) -> Any:
+    """The JSON body of a 2xx response, or a DemoError carrying the API's error."""
+    if resp.status_code >= 400:
+        raise DemoError(
+            f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {resp.text[:2000]}"
+        )
+    return resp.json()
+
+
+def api_ready(http: Any) -> bool:
+    import httpx
+
+    try:
+        return http.get("/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
+    """POST /v1/datasets with a zip of the folder; returns the dataset description."""
+    archive = zip_imagefolder(folder, tmp / f"{folder.name}.zip")
+    with archive.open("rb") as fh:
+        files = {"file": (archive.name, fh, "application/zip")}
+        return check(http.post("/v1/datasets", files=files, params={"name": folder.name}, timeout=600))
+
+
+def follow_events(http: Any, job_id: str) -> None:
+    """Print the job's events as they come (server-sent events), until the job ends."""
+    import httpx
+
+    seen = 0
+    while True:
+        try:
+            headers = {"Accept": "text/event-stream"}
+            with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    raise DemoError(f"event stream -> {resp.status_code}: {resp.read()[:500]!r}")
+                for data in _sse_data(resp.iter_lines()):
+                    seen += 1
+                    show_event(data)
+        except httpx.TransportError:
+            pass  # the stream dropped: fall through to a status check and reconnect
+        status = check(http.get(f"/v1/jobs/{job_id}"))
+        if status.get("status") in TERMINAL:
+            return
+        time.sleep(1)
+
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[dict]:
+    """JSON payloads of the `data:` fields of an SSE stream (multi-line data joined)."""
+    buf: list[str] = []
+    for line in lines:
+        if line.startswith("data:"):
+            buf.append(line[5:].lstrip())
+        elif not line and buf:
+            with contextlib.suppress(json.JSONDecodeError):
+                payload = json.loads("\n".join(buf))
+                if isinstance(payload, dict):
+                    yield payload
+            buf = []
+
+
+def show_event(event: dict) -> None:
+    """One line per event a person cares about."""
+    data = {**event.get("data", {}), **{k: v for k, v in event.items() if k != "data"}}
+    kind = data.get("kind") or data.get("type") or ""
+    stage = data.get("stage", "")
+    if kind == "epoch_end":
+        parts = [f"{stage:>16} epoch {data.get('epoch')}/{data.get('epochs')}"]
+        for key, label in (("train_loss", "loss"), ("train_acc", "train acc"), ("val_acc", "val acc")):
+            if isinstance(data.get(key), int | float):
+                parts.append(f"{label} {data[key]:.3f}")
+        if isinstance(data.get("images_per_sec"), int | float):
+            parts.append(f"{data['images_per_sec']:.0f} img/s")
+        if isinstance(data.get("seconds"), int | float):
+            parts.append(f"{data['seconds']:.0f}s")
+        typer.echo("  " + "  ".join(parts))
+    elif kind in ("progress", "checkpoint", "heartbeat"):
+        return  # too chatty for a terminal; the epoch lines carry the numbers
+    else:
+        msg = data.get("message") or data.get("status") or ""
+        typer.echo(f"  [{kind or 'event'}] {stage + ': ' if stage and stage not in msg else ''}{msg}")
+
+
+def download_artifacts(http: Any, job_id: str, dest: Path) -> list[Path]:
+    """Every artifact of the job into dest, streamed; returns the files."""
+    listing = check(http.get(f"/v1/jobs/{job_id}/artifacts"))
+    items = listing.get("artifacts", listing.get("items", [])) if isinstance(listing, dict) else listing
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for item in items:
+        name = item["name"]
+        target = dest / Path(name).name
+        with http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", timeout=600) as resp:
+            if resp.status_code >= 400:
+                raise DemoError(f"download {name} -> {resp.status_code}")
+            with target.open("wb") as fh:
+                for chunk in resp.iter_bytes(1 << 20):
+                    fh.write(chunk)
+        out.append(target)
+    return out
+
+
+def summary(metrics: dict) -> list[str]:
+    """The accuracy lines of metrics.json (fractions shown as percentages)."""
+
+    def pct(block: Any) -> str:
+        acc = block.get("val_acc") if isinstance(block, dict) else None
+        return f"{100 * acc:6.2f} %" if isinstance(acc, int | float) else "     n/a"
+
+    lines = [
+        f"  teacher (fine-tuned)     {pct(metrics.get('teacher'))}",
+        f"  student, fine-tune only  {pct(metrics.get('baseline'))}",
+        f"  student, distilled (SP)  {pct(metrics.get('distilled'))}",
+    ]
+    gain = metrics.get("gain")
+    if isinstance(gain, int | float):
+        lines.append(f"  gain from SP             {100 * gain:+6.2f} points")
+    return lines
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def build_spec(dataset: dict, opts: dict) -> dict:
+    teacher: dict[str, Any] = {"model": opts["teacher"], "weights": opts["teacher_weights"]}
+    if opts["finetune_epochs"] > 0:
+        teacher["finetune"] = {"epochs": opts["finetune_epochs"]}
+    return {
+        "teacher": teacher,
+        "student": {"model": opts["student"], "weights": opts["student_weights"]},
+        "dataset": dataset,
+        "distill": {"sp_weight": opts["sp_weight"], "layers": "auto"},
+        "train": {
+            "epochs": opts["epochs"],
+            "batch_size": opts["batch_size"],
+            "lr": opts["lr"],
+            "image_size": opts["image_size"],
+            "seed": 0,
+        },
+        "baseline": opts["baseline"],
+    }
+
+
+def run_demo(opts: dict) -> Path:
+    """Start the stack, run one job through the REST API, download it. Returns the output folder."""
+    import httpx
+
+    workdir = Path(opts["workdir"]).resolve()
+    stack = Stack(workdir)
+    old_term = signal.signal(signal.SIGTERM, _raise_on_term)
+    old_hup = signal.signal(signal.SIGHUP, _raise_on_term)
+    try:
+        redis_url = os.environ.get("SPKD_REDIS_URL", "")
+        if redis_url and redis_answers(redis_url):
+            say(f"using the Redis at {redis_url}")
+        else:
+            if redis_url:
+                say(f"SPKD_REDIS_URL={redis_url} does not answer; starting a local redis-server")
+            redis_url = start_redis(stack, workdir)
+            say(f"started redis-server at {redis_url}")
+
+        key = "demo-" + secrets.token_urlsafe(24)
+        port = opts["port"] or free_port()
+        run_id = secrets.token_hex(4)
+        env = {
+            **os.environ,
+            "SPKD_REDIS_URL": redis_url,
+            # Own key namespace and queue: a shared Redis keeps other spkd data apart from the demo's.
+            "SPKD_REDIS_PREFIX": f"spkd-demo-{run_id}",
+            "SPKD_QUEUE": f"spkd-demo-{run_id}",
+            "SPKD_API_KEYS": key,
+            "SPKD_DATA_ROOT": str(workdir / "data"),
+            "SPKD_ARTIFACT_ROOT": str(workdir / "artifacts"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        spkd = [sys.executable, "-m", "cli.main"]
+        say(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {stack.logs})")
+        stack.start("api", [*spkd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
+        stack.start("worker", [*spkd, "worker"], env)
+
+        base = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+            wait_for(lambda: api_ready(http), opts["start_timeout"], "the API and a worker (/readyz)", stack)
+            say("API and worker ready")
+            dataset = prepare_dataset(http, opts, workdir)
+            spec = build_spec(dataset, opts)
+            say("submitting: " + json.dumps(spec))
+            job = check(http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": f"demo-{run_id}"}))
+            job_id = job["id"]
+            say(f"job {job_id} {job.get('status', '')}; dashboard: {base}/ (API key: {key})")
+            t0 = time.monotonic()
+            follow_events(http, job_id)
+            status = check(http.get(f"/v1/jobs/{job_id}"))
+            took = time.monotonic() - t0
+            if status.get("status") != "succeeded":
+                err = status.get("error") or {}
+                raise DemoError(f"job {job_id} ended {status.get('status')}: {json.dumps(err)}")
+            say(f"job {job_id} succeeded in {took:.0f}s; downloading its artifacts")
+            out = Path(opts["out"]).resolve() / job_id
+            files = download_artifacts(http, job_id, out)
+            report(out, files)
+            if opts["keep_running"]:
+                say(f"still serving on {base}/ (API key: {key}); Ctrl-C stops everything")
+                while True:
+                    stack.check()
+                    time.sleep(2)
+            return out
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
+
+
+def prepare_dataset(http: Any, opts: dict, workdir: Path) -> dict:
+    """The `dataset` part of the spec: digits written under the data root, or an uploaded folder."""
+    if opts["dataset"] is None:
+        dest = workdir / "data" / "digits"
+        if not (dest / "val").is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=workdir))
+            counts = write_digits_imagefolder(tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(dest)  # all or nothing: an interrupted write is never mistaken for a dataset
+            n = {split: sum(c.values()) for split, c in counts.items()}
+            say(
+                f"wrote scikit-learn's handwritten digits: {n['train']} train / {n['val']} val PNGs in {dest}"
+            )
+        return {"path": "digits"}
+    folder = Path(opts["dataset"]).expanduser().resolve()
+    if not folder.is_dir():
+        raise DemoError(f"--dataset {folder}: not a folder")
+    say(f"uploading {folder} as a zip")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        ds = upload_dataset(http, folder, Path(tmp))
+    rejected = ds.get("rejected") or []
+    say(f"dataset {ds['id']}: classes {ds.get('classes')}, {len(rejected)} files rejected")
+    for item in rejected[:10]:
+        say(f"  rejected {item.get('path')}: {item.get('reason')}")
+    return {"id": ds["id"]}
+
+
+def report(out: Path, files: list[Path]) -> None:
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists():
+        typer.echo("\nvalidation accuracy:")
+        for line in summary(json.loads(metrics_path.read_text())):
+            typer.echo(line)
+    typer.echo(f"\nfiles in {out}:")
+    for path in files:
+        typer.echo(f"  {path.name:<22} {path.stat().st_size:>12,d} bytes")
+    student = out / "student.safetensors"
+    if student.exists():
+        typer.echo(f"\nthe distilled student: {student} (load it with timm: see README, 'Use the model')")
+    if (out / "report.html").exists():
+        typer.echo(f"report: {out / 'report.html'}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `spkd` app."""
+    """Add `spkd demo` to the `spkd` app."""
+
+    @app.command()
+    def demo(
+        dataset: Path | None = typer.Option(
+            None, help="an ImageFolder (class folders, or train/ and val/); default: scikit-learn's digits"
+        ),
+        teacher: str = typer.Option(DEFAULT_TEACHER, help="timm model name of the teacher"),
+        student: str = typer.Option(DEFAULT_STUDENT, help="timm model name of the student"),
+        teacher_weights: str = typer.Option("package", help="hub | none | package | a weights file"),
+        student_weights: str = typer.Option("package", help="hub | none | package | a weights file"),
+        finetune_epochs: int = typer.Option(2, help="teacher fine-tuning epochs (0: use it as it is)"),
+        epochs: int = typer.Option(3, help="student epochs (baseline and distillation each)"),
+        image_size: int = typer.Option(DIGITS_SIZE, help="input size of both models"),
+        batch_size: int = typer.Option(32),
+        lr: float = typer.Option(0.01),
+        sp_weight: float = typer.Option(3000.0, help="gamma: weight of the SP loss"),
+        baseline: bool = typer.Option(True, help="also fine-tune the student alone, to report the gain"),
+        out: Path = typer.Option(Path("demo-out"), help="where the job's artifacts are downloaded"),
+        workdir: Path = typer.Option(Path(".spkd/demo"), help="data, artifacts and logs of the demo"),
+        port: int = typer.Option(0, help="API port (0: a free one)"),
+        start_timeout: float = typer.Option(180.0, help="seconds to wait for the API and worker"),
+        keep_running: bool = typer.Option(False, help="keep serving after the job (see the dashboard)"),
+    ) -> None:
+        """Run a real distillation job end to end on this machine (Redis, API, worker, REST)."""
+        opts = dict(locals())
+        try:
+            run_demo(opts)
+        except DemoError as exc:
+            typer.secho(f"[demo] failed: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.secho("[demo] interrupted: stopped everything it started", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
