@@ -29,11 +29,30 @@ class Settings(BaseSettings):
     # Longer than any job, or Redis hands an unacked job to a second worker (DESIGN.md section 4).
     visibility_timeout_s: int = 7 * 24 * 3600
 
+    # Worker <-> store timing (service owner; additive).
+    lease_ttl_s: float = Field(default=30.0, description="execution lease; renewed every ttl/3 by the worker")
+    heartbeat_s: float = Field(default=5.0, description="how often a worker says it is alive")
+    heartbeat_ttl_s: float = Field(default=20.0, description="a worker silent this long is not counted")
+    cancel_poll_s: float = Field(default=0.5, description="how often the worker re-reads the cancel flag")
+    hard_stop_s: float = Field(
+        default=60.0, description="after a cancel, kill the job's process if the engine has not stopped"
+    )
+    max_attempts: int = Field(
+        default=3, description="runs of one job (worker lost -> resumed) before failing"
+    )
+    hub_weights: bool = Field(default=True, description="False on hosts without internet: no 'hub' weights")
+    idempotency_ttl_s: int = 24 * 3600
+    max_rejected_listed: int = 1000
+
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     def weights_root_list(self) -> list[Path]:
         return [Path(p.strip()) for p in self.weights_roots.split(",") if p.strip()]
+
+    def allowed_weight_roots(self) -> list[Path]:
+        """Where a `weights: <path>` may point: SPKD_WEIGHTS_ROOTS plus earlier jobs' artifacts."""
+        return [*self.weights_root_list(), self.artifact_root]
 
 
 @lru_cache

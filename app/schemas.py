@@ -1,0 +1,262 @@
+"""Response models of the v1 API (request bodies reuse models.spec.JobSpec). Torch-free."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.spec import EXAMPLE_SPEC
+
+Status = Literal["queued", "validating", "running", "succeeded", "failed", "cancelled"]
+
+JOB_ID_EXAMPLE = "job_01jdx3k4m9a8b7c6d5e4"
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(examples=["unknown_model"])
+    message: str = Field(examples=["teacher.model: timm has no model 'resnet5O'; close matches: resnet50"])
+    field: str | None = Field(default=None, examples=["teacher.model"])
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "error": {
+                    "code": "job_not_found",
+                    "message": "no job 'job_x' for this API key",
+                    "field": None,
+                }
+            }
+        }
+    )
+    error: ErrorInfo
+
+
+class ProgressOut(BaseModel):
+    stage: str | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    images_per_sec: float | None = None
+    eta_s: float | None = None
+    loss: float | None = None
+    updated_at: float | None = None
+
+
+def _iso(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts else None
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": JOB_ID_EXAMPLE,
+                "object": "job",
+                "status": "running",
+                "stage": "distill",
+                "progress": {
+                    "stage": "distill",
+                    "epoch": 3,
+                    "epochs": 15,
+                    "step": 12,
+                    "steps": 40,
+                    "images_per_sec": 812.5,
+                    "eta_s": 431.0,
+                    "loss": 0.42,
+                },
+                "eta": "2026-11-27T22:10:00Z",
+                "created_at": "2026-11-27T21:58:00Z",
+                "spec": EXAMPLE_SPEC,
+                "metrics": None,
+                "error": None,
+            }
+        }
+    )
+
+    id: str
+    object: Literal["job"] = "job"
+    status: Status
+    stage: str | None = None
+    progress: ProgressOut | None = None
+    eta: datetime | None = Field(default=None, description="estimated end of the whole run")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    spec: dict[str, Any]
+    warnings: list[str] = Field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def from_store(cls, job: dict[str, Any]) -> Job:
+        progress = job.get("progress") or None
+        eta = None
+        if progress and job["status"] == "running" and progress.get("eta_s") is not None:
+            eta = _iso((progress.get("updated_at") or job["updated_at"]) + progress["eta_s"])
+        return cls(
+            id=job["id"],
+            status=job["status"],
+            stage=job.get("stage") or None,
+            progress=progress,
+            eta=eta,
+            created_at=_iso(job["created_at"]),
+            started_at=_iso(job.get("started_at")),
+            finished_at=_iso(job.get("finished_at")),
+            cancel_requested=job.get("cancel_requested", False),
+            attempts=job.get("attempts", 0),
+            spec=job.get("spec") or {},
+            warnings=job.get("warnings") or [],
+            metrics=job.get("metrics"),
+            error=job.get("error"),
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    next_cursor: str | None = Field(default=None, description="pass as ?after= for the next page")
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "1764280000000-0",
+                "ts": 1764280000.0,
+                "kind": "epoch_end",
+                "message": "distill epoch 3/15: val_acc 0.912",
+                "data": {"stage": "distill", "epoch": 3, "epochs": 15, "val_acc": 0.912},
+            }
+        }
+    )
+    id: str = Field(description="stream id; send as Last-Event-ID or ?after= to resume")
+    ts: float
+    kind: str
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Event]
+    status: Status
+    next_cursor: str | None = None
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "name": "student.safetensors",
+                "size": 13584112,
+                "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            }
+        }
+    )
+    name: str
+    size: int
+    sha256: str
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Artifact]
+
+
+class Dataset(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "ds_01jdx3k4m9a8b7c6d5e4",
+                "object": "dataset",
+                "name": "hymenoptera",
+                "created_at": "2026-11-27T21:50:00Z",
+                "layout": "split",
+                "classes": ["ants", "bees"],
+                "counts": {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}},
+                "num_images": 397,
+                "size_bytes": 47286322,
+                "rejected": [{"path": "train/ants/notes.txt", "reason": "not an image file (by extension)"}],
+                "rejected_total": 1,
+            }
+        }
+    )
+    id: str
+    object: Literal["dataset"] = "dataset"
+    name: str
+    created_at: datetime
+    layout: Literal["split", "flat"]
+    classes: list[str]
+    counts: dict[str, dict[str, int]] = Field(
+        description="split ('train'/'val', or 'all') -> class -> images"
+    )
+    num_images: int
+    size_bytes: int
+    rejected: list[dict[str, str]] = Field(description="skipped files with the reason")
+    rejected_total: int
+
+    @classmethod
+    def from_store(cls, ds: dict[str, Any]) -> Dataset:
+        data = {k: v for k, v in ds.items() if k != "owner"}
+        data["created_at"] = _iso(ds["created_at"])
+        return cls(**data)
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Dataset]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    pretrained_tags: list[str]
+    weights: list[str] = Field(description="weight sources this server can use: none, package, hub")
+
+
+class WeightFile(BaseModel):
+    path: str
+    size: int
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "object": "list",
+                "total": 1,
+                "data": [
+                    {
+                        "name": "tf_efficientnet_lite0",
+                        "pretrained_tags": ["in1k"],
+                        "weights": ["none", "package", "hub"],
+                    }
+                ],
+                "weight_files": [{"path": "/weights/teacher.safetensors", "size": 24000000}],
+            }
+        }
+    )
+    object: Literal["list"] = "list"
+    total: int
+    data: list[ModelInfo]
+    weight_files: list[WeightFile]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not_ready"]
+    redis: bool
+    workers: int
+    detail: str | None = None
