@@ -1,0 +1,346 @@
+"""Training and evaluation loops for one stage (teacher fine-tune, baseline, distill).
+
+bf16 autocast on GPUs that support it, fp32 on the CPU; channels_last for CNNs on CUDA; the teacher
+frozen, in eval and inference mode. The loop only syncs with the device where progress needs a
+number (every step on the CPU, every `sync_every` steps on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models import checkpoint
+from models.callbacks import Progress, Reporter, StopRequested
+from models.data import Batch, normalize
+from models.factory import DataConfig, is_cnn
+from models.features import FeatureTap
+from models.losses import Distiller
+
+
+# ------------------------------------------------------------------------------------ runtime
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def pick_runtime(precision: str, device: str | None) -> Runtime:
+    """`auto`: bf16 on GPUs that support it, fp32 elsewhere; explicit values are honoured."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp: torch.dtype | None = None
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()):
+        amp = torch.bfloat16
+    elif precision == "fp16" and dev.type == "cuda" or precision == "auto" and dev.type == "cuda":
+        amp = torch.float16
+    return Runtime(device=dev, amp_dtype=amp, channels_last=dev.type == "cuda")
+
+
+class Normalizer:
+    """uint8 batch on the device -> one model's normalised float input."""
+
+    def __init__(self, cfg: DataConfig, runtime: Runtime, model: torch.nn.Module) -> None:
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(cfg.mean, device=runtime.device).view(shape)
+        self.std = torch.tensor(cfg.std, device=runtime.device).view(shape)
+        self.channels_last = runtime.channels_last and is_cnn(model)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def prepare(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    model.to(runtime.device)
+    if runtime.channels_last and is_cnn(model):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+class LiveTeacher:
+    """The frozen teacher as a function of (uint8 batch, indices) -> (logits, features).
+
+    A teacher-feature cache can replace it: it only has to answer the same call.
+    """
+
+    def __init__(self, tap: FeatureTap, norm: Normalizer, runtime: Runtime) -> None:
+        self.tap, self.norm, self.runtime = tap, norm, runtime
+        freeze(tap.model)
+
+    def __call__(
+        self, images: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.inference_mode(), self.runtime.autocast():
+            out = self.tap(self.norm(images))
+        # clones leave inference mode so autograd may use them next to the student's tensors
+        return out.logits.clone(), [f.clone() for f in out.features]
+
+
+def freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# -------------------------------------------------------------------------------- optimisation
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, runtime: Runtime):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs: dict[str, Any] = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay}
+    if runtime.is_cuda:
+        kwargs["fused"] = True
+    return torch.optim.SGD(params, **kwargs)
+
+
+def make_scheduler(optimizer, total_steps: int):
+    """Linear warm-up over 5% of the steps, then cosine to zero: stepped once per batch."""
+    warmup = max(1, int(0.05 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -------------------------------------------------------------------------------------- stage
+@dataclass
+class StagePlan:
+    """What one training stage needs; `distiller.teacher` is None for plain fine-tuning."""
+
+    name: str
+    model: torch.nn.Module
+    distiller: Distiller
+    student_norm: Normalizer
+    epochs: int
+    lr: float
+    weight_decay: float
+    seed: int
+    train_batches: Callable[[int], Iterable[Batch]]  # epoch -> batches (any iterable of triples)
+    val_batches: Callable[[], Iterable[Batch]]
+    steps_per_epoch: int
+
+
+@dataclass
+class Clock:
+    """Whole-run ETA: planned training steps left times the recent seconds per step."""
+
+    total_steps: int
+    done_steps: int = 0
+    sec_per_step: float | None = None
+
+    def tick(self, seconds: float) -> None:
+        self.done_steps += 1
+        self.sec_per_step = seconds if self.sec_per_step is None else 0.9 * self.sec_per_step + 0.1 * seconds
+
+    def eta(self) -> float | None:
+        if self.sec_per_step is None:
+            return None
+        return max(0, self.total_steps - self.done_steps) * self.sec_per_step
+
+
+@dataclass
+class StageResume:
+    epoch: int = 0  # completed epochs
+    model: dict | None = None
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict | None = None
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_stage(
+    plan: StagePlan,
+    runtime: Runtime,
+    reporter: Reporter,
+    clock: Clock,
+    on_epoch_end: Callable[[dict[str, Any]], None],
+    resume: StageResume | None = None,
+    sync_every: int = 25,
+) -> tuple[list[dict], float]:
+    """Train plan.model for plan.epochs; returns (curve of epoch_end dicts, stage seconds)."""
+    resume = resume or StageResume()
+    model = plan.model
+    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, runtime)
+    scheduler = make_scheduler(optimizer, plan.epochs * plan.steps_per_epoch)
+    if resume.model is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+    curve = list(resume.curve)
+    seconds = resume.seconds
+    clock.done_steps += resume.epoch * plan.steps_per_epoch
+    for epoch in range(resume.epoch, plan.epochs):
+        checkpoint.seed_everything(plan.seed, plan.name, epoch)
+        start = time.perf_counter()
+        train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every)
+        val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        row = {
+            "stage": plan.name,
+            "epoch": epoch + 1,
+            "epochs": plan.epochs,
+            **train,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "seconds": round(elapsed, 3),
+        }
+        curve.append(row)
+        reporter.event("epoch_end", _epoch_message(row), **row)
+        on_epoch_end(
+            {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "curve": curve,
+                "seconds": seconds,
+            }
+        )
+    return curve, seconds
+
+
+def _epoch_message(row: dict) -> str:
+    return (
+        f"{row['stage']} epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
+        f"val acc {row['val_acc']:.4f}, {row['images_per_sec']:.1f} img/s"
+    )
+
+
+def _train_epoch(
+    plan: StagePlan,
+    optimizer,
+    scheduler,
+    runtime: Runtime,
+    reporter: Reporter,
+    clock: Clock,
+    epoch: int,
+    sync_every: int,
+) -> dict[str, float]:
+    model, distiller = plan.model, plan.distiller
+    model.train()
+    dev = runtime.device
+    sums = {
+        "loss": torch.zeros((), device=dev),
+        "ce": torch.zeros((), device=dev),
+        "sp": torch.zeros((), device=dev),
+        "kd": torch.zeros((), device=dev),
+    }
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    seen = 0
+    epoch_start = last = time.perf_counter()
+    loss_value: float | None = None
+    scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+    for step, (images, labels, indices) in enumerate(plan.train_batches(epoch), start=1):
+        if reporter.should_stop():
+            raise StopRequested(f"stopped in {plan.name} epoch {epoch + 1} step {step}")
+        images = images.to(dev, non_blocking=True)
+        labels = labels.to(dev, non_blocking=True)
+        indices = indices.to(dev, non_blocking=True)
+        with runtime.autocast():
+            logits, losses = distiller(plan.student_norm(images), images, labels, indices)
+            loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        n = labels.shape[0]
+        seen += n
+        with torch.no_grad():
+            sums["loss"] += loss.detach() * n
+            for key, value in losses.items():
+                sums[key] += value.detach() * n
+            correct += (logits.argmax(1) == labels).sum()
+        if not runtime.is_cuda or step % sync_every == 0 or step == plan.steps_per_epoch:
+            loss_value = float(loss.detach())  # the one host sync of the step, throttled on GPUs
+        now = time.perf_counter()
+        clock.tick(now - last)
+        last = now
+        rate = seen / max(now - epoch_start, 1e-9)
+        reporter.progress(
+            Progress(
+                stage=plan.name,
+                epoch=epoch + 1,
+                epochs=plan.epochs,
+                step=step,
+                steps=plan.steps_per_epoch,
+                images_per_sec=rate,
+                eta_s=clock.eta(),
+                loss=loss_value,
+                extra={"lr": scheduler.get_last_lr()[0]},
+            )
+        )
+    seen = max(seen, 1)
+    elapsed = max(time.perf_counter() - epoch_start, 1e-9)
+    out = {
+        "train_loss": float(sums["loss"]) / seen,
+        "train_acc": float(correct) / seen,
+        "ce": float(sums["ce"]) / seen,
+        "sp": float(sums["sp"]) / seen,
+        "kd": float(sums["kd"]) / seen,
+        "images_per_sec": seen / elapsed,
+    }
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    norm: Normalizer,
+    batches: Iterable[Batch],
+    runtime: Runtime,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Validation loss / accuracy (and per-class accuracy when num_classes is given)."""
+    was_training = model.training
+    model.eval()
+    dev = runtime.device
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    per_class = torch.zeros((num_classes or 1, 2), device=dev, dtype=torch.long)
+    seen = 0
+    with torch.inference_mode():
+        for images, labels, _ in batches:
+            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            with runtime.autocast():
+                logits = model(norm(images))
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+            hits = logits.argmax(1) == labels
+            correct += hits.sum()
+            if num_classes:
+                per_class[:, 1].index_add_(0, labels, torch.ones_like(labels))
+                per_class[:, 0].index_add_(0, labels, hits.long())
+            seen += labels.shape[0]
+    model.train(was_training)
+    seen = max(seen, 1)
+    result: dict[str, Any] = {"loss": float(loss_sum) / seen, "acc": float(correct) / seen, "n": seen}
+    if num_classes:
+        pc = per_class.cpu().tolist()
+        result["per_class_acc"] = [c / t if t else None for c, t in pc]
+    return result

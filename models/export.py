@@ -1,0 +1,88 @@
+"""Artifacts: weights as safetensors, a JSON config that rebuilds the model with timm alone, and
+an ONNX export of the student (normalised float input N x 3 x S x S, dynamic batch)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import atomic_write
+from models.factory import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any) -> dict[str, Any]:
+    """Everything `timm.create_model` and a preprocessing pipeline need to use the weights."""
+    return {
+        "model": name,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        **cfg.as_dict(),
+        "input_size": list(cfg.input_size),
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "library": "timm",
+        **extra,
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> str:
+    """Export with the dynamo exporter (torch's default); fall back to TorchScript if it fails.
+
+    Returns the exporter used. The model is exported in fp32 on the CPU.
+    """
+    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+    example = (torch.randn(2, 3, image_size, image_size),)
+    tmp = path.with_suffix(".onnx.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(
+                model,
+                example,
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+            program.save(str(tmp))
+        exporter = "dynamo"
+    except Exception as exc:  # an op the new exporter cannot translate yet
+        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                example,
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=18,
+            )
+        exporter = "torchscript"
+    tmp.replace(path)
+    for extra in path.parent.glob(tmp.name + "*"):  # external-data side files, if any
+        extra.unlink()
+    return exporter

@@ -1,0 +1,72 @@
+"""Model creation with timm: a model, its new head, and its data config (normalisation, crop)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from models.errors import SpkdError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects of its input; saved in student.json / teacher.json to rebuild it."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_model_name(name: str, field: str) -> None:
+    """Raise a clear error, with close matches, when timm does not know `name`."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise SpkdError("unknown_model", f"timm has no model named {name!r}{hint}", field)
+
+
+def create(
+    name: str, num_classes: int, *, pretrained: bool = False, field: str | None = None
+) -> torch.nn.Module:
+    """Build `name` with a fresh `num_classes` head (pretrained=True downloads timm's hub weights)."""
+    check_model_name(name, field or "model")
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+
+
+def data_config(model: torch.nn.Module, image_size: int | None = None) -> DataConfig:
+    """The model's pretrained data config, with the job's square image size when given."""
+    cfg = resolve_data_config({}, model=model)
+    size = tuple(cfg["input_size"])
+    if image_size is not None:
+        size = (3, image_size, image_size)
+    return DataConfig(
+        input_size=(int(size[0]), int(size[1]), int(size[2])),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+        crop_mode=str(cfg.get("crop_mode", "center")),
+    )
+
+
+def is_cnn(model: torch.nn.Module) -> bool:
+    """True when the model's main layers are convolutions (channels_last helps those)."""
+    convs = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return total > 0 and convs / total > 0.5
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

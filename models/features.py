@@ -1,0 +1,83 @@
+"""Feature taps for SP: one forward pass per model per step gives logits and the chosen features.
+
+`auto` taps the last stage's feature map before pooling (`forward_features`), as in the paper and
+its reference code; for a ViT that is the token map (b x tokens x dim), which SP handles because it
+only compares b x b similarities. Named taps are `feature_info` module names (e.g. `blocks.6`),
+read with `forward_intermediates` when the model has it, else with forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.errors import SpkdError
+
+AUTO = "auto"
+
+
+def layer_names(model: torch.nn.Module) -> list[str]:
+    """Valid tap names: 'auto' plus the model's feature_info module names."""
+    info = getattr(model, "feature_info", None) or []
+    return [AUTO] + [entry["module"] for entry in info if entry.get("module")]
+
+
+def check_layers(model: torch.nn.Module, names: Sequence[str], field: str) -> None:
+    valid = layer_names(model)
+    for name in names:
+        if name not in valid:
+            raise SpkdError(
+                "unknown_layer",
+                f"{type(model).__name__} has no feature layer {name!r}; valid: {', '.join(valid)}",
+                field,
+            )
+
+
+@dataclass
+class Tapped:
+    logits: torch.Tensor
+    features: list[torch.Tensor]  # in the order of the requested names
+
+
+class FeatureTap:
+    """Wraps a timm model: `tap(x)` -> logits + the features named at construction."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], field: str = "layers") -> None:
+        check_layers(model, names, field)
+        self.model = model
+        self.names = list(names)
+        modules = layer_names(model)[1:]
+        self._indices = {n: modules.index(n) for n in self.names if n != AUTO}
+        self._use_intermediates = bool(self._indices) and hasattr(model, "forward_intermediates")
+        self._hooked: dict[str, torch.Tensor] = {}
+        self._handles = []
+        if self._indices and not self._use_intermediates:
+            for name in self._indices:
+                self._handles.append(model.get_submodule(name).register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def store(_module, _inputs, output):
+            self._hooked[name] = output
+
+        return store
+
+    def __call__(self, x: torch.Tensor) -> Tapped:
+        if self._use_intermediates:
+            order = sorted(set(self._indices.values()))
+            final, inter = self.model.forward_intermediates(x, indices=order)
+            by_index = dict(zip(order, inter, strict=True))
+            found = {n: by_index[i] for n, i in self._indices.items()}
+        else:
+            final = self.model.forward_features(x)
+            found = dict(self._hooked)
+            self._hooked.clear()
+        logits = self.model.forward_head(final)
+        feats = [final if n == AUTO else found[n] for n in self.names]
+        return Tapped(logits=logits, features=feats)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

