@@ -1,7 +1,82 @@
-"""(filled in by its owner)"""
+"""`spkd serve` (the API under uvicorn) and `spkd worker` (a Celery worker for one GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
 
 import typer
 
 
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to bind; keys are required off loopback"),
+    port: int = typer.Option(8000, help="TCP port"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+) -> None:
+    """Start the REST API (FastAPI + uvicorn). Refuses to start without API keys unless
+    SPKD_ALLOW_OPEN=true and the host is loopback."""
+    from app.auth import check_can_serve
+    from app.settings import get_settings
+
+    check_can_serve(get_settings(), host)
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:app", host=host, port=port, workers=workers, log_level=log_level, proxy_headers=True
+    )
+
+
+def worker(
+    gpu: str | None = typer.Option(None, help="GPU index for this worker (sets CUDA_VISIBLE_DEVICES)"),
+    queue: str | None = typer.Option(None, help="queue to consume (default: SPKD_QUEUE)"),
+    name: str | None = typer.Option(None, help="worker name (default: host-pid)"),
+    loglevel: str = typer.Option("INFO", help="Celery log level"),
+    preload: bool = typer.Option(True, help="import torch/timm in the parent so each job starts faster"),
+) -> None:
+    """Start a Celery worker that runs one job at a time on one GPU.
+
+    Prefork pool, concurrency 1, a fresh child per job: the parent never initialises CUDA (CUDA and
+    fork do not mix), the child that runs a job owns its CUDA context and exits after it.
+    """
+    # Before anything imports torch: this process and its children see only this GPU.
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if queue:
+        os.environ["SPKD_QUEUE"] = queue
+    node = name or f"spkd-{gpu if gpu is not None else 'cpu'}-{os.getpid()}"
+    os.environ["SPKD_WORKER_NAME"] = node
+    if preload:
+        _preload_engine()
+    from workers.celery_app import celery, settings
+
+    argv = [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        "--max-tasks-per-child=1",
+        f"--queues={settings.queue}",
+        f"--hostname={node}@{socket.gethostname()}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    celery.worker_main(argv)
+
+
+def _preload_engine() -> None:
+    """Importing torch does not create a CUDA context; check that it stays so before forking."""
+    try:
+        import timm  # noqa: F401
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_initialized():
+        raise SystemExit("CUDA was initialised in the worker parent; it must only happen in job processes")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `spkd` app."""
+    app.command("serve")(serve)
+    app.command("worker")(worker)

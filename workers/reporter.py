@@ -1,0 +1,127 @@
+"""RedisReporter: the engine's Reporter protocol written to the job store, plus the Monitor thread
+that renews the execution lease, polls the cancel flag and enforces the hard stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from app import store
+from models.callbacks import Progress
+
+log = logging.getLogger("spkd.worker")
+
+
+class Monitor(threading.Thread):
+    """Every `poll_s`: re-read the cancel flag (cached for should_stop), renew the lease every
+    ttl/3. If the engine has not stopped `hard_stop_s` after a cancel, end the job as cancelled
+    and kill this process: the prefork parent replaces the child and, with
+    task_reject_on_worker_lost, the redelivered message finds the job final and is dropped."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: store.Keys,
+        job_id: str,
+        lease: store.Lease,
+        poll_s: float,
+        hard_stop_s: float,
+    ) -> None:
+        super().__init__(name=f"monitor-{job_id}", daemon=True)
+        self.r, self.keys, self.job_id, self.lease = r, keys, job_id, lease
+        self.poll_s, self.hard_stop_s = poll_s, hard_stop_s
+        self.cancel_seen_at: float | None = None
+        self.lease_lost = False
+        self._done = threading.Event()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.cancel_seen_at is not None or self.lease_lost
+
+    def run(self) -> None:
+        renew_every = max(self.lease.ttl_ms / 3000, self.poll_s)
+        last_renew = time.monotonic()
+        while not self._done.wait(self.poll_s):
+            try:
+                if self.cancel_seen_at is None and store.cancel_requested(self.r, self.keys, self.job_id):
+                    self.cancel_seen_at = time.monotonic()
+                    log.info("job %s: cancel requested", self.job_id)
+                if time.monotonic() - last_renew >= renew_every:
+                    last_renew = time.monotonic()
+                    if not self.lease.renew():
+                        log.error("job %s: execution lease lost; stopping", self.job_id)
+                        self.lease_lost = True
+            except redis.RedisError as e:  # keep going: a short Redis blip must not kill a long job
+                log.warning("job %s: monitor could not reach Redis: %s", self.job_id, e)
+            if self.cancel_seen_at is not None and time.monotonic() - self.cancel_seen_at > self.hard_stop_s:
+                self._hard_stop()
+
+    def _hard_stop(self) -> None:
+        log.error(
+            "job %s: engine did not stop %.0f s after cancel; terminating the process",
+            self.job_id,
+            self.hard_stop_s,
+        )
+        try:
+            store.transition(
+                self.r,
+                self.keys,
+                self.job_id,
+                store.CANCELLED,
+                [store.VALIDATING, store.RUNNING],
+                f"cancelled (hard stop: the engine did not stop within {self.hard_stop_s:.0f} s)",
+            )
+            self.lease.release()
+        finally:
+            os._exit(75)
+
+    def finish(self) -> None:
+        self._done.set()
+
+
+class RedisReporter:
+    """Events go to the job's stream at once (they are rare); per-step progress is throttled to one
+    write per `interval_s`, plus every epoch end, so a fast loop does not hammer Redis."""
+
+    def __init__(
+        self, r: redis.Redis, keys: store.Keys, job_id: str, monitor: Monitor, interval_s: float = 0.5
+    ) -> None:
+        self.r, self.keys, self.job_id, self.monitor = r, keys, job_id, monitor
+        self.interval_s = interval_s
+        self._last_write = 0.0
+        self._latest: Progress | None = None
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        store.add_event(self.r, self.keys, self.job_id, kind, message, **data)
+        if kind == "stage_started" and data.get("stage"):
+            store.update_job(self.r, self.keys, self.job_id, stage=data["stage"])
+        elif kind == "epoch_end" and self._latest is not None:
+            self._write(self._latest)
+
+    def progress(self, progress: Progress) -> None:
+        self._latest = progress
+        if time.monotonic() - self._last_write >= self.interval_s or progress.step == progress.steps:
+            self._write(progress)
+
+    def _write(self, p: Progress) -> None:
+        self._last_write = time.monotonic()
+        body = {
+            "stage": p.stage,
+            "epoch": p.epoch,
+            "epochs": p.epochs,
+            "step": p.step,
+            "steps": p.steps,
+            "images_per_sec": round(p.images_per_sec, 2),
+            "eta_s": p.eta_s,
+            "loss": p.loss,
+            "updated_at": time.time(),
+        }
+        store.update_job(self.r, self.keys, self.job_id, progress=body, stage=p.stage)
+
+    def should_stop(self) -> bool:
+        return self.monitor.stop_requested

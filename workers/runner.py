@@ -1,0 +1,261 @@
+"""Turn a queued job into a run of the engine: lease, validate, run, register artifacts, finish.
+
+`execute_job` is what the Celery task calls; it is plain Python against the real store, so tests
+can also call it in-process. torch is imported only inside the engine call, in the job's process.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from app import datasets, store
+from app.settings import Settings
+from models.callbacks import StopRequested
+from models.errors import SpkdError
+from models.spec import JobSpec
+from workers.reporter import Monitor, RedisReporter
+
+log = logging.getLogger("spkd.worker")
+
+ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+
+
+# ---------------------------------------------------------------- resolving the spec's references
+
+
+def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str) -> Path:
+    ds = spec.dataset
+    if ds.id is not None:
+        record = store.get_dataset(r, keys, ds.id, owner)
+        path = datasets.datasets_dir(settings) / ds.id
+        if record is None or not path.is_dir():
+            raise SpkdError("dataset_not_found", f"no dataset {ds.id!r} for this API key", "dataset.id")
+        return path
+    path = datasets.resolve_data_path(settings, ds.path or "")
+    if path is None:
+        raise SpkdError(
+            "dataset_path_not_allowed", "dataset.path must stay inside the data root", "dataset.path"
+        )
+    if not path.is_dir():
+        raise SpkdError("dataset_not_found", f"no folder {ds.path!r} under the data root", "dataset.path")
+    return path
+
+
+def _job_weights(
+    r: redis.Redis, keys: store.Keys, settings: Settings, role: str, model: str, ref: str, owner: str
+) -> str:
+    """`job:<id>` -> that job's fine-tuned teacher or student file, whichever is the same model
+    (the same role first); only the same owner's succeeded jobs."""
+    other = store.get_job(r, keys, ref, owner)
+    field = f"{role}.weights"
+    if other is None:
+        raise SpkdError("weights_job_not_found", f"no job {ref!r} for this API key", field)
+    if other["status"] != store.SUCCEEDED:
+        raise SpkdError("weights_job_not_finished", f"job {ref!r} is {other['status']}, not succeeded", field)
+    roles = [role] + [x for x in ROLE_FILES if x != role]
+    for candidate in roles:
+        if (other["spec"].get(candidate) or {}).get("model") == model:
+            path = Path(settings.artifact_root).resolve() / ref / ROLE_FILES[candidate]
+            if path.is_file():
+                return str(path)
+    raise SpkdError(
+        "weights_mismatch",
+        f"job {ref!r} has no fine-tuned {model!r} (its teacher and student are other models)",
+        field,
+    )
+
+
+def _file_weights(settings: Settings, role: str, ref: str) -> str:
+    roots = [Path(p).resolve() for p in settings.allowed_weight_roots()]
+    p = Path(ref)
+    for c in [p.resolve()] if p.is_absolute() else [(root / p).resolve() for root in roots]:
+        if c.is_file() and any(c.is_relative_to(root) for root in roots):
+            return str(c)
+    raise SpkdError(
+        "weights_not_allowed",
+        f"weight file {ref!r} is not a file under the server's weight folders",
+        f"{role}.weights",
+    )
+
+
+def resolve_weights(
+    r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str
+) -> JobSpec:
+    """Replace `job:<id>` and relative paths by checked absolute file paths (the engine sees paths)."""
+    updates: dict[str, Any] = {}
+    for role in ROLE_FILES:
+        part = getattr(spec, role)
+        w = part.weights
+        if w in ("hub", "none", "package"):
+            continue
+        if w.startswith("job:"):
+            path = _job_weights(r, keys, settings, role, part.model, w[4:], owner)
+        else:
+            path = _file_weights(settings, role, w)
+        updates[role] = part.model_copy(update={"weights": path})
+    return spec.model_copy(update=updates) if updates else spec
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def collect_artifacts(out_dir: Path) -> list[dict[str, Any]]:
+    """Every result file (checkpoints/ are for resuming, not results)."""
+    arts = []
+    for p in sorted(out_dir.rglob("*")):
+        rel = p.relative_to(out_dir)
+        if p.is_file() and rel.parts[0] != "checkpoints" and not p.name.startswith("."):
+            arts.append({"name": rel.as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)})
+    return arts
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def execute_job(
+    r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, worker: str, device: str | None = None
+) -> str:
+    """Run one job to a final status. Returns what happened (for logs and tests)."""
+    job = store.get_job(r, keys, job_id)
+    if job is None:
+        log.warning("job %s: not in the store; dropping the message", job_id)
+        return "missing"
+    if job["status"] in store.FINAL:
+        log.info("job %s: already %s; nothing to do", job_id, job["status"])
+        return "skipped"
+    lease = store.Lease(r, keys, job_id, settings.lease_ttl_s)
+    if not lease.acquire():
+        log.warning("job %s: another worker holds its lease; not running it twice", job_id)
+        return "busy"
+    try:
+        return _run_leased(r, keys, settings, job, lease, worker, device)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    job: dict[str, Any],
+    lease: store.Lease,
+    worker: str,
+    device: str | None,
+) -> str:
+    job_id = job["id"]
+    attempts = r.hincrby(keys.job(job_id), "attempts", 1)
+    resumed = job["status"] in (store.VALIDATING, store.RUNNING)
+    if attempts > settings.max_attempts:
+        error = {
+            "code": "worker_lost",
+            "message": f"the job's worker died {attempts - 1} times",
+            "field": None,
+        }
+        store.transition(
+            r, keys, job_id, store.FAILED, store.ACTIVE, "failed: too many attempts", error=error
+        )
+        return "failed"
+    try:
+        note = f"validating on {worker}" + (f" (attempt {attempts}, resuming)" if resumed else "")
+        store.transition(
+            r, keys, job_id, store.VALIDATING, store.ACTIVE, note, {"worker": worker}, worker=worker
+        )
+    except store.Conflict:
+        return "skipped"  # cancelled between delivery and now
+    monitor = Monitor(r, keys, job_id, lease, settings.cancel_poll_s, settings.hard_stop_s)
+    monitor.start()
+    try:
+        return _validate_and_run(r, keys, settings, job, monitor, device)
+    except StopRequested:
+        if monitor.lease_lost:
+            return "lease_lost"  # another worker owns it now: leave its state alone
+        _finish(r, keys, job_id, store.CANCELLED, "cancelled")
+        return "cancelled"
+    except SpkdError as e:
+        log.info("job %s: %s", job_id, e)
+        _finish(r, keys, job_id, store.FAILED, f"failed: {e.message}", error=e.as_dict())
+        return "failed"
+    except Exception as e:  # noqa: BLE001 - any bug must end the job, not leave it running forever
+        log.exception("job %s: internal error", job_id)
+        message = f"internal error: {type(e).__name__}: {e}"[:1000]
+        _finish(
+            r,
+            keys,
+            job_id,
+            store.FAILED,
+            "failed: internal error",
+            error={"code": "internal", "message": message, "field": None},
+        )
+        return "failed"
+    finally:
+        monitor.finish()
+        free_memory()
+
+
+def _finish(r: redis.Redis, keys: store.Keys, job_id: str, to: str, message: str, **fields: Any) -> None:
+    try:
+        store.transition(r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, **fields)
+    except store.Conflict as e:
+        log.info("job %s: not moved to %s: %s", job_id, to, e)
+
+
+def _validate_and_run(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    job: dict[str, Any],
+    monitor: Monitor,
+    device: str | None,
+) -> str:
+    job_id, owner = job["id"], job["owner"]
+    spec = JobSpec.model_validate(job["spec"])
+    data_dir = resolve_dataset(r, keys, settings, spec, owner)
+    spec = resolve_weights(r, keys, settings, spec, owner)
+    from models.pipeline import run_job, validate_job  # torch: only in the job's process
+
+    warnings = validate_job(spec, data_dir)
+    for w in warnings:
+        store.add_event(r, keys, job_id, "warning", w)
+    store.update_job(r, keys, job_id, warnings=list(warnings))
+    if monitor.stop_requested:
+        raise StopRequested()
+    store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running")
+    out_dir = Path(settings.artifact_root).resolve() / job_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
+    metrics = run_job(spec, data_dir, out_dir, reporter, device=device)
+    artifacts = collect_artifacts(out_dir)
+    store.set_artifacts(r, keys, job_id, artifacts)
+    store.transition(
+        r,
+        keys,
+        job_id,
+        store.SUCCEEDED,
+        [store.RUNNING],
+        "succeeded",
+        {"artifacts": [a["name"] for a in artifacts]},
+        metrics=metrics,
+    )
+    return "succeeded"

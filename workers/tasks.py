@@ -1,0 +1,113 @@
+"""The Celery task and the worker's lifecycle hooks (heartbeat for /readyz, orphan recovery)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from app import store
+from app.queue import TASK_NAME, enqueue
+from workers.celery_app import celery, settings
+from workers.runner import execute_job
+
+log = logging.getLogger("spkd.worker")
+KEYS = store.Keys(settings.redis_prefix)
+REQUEUE_GRACE_S = 600.0
+WORKER_NAME = os.environ.get("SPKD_WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _redis() -> Any:
+    return store.connect(settings.redis_url)
+
+
+@celery.task(name=TASK_NAME, bind=True)
+def run_job(self: Any, job_id: str) -> str:
+    outcome = execute_job(
+        _redis(), KEYS, settings, job_id, WORKER_NAME, os.environ.get("SPKD_DEVICE") or None
+    )
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+# ---------------------------------------------------------------- heartbeat (parent process only)
+
+
+class Heartbeat(threading.Thread):
+    """Tells /readyz this worker is alive. Uses its own Redis client, never shared with children."""
+
+    def __init__(self) -> None:
+        super().__init__(name="spkd-heartbeat", daemon=True)
+        self.stop = threading.Event()
+        self.r = store.connect(settings.redis_url, health_check_interval=30)
+        self.info = {
+            "queue": settings.queue,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "started_at": time.time(),
+        }
+
+    def run(self) -> None:
+        last_sweep = 0.0
+        while True:
+            try:
+                store.heartbeat(self.r, KEYS, WORKER_NAME, self.info, settings.heartbeat_ttl_s)
+                # A job whose worker died keeps its status but loses its lease after lease_ttl_s.
+                if time.monotonic() - last_sweep > max(30.0, settings.lease_ttl_s):
+                    last_sweep = time.monotonic()
+                    recover_orphans()
+            except Exception as e:  # noqa: BLE001 - keep beating once Redis is back
+                log.warning("heartbeat failed: %s", e)
+            if self.stop.wait(settings.heartbeat_s):
+                return
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def recover_orphans() -> list[str]:
+    """Jobs left validating/running with no live lease lost their worker: queue them again (the
+    engine resumes from its checkpoint; the lease keeps a late duplicate from running in parallel)."""
+    r = _redis()
+    requeued = []
+    for status in (store.VALIDATING, store.RUNNING):
+        for job_id in store.job_ids_with_status(r, KEYS, status):
+            if store.lease_held(r, KEYS, job_id):
+                continue
+            # Requeued recently and not picked up yet (e.g. the only worker is busy): once is enough.
+            requeued_at = float(r.hget(KEYS.job(job_id), "requeued_at") or 0)
+            if time.time() - requeued_at < REQUEUE_GRACE_S:
+                continue
+            store.update_job(r, KEYS, job_id, requeued_at=time.time())
+            store.add_event(r, KEYS, job_id, "info", "its worker was lost; queued again to resume")
+            enqueue(celery, settings, job_id)
+            requeued.append(job_id)
+    if requeued:
+        log.warning("requeued orphaned jobs: %s", ", ".join(requeued))
+    return requeued
+
+
+@worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    global _heartbeat
+    _heartbeat = Heartbeat()
+    _heartbeat.start()
+    try:
+        recover_orphans()
+    except Exception:  # noqa: BLE001 - recovery is best effort; the worker still serves
+        log.exception("orphan recovery failed")
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop.set()
+        with contextlib.suppress(Exception):
+            store.remove_worker(_heartbeat.r, KEYS, WORKER_NAME)
