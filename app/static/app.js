@@ -250,8 +250,8 @@
   // ---------- one job ----------
 
   function enterJob(id) {
-    state.job = null; state.curves = {}; state.seenEvents = new Set();
-    $('#job-h').textContent = `Job ${id}`;
+    state.job = null; state.curves = {}; state.seenEvents = new Set(); state.streamEnded = false; state.loadedFinal = false;
+    $('#job-h').textContent = id;
     $('#job-status').textContent = ''; $('#job-status').className = 'badge';
     $('#job-models').textContent = ''; $('#job-error-msg').textContent = '';
     $('#job-failure').hidden = true; $('#job-cancel').hidden = true;
@@ -280,10 +280,11 @@
     }
     if (state.route.view !== 'job' || state.route.id !== id) return;
     $('#job-error-msg').textContent = '';
-    const wasFinal = state.job && FINAL.has(state.job.status);
     state.job = job;
     renderJob(job);
-    if (FINAL.has(job.status) && !wasFinal) {
+    // Artifacts and final curves once, when the job is first seen finished.
+    if (FINAL.has(job.status) && !state.loadedFinal) {
+      state.loadedFinal = true;
       loadArtifacts(id);
       if (job.metrics && job.metrics.curves) mergeCurves(job.metrics.curves);
     }
@@ -297,7 +298,11 @@
       const ds = spec.dataset ? (spec.dataset.id || spec.dataset.path) : '';
       $('#job-models').textContent = `${spec.teacher.model} → ${spec.student.model} on ${ds}`;
     }
-    $('#job-cancel').hidden = FINAL.has(job.status);
+    const cancel = $('#job-cancel');
+    cancel.hidden = FINAL.has(job.status);
+    // A running job stops at its next training step; say so instead of offering the button again.
+    cancel.disabled = Boolean(job.cancel_requested) && !FINAL.has(job.status);
+    cancel.textContent = cancel.disabled ? 'Cancelling…' : 'Cancel job';
     renderProgress(job.progress || {}, job);
     const failed = job.status === 'failed' && job.error;
     $('#job-failure').hidden = !failed;
@@ -354,7 +359,7 @@
       try {
         const headers = { Authorization: `Bearer ${apiKey() || ''}`, Accept: 'text/event-stream' };
         if (lastId) headers['Last-Event-ID'] = lastId;
-        const res = await fetch(`/v1/jobs/${encodeURIComponent(id)}/events?stream=true`, { headers, signal, cache: 'no-store' });
+        const res = await fetch(`/v1/jobs/${encodeURIComponent(id)}/events`, { headers, signal, cache: 'no-store' });
         if (res.status === 401) { signOut('Your API key was not accepted; sign in again.'); return; }
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
         $('#p-stream').textContent = 'live';
@@ -379,7 +384,7 @@
       } catch (e) {
         if (signal.aborted) return;
       }
-      if (state.job && FINAL.has(state.job.status)) { $('#p-stream').textContent = 'ended'; return; }
+      if (state.streamEnded || (state.job && FINAL.has(state.job.status))) { $('#p-stream').textContent = 'ended'; return; }
       $('#p-stream').textContent = 'reconnecting';
       await sleep(delay); delay = Math.min(delay * 2, 15000);
     }
@@ -401,7 +406,10 @@
       renderProgress({ stage: data.stage }, state.job);
     } else if (kind === 'stage_finished' && STAGE_ACC[data.stage] && typeof data.val_acc === 'number') {
       $(`#acc-${STAGE_ACC[data.stage]}`).textContent = pct(data.val_acc);
-    } else if (kind === 'status' || kind === 'succeeded' || kind === 'failed' || kind === 'cancelled') {
+    } else if (kind === 'status' || kind === 'end') {
+      // The stream says the status changed: show it now, then fetch the full job (metrics, error).
+      if (state.job && data.status) { state.job.status = data.status; renderJob(state.job); }
+      if (kind === 'end') state.streamEnded = true;
       if (state.job) refreshJob(state.job.id);
     }
   }
@@ -529,8 +537,8 @@
     } catch (e) {
       if (e.status !== 401) $('#job-error-msg').textContent = e.message;
     } finally {
-      btn.disabled = false;
-      if (btn.hidden) $('#job-h').focus();
+      if (!state.job || !state.job.cancel_requested) btn.disabled = false;
+      if (btn.hidden || btn.disabled) $('#job-h').focus();
     }
   }
 
@@ -565,7 +573,8 @@
     const form = new FormData(); form.append('file', file, file.name);
     // XMLHttpRequest, not fetch: it reports upload progress for big zips.
     const xhr = new XMLHttpRequest();
-    xhr.open('POST', '/v1/datasets');
+    const name = file.name.replace(/\.zip$/i, '');
+    xhr.open('POST', `/v1/datasets?name=${encodeURIComponent(name)}`);
     xhr.setRequestHeader('Authorization', `Bearer ${apiKey() || ''}`);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) status.textContent = `Uploading… ${Math.round((100 * e.loaded) / e.total)}%`; };
     xhr.onerror = () => { err.textContent = 'Upload failed: the server did not answer.'; };
