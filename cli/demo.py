@@ -228,20 +228,23 @@ def follow_events(http: Any, job_id: str) -> None:
     """Print the job's events as they come (server-sent events), until the job ends."""
     import httpx
 
-    seen = 0
+    last_id = ""
     while True:
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
         try:
-            headers = {"Accept": "text/event-stream"}
             with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as resp:
                 if resp.status_code >= 400:
                     raise DemoError(f"event stream -> {resp.status_code}: {resp.read()[:500]!r}")
-                for data in _sse_data(resp.iter_lines()):
-                    seen += 1
-                    show_event(data)
+                for name, event_id, data in sse_messages(resp.iter_lines()):
+                    last_id = event_id or last_id
+                    if name == "end":
+                        _progress_line("")
+                        return
+                    show_event(name, data)
         except httpx.TransportError:
-            pass  # the stream dropped: fall through to a status check and reconnect
-        status = check(http.get(f"/v1/jobs/{job_id}"))
-        if status.get("status") in TERMINAL:
+            pass  # the stream dropped: reconnect from the last event seen
+        if check(http.get(f"/v1/jobs/{job_id}")).get("status") in TERMINAL:
+            _progress_line("")
             return
         time.sleep(1)
 
@@ -249,25 +252,47 @@ def follow_events(http: Any, job_id: str) -> None:
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def _sse_data(lines: Iterator[str]) -> Iterator[dict]:
-    """JSON payloads of the `data:` fields of an SSE stream (multi-line data joined)."""
-    buf: list[str] = []
+def sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str, dict]]:
+    """(event name, id, JSON data) for each message of a server-sent-event stream."""
+    name, event_id, buf = "message", "", []
     for line in lines:
-        if line.startswith("data:"):
+        if not line:
+            if buf:
+                with contextlib.suppress(json.JSONDecodeError):
+                    payload = json.loads("\n".join(buf))
+                    if isinstance(payload, dict):
+                        yield name, event_id, payload
+            name, event_id, buf = "message", "", []
+        elif line.startswith("data:"):
             buf.append(line[5:].lstrip())
-        elif not line and buf:
-            with contextlib.suppress(json.JSONDecodeError):
-                payload = json.loads("\n".join(buf))
-                if isinstance(payload, dict):
-                    yield payload
-            buf = []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
 
 
-def show_event(event: dict) -> None:
-    """One line per event a person cares about."""
-    data = {**event.get("data", {}), **{k: v for k, v in event.items() if k != "data"}}
-    kind = data.get("kind") or data.get("type") or ""
-    stage = data.get("stage", "")
+def _progress_line(text: str) -> None:
+    """Rewrite one status line in place on a terminal (nothing when piped to a file)."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\r\033[K" + text)
+        sys.stdout.flush()
+
+
+def show_event(name: str, event: dict) -> None:
+    """One line per event a person cares about; step progress as a line rewritten in place."""
+    data = {**(event.get("data") or {}), **{k: v for k, v in event.items() if k != "data"}}
+    kind = data.get("kind") or name
+    stage = data.get("stage") or ""
+    if kind == "progress":
+        epoch, step = f"{data.get('epoch')}/{data.get('epochs')}", f"{data.get('step')}/{data.get('steps')}"
+        parts = [f"{stage} epoch {epoch} step {step}"]
+        if isinstance(data.get("images_per_sec"), int | float):
+            parts.append(f"{data['images_per_sec']:.0f} img/s")
+        if isinstance(data.get("eta_s"), int | float):
+            parts.append(f"ETA {data['eta_s']:.0f}s")
+        _progress_line("  " + "  ".join(parts))
+        return
+    _progress_line("")
     if kind == "epoch_end":
         parts = [f"{stage:>16} epoch {data.get('epoch')}/{data.get('epochs')}"]
         for key, label in (("train_loss", "loss"), ("train_acc", "train acc"), ("val_acc", "val acc")):
@@ -278,17 +303,15 @@ def show_event(event: dict) -> None:
         if isinstance(data.get("seconds"), int | float):
             parts.append(f"{data['seconds']:.0f}s")
         typer.echo("  " + "  ".join(parts))
-    elif kind in ("progress", "checkpoint", "heartbeat"):
-        return  # too chatty for a terminal; the epoch lines carry the numbers
-    else:
+    elif kind not in ("checkpoint", "heartbeat"):
         msg = data.get("message") or data.get("status") or ""
-        typer.echo(f"  [{kind or 'event'}] {stage + ': ' if stage and stage not in msg else ''}{msg}")
+        typer.echo(f"  [{kind}] {msg}")
 
 
 def download_artifacts(http: Any, job_id: str, dest: Path) -> list[Path]:
     """Every artifact of the job into dest, streamed; returns the files."""
     listing = check(http.get(f"/v1/jobs/{job_id}/artifacts"))
-    items = listing.get("artifacts", listing.get("items", [])) if isinstance(listing, dict) else listing
+    items = listing["data"]
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for item in items:
