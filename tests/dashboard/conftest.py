@@ -52,7 +52,8 @@ def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], logs: 
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError("the stack did not become ready:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+    tails = "\n".join(log.read_text()[-2000:] for log in logs)
+    raise RuntimeError(f"the stack did not become ready:\n{tails}")
 
 
 @pytest.fixture
@@ -88,9 +89,8 @@ def live_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             log = root / f"{name}.log"
             logs.append(log)
             with log.open("wb") as fh:
-                procs.append(
-                    subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-                )
+                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, key, procs, logs)
         yield {"url": url, "api_key": key, "artifact_root": root / "artifacts", "logs": logs}

@@ -122,7 +122,8 @@ def test_dashboard_end_to_end(live_stack: dict[str, Any], tmp_path: Path) -> Non
 
         # Progress moves, curves appear per stage as epochs end, the job succeeds.
         _until(page, "document.querySelector('#job-progress').value > 0", 120)
-        page.wait_for_selector("#curves svg[data-stage='teacher_finetune'][data-metric='loss']", timeout=120_000)
+        first_curve = "#curves svg[data-stage='teacher_finetune'][data-metric='loss']"
+        page.wait_for_selector(first_curve, timeout=120_000)
         page.screenshot(path=shots / "03-job-running.png", full_page=True)
         page.wait_for_selector("#job-status.succeeded", timeout=150_000)
         for stage in ("teacher_finetune", "baseline", "distill"):
