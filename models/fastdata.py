@@ -1,0 +1,528 @@
+"""A data path that keeps the GPU busy: decode once, augment on the device (issue 6 item 2).
+
+A PIL loader decodes and resizes every JPEG every epoch (about 210 images/s per core, DESIGN.md
+section 5), so on a GPU host the loader, not the GPU, sets the speed. Here each image is decoded
+once, in parallel threads (PIL releases the GIL while decoding and resizing), into a fixed-size
+uint8 array kept in host memory (pinned) or on the GPU when it fits. Every epoch the random
+resized crop + horizontal flip of a whole batch is one `grid_sample` call on the device; the
+batch stays uint8 (B, 3, S, S) so each model normalises it with its own mean/std on the device.
+
+Why a square store: one (N, 3, L, L) array lets one batched call crop any subset of images. Each
+image is resized to L x L (aspect squashed) and its original size is kept; crop boxes are drawn
+in ORIGINAL pixel geometry (torchvision's RandomResizedCrop distribution: scale, aspect ratio,
+10 tries then a centre fallback), so the crop has the right shape and content, only resampled
+from the squashed store. With L ~ 1.14 x S (256 for 224) downscaling is at most 1.14x and
+bilinear sampling is close to an antialiased resize.
+
+Evaluation is deterministic and matches timm's eval transform exactly: timm's own
+Resize + CenterCrop run once at decode time and the uint8 result is kept.
+
+A crop is fully described by (box, flip), and applying it is deterministic, so the teacher cache
+(models/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
+features it computed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+Placement = Literal["gpu", "host", "loader"]
+
+# Share of free memory the decoded images may take: the rest is for models, activations,
+# the teacher cache and the OS page cache.
+GPU_DATA_FRACTION = 0.25
+HOST_DATA_FRACTION = 0.4
+
+
+def store_size_for(image_size: int) -> int:
+    """Side of the square uint8 store: timm's 0.875 crop ratio (256 for 224)."""
+    return int(math.ceil(image_size / 0.875))
+
+
+# ---------------------------------------------------------------------------- memory planning
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); falls back to total physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    placement: Placement
+    bytes_needed: int
+    gpu_budget: int
+    host_budget: int
+
+    def describe(self) -> str:
+        gib = 1024**3
+        return (
+            f"decoded images need {self.bytes_needed / gib:.2f} GiB; budget GPU "
+            f"{self.gpu_budget / gib:.2f} GiB, host {self.host_budget / gib:.2f} GiB -> {self.placement}"
+        )
+
+
+def image_store_bytes(n_images: int, store_size: int) -> int:
+    return n_images * 3 * store_size * store_size
+
+
+def plan_memory(
+    bytes_needed: int,
+    device: torch.device,
+    gpu_budget: int | None = None,
+    host_budget: int | None = None,
+) -> MemoryPlan:
+    """GPU if it fits the GPU budget, else pinned host memory, else 'loader' (stream from disk)."""
+    if gpu_budget is None:
+        gpu_budget = int(gpu_free_bytes(device) * GPU_DATA_FRACTION)
+    if host_budget is None:
+        host_budget = int(host_available_bytes() * HOST_DATA_FRACTION)
+    if device.type == "cuda" and bytes_needed <= gpu_budget:
+        placement: Placement = "gpu"
+    elif bytes_needed <= host_budget:
+        placement = "host"
+    else:
+        placement = "loader"
+    return MemoryPlan(placement, bytes_needed, gpu_budget, host_budget)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def default_decode_workers() -> int:
+    return max(1, min(32, (os.cpu_count() or 1)))
+
+
+def _decode_square(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode at reduced JPEG scale when possible (draft), squash to size x size, keep (h, w)."""
+    with Image.open(path) as img:
+        width, height = img.size
+        # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale while staying >= the requested size.
+        img.draft("RGB", (size, size))
+        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return np.array(rgb, dtype=np.uint8), (height, width)  # a writable copy
+
+
+def decode_train_images(
+    paths: Sequence[str | Path], store_size: int, workers: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, L, L) uint8 squashed images and (N, 2) original (height, width), decoded in threads."""
+    images = torch.empty((len(paths), 3, store_size, store_size), dtype=torch.uint8)
+    sizes = torch.empty((len(paths), 2), dtype=torch.int64)
+
+    def work(i: int) -> None:
+        array, (h, w) = _decode_square(paths[i], store_size)
+        images[i].copy_(torch.from_numpy(array).permute(2, 0, 1))
+        sizes[i, 0], sizes[i, 1] = h, w
+
+    _run_parallel(work, len(paths), workers)
+    return images, sizes
+
+
+def decode_eval_images(
+    paths: Sequence[str | Path],
+    transform: Callable[[Image.Image], torch.Tensor],
+    workers: int | None = None,
+) -> torch.Tensor:
+    """Apply a uint8-producing eval transform (see `eval_transform`) once per image, in threads."""
+    first: list[torch.Tensor | None] = [None] * len(paths)
+
+    def work(i: int) -> None:
+        with Image.open(paths[i]) as img:
+            first[i] = transform(img.convert("RGB"))
+
+    _run_parallel(work, len(paths), workers)
+    return torch.stack(first)  # type: ignore[arg-type]
+
+
+def _run_parallel(work: Callable[[int], None], n: int, workers: int | None) -> None:
+    workers = workers or default_decode_workers()
+    if workers <= 1 or n <= 1:
+        for i in range(n):
+            work(i)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # list() re-raises the first decode error instead of losing it.
+        list(pool.map(work, range(n)))
+
+
+def eval_transform(
+    image_size: int,
+    crop_pct: float | None = None,
+    interpolation: str = "bicubic",
+    crop_mode: str | None = None,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's own eval transform (resize + centre crop), stopping at a uint8 (3, S, S) tensor."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(
+        img_size=image_size,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        interpolation=interpolation,
+        use_prefetcher=True,  # stop before ToTensor/Normalize: uint8 out, normalised on device
+    )
+
+
+# ---------------------------------------------------------------------------- device augmentation
+
+
+def sample_crop_params(
+    sizes: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    attempts: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop + flip parameters for a batch, vectorised, on the CPU generator.
+
+    sizes: (B, 2) original (h, w). Returns boxes (B, 4) = (x0, y0, x1, y1) as fractions of the
+    original width/height, and flips (B,) bool. Same distribution as torchvision: integer boxes,
+    log-uniform aspect ratio, first of `attempts` tries that fits, else a ratio-clamped centre crop.
+    """
+    b = sizes.shape[0]
+    h = sizes[:, 0:1].double()
+    w = sizes[:, 1:2].double()
+    area = h * w
+    target = area * torch.empty((b, attempts), dtype=torch.float64).uniform_(*scale, generator=generator)
+    log_r = torch.empty((b, attempts), dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    aspect = torch.exp(log_r)
+    cw = torch.round(torch.sqrt(target * aspect))
+    ch = torch.round(torch.sqrt(target / aspect))
+    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    # Offsets for every try; uniform over the valid integer range like torch.randint.
+    u_y = torch.rand((b, attempts), dtype=torch.float64, generator=generator)
+    u_x = torch.rand((b, attempts), dtype=torch.float64, generator=generator)
+    top = torch.floor(u_y * (h - ch + 1).clamp(min=1))
+    left = torch.floor(u_x * (w - cw + 1).clamp(min=1))
+
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first valid try (0 if none)
+    any_ok = ok.any(dim=1)
+    cw_s, ch_s = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    top_s, left_s = top.gather(1, first)[:, 0], left.gather(1, first)[:, 0]
+
+    # Fallback (torchvision): whole image, aspect clamped into `ratio`, centred.
+    h1, w1 = h[:, 0], w[:, 0]
+    in_ratio = w1 / h1
+    fb_w = torch.where(in_ratio > ratio[1], torch.round(h1 * ratio[1]), w1)
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(w1 / ratio[0]), h1)
+    fb_top = torch.floor((h1 - fb_h) / 2)
+    fb_left = torch.floor((w1 - fb_w) / 2)
+    cw_s = torch.where(any_ok, cw_s, fb_w)
+    ch_s = torch.where(any_ok, ch_s, fb_h)
+    top_s = torch.where(any_ok, top_s, fb_top)
+    left_s = torch.where(any_ok, left_s, fb_left)
+
+    boxes = torch.stack([left_s / w1, top_s / h1, (left_s + cw_s) / w1, (top_s + ch_s) / h1], dim=1)
+    flips = torch.rand(b, generator=generator) < flip_p
+    return boxes.float(), flips
+
+
+def sample_jitter(b: int, generator: torch.Generator, strength: float = 0.4) -> torch.Tensor:
+    """(B, 3) brightness, contrast, saturation factors, uniform in [1-s, 1+s] (timm's default 0.4)."""
+    return 1.0 + strength * (2.0 * torch.rand((b, 3), generator=generator) - 1.0)
+
+
+# ITU-R 601 luma, as torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness -> contrast -> saturation blends on float 0..255 images, batched."""
+    f = factors.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x * f[0]).clamp_(0, 255)
+    gray_mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (f[1] * x + (1 - f[1]) * gray_mean).clamp_(0, 255)
+    gray = (x * luma).sum(1, keepdim=True)
+    return (f[2] * x + (1 - f[2]) * gray).clamp_(0, 255)
+
+
+def center_params(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole image, unflipped (used for a deterministic train-set pass)."""
+    return torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(b, 1), torch.zeros(b, dtype=torch.bool)
+
+
+def crop_resize(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    out_size: int,
+    jitter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Crop each image to its box, resize to out_size, flip, colour-jitter; uint8 in and out.
+
+    One affine grid_sample for the whole batch. align_corners=False maps the box edges (fractions
+    of the image) to pixel edges, as a crop-then-resize does. Deterministic for given inputs, which
+    is what lets the teacher cache reproduce a view bit for bit.
+    """
+    b = images.shape[0]
+    device = images.device
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    sign = 1.0 - 2.0 * flips.to(device=device, dtype=torch.float32)  # -1 mirrors x
+    x0, y0, x1, y1 = boxes.unbind(1)
+    theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
+    theta[:, 0, 0] = (x1 - x0) * sign
+    theta[:, 0, 2] = x0 + x1 - 1.0
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1.0
+    grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if jitter is not None:
+        out = color_jitter(out, jitter)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (x/255 - mean)/std, per model, on x's device."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    out = (x.float() - m) / s
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# ---------------------------------------------------------------------------- batch sources
+
+
+@dataclass
+class Batch:
+    """What a batch source yields: uint8 images on the device, labels, dataset indices, view."""
+
+    images: torch.Tensor  # (B, 3, S, S) uint8, on the training device
+    labels: torch.Tensor  # (B,) int64, on the training device
+    indices: torch.Tensor  # (B,) int64, CPU: positions in the dataset
+    boxes: torch.Tensor | None = None  # (B, 4) crop boxes, CPU (train only)
+    flips: torch.Tensor | None = None  # (B,) bool, CPU (train only)
+    jitter: torch.Tensor | None = None  # (B, 3) colour factors, CPU (train only)
+
+    def __iter__(self):
+        """Unpacks as the engine's (images, labels, indices) triple."""
+        return iter((self.images, self.labels, self.indices))
+
+
+def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator per (seed, epoch): resuming at epoch e replays exactly the same batches."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2**63 - 1))
+    return g
+
+
+class ImageStore:
+    """Decoded uint8 images + labels, on the GPU or in (pinned) host memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device, on_gpu: bool):
+        self.device = device
+        self.on_gpu = on_gpu and device.type == "cuda"
+        if self.on_gpu:
+            self.images = images.to(device)
+        else:
+            pin = device.type == "cuda"
+            self.images = images.pin_memory() if pin else images
+        self.labels_cpu = labels.to(torch.int64)
+        self.labels = self.labels_cpu.to(device)
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """The stored uint8 images at `indices`, on the training device."""
+        if self.on_gpu:
+            return self.images.index_select(0, indices.to(self.device))
+        if self.device.type != "cuda":
+            return self.images.index_select(0, indices)
+        # Gather into one of two reused pinned buffers so the copy to the GPU is asynchronous and
+        # the CPU gathers batch k+1 while the GPU still works on batch k.
+        shape = (indices.numel(), *self.images.shape[1:])
+        slot = self._slot = 1 - self._slot
+        if self._staging[slot] is None or self._staging[slot].shape[0] < shape[0]:
+            self._staging[slot] = torch.empty(shape, dtype=torch.uint8).pin_memory()
+        elif self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # its previous copy must be done before we overwrite
+        buf = self._staging[slot][: shape[0]]
+        torch.index_select(self.images, 0, indices, out=buf)
+        out = buf.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[slot] = event
+        return out
+
+
+@dataclass(frozen=True)
+class Augment:
+    """timm's training augmentation, as parameters of the device crop."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    color_jitter: float = 0.4  # 0 turns it off
+
+
+@dataclass
+class Views:
+    """Everything that defines an augmented view of a batch of images (all CPU)."""
+
+    boxes: torch.Tensor  # (B, 4)
+    flips: torch.Tensor  # (B,) bool
+    jitter: torch.Tensor | None  # (B, 3) or None
+
+
+class TrainSource:
+    """Random-resized-crop + flip + colour-jitter batches from the decoded store, on the device.
+
+    `batch_size` may be changed between batches (the OOM handler halves it); the epoch's
+    permutation continues with the new size.
+    """
+
+    def __init__(
+        self,
+        store: ImageStore,
+        sizes: torch.Tensor,
+        image_size: int,
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        augment: Augment | None = None,
+        min_batch: int = 2,
+    ):
+        self.store = store
+        self.sizes = sizes
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.augment = augment or Augment()
+        self.min_batch = min_batch  # SP and BatchNorm need at least 2 images
+
+    def __len__(self) -> int:
+        n = len(self.store)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def sample_views(self, indices: torch.Tensor, generator: torch.Generator) -> Views:
+        a = self.augment
+        boxes, flips = sample_crop_params(self.sizes[indices], generator, a.scale, a.ratio, a.flip_p)
+        jitter = sample_jitter(indices.numel(), generator, a.color_jitter) if a.color_jitter > 0 else None
+        return Views(boxes, flips, jitter)
+
+    def view(self, indices: torch.Tensor, views: Views) -> torch.Tensor:
+        """The exact uint8 view of the images at `indices`."""
+        return crop_resize(
+            self.store.gather(indices), views.boxes, views.flips, self.image_size, views.jitter
+        )
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.store), generator=epoch_generator(self.seed, epoch, salt=1))
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """Index batches of the epoch's permutation, at the batch size current when each is cut."""
+        perm = self.order(epoch)
+        start = 0
+        while start < perm.numel():
+            idx = perm[start : start + self.batch_size]
+            start += idx.numel()
+            if idx.numel() < self.min_batch or (self.drop_last and idx.numel() < self.batch_size):
+                return
+            yield idx
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        gen = epoch_generator(self.seed, epoch, salt=2)
+        for idx in self.batches(epoch):
+            views = self.sample_views(idx, gen)
+            labels = self.store.labels[idx.to(self.store.device)]
+            yield Batch(self.view(idx, views), labels, idx, views.boxes, views.flips, views.jitter)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+
+class EvalSource:
+    """Fixed batches of timm-eval-transformed uint8 images (already cropped at decode time)."""
+
+    def __init__(self, store: ImageStore, batch_size: int):
+        self.store = store
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.store) / self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        n = len(self.store)
+        for start in range(0, n, self.batch_size):
+            idx = torch.arange(start, min(n, start + self.batch_size))
+            yield Batch(self.store.gather(idx), self.store.labels[idx.to(self.store.device)], idx)
+
+
+def build_train_source(
+    paths: Sequence[str | Path],
+    labels: Sequence[int],
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    workers: int | None = None,
+    gpu_budget: int | None = None,
+    host_budget: int | None = None,
+    drop_last: bool = False,
+    augment: Augment | None = None,
+) -> tuple[TrainSource | None, MemoryPlan]:
+    """Decode once into memory; None (with the plan saying 'loader') when it does not fit."""
+    size = store_size_for(image_size)
+    plan = plan_memory(image_store_bytes(len(paths), size), device, gpu_budget, host_budget)
+    if plan.placement == "loader":
+        return None, plan
+    images, sizes = decode_train_images(paths, size, workers)
+    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
+    return TrainSource(store, sizes, image_size, batch_size, seed, drop_last, augment), plan
+
+
+def build_eval_source(
+    paths: Sequence[str | Path],
+    labels: Sequence[int],
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    crop_pct: float | None = None,
+    interpolation: str = "bicubic",
+    crop_mode: str | None = None,
+    workers: int | None = None,
+    gpu_budget: int | None = None,
+    host_budget: int | None = None,
+) -> tuple[EvalSource | None, MemoryPlan]:
+    plan = plan_memory(image_store_bytes(len(paths), image_size), device, gpu_budget, host_budget)
+    if plan.placement == "loader":
+        return None, plan
+    transform = eval_transform(image_size, crop_pct, interpolation, crop_mode)
+    images = decode_eval_images(paths, transform, workers)
+    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
+    return EvalSource(store, batch_size), plan

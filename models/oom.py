@@ -1,0 +1,185 @@
+"""A batch size that fits: on CUDA out-of-memory, halve the batch and retry (issue 6 item 5).
+
+The engine runs each optimizer step through `BatchSizeController.run`. When a step raises
+out-of-memory, the controller frees what the failed step held, halves the batch size, scales the
+learning rate by the same factor (linear scaling rule), emits a `warning` event saying so, and
+retries the same images in chunks of the new size. Batch sources read `controller.batch_size`
+so later batches come at the new size directly.
+
+`FakeMemoryLimit` is a real forward hook that raises the same `torch.cuda.OutOfMemoryError` when
+a model sees a batch larger than a limit: it lets CPU tests drive this path through a real
+training step, and lets an operator reproduce a GPU-memory problem on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from models.callbacks import Reporter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    # Some allocations (cuDNN/cuBLAS workspaces) surface as a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def split_batch(batch: T, size: int) -> list[T]:
+    """Chunks of at most `size` along dim 0 of every tensor sharing the batch's leading dim.
+
+    Works on tensors, tuples/lists, dicts and dataclasses (e.g. fastdata.Batch) of them.
+    """
+    n = _leading(batch)
+    if n is None or n <= size:
+        return [batch]
+    return [_slice(batch, s, min(n, s + size), n) for s in range(0, n, size)]
+
+
+def _leading(obj: Any) -> int | None:
+    if isinstance(obj, torch.Tensor):
+        return obj.shape[0] if obj.dim() else None
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, list | tuple):
+        items = list(obj)
+    else:
+        return None
+    for item in items:
+        n = _leading(item)
+        if n is not None:
+            return n
+    return None
+
+
+def _slice(obj: Any, a: int, b: int, n: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[a:b] if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: _slice(v, a, b, n) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(
+            obj, **{f.name: _slice(getattr(obj, f.name), a, b, n) for f in dataclasses.fields(obj) if f.init}
+        )
+    if isinstance(obj, list | tuple):
+        return type(obj)(_slice(v, a, b, n) for v in obj)
+    return obj
+
+
+class BatchSizeController:
+    """Current batch size and learning-rate scale of a training stage, shrunk on OOM."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        reporter: Reporter,
+        stage: str,
+        min_batch_size: int = 2,
+        on_change: Callable[[int], None] | None = None,
+    ):
+        self.batch_size = batch_size
+        self.lr_scale = 1.0
+        self.reporter = reporter
+        self.stage = stage
+        self.min_batch_size = min_batch_size  # SP needs at least two images
+        self.on_change = on_change  # e.g. tell the batch source
+        self.halvings = 0
+
+    def halve(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        """Halve the batch, scale every lr (and the scheduler's base lrs) by 1/2, say so."""
+        new = self.batch_size // 2
+        if new < self.min_batch_size:
+            raise torch.cuda.OutOfMemoryError(
+                f"out of memory at batch size {self.batch_size} in {self.stage}; cannot go below "
+                f"{self.min_batch_size}: use a smaller model or image size"
+            )
+        old, self.batch_size = self.batch_size, new
+        factor = new / old
+        self.lr_scale *= factor
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        self.halvings += 1
+        if self.on_change is not None:
+            self.on_change(new)
+        self.reporter.event(
+            "warning",
+            f"out of GPU memory at batch size {old} in {self.stage}: retrying with batch size {new} "
+            f"and learning rate x{factor:g} (linear scaling)",
+            stage=self.stage,
+            batch_size=new,
+            previous_batch_size=old,
+            lr_scale=self.lr_scale,
+        )
+
+    def run(
+        self,
+        batch: T,
+        step: Callable[[T], R],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+    ) -> list[R]:
+        """Run `step` on the batch in chunks of the current size; on OOM halve and redo the chunk.
+
+        Chunks already stepped stay stepped: only the failed chunk (and the rest) is retried.
+        """
+        results: list[R] = []
+        pending = split_batch(batch, self.batch_size)
+        while pending:
+            chunk = pending.pop(0)
+            if (_leading(chunk) or 0) > self.batch_size:  # cut before the size shrank
+                pending = split_batch(chunk, self.batch_size) + pending
+                continue
+            failed = False
+            try:
+                results.append(step(chunk))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                failed = True
+            # Free outside the except block: the traceback holds the failed step's activations.
+            if failed:
+                optimizer.zero_grad(set_to_none=True)
+                _free_memory()
+                self.halve(optimizer, scheduler)
+                pending = split_batch(chunk, self.batch_size) + pending
+        return results
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class FakeMemoryLimit:
+    """Forward pre-hook raising torch.cuda.OutOfMemoryError for batches above `max_batch`."""
+
+    def __init__(self, module: torch.nn.Module, max_batch: int):
+        self.max_batch = max_batch
+        self.triggered = 0
+        self._handle = module.register_forward_pre_hook(self._check)
+
+    def _check(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.shape[0] > self.max_batch:
+            self.triggered += 1
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory (simulated limit: batch {x.shape[0]} > {self.max_batch})"
+            )
+
+    def remove(self) -> None:
+        self._handle.remove()
