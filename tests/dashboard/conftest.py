@@ -89,7 +89,8 @@ def live_stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             log = root / f"{name}.log"
             logs.append(log)
             with log.open("wb") as fh:
-                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                out = {"stdout": fh, "stderr": subprocess.STDOUT}
+                proc = subprocess.Popen(cmd, env=env, start_new_session=True, **out)
                 procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, key, procs, logs)
