@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import atomic_write
-from models.factory import DataConfig
+from models.factory import DataConfig, create_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any)
         "mean": list(cfg.mean),
         "std": list(cfg.std),
         "library": "timm",
+        "create_kwargs": create_kwargs(name, cfg.input_size[-1]),  # e.g. img_size for a ViT
         **extra,
     }
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import timm
+import timm.models
 import torch
 from timm.data import resolve_data_config
 
@@ -38,11 +39,30 @@ def check_model_name(name: str, field: str) -> None:
 
 
 def create(
-    name: str, num_classes: int, *, pretrained: bool = False, field: str | None = None
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    field: str | None = None,
+    image_size: int | None = None,
 ) -> torch.nn.Module:
-    """Build `name` with a fresh `num_classes` head (pretrained=True downloads timm's hub weights)."""
+    """Build `name` with a fresh `num_classes` head (pretrained=True downloads timm's hub weights).
+
+    Models with a fixed input size (most ViTs) are built for the job's image size; timm resamples
+    their position embeddings when it loads pretrained weights.
+    """
     check_model_name(name, field or "model")
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    return timm.create_model(
+        name, pretrained=pretrained, num_classes=num_classes, **create_kwargs(name, image_size)
+    )
+
+
+def create_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
+    """Extra timm.create_model arguments for this image size (saved in student.json too)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size and cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size)[-1] != image_size:
+        return {"img_size": image_size}
+    return {}
 
 
 def data_config(model: torch.nn.Module, image_size: int | None = None) -> DataConfig:

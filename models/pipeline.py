@@ -34,6 +34,7 @@ from models.errors import SpkdError
 from models.factory import DataConfig
 from models.features import AUTO, FeatureTap, check_layers
 from models.losses import Distiller
+from models.report import write_report
 from models.spec import JobSpec
 
 TRAINING_STAGES = ("teacher_finetune", "baseline", "distill")
@@ -63,8 +64,9 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
     factory.check_model_name(spec.student.model, "student.model")
     scan = data.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
     n = len(scan.classes)
-    teacher, teacher_head = _validate_model("teacher", spec.teacher.model, spec.teacher.weights, n)
-    student, _ = _validate_model("student", spec.student.model, spec.student.weights, n)
+    size = job_image_size(spec)
+    teacher, teacher_head = _validate_model("teacher", spec.teacher.model, spec.teacher.weights, n, size)
+    student, _ = _validate_model("student", spec.student.model, spec.student.weights, n, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
@@ -93,15 +95,27 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
     return found
 
 
-def _validate_model(role: str, name: str, w: str, num_classes: int) -> tuple[torch.nn.Module, bool]:
+def job_image_size(spec: JobSpec) -> int:
+    """One image size per job: train.image_size, else the student's pretrained input size."""
+    if spec.train.image_size:
+        return spec.train.image_size
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(spec.student.model)
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def _validate_model(
+    role: str, name: str, w: str, num_classes: int, size: int
+) -> tuple[torch.nn.Module, bool]:
     """Build the model (no download) and load file/package weights, catching misfits now."""
     if w == "hub":
         if not weights.has_hub_weights(name):
             raise SpkdError(
                 "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
             )
-        return factory.create(name, num_classes, field=f"{role}.model"), False
-    return weights.build(name, w, num_classes, role)
+        return factory.create(name, num_classes, field=f"{role}.model", image_size=size), False
+    return weights.build(name, w, num_classes, role, size)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -206,9 +220,9 @@ def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, dev
     )
     runtime = pick_runtime(spec.train.precision, device)
     # data configs come from freshly built (weightless) models: cheap, and the same as pretrained
-    probe_s = factory.create(spec.student.model, len(scan.classes))
-    probe_t = factory.create(spec.teacher.model, len(scan.classes))
-    image_size = spec.train.image_size or factory.data_config(probe_s).input_size[1]
+    image_size = job_image_size(spec)
+    probe_s = factory.create(spec.student.model, len(scan.classes), image_size=image_size)
+    probe_t = factory.create(spec.teacher.model, len(scan.classes), image_size=image_size)
     student_cfg = factory.data_config(probe_s, image_size)
     teacher_cfg = factory.data_config(probe_t, image_size)
     train_set = data.ImageDataset(scan.train, data.make_transform(image_size, student_cfg, training=True))
@@ -304,14 +318,18 @@ def _loaders(run: Run):
 
 def _build_student(run: Run) -> torch.nn.Module:
     checkpoint.seed_everything(run.spec.train.seed, "init", "student")  # same new head for baseline and SP
-    model, _ = weights.build(run.spec.student.model, run.spec.student.weights, run.num_classes, "student")
+    model, _ = weights.build(
+        run.spec.student.model, run.spec.student.weights, run.num_classes, "student", run.image_size
+    )
     return prepare(model, run.runtime)
 
 
 def _build_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """The teacher as the later stages use it: fine-tuned weights when that stage has run."""
     checkpoint.seed_everything(run.spec.train.seed, "init", "teacher")
-    model, head = weights.build(run.spec.teacher.model, run.spec.teacher.weights, run.num_classes, "teacher")
+    model, head = weights.build(
+        run.spec.teacher.model, run.spec.teacher.weights, run.num_classes, "teacher", run.image_size
+    )
     finetuned = run.ckpt_file("teacher.safetensors")
     if "teacher_finetune" in run.state.completed and finetuned.is_file():
         from safetensors.torch import load_file
@@ -428,7 +446,7 @@ def make_teacher(run: Run, teacher: torch.nn.Module, layers: list[str]) -> LiveT
 def _final_student(run: Run) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    model, _ = weights.build(run.spec.student.model, "none", run.num_classes, "student")
+    model, _ = weights.build(run.spec.student.model, "none", run.num_classes, "student", run.image_size)
     model.load_state_dict(load_file(str(run.ckpt_file("student.safetensors"))))
     return prepare(model, run.runtime)
 
@@ -484,8 +502,7 @@ def _export(run: Run) -> None:
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
     metrics = build_metrics(run)
     export.write_json(out / "metrics.json", metrics)
-    # ---- REPORT HOOK (dashboard helper, issue 7): write report.html + curves.png from
-    # ---- out / "metrics.json" here, e.g. `write_report(out)`. Everything it needs is on disk.
+    write_report(out)  # report.html + curves.png from metrics.json (issue 7)
 
 
 def build_metrics(run: Run) -> dict[str, Any]:

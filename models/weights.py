@@ -20,15 +20,17 @@ from models.errors import SpkdError
 PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 
 
-def build(name: str, weights: str, num_classes: int, field: str) -> tuple[torch.nn.Module, bool]:
+def build(
+    name: str, weights: str, num_classes: int, field: str, image_size: int | None = None
+) -> tuple[torch.nn.Module, bool]:
     """Create `name` with `weights`; returns (model, head_loaded: the head came from the weights)."""
     if weights.startswith("job:"):
         raise SpkdError(
             "weights_unresolved", f"{weights!r} must be resolved to a file by the service", f"{field}.weights"
         )
     if weights == "hub":
-        return _from_hub(name, num_classes, field), False
-    model = factory.create(name, num_classes, field=f"{field}.model")
+        return _from_hub(name, num_classes, field, image_size), False
+    model = factory.create(name, num_classes, field=f"{field}.model", image_size=image_size)
     if weights == "none":
         return model, False
     if weights == "package":
@@ -38,14 +40,16 @@ def build(name: str, weights: str, num_classes: int, field: str) -> tuple[torch.
     return model, apply_state_dict(model, state, f"{field}.weights", weights)
 
 
-def _from_hub(name: str, num_classes: int, field: str) -> torch.nn.Module:
+def _from_hub(name: str, num_classes: int, field: str, image_size: int | None) -> torch.nn.Module:
     factory.check_model_name(name, f"{field}.model")
     if not has_hub_weights(name):
         raise SpkdError(
             "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{field}.weights"
         )
     try:
-        return factory.create(name, num_classes, pretrained=True, field=f"{field}.model")
+        return factory.create(
+            name, num_classes, pretrained=True, field=f"{field}.model", image_size=image_size
+        )
     except (OSError, RuntimeError, ValueError) as exc:  # no network, hub down, gated repo
         raise SpkdError(
             "weights_unavailable",
@@ -114,6 +118,7 @@ def head_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
 def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], field: str, source: str) -> bool:
     """Load `state`; a head of another shape is dropped. Returns True when the head was loaded."""
     own = model.state_dict()
+    state = _fit_pos_embed(model, state, own)
     heads = head_prefixes(model)
     is_head = [k for k in own if k.startswith(heads)]
     head_fits = all(k in state and state[k].shape == own[k].shape for k in is_head) and bool(is_head)
@@ -134,6 +139,20 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], fie
         )
     model.load_state_dict(body, strict=False)
     return head_fits
+
+
+def _fit_pos_embed(model, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]):
+    """A ViT trained at another image size: resample its position embedding grid like timm does."""
+    key = "pos_embed"
+    if key not in state or key not in own or state[key].shape == own[key].shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    grid = model.patch_embed.grid_size
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    state = dict(state)
+    state[key] = resample_abs_pos_embed(state[key], new_size=list(grid), num_prefix_tokens=prefix)
+    return state
 
 
 # ------------------------------------------------------------------- efficientnet-lite packages
