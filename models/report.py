@@ -60,6 +60,11 @@ def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
                     ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=f"{stage} {split}")
                     plotted = True
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
+    # Stages' losses can differ by orders of magnitude (SP terms scale with sp_weight): log scale then.
+    lo, hi = ax_loss.dataLim.y0, ax_loss.dataLim.y1
+    if plotted and lo > 0 and hi / lo > 100:
+        ax_loss.set_yscale("log")
+        ax_loss.set_ylabel("loss (log scale)")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -23,7 +23,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _slice(dst: Path, per_class: int) -> Path:
-    """A few real images per class and split, plus the real GIF placeholder the loader must reject."""
+    """A few real images per class and split, plus the GIF placeholder and a truncated JPEG."""
     for split in ("train", "val"):
         for cls_dir in sorted((HYMENOPTERA / split).iterdir()):
             out = dst / split / cls_dir.name
@@ -31,6 +31,9 @@ def _slice(dst: Path, per_class: int) -> Path:
             for img in sorted(cls_dir.glob("*.jpg"))[:per_class]:
                 shutil.copy(img, out / img.name)
     shutil.copy(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", dst / "train" / "ants")
+    # A download cut short: the first bytes of a real photo. The loader must reject it, with a reason.
+    first = sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[0]
+    (dst / "train" / "bees" / "cut_short.jpg").write_bytes(first.read_bytes()[:300])
     return dst
 
 
@@ -60,6 +63,8 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_report_from_a_real_run(engine_run: Path):
+    # The engine's export stage already wrote both (models.pipeline calls write_report).
+    assert (engine_run / "report.html").stat().st_size > 0 and (engine_run / "curves.png").stat().st_size > 0
     metrics = json.loads((engine_run / "metrics.json").read_text())
     paths = write_report(engine_run)
     assert [p.name for p in paths] == ["report.html", "curves.png"]
@@ -82,9 +87,9 @@ def test_report_from_a_real_run(engine_run: Path):
         assert f"<h3>{stage}</h3>" in page and len(rows) >= 1
     for stage in metrics["timing"]:
         assert f"<th scope='row'>{stage}</th>" in page
-    # The real GIF placeholder is listed as rejected, with its reason.
+    # The truncated photo is listed as rejected, with its reason.
     rejected = metrics["dataset"]["rejected"]
-    assert any("imageNotFound.gif" in r["path"] for r in rejected)
+    assert any("cut_short.jpg" in r["path"] for r in rejected), rejected
     for r in rejected:
         assert html.escape(r["path"]) in page and html.escape(r["reason"]) in page
     # The spec is there to reproduce the run.
