@@ -104,6 +104,11 @@ class DistillSpec(_Strict):
     teacher_cache: Literal["auto", "on", "off"] = Field(
         default="auto", description="reuse frozen-teacher features over a fixed set of augmented views"
     )
+    teacher_views: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8,
+        description="augmented views per image the teacher cache computes once and samples from; "
+        "'auto' caches only when this is below train.epochs (fewer teacher passes) and it fits in memory",
+    )
 
     @field_validator("layers")
     @classmethod
