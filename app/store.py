@@ -310,7 +310,8 @@ def list_events(
 
 async def aread_events(ar: Any, keys: Keys, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
     """Async XREAD BLOCK for the SSE stream (`ar` is a redis.asyncio client)."""
-    res = await ar.xread({keys.events(job_id): after or "0-0"}, count=500, block=block_ms)
+    # BLOCK 0 means "forever" to Redis: a non-blocking read must send no BLOCK at all.
+    res = await ar.xread({keys.events(job_id): after or "0-0"}, count=500, block=block_ms or None)
     return [_event(i, f) for _, entries in (res or []) for i, f in entries]
 
 
