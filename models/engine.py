@@ -23,6 +23,7 @@ from models.data import Batch, normalize
 from models.factory import DataConfig, is_cnn
 from models.features import FeatureTap
 from models.losses import Distiller
+from models.oom import BatchSizeController
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -188,11 +189,16 @@ def train_stage(
         scheduler.load_state_dict(resume.scheduler)
     curve = list(resume.curve)
     seconds = resume.seconds
+    # Halves the batch on CUDA out-of-memory (models/oom.py); a halving before a restart is kept:
+    # the resumed scheduler's base lr carries the scale.
+    oom = BatchSizeController(None, reporter, plan.name)
+    if resume.model is not None and plan.lr > 0:
+        oom.lr_scale = scheduler.base_lrs[0] / plan.lr
     clock.done_steps += resume.epoch * plan.steps_per_epoch
     for epoch in range(resume.epoch, plan.epochs):
         checkpoint.seed_everything(plan.seed, plan.name, epoch)
         start = time.perf_counter()
-        train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every)
+        train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every, oom)
         val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
         elapsed = time.perf_counter() - start
         seconds += elapsed
@@ -237,6 +243,7 @@ def _train_epoch(
     clock: Clock,
     epoch: int,
     sync_every: int,
+    oom: BatchSizeController | None = None,
 ) -> dict[str, float]:
     model, distiller = plan.model, plan.distiller
     model.train()
@@ -252,12 +259,10 @@ def _train_epoch(
     epoch_start = last = time.perf_counter()
     loss_value: float | None = None
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
-    for step, (images, labels, indices) in enumerate(plan.train_batches(epoch), start=1):
-        if reporter.should_stop():
-            raise StopRequested(f"stopped in {plan.name} epoch {epoch + 1} step {step}")
-        images = images.to(dev, non_blocking=True)
-        labels = labels.to(dev, non_blocking=True)
-        indices = indices.to(dev, non_blocking=True)
+    oom = oom or BatchSizeController(None, reporter, plan.name)
+
+    def one_step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        images, labels, indices = batch
         with runtime.autocast():
             logits, losses = distiller(plan.student_norm(images), images, labels, indices)
             loss = sum(losses.values())
@@ -269,14 +274,25 @@ def _train_epoch(
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
         n = labels.shape[0]
-        seen += n
         with torch.no_grad():
             sums["loss"] += loss.detach() * n
             for key, value in losses.items():
                 sums[key] += value.detach() * n
-            correct += (logits.argmax(1) == labels).sum()
+            correct.add_((logits.argmax(1) == labels).sum())
+        return loss.detach(), n
+
+    for step, (images, labels, indices) in enumerate(plan.train_batches(epoch), start=1):
+        if reporter.should_stop():
+            raise StopRequested(f"stopped in {plan.name} epoch {epoch + 1} step {step}")
+        images = images.to(dev, non_blocking=True)
+        labels = labels.to(dev, non_blocking=True)
+        indices = indices.to(dev, non_blocking=True)
+        # On CUDA out-of-memory: free, halve the batch, scale lr, warn, redo in chunks.
+        done = oom.run((images, labels, indices), one_step, optimizer, scheduler)
+        scheduler.step()
+        loss = done[-1][0]
+        seen += sum(n for _, n in done)
         if not runtime.is_cuda or step % sync_every == 0 or step == plan.steps_per_epoch:
             loss_value = float(loss.detach())  # the one host sync of the step, throttled on GPUs
         now = time.perf_counter()

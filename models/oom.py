@@ -81,13 +81,13 @@ class BatchSizeController:
 
     def __init__(
         self,
-        batch_size: int,
+        batch_size: int | None,
         reporter: Reporter,
         stage: str,
         min_batch_size: int = 2,
         on_change: Callable[[int], None] | None = None,
     ):
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: the first batch's size (times lr_scale, on resume)
         self.lr_scale = 1.0
         self.reporter = reporter
         self.stage = stage
@@ -97,6 +97,7 @@ class BatchSizeController:
 
     def halve(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
         """Halve the batch, scale every lr (and the scheduler's base lrs) by 1/2, say so."""
+        assert self.batch_size is not None
         new = self.batch_size // 2
         if new < self.min_batch_size:
             raise torch.cuda.OutOfMemoryError(
@@ -136,6 +137,9 @@ class BatchSizeController:
 
         Chunks already stepped stay stepped: only the failed chunk (and the rest) is retried.
         """
+        if self.batch_size is None:
+            n = _leading(batch) or 1
+            self.batch_size = max(1, int(round(n * self.lr_scale)))
         results: list[R] = []
         pending = split_batch(batch, self.batch_size)
         while pending:
@@ -171,7 +175,10 @@ class FakeMemoryLimit:
     def __init__(self, module: torch.nn.Module, max_batch: int):
         self.max_batch = max_batch
         self.triggered = 0
-        self._handle = module.register_forward_pre_hook(self._check)
+        # The first leaf (the stem): every path through the model runs it, whether it is called
+        # as model(x) or through forward_features / forward_intermediates (feature taps).
+        first = next((m for m in module.modules() if not any(m.children())), module)
+        self._handle = first.register_forward_pre_hook(self._check)
 
     def _check(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, data, export, factory, weights
+from models import checkpoint, data, export, factory, fastpath, weights
 from models.callbacks import Reporter
 from models.engine import (
     Clock,
@@ -156,6 +156,7 @@ class Run:
     train_set: data.ImageDataset
     val_set: data.ImageDataset
     clock: Clock
+    fast: fastpath.FastPath | None = None  # in-memory data path + teacher cache (issue 6)
 
     @property
     def num_classes(self) -> int:
@@ -248,6 +249,9 @@ def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, dev
         train_set=train_set,
         val_set=val_set,
         clock=clock,
+        fast=fastpath.FastPath(
+            spec, scan, runtime.device, image_size, val_set.transform, reporter, runtime.amp_dtype
+        ),
     )
 
 
@@ -287,7 +291,10 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- stages
-def _loaders(run: Run):
+def _loaders(run: Run, stage: str | None = None):
+    fast = run.fast.loaders(stage) if run.fast is not None else None
+    if fast is not None:  # decoded once, augmented on the device (models/fastpath.py)
+        return fast
     spec, pin = run.spec, run.runtime.is_cuda
     workers = data.default_workers(spec.train.num_workers)
 
@@ -343,7 +350,7 @@ def _train(
     run: Run, stage: str, model: torch.nn.Module, distiller: Distiller, epochs: int, lr: float
 ) -> float:
     """Run one training stage with resume and checkpoints; returns the final val accuracy."""
-    train_batches, val_batches = _loaders(run)
+    train_batches, val_batches = _loaders(run, stage)
     current = run.state.current
     resume = None
     if current and current["stage"] == stage:
@@ -436,11 +443,12 @@ def _distill(run: Run) -> float:
 
 def make_teacher(run: Run, teacher: torch.nn.Module, layers: list[str]) -> LiveTeacher:
     """The one place the distill stage gets teacher outputs from (a feature cache can plug in here)."""
-    return LiveTeacher(
+    live = LiveTeacher(
         FeatureTap(teacher, layers, "distill.layers.teacher"),
         Normalizer(run.teacher_cfg, run.runtime, teacher),
         run.runtime,
     )
+    return run.fast.teacher(live) if run.fast is not None else live
 
 
 def _final_student(run: Run) -> torch.nn.Module:

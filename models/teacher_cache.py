@@ -110,7 +110,7 @@ class TeacherCache:
         self.logits = logits  # (V, N, C) or None
         self.seed = seed
         self.views = views.boxes.shape[0]
-        self._epoch_views: torch.Tensor | None = None
+        self._batch: tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -130,8 +130,13 @@ class TeacherCache:
         dtype: torch.dtype = torch.bfloat16,
         placement: Literal["gpu", "host"] = "host",
         progress: Callable[[int, int], None] | None = None,
+        keep_logits: bool = True,
+        keep_features: bool = True,
     ) -> TeacherCache:
-        """Run the teacher on V random views of every image; `progress(done, total)` per batch."""
+        """Run the teacher on V random views of every image; `progress(done, total)` per batch.
+
+        keep_logits / keep_features: store only what the loss uses (logits for KD, features for SP).
+        """
         n = len(source.store)
         bs = batch_size or source.batch_size
         where = source.store.device if placement == "gpu" else torch.device("cpu")
@@ -152,6 +157,8 @@ class TeacherCache:
                 idx = torch.arange(start, min(n, start + bs))
                 with torch.no_grad():
                     out, feats = teacher_fn(source.view(idx, _select(params, torch.full_like(idx, v), idx)))
+                feats = feats if keep_features else []
+                out = out if keep_logits else None
                 if features is None:  # allocate once the shapes are known
                     features = [_alloc((views, n, *f.shape[1:]), dtype, where, pin) for f in feats]
                     if out is not None:
@@ -191,23 +198,38 @@ class TeacherCache:
     def __call__(
         self, _x_t: torch.Tensor | None, indices: torch.Tensor
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The engine's teacher function: stored outputs for this epoch's views of `indices`."""
-        if self._epoch_views is None:
+        """The engine's teacher function: the stored outputs for the current batch's views.
+
+        `indices` may be the whole batch `epoch()` just yielded or any part of it (the OOM
+        handler splits batches); positions come from a device-side table, so no host sync.
+        """
+        if self._batch is None:
             raise RuntimeError("TeacherCache used as a teacher outside of TeacherCache.epoch()")
-        idx = indices.cpu()
-        return self.lookup(idx, self._epoch_views[idx])
+        logits, feats, where = self._batch
+        pos = where[indices.to(where.device)]
+        return (None if logits is None else logits[pos]), [f[pos] for f in feats]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Distillation batches: exactly the cached views, in the uncached epoch's image order.
 
-        Honours a batch size that the OOM handler changed mid-epoch (the source's batch_size).
+        Each batch's teacher outputs are gathered (and sent to the device) as the batch is made,
+        for `__call__` to serve. Honours a batch size the OOM handler changed (source.batch_size).
         """
         source = self.source
-        self._epoch_views = vids = self.view_ids(epoch)
-        for idx in source.batches(epoch):
-            views = _select(self.params, vids[idx], idx)
-            labels = source.store.labels[idx.to(source.store.device)]
-            yield Batch(source.view(idx, views), labels, idx, views.boxes, views.flips, views.jitter)
+        device = source.store.device
+        vids = self.view_ids(epoch)
+        where = torch.zeros(len(source.store), dtype=torch.long, device=device)
+        try:
+            for idx in source.batches(epoch):
+                v = vids[idx]
+                logits, feats = self.lookup(idx, v)
+                where[idx.to(device)] = torch.arange(idx.numel(), device=device)
+                self._batch = (logits, feats, where)
+                views = _select(self.params, v, idx)
+                labels = source.store.labels[idx.to(device)]
+                yield Batch(source.view(idx, views), labels, idx, views.boxes, views.flips, views.jitter)
+        finally:
+            self._batch = None
 
 
 def _select(params: Views, view_ids: torch.Tensor, indices: torch.Tensor) -> Views:

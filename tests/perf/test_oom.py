@@ -89,3 +89,41 @@ def test_split_batch_handles_nested_batches():
     assert [c[0].tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert all(c[1]["w"].shape == (2,) for c in chunks)  # not batch-shaped: passed through
     assert [c[2][0].shape[0] for c in chunks] == [4, 4, 2]
+
+
+def test_engine_stage_survives_oom_by_halving(train_images):
+    """The engine's own train_stage, with a simulated memory limit on the student."""
+    from models import engine, factory
+    from models.features import FeatureTap
+    from models.losses import Distiller
+
+    paths, labels = train_images
+    runtime = engine.pick_runtime("fp32", "cpu")
+    train, _ = fd.build_train_source(paths, labels, 32, 8, runtime.device, workers=2, drop_last=True)
+    val, _ = fd.build_eval_source(paths[:4], labels[:4], 32, 2, runtime.device, workers=2)
+    torch.manual_seed(0)
+    model = engine.prepare(timm.create_model("test_resnet", pretrained=False, num_classes=2), runtime)
+    plan = engine.StagePlan(
+        name="baseline",
+        model=model,
+        distiller=Distiller(FeatureTap(model, ["auto"]), None, [1.0], 0.0, 0.0, 1.0),
+        student_norm=engine.Normalizer(factory.data_config(model, 32), runtime, model),
+        epochs=2,
+        lr=0.04,
+        weight_decay=0.0,
+        seed=0,
+        train_batches=train.epoch,
+        val_batches=val.epoch,
+        steps_per_epoch=len(train),
+    )
+    limit = FakeMemoryLimit(model, max_batch=4)
+    reporter = RecordingReporter()
+    curve, _ = engine.train_stage(plan, runtime, reporter, engine.Clock(total_steps=4), lambda _p: None)
+    assert len(curve) == 2 and all(row["train_loss"] > 0 for row in curve)
+    warnings = [(msg, data) for kind, msg, data in reporter.events if kind == "warning"]
+    assert len(warnings) == 1 and limit.triggered == 1  # halved once, then every chunk fits
+    assert warnings[0][1]["batch_size"] == 4 and warnings[0][1]["lr_scale"] == 0.5
+    assert "batch size 8" in warnings[0][0] and "batch size 4" in warnings[0][0]
+    # Both epochs still trained on every image: 16 per epoch, in chunks of 4.
+    assert [round(row["images_per_sec"] > 0) for row in curve] == [1, 1]
+    assert len(reporter.progresses) == 4  # steps counted per loader batch, as planned
