@@ -113,7 +113,7 @@
 
   // Fraction of the whole job done, from the spec's enabled stages weighted by their epochs.
   function overallFraction(job) {
-    const p = job.progress || {};
+    const p = Object.assign({ stage: job.stage }, job.progress || {});
     if (typeof p.fraction === 'number') return p.fraction;
     if (job.status === 'succeeded') return 1;
     const spec = job.spec || {};
@@ -239,7 +239,7 @@
         label ? el('div', { class: 'help', text: label }) : null),
       el('td', { 'data-label': 'Status' }, el('span', { class: `badge ${job.status}`, text: job.status })),
       el('td', { 'data-label': 'Stage', text: STAGE_NAMES[job.stage || p.stage] || job.stage || p.stage || '–' }),
-      el('td', { 'data-label': 'Progress' }, prog, ` ${Math.round(100 * frac)}%`),
+      el('td', { 'data-label': 'Progress' }, el('span', {}, prog, ` ${Math.round(100 * frac)}%`)),
       el('td', { 'data-label': 'Teacher', text: pct(accOf(m, 'teacher')) }),
       el('td', { 'data-label': 'Baseline', text: pct(accOf(m, 'baseline')) }),
       el('td', { 'data-label': 'Distilled', text: pct(accOf(m, 'distilled')) }),
@@ -601,6 +601,7 @@
     'student.model': '#f-student', 'student.weights': '#f-student-weights', dataset: '#f-dataset',
     'dataset.id': '#f-dataset', 'dataset.path': '#f-dataset-path', 'train.epochs': '#f-epochs',
     'distill.sp_weight': '#f-sp', 'train.batch_size': '#f-bs', 'train.lr': '#f-lr', 'train.image_size': '#f-size',
+    'train.num_workers': '#f-workers',
   };
 
   function buildSpec() {
@@ -617,6 +618,7 @@
       train: {
         epochs: parseInt(v('#f-epochs'), 10), batch_size: parseInt(v('#f-bs'), 10),
         lr: Number(v('#f-lr')), image_size: parseInt(v('#f-size'), 10),
+        ...(v('#f-workers') !== '' ? { num_workers: parseInt(v('#f-workers'), 10) } : {}),
       },
       baseline: $('#f-baseline').checked,
     };
