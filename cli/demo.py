@@ -20,8 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +62,6 @@ def write_digits_imagefolder(
                 img.convert("RGB").save(folder / f"digit_{i:04d}.png")
             counts[split][str(label)] = len(chosen)
     return counts
-
-
-def zip_imagefolder(src: Path, dest: Path) -> Path:
-    """Zip an ImageFolder (files only, relative paths) for POST /v1/datasets."""
-    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as zf:
-        for path in sorted(src.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                zf.write(path, path.relative_to(src).as_posix())
-    return dest
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -191,20 +181,11 @@ def wait_for(ready: Callable[[], bool], timeout_s: float, what: str, stack: Stac
     raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-# --- talking to the API ---------------------------------------------------------------------------
+# --- talking to the API (the HTTP client of `spkd submit/download`, cli/client.py) ----------------
 
 
 def say(msg: str) -> None:
     typer.secho(f"[demo] {msg}", fg=typer.colors.CYAN, err=True)
-
-
-def check(resp: Any) -> Any:
-    """The JSON body of a 2xx response, or a DemoError carrying the API's error."""
-    if resp.status_code >= 400:
-        raise DemoError(
-            f"{resp.request.method} {resp.request.url.path} -> {resp.status_code}: {resp.text[:2000]}"
-        )
-    return resp.json()
 
 
 def api_ready(http: Any) -> bool:
@@ -218,113 +199,12 @@ def api_ready(http: Any) -> bool:
 
 def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
     """POST /v1/datasets with a zip of the folder; returns the dataset description."""
-    archive = zip_imagefolder(folder, tmp / f"{folder.name}.zip")
+    from cli import client
+
+    archive = client.zip_folder(folder, tmp / f"{folder.name}.zip")
     with archive.open("rb") as fh:
         files = {"file": (archive.name, fh, "application/zip")}
-        return check(http.post("/v1/datasets", files=files, params={"name": folder.name}, timeout=600))
-
-
-def follow_events(http: Any, job_id: str) -> None:
-    """Print the job's events as they come (server-sent events), until the job ends."""
-    import httpx
-
-    last_id = ""
-    while True:
-        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
-        try:
-            with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as resp:
-                if resp.status_code >= 400:
-                    raise DemoError(f"event stream -> {resp.status_code}: {resp.read()[:500]!r}")
-                for name, event_id, data in sse_messages(resp.iter_lines()):
-                    last_id = event_id or last_id
-                    if name == "end":
-                        _progress_line("")
-                        return
-                    show_event(name, data)
-        except httpx.TransportError:
-            pass  # the stream dropped: reconnect from the last event seen
-        if check(http.get(f"/v1/jobs/{job_id}")).get("status") in TERMINAL:
-            _progress_line("")
-            return
-        time.sleep(1)
-
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str, dict]]:
-    """(event name, id, JSON data) for each message of a server-sent-event stream."""
-    name, event_id, buf = "message", "", []
-    for line in lines:
-        if not line:
-            if buf:
-                with contextlib.suppress(json.JSONDecodeError):
-                    payload = json.loads("\n".join(buf))
-                    if isinstance(payload, dict):
-                        yield name, event_id, payload
-            name, event_id, buf = "message", "", []
-        elif line.startswith("data:"):
-            buf.append(line[5:].lstrip())
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("id:"):
-            event_id = line[3:].strip()
-
-
-def _progress_line(text: str) -> None:
-    """Rewrite one status line in place on a terminal (nothing when piped to a file)."""
-    if sys.stdout.isatty():
-        sys.stdout.write("\r\033[K" + text)
-        sys.stdout.flush()
-
-
-def show_event(name: str, event: dict) -> None:
-    """One line per event a person cares about; step progress as a line rewritten in place."""
-    data = {**(event.get("data") or {}), **{k: v for k, v in event.items() if k != "data"}}
-    kind = data.get("kind") or name
-    stage = data.get("stage") or ""
-    if kind == "progress":
-        epoch, step = f"{data.get('epoch')}/{data.get('epochs')}", f"{data.get('step')}/{data.get('steps')}"
-        parts = [f"{stage} epoch {epoch} step {step}"]
-        if isinstance(data.get("images_per_sec"), int | float):
-            parts.append(f"{data['images_per_sec']:.0f} img/s")
-        if isinstance(data.get("eta_s"), int | float):
-            parts.append(f"ETA {data['eta_s']:.0f}s")
-        _progress_line("  " + "  ".join(parts))
-        return
-    _progress_line("")
-    if kind == "epoch_end":
-        parts = [f"{stage:>16} epoch {data.get('epoch')}/{data.get('epochs')}"]
-        for key, label in (("train_loss", "loss"), ("train_acc", "train acc"), ("val_acc", "val acc")):
-            if isinstance(data.get(key), int | float):
-                parts.append(f"{label} {data[key]:.3f}")
-        if isinstance(data.get("images_per_sec"), int | float):
-            parts.append(f"{data['images_per_sec']:.0f} img/s")
-        if isinstance(data.get("seconds"), int | float):
-            parts.append(f"{data['seconds']:.0f}s")
-        typer.echo("  " + "  ".join(parts))
-    elif kind not in ("checkpoint", "heartbeat"):
-        msg = data.get("message") or data.get("status") or ""
-        typer.echo(f"  [{kind}] {msg}")
-
-
-def download_artifacts(http: Any, job_id: str, dest: Path) -> list[Path]:
-    """Every artifact of the job into dest, streamed; returns the files."""
-    listing = check(http.get(f"/v1/jobs/{job_id}/artifacts"))
-    items = listing["data"]
-    dest.mkdir(parents=True, exist_ok=True)
-    out = []
-    for item in items:
-        name = item["name"]
-        target = dest / Path(name).name
-        with http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", timeout=600) as resp:
-            if resp.status_code >= 400:
-                raise DemoError(f"download {name} -> {resp.status_code}")
-            with target.open("wb") as fh:
-                for chunk in resp.iter_bytes(1 << 20):
-                    fh.write(chunk)
-        out.append(target)
-    return out
+        return client._check(http.post("/v1/datasets", files=files, data={"name": folder.name}, timeout=600))
 
 
 def summary(metrics: dict) -> list[str]:
@@ -363,6 +243,7 @@ def build_spec(dataset: dict, opts: dict) -> dict:
             "lr": opts["lr"],
             "image_size": opts["image_size"],
             "seed": 0,
+            "num_workers": opts["num_workers"],
         },
         "baseline": opts["baseline"],
     }
@@ -370,7 +251,7 @@ def build_spec(dataset: dict, opts: dict) -> dict:
 
 def run_demo(opts: dict) -> Path:
     """Start the stack, run one job through the REST API, download it. Returns the output folder."""
-    import httpx
+    from cli import client
 
     workdir = Path(opts["workdir"]).resolve()
     stack = Stack(workdir)
@@ -406,33 +287,34 @@ def run_demo(opts: dict) -> Path:
         stack.start("worker", [*spkd, "worker"], env)
 
         base = f"http://127.0.0.1:{port}"
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        with client.make_client(base, key, timeout=60) as http:
             wait_for(lambda: api_ready(http), opts["start_timeout"], "the API and a worker (/readyz)", stack)
             say("API and worker ready")
             dataset = prepare_dataset(http, opts, workdir)
             spec = build_spec(dataset, opts)
             say("submitting: " + json.dumps(spec))
-            job = check(http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": f"demo-{run_id}"}))
+            headers = {"Idempotency-Key": f"demo-{run_id}"}
+            job = client._check(http.post("/v1/jobs", json=spec, headers=headers))
             job_id = job["id"]
-            say(f"job {job_id} {job.get('status', '')}; dashboard: {base}/ (API key: {key})")
+            say(f"job {job_id} {job['status']}; dashboard: {base}/ (API key: {key})")
             t0 = time.monotonic()
-            follow_events(http, job_id)
-            status = check(http.get(f"/v1/jobs/{job_id}"))
-            took = time.monotonic() - t0
-            if status.get("status") != "succeeded":
-                err = status.get("error") or {}
-                raise DemoError(f"job {job_id} ended {status.get('status')}: {json.dumps(err)}")
-            say(f"job {job_id} succeeded in {took:.0f}s; downloading its artifacts")
-            out = Path(opts["out"]).resolve() / job_id
-            files = download_artifacts(http, job_id, out)
-            report(out, files)
-            if opts["keep_running"]:
-                say(f"still serving on {base}/ (API key: {key}); Ctrl-C stops everything")
-                while True:
-                    stack.check()
-                    time.sleep(2)
-            return out
+            client.follow(http, job_id)  # live progress from the server-sent-event stream
+            job = client._check(http.get(f"/v1/jobs/{job_id}"))
+            if job["status"] != "succeeded":
+                raise DemoError(f"job {job_id} ended {job['status']}: {json.dumps(job.get('error'))}")
+            say(f"job {job_id} succeeded in {time.monotonic() - t0:.0f}s; downloading its artifacts")
+        out = Path(opts["out"]).resolve()
+        try:
+            client.download(job_id, names=None, out=out, url=base, key=key)
+        except typer.Exit as exc:
+            raise DemoError(f"downloading the artifacts of {job_id} failed") from exc
+        report(out / job_id)
+        if opts["keep_running"]:
+            say(f"still serving on {base}/ (API key: {key}); Ctrl-C stops everything")
+            while True:
+                stack.check()
+                time.sleep(2)
+        return out / job_id
     finally:
         stack.stop()
         signal.signal(signal.SIGTERM, old_term)
@@ -467,14 +349,14 @@ def prepare_dataset(http: Any, opts: dict, workdir: Path) -> dict:
     return {"id": ds["id"]}
 
 
-def report(out: Path, files: list[Path]) -> None:
+def report(out: Path) -> None:
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
         typer.echo("\nvalidation accuracy:")
         for line in summary(json.loads(metrics_path.read_text())):
             typer.echo(line)
     typer.echo(f"\nfiles in {out}:")
-    for path in files:
+    for path in sorted(p for p in out.iterdir() if p.is_file()):
         typer.echo(f"  {path.name:<22} {path.stat().st_size:>12,d} bytes")
     student = out / "student.safetensors"
     if student.exists():
@@ -500,6 +382,9 @@ def register(app: typer.Typer) -> None:
         image_size: int = typer.Option(DIGITS_SIZE, help="input size of both models"),
         batch_size: int = typer.Option(32),
         lr: float = typer.Option(0.01),
+        num_workers: int = typer.Option(
+            0, help="data loader processes (0: in the worker, best on few cores)"
+        ),
         sp_weight: float = typer.Option(3000.0, help="gamma: weight of the SP loss"),
         baseline: bool = typer.Option(True, help="also fine-tune the student alone, to report the gain"),
         out: Path = typer.Option(Path("demo-out"), help="where the job's artifacts are downloaded"),
@@ -510,9 +395,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a real distillation job end to end on this machine (Redis, API, worker, REST)."""
         opts = dict(locals())
+        from cli import client
+
         try:
             run_demo(opts)
-        except DemoError as exc:
+        except (DemoError, client.ClientError) as exc:
             typer.secho(f"[demo] failed: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:

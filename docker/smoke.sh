@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Smoke test of the images and the compose stack on this machine (not in CI: minutes, ~7 GB).
+#
+#   bash docker/smoke.sh
+#
+# 1. starts a local Docker engine and base image (../shared/tools/local-docker.sh base, or
+#    $LOCAL_DOCKER), builds spkd-api, spkd-worker (FROM that base) and a Redis image;
+# 2. brings up a CPU-only, host-network variant of docker-compose.yml (docker/local_compose.py)
+#    on ports 6391 (Redis) and 8391 (API);
+# 3. uploads a small dataset and runs a small job over REST (tiny timm models), downloads the
+#    student checkpoint and checks its sha256;
+# 4. restarts the redis service and checks the job is still there (AOF on a volume);
+# 5. tears everything down (also on failure or Ctrl-C).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+local_docker=${LOCAL_DOCKER:-$root/../shared/tools/local-docker.sh}
+base=${BASE_IMAGE:-spkd-base:bookworm}
+tag=smoke
+project=spkd-smoke
+redis_port=${SMOKE_REDIS_PORT:-6391}
+api_port=${SMOKE_API_PORT:-8391}
+api="http://127.0.0.1:$api_port"
+py="$root/.venv/bin/python"
+[ -x "$py" ] || { echo "run scripts/setup.sh first (the smoke test uses .venv for YAML and the dataset)"; exit 1; }
+compose=$(command -v docker-compose || true)
+[ -n "$compose" ] || compose="docker compose"
+
+t_start=$(date +%s)
+step() { printf '\033[1m[smoke %4ss]\033[0m %s\n' "$(( $(date +%s) - t_start ))" "$*" >&2; }
+work=$(mktemp -d)
+dc() { $compose -p "$project" -f "$work/compose.yml" "$@"; }
+cleanup() {
+  rc=$?
+  if [ -f "$work/compose.yml" ]; then
+    [ "$rc" = 0 ] || { step "FAILED (rc=$rc); last logs:"; dc logs --tail 40 2>&1 | tail -80 || true; }
+    step "tearing down"
+    dc down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "docker engine and base image"
+bash "$local_docker" base >&2
+
+key=smoke-$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+printf 'SPKD_API_KEYS=%s\n' "$key" >"$work/spkd.env"
+auth=(-H "Authorization: Bearer $key")
+
+build() {  # name dockerfile
+  local t0=$(date +%s)
+  docker build -q --network host --build-arg BASE_IMAGE="$base" -f "$2" -t "$1" . >/dev/null
+  step "built $1 in $(( $(date +%s) - t0 ))s ($(docker image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1/1e9}'))"
+}
+step "building images on $base"
+build "spkd-api:$tag" docker/Dockerfile.api
+build "spkd-worker:$tag" docker/Dockerfile.worker
+# Redis from Debian on the same base (image registries are unreachable here).
+printf 'ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*\nWORKDIR /data\n' \
+  >"$work/Dockerfile.redis"
+t0=$(date +%s)
+docker build -q --network host --build-arg BASE_IMAGE="$base" -f "$work/Dockerfile.redis" -t "spkd-redis:$tag" "$work" >/dev/null
+step "built spkd-redis:$tag in $(( $(date +%s) - t0 ))s"
+
+"$py" docker/local_compose.py --env-file "$work/spkd.env" --tag "$tag" --redis-image "spkd-redis:$tag" \
+  --redis-port "$redis_port" --api-port "$api_port" >"$work/compose.yml"
+
+step "compose up (host network, CPU only: redis :$redis_port, api :$api_port, worker)"
+t0=$(date +%s)
+dc up -d >&2
+wait_ready() {
+  for _ in $(seq 240); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$api/readyz")" = 200 ] && return 0
+    sleep 1
+  done
+  return 1
+}
+wait_ready || { step "API not ready (Redis + worker) after 240s"; exit 1; }
+step "stack ready (/readyz 200) in $(( $(date +%s) - t0 ))s"
+
+step "uploading a small dataset (3 digit classes from scikit-learn)"
+"$py" - "$work" <<'PY'
+import shutil, sys
+from pathlib import Path
+from cli.demo import write_digits_imagefolder, zip_imagefolder
+work = Path(sys.argv[1])
+write_digits_imagefolder(work / "digits", size=32)
+for split in ("train", "val"):
+    for cls in (work / "digits" / split).iterdir():
+        if cls.name not in ("0", "1", "2"):
+            shutil.rmtree(cls)
+        else:  # a few images per class keep the job short
+            for extra in sorted(cls.iterdir())[30 if split == "train" else 10:]:
+                extra.unlink()
+zip_imagefolder(work / "digits", work / "digits.zip")
+PY
+ds=$(curl -sf "${auth[@]}" -F "file=@$work/digits.zip" -F name=smoke-digits "$api/v1/datasets")
+ds_id=$("$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$ds")
+step "dataset $ds_id"
+
+spec=$(printf '{"teacher": {"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 1}},
+ "student": {"model": "test_resnet", "weights": "none"}, "dataset": {"id": "%s"},
+ "train": {"epochs": 1, "batch_size": 16, "image_size": 32}, "baseline": true}' "$ds_id")
+job=$(curl -sf "${auth[@]}" -H 'Content-Type: application/json' -H "Idempotency-Key: smoke-$key" -d "$spec" "$api/v1/jobs")
+job_id=$("$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$job")
+step "job $job_id submitted"
+t0=$(date +%s)
+status=""
+for _ in $(seq 600); do
+  status=$(curl -sf "${auth[@]}" "$api/v1/jobs/$job_id" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["status"])' || true)
+  case "$status" in succeeded|failed|cancelled) break ;; esac
+  sleep 1
+done
+step "job $job_id: $status after $(( $(date +%s) - t0 ))s"
+if [ "$status" != succeeded ]; then
+  curl -s "${auth[@]}" "$api/v1/jobs/$job_id" >&2; echo >&2; exit 1
+fi
+
+listing=$(curl -sf "${auth[@]}" "$api/v1/jobs/$job_id/artifacts")
+want=$("$py" -c 'import json,sys; print(next(a["sha256"] for a in json.load(sys.stdin)["data"] if a["name"] == "student.safetensors"))' <<<"$listing")
+curl -sf "${auth[@]}" -o "$work/student.safetensors" "$api/v1/jobs/$job_id/artifacts/student.safetensors"
+got=$(sha256sum "$work/student.safetensors" | cut -d' ' -f1)
+[ "$got" = "$want" ] || { step "checksum mismatch: $got != $want"; exit 1; }
+step "downloaded student.safetensors ($(stat -c %s "$work/student.safetensors") bytes, sha256 ok)"
+"$py" - "$work/student.safetensors" <<'PY'
+import sys
+from safetensors.torch import load_file
+sd = load_file(sys.argv[1])
+print(f"[smoke] checkpoint has {len(sd)} tensors", file=sys.stderr)
+PY
+
+step "restarting the redis service"
+dc restart redis >&2
+after=""
+for _ in $(seq 60); do
+  after=$(curl -s "${auth[@]}" "$api/v1/jobs/$job_id" | "$py" -c 'import json,sys; print(json.load(sys.stdin).get("status",""))' 2>/dev/null || true)
+  [ -n "$after" ] && break
+  sleep 1
+done
+[ "$after" = succeeded ] || { step "after the Redis restart the job reads '$after', expected succeeded"; exit 1; }
+step "after the Redis restart job $job_id is still '$after' (AOF)"
+wait_ready || { step "stack not ready again after the Redis restart"; exit 1; }
+step "stack ready again after the Redis restart"
+step "PASS in $(( $(date +%s) - t_start ))s"

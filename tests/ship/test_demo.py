@@ -1,0 +1,147 @@
+"""`spkd demo`: the dataset it writes, and the whole run end to end with tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli.demo import write_digits_imagefolder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_digits_imagefolder_is_valid(tmp_path):
+    counts = write_digits_imagefolder(tmp_path / "digits", size=40, val_fraction=0.25, seed=3)
+
+    assert sorted(counts) == ["train", "val"]
+    assert sorted(counts["train"]) == [str(d) for d in range(10)]
+    total = sum(sum(c.values()) for c in counts.values())
+    assert total == 1797  # every scan of scikit-learn's digits, once
+    for split, per_class in counts.items():
+        for label, n in per_class.items():
+            files = sorted((tmp_path / "digits" / split / label).glob("*.png"))
+            assert len(files) == n > 0
+    # Stratified: each class keeps about a quarter for validation.
+    for label in counts["val"]:
+        share = counts["val"][label] / (counts["val"][label] + counts["train"][label])
+        assert 0.2 < share < 0.3
+    # Disjoint splits, real decodable images of the requested size.
+    train = {p.name for p in (tmp_path / "digits" / "train").rglob("*.png")}
+    val = {p.name for p in (tmp_path / "digits" / "val").rglob("*.png")}
+    assert not train & val
+    sample = next((tmp_path / "digits" / "val" / "7").glob("*.png"))
+    with Image.open(sample) as img:
+        assert img.size == (40, 40) and img.mode == "RGB"
+        lo, hi = img.convert("L").getextrema()
+        assert hi - lo > 100  # ink on paper, not a blank image
+
+
+def test_digits_split_is_deterministic(tmp_path):
+    write_digits_imagefolder(tmp_path / "a", size=16, seed=0)
+    write_digits_imagefolder(tmp_path / "b", size=16, seed=0)
+
+    def listing(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
+
+
+def _children_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # A zombie is dead for our purpose (its parent, the demo, has exited).
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "SPKD_REDIS_URL"}  # its own redis-server
+    argv = [
+        sys.executable, "-m", "cli.main", "demo",
+        "--teacher", "test_efficientnet", "--student", "test_resnet",
+        "--teacher-weights", "none", "--student-weights", "none",
+        "--finetune-epochs", "1", "--epochs", "1", "--image-size", "32", "--batch-size", "64",
+        "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *extra,
+    ]  # fmt: skip
+    out = subprocess.PIPE
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_tiny_models(tmp_path):
+    """Redis, API, worker, digits, a job over REST, live events, download: then nothing left running."""
+    proc = _demo(tmp_path)
+    started: set[int] = set()
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        started.update(_descendants(proc.pid))
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    output = proc.communicate()[0]
+    assert proc.returncode == 0, output
+
+    assert "started redis-server" in output
+    assert "epoch_end" in output  # live progress came through the event stream
+    job_dirs = list((tmp_path / "out").iterdir())
+    assert len(job_dirs) == 1
+    out = job_dirs[0]
+    for name in ("student.safetensors", "student.json", "metrics.json"):
+        assert (out / name).stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["distilled"]["val_acc"] <= 1.0
+    assert sorted(metrics["dataset"]["classes"]) == [str(d) for d in range(10)]
+    assert "student, distilled (SP)" in output
+    assert len(started) >= 3  # redis-server, api, worker (+ the worker's pool child)
+    time.sleep(1)
+    assert _children_alive(sorted(started)) == [], "the demo left processes running"
+
+
+@pytest.mark.slow
+def test_demo_interrupted_stops_everything(tmp_path):
+    """Ctrl-C while the stack runs: the demo exits 130 and every process it started is gone."""
+    proc = _demo(tmp_path, "--keep-running")
+    started: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        started.update(_descendants(proc.pid))
+        if len(started) >= 3:
+            break
+        time.sleep(0.2)
+    assert len(started) >= 3, "the demo did not start redis, the API and the worker"
+    time.sleep(2)  # let the worker get going (importing torch) before interrupting it
+    started.update(_descendants(proc.pid))
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    time.sleep(1)
+    assert _children_alive(sorted(started)) == [], "the demo left processes running"

@@ -1,0 +1,110 @@
+"""The README's two commands, the scripts behind them, CI, and the README's reference sections."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's 'Two commands' block."""
+    section = README.split("## Two commands", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_what_spkd_does_then_the_two_commands():
+    head = README.split("## ", 1)[0]
+    assert "Similarity-Preserving" in head and "timm" in head
+    first_section = README.split("## ", 2)[1]
+    assert first_section.startswith("Two commands")
+    assert readme_commands() == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+
+
+def test_readme_commands_exist_and_parse():
+    for cmd in readme_commands():
+        script = ROOT / cmd.split()[1]
+        assert script.is_file(), cmd
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines in (["bash scripts/test.sh"], ["exec bash scripts/test.sh"])
+    assert "bash scripts/test.sh" in readme_commands()
+
+
+def test_scripts_set_up_with_the_pinned_torch_and_constraints():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "torch==2.14.1 torchvision==0.29.1" in setup
+    assert "requirements/constraints.txt" in setup
+    for script in ("demo.sh", "test.sh"):
+        assert "scripts/setup.sh" in (ROOT / "scripts" / script).read_text()
+    pins = (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==\S+", line) for line in pins), "only exact pins"
+    assert not any(line.lower().startswith("spkd==") for line in pins)
+
+
+def test_test_script_excludes_docker_tests_and_handles_no_tests_collected():
+    text = (ROOT / "scripts" / "test.sh").read_text()
+    assert '-m "not docker"' in text
+    assert 'rc" = 5' in text
+    assert "ruff check" in text and "ruff format --check" in text
+
+
+def test_setup_is_idempotent_and_fast_when_up_to_date():
+    """A second run of setup.sh must not touch pip (the stamp matches): well under a few seconds."""
+    if not (ROOT / ".venv" / ".spkd-setup").exists():
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, check=True, capture_output=True)
+    res = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "up to date" in res.stderr
+
+
+def test_readme_documents_every_setting():
+    from app.settings import Settings
+
+    table = README.split("<!-- SETTINGS-TABLE -->", 1)[1].split("<!-- /SETTINGS-TABLE -->", 1)[0]
+    documented = set(re.findall(r"`(SPKD_[A-Z0-9_]+)`", table))
+    expected = {f"SPKD_{name.upper()}" for name in Settings.model_fields}
+    assert expected - documented == set(), "settings missing from the README table"
+    assert documented - expected == set(), "README documents settings that do not exist"
+
+
+def test_readme_documents_every_job_spec_field():
+    from pydantic import BaseModel
+
+    from models.spec import JobSpec
+
+    def paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out = set()
+        for name, field in model.model_fields.items():
+            args = getattr(field.annotation, "__args__", (field.annotation,))
+            sub = [a for a in args if isinstance(a, type)]
+            nested = [a for a in sub if issubclass(a, BaseModel)]
+            if nested and nested[0].__name__ != "LayerPair":
+                out |= paths(nested[0], f"{prefix}{name}.")
+            else:
+                out.add(f"{prefix}{name}")
+        return out
+
+    spec_section = README.split("## The job spec", 1)[1].split("\n## ", 1)[0]
+    missing = [p for p in sorted(paths(JobSpec)) if p.rsplit(".", 1)[-1] + ":" not in spec_section]
+    assert not missing, f"job spec fields not documented: {missing}"
+    assert "`hub`" in spec_section and "`package`" in spec_section and "`job:<job id>`" in spec_section
+
+
+def test_readme_covers_the_operator_topics():
+    for heading in ("## The REST API", "### Hub models on a host with internet", "### Scaling out"):
+        assert heading in README
+    assert "nvidia-container-toolkit" in README and "device_ids" in README
+    assert README.count("curl ") >= 8
+    assert "<!-- load-student -->\n```python\n" in README
