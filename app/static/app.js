@@ -484,7 +484,8 @@
       const pts = rows.filter((r) => typeof r[k] === 'number' && isFinite(r[k])).map((r) => [x(r.epoch), y(r[k])]);
       if (!pts.length) return;
       s.append(svg('polyline', { class: `${i ? 'val' : 'train'} ${cls}`, points: pts.map((p) => p.join(',')).join(' ') }));
-      if (i) pts.forEach(([px, py]) => s.append(svg('circle', { class: cls, cx: px, cy: py, r: 3 })));
+      // Markers too, so a single epoch shows: filled for validation, hollow for training.
+      pts.forEach(([px, py]) => s.append(svg('circle', { class: `${cls}${i ? '' : ' hollow'}`, cx: px, cy: py, r: 3 })));
     });
     const legend = el('div', { class: 'legend', 'aria-hidden': 'true' },
       el('span', {}, el('span', { class: `swatch ${cls}` }), 'validation'),

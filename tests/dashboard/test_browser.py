@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -124,7 +125,8 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         page.get_by_role("button", name="Upload").click()
         _until(page, "document.querySelector('#upload-status').textContent.startsWith('Uploaded')", 30)
         assert "ants, bees" in page.locator("#upload-status").inner_text()
-        assert page.locator("#f-dataset").input_value().startswith("ds_")
+        dataset_id = page.locator("#f-dataset").input_value()
+        assert dataset_id.startswith("ds_")
         _fill_job(page, epochs=3, teacher_ft=1)
         page.screenshot(path=shots / "02-new-job-form.png", full_page=True)
         job_id = _create_job(page)
@@ -168,13 +170,33 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         page.wait_for_selector("#job-status.cancelled", timeout=60_000)
         page.screenshot(path=shots / "05-job-cancelled.png", full_page=True)
 
-        # The jobs table shows both, newest first, with their statuses.
+        # A job the worker rejects (a layer the teacher does not have; only the worker can tell):
+        # its page shows the error's code, message and field. Created by another client, over REST.
+        bad_spec = {
+            "teacher": {"model": "test_resnet", "weights": "none"},
+            "student": {"model": "test_efficientnet", "weights": "none"},
+            "dataset": {"id": dataset_id},
+            "distill": {"layers": [{"teacher": "no_such_layer", "student": "no_such_layer"}]},
+            "train": {"epochs": 1, "batch_size": 8, "image_size": 64, "num_workers": 0},
+        }
+        auth = {"Authorization": f"Bearer {key}"}
+        bad_id = httpx.post(f"{base}/v1/jobs", json=bad_spec, headers=auth, timeout=30).json()["id"]
+        page.goto(f"{base}/#/jobs/{bad_id}")
+        page.wait_for_selector("#job-status.failed", timeout=60_000)
+        page.wait_for_selector("#job-failure:not([hidden])")
+        assert page.locator("#fail-field").inner_text().startswith("distill.layers")
+        assert "no_such_layer" in page.locator("#fail-message").inner_text()
+        assert page.locator("#fail-code").inner_text() not in ("", "–")
+        page.screenshot(path=shots / "06-job-failed.png", full_page=True)
+
+        # The jobs table shows them all, newest first, with their statuses.
         page.get_by_role("link", name="Jobs", exact=True).click()
-        page.wait_for_selector(f"#jobs-table tr[data-job='{long_id}']")
+        page.wait_for_selector(f"#jobs-table tr[data-job='{bad_id}']")
         rows = page.locator("#jobs-table tbody tr")
-        assert rows.nth(0).get_attribute("data-job") == long_id
-        assert "cancelled" in rows.nth(0).inner_text() and "succeeded" in rows.nth(1).inner_text()
-        page.screenshot(path=shots / "06-jobs-table.png", full_page=True)
+        assert [rows.nth(i).get_attribute("data-job") for i in range(3)] == [bad_id, long_id, job_id]
+        statuses = [rows.nth(i).locator(".badge").inner_text() for i in range(3)]
+        assert statuses == ["failed", "cancelled", "succeeded"]
+        page.screenshot(path=shots / "07-jobs-table.png", full_page=True)
         ctx.close()
 
         # Phone-sized screen: nothing wider than the screen, the table reads as cards.
@@ -184,11 +206,11 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']")
         _fits(page, 375)
         assert page.locator("#jobs-table thead").evaluate("e => e.getBoundingClientRect().height") <= 1
-        page.screenshot(path=shots / "07-phone-jobs.png", full_page=True)
+        page.screenshot(path=shots / "08-phone-jobs.png", full_page=True)
         page.goto(f"{base}/#/jobs/{job_id}")
         page.wait_for_selector("#curves svg[data-stage='distill']")
         _fits(page, 375)
-        page.screenshot(path=shots / "08-phone-job.png", full_page=True)
+        page.screenshot(path=shots / "09-phone-job.png", full_page=True)
         phone.close()
 
         # Keyboard alone: sign in, reach a job through Tab, open it, focus lands on its heading.
@@ -213,7 +235,7 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         with page.expect_download() as dl:
             page.keyboard.press("Enter")
         assert dl.value.suggested_filename == "metrics.json"
-        page.screenshot(path=shots / "09-keyboard-focus.png")
+        page.screenshot(path=shots / "10-keyboard-focus.png")
         kb.close()
         browser.close()
 
