@@ -128,7 +128,9 @@
     for (const [stage, w] of plan) {
       if (stage !== p.stage) { done += w; continue; }
       const epochs = p.epochs || 1;
-      const within = ((p.epoch || 1) - 1 + (p.steps ? (p.step || 0) / p.steps : 0)) / epochs;
+      // An epoch_end means that epoch is complete; step progress means part of it is.
+      const part = p.epoch_done ? 1 : (p.steps ? (p.step || 0) / p.steps : 0);
+      const within = ((p.epoch || 1) - 1 + part) / epochs;
       return Math.min(1, (done + w * Math.max(0, within)) / total);
     }
     return 0;
@@ -250,7 +252,7 @@
   // ---------- one job ----------
 
   function enterJob(id) {
-    state.job = null; state.curves = {}; state.seenEvents = new Set(); state.streamEnded = false; state.loadedFinal = false;
+    state.job = null; state.curves = {}; state.seenEvents = new Set(); state.streamEnded = false; state.loadedFinal = false; state.maxFrac = 0;
     $('#job-h').textContent = id;
     $('#job-status').textContent = ''; $('#job-status').className = 'badge';
     $('#job-models').textContent = ''; $('#job-error-msg').textContent = '';
@@ -328,7 +330,9 @@
     if (job && FINAL.has(job.status)) $('#p-eta').textContent = '–';
     else if (typeof p.eta_s === 'number') $('#p-eta').textContent = duration(p.eta_s);
     if (job) {
-      const frac = overallFraction(Object.assign({}, job, { progress: p }));
+      // Never step back: the polled job and the live stream report at different moments.
+      const frac = Math.max(state.maxFrac || 0, overallFraction(Object.assign({}, job, { progress: p })));
+      state.maxFrac = frac;
       $('#job-progress').value = frac;
       $('#job-progress-label').textContent = `Overall progress: ${Math.round(100 * frac)}%`;
     }
@@ -400,7 +404,7 @@
     addEventLine(kind, ev.message || '', ev.ts || ev.time || ev.created_at);
     if (kind === 'epoch_end') {
       mergeCurves({ [data.stage]: [data] });
-      renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec }, state.job);
+      renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, state.job);
       announce(`${STAGE_NAMES[data.stage] || data.stage}: epoch ${data.epoch} of ${data.epochs} done, validation accuracy ${pct(data.val_acc)}.`);
     } else if (kind === 'stage_started') {
       renderProgress({ stage: data.stage }, state.job);

@@ -132,10 +132,12 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         job_id = _create_job(page)
 
         # Progress moves, curves appear per stage as epochs end, the job succeeds.
-        _until(page, "document.querySelector('#job-progress').value > 0", 120)
-        _until(page, "!!document.querySelector(\"#curves svg[data-stage='teacher_finetune']\")", 120)
-        page.screenshot(path=shots / "03-job-running.png", full_page=True)
-        _until(page, "!!document.querySelector('#job-status.succeeded')", 150)
+        seen = _watch_until_final(page, shots / "03-job-running.png", 180)
+        assert seen["status"] == "succeeded", seen
+        fractions = [f for f in seen["fractions"] if 0 < f < 1]
+        assert len(set(fractions)) >= 3 and fractions == sorted(fractions), seen["fractions"]
+        assert len(set(seen["epochs"])) >= 3, seen["epochs"]  # e.g. "1 / 1", "1 / 3", "2 / 3"...
+        assert seen["curve_counts"] and seen["curve_counts"][0] < 6, seen  # drawn live, before the end
         for stage in ("teacher_finetune", "baseline", "distill"):
             for metric in ("loss", "acc"):
                 svg = page.locator(f"#curves svg[data-stage='{stage}'][data-metric='{metric}']")
@@ -240,6 +242,34 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         browser.close()
 
     assert not console.errors, console.errors
+
+
+def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any]:
+    """Sample what the job page shows while the job runs: overall progress, epoch, curve count.
+    Takes one screenshot mid-run, once a curve is drawn."""
+    probe = """() => ({
+        status: document.querySelector('#job-status').textContent,
+        fraction: document.querySelector('#job-progress').value,
+        epoch: document.querySelector('#p-epoch').textContent,
+        curves: document.querySelectorAll('#curves svg').length})"""
+    seen: dict[str, Any] = {"fractions": [], "epochs": [], "curve_counts": [], "status": None}
+    deadline, shot_taken = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        now = page.evaluate(probe)
+        seen["status"] = now["status"]
+        if now["status"] == "failed":
+            raise AssertionError(f"job failed: {page.locator('#job-failure').inner_text()}")
+        if now["status"] in ("succeeded", "cancelled"):
+            return seen
+        samples = {"fractions": now["fraction"], "epochs": now["epoch"], "curve_counts": now["curves"]}
+        for key, value in samples.items():
+            if value and value != "–" and (not seen[key] or seen[key][-1] != value):
+                seen[key].append(value)
+        if now["curves"] and not shot_taken:
+            page.screenshot(path=shot, full_page=True)
+            shot_taken = True
+        time.sleep(0.1)
+    raise AssertionError(f"job not finished after {timeout_s} s: {seen}")
 
 
 def _fits(page: Any, width: int) -> None:
