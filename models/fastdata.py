@@ -24,6 +24,7 @@ features it computed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -251,13 +252,18 @@ def sample_jitter(b: int, generator: torch.Generator, strength: float = 0.4) -> 
 
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
+_LUMA = torch.tensor((0.2989, 0.587, 0.114)).view(1, 3, 1, 1)
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Small CPU -> GPU copies without a stream sync (a blocking .to() waits for the GPU queue)."""
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """torchvision's brightness -> contrast -> saturation blends on float 0..255 images, batched."""
-    f = factors.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
-    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    f = to_device(factors, x.device, x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+    luma = to_device(_LUMA, x.device, x.dtype)
     x = (x * f[0]).clamp_(0, 255)
     gray_mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
     x = (f[1] * x + (1 - f[1]) * gray_mean).clamp_(0, 255)
@@ -285,8 +291,8 @@ def crop_resize(
     """
     b = images.shape[0]
     device = images.device
-    boxes = boxes.to(device=device, dtype=torch.float32)
-    sign = 1.0 - 2.0 * flips.to(device=device, dtype=torch.float32)  # -1 mirrors x
+    boxes = to_device(boxes, device, torch.float32)
+    sign = 1.0 - 2.0 * to_device(flips, device, torch.float32)  # -1 mirrors x
     x0, y0, x1, y1 = boxes.unbind(1)
     theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
     theta[:, 0, 0] = (x1 - x0) * sign
@@ -304,8 +310,8 @@ def normalize(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float (x/255 - mean)/std, per model, on x's device."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    m = to_device(torch.tensor(mean).view(1, -1, 1, 1) * 255.0, x.device)
+    s = to_device(torch.tensor(std).view(1, -1, 1, 1) * 255.0, x.device)
     out = (x.float() - m) / s
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -345,8 +351,12 @@ class ImageStore:
         if self.on_gpu:
             self.images = images.to(device)
         else:
-            pin = device.type == "cuda"
-            self.images = images.pin_memory() if pin else images
+            self.images = images
+            if device.type == "cuda":
+                # Pinned: the per-batch copy to the GPU runs asynchronously. Pinning tens of GiB
+                # can fail; pageable memory still works.
+                with contextlib.suppress(RuntimeError):
+                    self.images = images.pin_memory()
         self.labels_cpu = labels.to(torch.int64)
         self.labels = self.labels_cpu.to(device)
         self._staging: list[torch.Tensor | None] = [None, None]
@@ -359,7 +369,7 @@ class ImageStore:
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """The stored uint8 images at `indices`, on the training device."""
         if self.on_gpu:
-            return self.images.index_select(0, indices.to(self.device))
+            return self.images.index_select(0, to_device(indices, self.device))
         if self.device.type != "cuda":
             return self.images.index_select(0, indices)
         # Gather into one of two reused pinned buffers so the copy to the GPU is asynchronous and
@@ -459,7 +469,7 @@ class TrainSource:
         gen = epoch_generator(self.seed, epoch, salt=2)
         for idx in self.batches(epoch):
             views = self.sample_views(idx, gen)
-            labels = self.store.labels[idx.to(self.store.device)]
+            labels = to_device(self.store.labels_cpu[idx], self.store.device)
             yield Batch(self.view(idx, views), labels, idx, views.boxes, views.flips, views.jitter)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -480,7 +490,8 @@ class EvalSource:
         n = len(self.store)
         for start in range(0, n, self.batch_size):
             idx = torch.arange(start, min(n, start + self.batch_size))
-            yield Batch(self.store.gather(idx), self.store.labels[idx.to(self.store.device)], idx)
+            labels = to_device(self.store.labels_cpu[idx], self.store.device)
+            yield Batch(self.store.gather(idx), labels, idx)
 
 
 def build_train_source(

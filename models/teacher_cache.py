@@ -31,6 +31,7 @@ from models.fastdata import (
     epoch_generator,
     gpu_free_bytes,
     host_available_bytes,
+    to_device,
 )
 
 # uint8 (B, 3, S, S) on the device -> (logits or None, SP features per layer pair); the engine's
@@ -186,8 +187,8 @@ class TeacherCache:
         device = self.source.store.device
 
         def take(t: torch.Tensor) -> torch.Tensor:
-            v, i = view_ids.to(t.device), indices.to(t.device)
-            return t[v, i].to(device, non_blocking=True).float()
+            v, i = to_device(view_ids, t.device), to_device(indices, t.device)
+            return to_device(t[v, i], device).float()
 
         return (take(self.logits) if self.logits is not None else None), [take(f) for f in self.features]
 
@@ -206,7 +207,7 @@ class TeacherCache:
         if self._batch is None:
             raise RuntimeError("TeacherCache used as a teacher outside of TeacherCache.epoch()")
         logits, feats, where = self._batch
-        pos = where[indices.to(where.device)]
+        pos = where[to_device(indices, where.device)]
         return (None if logits is None else logits[pos]), [f[pos] for f in feats]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
@@ -223,10 +224,10 @@ class TeacherCache:
             for idx in source.batches(epoch):
                 v = vids[idx]
                 logits, feats = self.lookup(idx, v)
-                where[idx.to(device)] = torch.arange(idx.numel(), device=device)
+                where[to_device(idx, device)] = torch.arange(idx.numel(), device=device)
                 self._batch = (logits, feats, where)
                 views = _select(self.params, v, idx)
-                labels = source.store.labels[idx.to(device)]
+                labels = to_device(source.store.labels_cpu[idx], device)
                 yield Batch(source.view(idx, views), labels, idx, views.boxes, views.flips, views.jitter)
         finally:
             self._batch = None
