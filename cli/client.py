@@ -1,7 +1,363 @@
-"""(filled in by its owner)"""
+"""`spkd submit/status/events/cancel/download/datasets`: talk to a spkd server over HTTP (httpx).
 
+Server and key from --url/--key or SPKD_URL / SPKD_API_KEY. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+FINAL = ("succeeded", "failed", "cancelled")
+
+UrlOpt = typer.Option(None, "--url", help="server URL (default: $SPKD_URL or http://127.0.0.1:8000)")
+KeyOpt = typer.Option(None, "--key", help="API key (default: $SPKD_API_KEY)")
+
+
+class ClientError(Exception):
+    pass
+
+
+def make_client(url: str | None, key: str | None, timeout: float = 30.0) -> httpx.Client:
+    base = url or os.environ.get("SPKD_URL") or "http://127.0.0.1:8000"
+    key = key or os.environ.get("SPKD_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=base.rstrip("/"), headers=headers, timeout=timeout)
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.status_code < 400:
+        return resp.json() if "json" in resp.headers.get("content-type", "") else resp
+    try:
+        err = resp.json()["error"]
+        where = f" ({err['field']})" if err.get("field") else ""
+        raise ClientError(f"{resp.status_code} {err['code']}{where}: {err['message']}")
+    except (ValueError, KeyError, TypeError):
+        raise ClientError(f"{resp.status_code}: {resp.text[:500]}") from None
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- SSE
+
+
+def iter_sse(client: httpx.Client, job_id: str, last_id: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs from the job's server-sent-event stream, reconnecting with Last-Event-ID
+    if the connection drops, until the server sends `end`."""
+    failures = 0
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last_id:
+            headers["Last-Event-ID"] = last_id
+        try:
+            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _check(resp)
+                event, data = "message", []
+                for line in resp.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif line.startswith("id:"):
+                        last_id = line[3:].strip()
+                    elif line == "" and data:
+                        failures = 0
+                        yield event, json.loads("\n".join(data))
+                        if event == "end":
+                            return
+                        event, data = "message", []
+        except httpx.TransportError as e:
+            failures += 1
+            if failures > 5:
+                raise ClientError(f"event stream failed {failures} times in a row: {e}") from e
+            console.print(f"[yellow]event stream interrupted ({e}); reconnecting[/yellow]")
+            time.sleep(min(2.0**failures, 10.0))
+
+
+def follow(client: httpx.Client, job_id: str, quiet: bool = False) -> str:
+    """A rich progress bar fed by the event stream; returns the final status."""
+    status = "queued"
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task(status, total=None, info="")
+        for event, data in iter_sse(client, job_id):
+            if event == "progress":
+                info = f"epoch {data['epoch']}/{data['epochs']} step {data['step']}/{data['steps']}"
+                if data.get("images_per_sec"):
+                    info += f"  {data['images_per_sec']:.0f} img/s"
+                bar.update(
+                    task, description=data["stage"], total=data["steps"], completed=data["step"], info=info
+                )
+            elif event == "end":
+                status = data["status"]
+            else:
+                if event == "status":
+                    status = data["data"]["status"]
+                    bar.update(task, description=status)
+                bar.console.print(f"[dim]{event:>15}[/dim] {data['message']}")
+    return status
+
+
+# ---------------------------------------------------------------- commands
+
+
+def submit(
+    spec_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML or JSON)"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job to the end with a progress bar"),
+    idempotency_key: str | None = typer.Option(None, help="makes a retried submit create one job"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Create a job from a spec file; print its id (and, with --wait, follow it)."""
+    body = yaml.safe_load(spec_file.read_text())
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with make_client(url, key) as client:
+        try:
+            job = _check(client.post("/v1/jobs", json=body, headers=headers))
+            console.print(f"created [bold]{job['id']}[/bold] ({job['status']})")
+            print(job["id"])
+            if not wait:
+                return
+            status = follow(client, job["id"])
+            job = _check(client.get(f"/v1/jobs/{job['id']}"))
+        except ClientError as e:
+            _fail(e)
+    _print_outcome(job)
+    raise typer.Exit(0 if status == "succeeded" else 2)
+
+
+def _print_outcome(job: dict) -> None:
+    if job.get("error"):
+        err = job["error"]
+        console.print(
+            f"[red]{job['status']}[/red]: {err['code']} ({err.get('field') or '-'}): {err['message']}"
+        )
+    elif job.get("metrics"):
+        m = job["metrics"]
+        console.print(
+            f"[green]{job['status']}[/green]: distilled val_acc {m.get('distilled', {}).get('val_acc')}, "
+            f"baseline {(m.get('baseline') or {}).get('val_acc')}, gain {m.get('gain')}"
+        )
+    else:
+        console.print(job["status"])
+
+
+def status(
+    job_id: str | None = typer.Argument(None, help="a job id; omit to list recent jobs"),
+    filter_status: str | None = typer.Option(None, "--status", help="list only jobs with this status"),
+    limit: int = typer.Option(20, help="jobs to list"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Show one job, or list recent jobs."""
+    with make_client(url, key) as client:
+        try:
+            if job_id:
+                job = _check(client.get(f"/v1/jobs/{job_id}"))
+                if as_json:
+                    print(json.dumps(job, indent=2))
+                    return
+                _show_job(job)
+                return
+            params = {"limit": limit, **({"status": filter_status} if filter_status else {})}
+            page = _check(client.get("/v1/jobs", params=params))
+        except ClientError as e:
+            _fail(e)
+    if as_json:
+        print(json.dumps(page, indent=2))
+        return
+    table = Table("id", "status", "stage", "teacher -> student", "created")
+    for j in page["data"]:
+        s = j["spec"]
+        table.add_row(
+            j["id"],
+            j["status"],
+            j.get("stage") or "",
+            f"{s['teacher']['model']} -> {s['student']['model']}",
+            j["created_at"],
+        )
+    Console().print(table)
+
+
+def _show_job(job: dict) -> None:
+    out = Console()
+    out.print(f"[bold]{job['id']}[/bold]  {job['status']}  stage={job.get('stage') or '-'}")
+    p = job.get("progress")
+    if p and job["status"] == "running":
+        out.print(
+            f"  epoch {p['epoch']}/{p['epochs']} step {p['step']}/{p['steps']} "
+            f"{p.get('images_per_sec') or 0:.0f} img/s  eta {job.get('eta') or '-'}"
+        )
+    _print_outcome(job)
+
+
+def events(
+    job_id: str = typer.Argument(...),
+    follow_stream: bool = typer.Option(False, "--follow", "-f", help="stream new events until the job ends"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Print a job's event log (JSON lines)."""
+    with make_client(url, key) as client:
+        try:
+            if follow_stream:
+                for event, data in iter_sse(client, job_id):
+                    if event != "progress":
+                        print(json.dumps(data), flush=True)
+                return
+            after = None
+            while True:
+                params = {"limit": 1000, **({"after": after} if after else {})}
+                page = _check(client.get(f"/v1/jobs/{job_id}/events", params=params))
+                for e in page["data"]:
+                    print(json.dumps(e))
+                if len(page["data"]) < 1000:
+                    return
+                after = page["next_cursor"]
+        except ClientError as e:
+            _fail(e)
+
+
+def cancel(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """Cancel a job (queued: never starts; running: stops within a training step)."""
+    with make_client(url, key) as client:
+        try:
+            job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
+        except ClientError as e:
+            _fail(e)
+    console.print(
+        f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["cancel_requested"] else "")
+    )
+
+
+def download(
+    job_id: str = typer.Argument(...),
+    names: list[str] = typer.Argument(None, help="artifact names (default: all)"),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="folder to write into"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Download a job's artifacts (checked against their sha256)."""
+    import hashlib
+
+    with make_client(url, key, timeout=300) as client:
+        try:
+            arts = _check(client.get(f"/v1/jobs/{job_id}/artifacts"))["data"]
+            wanted = [a for a in arts if not names or a["name"] in names]
+            missing = set(names or []) - {a["name"] for a in wanted}
+            if missing:
+                raise ClientError(f"no artifact named {', '.join(sorted(missing))}")
+            out.mkdir(parents=True, exist_ok=True)
+            for a in wanted:
+                dest = out / job_id / a["name"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{a['name']}") as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        _check(resp)
+                    with dest.open("wb") as f:
+                        for chunk in resp.iter_bytes():
+                            f.write(chunk)
+                            h.update(chunk)
+                if h.hexdigest() != a["sha256"]:
+                    raise ClientError(f"{a['name']}: sha256 mismatch after download")
+                console.print(f"{dest}  {a['size']} bytes  sha256 ok")
+        except ClientError as e:
+            _fail(e)
+
+
+datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    source: Path = typer.Argument(..., exists=True, help="an ImageFolder directory or a .zip of one"),
+    name: str | None = typer.Option(None, help="a label (default: the folder name)"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
+) -> None:
+    """Upload a dataset; prints its id, classes and counts, and any rejected files."""
+    label = name or source.stem
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = source if source.is_file() else zip_folder(source, Path(tmp) / "upload.zip")
+        with make_client(url, key, timeout=600) as client, zip_path.open("rb") as f:
+            try:
+                ds = _check(
+                    client.post(
+                        "/v1/datasets",
+                        files={"file": (zip_path.name, f, "application/zip")},
+                        data={"name": label},
+                    )
+                )
+            except ClientError as e:
+                _fail(e)
+    console.print(f"uploaded [bold]{ds['id']}[/bold]: {ds['num_images']} images, classes {ds['classes']}")
+    for split, counts in ds["counts"].items():
+        console.print(f"  {split}: {counts}")
+    for rej in ds["rejected"][:20]:
+        console.print(f"  [yellow]rejected[/yellow] {rej['path']}: {rej['reason']}")
+    print(ds["id"])
+
+
+@datasets_app.command("list")
+def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """List your datasets."""
+    with make_client(url, key) as client:
+        try:
+            page = _check(client.get("/v1/datasets"))
+        except ClientError as e:
+            _fail(e)
+    table = Table("id", "name", "layout", "classes", "images", "rejected")
+    for d in page["data"]:
+        table.add_row(
+            d["id"],
+            d["name"],
+            d["layout"],
+            str(len(d["classes"])),
+            str(d["num_images"]),
+            str(d["rejected_total"]),
+        )
+    Console().print(table)
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                zf.write(p, p.relative_to(folder).as_posix())
+    return dest
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `spkd` app."""
+    for fn in (submit, status, events, cancel, download):
+        app.command(fn.__name__)(fn)
+    app.add_typer(datasets_app, name="datasets")
