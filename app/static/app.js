@@ -219,8 +219,14 @@
     $('#jobs-error').textContent = '';
     const jobs = items(page);
     const tbody = $('#jobs-table tbody');
+    // A refresh must not steal keyboard focus: remember which job's link had it, restore it after.
+    const focused = tbody.contains(document.activeElement) ? document.activeElement.closest('tr').dataset.job : null;
     if (!append) tbody.replaceChildren();
     for (const job of jobs) tbody.append(jobRow(job));
+    if (focused) {
+      const link = tbody.querySelector(`tr[data-job="${CSS.escape(focused)}"] a`);
+      if (link) link.focus({ preventScroll: true });
+    }
     // Auto-refresh only redraws the first page; "Load more" appends older ones on request.
     state.jobsCursor = nextCursor(page);
     if (append) state.jobsExpanded = true;

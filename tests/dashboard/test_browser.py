@@ -215,6 +215,18 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         page.screenshot(path=shots / "09-phone-job.png", full_page=True)
         phone.close()
 
+        # A wrong key: a clear message, still on the sign-in form (the 401 is the only console error).
+        bad = browser.new_context()
+        wrong = Console()
+        page = wrong.watch(bad.new_page())
+        page.goto(base + "/")
+        page.get_by_label("API key").fill("not-a-key")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_selector("#signin-error:has-text('not accepted')")
+        assert page.locator("#view-signin").is_visible() and page.locator("#nav").is_hidden()
+        assert all("401" in e for e in wrong.errors), wrong.errors
+        bad.close()
+
         # Keyboard alone: sign in, reach a job through Tab, open it, focus lands on its heading.
         kb = browser.new_context(viewport={"width": 1280, "height": 900})
         page = console.watch(kb.new_page())
@@ -228,6 +240,8 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert page.evaluate("document.activeElement.id") == "jobs-h"
         page.wait_for_selector(f"#jobs-table a[href='#/jobs/{job_id}']")
         _tab_to(page, f"document.activeElement.getAttribute('href') === '#/jobs/{job_id}'")
+        time.sleep(3.5)  # one auto-refresh of the table: focus must stay on the same job's link
+        assert page.evaluate("document.activeElement.getAttribute('href')") == f"#/jobs/{job_id}"
         focus_ring = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
         assert focus_ring != "none", "the focused link must be visible"
         page.keyboard.press("Enter")
