@@ -1,0 +1,174 @@
+"""The store's invariants and the worker's decisions, in-process against the real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app import store
+from app.settings import Settings
+from models.callbacks import Progress
+from models.errors import SpkdError
+from models.spec import JobSpec
+from workers import runner
+from workers.reporter import Monitor, RedisReporter
+
+
+def base_spec(**over: object) -> dict:
+    s = {
+        "teacher": {"model": "test_efficientnet", "weights": "none"},
+        "student": {"model": "test_resnet", "weights": "none"},
+        "dataset": {"path": "hym"},
+    }
+    s.update(over)
+    return JobSpec.model_validate(s).model_dump(mode="json")
+
+
+def test_ids_sort_by_creation() -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(store.new_id("job"))
+        time.sleep(0.002)
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+def test_transitions_are_guarded_and_indexed(r, keys) -> None:
+    job = store.create_job(r, keys, "o1", base_spec())
+    jid = job["id"]
+    store.transition(r, keys, jid, store.VALIDATING, [store.QUEUED])
+    with pytest.raises(store.Conflict):
+        store.transition(r, keys, jid, store.RUNNING, [store.QUEUED])
+    store.transition(r, keys, jid, store.CANCELLED, store.ACTIVE)
+    assert r.zrange(keys.jobs("o1", store.CANCELLED), 0, -1) == [jid]
+    assert r.zcard(keys.jobs("o1", store.QUEUED)) == 0 and r.zcard(keys.status(store.VALIDATING)) == 0
+    final = store.get_job(r, keys, jid)
+    assert final["finished_at"] >= final["started_at"] >= final["created_at"]
+    assert store.get_job(r, keys, jid, owner="someone-else") is None
+
+
+def test_only_one_lease_holder_under_contention(r, keys) -> None:
+    leases = [store.Lease(r, keys, "job_x", ttl_s=5) for _ in range(8)]
+    won: list[int] = []
+    barrier = threading.Barrier(len(leases))
+
+    def grab(i: int) -> None:
+        barrier.wait()
+        if leases[i].acquire():
+            won.append(i)
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(len(leases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    holder, other = leases[won[0]], leases[(won[0] + 1) % len(leases)]
+    assert holder.renew() and not other.renew()
+    other.release()  # not the holder: no effect
+    assert store.lease_held(r, keys, "job_x")
+    holder.release()
+    assert not store.lease_held(r, keys, "job_x")
+
+
+def test_idempotency_claim_is_atomic(r, keys) -> None:
+    results = []
+    barrier = threading.Barrier(6)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results.append(store.claim_idempotency_key(r, keys, "o", "k", "body", f"job_{i}", 60))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(None) == 1
+    winners = {x["job_id"] for x in results if x}
+    assert len(winners) == 1
+
+
+def test_cancelled_queued_job_never_starts(r, keys, settings: Settings) -> None:
+    jid = store.create_job(r, keys, "o", base_spec())["id"]
+    store.request_cancel(r, keys, jid)
+    assert runner.execute_job(r, keys, settings, jid, "w") == "skipped"
+    assert [e["data"]["status"] for e in store.list_events(r, keys, jid)] == ["queued", "cancelled"]
+    assert store.get_job(r, keys, jid)["attempts"] == 0
+
+
+def test_job_held_by_another_worker_is_not_run_twice(r, keys, settings: Settings) -> None:
+    jid = store.create_job(r, keys, "o", base_spec())["id"]
+    other = store.Lease(r, keys, jid, 10)
+    assert other.acquire()
+    assert runner.execute_job(r, keys, settings, jid, "w2") == "busy"
+    assert store.get_job(r, keys, jid)["status"] == store.QUEUED
+    other.release()
+
+
+def test_worker_fails_with_field_on_bad_dataset(r, keys, settings: Settings) -> None:
+    jid = store.create_job(r, keys, "o", base_spec(dataset={"path": "missing"}))["id"]
+    assert runner.execute_job(r, keys, settings, jid, "w") == "failed"
+    job = store.get_job(r, keys, jid)
+    assert job["error"]["code"] == "dataset_not_found" and job["error"]["field"] == "dataset.path"
+    assert not store.lease_held(r, keys, jid)  # released after the run
+
+
+def test_too_many_attempts_fails_the_job(r, keys, settings: Settings) -> None:
+    jid = store.create_job(r, keys, "o", base_spec())["id"]
+    store.transition(r, keys, jid, store.RUNNING, [store.QUEUED])
+    r.hset(keys.job(jid), "attempts", settings.max_attempts)  # it died that often already
+    assert runner.execute_job(r, keys, settings, jid, "w") == "failed"
+    assert store.get_job(r, keys, jid)["error"]["code"] == "worker_lost"
+
+
+def test_resolve_job_weights(r, keys, settings: Settings) -> None:
+    earlier = store.create_job(r, keys, "o", base_spec(teacher={"model": "test_vit", "weights": "none"}))[
+        "id"
+    ]
+    spec = JobSpec.model_validate(base_spec(teacher={"model": "test_vit", "weights": f"job:{earlier}"}))
+    with pytest.raises(SpkdError) as e:
+        runner.resolve_weights(r, keys, settings, spec, "o")
+    assert e.value.code == "weights_job_not_finished" and e.value.field == "teacher.weights"
+    store.transition(r, keys, earlier, store.SUCCEEDED, [store.QUEUED])
+    out = Path(settings.artifact_root).resolve() / earlier
+    out.mkdir(parents=True)
+    (out / "teacher.safetensors").write_bytes(b"w")
+    resolved = runner.resolve_weights(r, keys, settings, spec, "o")
+    assert resolved.teacher.weights == str(out / "teacher.safetensors")
+    with pytest.raises(SpkdError) as e:
+        runner.resolve_weights(r, keys, settings, spec, "another-owner")
+    assert e.value.code == "weights_job_not_found"
+    wrong = JobSpec.model_validate(base_spec(student={"model": "test_convnext", "weights": f"job:{earlier}"}))
+    with pytest.raises(SpkdError) as e:
+        runner.resolve_weights(r, keys, settings, wrong, "o")
+    assert e.value.code == "weights_mismatch" and e.value.field == "student.weights"
+    outside = JobSpec.model_validate(base_spec(student={"model": "test_resnet", "weights": "../../x.pth"}))
+    with pytest.raises(SpkdError) as e:
+        runner.resolve_weights(r, keys, settings, outside, "o")
+    assert e.value.code == "weights_not_allowed"
+
+
+def test_reporter_throttles_progress_and_sees_cancel(r, keys, settings: Settings) -> None:
+    jid = store.create_job(r, keys, "o", base_spec())["id"]
+    lease = store.Lease(r, keys, jid, 5)
+    assert lease.acquire()
+    mon = Monitor(r, keys, jid, lease, poll_s=0.05, hard_stop_s=60)
+    mon.start()
+    rep = RedisReporter(r, keys, jid, mon, interval_s=0.5)
+    rep.event("stage_started", "distill", stage="distill")
+    for step in range(1, 201):
+        rep.progress(Progress("distill", 1, 1, step, 400, 100.0, 3.0))
+    progress = store.get_job(r, keys, jid)["progress"]
+    assert progress["step"] < 200  # throttled: not every step was written
+    assert store.get_job(r, keys, jid)["stage"] == "distill"
+    assert not rep.should_stop()
+    store.request_cancel(r, keys, jid)  # queued -> cancelled, and the flag is set
+    deadline = time.monotonic() + 2
+    while not rep.should_stop():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    mon.finish()
+    lease.release()
