@@ -639,6 +639,7 @@
   async function onCreate(ev) {
     ev.preventDefault();
     const err = $('#job-form-error'); err.textContent = '';
+    document.querySelectorAll('#job-form [aria-invalid]').forEach((n) => n.removeAttribute('aria-invalid'));
     const spec = buildSpec();
     if (!spec.dataset.id && !spec.dataset.path) { err.textContent = 'Pick an uploaded dataset or type a folder.'; $('#f-dataset').focus(); return; }
     // One key per intended job: a double click or a retry after a timeout creates it once.
@@ -655,7 +656,7 @@
       if (e.status && e.status < 500) idemKey = null;
       err.textContent = e.field ? `${e.field}: ${e.message}` : e.message;
       const input = e.field && FIELD_INPUTS[e.field];
-      if (input) $(input).focus();
+      if (input) { $(input).setAttribute('aria-invalid', 'true'); $(input).setAttribute('aria-errormessage', 'job-form-error'); $(input).focus(); }
     } finally {
       btn.disabled = false;
     }

@@ -224,7 +224,23 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_selector("#signin-error:has-text('not accepted')")
         assert page.locator("#view-signin").is_visible() and page.locator("#nav").is_hidden()
-        assert all("401" in e for e in wrong.errors), wrong.errors
+        # A typo in a model name: the API's 422 is shown, with its close matches, and focus goes
+        # to the field to fix.
+        page.get_by_label("API key").fill(key)
+        page.get_by_role("button", name="Sign in").click()
+        page.goto(base + "/#/new")
+        page.wait_for_selector("#f-dataset option[value^='ds_']", state="attached")
+        page.locator("#f-dataset").select_option(index=1)
+        _fill_job(page, epochs=1, teacher_ft=0)
+        page.locator("#f-teacher").fill("test_resnnet")
+        page.get_by_role("button", name="Create job").click()
+        page.wait_for_selector("#job-form-error:has-text('teacher.model')")
+        assert "test_resnet" in page.locator("#job-form-error").inner_text()  # the close match
+        assert page.evaluate("document.activeElement.id") == "f-teacher"
+        assert page.locator("#f-teacher").get_attribute("aria-invalid") == "true"
+        assert "#/new" in page.url
+        page.screenshot(path=shots / "11-form-error.png", full_page=True)
+        assert all(" 401 " in e or " 422 " in e for e in wrong.errors), wrong.errors
         bad.close()
 
         # Keyboard alone: sign in, reach a job through Tab, open it, focus lands on its heading.
