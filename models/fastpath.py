@@ -133,17 +133,28 @@ class FastPath:
             self.reporter.event("info", decision.reason)
             return live
         start = time.perf_counter()
-        self.cache = teacher_cache.TeacherCache.build(
-            self.train,
-            run_teacher,
-            views=views,
-            batch_size=self.spec.train.batch_size,
-            seed=self.spec.train.seed,
-            dtype=torch.float16 if self.amp_dtype == torch.float16 else torch.bfloat16,
-            placement=decision.placement or "host",
-            keep_logits=keep_logits,
-            keep_features=keep_features,
-        )
+        try:
+            self.cache = teacher_cache.TeacherCache.build(
+                self.train,
+                run_teacher,
+                views=views,
+                batch_size=self.spec.train.batch_size,
+                seed=self.spec.train.seed,
+                dtype=torch.float16 if self.amp_dtype == torch.float16 else torch.bfloat16,
+                placement=decision.placement or "host",
+                keep_logits=keep_logits,
+                keep_features=keep_features,
+            )
+        except torch.cuda.OutOfMemoryError:
+            failed = True  # handled below, outside the except block that pins the tensors
+        else:
+            failed = False
+        if failed:
+            self.cache = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.reporter.event("warning", "out of GPU memory while building the teacher cache: live teacher")
+            return live
         seconds = time.perf_counter() - start
         self.reporter.event(
             "info",
