@@ -124,6 +124,16 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     time.sleep(1)
     assert _children_alive(sorted(started)) == [], "the demo left processes running"
 
+    # The README's "load the student" snippet, run in the folder the demo downloaded to.
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- load-student -->\n```python\n", 1)[1].split("```", 1)[0]
+    image = next((tmp_path / "work" / "data" / "digits" / "val" / "3").glob("*.png"))
+    snippet = snippet.replace('"photo.jpg"', repr(str(image)))
+    argv = [sys.executable, "-c", snippet]
+    res = subprocess.run(argv, cwd=out, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] in [str(d) for d in range(10)]
+
 
 @pytest.mark.slow
 def test_demo_interrupted_stops_everything(tmp_path):
