@@ -44,13 +44,21 @@ class Tapped:
 class FeatureTap:
     """Wraps a timm model: `tap(x)` -> logits + the features named at construction."""
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], field: str = "layers") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        names: Sequence[str],
+        field: str = "layers",
+        use_intermediates: bool | None = None,
+    ) -> None:
+        """`use_intermediates`: None = when the model has forward_intermediates; False = hooks."""
         check_layers(model, names, field)
         self.model = model
         self.names = list(names)
         modules = layer_names(model)[1:]
         self._indices = {n: modules.index(n) for n in self.names if n != AUTO}
-        self._use_intermediates = bool(self._indices) and hasattr(model, "forward_intermediates")
+        has_api = hasattr(model, "forward_intermediates")
+        self._use_intermediates = bool(self._indices) and has_api and use_intermediates is not False
         self._hooked: dict[str, torch.Tensor] = {}
         self._handles = []
         if self._indices and not self._use_intermediates:

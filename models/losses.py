@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def similarity(features: torch.Tensor) -> torch.Tensor:
     """Row-normalised Gram matrix of a batch (b x b), computed in fp32 at least."""
-    q = features.reshape(features.shape[0], -1)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q = q.float()  # the Gram sum over c*h*w overflows / loses precision in half types
+    # in half types the Gram sum over c*h*w overflows / loses precision: compute it in fp32
+    q = _at_least_fp32(features.reshape(features.shape[0], -1))
     return F.normalize(q @ q.t(), p=2, dim=1)
 
 
@@ -49,8 +52,8 @@ class SPLoss(nn.Module):
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
     t = temperature
-    log_p_s = F.log_softmax(logits_s.float() / t, dim=1)
-    log_p_t = F.log_softmax(logits_t.float() / t, dim=1)
+    log_p_s = F.log_softmax(_at_least_fp32(logits_s) / t, dim=1)
+    log_p_t = F.log_softmax(_at_least_fp32(logits_t).to(log_p_s.dtype) / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 

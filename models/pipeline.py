@@ -174,9 +174,9 @@ def run_job(
 ) -> dict:
     """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for warning in validate_job(spec, data_dir):
         reporter.event("warning", warning)
+    out_dir.mkdir(parents=True, exist_ok=True)
     run = _setup(spec, Path(data_dir), out_dir, reporter, device)
     stage_fns = {
         "teacher_finetune": _teacher_finetune,

@@ -23,7 +23,32 @@ PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 def build(
     name: str, weights: str, num_classes: int, field: str, image_size: int | None = None
 ) -> tuple[torch.nn.Module, bool]:
-    """Create `name` with `weights`; returns (model, head_loaded: the head came from the weights)."""
+    """Create `name` with `weights`; returns (model, head_loaded: the head came from the weights).
+
+    A head that does not come from the weights is re-initialised small (see `init_head`).
+    """
+    model, head_loaded = _build(name, weights, num_classes, field, image_size)
+    if not head_loaded:
+        init_head(model)
+    return model, head_loaded
+
+
+def init_head(model: torch.nn.Module) -> None:
+    """Small normal weights, zero bias for a new classifier.
+
+    timm's EfficientNet init draws a new head from U(-1/sqrt(classes), ..): with 2 classes and 1280
+    features the first logits are ~+-20 and fine-tuning starts far off; near-zero logits do not.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for module in [head] if isinstance(head, torch.nn.Module) else []:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+                torch.nn.init.normal_(layer.weight, std=0.01)
+                if layer.bias is not None:
+                    torch.nn.init.zeros_(layer.bias)
+
+
+def _build(name: str, weights: str, num_classes: int, field: str, image_size: int | None):
     if weights.startswith("job:"):
         raise SpkdError(
             "weights_unresolved", f"{weights!r} must be resolved to a file by the service", f"{field}.weights"
@@ -78,7 +103,11 @@ def read_state_dict(path: Path, field: str) -> dict[str, torch.Tensor]:
             raw = load_file(str(path), device="cpu")
         else:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused a global: it would have run code
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a pickle at all, or a damaged one
+            message = f"cannot read {path.name} as weights: not a checkpoint"
+            raise SpkdError("bad_weights", message, field) from exc
+        # weights_only refused a global: unpickling it would have run code
         raise SpkdError(
             "unsafe_weights",
             f"{path.name} holds pickled objects other than tensors; refusing to load it "

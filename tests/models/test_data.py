@@ -1,0 +1,121 @@
+"""Dataset scanning, rejection of broken files with reasons, splits and uint8 batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import data
+from models.errors import SpkdError
+from tests.models.conftest import HYMENOPTERA, make_folder
+
+
+def _reasons(scan) -> dict[str, str]:
+    return {Path(r["path"]).name: r["reason"] for r in scan.rejected}
+
+
+def test_broken_and_odd_files(tmp_path):
+    root = make_folder(tmp_path / "train", {"cats": 4, "dogs": 4})
+    make_folder(tmp_path / "val", {"cats": 2, "dogs": 2}, seed=3)
+    cats = root / "cats"
+    (cats / "random.jpg").write_bytes(np.random.default_rng(0).bytes(2000))  # not an image
+    good = (cats / "cats_000.jpg").read_bytes()
+    (cats / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    png = cats / "whole.png"
+    Image.new("RGB", (64, 64), "red").save(png)
+    (cats / "truncated.png").write_bytes(png.read_bytes()[:60])
+    (cats / "notes.txt").write_text("hello")
+    (cats / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "stray.jpg").write_bytes(good)
+    Image.new("P", (30, 30)).save(cats / "placeholder.gif")  # decodes: kept, like hymenoptera's GIF
+    Image.new("L", (30, 30)).save(cats / "gray.png")
+    Image.new("CMYK", (30, 30)).save(cats / "cmyk.jpg")
+    Image.new("I;16", (30, 30)).save(cats / "deep.png")
+    (cats / "link.jpg").symlink_to(cats / "cats_001.jpg")
+
+    scan = data.scan_dataset(tmp_path)
+    reasons = _reasons(scan)
+    assert reasons["random.jpg"] == "not an image"
+    assert reasons["truncated.jpg"].startswith("corrupt image")
+    assert reasons["truncated.png"].startswith(("corrupt image", "not an image"))
+    assert reasons["notes.txt"] == "not an image"
+    assert reasons[".DS_Store"] == "system file"
+    assert reasons["stray.jpg"] == "file outside a class folder"
+    assert reasons["link.jpg"] == "symbolic link"
+    kept = {Path(s.path).name for s in scan.train}
+    assert {"placeholder.gif", "gray.png", "cmyk.jpg", "deep.png", "whole.png"} <= kept
+    assert scan.counts() == {"train": {"cats": 9, "dogs": 4}, "val": {"cats": 2, "dogs": 2}}
+    # every kept file really loads as 8-bit RGB
+    for sample in scan.train:
+        assert data.load_rgb(sample.path).mode == "RGB"
+
+
+def test_decompression_bomb_guard(tmp_path, monkeypatch):
+    make_folder(tmp_path / "a", {"x": 2})
+    make_folder(tmp_path / "b", {"y": 2})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 40x40 photos now count as "huge"
+    data._SCAN_CACHE.clear()
+    with pytest.raises(SpkdError) as err:
+        data.scan_dataset(tmp_path)
+    assert err.value.code == "empty_class"
+    assert data.check_image(next((tmp_path / "a" / "x").iterdir())).startswith("image too large")
+
+
+def test_one_class_is_an_error(tmp_path):
+    make_folder(tmp_path, {"only": 5})
+    with pytest.raises(SpkdError) as err:
+        data.scan_dataset(tmp_path)
+    assert err.value.code == "too_few_classes" and err.value.field == "dataset"
+
+
+def test_class_without_usable_image_is_an_error(tmp_path):
+    make_folder(tmp_path, {"good": 5})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(SpkdError) as err:
+        data.scan_dataset(tmp_path)
+    assert err.value.code == "empty_class" and "bad" in err.value.message
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(SpkdError) as err:
+        data.scan_dataset(tmp_path / "nope")
+    assert err.value.code == "dataset_not_found"
+
+
+def test_seeded_split_is_deterministic_and_stratified(tmp_path):
+    make_folder(tmp_path, {"a": 20, "b": 10})
+    first = data._scan(tmp_path.resolve(), 0.2, seed=7)
+    again = data._scan(tmp_path.resolve(), 0.2, seed=7)
+    other = data._scan(tmp_path.resolve(), 0.2, seed=8)
+    assert first.split == "seeded"
+    assert [s.path for s in first.val] == [s.path for s in again.val]
+    assert [s.path for s in first.val] != [s.path for s in other.val]
+    assert first.counts()["val"] == {"a": 4, "b": 2}
+    assert not {s.path for s in first.val} & {s.path for s in first.train}
+
+
+def test_hymenoptera_scan_keeps_everything_that_decodes():
+    scan = data.scan_dataset(HYMENOPTERA)
+    assert scan.classes == ["ants", "bees"]
+    assert scan.counts() == {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+    assert scan.rejected == []  # imageNotFound.gif is a real GIF: kept, like torchvision does
+
+
+def test_loader_yields_uint8_batches_with_indices(color_dataset):
+    from models.factory import DataConfig
+
+    cfg = DataConfig((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.9, "center")
+    scan = data.scan_dataset(color_dataset)
+    ds = data.ImageDataset(scan.train, data.make_transform(32, cfg, training=True))
+    batches = list(data.make_loader(ds, 16, training=True, seed=0, epoch=0, num_workers=0))
+    images, labels, indices = batches[0]
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+    assert labels.dtype == torch.int64 and indices.shape == (16,)
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(len(ds)))
+    norm = data.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
+    assert norm.min() >= -1 and norm.max() <= 1

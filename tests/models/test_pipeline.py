@@ -1,0 +1,232 @@
+"""The engine end to end on tiny models: stages, events, metrics.json, artifacts that load back,
+the ONNX export under onnxruntime, the README's loading snippet, validation errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from models.callbacks import RecordingReporter
+from models.errors import SpkdError
+from models.pipeline import run_job, validate_job
+from tests.models.conftest import HYMENOPTERA, make_folder, tiny_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = [
+    {"teacher": "auto", "student": "auto"},
+    {"teacher": "layer3", "student": "blocks.1", "weight": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def vit_run(color_dataset, tmp_path_factory):
+    """A CNN teacher -> ViT student job with named layer pairs and KD."""
+    out = tmp_path_factory.mktemp("vit_run")
+    spec = tiny_spec(student={"model": "test_vit"}, distill={"layers": PAIRS, "kd_weight": 1.0})
+    reporter = RecordingReporter()
+    metrics = run_job(spec, color_dataset, out, reporter)
+    return out, metrics, reporter, spec
+
+
+def test_stages_and_events(vit_run):
+    _, _, reporter, _ = vit_run
+    kinds = [kind for kind, _, _ in reporter.events]
+    started = [d["stage"] for kind, _, d in reporter.events if kind == "stage_started"]
+    assert started == ["teacher_finetune", "baseline", "distill", "evaluate", "export"]
+    assert kinds[0] in ("warning", "dataset") and "dataset" in kinds
+    ends = [d for kind, _, d in reporter.events if kind == "epoch_end"]
+    assert [(d["stage"], d["epoch"]) for d in ends] == [
+        ("teacher_finetune", 1),
+        ("baseline", 1),
+        ("baseline", 2),
+        ("distill", 1),
+        ("distill", 2),
+    ]
+    for d in ends:
+        keys = {
+            "stage",
+            "epoch",
+            "epochs",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "ce",
+            "sp",
+            "kd",
+            "images_per_sec",
+            "seconds",
+        }
+        assert keys <= d.keys()
+    distill = [d for d in ends if d["stage"] == "distill"]
+    assert all(d["sp"] > 0 and d["kd"] > 0 for d in distill)
+    assert all(d["sp"] == 0 and d["kd"] == 0 for d in ends if d["stage"] == "baseline")
+    assert sum(kind == "checkpoint" for kind in kinds) == 5
+    # progress every step, with a rate and an ETA once a step has been timed
+    assert len(reporter.progresses) == 5 * 3
+    assert all(p.images_per_sec > 0 for p in reporter.progresses)
+    assert reporter.progresses[-1].eta_s == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metrics_json_contract(vit_run):
+    out, metrics, _, spec = vit_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    for key in ("teacher", "baseline", "distilled", "gain", "curves", "dataset", "timing", "spec", "device"):
+        assert key in metrics
+    for block in ("teacher", "baseline", "distilled"):
+        assert 0.0 <= metrics[block]["val_acc"] <= 1.0
+    assert metrics["gain"] == pytest.approx(metrics["distilled"]["val_acc"] - metrics["baseline"]["val_acc"])
+    assert set(metrics["curves"]) == {"teacher_finetune", "baseline", "distill"}
+    assert metrics["dataset"]["classes"] == ["blue", "red"]
+    assert set(metrics["timing"]) == {"teacher_finetune", "baseline", "distill", "evaluate", "export"}
+    assert metrics["spec"] == spec.model_dump(mode="json")
+    assert metrics["device"] == "cpu"
+
+
+def test_artifacts_load_back(vit_run, color_dataset):
+    out, metrics, _, _ = vit_run
+    for name in ("student", "teacher"):
+        card = json.loads((out / f"{name}.json").read_text())
+        for key in (
+            "model",
+            "num_classes",
+            "class_names",
+            "input_size",
+            "mean",
+            "std",
+            "interpolation",
+            "crop_pct",
+            "crop_mode",
+        ):
+            assert key in card
+        model = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
+        model.load_state_dict(load_file(str(out / f"{name}.safetensors")))
+    assert card["model"] == "test_resnet"
+    assert (out / "report.html").is_file() and (out / "curves.png").is_file()
+
+
+def test_onnx_matches_torch(vit_run):
+    import onnxruntime as ort
+
+    out, _, _, _ = vit_run
+    card = json.loads((out / "student.json").read_text())
+    model = timm.create_model(card["model"], num_classes=2, **card["create_kwargs"]).eval()
+    model.load_state_dict(load_file(str(out / "student.safetensors")))
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    size = card["input_size"][-1]
+    for batch in (1, 5):  # dynamic batch axis
+        x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x})
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
+
+
+def readme_snippet() -> str:
+    """The python block after `<!-- load-student -->` in README.md, else in .coord/README-engine.md."""
+    for doc in (ROOT / "README.md", ROOT / ".coord" / "README-engine.md"):
+        if doc.is_file() and "<!-- load-student -->" in doc.read_text():
+            text = doc.read_text().split("<!-- load-student -->", 1)[1]
+            match = re.search(r"```python\n(.*?)```", text, re.S)
+            assert match, f"{doc.name}: no python block after the load-student marker"
+            return match.group(1)
+    raise AssertionError("no README section with the load-student snippet")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _stage_files(snippet: str, cwd: Path, out: Path, photo: Path) -> None:
+    """Put the artifacts and a photo wherever the snippet's string literals point (and in cwd)."""
+    literals = re.findall(r"[\"']([^\"'\n]+)[\"']", snippet)
+    folders = [cwd] + [cwd / lit for lit in literals if "/" in lit and not Path(lit).suffix]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("student.json", "student.safetensors"):
+            shutil.copy(out / name, folder / name)
+    for lit in literals:
+        if lit.lower().endswith(IMAGE_SUFFIXES):
+            (cwd / lit).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, cwd / lit)
+
+
+def test_readme_snippet_classifies_an_image(vit_run, tmp_path, color_dataset):
+    out, _, _, _ = vit_run
+    snippet = readme_snippet()
+    red = next((color_dataset / "val" / "red").glob("*.jpg"))
+    _stage_files(snippet, tmp_path, out, red)
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    label, prob = result.stdout.split()
+    assert label in ("blue", "red") and 0.5 <= float(prob) <= 1.0
+
+
+# ----------------------------------------------------------------------------------- validation
+def _error(spec, data_dir) -> SpkdError:
+    with pytest.raises(SpkdError) as err:
+        validate_job(spec, data_dir)
+    return err.value
+
+
+def test_unknown_model_suggests_close_names(color_dataset):
+    err = _error(tiny_spec(student={"model": "resnet_18"}), color_dataset)
+    assert err.code == "unknown_model" and err.field == "student.model" and "resnet18" in err.message
+
+
+def test_wrong_layer_lists_valid_ones(color_dataset):
+    err = _error(tiny_spec(distill={"layers": [{"teacher": "layer9", "student": "auto"}]}), color_dataset)
+    assert err.code == "unknown_layer" and err.field == "distill.layers.teacher"
+    assert "layer4" in err.message
+
+
+def test_unsafe_weights_file_rejected(color_dataset, tmp_path):
+    class Bomb:
+        def __reduce__(self):
+            return (print, ("never",))
+
+    torch.save({"x": Bomb()}, tmp_path / "evil.pth")
+    err = _error(tiny_spec(teacher={"weights": str(tmp_path / "evil.pth")}), color_dataset)
+    assert err.code == "unsafe_weights" and err.field == "teacher.weights"
+
+
+def test_one_class_dataset_rejected_before_training(tmp_path):
+    make_folder(tmp_path, {"only": 6})
+    reporter = RecordingReporter()
+    with pytest.raises(SpkdError) as err:
+        run_job(tiny_spec(), tmp_path, tmp_path / "out", reporter)
+    assert err.value.code == "too_few_classes" and not reporter.progresses
+
+
+def test_kd_needs_a_trained_teacher_head(color_dataset):
+    spec = tiny_spec(teacher={"finetune": None}, distill={"kd_weight": 1.0})
+    assert _error(spec, color_dataset).code == "teacher_not_finetuned"
+
+
+def test_warnings_for_larger_student_and_unfinetuned_teacher(color_dataset):
+    spec = tiny_spec(
+        teacher={"model": "test_efficientnet", "finetune": None}, student={"model": "test_resnet"}
+    )
+    found = validate_job(spec, color_dataset)
+    assert any("larger than the teacher" in w for w in found)
+    assert any("not fine-tuned" in w for w in found)
+
+
+def test_hymenoptera_validates_with_package_weights():
+    spec = tiny_spec(
+        teacher={"model": "tf_efficientnet_lite2", "weights": "package"},
+        student={"model": "tf_efficientnet_lite0", "weights": "package"},
+    )
+    assert validate_job(spec, HYMENOPTERA) == []
