@@ -84,11 +84,13 @@ def _descendants(pid: int) -> list[int]:
 
 def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "SPKD_REDIS_URL"}  # its own redis-server
+    env["OMP_NUM_THREADS"] = "1"  # a shared 2-core machine: no thread oversubscription
     argv = [
         sys.executable, "-m", "cli.main", "demo",
         "--teacher", "test_efficientnet", "--student", "test_resnet",
         "--teacher-weights", "none", "--student-weights", "none",
-        "--finetune-epochs", "1", "--epochs", "1", "--image-size", "32", "--batch-size", "64",
+        "--finetune-epochs", "1", "--epochs", "1", "--image-size", "32", "--batch-size", "32",
+        "--per-class", "30",
         "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *extra,
     ]  # fmt: skip
     out = subprocess.PIPE
@@ -100,12 +102,16 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     """Redis, API, worker, digits, a job over REST, live events, download: then nothing left running."""
     proc = _demo(tmp_path)
     started: set[int] = set()
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         started.update(_descendants(proc.pid))
         time.sleep(0.5)
     if proc.poll() is None:
-        proc.kill()
+        proc.send_signal(signal.SIGINT)  # it stops what it started; a SIGKILL would orphan them
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     output = proc.communicate()[0]
     assert proc.returncode == 0, output
 
@@ -119,6 +125,7 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["distilled"]["val_acc"] <= 1.0
     assert sorted(metrics["dataset"]["classes"]) == [str(d) for d in range(10)]
+    assert sum(metrics["dataset"]["counts"]["train"].values()) == 10 * 24  # --per-class 30, 20% val
     assert "student, distilled (SP)" in output
     assert len(started) >= 3  # redis-server, api, worker (+ the worker's pool child)
     time.sleep(1)
@@ -127,7 +134,7 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     # The README's "load the student" snippet, run in the folder the demo downloaded to.
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("<!-- load-student -->\n```python\n", 1)[1].split("```", 1)[0]
-    image = next((tmp_path / "work" / "data" / "digits" / "val" / "3").glob("*.png"))
+    image = next((tmp_path / "work" / "data" / "digits-30" / "val" / "3").glob("*.png"))
     snippet = snippet.replace('"photo.jpg"', repr(str(image)))
     argv = [sys.executable, "-c", snippet]
     res = subprocess.run(argv, cwd=out, capture_output=True, text=True, timeout=120)
