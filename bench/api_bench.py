@@ -1,0 +1,227 @@
+"""API benchmark against a real `spkd serve` (uvicorn) and the real Redis, loopback only.
+
+Measures p50/p99 latency and requests/s of POST /v1/jobs and GET /v1/jobs/{id} (sequential and
+with concurrent clients), and the time from POST to a real `spkd worker` starting the job.
+Everything runs under a unique Redis key prefix and Celery queue, removed at the end.
+
+    .venv/bin/python bench/api_bench.py [--requests 400] [--concurrency 8] [--start-jobs 5] [--json out.json]
+
+Note: the load generator shares the machine's cores with the server (and Redis), so numbers on a
+small box are a lower bound of what the API does on its own host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SPKD = str(Path(sys.executable).parent / "spkd")
+KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def summary(name: str, lat: list[float], wall: float) -> dict:
+    return {
+        "name": name,
+        "n": len(lat),
+        "p50_ms": round(pct(lat, 50) * 1000, 2),
+        "p99_ms": round(pct(lat, 99) * 1000, 2),
+        "mean_ms": round(statistics.mean(lat) * 1000, 2),
+        "req_per_s": round(len(lat) / wall, 1),
+    }
+
+
+def spec() -> dict:
+    return {
+        "teacher": {"model": "test_efficientnet", "weights": "none"},
+        "student": {"model": "test_resnet", "weights": "none"},
+        "dataset": {"path": "bench"},
+        "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},
+        # A layer the teacher does not have: the worker starts the job, validates, fails fast.
+        "distill": {"layers": [{"teacher": "no_such_layer", "student": "layer4"}]},
+        "baseline": False,
+    }
+
+
+async def run_load(url: str, method: str, paths: list[str], concurrency: int) -> tuple[list[float], float]:
+    lat: list[float] = []
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for p in paths:
+        queue.put_nowait(p)
+    body = spec()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}, limits=limits
+    ) as c:
+
+        async def worker() -> None:
+            while not queue.empty():
+                path = queue.get_nowait()
+                t = time.perf_counter()
+                resp = await (c.post(path, json=body) if method == "POST" else c.get(path))
+                lat.append(time.perf_counter() - t)
+                if resp.status_code >= 300:
+                    raise RuntimeError(f"{method} {path}: {resp.status_code} {resp.text[:300]}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return lat, time.perf_counter() - t0
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def wait_http(url: str, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
+
+
+def post_to_start(url: str, n: int) -> dict:
+    """Sequential jobs on an idle worker: POST -> `validating` (task began) and -> final."""
+    to_start, to_done = [], []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        for _ in range(n):
+            t0 = time.time()
+            job = c.post("/v1/jobs", json=spec()).json()
+            while True:
+                events = c.get(f"/v1/jobs/{job['id']}/events").json()
+                started = [e for e in events["data"] if e["data"].get("status") == "validating"]
+                if events["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            to_start.append(started[0]["ts"] - t0)
+            to_done.append(events["data"][-1]["ts"] - t0)
+    return {
+        "n": n,
+        "post_to_start_s": {"p50": round(pct(to_start, 50), 3), "max": round(max(to_start), 3)},
+        "post_to_final_s": {"p50": round(pct(to_done, 50), 3), "max": round(max(to_done), 3)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--start-jobs", type=int, default=5)
+    ap.add_argument("--redis-url", default=os.environ.get("SPKD_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="spkd-bench-"))
+    tag = uuid.uuid4().hex[:8]
+    for cls, color in (("a", "red"), ("b", "blue")):
+        (tmp / "data" / "bench" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40), color).save(tmp / "data" / "bench" / cls / f"{i}.jpg")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(
+        os.environ,
+        SPKD_REDIS_URL=a.redis_url,
+        SPKD_REDIS_PREFIX=f"spkdbench-{tag}",
+        SPKD_QUEUE=f"spkdbench-load-{tag}",
+        SPKD_API_KEYS=KEY,
+        SPKD_DATA_ROOT=str(tmp / "data"),
+        SPKD_ARTIFACT_ROOT=str(tmp / "artifacts"),
+        SPKD_HUB_WEIGHTS="false",
+        OMP_NUM_THREADS="1",
+    )
+    procs: list[subprocess.Popen] = []
+    results: dict = {"host_cpus": os.cpu_count()}
+    try:
+        # Phase 1: latency and throughput, no worker consuming (jobs stay queued).
+        api = start(
+            [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env,
+            tmp / "api.log",
+        )
+        procs.append(api)
+        wait_http(url, "/healthz", 30)
+        asyncio.run(run_load(url, "POST", ["/v1/jobs"] * 20, 2))  # warm-up
+        runs = []
+        for conc in (1, a.concurrency):
+            lat, wall = asyncio.run(run_load(url, "POST", ["/v1/jobs"] * a.requests, conc))
+            runs.append(summary(f"POST /v1/jobs c={conc}", lat, wall))
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            ids = [j["id"] for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"]]
+        for conc in (1, a.concurrency):
+            paths = [f"/v1/jobs/{ids[i % len(ids)]}" for i in range(a.requests * 2)]
+            lat, wall = asyncio.run(run_load(url, "GET", paths, conc))
+            runs.append(summary(f"GET /v1/jobs/{{id}} c={conc}", lat, wall))
+        results["latency"] = runs
+        stop(api)
+        procs.remove(api)
+
+        # Phase 2: POST -> worker start, on a fresh queue with one real worker.
+        env["SPKD_QUEUE"] = f"spkdbench-start-{tag}"
+        api = start(
+            [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env,
+            tmp / "api2.log",
+        )
+        worker = start([SPKD, "worker", "--loglevel", "WARNING"], env, tmp / "worker.log")
+        procs += [api, worker]
+        wait_http(url, "/readyz", 90)
+        results["post_to_start"] = post_to_start(url, a.start_jobs)
+    finally:
+        for p in procs:
+            stop(p)
+        import redis
+
+        from app import store
+
+        store.delete_prefix(redis.Redis.from_url(a.redis_url), f"spkdbench-{tag}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
