@@ -199,6 +199,10 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         statuses = [rows.nth(i).locator(".badge").inner_text() for i in range(3)]
         assert statuses == ["failed", "cancelled", "succeeded"]
         page.screenshot(path=shots / "07-jobs-table.png", full_page=True)
+        page.get_by_label("Status").select_option("cancelled")
+        page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']", state="detached")
+        shown = page.locator("#jobs-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.job)")
+        assert shown == [long_id]
         ctx.close()
 
         # Phone-sized screen: nothing wider than the screen, the table reads as cards.
@@ -228,6 +232,7 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         # to the field to fix.
         page.get_by_label("API key").fill(key)
         page.get_by_role("button", name="Sign in").click()
+        page.wait_for_selector("#view-jobs:not([hidden])")
         page.goto(base + "/#/new")
         page.wait_for_selector("#f-dataset option[value^='ds_']", state="attached")
         page.locator("#f-dataset").select_option(index=1)
