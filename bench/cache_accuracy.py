@@ -22,7 +22,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+# ../shared/data (this workspace) or shared/data inside the checkout (a copied working tree).
+HYMENOPTERA = next(
+    (
+        p
+        for p in (ROOT.parent / "shared" / "data" / "hymenoptera", ROOT / "shared" / "data" / "hymenoptera")
+        if p.is_dir()
+    ),
+    ROOT.parent / "shared" / "data" / "hymenoptera",
+)
 
 
 def spec_for(args: argparse.Namespace, seed: int, cache: str) -> dict[str, Any]:

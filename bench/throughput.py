@@ -46,7 +46,15 @@ GPU_PAIRS = [
     ("efficientnet_lite2", "efficientnet_lite0"),
 ]
 TINY_PAIRS = [("test_resnet", "test_efficientnet"), ("test_convnext", "test_byobnet")]
-HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+# ../shared/data (this workspace) or shared/data inside the checkout (a copied working tree).
+HYMENOPTERA = next(
+    (
+        p
+        for p in (ROOT.parent / "shared" / "data" / "hymenoptera", ROOT / "shared" / "data" / "hymenoptera")
+        if p.is_dir()
+    ),
+    ROOT.parent / "shared" / "data" / "hymenoptera",
+)
 NUM_CLASSES = 2  # a user's target set; the head size barely matters for speed
 
 
@@ -240,6 +248,8 @@ def engine_run(
         "cache_build_s": round(build_s, 2) if cache == "on" else None,
         "cache_on": any(d.get("teacher_cache") for d in infos),
         "incl_build_img_s": per_epoch * len(rates) / max(train_s + build_s, 1e-9),
+        # over all E epochs with the one-off costs (decode once, cache build) included
+        "incl_oneoff_img_s": per_epoch * len(rates) / max(train_s + build_s + (decode_s or 0.0), 1e-9),
         "decode_s": decode_s,
         "data_path": next((d["data_path"] for d in infos if "data_path" in d), "loader"),
         "wall_s": round(wall, 1),
@@ -260,9 +270,20 @@ def run_pair(teacher: str, student: str, args, device: torch.device, data_dir: P
         suffix = "_compiled" if compiled else ""
         row["b_limit" + suffix] = limit_loop(teacher, student, args, device, compiled)
         row["s_student" + suffix] = limit_loop(None, student, args, device, compiled)
-    for key, cache in (("c_spkd", "off"), ("d_cached", "on")):
+    runs = [("c_spkd", "off"), ("d_cached", "on")]
+    if args.with_loader:
+        runs.append(("c_loader", "off"))
+    for key, cache in runs:
         start = time.perf_counter()
-        row[key] = engine_run(teacher, student, args, device, data_dir, cache)
+        previous = os.environ.get("SPKD_DATA_PATH")
+        os.environ["SPKD_DATA_PATH"] = "loader" if key == "c_loader" else "auto"
+        try:
+            row[key] = engine_run(teacher, student, args, device, data_dir, cache)
+        finally:
+            if previous is None:
+                os.environ.pop("SPKD_DATA_PATH")
+            else:
+                os.environ["SPKD_DATA_PATH"] = previous
         print(f"    {key}: {row[key]['img_s']:.1f} img/s ({time.perf_counter() - start:.0f}s)", flush=True)
     b = row.get("b_limit", row.get("b_limit_compiled"))["img_s"]
     s = row.get("s_student", row.get("s_student_compiled"))["img_s"]
@@ -312,11 +333,19 @@ def print_table(result: dict) -> None:
                 f"{fmt(row['s_student_compiled']['img_s'], 1):>11}   (eager above)"
             )
         d = row["d_cached"]
+        if "c_loader" in row:
+            loader = row["c_loader"]
+            print(
+                f"{'  c with the multi-worker DataLoader':<44}{fmt(loader['img_s'], 1):>11} img/s "
+                f"(c/c_loader {fmt(ratio(row['c_spkd']['img_s'], loader['img_s']), 2)})"
+            )
         print(
             f"{'  engine detail':<44} data path {row['c_spkd']['data_path']}, decode "
             f"{fmt(row['c_spkd']['decode_s'], 1)}s; c epochs {row['c_spkd']['epoch_img_s']}; "
             f"d epochs {d['epoch_img_s']}, cache {'on' if d['cache_on'] else 'OFF'} "
-            f"build {fmt(d['cache_build_s'], 1)}s, d incl. build {fmt(d['incl_build_img_s'], 1)} img/s"
+            f"build {fmt(d['cache_build_s'], 1)}s, d incl. build {fmt(d['incl_build_img_s'], 1)} img/s; "
+            f"all epochs incl. decode (+build): c {fmt(row['c_spkd']['incl_oneoff_img_s'], 1)}, "
+            f"d {fmt(d['incl_oneoff_img_s'], 1)} img/s"
         )
 
 
@@ -334,6 +363,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--views", type=int, default=2, help="teacher-cache views per image for d")
     p.add_argument("--workers", type=int, default=None, help="decode threads / loader workers")
     p.add_argument("--compile", choices=["off", "on", "both"], default=None, help="(both; tiny: off)")
+    p.add_argument("--with-loader", action="store_true", help="also c through the DataLoader fallback")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder whose train photos to reuse")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
