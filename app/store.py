@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -402,18 +403,44 @@ class Lease:
     """The right to run one job: SET NX PX with a random token, renewed by its holder, so a
     redelivered message never runs a job that another worker is still running."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, job_id: str, ttl_s: float) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, job_id: str, ttl_s: float, holder: str = "") -> None:
         self.r, self.key, self.ttl_ms = r, keys.lease(job_id), int(ttl_s * 1000)
-        self.token = secrets.token_hex(16)
+        # "<host>:<pid>:<random>": lets a worker on the same host see that the holder is dead.
+        self.token = f"{holder or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
 
     def acquire(self) -> bool:
         return bool(self.r.set(self.key, self.token, nx=True, px=self.ttl_ms))
+
+    def holder(self) -> str | None:
+        return self.r.get(self.key)
+
+    def take_over_dead_local_holder(self) -> bool:
+        """Acquire a lease whose holder was a process on this host that no longer exists (a job
+        process killed mid-run): no need to wait for the TTL. Compare-and-delete, then acquire."""
+        held = self.holder()
+        if not held or held.count(":") < 2:
+            return False
+        host, pid, _ = held.rsplit(":", 2)
+        if host != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
+            return False
+        self.r.eval(_RELEASE, 1, self.key, held)
+        return self.acquire()
 
     def renew(self) -> bool:
         return bool(self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
 
     def release(self) -> None:
         self.r.eval(_RELEASE, 1, self.key, self.token)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def lease_held(r: redis.Redis, keys: Keys, job_id: str) -> bool:

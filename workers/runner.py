@@ -147,8 +147,13 @@ def execute_job(
         return "skipped"
     lease = store.Lease(r, keys, job_id, settings.lease_ttl_s)
     if not lease.acquire():
-        log.warning("job %s: another worker holds its lease; not running it twice", job_id)
-        return "busy"
+        if not lease.take_over_dead_local_holder():
+            log.warning(
+                "job %s: another worker holds its lease (%s); not running it twice", job_id, lease.holder()
+            )
+            return "busy"
+        log.warning("job %s: its previous process died; resuming", job_id)
+        store.add_event(r, keys, job_id, "info", "the job's process died; resuming from the last checkpoint")
     try:
         return _run_leased(r, keys, settings, job, lease, worker, device)
     finally:

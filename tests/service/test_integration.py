@@ -163,3 +163,65 @@ def test_readyz_and_metrics(service: Service) -> None:
     assert 'spkd_http_requests_total{method="POST",route="/v1/jobs",status="201"}' in text
     assert 'spkd_jobs{status="succeeded"}' in text
     assert json.loads(json.dumps(ready))
+
+
+def test_killed_job_process_resumes_once(service: Service, dataset_id: str) -> None:
+    """SIGKILL the process running a job: Celery requeues the message (acks late, reject on worker
+    lost), the next process takes over the dead holder's lease and the engine resumes."""
+    import os
+    import signal
+
+    import redis
+
+    from app import store
+
+    r = redis.Redis.from_url(service.settings.redis_url, decode_responses=True)
+    keys = store.Keys(service.settings.redis_prefix)
+    spec = tiny_spec(dataset_id, train={"epochs": 3, "batch_size": 2, "image_size": 64, "num_workers": 0})
+    with service.client() as c:
+        job_id = c.post("/v1/jobs", json=spec).json()["id"]
+        deadline = time.monotonic() + 90
+        while "checkpoint" not in [e["kind"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["data"]]:
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.2)
+        holder = r.get(keys.lease(job_id))
+        os.kill(int(holder.split(":")[1]), signal.SIGKILL)
+        job = wait_status(c, job_id, ("succeeded", "failed", "cancelled"), 120)
+        assert job["status"] == "succeeded", (job, service.logs())
+        assert job["attempts"] == 2
+        messages = [e["message"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+        assert any("resuming" in m for m in messages)
+
+
+def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    spkd = str(Path(sys.executable).parent / "spkd")
+    env = dict(os.environ, SPKD_URL=service.url, SPKD_API_KEY="test-key-alice")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(tiny_spec(dataset_id)))
+    out = subprocess.run(
+        [spkd, "submit", str(job_file), "--wait"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().splitlines()[0]
+    assert "succeeded" in out.stderr and "running" in out.stderr
+    st = subprocess.run(
+        [spkd, "status", job_id, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(st.stdout)["status"] == "succeeded"
+    dl = subprocess.run(
+        [spkd, "download", job_id, "student.json", "-o", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dl.returncode == 0 and "sha256 ok" in dl.stderr, dl.stderr
+    assert json.loads((tmp_path / job_id / "student.json").read_text())["num_classes"] == 2
+    bad = subprocess.run([spkd, "status", "job_nope"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "job_not_found" in bad.stderr

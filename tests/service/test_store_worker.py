@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -172,3 +176,46 @@ def test_reporter_throttles_progress_and_sees_cancel(r, keys, settings: Settings
         time.sleep(0.02)
     mon.finish()
     lease.release()
+
+
+def test_lease_of_a_dead_local_process_is_taken_over(r, keys) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    r.set(keys.lease("job_y"), f"{socket.gethostname()}:{dead.pid}:abc", px=60_000)
+    live = store.Lease(r, keys, "job_y", 5)
+    r.set(keys.lease("job_z"), f"{socket.gethostname()}:{os.getpid()}:abc", px=60_000)  # alive: keep out
+    assert not store.Lease(r, keys, "job_z", 5).take_over_dead_local_holder()
+    r.set(keys.lease("job_w"), f"other-host:{dead.pid}:abc", px=60_000)  # cannot tell: wait for the TTL
+    assert not store.Lease(r, keys, "job_w", 5).take_over_dead_local_holder()
+    assert not live.acquire() and live.take_over_dead_local_holder()
+    assert live.holder() == live.token
+
+
+def test_hard_stop_kills_a_stuck_job_process(r, keys, settings: Settings) -> None:
+    """The engine never asks should_stop() (stuck in one long call): the monitor ends the job as
+    cancelled and exits the process after hard_stop_s."""
+    jid = store.create_job(r, keys, "o", base_spec())["id"]
+    store.transition(r, keys, jid, store.RUNNING, [store.QUEUED])
+    code = (
+        "import time\n"
+        "from app import store\n"
+        f"r = store.connect({settings.redis_url!r}); keys = store.Keys({settings.redis_prefix!r})\n"
+        f"lease = store.Lease(r, keys, {jid!r}, 10); assert lease.acquire()\n"
+        "from workers.reporter import Monitor\n"
+        f"Monitor(r, keys, {jid!r}, lease, poll_s=0.05, hard_stop_s=0.5).start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        store.request_cancel(r, keys, jid)
+        assert proc.wait(timeout=20) == 75
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    job = store.get_job(r, keys, jid)
+    assert job["status"] == store.CANCELLED and "hard stop" in store.list_events(r, keys, jid)[-1]["message"]
+    assert not store.lease_held(r, keys, jid)
