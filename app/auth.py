@@ -1,4 +1,8 @@
-"""Bearer API keys: compared as sha256 digests in constant time; the owner id is a hash of the key."""
+"""Bearer API keys: compared as sha256 digests in constant time; the owner id is a hash of the key.
+
+Wrong keys are rate-limited per client address (AuthLimiter): after `auth_fail_limit` failures in
+`auth_fail_window_s` seconds every request from that address is a 429 until the window ends, so
+keys cannot be guessed at line rate. Counted in Redis, so all API processes share the count."""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import hashlib
 import hmac
 import ipaddress
 
+import redis
 from fastapi import Request
 
 from app.errors import ApiError
 from app.settings import Settings
-from app.store import owner_of
+from app.store import Keys, owner_of
 
 OPEN_OWNER = "open"
 
@@ -66,7 +71,44 @@ def check_can_serve(settings: Settings, host: str) -> None:
     )
 
 
+class AuthLimiter:
+    """Fixed-window count of wrong keys per client address, in Redis (P:authfail:<address>)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, settings: Settings) -> None:
+        self.r, self.prefix = r, f"{keys.prefix}:authfail:"
+        self.limit, self.window_s = settings.auth_fail_limit, settings.auth_fail_window_s
+
+    def check(self, client: str) -> None:
+        """429 while this client has used up its failures (checked before the key: a right
+        guess during the lockout must not be told apart from a wrong one)."""
+        failures = self.r.get(self.prefix + client)
+        if failures is not None and int(failures) >= self.limit:
+            retry = max(1, self.r.ttl(self.prefix + client))
+            raise ApiError(
+                429,
+                "too_many_auth_failures",
+                f"too many invalid API keys from this address; retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+
+    def failed(self, client: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.prefix + client, 0, ex=self.window_s, nx=True)  # the window starts at the first failure
+        pipe.incr(self.prefix + client)
+        pipe.execute()
+
+
 def request_owner(request: Request) -> str:
     """FastAPI dependency: the owner id of the caller."""
     ring: KeyRing = request.app.state.keyring
-    return ring.owner(request.headers.get("authorization"))
+    if ring.open:
+        return OPEN_OWNER
+    limiter: AuthLimiter = request.app.state.auth_limiter
+    client = request.client.host if request.client else "unknown"
+    limiter.check(client)
+    try:
+        return ring.owner(request.headers.get("authorization"))
+    except ApiError as e:
+        if e.code == "invalid_api_key":  # a wrong guess; a missing header is not counted
+            limiter.failed(client)
+        raise

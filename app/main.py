@@ -23,7 +23,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import catalog, datasets, store
-from app.auth import KeyRing, request_owner
+from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware
 from app.queue import enqueue, make_celery
@@ -51,7 +51,7 @@ Owner = Annotated[str, Depends(request_owner)]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": ErrorResponse} for c in (401, 503, *codes)}
+    return {c: {"model": ErrorResponse} for c in (401, 429, 503, *codes)}
 
 
 def _ctx(request: Request) -> tuple[redis.Redis, store.Keys, Settings]:
@@ -545,6 +545,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.keys, app.state.redis = settings, keys, r
     app.state.keyring = KeyRing(settings)
+    app.state.auth_limiter = AuthLimiter(r, keys, settings)
     app.state.celery = make_celery(settings)
     app.state.metrics = Metrics(lambda: store.count_by_status(r, keys))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     )
     hub_weights: bool = Field(default=True, description="False on hosts without internet: no 'hub' weights")
     idempotency_ttl_s: int = 24 * 3600
+    auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
+    auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
     max_rejected_listed: int = 1000
 
     def api_key_list(self) -> list[str]:

@@ -154,6 +154,9 @@ def execute_job(
             return "busy"
         log.warning("job %s: its previous process died; resuming", job_id)
         store.add_event(r, keys, job_id, "info", "the job's process died; resuming from the last checkpoint")
+    # An orphan requeue (workers.tasks.recover_orphans) is used up now: if this run dies too,
+    # the next sweep must requeue it again instead of waiting out the requeue grace period.
+    r.hdel(keys.job(job_id), "requeued_at")
     try:
         return _run_leased(r, keys, settings, job, lease, worker, device)
     finally:

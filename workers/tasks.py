@@ -60,7 +60,8 @@ class Heartbeat(threading.Thread):
             try:
                 store.heartbeat(self.r, KEYS, WORKER_NAME, self.info, settings.heartbeat_ttl_s)
                 # A job whose worker died keeps its status but loses its lease after lease_ttl_s.
-                if time.monotonic() - last_sweep > max(30.0, settings.lease_ttl_s):
+                # Every lease TTL: a dead worker's job is requeued within ~2 TTLs of its death.
+                if time.monotonic() - last_sweep > max(settings.heartbeat_s, settings.lease_ttl_s):
                     last_sweep = time.monotonic()
                     recover_orphans()
             except Exception as e:  # noqa: BLE001 - keep beating once Redis is back
