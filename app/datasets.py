@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from PIL import Image
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
@@ -105,11 +106,16 @@ async def receive_upload(
             sink = _MultipartFile(opts[b"boundary"], out)
         else:
             sink = out
-        async for chunk in stream:
-            received += len(chunk)
-            if received > cap:
-                raise ApiError(413, "upload_too_large", f"upload is larger than the {cap} byte limit")
-            sink.write(chunk)
+        try:
+            async for chunk in stream:
+                received += len(chunk)
+                if received > cap:
+                    raise ApiError(413, "upload_too_large", f"upload is larger than the {cap} byte limit")
+                sink.write(chunk)
+            if isinstance(sink, _MultipartFile):
+                sink.parser.finalize()
+        except MultipartParseError as e:
+            raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from e
     if isinstance(sink, _MultipartFile):
         if not sink.found:
             raise ApiError(

@@ -144,3 +144,12 @@ def test_decompression_bomb_image_rejected(client, settings: Settings) -> None:
     assert resp.status_code == 201, resp.text
     rejected = resp.json()["rejected"]
     assert rejected[0]["path"] == "a/huge.png" and "too large" in rejected[0]["reason"]
+
+
+def test_malformed_multipart_is_400(client) -> None:
+    boundary = "d179e1be866c7109f564f879b78645d0"
+    body = f"--{boundary}\r\n0.0--{boundary}--\r\n".encode()  # found by schemathesis: a 500 before
+    resp = client.post(
+        "/v1/datasets", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_multipart"
