@@ -42,6 +42,8 @@ def worker(
     # Before anything imports torch: this process and its children see only this GPU.
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    # torch.cuda.is_available() via NVML: answering it must not initialise CUDA in the parent.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     if queue:
         os.environ["SPKD_QUEUE"] = queue
     node = name or f"spkd-{gpu if gpu is not None else 'cpu'}-{os.getpid()}"
