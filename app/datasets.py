@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 SKIP_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
 CHUNK = 1 << 20
+# Reading one member can fail on its own: bad CRC or deflate stream, truncated data, encryption
+# (RuntimeError), a compression method zipfile lacks (NotImplementedError).
+MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 # ---------------------------------------------------------------- streaming the body to disk
@@ -159,7 +163,7 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
 
 
 def _skipped(parts: tuple[str, ...]) -> bool:
-    return parts[0] == "__MACOSX" or parts[-1] in SKIP_NAMES or any(p.startswith("._") for p in parts)
+    return "__MACOSX" in parts or parts[-1] in SKIP_NAMES or any(p.startswith("._") for p in parts)
 
 
 def plan_members(zf: zipfile.ZipFile, settings: Settings) -> tuple[list[Member], list[dict[str, str]]]:
@@ -231,7 +235,8 @@ def verify_image(path: Path, max_pixels: int) -> str | None:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"decompression bomb refused: {e}"
     except Exception as e:  # noqa: BLE001 - any decoder failure means "not a usable image"
-        return f"not a readable image ({type(e).__name__}: {e})"[:300]
+        # Pillow names the file by its server path: keep the reason free of server folders.
+        return f"not a readable image ({type(e).__name__}: {e})".replace(str(path), path.name)[:300]
     return None
 
 
@@ -263,6 +268,10 @@ def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted
         return result
     except zipfile.BadZipFile as e:
         raise ApiError(422, "invalid_archive", f"corrupt zip archive: {e}", "file") from e
+    except UnicodeDecodeError as e:  # zipfile decodes names flagged UTF-8 strictly, at open
+        raise ApiError(
+            422, "invalid_archive", "a file name is marked UTF-8 in the zip but is not valid UTF-8", "file"
+        ) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -289,8 +298,15 @@ def _extract_into(zf: zipfile.ZipFile, members: list[Member], root: Path, settin
             continue
         out = root / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(m.info) as src:
-            n = _copy_capped(src, out, budget - res.size_bytes)
+        try:
+            with zf.open(m.info) as src:
+                n = _copy_capped(src, out, budget - res.size_bytes)
+        except MEMBER_ERRORS as e:  # one broken or encrypted member: skip it, keep the rest
+            out.unlink(missing_ok=True)
+            res.rejected.append(
+                {"path": shown, "reason": f"unreadable in the zip ({type(e).__name__}: {e})"[:300]}
+            )
+            continue
         res.size_bytes += n
         reason = verify_image(out, settings.max_image_pixels)
         if reason:

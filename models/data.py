@@ -199,6 +199,9 @@ def _check_classes(classes: list[str], train: dict, val: dict) -> None:
 # ------------------------------------------------------------------------------------ loading
 def load_rgb(path: str) -> Image.Image:
     with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: Pillow's convert() clips at 255 (a white image); keep the top 8 bits.
+            img = img.point(lambda v: v * (1 / 256)).convert("L")
         return img.convert("RGB")  # palette / grayscale / CMYK / 16-bit all end as 8-bit RGB
 
 

@@ -88,13 +88,8 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        return dict(
-            os.environ,
-            **settings_env(self.settings),
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-            **self.extra_env,
-        )
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def start_api(self) -> None:
         self._n += 1
@@ -230,3 +225,59 @@ def epoch_ends(evs: list[dict]) -> list[tuple[str, int]]:
 
 def dump(evs: list[dict]) -> str:
     return "\n".join(f"{e['kind']}: {e['message']} {json.dumps(e['data'])[:160]}" for e in evs)
+
+
+# ---------------------------------------------------------------- a Redis the test may kill
+
+
+@dataclass
+class PrivateRedis:
+    """redis-server with AOF (appendfsync always) on its own port and folder."""
+
+    dir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+        ]  # fmt: skip
+        log = (self.dir / "redis.log").open("a")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    d = tmp_path / "redis"
+    d.mkdir()
+    pr = PrivateRedis(d)
+    pr.start()
+    yield pr
+    if pr.proc is not None:
+        pr.proc.kill()
+        pr.proc.wait(10)
