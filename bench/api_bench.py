@@ -122,11 +122,14 @@ def wait_http(url: str, path: str, timeout: float) -> None:
     raise RuntimeError(f"{url}{path} not ready after {timeout} s")
 
 
-def post_to_start(url: str, n: int) -> dict:
-    """Sequential jobs on an idle worker: POST -> `validating` (task began) and -> final."""
+def post_to_start(url: str, n: int, settle_s: float) -> dict:
+    """Sequential jobs: POST -> `validating` (the worker's job process began) and -> final.
+    settle_s > 0: wait that long after each job, so the worker has replaced its job process and
+    is idle (the usual case); 0: back to back, so the next POST also waits for that turnover."""
     to_start, to_done = [], []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
         for _ in range(n):
+            time.sleep(settle_s)
             t0 = time.time()
             job = c.post("/v1/jobs", json=spec()).json()
             while True:
@@ -139,6 +142,7 @@ def post_to_start(url: str, n: int) -> dict:
             to_done.append(events["data"][-1]["ts"] - t0)
     return {
         "n": n,
+        "settle_s": settle_s,
         "post_to_start_s": {"p50": round(pct(to_start, 50), 3), "max": round(max(to_start), 3)},
         "post_to_final_s": {"p50": round(pct(to_done, 50), 3), "max": round(max(to_done), 3)},
     }
@@ -208,7 +212,8 @@ def main() -> None:
         worker = start([SPKD, "worker", "--loglevel", "WARNING"], env, tmp / "worker.log")
         procs += [api, worker]
         wait_http(url, "/readyz", 90)
-        results["post_to_start"] = post_to_start(url, a.start_jobs)
+        results["post_to_start_idle"] = post_to_start(url, a.start_jobs, settle_s=8.0)
+        results["post_to_start_back_to_back"] = post_to_start(url, a.start_jobs, settle_s=0.0)
     finally:
         for p in procs:
             stop(p)
