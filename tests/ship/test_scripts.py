@@ -108,3 +108,25 @@ def test_readme_covers_the_operator_topics():
     assert "nvidia-container-toolkit" in README and "device_ids" in README
     assert README.count("curl ") >= 8
     assert "<!-- load-student -->\n```python\n" in README
+
+
+def test_constraints_agree_with_pyproject_pins():
+    """Every exact pin of pyproject.toml is in requirements/constraints.txt at the same version."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        deps += extra
+    constraints = {}
+    for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines():
+        name, version = line.split("==")
+        constraints[re.sub(r"[-_.]+", "-", name).lower()] = version
+    mismatched = []
+    for dep in deps:
+        if "==" not in dep:
+            continue
+        name, version = dep.split("==")
+        if constraints.get(re.sub(r"[-_.]+", "-", name).lower()) != version:
+            mismatched.append(dep)
+    assert not mismatched, f"regenerate requirements/constraints.txt (README, Development): {mismatched}"
