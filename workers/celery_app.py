@@ -7,6 +7,9 @@ runs in a child that owns its CUDA context and is replaced after every job
 
 from __future__ import annotations
 
+from billiard.process import current_process
+from celery.signals import worker_process_init
+
 from app.queue import make_celery
 from app.settings import get_settings
 
@@ -22,3 +25,15 @@ celery.conf.update(
     task_time_limit=None,
     task_soft_time_limit=None,
 )
+
+
+@worker_process_init.connect
+def _allow_loader_processes(**_: object) -> None:
+    """Let the job process start DataLoader workers.
+
+    Celery marks pool children daemonic, and a daemonic process may not have children, so a job
+    with `train.num_workers` > 0 (the default on a multi-core host) would die at its first batch.
+    The job process is replaced after every job (max_tasks_per_child=1) and torch's loader workers
+    exit when their parent goes, so nothing outlives the job.
+    """
+    current_process()._config["daemon"] = False

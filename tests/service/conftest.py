@@ -201,7 +201,15 @@ def wait_ready(url: str, timeout: float, procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Service]:
+def worker_env() -> dict[str, str]:
+    """Extra environment for the worker process; a test module overrides it to pick a code path."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, worker_env: dict[str, str]
+) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("svc")
     s = make_settings(tmp, redis_url)
     env = dict(os.environ, **settings_env(s), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -214,7 +222,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
         env,
         logs / "api.log",
     )
-    worker = _spawn([spkd, "worker", "--loglevel", "INFO"], env, logs / "worker.log")
+    worker = _spawn([spkd, "worker", "--loglevel", "INFO"], {**env, **worker_env}, logs / "worker.log")
     svc = Service(f"http://127.0.0.1:{port}", s, api, worker, logs)
     try:
         wait_ready(svc.url, 60, [api, worker])

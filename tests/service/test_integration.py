@@ -20,12 +20,20 @@ from .conftest import KEY_B, Service
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def worker_env() -> dict[str, str]:
+    # The DataLoader path (not the in-memory one, which small sets take): its loader processes
+    # must start inside the Celery pool child that runs the job.
+    return {"SPKD_DATA_PATH": "loader"}
+
+
 def tiny_spec(ds_id: str, **over: object) -> dict:
     spec = {
         "teacher": {"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 1}},
         "student": {"model": "test_resnet", "weights": "none"},
         "dataset": {"id": ds_id},
-        "train": {"epochs": 1, "batch_size": 4, "image_size": 64, "num_workers": 0, "lr": 0.01},
+        # One loader process: the job runs in a Celery pool child, which must be allowed children.
+        "train": {"epochs": 1, "batch_size": 4, "image_size": 64, "num_workers": 1, "lr": 0.01},
         "baseline": False,
     }
     spec.update(over)
@@ -225,3 +233,17 @@ def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_
     assert json.loads((tmp_path / job_id / "student.json").read_text())["num_classes"] == 2
     bad = subprocess.run([spkd, "status", "job_nope"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "job_not_found" in bad.stderr
+    from .conftest import small_imagefolder
+
+    folder = small_imagefolder(tmp_path / "mini", per_class=2)
+    up = subprocess.run(
+        [spkd, "datasets", "upload", str(folder), "--name", "mini"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert up.returncode == 0, up.stderr
+    ds_id = up.stdout.strip().splitlines()[-1]
+    with service.client() as c:
+        assert c.get(f"/v1/datasets/{ds_id}").json()["counts"]["val"] == {"ants": 2, "bees": 2}
