@@ -366,6 +366,8 @@ def datasets_dir(settings: Settings) -> Path:
 
 def resolve_data_path(settings: Settings, path: str) -> Path | None:
     """A `dataset.path` resolved under SPKD_DATA_ROOT (symlinks followed), or None if it escapes."""
+    if "\x00" in path:  # the OS refuses such a path; pathlib would raise ValueError
+        return None
     root = Path(settings.data_root).resolve()
     p = Path(path)
     full = (p if p.is_absolute() else root / p).resolve()

@@ -105,7 +105,13 @@ def _check_weight_refs(
                 )
         elif w not in ("hub", "none", "package"):
             p = Path(w)
-            candidates = [p.resolve()] if p.is_absolute() else [(root / p).resolve() for root in roots]
+            candidates = (
+                []
+                if "\x00" in w
+                else [p.resolve()]
+                if p.is_absolute()
+                else [(root / p).resolve() for root in roots]
+            )
             if not any(c.is_file() and any(c.is_relative_to(root) for root in roots) for c in candidates):
                 raise ApiError(
                     422,

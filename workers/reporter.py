@@ -15,6 +15,8 @@ from app import store
 from models.callbacks import Progress
 
 log = logging.getLogger("spkd.worker")
+# Redis unreachable (restart, network blip): worth waiting out, unlike a bug in a command.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Monitor(threading.Thread):
@@ -86,22 +88,46 @@ class Monitor(threading.Thread):
 
 class RedisReporter:
     """Events go to the job's stream at once (they are rare); per-step progress is throttled to one
-    write per `interval_s`, plus every epoch end, so a fast loop does not hammer Redis."""
+    write per `interval_s`, plus every epoch end, so a fast loop does not hammer Redis.
+
+    A Redis outage does not end the job: progress writes are skipped while it lasts and events
+    wait up to `outage_s` for Redis to come back (longer, and the lease is gone anyway)."""
 
     def __init__(
-        self, r: redis.Redis, keys: store.Keys, job_id: str, monitor: Monitor, interval_s: float = 0.5
+        self,
+        r: redis.Redis,
+        keys: store.Keys,
+        job_id: str,
+        monitor: Monitor,
+        interval_s: float = 0.5,
+        outage_s: float = 30.0,
     ) -> None:
         self.r, self.keys, self.job_id, self.monitor = r, keys, job_id, monitor
-        self.interval_s = interval_s
+        self.interval_s, self.outage_s = interval_s, outage_s
         self._last_write = 0.0
         self._latest: Progress | None = None
 
     def event(self, kind: str, message: str, **data: Any) -> None:
-        store.add_event(self.r, self.keys, self.job_id, kind, message, **data)
+        deadline = time.monotonic() + self.outage_s
+        while True:
+            try:
+                store.add_event(self.r, self.keys, self.job_id, kind, message, **data)
+                break
+            except TRANSIENT as e:
+                if time.monotonic() >= deadline or self.monitor.lease_lost:
+                    raise
+                log.warning("job %s: Redis unreachable (%s); holding the %s event", self.job_id, e, kind)
+                time.sleep(1.0)
         if kind == "stage_started" and data.get("stage"):
-            store.update_job(self.r, self.keys, self.job_id, stage=data["stage"])
+            self._update(stage=data["stage"])
         elif kind == "epoch_end" and self._latest is not None:
             self._write(self._latest)
+
+    def _update(self, **fields: Any) -> None:
+        try:
+            store.update_job(self.r, self.keys, self.job_id, **fields)
+        except TRANSIENT as e:  # progress is rewritten at the next step; never stop training for it
+            log.warning("job %s: progress not written (Redis unreachable: %s)", self.job_id, e)
 
     def progress(self, progress: Progress) -> None:
         self._latest = progress
@@ -121,7 +147,7 @@ class RedisReporter:
             "loss": p.loss,
             "updated_at": time.time(),
         }
-        store.update_job(self.r, self.keys, self.job_id, progress=body, stage=p.stage)
+        self._update(progress=body, stage=p.stage)
 
     def should_stop(self) -> bool:
         return self.monitor.stop_requested

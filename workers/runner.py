@@ -75,7 +75,8 @@ def _job_weights(
 def _file_weights(settings: Settings, role: str, ref: str) -> str:
     roots = [Path(p).resolve() for p in settings.allowed_weight_roots()]
     p = Path(ref)
-    for c in [p.resolve()] if p.is_absolute() else [(root / p).resolve() for root in roots]:
+    candidates = [] if "\x00" in ref else [p] if p.is_absolute() else [root / p for root in roots]
+    for c in (c.resolve() for c in candidates):
         if c.is_file() and any(c.is_relative_to(root) for root in roots):
             return str(c)
     raise SpkdError(
@@ -207,6 +208,11 @@ def _run_leased(
         log.info("job %s: %s", job_id, e)
         _finish(r, keys, job_id, store.FAILED, f"failed: {e.message}", error=e.as_dict())
         return "failed"
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        # Redis is gone, not the job's fault: leave it running; once Redis is back its lease
+        # expires and the orphan sweep queues it again to resume from its checkpoint.
+        log.warning("job %s: Redis unreachable (%s); left for recovery", job_id, e)
+        return "redis_lost"
     except Exception as e:  # noqa: BLE001 - any bug must end the job, not leave it running forever
         log.exception("job %s: internal error", job_id)
         message = f"internal error: {type(e).__name__}: {e}"[:1000]
@@ -246,8 +252,7 @@ def _validate_and_run(
     from models.pipeline import run_job, validate_job  # torch: only in the job's process
 
     warnings = validate_job(spec, data_dir)
-    for w in warnings:
-        store.add_event(r, keys, job_id, "warning", w)
+    # run_job logs each warning as an event itself; here they only go on the job record.
     store.update_job(r, keys, job_id, warnings=list(warnings))
     if monitor.stop_requested:
         raise StopRequested()
