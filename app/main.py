@@ -26,7 +26,7 @@ from app import catalog, datasets, store
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware
-from app.queue import enqueue, make_celery
+from app.queue import enqueue, make_celery, revoke
 from app.schemas import (
     ArtifactList,
     Dataset,
@@ -267,11 +267,14 @@ def get_job(request: Request, owner: Owner, job_id: str) -> Job:
 )
 def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
     r, keys, _ = _ctx(request)
-    _own_job(request, owner, job_id)
+    before = _own_job(request, owner, job_id)
     try:
-        return Job.from_store(store.request_cancel(r, keys, job_id))
+        job = store.request_cancel(r, keys, job_id)
     except store.Conflict as e:
         raise ApiError(409, "job_finished", str(e)) from e
+    if before["status"] == store.QUEUED and job["status"] == store.CANCELLED:
+        revoke(request.app.state.celery, job_id)
+    return Job.from_store(job)
 
 
 @jobs.get(

@@ -6,11 +6,14 @@ workers/. Job state does not live in Celery (no result backend): it is in our ow
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from app.settings import Settings
 
 TASK_NAME = "spkd.run_job"
+log = logging.getLogger("spkd.api")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -39,4 +42,16 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def enqueue(celery: Celery, settings: Settings, job_id: str) -> None:
-    celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue)
+    # The job id is the task id, so a cancel can revoke the message by name (see revoke).
+    celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, task_id=job_id)
+
+
+def revoke(celery: Celery, job_id: str) -> None:
+    """Tell the workers to drop a cancelled job's queued message in their main process. Without
+    it each cancelled message still costs a fresh job process (max_tasks_per_child=1: seconds
+    each), so a queue of cancelled jobs would keep the worker from the next real one. Best
+    effort: a worker that misses it still finds the job final and skips it."""
+    try:
+        celery.control.revoke(job_id)
+    except Exception as e:  # noqa: BLE001 - the cancel itself is already recorded
+        log.warning("revoke of %s failed: %s", job_id, e)

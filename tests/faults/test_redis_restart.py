@@ -1,4 +1,4 @@
-"""Redis dies (SIGKILL) while one job runs and two wait, then comes back from its AOF: the API
+"""Redis dies (SIGKILL) while one job runs and another waits, then comes back from its AOF: the API
 answers 503 + Retry-After (never 500) meanwhile, the workers reconnect, and every job ends.
 
 A private redis-server (appendonly yes, appendfsync always) on its own port; real uvicorn and a
@@ -21,7 +21,7 @@ from .conftest import PrivateRedis, Stack, dump, epoch_ends, events, small_image
 
 pytestmark = pytest.mark.slow
 
-DOWN_S = 8.0
+DOWN_S = 6.0
 
 
 def _probe(c: httpx.Client, job_id: str) -> list[tuple[str, int, str | None]]:
@@ -59,14 +59,14 @@ def test_redis_killed_and_restarted(private_redis: PrivateRedis, stack_factory) 
     st.wait_ready()
     long_spec = tiny_spec(
         {"path": "hym"},
-        teacher={"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 3}},
+        teacher={"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 2}},
         train={"epochs": 3, "batch_size": 4, "image_size": 32, "num_workers": 0},
     )
     with st.client(timeout=20) as c:
         ids = [c.post("/v1/jobs", json=long_spec).json()["id"]]
-        ids += [c.post("/v1/jobs", json=tiny_spec({"path": "hym"})).json()["id"] for _ in range(2)]
+        ids.append(c.post("/v1/jobs", json=tiny_spec({"path": "hym"})).json()["id"])
         wait_event(r, keys, ids[0], lambda e: e["kind"] == "checkpoint", 180)
-        assert [store.get_job(r, keys, i)["status"] for i in ids] == ["running", "queued", "queued"]
+        assert [store.get_job(r, keys, i)["status"] for i in ids] == ["running", "queued"]
 
         private_redis.kill()
         seen: list[tuple[str, int, str | None]] = []
