@@ -27,9 +27,14 @@ def worker_env() -> dict[str, str]:
     return {"SPKD_DATA_PATH": "loader"}
 
 
-def tiny_spec(ds_id: str, **over: object) -> dict:
+def tiny_spec(ds_id: str, finetune: bool = True, **over: object) -> dict:
+    """finetune=False skips the teacher stage: a shorter job where the test is not about it."""
     spec = {
-        "teacher": {"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 1}},
+        "teacher": {
+            "model": "test_efficientnet",
+            "weights": "none",
+            **({"finetune": {"epochs": 1}} if finetune else {}),
+        },
         "student": {"model": "test_resnet", "weights": "none"},
         "dataset": {"id": ds_id},
         # One loader process: the job runs in a Celery pool child, which must be allowed children.
@@ -124,7 +129,7 @@ def test_cancel_running_job_then_worker_takes_next(service: Service, dataset_id:
     with service.client() as c:
         job_id = c.post("/v1/jobs", json=long_spec).json()["id"]
         queued_id = c.post("/v1/jobs", json=long_spec).json()["id"]  # waits behind the first
-        nxt = c.post("/v1/jobs", json=tiny_spec(dataset_id)).json()["id"]
+        nxt = c.post("/v1/jobs", json=tiny_spec(dataset_id, finetune=False)).json()["id"]
         wait_status(c, job_id, ("running",), 90)
         # Cancelled while queued: it never starts.
         assert c.post(f"/v1/jobs/{queued_id}/cancel").json()["status"] == "cancelled"
@@ -185,7 +190,9 @@ def test_killed_job_process_resumes_once(service: Service, dataset_id: str) -> N
 
     r = redis.Redis.from_url(service.settings.redis_url, decode_responses=True)
     keys = store.Keys(service.settings.redis_prefix)
-    spec = tiny_spec(dataset_id, train={"epochs": 3, "batch_size": 2, "image_size": 64, "num_workers": 0})
+    spec = tiny_spec(
+        dataset_id, finetune=False, train={"epochs": 3, "batch_size": 2, "image_size": 64, "num_workers": 0}
+    )
     with service.client() as c:
         job_id = c.post("/v1/jobs", json=spec).json()["id"]
         deadline = time.monotonic() + 90
@@ -211,7 +218,7 @@ def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_
     spkd = str(Path(sys.executable).parent / "spkd")
     env = dict(os.environ, SPKD_URL=service.url, SPKD_API_KEY="test-key-alice")
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(yaml.safe_dump(tiny_spec(dataset_id)))
+    job_file.write_text(yaml.safe_dump(tiny_spec(dataset_id, finetune=False)))
     out = subprocess.run(
         [spkd, "submit", str(job_file), "--wait"], env=env, capture_output=True, text=True, timeout=180
     )
