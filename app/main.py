@@ -165,7 +165,7 @@ SPEC_EXAMPLES = {
     "",
     status_code=201,
     response_model=Job,
-    responses=_errors(409, 422),
+    responses=_errors(400, 409, 422),
     summary="Create a job",
     description="Validates the spec (model names, weights, dataset) and queues the job. Send an "
     "`Idempotency-Key` header to make retries safe: the same key and body return the same job (200), "
