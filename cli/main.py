@@ -10,7 +10,11 @@ import typer
 
 from cli import client, demo, local, server
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="spkd: distil a big pretrained image model into a small one for your own data (SP-KD).",
+)
 
 for module in (local, server, client, demo):
     module.register(app)
