@@ -10,7 +10,8 @@
 # 3. uploads a small dataset and runs a small job over REST (tiny timm models), downloads the
 #    student checkpoint and checks its sha256;
 # 4. restarts the redis service and checks the job is still there (AOF on a volume);
-# 5. tears everything down (also on failure or Ctrl-C).
+# 5. tears everything down (also on failure or Ctrl-C) and removes the images it built, unless
+#    SMOKE_KEEP_IMAGES=1.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,6 +40,10 @@ cleanup() {
     dc down -v --remove-orphans >/dev/null 2>&1 || true
   fi
   rm -rf "$work"
+  if [ "${SMOKE_KEEP_IMAGES:-0}" != 1 ]; then
+    # The images are large (on vfs every layer is a full copy): give the disk back.
+    docker rmi "spkd-worker:$tag" "spkd-api:$tag" "spkd-redis:$tag" >/dev/null 2>&1 || true
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
