@@ -54,8 +54,12 @@ class Monitor(threading.Thread):
                     self.cancel_seen_at = time.monotonic()
                     log.info("job %s: cancel requested", self.job_id)
                 if time.monotonic() - last_renew >= renew_every:
+                    # Retried every poll while Redis is unreachable (renew raises, last_renew stays):
+                    # once it is back, a lease that expired meanwhile is noticed within poll_s,
+                    # before an orphan requeue can start this job on another worker.
+                    renewed = self.lease.renew()
                     last_renew = time.monotonic()
-                    if not self.lease.renew():
+                    if not renewed:
                         log.error("job %s: execution lease lost; stopping", self.job_id)
                         self.lease_lost = True
             except redis.RedisError as e:  # keep going: a short Redis blip must not kill a long job

@@ -42,7 +42,7 @@ def test_openapi_fuzz(stack_factory, redis_url: str, tmp_path: Path) -> None:
         "--checks", CHECKS,
         "--phases", "examples,coverage,fuzzing",
         "--max-examples", "15",
-        "--max-time", "100",
+        "--max-time", "70",
         "--workers", "2",
         "--seed", "1",
         "--request-timeout", "20",
