@@ -25,6 +25,7 @@ api_port=${SMOKE_API_PORT:-8391}
 api="http://127.0.0.1:$api_port"
 py="$root/.venv/bin/python"
 [ -x "$py" ] || { echo "run scripts/setup.sh first (the smoke test uses .venv for YAML and the dataset)"; exit 1; }
+export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-900}  # creating a container from a 6 GB image on vfs takes minutes
 compose=$(command -v docker-compose || true)
 [ -n "$compose" ] || compose="docker compose"
 
