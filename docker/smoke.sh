@@ -39,6 +39,8 @@ cleanup() {
     [ "$rc" = 0 ] || { step "FAILED (rc=$rc); last logs:"; dc logs --tail 40 2>&1 | tail -80 || true; }
     step "tearing down"
     dc down -v --remove-orphans >/dev/null 2>&1 || true
+    # A container whose creation outlived the client's timeout appears after `down`.
+    docker ps -aq --filter "label=com.docker.compose.project=$project" | xargs -r docker rm -f >/dev/null 2>&1 || true
   fi
   rm -rf "$work"
   if [ "${SMOKE_KEEP_IMAGES:-0}" != 1 ]; then
