@@ -58,7 +58,14 @@ def _fail(e: Exception) -> None:
 # ---------------------------------------------------------------- SSE
 
 
-def iter_sse(client: httpx.Client, job_id: str, last_id: str | None = None) -> Iterator[tuple[str, dict]]:
+def iter_sse(
+    client: httpx.Client,
+    job_id: str,
+    last_id: str | None = None,
+    *,
+    max_reconnects: int = 5,
+    backoff_s: float = 1.0,
+) -> Iterator[tuple[str, dict]]:
     """(event, data) pairs from the job's server-sent-event stream, reconnecting with Last-Event-ID
     if the connection drops, until the server sends `end`."""
     failures = 0
@@ -85,12 +92,16 @@ def iter_sse(client: httpx.Client, job_id: str, last_id: str | None = None) -> I
                         if event == "end":
                             return
                         event, data = "message", []
+            reason = "closed before the job ended"
         except httpx.TransportError as e:
-            failures += 1
-            if failures > 5:
-                raise ClientError(f"event stream failed {failures} times in a row: {e}") from e
-            console.print(f"[yellow]event stream interrupted ({e}); reconnecting[/yellow]")
-            time.sleep(min(2.0**failures, 10.0))
+            reason = str(e)
+        # A drop or a close without `end` counts alike, so a stream that keeps breaking ends in
+        # an error instead of reconnecting forever; any event received resets the count.
+        failures += 1
+        if failures > max_reconnects:
+            raise ClientError(f"event stream failed {failures} times in a row: {reason}")
+        console.print(f"[yellow]event stream interrupted ({reason}); reconnecting[/yellow]")
+        time.sleep(min(backoff_s * 2.0 ** (failures - 1), 10.0))
 
 
 def follow(client: httpx.Client, job_id: str, quiet: bool = False) -> str:
