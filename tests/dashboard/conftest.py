@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.service.conftest import KEY_A, Service, redis_url, service  # noqa: F401 - fixtures reused
+from tests.service.conftest import KEY_A, Service, redis_url, service, worker_env  # noqa: F401 - fixtures reused
 
 
 @pytest.fixture
