@@ -58,7 +58,7 @@ log "ruff format --check"
 
 log "pytest (slow tests included, docker tests excluded)"
 rc=0
-.venv/bin/python -m pytest -m "not docker" "$@" || rc=$?
+.venv/bin/python -m pytest -m "not docker" --durations=20 "$@" || rc=$?
 if [ "$rc" = 5 ]; then
   # pytest's "no tests collected": only possible with a filter that matched nothing.
   log "pytest collected no tests"
