@@ -54,6 +54,19 @@ trap 'exit 130' INT TERM
 
 step "docker engine and base image"
 bash "$local_docker" base >&2
+# An imported rootfs keeps the mode of the folder it was tarred from (mktemp -d: 0700), and then
+# the images' non-root user cannot reach any file ("permission denied" on the entrypoint). A
+# RUN chmod in a Dockerfile does not persist a change to /, so re-import the base with / at 0755.
+if [ "$(docker run --rm --network host "$base" /usr/bin/stat -c %a /)" != 755 ]; then
+  step "base image / is not 0755: re-importing $base with / world-readable"
+  fix=$(mktemp -d)
+  cid=$(docker create --network host "$base" /bin/true)
+  docker export "$cid" | tar -C "$fix" -xf -
+  docker rm "$cid" >/dev/null
+  chmod 0755 "$fix"
+  tar -C "$fix" -c . | docker import - "$base" >/dev/null
+  rm -rf "$fix"
+fi
 
 key=smoke-$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 printf 'SPKD_API_KEYS=%s\n' "$key" >"$work/spkd.env"
