@@ -134,14 +134,13 @@ def test_onnx_matches_torch(vit_run):
 
 
 def readme_snippet() -> str:
-    """The python block after `<!-- load-student -->` in README.md, else in .coord/README-engine.md."""
-    for doc in (ROOT / "README.md", ROOT / ".coord" / "README-engine.md"):
-        if doc.is_file() and "<!-- load-student -->" in doc.read_text():
-            text = doc.read_text().split("<!-- load-student -->", 1)[1]
-            match = re.search(r"```python\n(.*?)```", text, re.S)
-            assert match, f"{doc.name}: no python block after the load-student marker"
-            return match.group(1)
-    raise AssertionError("no README section with the load-student snippet")
+    """The python block right after the `<!-- load-student -->` marker in README.md."""
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- load-student -->" in readme, "README.md lost its load-student marker"
+    text = readme.split("<!-- load-student -->", 1)[1]
+    match = re.search(r"```python\n(.*?)```", text, re.S)
+    assert match, "README.md: no python block after the load-student marker"
+    return match.group(1)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
