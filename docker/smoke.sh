@@ -125,7 +125,9 @@ step "dataset $ds_id"
 spec=$(printf '{"teacher": {"model": "test_efficientnet", "weights": "none", "finetune": {"epochs": 1}},
  "student": {"model": "test_resnet", "weights": "none"}, "dataset": {"id": "%s"},
  "train": {"epochs": 1, "batch_size": 16, "image_size": 32}, "baseline": true}' "$ds_id")
-job=$(curl -sf "${auth[@]}" -H 'Content-Type: application/json' -H "Idempotency-Key: smoke-$key" -d "$spec" "$api/v1/jobs")
+# -f would hide the API's error body; show it so a refused job says why.
+job=$(curl -s "${auth[@]}" -H 'Content-Type: application/json' -H "Idempotency-Key: smoke-$key" -d "$spec" "$api/v1/jobs")
+"$py" -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if "id" in d else f"job refused: {d}")' <<<"$job"
 job_id=$("$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$job")
 step "job $job_id submitted"
 t0=$(date +%s)
