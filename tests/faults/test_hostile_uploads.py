@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import select
 import socket
 import struct
 import time
@@ -226,34 +227,45 @@ def test_oversize_upload_is_cut_off_early(stack_factory, redis_url: str) -> None
     st: Stack = stack_factory(redis_url, max_upload_bytes=1_000_000)
     st.start_api()
     st.wait_api()
-    chunk = b"\0" * 65536
-    sent, answer = 0, b""
+    frame = b"%x\r\n" % 65536 + b"\0" * 65536 + b"\r\n"
     with socket.create_connection(("127.0.0.1", st.port), timeout=10) as s:
         head = (
             "POST /v1/datasets HTTP/1.1\r\nHost: x\r\nContent-Type: application/zip\r\n"
             f"Authorization: Bearer {KEY_A}\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         s.sendall(head.encode())
-        s.setblocking(False)
-        deadline = time.monotonic() + 60
-        while sent < 200_000_000 and time.monotonic() < deadline:
-            try:
-                answer += s.recv(65536)
-                if answer:
-                    break
-            except BlockingIOError:
-                pass
-            try:
-                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                sent += len(chunk)
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                time.sleep(0.01)
-        s.setblocking(True)
-        with contextlib.suppress(OSError):
-            answer += s.recv(65536)
+        sent, answer = _send_until_answered(s, frame, limit=200_000_000, seconds=60)
     print(f"server answered after {sent / 1e6:.1f} MB of a 200 MB body")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"upload_too_large" in answer
     assert sent < 20_000_000
     leftovers = list((Path(st.settings.data_root) / "datasets").iterdir())
     assert leftovers == [], leftovers
+
+
+def _send_until_answered(s: socket.socket, frame: bytes, limit: int, seconds: float) -> tuple[int, bytes]:
+    """Stream `frame` repeatedly until the server answers or closes, `limit` bytes are sent, or
+    `seconds` pass. Partial sends are resumed where they stopped (a retried `sendall` on a
+    non-blocking socket would resend a half-sent frame and break the chunked framing, leaving the
+    server waiting for bytes that never come). Every wait is bounded: this never hangs."""
+    sent, answer, pending = 0, b"", memoryview(b"")
+    deadline = time.monotonic() + seconds
+    while sent < limit and time.monotonic() < deadline:
+        readable, writable, _ = select.select([s], [s], [], 1.0)
+        if readable:
+            with contextlib.suppress(ConnectionResetError):
+                answer = s.recv(65536)
+            break  # an answer, or the server closed the connection
+        if writable:
+            if not pending:
+                pending = memoryview(frame)
+            try:
+                n = s.send(pending)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            pending, sent = pending[n:], sent + n
+    s.settimeout(10)  # the rest of the answer, if any; bounded like everything else here
+    with contextlib.suppress(OSError):
+        while len(answer) < 65536 and (more := s.recv(65536)):
+            answer += more
+    return sent, answer
