@@ -32,6 +32,11 @@ class ClientError(Exception):
     pass
 
 
+# The server sends a keep-alive comment every 15 s on a quiet stream: a minute of silence means a
+# dead connection (a half-open socket never errors by itself), so reconnect instead of hanging.
+SSE_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+
+
 def make_client(url: str | None, key: str | None, timeout: float = 30.0) -> httpx.Client:
     base = url or os.environ.get("SPKD_URL") or "http://127.0.0.1:8000"
     key = key or os.environ.get("SPKD_API_KEY")
@@ -74,7 +79,8 @@ def iter_sse(
         if last_id:
             headers["Last-Event-ID"] = last_id
         try:
-            with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None) as resp:
+            url = f"/v1/jobs/{job_id}/events"
+            with client.stream("GET", url, headers=headers, timeout=SSE_TIMEOUT) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _check(resp)
