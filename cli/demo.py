@@ -9,22 +9,21 @@ accuracies. Everything it started is stopped on exit, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from cli import procs
 
 DEFAULT_TEACHER = "tf_efficientnet_lite2"
 DEFAULT_STUDENT = "tf_efficientnet_lite0"
@@ -69,12 +68,6 @@ def write_digits_imagefolder(
 # --- processes ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def redis_answers(url: str) -> bool:
     import redis
 
@@ -84,57 +77,12 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-class Stack:
-    """The processes the demo started, each in its own process group, stopped in reverse order."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.logs = workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        atexit.register(self.stop)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it open
-        # A new session: Ctrl-C in the terminal reaches only us, and we stop the whole group.
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def check(self) -> None:
-        """Fail with the log tail when a process we started has died."""
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise DemoError(f"{name} exited with code {proc.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 25) -> str:
-        path = self.logs / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        while self.procs:
-            name, proc = self.procs.pop()
-            if proc.poll() is None:
-                _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group (a warm shutdown for celery/uvicorn), SIGKILL it if it lingers."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # Children of the group (celery's pool) may outlive the leader for a moment.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+def start_group(workdir: Path) -> procs.Group:
+    """The processes the demo starts (logs in `workdir/logs`), stopped newest first on the way out;
+    atexit too, so even an exit that skips run_demo's `finally` leaves nothing running."""
+    group = procs.Group(workdir / "logs")
+    atexit.register(group.stop)
+    return group
 
 
 def _raise_on_term(signum: int, _frame: Any) -> None:
@@ -145,7 +93,7 @@ class DemoError(RuntimeError):
     """Something the person running the demo should read."""
 
 
-def start_redis(stack: Stack, workdir: Path) -> str:
+def start_redis(group: procs.Group, workdir: Path) -> str:
     """A throwaway redis-server on a free loopback port (installing Debian's when missing and root)."""
     exe = shutil.which("redis-server")
     if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
@@ -163,24 +111,14 @@ def start_redis(stack: Stack, workdir: Path) -> str:
         raise DemoError(
             "no Redis: set SPKD_REDIS_URL, or install redis-server (apt-get install redis-server)"
         )
-    port = free_port()
+    port = procs.free_port()
     data = workdir / "redis"
     data.mkdir(parents=True, exist_ok=True)
     argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    stack.start("redis", [*argv, "--dir", str(data)], dict(os.environ))
+    group.start("redis", [*argv, "--dir", str(data)], dict(os.environ))
     url = f"redis://127.0.0.1:{port}/0"
-    wait_for(lambda: redis_answers(url), 20, "redis-server to answer", stack)
+    procs.wait_until(lambda: redis_answers(url), 20, "redis-server to answer", group.procs, interval_s=0.5)
     return url
-
-
-def wait_for(ready: Callable[[], bool], timeout_s: float, what: str, stack: Stack) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stack.check()
-        if ready():
-            return
-        time.sleep(0.5)
-    raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 # --- talking to the API (the HTTP client of `spkd submit/download`, cli/client.py) ----------------
@@ -256,7 +194,7 @@ def run_demo(opts: dict) -> Path:
     from cli import client
 
     workdir = Path(opts["workdir"]).resolve()
-    stack = Stack(workdir)
+    group = start_group(workdir)
     old_term = signal.signal(signal.SIGTERM, _raise_on_term)
     old_hup = signal.signal(signal.SIGHUP, _raise_on_term)
     try:
@@ -266,11 +204,11 @@ def run_demo(opts: dict) -> Path:
         else:
             if redis_url:
                 say(f"SPKD_REDIS_URL={redis_url} does not answer; starting a local redis-server")
-            redis_url = start_redis(stack, workdir)
+            redis_url = start_redis(group, workdir)
             say(f"started redis-server at {redis_url}")
 
         key = "demo-" + secrets.token_urlsafe(24)
-        port = opts["port"] or free_port()
+        port = opts["port"] or procs.free_port()
         run_id = secrets.token_hex(4)
         env = {
             **os.environ,
@@ -284,13 +222,16 @@ def run_demo(opts: dict) -> Path:
             "PYTHONUNBUFFERED": "1",
         }
         spkd = [sys.executable, "-m", "cli.main"]
-        say(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {stack.logs})")
-        stack.start("api", [*spkd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
-        stack.start("worker", [*spkd, "worker"], env)
+        say(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {group.log_dir})")
+        group.start("api", [*spkd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
+        group.start("worker", [*spkd, "worker"], env)
 
         base = f"http://127.0.0.1:{port}"
         with client.make_client(base, key, timeout=60) as http:
-            wait_for(lambda: api_ready(http), opts["start_timeout"], "the API and a worker (/readyz)", stack)
+            what = "the API and a worker (/readyz)"
+            procs.wait_until(
+                lambda: api_ready(http), opts["start_timeout"], what, group.procs, interval_s=0.5
+            )
             say("API and worker ready")
             dataset = prepare_dataset(http, opts, workdir)
             spec = build_spec(dataset, opts)
@@ -314,11 +255,11 @@ def run_demo(opts: dict) -> Path:
         if opts["keep_running"]:
             say(f"still serving on {base}/ (API key: {key}); Ctrl-C stops everything")
             while True:
-                stack.check()
+                group.check()
                 time.sleep(2)
         return out / job_id
     finally:
-        stack.stop()
+        group.stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGHUP, old_hup)
 
@@ -403,7 +344,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             run_demo(opts)
-        except (DemoError, client.ClientError) as exc:
+        except (DemoError, procs.NotReady, client.ClientError) as exc:
             typer.secho(f"[demo] failed: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
