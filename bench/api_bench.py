@@ -14,31 +14,93 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import procs  # noqa: E402
+
 SPKD = str(Path(sys.executable).parent / "spkd")
 KEY = "bench-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- shared with bench/load.py ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sandbox(name: str, redis_url: str) -> Iterator[tuple[Path, str]]:
+    """A temp folder and a unique Redis key prefix (`spkd<name>-<tag>`); on the way out, whatever
+    happened, the folder and every key under the prefix are removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"spkd-{name}-"))
+    prefix = f"spkd{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp, prefix
+    finally:
+        import redis
+
+        from app import store
+
+        store.delete_prefix(redis.Redis.from_url(redis_url), prefix)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def service_env(redis_url: str, prefix: str, queue: str, tmp: Path) -> dict[str, str]:
+    """The API's and worker's environment: own key prefix and queue, data under `tmp`, no hub."""
+    return dict(
+        os.environ,
+        SPKD_REDIS_URL=redis_url,
+        SPKD_REDIS_PREFIX=prefix,
+        SPKD_QUEUE=queue,
+        SPKD_API_KEYS=KEY,
+        SPKD_DATA_ROOT=str(tmp / "data"),
+        SPKD_ARTIFACT_ROOT=str(tmp / "artifacts"),
+        SPKD_HUB_WEIGHTS="false",
+        OMP_NUM_THREADS="1",
+    )
+
+
+def start_service(
+    group: procs.Group, port: int, env: dict[str, str], worker: bool, timeout_s: float, api_log: str = "api"
+) -> str:
+    """`spkd serve` on loopback, plus one `spkd worker` when asked; returns the URL once it is ready
+    (/readyz needs a worker, /healthz does not). A process that dies fails it with its log tail."""
+    url = f"http://127.0.0.1:{port}"
+    serve = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    started = [group.start(api_log, serve, env)]
+    if worker:
+        started.append(group.start("worker", [SPKD, "worker", "--loglevel", "WARNING"], env))
+    procs.wait_http(url + ("/readyz" if worker else "/healthz"), timeout_s, started)
+    return url
+
+
+def colour_folder(dest: Path, per_class: int) -> None:
+    """Two classes of flat-colour 40x40 JPEGs: enough for a job to start and train tiny models."""
+    for cls, color in (("a", "red"), ("b", "blue")):
+        (dest / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), color).save(dest / cls / f"{i}.jpg")
+
+
+def emit(result: dict, path: Path | None) -> None:
+    print(json.dumps(result, indent=2))
+    if path:
+        path.write_text(json.dumps(result, indent=2))
+
+
+# --- this benchmark ---------------------------------------------------------------------------------
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -94,34 +156,6 @@ async def run_load(url: str, method: str, paths: list[str], concurrency: int) ->
         return lat, time.perf_counter() - t0
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-
-
-def wait_http(url: str, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
-
-
 def post_to_start(url: str, n: int, settle_s: float) -> dict:
     """Sequential jobs: POST -> `validating` (the worker's job process began) and -> final.
     settle_s > 0: wait that long after each job, so the worker has replaced its job process and
@@ -157,75 +191,35 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="spkd-bench-"))
-    tag = uuid.uuid4().hex[:8]
-    for cls, color in (("a", "red"), ("b", "blue")):
-        (tmp / "data" / "bench" / cls).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (40, 40), color).save(tmp / "data" / "bench" / cls / f"{i}.jpg")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(
-        os.environ,
-        SPKD_REDIS_URL=a.redis_url,
-        SPKD_REDIS_PREFIX=f"spkdbench-{tag}",
-        SPKD_QUEUE=f"spkdbench-load-{tag}",
-        SPKD_API_KEYS=KEY,
-        SPKD_DATA_ROOT=str(tmp / "data"),
-        SPKD_ARTIFACT_ROOT=str(tmp / "artifacts"),
-        SPKD_HUB_WEIGHTS="false",
-        OMP_NUM_THREADS="1",
-    )
-    procs: list[subprocess.Popen] = []
     results: dict = {"host_cpus": os.cpu_count()}
-    try:
+    with sandbox("bench", a.redis_url) as (tmp, prefix):
+        colour_folder(tmp / "data" / "bench", per_class=4)
+        port = procs.free_port()
+        env = service_env(a.redis_url, prefix, f"{prefix}-load", tmp)
+
         # Phase 1: latency and throughput, no worker consuming (jobs stay queued).
-        api = start(
-            [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env,
-            tmp / "api.log",
-        )
-        procs.append(api)
-        wait_http(url, "/healthz", 30)
-        asyncio.run(run_load(url, "POST", ["/v1/jobs"] * 20, 2))  # warm-up
-        runs = []
-        for conc in (1, a.concurrency):
-            lat, wall = asyncio.run(run_load(url, "POST", ["/v1/jobs"] * a.requests, conc))
-            runs.append(summary(f"POST /v1/jobs c={conc}", lat, wall))
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as c:
-            ids = [j["id"] for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"]]
-        for conc in (1, a.concurrency):
-            paths = [f"/v1/jobs/{ids[i % len(ids)]}" for i in range(a.requests * 2)]
-            lat, wall = asyncio.run(run_load(url, "GET", paths, conc))
-            runs.append(summary(f"GET /v1/jobs/{{id}} c={conc}", lat, wall))
-        results["latency"] = runs
-        stop(api)
-        procs.remove(api)
+        with procs.Group(tmp, cwd=ROOT, grace_s=20) as group:
+            url = start_service(group, port, env, worker=False, timeout_s=30)
+            asyncio.run(run_load(url, "POST", ["/v1/jobs"] * 20, 2))  # warm-up
+            runs = []
+            for conc in (1, a.concurrency):
+                lat, wall = asyncio.run(run_load(url, "POST", ["/v1/jobs"] * a.requests, conc))
+                runs.append(summary(f"POST /v1/jobs c={conc}", lat, wall))
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+                ids = [j["id"] for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"]]
+            for conc in (1, a.concurrency):
+                paths = [f"/v1/jobs/{ids[i % len(ids)]}" for i in range(a.requests * 2)]
+                lat, wall = asyncio.run(run_load(url, "GET", paths, conc))
+                runs.append(summary(f"GET /v1/jobs/{{id}} c={conc}", lat, wall))
+            results["latency"] = runs
 
         # Phase 2: POST -> worker start, on a fresh queue with one real worker.
-        env["SPKD_QUEUE"] = f"spkdbench-start-{tag}"
-        api = start(
-            [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env,
-            tmp / "api2.log",
-        )
-        worker = start([SPKD, "worker", "--loglevel", "WARNING"], env, tmp / "worker.log")
-        procs += [api, worker]
-        wait_http(url, "/readyz", 90)
-        results["post_to_start_idle"] = post_to_start(url, a.start_jobs, settle_s=8.0)
-        results["post_to_start_back_to_back"] = post_to_start(url, a.start_jobs, settle_s=0.0)
-    finally:
-        for p in procs:
-            stop(p)
-        import redis
-
-        from app import store
-
-        store.delete_prefix(redis.Redis.from_url(a.redis_url), f"spkdbench-{tag}")
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(results, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+        env["SPKD_QUEUE"] = f"{prefix}-start"
+        with procs.Group(tmp, cwd=ROOT, grace_s=20) as group:
+            url = start_service(group, port, env, worker=True, timeout_s=90, api_log="api2")
+            results["post_to_start_idle"] = post_to_start(url, a.start_jobs, settle_s=8.0)
+            results["post_to_start_back_to_back"] = post_to_start(url, a.start_jobs, settle_s=0.0)
+    emit(results, a.json)
 
 
 if __name__ == "__main__":

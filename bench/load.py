@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api_bench import KEY, SPKD, free_port, pct, start, stop, wait_http  # noqa: E402
+from api_bench import KEY, ROOT, colour_folder, emit, pct, sandbox, service_env, start_service  # noqa: E402
+
+from cli import procs  # noqa: E402
 
 MAX_REQUESTS = 20_000
 
@@ -44,13 +41,6 @@ def job_spec() -> dict:
         "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},
         "baseline": False,
     }
-
-
-def make_data(root: Path) -> None:
-    for cls, color in (("a", "red"), ("b", "blue")):
-        (root / "load" / cls).mkdir(parents=True)
-        for i in range(8):
-            Image.new("RGB", (40, 40), color).save(root / "load" / cls / f"{i}.jpg")
 
 
 async def hold_rate(
@@ -115,43 +105,28 @@ def main() -> None:
     if not 0 < a.duration <= 120 or not 0 < a.rate <= 2000:
         raise SystemExit("--duration must be in (0, 120] s and --rate in (0, 2000] req/s")
 
-    tmp = Path(tempfile.mkdtemp(prefix="spkd-load-"))
-    tag = uuid.uuid4().hex[:8]
-    make_data(tmp / "data")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"  # loopback only, by construction
-    env = dict(
-        os.environ,
-        SPKD_REDIS_URL=a.redis_url,
-        SPKD_REDIS_PREFIX=f"spkdload-{tag}",
-        SPKD_QUEUE=f"spkdload-{tag}",
-        SPKD_API_KEYS=KEY,
-        SPKD_DATA_ROOT=str(tmp / "data"),
-        SPKD_ARTIFACT_ROOT=str(tmp / "artifacts"),
-        SPKD_HUB_WEIGHTS="false",
-        OMP_NUM_THREADS="1",
-    )
-    procs = []
     result: dict = {"rate_target": a.rate, "duration_s": a.duration, "host_cpus": os.cpu_count()}
-    try:
-        serve = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        procs.append(start(serve, env, tmp / "api.log"))
-        procs.append(start([SPKD, "worker", "--loglevel", "WARNING"], env, tmp / "worker.log"))
-        wait_http(url, "/readyz", 120)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
-            job_id = c.post("/v1/jobs", json=job_spec()).json()["id"]
-            deadline = time.monotonic() + 120
-            while epochs_done(c, job_id) < 1:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the job did not start training: {c.get(f'/v1/jobs/{job_id}').text}")
-                time.sleep(0.5)
-            before = epochs_done(c, job_id)
-            lat, errors, skipped, wall = asyncio.run(
-                hold_rate(url, job_id, a.rate, a.duration, a.max_inflight)
-            )
-            after = epochs_done(c, job_id)
-            status = c.get(f"/v1/jobs/{job_id}").json()["status"]
-            c.post(f"/v1/jobs/{job_id}/cancel")
+    with sandbox("load", a.redis_url) as (tmp, prefix):
+        colour_folder(tmp / "data" / "load", per_class=8)
+        env = service_env(a.redis_url, prefix, prefix, tmp)
+        with procs.Group(tmp, cwd=ROOT, grace_s=20) as group:
+            url = start_service(group, procs.free_port(), env, worker=True, timeout_s=120)  # 127.0.0.1
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+                job_id = c.post("/v1/jobs", json=job_spec()).json()["id"]
+                deadline = time.monotonic() + 120
+                while epochs_done(c, job_id) < 1:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(
+                            f"the job did not start training: {c.get(f'/v1/jobs/{job_id}').text}"
+                        )
+                    time.sleep(0.5)
+                before = epochs_done(c, job_id)
+                lat, errors, skipped, wall = asyncio.run(
+                    hold_rate(url, job_id, a.rate, a.duration, a.max_inflight)
+                )
+                after = epochs_done(c, job_id)
+                status = c.get(f"/v1/jobs/{job_id}").json()["status"]
+                c.post(f"/v1/jobs/{job_id}/cancel")
         done = sum(len(v) for v in lat.values())
         result.update(
             requests=done,
@@ -171,18 +146,7 @@ def main() -> None:
                 if v
             },
         )
-    finally:
-        for p in procs:
-            stop(p)
-        import redis
-
-        from app import store
-
-        store.delete_prefix(redis.Redis.from_url(a.redis_url), f"spkdload-{tag}")
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2))
+    emit(result, a.json)
 
 
 if __name__ == "__main__":
