@@ -1,4 +1,4 @@
-"""The browser test runs against the service owner's live stack (tests/service/conftest.py):
+"""The browser test runs against the shared live stack (the `service` fixture, tests/conftest.py):
 real uvicorn (`spkd serve`) + a real `spkd worker` on the real Redis under a unique prefix/queue."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from tests.service.conftest import KEY_A, Service, redis_url, service, worker_env  # noqa: F401 - fixtures reused
+from tests.helpers import KEY_A, Service
 
 
 @pytest.fixture
-def live_stack(service: Service) -> dict[str, Any]:  # noqa: F811 - the imported fixture
+def live_stack(service: Service) -> dict[str, Any]:
     return {
         "url": service.url,
         "api_key": KEY_A,

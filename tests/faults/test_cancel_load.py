@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from app import store
-
-from .conftest import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
+from tests.helpers import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,16 @@ import pytest
 
 from app import store
 from app.queue import enqueue, make_celery
-
-from .conftest import Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_event, wait_final
+from tests.helpers import (
+    Stack,
+    dump,
+    epoch_ends,
+    events,
+    small_imagefolder,
+    tiny_spec,
+    wait_event,
+    wait_final,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,8 @@ import torch
 
 from app import store
 from app.settings import Settings
+from tests.helpers import dump, events, small_imagefolder, tiny_spec
 from workers.runner import execute_job
-
-from .conftest import dump, events, small_imagefolder, tiny_spec
 
 torch.set_num_threads(1)
 

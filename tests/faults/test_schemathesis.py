@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import KEY_A, Stack
+from tests.helpers import KEY_A, Stack
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,7 @@ import pytest
 
 from app import store
 from app.settings import Settings
-
-from .conftest import KEY_B, ROOT
+from tests.helpers import KEY_B, ROOT
 
 
 def spec(ds: dict | None = None, **over: object) -> dict:

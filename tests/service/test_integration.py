@@ -14,8 +14,7 @@ import httpx
 import pytest
 
 from cli.client import iter_sse
-
-from .conftest import KEY_B, Service
+from tests.helpers import KEY_B, Service, small_imagefolder
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +239,6 @@ def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_
     assert json.loads((tmp_path / job_id / "student.json").read_text())["num_classes"] == 2
     bad = subprocess.run([spkd, "status", "job_nope"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "job_not_found" in bad.stderr
-    from .conftest import small_imagefolder
 
     folder = small_imagefolder(tmp_path / "mini", per_class=2)
     up = subprocess.run(

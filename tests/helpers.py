@@ -1,0 +1,336 @@
+"""Plain helpers the service, fault and dashboard tests import explicitly: constants, settings for a
+unique Redis prefix, small real datasets, job specs, handles on real `spkd serve` / `spkd worker` /
+`redis-server` processes (started with cli/procs.py) and waits on a job's events.
+
+Fixtures live in the conftest.py files (tests/conftest.py for those several packages use); this
+module holds no fixtures, so importing it never registers one twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+from app import store
+from app.settings import Settings
+from cli import procs
+
+ROOT = Path(__file__).resolve().parents[1]
+HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+REDIS_URL = os.environ.get("SPKD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+KEY_A, KEY_B = "test-key-alice", "test-key-bob"
+SPKD = str(Path(sys.executable).parent / "spkd")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def make_settings(tmp: Path, redis_url: str, **over: object) -> Settings:
+    """Settings under a fresh key prefix and queue, with data/artifacts/weights folders in `tmp`."""
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "redis_prefix": f"spkdtest-{tag}",
+        "queue": f"spkdtest-{tag}",
+        "api_keys": f"{KEY_A},{KEY_B}",
+        "data_root": tmp / "data",
+        "artifact_root": tmp / "artifacts",
+        "weights_roots": str(tmp / "weights"),
+        "hub_weights": False,
+        "heartbeat_s": 1.0,
+        "heartbeat_ttl_s": 5.0,
+        "lease_ttl_s": 10.0,
+        "cancel_poll_s": 0.2,
+    }
+    values.update(over)
+    for d in ("data", "artifacts", "weights"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    return Settings(**values)
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The same settings as SPKD_* variables, for a subprocess."""
+    return {
+        "SPKD_REDIS_URL": s.redis_url,
+        "SPKD_REDIS_PREFIX": s.redis_prefix,
+        "SPKD_QUEUE": s.queue,
+        "SPKD_API_KEYS": s.api_keys,
+        "SPKD_DATA_ROOT": str(s.data_root),
+        "SPKD_ARTIFACT_ROOT": str(s.artifact_root),
+        "SPKD_WEIGHTS_ROOTS": s.weights_roots,
+        "SPKD_HUB_WEIGHTS": str(s.hub_weights).lower(),
+        "SPKD_HEARTBEAT_S": str(s.heartbeat_s),
+        "SPKD_HEARTBEAT_TTL_S": str(s.heartbeat_ttl_s),
+        "SPKD_LEASE_TTL_S": str(s.lease_ttl_s),
+        "SPKD_CANCEL_POLL_S": str(s.cancel_poll_s),
+    }
+
+
+# ---------------------------------------------------------------- data and specs
+
+
+def small_imagefolder(dest: Path, per_class: int = 8) -> Path:
+    """train/ and val/ with `per_class` real hymenoptera photos per class (JPEGs only)."""
+    rng = random.Random(0)
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            files = sorted(p for p in (HYMENOPTERA / split / cls).iterdir() if p.suffix.lower() == ".jpg")
+            out = dest / split / cls
+            out.mkdir(parents=True, exist_ok=True)
+            for p in rng.sample(files, per_class):
+                shutil.copy(p, out / p.name)
+    return dest
+
+
+def zip_dir(folder: Path, dest: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, prefix + p.relative_to(folder).as_posix())
+    return dest
+
+
+def tiny_spec(dataset: dict, **over: object) -> dict:
+    """Tiny random-init models on a few photos: seconds per epoch on one CPU thread."""
+    spec: dict = {
+        "teacher": {"model": "test_efficientnet", "weights": "none"},
+        "student": {"model": "test_resnet", "weights": "none"},
+        "dataset": dataset,
+        "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},
+        "baseline": False,
+    }
+    spec.update(over)
+    return spec
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def api_client(url: str, key: str = KEY_A, timeout: float = 30.0) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def read_logs(log_dir: Path, chars: int) -> str:
+    """The end of every log in `log_dir`, for a failure message."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in sorted(log_dir.glob("*.log")))
+
+
+@dataclass
+class Service:
+    """A real `spkd serve` + `spkd worker` on loopback (the `service` fixture)."""
+
+    url: str
+    settings: Settings
+    group: procs.Group
+
+    def client(self, key: str = KEY_A, timeout: float = 30.0) -> httpx.Client:
+        return api_client(self.url, key, timeout)
+
+    def logs(self) -> str:
+        return read_logs(self.group.log_dir, 6000)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (the Celery pool process that runs a job)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(d.name))
+    return kids
+
+
+@dataclass
+class Stack:
+    """uvicorn + N `spkd worker` processes on loopback, each its own process group, that a fault test
+    kills and restarts one by one."""
+
+    settings: Settings
+    log_dir: Path
+    port: int = field(default_factory=procs.free_port)
+    api: procs.Proc | None = None
+    workers: dict[str, procs.Proc] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    _n: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def _spawn(self, name: str, args: list[str], log: str) -> procs.Proc:
+        # A new log per start (api-3.log): a restarted process does not overwrite its predecessor's.
+        self._n += 1
+        return procs.spawn(name, args, self.log_dir / f"{log}-{self._n}.log", env=self.env, cwd=ROOT)
+
+    def start_api(self) -> None:
+        args = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.api = self._spawn("api", args, "api")
+
+    def start_worker(self, name: str) -> procs.Proc:
+        args = [SPKD, "worker", "--name", name, "--loglevel", "INFO"]
+        self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}")
+        return self.workers[name]
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL the worker and its job process (the whole process group): no cleanup at all."""
+        self.workers.pop(name).kill()
+
+    def kill_job_process(self, name: str) -> int:
+        """SIGKILL only the pool process running the job; the worker parent survives."""
+        kids = children_of(self.workers[name].pid)
+        assert kids, f"worker {name} has no pool process"
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        return len(kids)
+
+    def kill_api(self) -> None:
+        assert self.api is not None
+        self.api.kill()
+        self.api = None
+
+    def _wait(self, path: str, timeout: float, watch: list[procs.Proc]) -> None:
+        try:
+            procs.wait_http(self.url + path, timeout, watch)
+        except procs.NotReady as exc:
+            raise type(exc)(f"{exc}\n{self.logs()}") from None
+
+    def wait_api(self, timeout: float = 60) -> None:
+        """Until /healthz answers (the API alone; workers may be down on purpose)."""
+        self._wait("/healthz", timeout, [self.api] if self.api else [])
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Until /readyz answers (the API sees a worker); fails early if any of them died."""
+        self._wait("/readyz", timeout, [p for p in [self.api, *self.workers.values()] if p is not None])
+
+    def client(self, key: str = KEY_A, timeout: float = 30.0) -> httpx.Client:
+        return api_client(self.url, key, timeout)
+
+    def logs(self) -> str:
+        return read_logs(self.log_dir, 5000)
+
+    def stop(self) -> None:
+        for p in self.workers.values():
+            p.stop(grace_s=20)
+        self.workers.clear()
+        if self.api is not None:
+            self.api.stop(grace_s=15)
+            self.api = None
+
+
+def make_stack(tmp: Path, url: str, **over: object) -> Stack:
+    s = make_settings(tmp, url, **over)
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    # settings_env covers the common fields; pass the test's own overrides through as well.
+    extra = {f"SPKD_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in over.items()}
+    return Stack(settings=s, log_dir=logs, extra_env=extra)
+
+
+@dataclass
+class PrivateRedis:
+    """redis-server with AOF (appendfsync always) on its own port and folder, which a test may kill."""
+
+    dir: Path
+    port: int = field(default_factory=procs.free_port)
+    proc: procs.Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        args = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+        ]  # fmt: skip
+        self.proc = procs.spawn("redis-server", args, self.dir / "redis.log", append=True)
+        procs.wait_until(self._answers, 20, "the private redis-server", [self.proc], interval_s=0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc = None
+
+
+# ---------------------------------------------------------------- events and statuses
+
+
+def events(rc: redis.Redis, ks: store.Keys, job_id: str) -> list[dict]:
+    return store.list_events(rc, ks, job_id, limit=10_000)
+
+
+def wait_event(
+    rc: redis.Redis,
+    ks: store.Keys,
+    job_id: str,
+    match: Callable[[dict], bool],
+    timeout: float,
+    after: str = "0-0",
+) -> dict:
+    """Block on the job's event stream until an event matches (fast: XREAD BLOCK, no polling)."""
+    deadline = time.monotonic() + timeout
+    last = after
+    while time.monotonic() < deadline:
+        res = rc.xread({ks.events(job_id): last}, count=100, block=200)
+        for _, entries in res or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                ev = store._event(entry_id, fields)
+                if match(ev):
+                    return ev
+                if ev["kind"] == "status" and ev["data"].get("status") in store.FINAL:
+                    raise AssertionError(f"job {job_id} ended before the event: {ev}")
+    raise AssertionError(f"no matching event for {job_id} within {timeout} s")
+
+
+def wait_final(rc: redis.Redis, ks: store.Keys, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = store.get_job(rc, ks, job_id)
+        if job and job["status"] in store.FINAL:
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} not final after {timeout} s: {store.get_job(rc, ks, job_id)}")
+
+
+def epoch_ends(evs: list[dict]) -> list[tuple[str, int]]:
+    return [(e["data"]["stage"], e["data"]["epoch"]) for e in evs if e["kind"] == "epoch_end"]
+
+
+def dump(evs: list[dict]) -> str:
+    return "\n".join(f"{e['kind']}: {e['message']} {json.dumps(e['data'])[:160]}" for e in evs)
