@@ -15,7 +15,8 @@ import redis
 from app import store
 from app.settings import Settings
 from cli import procs
-from tests.helpers import KEY_A, REDIS_URL, ROOT, SPKD, Service, make_settings, settings_env
+
+from .helpers import KEY_A, REDIS_URL, ROOT, SPKD, Service, make_settings, settings_env
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import KEY_A, Service
+from ..helpers import KEY_A, Service
 
 
 @pytest.fixture

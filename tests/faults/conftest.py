@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from app import store
-from tests.helpers import PrivateRedis, Stack, make_stack
+
+from ..helpers import PrivateRedis, Stack, make_stack
 
 
 @pytest.fixture

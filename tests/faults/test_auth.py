@@ -16,8 +16,9 @@ from PIL import Image
 from app import store
 from app.auth import AuthLimiter
 from app.settings import Settings
-from tests.helpers import KEY_A, KEY_B, tiny_spec
 from workers.runner import collect_artifacts
+
+from ..helpers import KEY_A, KEY_B, tiny_spec
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}", "/static/{name:path}"}
 BOB = {"Authorization": f"Bearer {KEY_B}"}

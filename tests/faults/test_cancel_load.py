@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from app import store
-from tests.helpers import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
+
+from ..helpers import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 
 pytestmark = pytest.mark.slow
 

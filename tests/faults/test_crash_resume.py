@@ -15,16 +15,8 @@ import pytest
 
 from app import store
 from app.queue import enqueue, make_celery
-from tests.helpers import (
-    Stack,
-    dump,
-    epoch_ends,
-    events,
-    small_imagefolder,
-    tiny_spec,
-    wait_event,
-    wait_final,
-)
+
+from ..helpers import Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_event, wait_final
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,9 @@ import torch
 
 from app import store
 from app.settings import Settings
-from tests.helpers import dump, events, small_imagefolder, tiny_spec
 from workers.runner import execute_job
+
+from ..helpers import dump, events, small_imagefolder, tiny_spec
 
 torch.set_num_threads(1)
 

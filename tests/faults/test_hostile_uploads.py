@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from app.settings import Settings
-from tests.helpers import KEY_A, Stack
+
+from ..helpers import KEY_A, Stack
 
 
 def img_bytes(mode: str, fmt: str, size: tuple[int, int] = (24, 24)) -> bytes:

@@ -16,16 +16,8 @@ import httpx
 import pytest
 
 from app import store
-from tests.helpers import (
-    PrivateRedis,
-    Stack,
-    dump,
-    epoch_ends,
-    events,
-    small_imagefolder,
-    tiny_spec,
-    wait_event,
-)
+
+from ..helpers import PrivateRedis, Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_event
 
 pytestmark = pytest.mark.slow
 

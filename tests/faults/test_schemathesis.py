@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import KEY_A, Stack
+from ..helpers import KEY_A, Stack
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import small_imagefolder, zip_dir
+from ..helpers import small_imagefolder, zip_dir
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ import pytest
 
 from app import store
 from app.settings import Settings
-from tests.helpers import KEY_B, ROOT
+
+from ..helpers import KEY_B, ROOT
 
 
 def spec(ds: dict | None = None, **over: object) -> dict:

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from app.settings import Settings
-from tests.helpers import HYMENOPTERA, KEY_B, small_imagefolder, zip_dir
+
+from ..helpers import HYMENOPTERA, KEY_B, small_imagefolder, zip_dir
 
 
 def jpeg(color: str = "red", size: tuple[int, int] = (32, 32)) -> bytes:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from cli.client import iter_sse
-from tests.helpers import KEY_B, Service, small_imagefolder
+
+from ..helpers import KEY_B, Service, small_imagefolder
 
 pytestmark = pytest.mark.slow
 
