@@ -98,7 +98,8 @@ def stop_group(popen: subprocess.Popen[bytes], grace_s: float = 10.0, kill_wait_
 
     The group is signalled even when the leader has already exited, and SIGKILLed once more at the
     end: children (Celery's pool process, anything that ignores SIGTERM) may outlive the leader.
-    A group id is not reused while a member of the group lives, so this never hits a stranger.
+    (Linux does not hand out a pid while a process group of that id has members, so the signals
+    reach this group's leftovers, not a newcomer that got the leader's pid.)
     """
     pgid = popen.pid  # start_new_session: the leader's pid is the group id
     steps = [(signal.SIGTERM, grace_s)] if grace_s > 0 else []
