@@ -197,6 +197,10 @@ def run_demo(opts: dict) -> Path:
     group = start_group(workdir)
     old_term = signal.signal(signal.SIGTERM, _raise_on_term)
     old_hup = signal.signal(signal.SIGHUP, _raise_on_term)
+    # Explicitly, not inherited: a shell starting us in the background (`cmd &` in a script, CI)
+    # hands us SIGINT ignored, and then Ctrl-C or a SIGINT from a supervisor would do nothing
+    # while the stack keeps running.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         redis_url = os.environ.get("SPKD_REDIS_URL", "")
         if redis_url and redis_answers(redis_url):
@@ -262,6 +266,7 @@ def run_demo(opts: dict) -> Path:
         group.stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGHUP, old_hup)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def prepare_dataset(http: Any, opts: dict, workdir: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,7 +83,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _demo(tmp_path: Path, *extra: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`spkd demo` with tiny models; `sigint_ignored` starts it as `cmd &` in a script would."""
     env = {k: v for k, v in os.environ.items() if k != "SPKD_REDIS_URL"}  # its own redis-server
     env["OMP_NUM_THREADS"] = "1"  # a shared 2-core machine: no thread oversubscription
     argv = [
@@ -94,7 +100,10 @@ def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
         "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *extra,
     ]  # fmt: skip
     out = subprocess.PIPE
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    pre = _ignore_sigint if sigint_ignored else None
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=pre
+    )
 
 
 @pytest.mark.slow
@@ -144,8 +153,10 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
 
 @pytest.mark.slow
 def test_demo_interrupted_stops_everything(tmp_path):
-    """Ctrl-C while the stack runs: the demo exits 130 and every process it started is gone."""
-    proc = _demo(tmp_path, "--keep-running")
+    """Ctrl-C while the stack runs: the demo exits 130 and every process it started is gone.
+    Also when its parent ignores SIGINT, as a shell does for `cmd &` in a script (CI ran it so):
+    the demo then must still stop on SIGINT, not inherit the ignore."""
+    proc = _demo(tmp_path, "--keep-running", sigint_ignored=True)
     started: set[int] = set()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -157,7 +168,14 @@ def test_demo_interrupted_stops_everything(tmp_path):
     time.sleep(2)  # let the worker get going (importing torch) before interrupting it
     started.update(_descendants(proc.pid))
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=60)[0]
+    try:
+        output = proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        # Leave nothing behind for the rest of the suite, then say what went wrong.
+        for pid in [proc.pid, *started]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail("the demo ignored SIGINT for 60 s (killed it and what it started)")
     assert proc.returncode == 130, output
     assert "interrupted" in output
     time.sleep(1)
