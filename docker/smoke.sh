@@ -26,8 +26,6 @@ api="http://127.0.0.1:$api_port"
 py="$root/.venv/bin/python"
 [ -x "$py" ] || { echo "run scripts/setup.sh first (the smoke test uses .venv for YAML and the dataset)"; exit 1; }
 export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-900}  # creating a container from a 6 GB image on vfs takes minutes
-compose=$(command -v docker-compose || true)
-[ -n "$compose" ] || compose="docker compose"
 
 t_start=$(date +%s)
 step() { printf '\033[1m[smoke %4ss]\033[0m %s\n' "$(( $(date +%s) - t_start ))" "$*" >&2; }
@@ -54,6 +52,9 @@ trap 'exit 130' INT TERM
 
 step "docker engine and base image"
 bash "$local_docker" base >&2
+# Looked up only now: on a new machine the line above is what installs docker-compose (v1).
+compose=$(command -v docker-compose || true)
+[ -n "$compose" ] || compose="docker compose"
 # An imported rootfs keeps the mode of the folder it was tarred from (mktemp -d: 0700), and then
 # the images' non-root user cannot reach any file ("permission denied" on the entrypoint). A
 # RUN chmod in a Dockerfile does not persist a change to /, so re-import the base with / at 0755.
