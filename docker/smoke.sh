@@ -44,6 +44,7 @@ cleanup() {
   if [ "${SMOKE_KEEP_IMAGES:-0}" != 1 ]; then
     # The images are large (on vfs every layer is a full copy): give the disk back.
     docker rmi "spkd-worker:$tag" "spkd-api:$tag" "spkd-redis:$tag" >/dev/null 2>&1 || true
+    docker image prune -f >/dev/null 2>&1 || true  # earlier builds' chains, now untagged
   fi
   exit "$rc"
 }
@@ -67,6 +68,17 @@ if [ "$(docker run --rm --network host "$base" /usr/bin/stat -c %a /)" != 755 ];
   chmod 0755 "$fix"
   tar -C "$fix" -c . | docker import - "$base" >/dev/null
   rm -rf "$fix"
+fi
+
+# On vfs every layer is a full copy: a worker build takes ~25 GB while it runs, and each rebuild of
+# the same tag leaves the previous chain behind as dangling images. Stop early rather than fill the
+# disk halfway through a build (this machine's disk is shared: a full disk stops everything on it).
+docker_root=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)
+free_gb=$(df --output=avail -BG "$docker_root" | tail -1 | tr -dc 0-9)
+need_gb=${SMOKE_MIN_FREE_GB:-30}
+if [ "$free_gb" -lt "$need_gb" ]; then
+  step "only ${free_gb} GB free under $docker_root (need ${need_gb}); free some, e.g.: docker image prune -f"
+  exit 1
 fi
 
 key=smoke-$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
