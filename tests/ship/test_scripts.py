@@ -6,6 +6,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
@@ -121,12 +124,11 @@ def test_constraints_agree_with_pyproject_pins():
     constraints = {}
     for line in (ROOT / "requirements" / "constraints.txt").read_text().splitlines():
         name, version = line.split("==")
-        constraints[re.sub(r"[-_.]+", "-", name).lower()] = version
+        constraints[canonicalize_name(name)] = version
     mismatched = []
-    for dep in deps:
-        if "==" not in dep:
-            continue
-        name, version = dep.split("==")
-        if constraints.get(re.sub(r"[-_.]+", "-", name).lower()) != version:
-            mismatched.append(dep)
+    for dep in map(Requirement, deps):
+        pins = [s.version for s in dep.specifier if s.operator == "=="]
+        # The name without extras: `celery[redis]==5.7.0` pins the celery distribution.
+        if pins and constraints.get(canonicalize_name(dep.name)) != pins[0]:
+            mismatched.append(str(dep))
     assert not mismatched, f"regenerate requirements/constraints.txt (README, Development): {mismatched}"
