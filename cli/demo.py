@@ -327,7 +327,9 @@ def register(app: typer.Typer) -> None:
         student: str = typer.Option(DEFAULT_STUDENT, help="timm model name of the student"),
         teacher_weights: str = typer.Option("package", help="hub | none | package | a weights file"),
         student_weights: str = typer.Option("package", help="hub | none | package | a weights file"),
-        finetune_epochs: int = typer.Option(2, help="teacher fine-tuning epochs (0: use it as it is)"),
+        # 4, not 2: after 2 epochs the teacher scored 81.6 % on the digits, 11 points below the
+        # student fine-tuned alone, and a teacher worse than its student has nothing to teach.
+        finetune_epochs: int = typer.Option(4, help="teacher fine-tuning epochs (0: use it as it is)"),
         epochs: int = typer.Option(3, help="student epochs (baseline and distillation each)"),
         image_size: int = typer.Option(DIGITS_SIZE, help="input size of both models"),
         batch_size: int = typer.Option(32),
@@ -335,7 +337,12 @@ def register(app: typer.Typer) -> None:
         num_workers: int = typer.Option(
             0, help="data loader processes (0: in the worker, best on few cores)"
         ),
-        sp_weight: float = typer.Option(3000.0, help="gamma: weight of the SP loss"),
+        # The job spec's default is the paper's 3000 (measured to help over 15 epochs at 224 px).
+        # On this 3-epoch, 132-step schedule SP at 3000 starts ~20x the CE loss and cost 2.3-5.6
+        # points in each of 3 seeds; at 300 the student tied or beat fine-tuning alone (README).
+        sp_weight: float = typer.Option(
+            300.0, help="gamma: weight of the SP loss (jobs default to 3000; 300 suits this short run)"
+        ),
         baseline: bool = typer.Option(True, help="also fine-tune the student alone, to report the gain"),
         out: Path = typer.Option(Path("demo-out"), help="where the job's artifacts are downloaded"),
         workdir: Path = typer.Option(Path(".spkd/demo"), help="data, artifacts and logs of the demo"),
