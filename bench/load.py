@@ -25,9 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api_bench import KEY, ROOT, colour_folder, emit, pct, sandbox, service_env, start_service  # noqa: E402
-
-from cli import procs  # noqa: E402
+from service import KEY, ROOT, colour_folder, emit, pct, procs, sandbox, service_env, start_service  # noqa: E402
 
 MAX_REQUESTS = 20_000
 
