@@ -1,18 +1,23 @@
-"""Dataset uploads: stream to disk with a size cap, check the zip, extract atomically, verify images.
+"""Dataset uploads: stream to disk with a size cap, check the zip, extract it as it is (atomically),
+then scan it with models/scan.py, the engine's own scanner: the layouts, classes and rejected files
+a job on the dataset will use (README.md, "Datasets").
 
-Accepted layouts (after stripping one common top folder): `class/x.jpg`, or `train/class/x.jpg`
-plus `val/class/x.jpg`. The archive is refused as a whole when it is unsafe (absolute paths, `..`,
-symlinks, too many files, too large once uncompressed); single bad files are skipped and listed
-with a reason. Images are opened with Pillow under a decompression-bomb guard. Torch-free.
+The archive is refused as a whole when it is unsafe (absolute paths, `..`, too many files, too
+large once uncompressed); single bad files are skipped and listed with a reason. Symlink members
+are recreated only when they point inside the archive. Torch-free.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import posixpath
 import shutil
 import stat
+import struct
 import tempfile
 import time
-import warnings
 import zipfile
 import zlib
 from collections.abc import AsyncIterator
@@ -20,16 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
 from app.settings import Settings
+from models import scan
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-SKIP_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
+SKIP_NAMES = scan.IGNORED_NAMES
 CHUNK = 1 << 20
 # Reading one member can fail on its own: bad CRC or deflate stream, truncated data, encryption
 # (RuntimeError), a compression method zipfile lacks (NotImplementedError).
@@ -137,15 +140,28 @@ async def receive_upload(
 @dataclass
 class Member:
     info: zipfile.ZipInfo
-    parts: tuple[str, ...]  # path parts after dropping the common top folder
+    parts: tuple[str, ...]  # the member's path parts, names decoded (see `member_name`)
 
 
 @dataclass
 class Extracted:
-    layout: str  # "split" (train/ + val/) or "flat" (class folders)
+    layout: str  # models.scan: "split" (train/ + val/ or test/) or "flat" (class folders)
+    classes: list[str] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     rejected: list[dict[str, str]] = field(default_factory=list)
     size_bytes: int = 0
+
+
+def member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name: UTF-8 when flagged so, or when its bytes are valid UTF-8 without the flag
+    (macOS Finder and Info-ZIP write UTF-8 names unflagged), else cp437 as the zip spec says."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    raw = info.filename.encode("cp437")  # zipfile decoded the raw bytes as cp437: reversible
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return info.filename
 
 
 def _unsafe(name: str) -> str | None:
@@ -163,24 +179,36 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
 
 
 def _skipped(parts: tuple[str, ...]) -> bool:
-    return "__MACOSX" in parts or parts[-1] in SKIP_NAMES or any(p.startswith("._") for p in parts)
+    # What models.scan ignores anyway (names starting with "."; __MACOSX...): not worth extracting.
+    return any(p in SKIP_NAMES or p.startswith(".") for p in parts)
 
 
-def plan_members(zf: zipfile.ZipFile, settings: Settings) -> tuple[list[Member], list[dict[str, str]]]:
-    """Refuse an unsafe archive as a whole; return the files to extract and those skipped."""
+def _cut_at_nul(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    """zipfile cuts a name at its first NUL ("a/x\\0.jpg" reads as "a/x"): the local header's
+    name length tells. A problem text when cut, else None."""
+    raw = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    assert zf.fp is not None
+    zf.fp.seek(info.header_offset)
+    header = zf.fp.read(30)
+    if len(header) == 30 and header[:4] == b"PK\x03\x04" and struct.unpack("<H", header[26:28])[0] > len(raw):
+        return f"NUL byte in a file name ({info.filename!r}...)"
+    return None
+
+
+def plan_members(zf: zipfile.ZipFile, settings: Settings) -> list[Member]:
+    """Refuse an unsafe archive as a whole; return the members to extract, names decoded."""
     infos = zf.infolist()
     if len(infos) > settings.max_files:
         raise ApiError(
             422, "too_many_files", f"the archive has {len(infos)} entries (limit {settings.max_files})"
         )
     total = 0
-    files: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
+    members: list[Member] = []
     for info in infos:
-        problem = _unsafe(info.filename)
+        name = member_name(info)
+        problem = _unsafe(name) or _cut_at_nul(zf, info)
         if problem:
             raise ApiError(422, "unsafe_archive", f"refused: {problem}")
-        if _is_symlink(info):
-            raise ApiError(422, "unsafe_archive", f"refused: symbolic link {info.filename!r}")
         if info.is_dir():
             continue
         total += info.file_size
@@ -190,54 +218,10 @@ def plan_members(zf: zipfile.ZipFile, settings: Settings) -> tuple[list[Member],
                 "archive_too_large",
                 f"the archive expands to more than {settings.max_uncompressed_bytes} bytes",
             )
-        parts = tuple(p for p in info.filename.replace("\\", "/").split("/") if p not in ("", "."))
+        parts = tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
         if parts and not _skipped(parts):
-            files.append((info, parts))
-    # Drop one common top folder ("hymenoptera/train/ants/x.jpg" -> "train/ants/x.jpg").
-    tops = {p[0] for _, p in files}
-    strip = 1 if len(tops) == 1 and all(len(p) > 2 for _, p in files) else 0
-    return [Member(i, p[strip:]) for i, p in files], []
-
-
-def _layout(members: list[Member]) -> str:
-    firsts = {m.parts[0].lower() for m in members if len(m.parts) >= 2}
-    return "split" if "train" in firsts and firsts & {"val", "valid", "validation"} else "flat"
-
-
-def _target(m: Member, layout: str) -> tuple[str, str] | str:
-    """(split, class) for a member, or the reason it is skipped."""
-    parts = m.parts
-    if layout == "split":
-        if len(parts) != 3:
-            return "not inside split/class/ (expected train/<class>/<image> or val/<class>/<image>)"
-        split = SPLIT_NAMES.get(parts[0].lower())
-        if split is None:
-            return f"unknown split folder {parts[0]!r} (expected train/ and val/)"
-        return split, parts[1]
-    if len(parts) != 2:
-        return "not inside a class folder (expected <class>/<image>)"
-    return "all", parts[0]
-
-
-def verify_image(path: Path, max_pixels: int) -> str | None:
-    """None when Pillow can fully decode it within the pixel budget, else the reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    return f"image too large ({w}x{h} pixels, limit {max_pixels})"
-                im.verify()
-            with Image.open(path) as im:
-                im.draft("RGB", (512, 512))  # JPEG: decode at reduced size, still checks the stream
-                im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"decompression bomb refused: {e}"
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "not a usable image"
-        # Pillow names the file by its server path: keep the reason free of server folders.
-        return f"not a readable image ({type(e).__name__}: {e})".replace(str(path), path.name)[:300]
-    return None
+            members.append(Member(info, parts))
+    return members
 
 
 def _copy_capped(src: BinaryIO, dst: Path, budget: int) -> int:
@@ -253,19 +237,22 @@ def _copy_capped(src: BinaryIO, dst: Path, budget: int) -> int:
 
 
 def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted:
-    """Validate and extract into `dest` (created here via a temp dir + rename: all or nothing)."""
+    """Extract the zip as it is into `dest` (a temp dir + rename: all or nothing), then let
+    models.scan decide classes, splits and rejected files: the same verdict a job on `dest` gets.
+    Raises ApiError 422 (`invalid_archive`, `unsafe_archive`, the scan's codes) otherwise."""
     if not zipfile.is_zipfile(zip_path):
         raise ApiError(
             422, "invalid_archive", "the upload is not a zip archive (send a .zip of an ImageFolder)", "file"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    tmp = Path(os.path.realpath(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent)))
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            members, _ = plan_members(zf, settings)
-            result = _extract_into(zf, members, tmp, settings)
-        _check_classes(result)
+            res = _extract_into(zf, plan_members(zf, settings), tmp, settings)
+        if res.rejected:  # members not on disk: a job's scan lists them from this file
+            (tmp / scan.UNEXTRACTED_FILE).write_text(json.dumps(res.rejected))
+        _scan_into(res, tmp, settings)
         tmp.rename(dest)
-        return result
+        return res
     except zipfile.BadZipFile as e:
         raise ApiError(422, "invalid_archive", f"corrupt zip archive: {e}", "file") from e
     except UnicodeDecodeError as e:  # zipfile decodes names flagged UTF-8 strictly, at open
@@ -277,72 +264,81 @@ def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _scan_into(res: Extracted, root: Path, settings: Settings) -> None:
+    """models.scan on the extracted tree (it reads the extraction's own rejections back)."""
+    try:
+        found = scan.scan_tree(root, max_pixels=settings.max_image_pixels)
+    except scan.ScanError as e:
+        raise ApiError(422, e.code, e.message, "file", rejected=e.rejected[:50]) from e
+    res.layout, res.classes, res.counts = found.layout, found.classes, found.counts()
+    res.rejected = found.rejected
+
+
+# A member that cannot be written under its name: a file and a folder of the same name, a name
+# the filesystem refuses (too long). Other OSErrors (a full disk) are not the member's fault.
+NAME_ERRNOS = {errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL}
+
+
 def _extract_into(zf: zipfile.ZipFile, members: list[Member], root: Path, settings: Settings) -> Extracted:
-    layout = _layout(members)
-    res = Extracted(layout=layout)
+    """Regular files first, then symlinks (so no file is ever written through a link)."""
+    res = Extracted(layout="flat")
     budget = settings.max_uncompressed_bytes
-    used_names: set[Path] = set()
+    links = []
     for m in members:
         shown = "/".join(m.parts)
-        target = _target(m, layout)
-        if isinstance(target, str):
-            res.rejected.append({"path": shown, "reason": target})
+        if _is_symlink(m.info):
+            links.append(m)
             continue
-        split, cls = target
-        if Path(m.parts[-1]).suffix.lower() not in IMAGE_SUFFIXES:
-            res.rejected.append({"path": shown, "reason": "not an image file (by extension)"})
-            continue
-        rel = Path(split if layout == "split" else ".", cls, m.parts[-1])
-        if rel in used_names:
-            res.rejected.append({"path": shown, "reason": "duplicate file name"})
-            continue
-        out = root / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = root.joinpath(*m.parts)
         try:
+            if out.exists() or out.is_symlink():
+                res.rejected.append({"path": shown, "reason": "duplicate name in the zip"})
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(m.info) as src:
-                n = _copy_capped(src, out, budget - res.size_bytes)
+                res.size_bytes += _copy_capped(src, out, budget - res.size_bytes)
         except MEMBER_ERRORS as e:  # one broken or encrypted member: skip it, keep the rest
             out.unlink(missing_ok=True)
             res.rejected.append(
                 {"path": shown, "reason": f"unreadable in the zip ({type(e).__name__}: {e})"[:300]}
             )
-            continue
-        res.size_bytes += n
-        reason = verify_image(out, settings.max_image_pixels)
+        except OSError as e:
+            if e.errno not in NAME_ERRNOS:
+                raise
+            res.rejected.append({"path": shown, "reason": f"cannot be stored under this name ({e.strerror})"})
+    for m in links:
+        reason = _make_link(zf, m, root)
         if reason:
-            out.unlink()
-            res.rejected.append({"path": shown, "reason": reason})
-            continue
-        used_names.add(rel)
-        res.counts.setdefault(split, {}).setdefault(cls, 0)
-        res.counts[split][cls] += 1
-    _drop_empty_dirs(root)
+            res.rejected.append({"path": "/".join(m.parts), "reason": reason})
     return res
 
 
-def _drop_empty_dirs(root: Path) -> None:
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(d.iterdir()):
-            d.rmdir()
-
-
-def _check_classes(res: Extracted) -> None:
-    train = res.counts.get("train" if res.layout == "split" else "all", {})
-    if len(train) < 2:
-        found = ", ".join(sorted(train)) or "none"
-        raise ApiError(
-            422,
-            "too_few_classes",
-            f"a dataset needs at least 2 class folders with readable images; found: {found}",
-            "file",
-            rejected=res.rejected[:50],
-        )
-    if res.layout == "split" and not res.counts.get("val"):
-        raise ApiError(422, "empty_split", "val/ has no readable images", "file", rejected=res.rejected[:50])
+def _make_link(zf: zipfile.ZipFile, m: Member, root: Path) -> str | None:
+    """Recreate a symlink member when its target stays inside the archive; else the reason.
+    models.scan then applies the same symlink rule as to a folder on disk."""
+    raw = zf.read(m.info)[:4096]
+    target = raw.decode("utf-8", "replace").replace("\\", "/")
+    here = posixpath.dirname("/".join(m.parts))
+    joined = posixpath.normpath(posixpath.join(here, target))
+    if target.startswith("/") or (len(target) > 1 and target[1] == ":") or joined.split("/")[0] == "..":
+        return scan.OUTSIDE
+    out = root.joinpath(*m.parts)
+    if os.path.realpath(out.parent) != str(out.parent):  # a folder on the way is itself a link
+        return "symlink inside a linked folder (not recreated)"
+    if out.exists() or out.is_symlink():
+        return "duplicate name in the zip"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(posixpath.relpath(joined, here or "."), out)
+    except OSError as e:
+        if e.errno not in NAME_ERRNOS:
+            raise
+        return f"cannot be stored under this name ({e.strerror})"
+    return None
 
 
 def dataset_record(ds_id: str, owner: str, name: str, res: Extracted, settings: Settings) -> dict[str, Any]:
-    classes = sorted({c for per in res.counts.values() for c in per})
+    classes = res.classes
     return {
         "id": ds_id,
         "owner": owner,

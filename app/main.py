@@ -385,8 +385,9 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     responses=_errors(400, 413, 422),
     summary="Upload a dataset (zip of an ImageFolder)",
     description="`multipart/form-data` with the zip in a `file` part (and an optional `name` field), or "
-    "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg` "
-    "or `train/class/x.jpg` + `val/class/x.jpg`. Unreadable files are skipped and listed with a reason.",
+    "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg`, "
+    "or `train/class/x.jpg` with `val/` and/or `test/` beside it, inside any wrapping folder (README, "
+    "Datasets). The zip is scanned by the engine's own scanner: files left out are listed with a reason.",
     openapi_extra={
         "requestBody": {
             "content": {

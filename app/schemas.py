@@ -184,7 +184,7 @@ class Dataset(BaseModel):
                 "counts": {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}},
                 "num_images": 397,
                 "size_bytes": 47286322,
-                "rejected": [{"path": "train/ants/notes.txt", "reason": "not an image file (by extension)"}],
+                "rejected": [{"path": "hymenoptera/SOURCE.md", "reason": "not inside a class folder"}],
                 "rejected_total": 1,
             }
         }
@@ -196,7 +196,7 @@ class Dataset(BaseModel):
     layout: Literal["split", "flat"]
     classes: list[str]
     counts: dict[str, dict[str, int]] = Field(
-        description="split ('train'/'val', or 'all') -> class -> images"
+        description="split ('train', 'val', 'test' of split folders; 'all': class folders) -> class -> images"
     )
     num_images: int
     size_bytes: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 import zipfile
@@ -366,10 +367,21 @@ def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
 
 
 def zip_folder(folder: Path, dest: Path) -> Path:
+    """Zip `folder` as it is; symlinks are stored as links (like `zip -y`), so the server applies
+    its one symlink policy (followed only inside the dataset) and names each refused link."""
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                zf.write(p, p.relative_to(folder).as_posix())
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in sorted(dirnames + filenames):
+                p = Path(dirpath) / name
+                arc = p.relative_to(folder).as_posix()
+                if p.is_symlink():
+                    info = zipfile.ZipInfo(arc)
+                    info.create_system = 3  # Unix: external_attr holds the mode
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                    zf.writestr(info, os.readlink(p))
+                elif p.is_file():
+                    zf.write(p, arc)
+            dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
     return dest
 
 

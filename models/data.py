@@ -1,5 +1,6 @@
-"""Datasets: scan an ImageFolder (rejecting what does not decode, with reasons), split it, and
-serve augmented views as UN-normalised uint8 batches.
+"""Datasets: scan an ImageFolder (models/scan.py decides classes, splits and rejections, the same
+rules as the upload), split off val by seed when the tree has none, and serve augmented views as
+UN-normalised uint8 batches.
 
 Batches are (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens on the
 device, per model (teacher and student may use different mean/std), so both see the same view,
@@ -9,30 +10,22 @@ and any other iterable of such triples (a GPU-side data path, a cache) can repla
 from __future__ import annotations
 
 import os
-import random
-import warnings
-from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from models import decode
 from models.errors import SpkdError
+from models.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
-SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation")}
-SYSTEM_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
+__all__ = ["DatasetScan", "Sample", "check_image", "load_rgb", "scan_dataset"]
+
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    label: int
 
 
 @dataclass
@@ -42,14 +35,13 @@ class DatasetScan:
     val: list[Sample]
     rejected: list[dict[str, str]] = field(default_factory=list)
     split: str = "folders"  # "folders": train/ and val/ given; "seeded": split here by seed
+    test: list[Sample] = field(default_factory=list)  # the dataset's test/ split; empty without one
+    layout: str = "split"  # models.scan: "split" (split folders) or "flat" (class folders)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}}."""
-        out = {}
-        for split, samples in (("train", self.train), ("val", self.val)):
-            per = Counter(s.label for s in samples)
-            out[split] = {name: per.get(i, 0) for i, name in enumerate(self.classes)}
-        return out
+        """{split: {class: images}}; "test" only when the dataset has a test/ split."""
+        splits = [("train", self.train), ("val", self.val)] + ([("test", self.test)] if self.test else [])
+        return {split: count_per_class(samples, self.classes) for split, samples in splits}
 
     def summary(self) -> dict:
         return {
@@ -57,74 +49,8 @@ class DatasetScan:
             "counts": self.counts(),
             "rejected": self.rejected,
             "split": self.split,
+            "layout": self.layout,
         }
-
-
-# ----------------------------------------------------------------------------------- checking
-def check_image(path: Path) -> str | None:
-    """None when the file decodes as an image, else the reason it does not."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every block
-                img.load()
-                if img.width < 1 or img.height < 1:
-                    return "empty image"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "image too large (decompression-bomb guard)"
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
-        return f"corrupt image: {exc}"
-    return None
-
-
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not _is_system(p))
-
-
-def _is_system(path: Path) -> bool:
-    return path.name in SYSTEM_NAMES or path.name.startswith(".")
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def _scan_classes(root: Path, base: Path) -> tuple[dict[str, list[Path]], list[dict[str, str]]]:
-    """{class: [good files]} and the rejected files of one split folder."""
-    found: dict[str, list[Path]] = {}
-    rejected: list[dict[str, str]] = []
-    candidates: list[tuple[str, Path]] = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_file() and not _is_system(entry):
-            rejected.append({"path": str(entry.relative_to(base)), "reason": "file outside a class folder"})
-    for cls_dir in _class_dirs(root):
-        found[cls_dir.name] = []
-        for path in _files(cls_dir):
-            rel = str(path.relative_to(base))
-            if any(_is_system(Path(part)) for part in path.relative_to(cls_dir).parts):
-                rejected.append({"path": rel, "reason": "system file"})
-            elif path.is_symlink():
-                rejected.append({"path": rel, "reason": "symbolic link"})
-            else:
-                candidates.append((cls_dir.name, path))
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        reasons = list(pool.map(lambda item: check_image(item[1]), candidates))
-    for (cls, path), reason in zip(candidates, reasons, strict=True):
-        if reason is None:
-            found[cls].append(path)
-        else:
-            rejected.append({"path": str(path.relative_to(base)), "reason": reason})
-    return found, rejected
-
-
-def _find_split(root: Path, split: str) -> Path | None:
-    for name in SPLIT_NAMES[split]:
-        if (root / name).is_dir():
-            return root / name
-    return None
 
 
 # ----------------------------------------------------------------------------------- scanning
@@ -143,66 +69,31 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
-    train_dir, val_dir = _find_split(root, "train"), _find_split(root, "val")
-    if train_dir is not None and val_dir is not None:
-        train_files, rejected = _scan_classes(train_dir, root)
-        val_files, rejected_val = _scan_classes(val_dir, root)
-        rejected += rejected_val
-        split = "folders"
-    else:
-        all_files, rejected = _scan_classes(train_dir or root, root)
-        train_files, val_files = _seeded_split(all_files, val_fraction, seed)
+    """models.scan's verdict on the tree, plus a seeded val split when it has no val/ folder."""
+    found = scan_tree(root)
+    train, val, split = found.train, found.val, "folders"
+    if "val" not in found.folders:
+        train, val = seeded_split(found.train, found.classes, val_fraction, seed)
         split = "seeded"
-    classes = sorted(train_files)
-    _check_classes(classes, train_files, val_files)
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(val_files) - set(classes))
-    for cls in unknown:
-        for path in val_files[cls]:
-            rejected.append(
-                {"path": str(path.relative_to(root)), "reason": f"class {cls!r} is not in train/"}
-            )
-    train = [Sample(str(p), index[c]) for c in classes for p in train_files[c]]
-    val = [Sample(str(p), index[c]) for c in classes for p in val_files.get(c, [])]
-    return DatasetScan(classes=classes, train=train, val=val, rejected=rejected, split=split)
-
-
-def _seeded_split(files: dict[str, list[Path]], val_fraction: float, seed: int):
-    """Per-class shuffle with a seeded RNG: the same seed always gives the same split."""
-    train, val = {}, {}
-    for cls, paths in files.items():
-        order = list(paths)
-        random.Random(f"{seed}:{cls}").shuffle(order)
-        n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
-        n_val = min(max(n_val, 1 if len(order) > 1 else 0), len(order) - 1) if order else 0
-        val[cls], train[cls] = sorted(order[:n_val]), sorted(order[n_val:])
-    return train, val
-
-
-def _check_classes(classes: list[str], train: dict, val: dict) -> None:
-    if len(classes) < 2:
+    if not val:
         raise SpkdError(
-            "too_few_classes",
-            f"a dataset needs at least 2 class folders with images, found {len(classes)}"
-            + (f" ({classes[0]!r})" if classes else ""),
-            "dataset",
+            "empty_split", "the validation split has no usable image (every class has one image)", "dataset"
         )
-    empty = [c for c in classes if not train[c]]
-    if empty:
-        raise SpkdError(
-            "empty_class", f"no usable training image in class folder(s): {', '.join(empty)}", "dataset"
-        )
-    if not any(val.get(c) for c in classes):
-        raise SpkdError("empty_val", "the validation split has no usable image", "dataset")
+    return DatasetScan(
+        classes=found.classes,
+        train=train,
+        val=val,
+        rejected=found.rejected,
+        split=split,
+        test=found.test,
+        layout=found.layout,
+    )
 
 
 # ------------------------------------------------------------------------------------ loading
 def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale: Pillow's convert() clips at 255 (a white image); keep the top 8 bits.
-            img = img.point(lambda v: v * (1 / 256)).convert("L")
-        return img.convert("RGB")  # palette / grayscale / CMYK / 16-bit all end as 8-bit RGB
+    """8-bit RGB pixels of an image file: models.decode's policy, shared by every data path."""
+    return decode.load_rgb(path)
 
 
 class ImageDataset(torch.utils.data.Dataset):

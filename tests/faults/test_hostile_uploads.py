@@ -122,7 +122,8 @@ REFUSED = {
     "windows drive path": (make_zip({"C:\\evil\\a.jpg": jpeg(), "b/x.jpg": jpeg()}), "unsafe_archive"),
     "unc path": (make_zip({"\\\\server\\share\\a.jpg": jpeg(), "b/x.jpg": jpeg()}), "unsafe_archive"),
     "nested dot-dot": (make_zip({"a/./../../b/x.jpg": jpeg(), "c/y.jpg": jpeg()}), "unsafe_archive"),
-    "NUL in name": (make_zip({"a/x\x00.jpg": jpeg(), "b/y.jpg": jpeg()}), None),
+    # zipfile itself cuts names at a NUL when writing: put the NUL into the bytes afterwards.
+    "NUL in name": (make_zip({"a/x_.jpg": jpeg(), "b/y.jpg": jpeg()}).replace(b"a/x_", b"a/x\x00"), None),
     "empty zip": (make_zip({}), "too_few_classes"),
     "only junk": (
         make_zip({"__MACOSX/a/._x.jpg": b"j", ".DS_Store": b"j", "a/.DS_Store": b"j"}),
@@ -198,6 +199,8 @@ def test_odd_images_accepted_and_decode_to_rgb(client, settings: Settings) -> No
     assert ds["counts"] == {"all": {"a": 9, "b": 3}}, ds
     folder = Path(settings.data_root) / "datasets" / ds["id"]
     for p in sorted(folder.rglob("*.*")):
+        if p.relative_to(folder).as_posix() in rejected:
+            continue  # kept as uploaded: a job's scan rejects the same files
         rgb = np.asarray(load_rgb(str(p)))
         assert rgb.shape == (24, 24, 3) or p.parent.name == "b", (p.name, rgb.shape)
         # 16-bit ramps must keep their range, not saturate to white.

@@ -43,12 +43,12 @@ def test_broken_and_odd_files(tmp_path):
     assert reasons["truncated.jpg"].startswith("corrupt image")
     assert reasons["truncated.png"].startswith(("corrupt image", "not an image"))
     assert reasons["notes.txt"] == "not an image"
-    assert reasons[".DS_Store"] == "system file"
-    assert reasons["stray.jpg"] == "file outside a class folder"
-    assert reasons["link.jpg"] == "symbolic link"
+    assert ".DS_Store" not in reasons  # OS metadata is ignored, not listed
+    assert reasons["stray.jpg"] == "not inside a class folder"
     kept = {Path(s.path).name for s in scan.train}
-    assert {"placeholder.gif", "gray.png", "cmyk.jpg", "deep.png", "whole.png"} <= kept
-    assert scan.counts() == {"train": {"cats": 9, "dogs": 4}, "val": {"cats": 2, "dogs": 2}}
+    # link.jpg points inside the dataset: followed (the symlink policy, models/scan.py)
+    assert {"placeholder.gif", "gray.png", "cmyk.jpg", "deep.png", "whole.png", "link.jpg"} <= kept
+    assert scan.counts() == {"train": {"cats": 10, "dogs": 4}, "val": {"cats": 2, "dogs": 2}}
     # every kept file really loads as 8-bit RGB
     for sample in scan.train:
         assert data.load_rgb(sample.path).mode == "RGB"
@@ -103,7 +103,8 @@ def test_hymenoptera_scan_keeps_everything_that_decodes():
     scan = data.scan_dataset(HYMENOPTERA)
     assert scan.classes == ["ants", "bees"]
     assert scan.counts() == {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
-    assert scan.rejected == []  # imageNotFound.gif is a real GIF: kept, like torchvision does
+    # imageNotFound.gif is a real GIF: kept, like torchvision does; SOURCE.md is beside the splits
+    assert scan.rejected == [{"path": "SOURCE.md", "reason": "not inside a class folder"}]
 
 
 def test_loader_yields_uint8_batches_with_indices(color_dataset):

@@ -47,13 +47,15 @@ def test_split_layout_with_bad_files(client, settings: Settings, tmp_path: Path)
     ds = resp.json()
     assert ds["name"] == "hym" and ds["layout"] == "split" and ds["classes"] == ["ants", "bees"]
     assert ds["counts"]["val"] == {"ants": 3, "bees": 3}
+    # Paths are those in the zip (the wrapping folder "top/" included), as in the folder itself.
     reasons = {r["path"]: r["reason"] for r in ds["rejected"]}
-    assert "not an image" in reasons["train/bees/notes.txt"]
-    assert "not a readable image" in reasons["val/bees/broken.jpg"]
+    assert reasons["top/train/bees/notes.txt"] == "not an image"
+    assert reasons["top/val/bees/broken.jpg"].startswith("corrupt image")
     assert not any(".DS_Store" in p for p in reasons)
-    on_disk = Path(settings.data_root) / "datasets" / ds["id"]
+    # The zip is kept as it is: a job on the dataset scans the same tree and rejects the same files.
+    on_disk = Path(settings.data_root) / "datasets" / ds["id"] / "top"
     assert sorted(p.name for p in (on_disk / "val" / "bees").iterdir()) == sorted(
-        p.name for p in (folder / "val" / "bees").iterdir() if p.name != "broken.jpg"
+        p.name for p in (folder / "val" / "bees").iterdir()
     )
     assert client.get(f"/v1/datasets/{ds['id']}").json() == ds
     assert client.get("/v1/datasets").json()["data"] == [ds]
@@ -98,7 +100,7 @@ def test_refused_archives(client, settings: Settings, entries: dict, code: str) 
     assert [p.name for p in (root / "datasets").iterdir()] == []  # nothing left behind
 
 
-def test_symlink_member_refused(client) -> None:
+def test_symlink_member_leading_outside_is_rejected_with_its_reason(client) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         info = zipfile.ZipInfo("a/link.jpg")
@@ -107,7 +109,9 @@ def test_symlink_member_refused(client) -> None:
         zf.writestr(info, "/etc/passwd")
         zf.writestr("b/x.jpg", jpeg())
     resp = upload(client, buf.getvalue())
-    assert resp.status_code == 422 and "symbolic link" in resp.json()["error"]["message"]
+    error = resp.json()["error"]
+    assert resp.status_code == 422 and error["code"] == "too_few_classes", error  # only class b is left
+    assert {"path": "a/link.jpg", "reason": "symlink leads outside the dataset"} in error["rejected"]
 
 
 def test_not_a_zip_and_empty(client) -> None:

@@ -1,0 +1,77 @@
+"""The one decoder: every path that turns an image file into pixels calls `load_rgb` (issue 12).
+
+Upload validation and the engine's scan (models/scan.py), the DataLoader path (models/data.py),
+the in-memory path and hence the teacher cache (models/fastdata.py), evaluation and the README's
+load snippet all decode through here, so one file gives the same 8-bit RGB pixels everywhere.
+
+Policy (also in README.md, "Datasets"):
+
+- file type by content (Pillow), never by extension; multi-frame files (GIF, TIFF): the first frame;
+- EXIF orientation applied (a phone photo stored sideways is turned upright);
+- 16-bit integer images (`I;16*`, and `I` whose values exceed 255) scaled by 255/65535, rounded:
+  0 -> 0 and 65535 -> 255 (Pillow's own `convert` clips at 255, turning them white);
+- 32-bit float images (`F`, float TIFF): values in [0, 1] scaled by 255; any other range
+  stretched linearly from the image's min..max to 0..255 (a constant image becomes its value,
+  clipped to 0..255);
+- alpha (RGBA, LA, PA, palette or grey with a transparent colour) composited on white, then
+  dropped: a transparent logo on white, not on black;
+- palette, 1-bit, grey, CMYK, YCbCr, LAB and HSV converted to RGB by Pillow.
+
+Torch-free and numpy-free: the API image imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+WHITE = (255, 255, 255, 255)
+
+
+def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode `path` to a loaded 8-bit RGB image following the module's policy.
+
+    `draft` (width, height) lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that stays at
+    least that large, for speed; other formats ignore it. The file is closed on return.
+    Raises Pillow's errors: `UnidentifiedImageError` (not an image), `OSError`/`ValueError`/
+    `SyntaxError`/`EOFError` (corrupt or truncated data), `Image.DecompressionBombError`.
+    """
+    with Image.open(path) as img:
+        if draft is not None:
+            img.draft("RGB", draft)
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An already opened image (any mode) -> 8-bit RGB, by the module's policy (EXIF included)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = _deep_to_l(img.convert("I") if img.mode != "I" else img)
+    elif img.mode == "F":
+        img = _float_to_l(img)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _deep_to_l(img: Image.Image) -> Image.Image:
+    """A 32-bit integer image holding 16-bit samples -> 8-bit grey (v * 255 / 65535, rounded)."""
+    low, high = img.getextrema()
+    if isinstance(high, int) and high <= 255 and low >= 0:
+        return img.convert("L")  # an `I` image with 8-bit values (some TIFF writers): as they are
+    return img.point(lambda v: v * (255 / 65535) + 0.5).convert("L")
+
+
+def _float_to_l(img: Image.Image) -> Image.Image:
+    """A float image -> 8-bit grey: [0, 1] scaled by 255, any other range stretched min..max."""
+    low, high = img.getextrema()
+    if low >= 0.0 and high <= 1.0:
+        return img.point(lambda v: v * 255 + 0.5).convert("L")
+    if high > low:
+        scale = 255 / (high - low)
+        return img.point(lambda v: (v - low) * scale + 0.5).convert("L")
+    return img.convert("L")  # constant: its value, clipped to 0..255 by convert
