@@ -38,11 +38,21 @@ def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Im
     Raises Pillow's errors: `UnidentifiedImageError` (not an image), `OSError`/`ValueError`/
     `SyntaxError`/`EOFError` (corrupt or truncated data), `Image.DecompressionBombError`.
     """
+    return open_rgb(path, draft)[0]
+
+
+def open_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_rgb` plus the image's full-resolution (height, width), upright (EXIF applied), as
+    before any JPEG draft reduction: the in-memory path samples crops in those coordinates."""
     with Image.open(path) as img:
+        width, height = img.size
         if draft is not None:
             img.draft("RGB", draft)
         img.load()
-        return to_rgb(img)
+        rgb = to_rgb(img)
+    if (rgb.width > rgb.height) != (width > height) and width != height:
+        width, height = height, width  # EXIF turned it by 90 degrees
+    return rgb, (height, width)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models import decode
+
 Placement = Literal["gpu", "host", "loader"]
 
 # Share of free memory the decoded images may take: the rest is for models, activations,
@@ -119,13 +121,12 @@ def default_decode_workers() -> int:
 
 
 def _decode_square(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode at reduced JPEG scale when possible (draft), squash to size x size, keep (h, w)."""
-    with Image.open(path) as img:
-        width, height = img.size
-        # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale while staying >= the requested size.
-        img.draft("RGB", (size, size))
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        return np.array(rgb, dtype=np.uint8), (height, width)  # a writable copy
+    """Decode (models.decode, at reduced JPEG scale when possible), squash to size x size, keep
+    the full-resolution upright (h, w)."""
+    # draft lets libjpeg decode at 1/2, 1/4, 1/8 scale while staying >= the requested size.
+    img, (height, width) = decode.open_rgb(path, draft=(size, size))
+    rgb = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(rgb, dtype=np.uint8), (height, width)  # a writable copy
 
 
 def decode_train_images(
@@ -153,8 +154,7 @@ def decode_eval_images(
     first: list[torch.Tensor | None] = [None] * len(paths)
 
     def work(i: int) -> None:
-        with Image.open(paths[i]) as img:
-            first[i] = transform(img.convert("RGB"))
+        first[i] = transform(decode.load_rgb(paths[i]))
 
     _run_parallel(work, len(paths), workers)
     return torch.stack(first)  # type: ignore[arg-type]
