@@ -28,15 +28,27 @@ The rules (README.md, "Datasets", states them for users):
 6. Whether a file is an image is decided by its content (models/decode.py, Pillow), never by its
    extension: `.jfif`, `.jpe` or no extension work; a text file named `.jpg` is "not an image".
 
+7. Label files instead of class folders: a `labels.csv` in the dataset folder (columns `path`,
+   `label`, optional `split`; paths relative to it), or the Hugging Face imagefolder convention:
+   a `metadata.csv` / `metadata.jsonl` (`file_name`, `label`) in the dataset folder or in each
+   split folder (paths relative to that file). A row's split: the file's split folder, else its
+   `split` column, else the path's first folder when it is a split name, else train. Files no
+   row names are rejected "not listed in <file>"; rows naming no file "listed in <file> but
+   missing".
+
 Errors (`ScanError`, a `SpkdError` carrying the rejected list): `dataset_not_found`,
 `too_few_classes` (under 2 classes with a usable training image), `empty_class` (a class folder
-whose files are all rejected), `empty_split` (a val/test folder without one usable image).
+whose files are all rejected), `empty_split` (a val/test folder without one usable image),
+`bad_label_file` (a label file without its columns, or not UTF-8 text / JSON lines).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import posixpath
 import random
 import unicodedata
 import warnings
@@ -245,7 +257,10 @@ def _unwrap(walker: _Walker, root: Path) -> tuple[Path, list[Path], list[Path]]:
     base = root
     dirs, files = walker.listing(base)
     for _ in range(MAX_WRAPPERS):
-        if len(dirs) != 1 or split_of(dirs[0].name) == "train" or not walker.listing(dirs[0])[0]:
+        if len(dirs) != 1 or split_of(dirs[0].name) == "train":
+            break
+        inner_dirs, inner_files = walker.listing(dirs[0])
+        if not inner_dirs and not any(_label_kind(f) for f in inner_files):
             break
         for f in files:
             walker.reject(f, NOT_IN_CLASS)
@@ -263,6 +278,130 @@ def _is_split_tree(walker: _Walker, dirs: list[Path]) -> bool:
     return any(walker.listing(d)[0] for d in trains)
 
 
+# ------------------------------------------------------------------------------ label files
+LABELS_CSV = "labels.csv"
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+MAX_LABEL_FILE_BYTES = 64 << 20
+
+
+def _label_kind(path: Path) -> str | None:
+    """ "labels" for labels.csv, "metadata" for a Hugging Face imagefolder metadata file, else None."""
+    name = path.name.lower()
+    return "labels" if name == LABELS_CSV else "metadata" if name in METADATA_NAMES else None
+
+
+def _labelled(
+    walker: _Walker, base: Path, dirs: list[Path], files: list[Path]
+) -> tuple[str, dict[str, list[str]], list[tuple[str, str, Path]]] | None:
+    """Rule 7: classes from label files instead of folder names. None when the dataset folder
+    has no label file (in itself, or in a split folder for the imagefolder convention)."""
+    units: list[tuple[Path, Path, str | None]] = []  # (label file, its folder, the folder's split)
+    top = [f for f in files if _label_kind(f)]
+    if top:
+        units.append((top[0], base, None))
+    else:
+        for d in dirs:
+            meta = [f for f in walker.listing(d)[1] if _label_kind(f) == "metadata"]
+            if split_of(d.name) and meta:
+                units.append((meta[0], d, split_of(d.name)))
+    if not units:
+        return None
+    covered = {folder for _, folder, _ in units}
+    for f in files:
+        if base not in covered and f.parent == base:
+            walker.reject(f, "not listed in a label file")
+    for d in dirs:
+        if base not in covered and d not in covered:
+            for f in walker.files_under(d):
+                walker.reject(f, "not listed in a label file")
+    candidates: list[tuple[str, str, Path]] = []
+    folders: dict[str, list[str]] = {}
+    for label_file, folder, split in units:
+        shown = walker.rel(label_file)
+        for row_split, cls, path in _rows(walker, label_file, folder, split):
+            candidates.append((row_split, cls, path))
+            folders.setdefault(row_split, [])
+            if shown not in folders[row_split]:
+                folders[row_split].append(shown)
+    split_tree = any(split is not None for _, _, split in units) or set(folders) - {"train"}
+    return ("split" if split_tree else "flat"), folders, candidates
+
+
+def _rows(walker: _Walker, label_file: Path, folder: Path, split: str | None) -> list[tuple[str, str, Path]]:
+    """(split, class, file) for each usable row of one label file; every file under `folder`
+    that no row names, and every row that names no usable file, is rejected with a reason."""
+    shown = walker.rel(label_file)
+    present = {str(f): f for f in walker.files_under(folder) if f != label_file and not _label_kind(f)}
+    out: list[tuple[str, str, Path]] = []
+    seen: set[str] = set()
+    for line, raw_path, raw_label, raw_split in _read_label_file(walker, label_file):
+        rel = posixpath.normpath(raw_path.replace("\\", "/"))
+        where = f"{shown} line {line}"
+        if rel.startswith(("/", "../")) or rel == ".." or not raw_path:
+            walker.rejected.append({"path": f"{shown}:{line}", "reason": f"{where}: path leaves its folder"})
+            continue
+        path = folder / rel
+        key = str(path)
+        if key in seen:
+            walker.reject(path, f"listed twice in {shown}")
+            continue
+        seen.add(key)
+        if key not in present:
+            if not os.path.lexists(path):
+                walker.reject(path, f"listed in {shown} but missing")
+            continue  # present but ignored or refused (hidden, a link leading outside): said already
+        del present[key]
+        first = rel.split("/")[0]
+        row_split = split or split_of(raw_split or "") or (split_of(first) if "/" in rel else None) or "train"
+        if not raw_label:
+            walker.reject(path, f"no label in {shown}")
+            continue
+        out.append((row_split, class_name(raw_label), path))
+    for path in present.values():
+        walker.reject(path, f"not listed in {shown}")
+    return out
+
+
+def _read_label_file(walker: _Walker, path: Path) -> list[tuple[int, str, str, str]]:
+    """(line, path, label, split) rows of labels.csv (`path,label[,split]`) or of a metadata.csv /
+    metadata.jsonl (`file_name`, `label`). Raises ScanError("bad_label_file") when unreadable."""
+    shown = walker.rel(path)
+
+    def bad(why: str) -> ScanError:
+        rejected = sorted(walker.rejected, key=lambda r: r["path"])
+        return ScanError("bad_label_file", f"{shown}: {why}", rejected)
+
+    try:
+        if path.stat().st_size > MAX_LABEL_FILE_BYTES:
+            raise bad(f"larger than {MAX_LABEL_FILE_BYTES >> 20} MiB")
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise bad(f"unreadable ({type(exc).__name__})") from exc
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise bad(f"line {n} is not JSON") from exc
+                if not isinstance(obj, dict):
+                    raise bad(f"line {n} is not a JSON object")
+                records.append((n, obj))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        records = [(n + 2, row) for n, row in enumerate(reader)]
+    rows = []
+    for n, rec in records:
+        fields = {str(k).strip().lower(): v for k, v in rec.items() if k is not None}
+        file = fields.get("file_name", fields.get("path"))
+        if file is None or "label" not in fields:
+            raise bad("needs the columns path (or file_name) and label")
+        label = "" if fields["label"] is None else str(fields["label"]).strip()
+        rows.append((n, str(file).strip(), label, str(fields.get("split") or "").strip()))
+    return rows
+
+
 # ------------------------------------------------------------------------------ the scan
 def scan_tree(root: str | Path, *, max_pixels: int | None = None, workers: int | None = None) -> Scan:
     """Scan the dataset folder `root` by the module's rules; every image file is decoded once
@@ -273,6 +412,10 @@ def scan_tree(root: str | Path, *, max_pixels: int | None = None, workers: int |
     walker = _Walker(root)
     walker.rejected += _unextracted(root)
     base, dirs, files = _unwrap(walker, root)
+    labelled = _labelled(walker, base, dirs, files)
+    if labelled is not None:
+        layout, folders, candidates = labelled
+        return _decide(walker, layout, folders, candidates, base, max_pixels, workers)
     for f in files:
         walker.reject(f, NOT_IN_CLASS)
     layout = "split" if _is_split_tree(walker, dirs) else "flat"
@@ -282,14 +425,14 @@ def scan_tree(root: str | Path, *, max_pixels: int | None = None, workers: int |
     for folder, split in sorted(groups.items()):
         assert split is not None
         if folder != base:
-            folders.setdefault(split, []).append(folder.name)
+            folders.setdefault(split, []).append(folder.name + "/")
         class_dirs, loose = (dirs, []) if folder == base else walker.listing(folder)
         for f in loose:
             walker.reject(f, NOT_IN_CLASS)
         for class_dir in class_dirs:
             candidates += [(split, class_name(class_dir.name), f) for f in walker.files_under(class_dir)]
     if layout == "flat":
-        folders = {"train": [walker.rel(base)] if base != root else []}
+        folders = {"train": [walker.rel(base) + "/"] if base != root else []}
     return _decide(walker, layout, folders, candidates, base, max_pixels, workers)
 
 
@@ -343,7 +486,7 @@ def _decide(
     }
     for split in ("val", "test"):
         if split in folders and not samples[split]:
-            names = ", ".join(f"{n}/" for n in folders[split])
+            names = ", ".join(folders[split])
             raise ScanError("empty_split", f"{names} has no usable image of a train/ class", rejected)
     return Scan(
         layout=layout,

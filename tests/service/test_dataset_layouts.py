@@ -5,6 +5,7 @@ upload record says. Many small trees: the layouts people have, odd names, junk, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
@@ -171,6 +172,47 @@ def link_loop(r: Path) -> None:
     (r / "cats" / "again").symlink_to("..", target_is_directory=True)
 
 
+def labels_csv_flat(r: Path) -> None:
+    for i, color in enumerate(["red", "blue"] * 3):
+        img(r / "images" / f"{i}.jpg", color)
+    img(r / "images" / "unlisted.jpg")
+    rows = [f"images/{i}.jpg,{cls}" for i, cls in enumerate(["cat", "dog"] * 3)]
+    write(r / "labels.csv", "path,label\n" + "\n".join(rows + ["images/gone.jpg,cat", "../x.jpg,cat"]) + "\n")
+
+
+def labels_csv_split(r: Path) -> None:
+    rows = ["path,label,split"]
+    for i in range(8):
+        split = "val" if i >= 6 else "train"
+        img(r / "all" / f"{i}.png", "red" if i % 2 else "blue", "PNG")
+        rows.append(f"all/{i}.png,{'red' if i % 2 else 'blue'},{split}")
+    rows.append("all/0.png,blue,train")  # listed twice
+    write(r / "labels.csv", "\n".join(rows) + "\n")
+
+
+def hf_imagefolder_splits(r: Path) -> None:
+    for split, n in (("train", 6), ("test", 2)):
+        lines = ["file_name,label"]
+        for i in range(n):
+            img(r / split / "imgs" / f"{i}.jpg", "red" if i % 2 else "blue")
+            lines.append(f"imgs/{i}.jpg,{'red' if i % 2 else 'blue'}")
+        write(r / split / "metadata.csv", "\n".join(lines) + "\n")
+    write(r / "README.md")
+
+
+def hf_imagefolder_jsonl_wrapped(r: Path) -> None:
+    lines = []
+    for i in range(6):
+        img(r / "ds" / f"{i}.jpg", "red" if i % 2 else "blue")
+        lines.append(json.dumps({"file_name": f"{i}.jpg", "label": i % 2, "text": "x"}))
+    write(r / "ds" / "metadata.jsonl", "\n".join(lines) + "\n")
+
+
+def bad_label_file(r: Path) -> None:
+    flat(r)
+    write(r / "labels.csv", "filename,class\ncats/cats_0.jpg,cats\n")
+
+
 CASES: dict[str, Callable[[Path], None]] = {
     f.__name__: f
     for f in (
@@ -196,6 +238,11 @@ CASES: dict[str, Callable[[Path], None]] = {
         link_inside,
         link_outside,
         link_loop,
+        labels_csv_flat,
+        labels_csv_split,
+        hf_imagefolder_splits,
+        hf_imagefolder_jsonl_wrapped,
+        bad_label_file,
     )
 }
 
@@ -336,6 +383,24 @@ def test_layouts_decide_what_people_mean(tmp_path: Path) -> None:
         "dogs/broken.jpg": "broken symlink",
     }
     assert views["link_loop"]["rejected"] == [{"path": "cats/again", "reason": "symlink loop"}]
+    assert views["labels_csv_flat"]["counts"] == {"all": {"cat": 3, "dog": 3}}
+    assert {r["path"]: r["reason"] for r in views["labels_csv_flat"]["rejected"]} == {
+        "images/gone.jpg": "listed in labels.csv but missing",
+        "images/unlisted.jpg": "not listed in labels.csv",
+        "labels.csv:9": "labels.csv line 9: path leaves its folder",
+    }
+    split = views["labels_csv_split"]
+    assert split["counts"] == {"train": {"blue": 3, "red": 3}, "val": {"blue": 1, "red": 1}}
+    assert split["rejected"] == [{"path": "all/0.png", "reason": "listed twice in labels.csv"}]
+    assert views["hf_imagefolder_splits"]["counts"] == {
+        "train": {"blue": 3, "red": 3},
+        "test": {"blue": 1, "red": 1},
+    }
+    assert views["hf_imagefolder_splits"]["rejected"] == [
+        {"path": "README.md", "reason": "not listed in a label file"}
+    ]
+    assert views["hf_imagefolder_jsonl_wrapped"]["counts"] == {"all": {"0": 3, "1": 3}}
+    assert views["bad_label_file"] == {"error": "bad_label_file"}
 
 
 def test_readme_upload_example_works(client, tmp_path: Path) -> None:
