@@ -71,6 +71,7 @@ SPLIT_FOLDERS = {
 _SPLIT_OF = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 MAX_WRAPPERS = 4
+MAX_DEPTH = 32  # folders below a class folder: deeper trees are a mistake or an attack
 CHECK_DRAFT = (64, 64)  # JPEG validation decodes at reduced scale: every block is still read
 
 NOT_IN_CLASS = "not inside a class folder"
@@ -132,10 +133,14 @@ def split_of(name: str) -> str | None:
     return _SPLIT_OF.get(name.lower())
 
 
+def _printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (surrogate-escaped by Python) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def class_name(folder_name: str) -> str:
     """The class a folder names: NFC-normalised; bytes that are not UTF-8 shown as U+FFFD."""
-    text = folder_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return unicodedata.normalize("NFC", text)
+    return unicodedata.normalize("NFC", _printable(folder_name))
 
 
 # ------------------------------------------------------------------------------ checking a file
@@ -175,7 +180,9 @@ class _Walker:
         self._listed: dict[Path, tuple[list[Path], list[Path]]] = {}
 
     def rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+        """`path` relative to the root, `/`-separated; bytes that are not UTF-8 shown as U+FFFD
+        (the text goes into JSON)."""
+        return _printable(path.relative_to(self.root).as_posix())
 
     def reject(self, path: Path, reason: str) -> None:
         self.rejected.append({"path": self.rel(path), "reason": reason})
@@ -223,12 +230,15 @@ class _Walker:
         return "file" if entry.is_file(follow_symlinks=False) else "not a file"
 
     def files_under(self, folder: Path, ancestors: frozenset[str] = frozenset()) -> list[Path]:
-        """Every file below `folder`, nested folders included; a folder link into its own
-        ancestors is rejected as a loop instead of being walked forever."""
+        """Every file below `folder`, nested folders included (MAX_DEPTH levels); a folder link
+        into its own ancestors is rejected as a loop instead of being walked forever."""
         real = os.path.realpath(folder)
         inside_parent = os.path.realpath(folder.parent)
         if real in ancestors or os.path.commonpath([real, inside_parent]) == real:
             self.reject(folder, "symlink loop")
+            return []
+        if len(ancestors) >= MAX_DEPTH:
+            self.reject(folder, f"nested more than {MAX_DEPTH} folders deep (not read)")
             return []
         dirs, files = self.listing(folder)
         for sub in dirs:

@@ -120,3 +120,26 @@ def test_loader_yields_uint8_batches_with_indices(color_dataset):
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(len(ds)))
     norm = data.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
     assert norm.min() >= -1 and norm.max() <= 1
+
+
+def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
+    """A class nested deeper than MAX_DEPTH is cut off with a reason (no RecursionError); a name
+    that is not UTF-8 on disk is shown with U+FFFD, so the rejected list stays valid JSON."""
+    import json
+    import os
+
+    from models import scan as scanner
+
+    make_folder(tmp_path, {"a": 2, "b": 2})
+    deep = tmp_path / "a" / "/".join(["d"] * (scanner.MAX_DEPTH + 5))
+    make_folder(deep, {"x": 1})
+    bad_name = os.fsencode(tmp_path / "b") + b"/caf\xe9.txt"
+    with open(bad_name, "wb") as fh:
+        fh.write(b"text")
+    found = scanner.scan_tree(tmp_path)
+    reasons = {r["path"]: r["reason"] for r in found.rejected}
+    assert reasons.pop("b/caf\ufffd.txt") == "not an image"
+    ((path, reason),) = reasons.items()
+    assert path.count("/") == scanner.MAX_DEPTH and "nested more than" in reason
+    assert found.counts() == {"all": {"a": 2, "b": 2}}
+    json.dumps(found.rejected, ensure_ascii=False).encode("utf-8")
