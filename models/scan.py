@@ -267,8 +267,8 @@ def _unwrap(walker: _Walker, root: Path) -> tuple[Path, list[Path], list[Path]]:
     base = root
     dirs, files = walker.listing(base)
     for _ in range(MAX_WRAPPERS):
-        if len(dirs) != 1 or split_of(dirs[0].name) == "train":
-            break
+        if len(dirs) != 1 or split_of(dirs[0].name) == "train" or any(_label_kind(f) for f in files):
+            break  # a label file here makes this the dataset folder
         inner_dirs, inner_files = walker.listing(dirs[0])
         if not inner_dirs and not any(_label_kind(f) for f in inner_files):
             break

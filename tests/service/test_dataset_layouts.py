@@ -180,6 +180,16 @@ def labels_csv_flat(r: Path) -> None:
     write(r / "labels.csv", "path,label\n" + "\n".join(rows + ["images/gone.jpg,cat", "../x.jpg,cat"]) + "\n")
 
 
+def labels_csv_beside_one_folder(r: Path) -> None:
+    """labels.csv next to a single folder with subfolders: not a wrapper, the label file rules."""
+    rows = ["path,label"]
+    for i in range(4):
+        for sub in ("a", "b"):
+            img(r / "photos" / sub / f"{i}.jpg", "red" if i % 2 else "blue")
+            rows.append(f"photos/{sub}/{i}.jpg,{'red' if i % 2 else 'blue'}")
+    write(r / "labels.csv", "\n".join(rows) + "\n")
+
+
 def labels_csv_split(r: Path) -> None:
     rows = ["path,label,split"]
     for i in range(8):
@@ -239,6 +249,7 @@ CASES: dict[str, Callable[[Path], None]] = {
         link_outside,
         link_loop,
         labels_csv_flat,
+        labels_csv_beside_one_folder,
         labels_csv_split,
         hf_imagefolder_splits,
         hf_imagefolder_jsonl_wrapped,
@@ -389,6 +400,7 @@ def test_layouts_decide_what_people_mean(tmp_path: Path) -> None:
         "images/unlisted.jpg": "not listed in labels.csv",
         "labels.csv:9": "labels.csv line 9: path leaves its folder",
     }
+    assert views["labels_csv_beside_one_folder"]["counts"] == {"all": {"blue": 4, "red": 4}}
     split = views["labels_csv_split"]
     assert split["counts"] == {"train": {"blue": 3, "red": 3}, "val": {"blue": 1, "red": 1}}
     assert split["rejected"] == [{"path": "all/0.png", "reason": "listed twice in labels.csv"}]
