@@ -30,6 +30,10 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class DatasetScan:
+    """A job's data: models.scan's verdict (classes, rejected files, layout) with the splits the
+    job uses: `train`, `val` (the val folder, or held out of train by seed: `split` "seeded"),
+    and `test`, the dataset's own test split (empty when it has none)."""
+
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
