@@ -25,8 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import catalog, datasets, store
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
-from app.metrics import Metrics, MetricsMiddleware
-from app.queue import enqueue, make_celery, revoke
+from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
+from app.queue import enqueue, make_celery, queue_depth, revoke
 from app.schemas import (
     ArtifactList,
     Dataset,
@@ -556,7 +556,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing(settings)
     app.state.auth_limiter = AuthLimiter(r, keys, settings)
     app.state.celery = make_celery(settings)
-    app.state.metrics = Metrics(lambda: store.count_by_status(r, keys))
+    app.state.metrics = Metrics(
+        lambda: StoreSnapshot(
+            jobs_by_status=store.count_by_status(r, keys),
+            queue_depth=queue_depth(r, settings),
+            live_workers=len(store.live_workers(r, keys, settings.heartbeat_ttl_s)),
+        )
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in (jobs, dsets, misc):
