@@ -83,6 +83,26 @@ def _documented(pattern: str, description: str) -> dict[str, Any]:
     return {"json_schema_extra": {"pattern": pattern}, "description": description}
 
 
+def _links(**links: tuple[str, dict[str, str]]) -> dict[str, Any]:
+    """OpenAPI links (name -> (operationId, parameters)): how a response's ids and cursors feed the
+    next request, for clients and for schemathesis' stateful phase."""
+    return {
+        "links": {name: {"operationId": op, "parameters": params} for name, (op, params) in links.items()}
+    }
+
+
+_JOB_OPS = {
+    "GetJob": "get_job_v1_jobs__job_id__get",
+    "JobEvents": "job_events_v1_jobs__job_id__events_get",
+    "JobArtifacts": "list_artifacts_v1_jobs__job_id__artifacts_get",
+    "CancelJob": "cancel_job_v1_jobs__job_id__cancel_post",
+}
+
+
+def _job_links(id_expr: str) -> dict[str, Any]:
+    return _links(**{name: (op, {"job_id": id_expr}) for name, op in _JOB_OPS.items()})
+
+
 # ---------------------------------------------------------------- job validation at POST
 
 
@@ -151,7 +171,7 @@ SPEC_EXAMPLES = {
     "",
     status_code=201,
     response_model=Job,
-    responses=_errors(400, 409, 422),
+    responses={**_errors(400, 409, 422), 201: _job_links("$response.body#/id")},
     summary="Create a job",
     description="Validates the spec (model names, weights, dataset) and queues the job. Send an "
     "`Idempotency-Key` header to make retries safe: the same key and body return the same job (200), "
@@ -215,7 +235,19 @@ def _replay(
     return Job.from_store(job)
 
 
-@jobs.get("", response_model=JobList, responses=_errors(400, 422), summary="List jobs, newest first")
+_LIST_JOB_LINKS = _job_links("$response.body#/data/0/id")["links"]
+_LIST_JOB_LINKS["NextPage"] = {
+    "operationId": "list_jobs_v1_jobs_get",
+    "parameters": {"after": "$response.body#/next_cursor"},
+}
+
+
+@jobs.get(
+    "",
+    response_model=JobList,
+    responses={**_errors(400, 422), 200: {"links": _LIST_JOB_LINKS}},
+    summary="List jobs, newest first",
+)
 def list_jobs(
     request: Request,
     owner: Owner,
@@ -273,7 +305,16 @@ def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
     response_model=EventList,
     responses={
         **_errors(400, 404),
-        200: {"content": {"text/event-stream": {}}, "description": "JSON or SSE"},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON or SSE",
+            **_links(
+                NextEvents=(
+                    _JOB_OPS["JobEvents"],
+                    {"job_id": "$request.path.job_id", "after": "$response.body#/next_cursor"},
+                )
+            ),
+        },
     },
     summary="Event log (JSON, or a server-sent-event stream)",
     description="JSON by default. With `Accept: text/event-stream` (or `?stream=true`) a live SSE stream: "
@@ -341,7 +382,18 @@ async def _sse(request: Request, keys: store.Keys, job_id: str, last: str) -> As
 
 
 @jobs.get(
-    "/{job_id}/artifacts", response_model=ArtifactList, responses=_errors(404), summary="List artifacts"
+    "/{job_id}/artifacts",
+    response_model=ArtifactList,
+    responses={
+        **_errors(404),
+        200: _links(
+            Download=(
+                "download_artifact_v1_jobs__job_id__artifacts__name__get",
+                {"job_id": "$request.path.job_id", "name": "$response.body#/data/0/name"},
+            )
+        ),
+    },
+    summary="List artifacts",
 )
 def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
     r, keys, _ = _ctx(request)
@@ -381,7 +433,10 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     "",
     status_code=201,
     response_model=Dataset,
-    responses=_errors(400, 413, 422),
+    responses={
+        **_errors(400, 413, 422),
+        201: _links(GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/id"})),
+    },
     summary="Upload a dataset (zip of an ImageFolder)",
     description="`multipart/form-data` with the zip in a `file` part (and an optional `name` field), or "
     "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg` "
@@ -426,7 +481,18 @@ async def upload_dataset(
     return Dataset.from_store(record)
 
 
-@dsets.get("", response_model=DatasetList, summary="List datasets, newest first", responses=_errors(400, 422))
+@dsets.get(
+    "",
+    response_model=DatasetList,
+    summary="List datasets, newest first",
+    responses={
+        **_errors(400, 422),
+        200: _links(
+            NextPage=("list_datasets_v1_datasets_get", {"after": "$response.body#/next_cursor"}),
+            GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/data/0/id"}),
+        ),
+    },
+)
 def list_datasets(
     request: Request,
     owner: Owner,
