@@ -18,6 +18,7 @@ class ErrorInfo(BaseModel):
     code: str = Field(examples=["unknown_model"])
     message: str = Field(examples=["teacher.model: timm has no model 'resnet5O'; close matches: resnet50"])
     field: str | None = Field(default=None, examples=["teacher.model"])
+    status: str | None = Field(default=None, description="the job's status, on a 409 from cancel")
 
 
 class ErrorResponse(BaseModel):
