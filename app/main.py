@@ -10,7 +10,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,12 +33,14 @@ from app.schemas import (
     Dataset,
     DatasetList,
     ErrorResponse,
+    Event,
     EventList,
     Health,
     Job,
     JobList,
     ModelInfo,
     ModelList,
+    ProgressOut,
     Ready,
     Status,
     WeightFile,
@@ -254,11 +256,36 @@ def list_jobs(
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(**_documented(JOB_ID, "next_cursor of the previous page"))] = None,
+    name: Annotated[str | None, Query(max_length=200, description="only jobs with this name")] = None,
+    metadata: Annotated[
+        list[str] | None,
+        Query(max_length=600, description="key:value; only jobs whose metadata has it (repeat: all must)"),
+    ] = None,
 ) -> JobList:
     r, keys, _ = _ctx(request)
     after = _cursor(after, JOB_ID, "after", "a job id (the next_cursor of a previous page)")
-    items, cursor = store.list_jobs(r, keys, owner, status, limit, after)
+    match = _job_filter(name, metadata or [])
+    items, cursor = store.list_jobs(r, keys, owner, status, limit, after, match=match)
     return JobList(data=[Job.from_store(j) for j in items], has_more=cursor is not None, next_cursor=cursor)
+
+
+def _job_filter(name: str | None, metadata: list[str]) -> Callable[[dict[str, Any]], bool] | None:
+    """The list filter for ?name= and ?metadata=key:value (None: no filter). 400 on a bad pair."""
+    pairs = []
+    for item in metadata:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ApiError(400, "invalid_filter", f"metadata filter {item!r} is not key:value", "metadata")
+        pairs.append((key, value))
+    if name is None and not pairs:
+        return None
+
+    def match(job: dict[str, Any]) -> bool:
+        spec = job.get("spec") or {}
+        meta = spec.get("metadata") or {}
+        return (name is None or spec.get("name") == name) and all(meta.get(k) == v for k, v in pairs)
+
+    return match
 
 
 def _own_job(request: Request, owner: str, job_id: str) -> dict[str, Any]:
@@ -343,9 +370,12 @@ async def job_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    events = await anyio.to_thread.run_sync(lambda: store.list_events(r, keys, job_id, after, limit))
-    cursor = events[-1]["id"] if events else after
-    return EventList(data=events, status=job["status"], next_cursor=cursor)
+    events = await anyio.to_thread.run_sync(lambda: store.list_events(r, keys, job_id, after, limit + 1))
+    page, has_more = events[:limit], len(events) > limit
+    cursor = page[-1]["id"] if page else after
+    return EventList(
+        data=[Event.from_store(e) for e in page], status=job["status"], has_more=has_more, next_cursor=cursor
+    )
 
 
 def _sse_frame(event: str, data: Any, event_id: str | None = None) -> str:
@@ -366,11 +396,12 @@ async def _sse(request: Request, keys: store.Keys, job_id: str, last: str) -> As
             ar, keys, job_id, last, block_ms=0 if status in store.FINAL else 1000
         )
         for e in events:
-            yield _sse_frame(e["kind"], e, e["id"])
+            yield _sse_frame(e["kind"], Event.from_store(e).model_dump(mode="json"), e["id"])
             last = e["id"]
         if progress and progress != last_progress:
             last_progress = progress
-            yield _sse_frame("progress", json.loads(progress))
+            body = ProgressOut.model_validate(json.loads(progress)).model_dump(mode="json")
+            yield _sse_frame("progress", body)
         if status in store.FINAL and not events:
             yield _sse_frame("end", {"status": status})
             return

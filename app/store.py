@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,16 +247,42 @@ def list_jobs(
     status: str | None = None,
     limit: int = 20,
     after: str | None = None,
+    match: Callable[[dict[str, Any]], bool] | None = None,
+    scan_budget: int = 2000,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Newest first; `after` is the last id of the previous page. Returns (jobs, next cursor)."""
-    hi = f"({after}" if after else "+"
-    ids = r.zrevrangebylex(keys.jobs(owner, status), hi, "-", start=0, num=limit + 1)
-    page, more = ids[:limit], len(ids) > limit
+    """Newest first; `after` is the last id of the previous page. Returns (jobs, next cursor).
+
+    With `match` (a filter on the decoded job), at most `scan_budget` jobs are read per call: a
+    page can then come back short, with a cursor that continues the scan where it stopped."""
+    if match is None:
+        hi = f"({after}" if after else "+"
+        ids = r.zrevrangebylex(keys.jobs(owner, status), hi, "-", start=0, num=limit + 1)
+        page, more = ids[:limit], len(ids) > limit
+        return _load_jobs(r, keys, page), (page[-1] if more and page else None)
+    found: list[dict[str, Any]] = []
+    cursor, scanned = after, 0
+    while scanned < scan_budget:
+        hi = f"({cursor}" if cursor else "+"
+        ids = r.zrevrangebylex(
+            keys.jobs(owner, status), hi, "-", start=0, num=min(200, scan_budget - scanned)
+        )
+        if not ids:
+            return found, None
+        scanned += len(ids)
+        for job in _load_jobs(r, keys, ids):
+            if match(job):
+                if len(found) == limit:
+                    return found, found[-1]["id"]
+                found.append(job)
+        cursor = ids[-1]
+    return found, cursor  # budget spent: more may match further on
+
+
+def _load_jobs(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[str, Any]]:
     pipe = r.pipeline(transaction=False)
-    for job_id in page:
+    for job_id in ids:
         pipe.hgetall(keys.job(job_id))
-    jobs = [_decode(raw) for raw in pipe.execute() if raw]
-    return jobs, (page[-1] if more and page else None)
+    return [_decode(raw) for raw in pipe.execute() if raw]
 
 
 def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
