@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import catalog, datasets, store
+from app import catalog, datasets, store, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware
@@ -561,6 +561,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (jobs, dsets, misc):
         app.include_router(router)
+    app.include_router(webhooks.router)
     _mount_dashboard(app)
     return app
 
