@@ -1,7 +1,7 @@
 """A real webhook receiver for the tests: a threaded http.server on 127.0.0.1 that checks every
 delivery's Standard Webhooks signature with its own implementation (stdlib only, written from the
 spec, not from app/webhook_security.py) and answers from a script: a status code per request, or
-HANG (read the request, never answer)."""
+HANG (read the request, never answer). Also the small API helpers the webhook tests share."""
 
 from __future__ import annotations
 
@@ -11,11 +11,22 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
+
 HANG = "hang"
+
+FAST = {  # short timeouts and backoff so retries and give-ups take seconds
+    "webhooks_allow_private": True,  # the receivers are on loopback
+    "webhook_timeout_s": 1.0,
+    "webhook_backoff_s": 0.2,
+    "webhook_max_attempts": 3,
+    "webhook_claim_idle_s": 3.0,
+}
 
 
 def verify_standard_webhook(
@@ -106,3 +117,28 @@ class Receiver:
             if not self._cond.wait_for(lambda: len(self.received) >= n, timeout):
                 raise AssertionError(f"{len(self.received)} of {n} deliveries arrived within {timeout} s")
             return list(self.received)
+
+
+# ---------------------------------------------------------------- the API side
+
+
+def register(c: httpx.Client, rx: Receiver, **body: Any) -> dict:
+    resp = c.post("/v1/webhooks", json={"url": rx.url, **body})
+    assert resp.status_code == 201, resp.text
+    hook = resp.json()
+    rx.secret = hook["secret"]
+    return hook
+
+
+def wait_log(c: httpx.Client, hook_id: str, done: Callable[[list[dict]], bool], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = c.get(f"/v1/webhooks/{hook_id}/deliveries").json()["data"]
+        if done(log):
+            return log
+        time.sleep(0.2)
+    raise AssertionError(f"delivery log of {hook_id} never reached the state: {log}")
+
+
+def finished(log: list[dict]) -> bool:
+    return bool(log) and all(d["status"] != "pending" for d in log)

@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,17 +25,9 @@ from cli import procs
 from workers.webhooks import Sender
 
 from ..helpers import KEY_A, KEY_B, SPKD, Stack, make_settings, make_stack, tiny_spec
-from .receiver import HANG, Receiver, verify_standard_webhook
+from .receiver import FAST, HANG, Receiver, finished, register, verify_standard_webhook, wait_log
 
 pytestmark = pytest.mark.slow
-
-FAST = {  # short timeouts and backoff so retries and give-ups take seconds
-    "webhooks_allow_private": True,  # the receivers are on loopback
-    "webhook_timeout_s": 1.0,
-    "webhook_backoff_s": 0.2,
-    "webhook_max_attempts": 3,
-    "webhook_claim_idle_s": 3.0,
-}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +51,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
-def register(c: httpx.Client, rx: Receiver, **body: Any) -> dict:
-    resp = c.post("/v1/webhooks", json={"url": rx.url, **body})
-    assert resp.status_code == 201, resp.text
-    hook = resp.json()
-    rx.secret = hook["secret"]
-    return hook
-
-
 def cancelled_job(c: httpx.Client) -> str:
     """A job created and cancelled while queued: `job.cancelled` from the API process."""
     job = c.post("/v1/jobs", json=tiny_spec({"path": "hym"}))
@@ -75,20 +58,6 @@ def cancelled_job(c: httpx.Client) -> str:
     cancel = c.post(f"/v1/jobs/{job.json()['id']}/cancel")
     assert cancel.json()["status"] == "cancelled", cancel.text
     return job.json()["id"]
-
-
-def wait_log(c: httpx.Client, hook_id: str, done: Callable[[list[dict]], bool], timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = c.get(f"/v1/webhooks/{hook_id}/deliveries").json()["data"]
-        if done(log):
-            return log
-        time.sleep(0.2)
-    raise AssertionError(f"delivery log of {hook_id} never reached the state: {log}")
-
-
-def finished(log: list[dict]) -> bool:
-    return bool(log) and all(d["status"] != "pending" for d in log)
 
 
 # ---------------------------------------------------------------- signatures and the API
@@ -221,6 +190,7 @@ REFUSED = [
     "http://[::1]/",
     "http://[::ffff:127.0.0.1]/",
     "http://[::ffff:169.254.169.254]/",
+    "http://[2002:a9fe:a9fe::1]/",  # 6to4 wrapping 169.254.169.254
     "http://0.0.0.0/",
     "http://2130706433/",  # 127.0.0.1 as one decimal number
     "http://0x7f.1/",
