@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from app.settings import Settings
 from cli import procs
 from workers.webhooks import Sender
 
-from ..helpers import KEY_A, KEY_B, SPKD, Stack, make_settings, make_stack, tiny_spec
+from ..helpers import KEY_A, KEY_B, ROOT, SPKD, Stack, make_settings, make_stack, tiny_spec
 from .receiver import FAST, HANG, Receiver, finished, register, verify_standard_webhook, wait_log
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,16 @@ def cancelled_job(c: httpx.Client) -> str:
 
 
 # ---------------------------------------------------------------- signatures and the API
+
+
+def readme_verify() -> Callable[..., bool]:
+    """The `verify` function of the python block after `<!-- verify-webhook -->` in README.md."""
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- verify-webhook -->" in readme, "README.md lost its verify-webhook marker"
+    code = readme.split("<!-- verify-webhook -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace["verify"]
 
 
 def test_signature_matches_the_published_vector() -> None:
@@ -107,6 +118,11 @@ def test_cancelled_job_reaches_its_webhook_signed(stack: Stack) -> None:
             "error": None,
             "metrics": None,
         }
+
+        # The README's receiver snippet accepts it too, and refuses it with one byte changed.
+        verify = readme_verify()
+        assert verify(hook["secret"], got.headers, got.body)
+        assert not verify(hook["secret"], got.headers, got.body.replace(b"cancelled", b"succeeded"))
 
         [entry] = wait_log(c, hook["id"], finished, 30)
         assert entry["status"] == "delivered" and entry["job_id"] == job_id
