@@ -134,7 +134,7 @@ def _own_hook(request: Request, owner: str, hook_id: str) -> dict[str, Any]:
     "",
     status_code=201,
     response_model=WebhookCreated,
-    responses=_errors(409, 422),
+    responses=_errors(400, 409, 422),
     summary="Register a webhook",
     description="The URL must be http(s) and resolve to public addresses only (private, loopback, "
     "link-local, multicast and reserved ones are refused unless the server sets "
