@@ -46,6 +46,26 @@ class Settings(BaseSettings):
     auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
     max_rejected_listed: int = 1000
 
+    # Webhooks (app/webhooks.py, workers/webhooks.py).
+    webhooks_allow_private: bool = Field(
+        default=False,
+        description="let webhooks target private, loopback, link-local, reserved addresses (no SSRF guard)",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="per delivery attempt: connect + response"
+    )
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, le=20, description="attempts before a delivery gives up"
+    )
+    webhook_backoff_s: float = Field(
+        default=10.0, ge=0, description="delay before the 2nd attempt; x3 per further attempt (+0-10% jitter)"
+    )
+    webhook_max_per_key: int = Field(default=20, ge=1, description="webhooks one API key may register")
+    webhook_log_size: int = Field(default=100, ge=1, description="deliveries kept in each webhook's log")
+    webhook_claim_idle_s: float = Field(
+        default=60.0, gt=0, description="a sender's unfinished work older than this is taken over by another"
+    )
+
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 

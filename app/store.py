@@ -30,6 +30,8 @@ from typing import Any
 
 import redis
 
+from app import webhook_outbox
+
 QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, VALIDATING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -234,6 +236,7 @@ def transition(
             pipe.zadd(keys.status(to), {job_id: t})
             # In the same transaction: an SSE reader that sees the final status also sees its event.
             _xadd(pipe, keys, job_id, "status", message or f"job {to}", dict(event_data or {}, status=to))
+            webhook_outbox.add_for_transition(r, pipe, keys.prefix, job_id, owner, to, upd)  # same MULTI
         return current
 
     r.transaction(_tx, jkey)

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from app import store
+from app import store, webhook_outbox
 from models.callbacks import Progress
 
 log = logging.getLogger("spkd.worker")
@@ -126,6 +126,8 @@ class RedisReporter:
             self._update(stage=data["stage"])
         elif kind == "epoch_end" and self._latest is not None:
             self._write(self._latest)
+        elif kind == "stage_finished":
+            webhook_outbox.add_stage_finished(self.r, self.keys.prefix, self.job_id, data)
 
     def _update(self, **fields: Any) -> None:
         try:

@@ -14,6 +14,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from app import store
 from app.queue import TASK_NAME, enqueue
+from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
 from workers.runner import execute_job
 
@@ -100,6 +101,7 @@ def _on_ready(**_: Any) -> None:
     global _heartbeat
     _heartbeat = Heartbeat()
     _heartbeat.start()
+    webhook_sender.start(settings, WORKER_NAME)  # job events -> signed webhooks (workers/webhooks.py)
     try:
         recover_orphans()
     except Exception:  # noqa: BLE001 - recovery is best effort; the worker still serves
@@ -108,6 +110,7 @@ def _on_ready(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
+    webhook_sender.stop()
     if _heartbeat is not None:
         _heartbeat.stop.set()
         with contextlib.suppress(Exception):
