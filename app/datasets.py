@@ -345,6 +345,7 @@ def dataset_record(ds_id: str, owner: str, name: str, res: Extracted, settings: 
         "owner": owner,
         "name": name,
         "created_at": time.time(),
+        "status": "ready",
         "layout": res.layout,
         "classes": classes,
         "counts": res.counts,

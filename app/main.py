@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import catalog, datasets, references, store, webhooks
+from app import catalog, datasets, references, store, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
@@ -146,7 +146,8 @@ def _check_references(
     try:
         references.resolve_spec(r, keys, settings, spec, owner, require_finished=False)
     except SpkdError as e:
-        raise ApiError(422, e.code, e.message, e.field) from e
+        status = 409 if e.code == "dataset_not_ready" else 422  # retry later vs fix the spec
+        raise ApiError(status, e.code, e.message, e.field) from e
 
 
 # ---------------------------------------------------------------- routes: jobs
@@ -467,12 +468,15 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     responses={
         **_errors(400, 413, 422),
         201: _links(GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/id"})),
+        202: {"model": Dataset, "description": "large upload stored; validating in the background"},
     },
     summary="Upload a dataset (zip of an ImageFolder)",
     description="`multipart/form-data` with the zip in a `file` part (and an optional `name` field), or "
     "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg`, "
     "or `train/class/x.jpg` with `val/` and/or `test/` beside it, inside any wrapping folder (README, "
-    "Datasets). The zip is scanned by the engine's own scanner: files left out are listed with a reason.",
+    "Datasets). The zip is scanned by the engine's own scanner: files left out are listed with a reason. "
+    "A zip larger than SPKD_UPLOAD_SYNC_MAX_BYTES answers 202 with `status: validating` and a Location; "
+    "poll it until `ready` or `failed` (`error: {code, message}`).",
     openapi_extra={
         "requestBody": {
             "content": {
@@ -492,7 +496,10 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     },
 )
 async def upload_dataset(
-    request: Request, owner: Owner, name: Annotated[str | None, Query(max_length=200)] = None
+    request: Request,
+    response: Response,
+    owner: Owner,
+    name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Dataset:
     r, keys, settings = _ctx(request)
     root = datasets.datasets_dir(settings)
@@ -506,8 +513,13 @@ async def upload_dataset(
             zip_path,
             settings.max_upload_bytes,
         )
+        label = (fields.get("name") or name or ds_id)[:200]
+        if zip_path.stat().st_size > settings.upload_sync_max_bytes:  # scanned in the background
+            accept = request.app.state.validator.accept
+            record = await anyio.to_thread.run_sync(accept, zip_path, ds_id, owner, label)
+            response.status_code, response.headers["Location"] = 202, f"/v1/datasets/{ds_id}"
+            return Dataset.from_store(record)
         res = await anyio.to_thread.run_sync(datasets.extract_dataset, zip_path, root / ds_id, settings)
-    label = (fields.get("name") or name or ds_id)[:200]
     record = datasets.dataset_record(ds_id, owner, label, res, settings)
     await anyio.to_thread.run_sync(store.save_dataset, r, keys, record)
     return Dataset.from_store(record)
@@ -645,7 +657,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.aredis = aredis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
         )
+        app.state.validator = validation.Validator(r, keys, settings)
+        app.state.validator.start()  # picks up validations a previous process left unfinished
         yield
+        app.state.validator.close()
         await app.state.aredis.aclose()
 
     app = FastAPI(

@@ -150,11 +150,27 @@ def resolve_dataset_path(settings: Settings, raw: str) -> Path:
     return full
 
 
+def _check_ready(record: dict[str, Any] | None, ds_id: str) -> None:
+    """A large upload is usable once its background validation ended `ready` (app.validation):
+    `dataset_not_ready` (API: 409, retry later) while validating, `dataset_failed` (422) after."""
+    status = (record or {}).get("status", "ready")  # records older than the status field are ready
+    if status == "validating":
+        msg = f"dataset {ds_id!r} is still being validated: submit the job once its status is 'ready'"
+        raise SpkdError("dataset_not_ready", msg, "dataset.id")
+    if status == "failed":
+        err = (record or {}).get("error") or {}
+        msg = (
+            f"dataset {ds_id!r} failed validation ({err.get('code')}: {err.get('message')}): upload it again"
+        )
+        raise SpkdError("dataset_failed", msg, "dataset.id")
+
+
 def resolve_dataset_id(r: redis.Redis, keys: store.Keys, settings: Settings, ds_id: str, owner: str) -> Path:
     """`dataset.id` -> the upload's folder, only for its owner. Another key's dataset, a missing
     record, a missing folder or a folder that is not the upload's own (a symlink) all raise the
     same SpkdError `dataset_not_found`."""
     record = store.get_dataset(r, keys, ds_id, owner)
+    _check_ready(record, ds_id)
     uploads = uploads_dir(settings)
     folder = uploads / ds_id
     try:

@@ -210,7 +210,11 @@ class Dataset(BaseModel):
     object: Literal["dataset"] = "dataset"
     name: str
     created_at: datetime
-    layout: Literal["split", "flat"]
+    status: Literal["validating", "ready", "failed"] = Field(
+        default="ready", description="large uploads are `validating` (202) until scanned"
+    )
+    error: dict[str, str] | None = Field(default=None, description="{code, message} when failed")
+    layout: Literal["split", "flat"] | None = Field(default=None, description="null until ready")
     classes: list[str]
     counts: dict[str, dict[str, int]] = Field(
         description="split ('train', 'val', 'test' of split folders; 'all': class folders) -> class -> images"

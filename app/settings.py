@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     queue: str = "spkd"
 
     max_upload_bytes: int = 2 * 1024**3
+    upload_sync_max_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="larger uploads answer 202 and are validated in the background (status validating)",
+    )
     max_uncompressed_bytes: int = 8 * 1024**3
     max_files: int = 200_000
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb default

@@ -319,10 +319,14 @@ datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=Tru
 def datasets_upload(
     source: Path = typer.Argument(..., exists=True, help="an ImageFolder directory or a .zip of one"),
     name: str | None = typer.Option(None, help="a label (default: the folder name)"),
+    wait: float = typer.Option(
+        3600.0, help="seconds to wait for a large upload's background validation to end"
+    ),
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
-    """Upload a dataset; prints its id, classes and counts, and any rejected files."""
+    """Upload a dataset; waits until it is ready, then prints its id, classes and counts, and any
+    rejected files (exit 1 with the reason when its validation failed)."""
     label = name or source.stem
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = source if source.is_file() else zip_folder(source, Path(tmp) / "upload.zip")
@@ -335,6 +339,7 @@ def datasets_upload(
                         data={"name": label},
                     )
                 )
+                ds = wait_dataset_ready(client, ds, wait)
             except ClientError as e:
                 _fail(e)
     console.print(f"uploaded [bold]{ds['id']}[/bold]: {ds['num_images']} images, classes {ds['classes']}")
@@ -343,6 +348,23 @@ def datasets_upload(
     for rej in ds["rejected"][:20]:
         console.print(f"  [yellow]rejected[/yellow] {rej['path']}: {rej['reason']}")
     print(ds["id"])
+
+
+def wait_dataset_ready(
+    client: httpx.Client, ds: dict[str, Any], timeout_s: float, poll_s: float = 1.0
+) -> dict[str, Any]:
+    """Poll a `validating` dataset (a large upload answers 202) until `ready`. Raises ClientError
+    with the server's {code, message} when it ends `failed`, or after `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while ds.get("status", "ready") == "validating":
+        if time.monotonic() > deadline:
+            raise ClientError(f"dataset {ds['id']} still validating after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+        ds = _check(client.get(f"/v1/datasets/{ds['id']}"))
+    if ds.get("status") == "failed":
+        err = ds.get("error") or {}
+        raise ClientError(f"dataset {ds['id']} failed validation: {err.get('code')}: {err.get('message')}")
+    return ds
 
 
 @datasets_app.command("list")
@@ -358,7 +380,7 @@ def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
         table.add_row(
             d["id"],
             d["name"],
-            d["layout"],
+            d["layout"] or d.get("status", ""),
             str(len(d["classes"])),
             str(d["num_images"]),
             str(d["rejected_total"]),

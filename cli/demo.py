@@ -144,7 +144,8 @@ def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
     archive = client.zip_folder(folder, tmp / f"{folder.name}.zip")
     with archive.open("rb") as fh:
         files = {"file": (archive.name, fh, "application/zip")}
-        return client._check(http.post("/v1/datasets", files=files, data={"name": folder.name}, timeout=600))
+        ds = client._check(http.post("/v1/datasets", files=files, data={"name": folder.name}, timeout=600))
+    return client.wait_dataset_ready(http, ds, timeout_s=3600)  # a large zip is validated in the background
 
 
 def summary(metrics: dict) -> list[str]:

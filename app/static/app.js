@@ -593,17 +593,36 @@
       let body = null; try { body = JSON.parse(xhr.responseText); } catch (e) { /* keep null */ }
       if (xhr.status === 401) { signOut('Your API key was not accepted; sign in again.'); return; }
       if (xhr.status >= 400) { status.textContent = ''; err.textContent = `Upload failed: ${new ApiError(xhr.status, body).message}`; return; }
-      const d = body || {};
-      const rejected = (d.rejected || []).length;
-      status.textContent = `Uploaded ${d.id}: ${(d.classes || []).join(', ')}` + (rejected ? `; ${rejected} file(s) rejected` : '');
-      const sel = $('#f-dataset');
-      sel.append(el('option', { value: d.id, text: datasetLabel(d) }));
-      sel.value = d.id;
-      $('#f-dataset-path').value = '';
-      announce(status.textContent);
+      if (body && body.status === 'validating') { waitValidated(body, status, err); return; }
+      uploaded(body || {}, status);
     };
     status.textContent = 'Uploading…';
     xhr.send(form);
+  }
+
+  // A large zip answers 202 `validating`: poll the dataset until it is ready or failed.
+  async function waitValidated(d, status, err) {
+    status.textContent = `Uploaded ${d.id}; validating…`;
+    while (d.status === 'validating') {
+      await new Promise((res) => setTimeout(res, 1000));
+      try { d = await api('GET', `/v1/datasets/${d.id}`); } catch (e) { err.textContent = `Validation status unknown: ${e.message}`; return; }
+    }
+    if (d.status === 'failed') {
+      status.textContent = '';
+      err.textContent = `Upload failed: ${(d.error || {}).message || 'validation failed'} (${(d.error || {}).code || 'failed'})`;
+      return;
+    }
+    uploaded(d, status);
+  }
+
+  function uploaded(d, status) {
+    const rejected = (d.rejected || []).length;
+    status.textContent = `Uploaded ${d.id}: ${(d.classes || []).join(', ')}` + (rejected ? `; ${rejected} file(s) rejected` : '');
+    const sel = $('#f-dataset');
+    sel.append(el('option', { value: d.id, text: datasetLabel(d) }));
+    sel.value = d.id;
+    $('#f-dataset-path').value = '';
+    announce(status.textContent);
   }
 
   // Spec field path (as the API reports it) -> the input to focus.

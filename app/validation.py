@@ -1,0 +1,180 @@
+"""Background validation of large uploads (README.md, "Datasets"): the route stores the zip beside
+the uploads, saves the record `status: validating` and answers 202; a thread pool in the API
+process extracts and scans it (app.datasets, the same code as a synchronous upload) and saves the
+record `ready` (classes, counts, rejected) or `failed` with `error: {code, message}`.
+
+Surviving restarts: a running validation holds a Redis lease (`<prefix>:dsval:<id>`, renewed every
+lease_ttl_s/3). Every validating dataset id is in the set `<prefix>:dsvalidating`; each API
+process sweeps that set at start and every lease_ttl_s/3: an id whose lease expired (its process
+died) is claimed (SET NX) and validated again from its stored zip, or marked `failed` with
+`validation_interrupted` when the zip is gone. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from app import datasets, store
+from app.errors import ApiError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+VALIDATING, READY, FAILED = "validating", "ready", "failed"
+
+
+def pending_zip(settings: Settings, ds_id: str) -> Path:
+    """Where a large upload's zip waits for its validation (inside the uploads area, so on the same
+    filesystem as the extracted folder; the scanner never sees it: names starting '.' are skipped)."""
+    return datasets.datasets_dir(settings) / f".pending-{ds_id}.zip"
+
+
+def validating_record(
+    ds_id: str, owner: str, name: str, size_bytes: int, created_at: float
+) -> dict[str, Any]:
+    """The record saved before the 202: no classes yet."""
+    return {
+        "id": ds_id,
+        "owner": owner,
+        "name": name,
+        "created_at": created_at,
+        "status": VALIDATING,
+        "layout": None,
+        "classes": [],
+        "counts": {},
+        "num_images": 0,
+        "size_bytes": size_bytes,
+        "rejected": [],
+        "rejected_total": 0,
+    }
+
+
+class Validator:
+    """The API process's background validations: a small thread pool plus the restart sweeper."""
+
+    def __init__(self, r: redis.Redis, keys: store.Keys, settings: Settings, workers: int = 2) -> None:
+        self.r, self.keys, self.settings = r, keys, settings
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spkd-validate")
+        self.stop = threading.Event()
+        self.ttl_ms = max(1000, int(settings.lease_ttl_s * 1000))
+        self._sweeper: threading.Thread | None = None
+
+    # Redis names live here, not in store.Keys: only this module uses them.
+    def validating_set(self) -> str:
+        return f"{self.keys.prefix}:dsvalidating"
+
+    def lease_key(self, ds_id: str) -> str:
+        return f"{self.keys.prefix}:dsval:{ds_id}"
+
+    def start(self) -> None:
+        """Sweep now (a previous process may have died mid-validation), then every ttl/3."""
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="spkd-validate-sweep", daemon=True)
+        self._sweeper.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def accept(self, zip_path: Path, ds_id: str, owner: str, name: str) -> dict[str, Any]:
+        """Move the received zip to pending_zip, save the `validating` record, start validating;
+        returns the record (the 202's body)."""
+        size = zip_path.stat().st_size
+        os.replace(zip_path, pending_zip(self.settings, ds_id))
+        record = validating_record(ds_id, owner, name, size, time.time())
+        self.begin(record)
+        return record
+
+    def begin(self, record: dict[str, Any]) -> None:
+        """Save the `validating` record and start its validation (the zip is already at pending_zip)."""
+        ds_id = record["id"]
+        self.r.set(self.lease_key(ds_id), "1", px=self.ttl_ms)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self.validating_set(), ds_id)
+        pipe.set(self.keys.dataset(ds_id), json.dumps(record))
+        pipe.zadd(self.keys.datasets(record["owner"]), {ds_id: 0})
+        pipe.execute()
+        self.pool.submit(self._run, ds_id)
+
+    def sweep(self) -> None:
+        """Claim every validating dataset whose lease expired: validate again, or fail it."""
+        for ds_id in self.r.smembers(self.validating_set()):
+            ds_id = ds_id.decode() if isinstance(ds_id, bytes) else ds_id
+            if not self.r.set(self.lease_key(ds_id), "1", px=self.ttl_ms, nx=True):
+                continue  # someone (maybe this process) is on it
+            record = store.get_dataset(self.r, self.keys, ds_id)
+            if record is None or record.get("status") != VALIDATING:
+                self._forget(ds_id)
+            elif not pending_zip(self.settings, ds_id).is_file():
+                msg = "the API stopped while validating this upload and its zip is gone: upload it again"
+                self._finish(record, None, {"code": "validation_interrupted", "message": msg})
+            else:
+                log.info("dataset %s: validation resumed after a restart", ds_id)
+                self.pool.submit(self._run, ds_id)
+
+    def _sweep_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.sweep()
+            except redis.RedisError as e:  # Redis away for a moment: next round
+                log.warning("validation sweep: %s", e)
+            self.stop.wait(self.ttl_ms / 3000)
+
+    def _renew(self, ds_id: str, done: threading.Event) -> None:
+        while not done.wait(self.ttl_ms / 3000):
+            try:
+                self.r.set(self.lease_key(ds_id), "1", px=self.ttl_ms)
+            except redis.RedisError as e:
+                log.warning("dataset %s: lease renewal failed: %s", ds_id, e)
+
+    def _run(self, ds_id: str) -> None:
+        """Extract + scan; the record ends `ready` or `failed` (never left `validating` while alive)."""
+        done = threading.Event()
+        threading.Thread(target=self._renew, args=(ds_id, done), daemon=True).start()
+        record = store.get_dataset(self.r, self.keys, ds_id)
+        try:
+            if record is None:
+                return
+            zip_path = pending_zip(self.settings, ds_id)
+            dest = datasets.datasets_dir(self.settings) / ds_id
+            try:
+                res = datasets.extract_dataset(zip_path, dest, self.settings)
+            except ApiError as e:
+                self._finish(record, None, {"code": e.code, "message": e.message})
+                return
+            except Exception as e:  # noqa: BLE001 - a record must not stay `validating` forever
+                log.exception("dataset %s: validation crashed", ds_id)
+                self._finish(
+                    record, None, {"code": "validation_error", "message": f"{type(e).__name__}: {e}"}
+                )
+                return
+            self._finish(record, res, None)
+        finally:
+            done.set()
+
+    def _finish(
+        self, record: dict[str, Any], res: datasets.Extracted | None, error: dict[str, str] | None
+    ) -> None:
+        ds_id = record["id"]
+        if res is not None:
+            new = datasets.dataset_record(ds_id, record["owner"], record["name"], res, self.settings)
+            new["created_at"] = record["created_at"]
+        else:
+            new = {**record, "status": FAILED, "error": error}
+        store.save_dataset(self.r, self.keys, new)
+        self._forget(ds_id)
+        pending_zip(self.settings, ds_id).unlink(missing_ok=True)
+
+    def _forget(self, ds_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.validating_set(), ds_id)
+        pipe.delete(self.lease_key(ds_id))
+        pipe.execute()
