@@ -250,3 +250,19 @@ def test_sweep_leaves_folders_of_another_store_alone(tmp_path: Path, redis_url: 
     finally:
         store.delete_prefix(r, first.redis_prefix)
         store.delete_prefix(r, second.redis_prefix)
+
+
+def test_api_starts_and_sweeps_temporaries_with_redis_down(tmp_path: Path) -> None:
+    """Redis unreachable at start: upload temporaries (no record needed) still go, unrecorded
+    folders stay (no store to ask), and the API serves (503 for what needs the store)."""
+    from cli import procs
+
+    settings = make_settings(tmp_path, f"redis://127.0.0.1:{procs.free_port()}/0", orphan_grace_s=60)
+    ds_root = Path(settings.data_root) / "datasets"
+    stale = _old(_tree(ds_root / ".upload-abc", {"upload.zip": b"z"}))
+    unrecorded = _old(_tree(ds_root / store.new_id("ds"), {"a/x.jpg": b"j"}))
+    with TestClient(create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {KEY_A}"
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/v1/jobs").status_code == 503
+    assert not stale.exists() and unrecorded.exists()
