@@ -144,9 +144,9 @@ def _store_owns(r: redis.Redis, keys: store.Keys, root: Path) -> bool:
     """Whether this Redis namespace owns the folders under `root`, so a folder without a record is
     an orphan and not someone else's (or a wiped store's) data.
 
-    The namespace has a random id (P:store_id, set once); each root gets a `.spkd-store` file with
-    it on the first sweep. A root whose file names another id, or an id the store lost, is left
-    alone (logged): delete the file by hand to adopt the folders."""
+    The namespace has a random id (P:store_id, set once); each root (the data root, the artifact
+    root) gets a `.spkd-store` file with it on the first sweep. A root whose file names another id,
+    or an id the store lost, is left alone (logged): delete the file by hand to adopt the folders."""
     marker = root / MARKER
     current = r.get(keys.store_id())
     if marker.is_file():
@@ -173,7 +173,7 @@ def _store_owns(r: redis.Redis, keys: store.Keys, root: Path) -> bool:
 
 def _sweep_datasets(r: redis.Redis, keys: store.Keys, root: Path, cutoff: float) -> list[Path]:
     removed = []
-    owned = _store_owns(r, keys, root)
+    owned = _store_owns(r, keys, root.parent)  # the marker in the data root: datasets/ holds only datasets
     for entry in sorted(root.iterdir()):
         if not DATASET_DIR.match(entry.name) or r.exists(keys.dataset(entry.name)):
             continue
