@@ -65,6 +65,21 @@ class Settings(BaseSettings):
     webhook_claim_idle_s: float = Field(
         default=60.0, gt=0, description="a sender's unfinished work older than this is taken over by another"
     )
+    # Data lifecycle (issue 11): retention and the sweep of leftovers. None keeps forever.
+    job_ttl_days: float | None = Field(
+        default=None, gt=0, description="finished jobs older than this are deleted (records and files)"
+    )
+    dataset_ttl_days: float | None = Field(
+        default=None, gt=0, description="datasets older than this and unused by active jobs are deleted"
+    )
+    orphan_grace_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="a temporary or an unrecorded dataset/job folder untouched this long is removed",
+    )
+    sweep_interval_s: float = Field(
+        default=600.0, gt=0, description="how often a worker sweeps leftovers and applies retention"
+    )
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
