@@ -69,7 +69,10 @@ def _ctx(request: Request) -> tuple[redis.Redis, store.Keys, Settings]:
 STREAM_ID = r"^[0-9]{1,19}-[0-9]{1,19}$"
 JOB_ID = r"^job_[A-Za-z0-9_-]{1,64}$"
 DATASET_ID = r"^ds_[A-Za-z0-9_-]{1,64}$"
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+# A file name, or up to 8 folder levels of them (tensorboard/<stage>/steps/events...); no segment
+# starts with a dot, so `..` never is one.
+_ARTIFACT_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}"
+ARTIFACT_NAME = re.compile(rf"^(?:{_ARTIFACT_SEGMENT}/){{0,7}}{_ARTIFACT_SEGMENT}$")
 
 
 def _cursor(value: str | None, pattern: str, field: str, what: str) -> str | None:
@@ -500,7 +503,7 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
 
 
 @jobs.get(
-    "/{job_id}/artifacts/{name}",
+    "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
     responses={**_errors(404), 200: {"content": {"application/octet-stream": {}}}},
     summary="Download an artifact (streamed)",
@@ -515,7 +518,7 @@ def download_artifact(request: Request, owner: Owner, job_id: str, name: str) ->
         raise not_found("artifact", name)
     return FileResponse(
         path,
-        filename=name,
+        filename=Path(name).name,
         media_type="application/octet-stream",
         headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
     )

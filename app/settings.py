@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
     auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
     max_rejected_listed: int = 1000
+    mlflow_tracking_uri: str = Field(
+        default="", description="MLflow server every job logs to (a job's integrations may name another)"
+    )
+    mlflow_experiment: str = Field(default="spkd", description="MLflow experiment of jobs that name none")
 
     # Webhooks (app/webhooks.py, workers/webhooks.py).
     webhooks_allow_private: bool = Field(

@@ -218,7 +218,8 @@ def _validate_and_run(
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
-    from models.pipeline import run_job, validate_job  # torch: only in the job's process
+    from models.pipeline import validate_job  # torch: only in the job's process
+    from models.tracking import run_tracked
 
     warnings = validate_job(spec, data_dir)
     # run_job logs each warning as an event itself; here they only go on the job record.
@@ -231,7 +232,7 @@ def _validate_and_run(
     # Half-written files of an earlier attempt (killed mid-write): we hold the lease, nobody else writes.
     storage.remove_temporaries(out_dir)
     reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
-    metrics = run_job(spec, data_dir, out_dir, reporter, device=device)
+    metrics = run_tracked(spec, data_dir, out_dir, reporter, job_id, settings, device=device)
     artifacts = collect_artifacts(out_dir)
     try:  # the artifacts are registered with the status, or not at all
         store.transition(
