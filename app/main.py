@@ -593,6 +593,16 @@ async def upload_dataset(
     return Dataset.from_store(record)
 
 
+def _storage_full(where: str) -> ApiError:
+    return ApiError(
+        507,
+        "storage_full",
+        f"{where} is full; nothing was kept. Free space on the server (or delete old datasets "
+        "and jobs), then retry",
+        "file",
+    )
+
+
 @dsets.get(
     "",
     response_model=DatasetList,
@@ -605,17 +615,6 @@ async def upload_dataset(
         ),
     },
 )
-def _storage_full(where: str) -> ApiError:
-    return ApiError(
-        507,
-        "storage_full",
-        f"{where} is full; nothing was kept. Free space on the server (or delete old datasets "
-        "and jobs), then retry",
-        "file",
-    )
-
-
-@dsets.get("", response_model=DatasetList, summary="List datasets, newest first", responses=_errors())
 def list_datasets(
     request: Request,
     owner: Owner,
