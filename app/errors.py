@@ -30,6 +30,7 @@ DEFAULT_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    507: "storage_full",
 }
 
 
@@ -100,5 +101,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        if _storage_full(exc):  # a disk full is the operator's to fix, not a bug: say so
+            log.warning("storage full: %s", exc)
+            body = error_body("storage_full", "the server's storage is full; free space, then retry")
+            return JSONResponse(body, status_code=507)
         log.exception("unhandled error")
         return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+
+
+def _storage_full(exc: BaseException) -> bool:
+    from app.storage import storage_full  # app.storage imports this module through app.datasets
+
+    return storage_full(exc) is not None

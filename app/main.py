@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import catalog, datasets, references, store, validation, webhooks
+from app import catalog, datasets, references, storage, store, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
@@ -69,7 +69,10 @@ def _ctx(request: Request) -> tuple[redis.Redis, store.Keys, Settings]:
 STREAM_ID = r"^[0-9]{1,19}-[0-9]{1,19}$"
 JOB_ID = r"^job_[A-Za-z0-9_-]{1,64}$"
 DATASET_ID = r"^ds_[A-Za-z0-9_-]{1,64}$"
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+# A file name, or up to 8 folder levels of them (tensorboard/<stage>/steps/events...); no segment
+# starts with a dot, so `..` never is one.
+_ARTIFACT_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}"
+ARTIFACT_NAME = re.compile(rf"^(?:{_ARTIFACT_SEGMENT}/){{0,7}}{_ARTIFACT_SEGMENT}$")
 
 
 def _cursor(value: str | None, pattern: str, field: str, what: str) -> str | None:
@@ -199,6 +202,15 @@ def create_job(
         if earlier is not None:
             return _replay(r, keys, owner, earlier, store.body_hash(body), response)
     job = store.create_job(r, keys, owner, body, job_id)
+    _enqueue_or_fail(request, job_id)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return Job.from_store(job)
+
+
+def _enqueue_or_fail(request: Request, job_id: str) -> None:
+    """Send the job to the workers; when the broker is down, fail the job (never queued forever)
+    and answer 503."""
+    r, keys, settings = _ctx(request)
     try:
         enqueue(request.app.state.celery, settings, job_id)
     except Exception as e:  # noqa: BLE001 - broker down: do not leave a job queued forever
@@ -215,8 +227,6 @@ def create_job(
         raise ApiError(
             503, "queue_unavailable", "the job queue is unreachable; retry", headers={"Retry-After": "5"}
         ) from e
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return Job.from_store(job)
 
 
 def _replay(
@@ -328,6 +338,66 @@ def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
     return Job.from_store(job)
 
 
+@jobs.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses=_errors(404, 409),
+    summary="Delete a job",
+    description="Removes a finished job: its record, events, artifacts (files and index) and the "
+    "Idempotency-Keys that name it; its id is unknown (404) afterwards. A queued or running job is a "
+    "409 `job_active` with its `status`: cancel it first.",
+)
+def delete_job(request: Request, owner: Owner, job_id: str) -> Response:
+    r, keys, settings = _ctx(request)
+    try:
+        job = storage.delete_job(r, keys, settings, job_id, owner)
+    except store.Conflict as e:
+        current = (store.get_job(r, keys, job_id) or {}).get("status")
+        raise _conflict("job_active", str(e), current) from e
+    if job is None:
+        raise not_found("job", job_id)
+    return Response(status_code=204)
+
+
+def _conflict(code: str, message: str, status: str | None) -> ApiError:
+    """A 409 whose body also carries the job's current `status` (ApiError's own `status` is HTTP's)."""
+    err = ApiError(409, code, message)
+    err.extra["status"] = status
+    return err
+
+
+@jobs.post(
+    "/{job_id}/resume",
+    response_model=Job,
+    responses=_errors(404, 409),
+    summary="Resume a failed or cancelled job from its checkpoint",
+    description="Queues a new attempt of a `failed` or `cancelled` job that continues from its last "
+    "epoch-end checkpoint (e.g. after freeing space for a `storage_full` failure). Any other status, or "
+    "no checkpoint, is a 409 `job_not_resumable` with the job's `status`.",
+)
+def resume_job(request: Request, owner: Owner, job_id: str) -> Job:
+    r, keys, settings = _ctx(request)
+    job = _own_job(request, owner, job_id)
+
+    def refuse(why: str) -> ApiError:
+        return _conflict("job_not_resumable", f"job {job_id} is {job['status']}: {why}", job["status"])
+
+    if job["status"] not in (store.FAILED, store.CANCELLED):
+        raise refuse("only a failed or cancelled job can be resumed")
+    if not storage.has_checkpoint(settings, job_id):
+        raise refuse("it has no checkpoint to resume from (it stopped before its first epoch ended)")
+    if store.lease_held(r, keys, job_id):
+        raise refuse("its last run is still shutting down; retry in a few seconds")
+    try:
+        job = store.resume_job(r, keys, job_id)
+    except store.Conflict as e:  # resumed or changed by a concurrent request
+        job = store.get_job(r, keys, job_id) or job
+        raise refuse(str(e)) from e
+    _enqueue_or_fail(request, job_id)
+    return Job.from_store(job)
+
+
 @jobs.get(
     "/{job_id}/events",
     response_model=EventList,
@@ -434,7 +504,7 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
 
 
 @jobs.get(
-    "/{job_id}/artifacts/{name}",
+    "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
     responses={**_errors(404), 200: {"content": {"application/octet-stream": {}}}},
     summary="Download an artifact (streamed)",
@@ -449,7 +519,7 @@ def download_artifact(request: Request, owner: Owner, job_id: str, name: str) ->
         raise not_found("artifact", name)
     return FileResponse(
         path,
-        filename=name,
+        filename=Path(name).name,
         media_type="application/octet-stream",
         headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
     )
@@ -466,7 +536,7 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     status_code=201,
     response_model=Dataset,
     responses={
-        **_errors(400, 413, 422),
+        **_errors(400, 413, 422, 507),
         201: _links(GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/id"})),
         202: {"model": Dataset, "description": "large upload stored; validating in the background"},
     },
@@ -504,25 +574,45 @@ async def upload_dataset(
     r, keys, settings = _ctx(request)
     root = datasets.datasets_dir(settings)
     ds_id = store.new_id("ds")
-    with tempfile.TemporaryDirectory(prefix=".upload-", dir=root) as tmp:
-        zip_path = Path(tmp) / "upload.zip"
-        fields = await datasets.receive_upload(
-            request.stream(),
-            request.headers.get("content-type", ""),
-            request.headers.get("content-length"),
-            zip_path,
-            settings.max_upload_bytes,
-        )
-        label = (fields.get("name") or name or ds_id)[:200]
-        if zip_path.stat().st_size > settings.upload_sync_max_bytes:  # scanned in the background
-            accept = request.app.state.validator.accept
-            record = await anyio.to_thread.run_sync(accept, zip_path, ds_id, owner, label)
-            response.status_code, response.headers["Location"] = 202, f"/v1/datasets/{ds_id}"
-            return Dataset.from_store(record)
-        res = await anyio.to_thread.run_sync(datasets.extract_dataset, zip_path, root / ds_id, settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".upload-", dir=root) as tmp:
+            zip_path = Path(tmp) / "upload.zip"
+            fields = await datasets.receive_upload(
+                request.stream(),
+                request.headers.get("content-type", ""),
+                request.headers.get("content-length"),
+                zip_path,
+                settings.max_upload_bytes,
+            )
+            label = (fields.get("name") or name or ds_id)[:200]
+            if zip_path.stat().st_size > settings.upload_sync_max_bytes:  # scanned in the background
+                accept = request.app.state.validator.accept
+                record = await anyio.to_thread.run_sync(accept, zip_path, ds_id, owner, label)
+                response.status_code, response.headers["Location"] = 202, f"/v1/datasets/{ds_id}"
+                return Dataset.from_store(record)
+            res = await anyio.to_thread.run_sync(datasets.extract_dataset, zip_path, root / ds_id, settings)
+    except OSError as e:
+        if storage.storage_full(e) is None:
+            raise
+        raise _storage_full("the dataset storage (SPKD_DATA_ROOT)") from e
     record = datasets.dataset_record(ds_id, owner, label, res, settings)
-    await anyio.to_thread.run_sync(store.save_dataset, r, keys, record)
+    try:
+        await anyio.to_thread.run_sync(store.save_dataset, r, keys, record)
+    except BaseException:
+        # No record, no folder: an extracted dataset the API cannot see would only fill the disk.
+        await anyio.to_thread.run_sync(storage.remove_tree, root / ds_id)
+        raise
     return Dataset.from_store(record)
+
+
+def _storage_full(where: str) -> ApiError:
+    return ApiError(
+        507,
+        "storage_full",
+        f"{where} is full; nothing was kept. Free space on the server (or delete old datasets "
+        "and jobs), then retry",
+        "file",
+    )
 
 
 @dsets.get(
@@ -558,6 +648,27 @@ def get_dataset(request: Request, owner: Owner, ds_id: str) -> Dataset:
     if ds is None:
         raise not_found("dataset", ds_id)
     return Dataset.from_store(ds)
+
+
+@dsets.delete(
+    "/{ds_id}",
+    status_code=204,
+    response_class=Response,
+    responses=_errors(404, 409),
+    summary="Delete a dataset",
+    description="Removes the dataset's record and files. Refused (409 `dataset_in_use`, with the job "
+    "ids) while a queued or running job uses it: cancel those first. Finished jobs keep their results.",
+)
+def delete_dataset(request: Request, owner: Owner, ds_id: str) -> Response:
+    r, keys, settings = _ctx(request)
+    try:
+        ds = storage.delete_dataset(r, keys, settings, ds_id, owner)
+    except store.Conflict as e:
+        users = store.jobs_using_dataset(r, keys, owner, ds_id)
+        raise ApiError(409, "dataset_in_use", str(e), jobs=users) from e
+    if ds is None:
+        raise not_found("dataset", ds_id)
+    return Response(status_code=204)
 
 
 # ---------------------------------------------------------------- routes: models, health, metrics
@@ -657,6 +768,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.aredis = aredis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10
         )
+        await anyio.to_thread.run_sync(_sweep_at_start, r, keys, settings)
         app.state.validator = validation.Validator(r, keys, settings)
         app.state.validator.start()  # picks up validations a previous process left unfinished
         yield
@@ -687,6 +799,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     _mount_dashboard(app)
     return app
+
+
+def _sweep_at_start(r: redis.Redis, keys: store.Keys, settings: Settings) -> None:
+    """Leftovers of a killed API (upload temporaries, unrecorded folders): best effort, the API
+    starts even when Redis or the volumes misbehave."""
+    try:
+        storage.sweep(r, keys, settings)
+    except Exception:  # noqa: BLE001
+        log.exception("sweep of leftovers at start failed")
 
 
 def _mount_dashboard(app: FastAPI) -> None:

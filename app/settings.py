@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
     auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
     max_rejected_listed: int = 1000
+    mlflow_tracking_uri: str = Field(
+        default="", description="MLflow server every job logs to (a job's integrations may name another)"
+    )
+    mlflow_experiment: str = Field(default="spkd", description="MLflow experiment of jobs that name none")
 
     # Webhooks (app/webhooks.py, workers/webhooks.py).
     webhooks_allow_private: bool = Field(
@@ -69,6 +73,21 @@ class Settings(BaseSettings):
     webhook_log_size: int = Field(default=100, ge=1, description="deliveries kept in each webhook's log")
     webhook_claim_idle_s: float = Field(
         default=60.0, gt=0, description="a sender's unfinished work older than this is taken over by another"
+    )
+    # Data lifecycle (issue 11): retention and the sweep of leftovers. None keeps forever.
+    job_ttl_days: float | None = Field(
+        default=None, gt=0, description="finished jobs older than this are deleted (records and files)"
+    )
+    dataset_ttl_days: float | None = Field(
+        default=None, gt=0, description="datasets older than this and unused by active jobs are deleted"
+    )
+    orphan_grace_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="a temporary or an unrecorded dataset/job folder untouched this long is removed",
+    )
+    sweep_interval_s: float = Field(
+        default=600.0, gt=0, description="how often a worker sweeps leftovers and applies retention"
     )
 
     def api_key_list(self) -> list[str]:

@@ -12,6 +12,8 @@ own prefix. Keys (P = SPKD_REDIS_PREFIX):
     P:artifacts:<id>           hash name -> {"name", "size", "sha256"}
     P:dataset:<id>             string: the dataset JSON;  P:datasets:<owner> zset like jobs
     P:idem:<owner>:<key>       string: {"body": sha256, "job_id"} with a TTL
+    P:idem-of:<job id>         set of the P:idem keys naming that job (removed with the job)
+    P:store_id                 string: this namespace's random id (app/storage.py folder markers)
     P:lease:<id>               string: token of the worker running the job (SET NX PX, renewed)
     P:workers                  zset worker name -> last heartbeat (unix seconds); P:worker:<name> info
 """
@@ -99,8 +101,14 @@ class Keys:
     def idem(self, owner: str, key: str) -> str:
         return f"{self.prefix}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
+    def idem_of(self, job_id: str) -> str:
+        return f"{self.prefix}:idem-of:{job_id}"
+
     def lease(self, job_id: str) -> str:
         return f"{self.prefix}:lease:{job_id}"
+
+    def store_id(self) -> str:
+        return f"{self.prefix}:store_id"
 
     def workers(self) -> str:
         return f"{self.prefix}:workers"
@@ -184,10 +192,35 @@ def get_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None) -
     return _decode(raw)
 
 
+# Runs the commands (a JSON list of [command, key, args...]) only while the job's hash exists.
+_IF_JOB_EXISTS = """
+if redis.call('exists', KEYS[1]) == 0 then return false end
+local out
+for _, cmd in ipairs(cjson.decode(ARGV[1])) do out = redis.call(unpack(cmd)) end
+return out
+"""
+
+
+def _if_job_exists(r: redis.Redis, keys: Keys, job_id: str, *commands: list[Any]) -> Any:
+    """Run Redis commands atomically, only while the job exists; None when it does not.
+
+    The one gate for writes from outside a status transition (progress, events, attempts,
+    artifacts): a late write of a dying worker never recreates a deleted job (issue 11)."""
+    body = json.dumps([[str(a) for a in c] for c in commands], ensure_ascii=False)
+    return r.register_script(_IF_JOB_EXISTS)(keys=[keys.job(job_id)], args=[body])
+
+
 def update_job(r: redis.Redis, keys: Keys, job_id: str, **fields: Any) -> None:
-    """Fields that do not change the status (progress, stage, metrics, warnings...)."""
+    """Fields that do not change the status (progress, stage, metrics, warnings...). A no-op when
+    the job does not exist (deleted)."""
     fields["updated_at"] = now()
-    r.hset(keys.job(job_id), mapping=_encode(fields))
+    flat = [x for kv in _encode(fields).items() for x in kv]
+    _if_job_exists(r, keys, job_id, ["HSET", keys.job(job_id), *flat])
+
+
+def start_attempt(r: redis.Redis, keys: Keys, job_id: str) -> int | None:
+    """Count one more run of the job; its number, or None when the job no longer exists."""
+    return _if_job_exists(r, keys, job_id, ["HINCRBY", keys.job(job_id), "attempts", 1])
 
 
 def transition(
@@ -329,6 +362,61 @@ def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
     return get_job(r, keys, job_id)  # type: ignore[return-value]
 
 
+def resume_job(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+    """failed/cancelled -> queued for a new run that continues from the job's checkpoint: error,
+    cancel flag, finish time and attempt count are cleared (the caller checks the checkpoint and
+    enqueues). Raises Conflict in any other status, KeyError when the job does not exist."""
+    job = transition(
+        r,
+        keys,
+        job_id,
+        QUEUED,
+        [FAILED, CANCELLED],
+        "resumed: queued again to continue from its last checkpoint",
+        error=None,
+        metrics=None,
+        finished_at=None,
+        cancel_requested=0,
+        cancel_requested_at=None,
+        attempts=0,
+    )
+    r.hdel(keys.job(job_id), "requeued_at")
+    return job
+
+
+def delete_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+    """Remove a finished job's records in one transaction: the job, its index entries, events,
+    artifact index, lease and the idempotency keys that name it. Returns the removed job, or None
+    when it does not exist (or, with `owner`, is someone else's). Raises Conflict while it is
+    queued, validating or running (cancel it first). Files are the caller's (app/storage.py)."""
+    jkey = keys.job(job_id)
+
+    def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
+        raw = pipe.hgetall(jkey)
+        if not raw or (owner is not None and raw.get("owner") != owner):
+            return None
+        status, job_owner = raw.get("status", ""), raw.get("owner", "")
+        if status in ACTIVE:
+            raise Conflict(f"job {job_id} is {status}; cancel it first")
+        idem = [k for k in pipe.smembers(keys.idem_of(job_id)) if _idem_names(pipe.get(k), job_id)]
+        pipe.multi()
+        pipe.delete(
+            jkey, keys.events(job_id), keys.artifacts(job_id), keys.lease(job_id), keys.idem_of(job_id)
+        )
+        if idem:
+            pipe.delete(*idem)
+        pipe.zrem(keys.jobs(job_owner), job_id)
+        pipe.zrem(keys.jobs(job_owner, status), job_id)
+        pipe.zrem(keys.status(status), job_id)
+        return _decode(raw)
+
+    return r.transaction(_tx, jkey, keys.idem_of(job_id), value_from_callable=True)
+
+
+def _idem_names(raw: str | None, job_id: str) -> bool:
+    return bool(raw) and json.loads(raw).get("job_id") == job_id
+
+
 def cancel_requested(r: redis.Redis, keys: Keys, job_id: str) -> bool:
     return r.hget(keys.job(job_id), "cancel_requested") == "1"
 
@@ -347,13 +435,21 @@ def job_ids_with_status(r: redis.Redis, keys: Keys, status: str) -> list[str]:
 # ---------------------------------------------------------------- events
 
 
+def _entry(kind: str, message: str, data: dict[str, Any]) -> dict[str, str]:
+    return {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": json.dumps(data, default=str)}
+
+
 def _xadd(r: Any, keys: Keys, job_id: str, kind: str, message: str, data: dict[str, Any]) -> Any:
-    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": json.dumps(data, default=str)}
+    entry = _entry(kind, message, data)
     return r.xadd(keys.events(job_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
 
 
-def add_event(r: redis.Redis, keys: Keys, job_id: str, kind: str, message: str, **data: Any) -> str:
-    return _xadd(r, keys, job_id, kind, message, data)
+def add_event(r: redis.Redis, keys: Keys, job_id: str, kind: str, message: str, **data: Any) -> str | None:
+    """Append to the job's event log; the entry id, or None (nothing written) when the job does not
+    exist, so a deleted job's log is never recreated."""
+    flat = [x for kv in _entry(kind, message, data).items() for x in kv]
+    command = ["XADD", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *flat]
+    return _if_job_exists(r, keys, job_id, command)
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
@@ -394,9 +490,12 @@ def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[st
 
 
 def set_artifacts(r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
-    pipe = r.pipeline(transaction=True)
-    _write_artifacts(pipe, keys, job_id, artifacts)
-    pipe.execute()
+    """Replace the job's artifact index (nothing is written when the job does not exist)."""
+    commands: list[list[Any]] = [["DEL", keys.artifacts(job_id)]]
+    if artifacts:
+        flat = [x for a in artifacts for x in (a["name"], json.dumps(a))]
+        commands.append(["HSET", keys.artifacts(job_id), *flat])
+    _if_job_exists(r, keys, job_id, *commands)
 
 
 def list_artifacts(r: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
@@ -438,6 +537,41 @@ def list_datasets(
     return [json.loads(x) for x in raws if x], (page[-1] if more and page else None)
 
 
+def jobs_using_dataset(r: Any, keys: Keys, owner: str, ds_id: str) -> list[str]:
+    """The owner's queued, validating or running jobs whose spec names `dataset.id` = ds_id."""
+    ids = [job_id for status in ACTIVE for job_id in r.zrange(keys.jobs(owner, status), 0, -1)]
+    specs = [r.hget(keys.job(job_id), "spec") for job_id in ids]
+    return [
+        job_id
+        for job_id, spec in zip(ids, specs, strict=True)
+        if spec and (json.loads(spec).get("dataset") or {}).get("id") == ds_id
+    ]
+
+
+def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = None) -> dict[str, Any] | None:
+    """Remove a dataset's record. Returns it, or None when it does not exist (or, with `owner`, is
+    someone else's). Raises Conflict naming the jobs while a queued or running job uses it; the
+    check and the delete are one transaction over the owner's active-job indexes, so a job queued
+    meanwhile makes it retry and see that job. The folder is the caller's (app/storage.py)."""
+    ds = get_dataset(r, keys, ds_id, owner)
+    if ds is None:
+        return None
+    watched = [keys.dataset(ds_id)] + [keys.jobs(ds["owner"], s) for s in ACTIVE]
+
+    def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
+        if not pipe.exists(keys.dataset(ds_id)):
+            return None
+        users = jobs_using_dataset(pipe, keys, ds["owner"], ds_id)
+        if users:
+            raise Conflict(f"dataset {ds_id} is used by active jobs: {', '.join(users)}; cancel them first")
+        pipe.multi()
+        pipe.delete(keys.dataset(ds_id))
+        pipe.zrem(keys.datasets(ds["owner"]), ds_id)
+        return ds
+
+    return r.transaction(_tx, *watched, value_from_callable=True)
+
+
 # ---------------------------------------------------------------- idempotency
 
 
@@ -452,6 +586,11 @@ def claim_idempotency_key(
     earlier binding {"body", "job_id"} when the key was used before."""
     record = json.dumps({"body": body_sha, "job_id": job_id})
     if r.set(keys.idem(owner, key), record, nx=True, ex=ttl_s):
+        # The reverse index: deleting the job also forgets the key (a retry then makes a new job).
+        pipe = r.pipeline(transaction=True)
+        pipe.sadd(keys.idem_of(job_id), keys.idem(owner, key))
+        pipe.expire(keys.idem_of(job_id), ttl_s)
+        pipe.execute()
         return None
     raw = r.get(keys.idem(owner, key))
     return json.loads(raw) if raw else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,15 +164,28 @@ class Validator:
     def _finish(
         self, record: dict[str, Any], res: datasets.Extracted | None, error: dict[str, str] | None
     ) -> None:
+        """Save the outcome only while the record is still `validating`: a dataset deleted meanwhile
+        (DELETE /v1/datasets/{id}) stays deleted, and its extracted folder is removed."""
         ds_id = record["id"]
         if res is not None:
             new = datasets.dataset_record(ds_id, record["owner"], record["name"], res, self.settings)
             new["created_at"] = record["created_at"]
         else:
             new = {**record, "status": FAILED, "error": error}
-        store.save_dataset(self.r, self.keys, new)
+
+        def _tx(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.get(self.keys.dataset(ds_id))
+            if raw is None or json.loads(raw).get("status") != VALIDATING:
+                return False
+            pipe.multi()
+            pipe.set(self.keys.dataset(ds_id), json.dumps(new))
+            return True
+
+        kept = self.r.transaction(_tx, self.keys.dataset(ds_id), value_from_callable=True)
         self._forget(ds_id)
         pending_zip(self.settings, ds_id).unlink(missing_ok=True)
+        if not kept:
+            shutil.rmtree(datasets.datasets_dir(self.settings) / ds_id, ignore_errors=True)
 
     def _forget(self, ds_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -275,6 +275,26 @@ def cancel(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str
     )
 
 
+def delete(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """Delete a finished job: its record, events and artifacts (a queued or running one: cancel first)."""
+    with make_client(url, key) as client:
+        try:
+            _check(client.delete(f"/v1/jobs/{job_id}"))
+        except ClientError as e:
+            _fail(e)
+    console.print(f"{job_id}: deleted")
+
+
+def resume(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """Resume a failed or cancelled job from its last checkpoint (a new attempt)."""
+    with make_client(url, key) as client:
+        try:
+            job = _check(client.post(f"/v1/jobs/{job_id}/resume"))
+        except ClientError as e:
+            _fail(e)
+    console.print(f"{job['id']}: {job['status']} (resumes from its last checkpoint)")
+
+
 def download(
     job_id: str = typer.Argument(...),
     names: list[str] = typer.Argument(None, help="artifact names (default: all)"),
@@ -312,7 +332,7 @@ def download(
             _fail(e)
 
 
-datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload, list and delete datasets.", no_args_is_help=True)
 
 
 @datasets_app.command("upload")
@@ -388,6 +408,19 @@ def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     Console().print(table)
 
 
+@datasets_app.command("delete")
+def datasets_delete(
+    ds_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt
+) -> None:
+    """Delete a dataset and its files (refused while a queued or running job uses it)."""
+    with make_client(url, key) as client:
+        try:
+            _check(client.delete(f"/v1/datasets/{ds_id}"))
+        except ClientError as e:
+            _fail(e)
+    console.print(f"{ds_id}: deleted")
+
+
 def zip_folder(folder: Path, dest: Path) -> Path:
     """Zip `folder` as it is; symlinks are stored as links (like `zip -y`), so the server applies
     its one symlink policy (followed only inside the dataset) and names each refused link."""
@@ -409,6 +442,6 @@ def zip_folder(folder: Path, dest: Path) -> Path:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `spkd` app."""
-    for fn in (submit, status, events, cancel, download):
+    for fn in (submit, status, events, cancel, delete, resume, download):
         app.command(fn.__name__)(fn)
     app.add_typer(datasets_app, name="datasets")

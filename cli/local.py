@@ -72,15 +72,16 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
 
 
 def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) -> int:
+    from app.settings import Settings
     from models.callbacks import StopRequested
     from models.errors import SpkdError
-    from models.pipeline import run_job
+    from models.tracking import run_tracked
 
     reporter = BarReporter(console)
     previous = signal.signal(signal.SIGINT, reporter.request_stop)
     try:
         with reporter:
-            metrics = run_job(spec, data_dir, out, reporter, device=device)
+            metrics = run_tracked(spec, data_dir, out, reporter, out.name, Settings(), device=device)
     except SpkdError as exc:
         console.print(
             f"[red]error[/red] {exc.code}" + (f" ({exc.field})" if exc.field else "") + f": {exc.message}"

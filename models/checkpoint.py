@@ -7,6 +7,7 @@ Python values, so it loads back with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -25,12 +26,19 @@ def checkpoint_dir(out_dir: Path) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then move it over `path` in one step."""
+    """Call write(tmp_path), then move it over `path` in one step. Nothing is left behind when it
+    fails; a full disk raises OSError(ENOSPC) whatever the writer raised (torch.save says
+    RuntimeError "unexpected pos", safetensors SafetensorError), so callers can name it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:
+            if not isinstance(exc, OSError) and _no_space_left(path.parent, exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should be readable like any file
@@ -38,6 +46,18 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _no_space_left(folder: Path, exc: BaseException) -> bool:
+    """After a failed write: did it fail because the file system is full? (Checked before the
+    partial temporary is removed, so a write that ran out of space leaves ~0 bytes free.)"""
+    if "os error 28" in str(exc) or "No space left" in str(exc):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def _umask() -> int:

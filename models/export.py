@@ -3,6 +3,7 @@ an ONNX export of the student (normalised float input N x 3 x S x S, dynamic bat
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import warnings
@@ -48,11 +49,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> str:
     """Export with the dynamo exporter (torch's default); fall back to TorchScript if it fails.
 
-    Returns the exporter used. The model is exported in fp32 on the CPU.
+    Returns the exporter used. The model is exported in fp32 on the CPU. Written to a temporary
+    name and renamed: a failure (a full disk: OSError ENOSPC) leaves no file behind.
     """
+    tmp = path.with_suffix(".onnx.tmp")
+    try:
+        exporter = _export_onnx(model, image_size, tmp)
+        tmp.replace(path)
+    finally:
+        for leftover in path.parent.glob(tmp.name + "*"):  # the temp file, external-data side files
+            leftover.unlink(missing_ok=True)
+    return exporter
+
+
+def _export_onnx(model: torch.nn.Module, image_size: int, tmp: Path) -> str:
     model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     example = (torch.randn(2, 3, image_size, image_size),)
-    tmp = path.with_suffix(".onnx.tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -69,6 +81,8 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> str:
             program.save(str(tmp))
         exporter = "dynamo"
     except Exception as exc:  # an op the new exporter cannot translate yet
+        if _disk_full(exc):  # not the exporter's fault: the other one would fail the same way
+            raise
         log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -83,7 +97,12 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> str:
                 opset_version=18,
             )
         exporter = "torchscript"
-    tmp.replace(path)
-    for extra in path.parent.glob(tmp.name + "*"):  # external-data side files, if any
-        extra.unlink()
     return exporter
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -133,6 +133,48 @@ class TrainSpec(_Strict):
     )
 
 
+TRACKING_URI_MAX = 2000
+INTEGRATIONS_MAX = 4
+
+
+def _check_tracking_uri(value: str | None) -> str | None:
+    """http(s) only (a file: or database URI would write on the worker's disks) and no
+    credentials (the spec is stored, returned by the API and copied into metrics.json)."""
+    if value is None:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(f"not a URL: {value[:100]!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("tracking_uri must be an http:// or https:// URL of an MLflow tracking server")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "tracking_uri must not carry credentials: put them in the worker's environment "
+            "(MLFLOW_TRACKING_USERNAME/PASSWORD or SPKD_MLFLOW_TRACKING_URI)"
+        )
+    return value
+
+
+class MlflowIntegration(_Strict):
+    """Log the job as one MLflow run (params, per-epoch metrics, artifacts)."""
+
+    type: Literal["mlflow"]
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="MLflow experiment, created when missing; default: the server's SPKD_MLFLOW_EXPERIMENT",
+    )
+    tracking_uri: Annotated[str | None, AfterValidator(_check_tracking_uri)] = Field(
+        default=None,
+        max_length=TRACKING_URI_MAX,
+        description="http(s) URL of the MLflow server; default: the server's SPKD_MLFLOW_TRACKING_URI",
+    )
+
+
 METADATA_MAX_KEYS = 32
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 METADATA_VALUE_MAX = 512
@@ -165,6 +207,11 @@ class JobSpec(_Strict):
     train: TrainSpec = TrainSpec()
     baseline: bool = Field(
         default=True, description="also fine-tune the student without SP to report the gain"
+    )
+    integrations: list[MlflowIntegration] = Field(
+        default_factory=list,
+        max_length=INTEGRATIONS_MAX,
+        description="where else the job reports: [{type: mlflow, experiment: NAME, tracking_uri: URL}]",
     )
 
     @classmethod

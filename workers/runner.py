@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from app import references, store
+from app import references, storage, store
 from app.settings import Settings
 from models.callbacks import StopRequested
 from models.errors import SpkdError
@@ -96,7 +96,9 @@ def _run_leased(
     device: str | None,
 ) -> str:
     job_id = job["id"]
-    attempts = r.hincrby(keys.job(job_id), "attempts", 1)
+    attempts = store.start_attempt(r, keys, job_id)
+    if attempts is None:
+        return "missing"  # deleted since it was read
     resumed = job["status"] in (store.VALIDATING, store.RUNNING)
     if attempts > settings.max_attempts:
         error = {
@@ -132,6 +134,22 @@ def _run_leased(
         log.info("job %s: %s", job_id, e)
         _finish(r, keys, job_id, store.FAILED, f"failed: {e.message}", error=e.as_dict())
         return "failed"
+    except OSError as e:
+        full = storage.storage_full(e)
+        if full is None:
+            raise
+        error = _storage_full_error(r, keys, job_id, full)
+        log.warning("job %s: %s", job_id, error["message"])
+        _finish(
+            r,
+            keys,
+            job_id,
+            store.FAILED,
+            f"failed: {error['message']}",
+            {"stage": error["stage"]},
+            error=error,
+        )
+        return "failed"
     except (redis.ConnectionError, redis.TimeoutError) as e:
         # Redis is gone, not the job's fault: leave it running; once Redis is back its lease
         # expires and the orphan sweep queues it again to resume from its checkpoint.
@@ -154,9 +172,33 @@ def _run_leased(
         free_memory()
 
 
-def _finish(r: redis.Redis, keys: store.Keys, job_id: str, to: str, message: str, **fields: Any) -> None:
+def _storage_full_error(r: redis.Redis, keys: store.Keys, job_id: str, exc: OSError) -> dict[str, Any]:
+    """The `storage_full` error of a job: which stage, which file (its name only: server folders
+    stay private), and what to do."""
+    job = store.get_job(r, keys, job_id) or {}
+    stage = (job.get("stage") if job.get("status") == store.RUNNING else None) or "validating"
+    name = Path(exc.filename).name if exc.filename else "a file"
+    message = (
+        f"the artifact storage is full ({exc.strerror or 'no space left'}) while writing {name} "
+        f"in the {stage} stage; free space under SPKD_ARTIFACT_ROOT, then resume the job "
+        f"(POST /v1/jobs/{job_id}/resume) to continue from its last checkpoint"
+    )
+    return {"code": "storage_full", "message": message, "field": None, "stage": stage}
+
+
+def _finish(
+    r: redis.Redis,
+    keys: store.Keys,
+    job_id: str,
+    to: str,
+    message: str,
+    event_data: dict[str, Any] | None = None,
+    **fields: Any,
+) -> None:
     try:
-        store.transition(r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, **fields)
+        store.transition(
+            r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, event_data, **fields
+        )
     except store.CancelPending:
         # The API answered 200 to a cancel: the job ends cancelled, whatever ended the run.
         _finish(r, keys, job_id, store.CANCELLED, f"cancelled ({message}, after the cancel request)")
@@ -176,7 +218,8 @@ def _validate_and_run(
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
-    from models.pipeline import run_job, validate_job  # torch: only in the job's process
+    from models.pipeline import validate_job  # torch: only in the job's process
+    from models.tracking import run_tracked
 
     warnings = validate_job(spec, data_dir)
     # run_job logs each warning as an event itself; here they only go on the job record.
@@ -186,8 +229,10 @@ def _validate_and_run(
     store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running")
     out_dir = Path(settings.artifact_root).resolve() / job_id
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Half-written files of an earlier attempt (killed mid-write): we hold the lease, nobody else writes.
+    storage.remove_temporaries(out_dir)
     reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
-    metrics = run_job(spec, data_dir, out_dir, reporter, device=device)
+    metrics = run_tracked(spec, data_dir, out_dir, reporter, job_id, settings, device=device)
     artifacts = collect_artifacts(out_dir)
     try:  # the artifacts are registered with the status, or not at all
         store.transition(

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from app import store
+from app import storage, store
 from app.queue import TASK_NAME, enqueue
 from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
@@ -74,6 +74,35 @@ class Heartbeat(threading.Thread):
 _heartbeat: Heartbeat | None = None
 
 
+class Sweeper(threading.Thread):
+    """At worker start and every SPKD_SWEEP_INTERVAL_S: remove leftovers (app.storage.sweep) and
+    apply retention (SPKD_JOB_TTL_DAYS, SPKD_DATASET_TTL_DAYS). Its own thread, so deleting many
+    files never delays the heartbeat."""
+
+    def __init__(self) -> None:
+        super().__init__(name="spkd-sweeper", daemon=True)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            sweep_once()
+            if self.stop.wait(settings.sweep_interval_s):
+                return
+
+
+def sweep_once() -> None:
+    """One sweep and retention pass; errors are logged (the next pass retries)."""
+    r = _redis()
+    for step in (storage.sweep, storage.apply_retention):
+        try:
+            step(r, KEYS, settings)
+        except Exception:  # noqa: BLE001 - best effort: Redis down, a volume unmounted...
+            log.exception("%s failed", step.__name__)
+
+
+_sweeper: Sweeper | None = None
+
+
 def recover_orphans() -> list[str]:
     """Jobs left validating/running with no live lease lost their worker: queue them again (the
     engine resumes from its checkpoint; the lease keeps a late duplicate from running in parallel)."""
@@ -98,10 +127,12 @@ def recover_orphans() -> list[str]:
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _sweeper
     _heartbeat = Heartbeat()
     _heartbeat.start()
     webhook_sender.start(settings, WORKER_NAME)  # job events -> signed webhooks (workers/webhooks.py)
+    _sweeper = Sweeper()
+    _sweeper.start()
     try:
         recover_orphans()
     except Exception:  # noqa: BLE001 - recovery is best effort; the worker still serves
@@ -111,6 +142,8 @@ def _on_ready(**_: Any) -> None:
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     webhook_sender.stop()
+    if _sweeper is not None:
+        _sweeper.stop.set()
     if _heartbeat is not None:
         _heartbeat.stop.set()
         with contextlib.suppress(Exception):

@@ -42,3 +42,28 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     yield pr
     if pr.proc is not None:
         pr.kill()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
+    """Mount real size-limited file systems (tmpfs) for ENOSPC tests: `small_fs("name", bytes)`.
+    Needs root (CI and the dev machines run as root); unmounted afterwards."""
+    import os
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def _mount(name: str, size: int) -> Path:
+        d = tmp_path / name
+        d.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (uid {os.geteuid()}): {res.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield _mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -36,6 +36,8 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     assert {"student.safetensors", "student.json", "student.onnx"} <= {
         p.name for p in (tmp_path / "out").iterdir()
     }
+    # the local run is tracked like a worker's: TensorBoard files per stage (issue 13)
+    assert list((tmp_path / "out" / "tensorboard" / "distill").glob("events.out.tfevents.*"))
 
 
 def test_bad_fields_are_clear(tmp_path):

@@ -209,6 +209,26 @@ def test_artifacts_listing_and_download(client, r, keys, settings: Settings, dat
     assert client.get(f"/v1/jobs/{job_id}/artifacts/..%2F..%2Fetc%2Fpasswd").status_code == 404
 
 
+def test_artifacts_in_folders_download(client, r, keys, settings: Settings, data_folder: Path) -> None:
+    """TensorBoard files live in tensorboard/<stage>/...: listed, and downloadable by that name
+    (plain or with the slashes %-encoded, as the dashboard sends them); `..` stays a 404."""
+    job_id = client.post("/v1/jobs", json=spec()).json()["id"]
+    out = Path(settings.artifact_root) / job_id
+    nested = out / "tensorboard" / "distill" / "steps" / "events.out.tfevents.1.host.2.0"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(b"tb" * 100)
+    from workers.runner import collect_artifacts
+
+    store.set_artifacts(r, keys, job_id, collect_artifacts(out))
+    name = "tensorboard/distill/steps/events.out.tfevents.1.host.2.0"
+    assert [a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]] == [name]
+    for path in (name, name.replace("/", "%2F")):
+        dl = client.get(f"/v1/jobs/{job_id}/artifacts/{path}")
+        assert dl.status_code == 200 and dl.content == b"tb" * 100
+    for bad in ("tensorboard/../tensorboard/distill", "tensorboard/.hidden", "tensorboard//x"):
+        assert client.get(f"/v1/jobs/{job_id}/artifacts/{bad}").status_code == 404
+
+
 def test_models_endpoint(client, settings: Settings) -> None:
     (Path(settings.weights_roots) / "t.safetensors").write_bytes(b"0")
     page = client.get("/v1/models", params={"q": "efficientnet_lite"}).json()

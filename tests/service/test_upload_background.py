@@ -149,3 +149,20 @@ def test_cli_upload_waits_for_ready_and_prints_the_failure(stack: Stack, tmp_pat
     out = subprocess.run([*base, str(bad)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "failed validation: invalid_archive" in out.stdout + out.stderr
+
+
+def test_delete_while_validating_removes_the_zip_and_stays_deleted(stack: Stack, zipped: bytes) -> None:
+    ds_id = "ds_del00000000000000000"
+    plant(stack.settings, ds_id, zipped, lease=False)  # the stack's sweeper claims it within ttl/3
+    with stack.client() as c:
+        assert c.delete(f"/v1/datasets/{ds_id}").status_code == 204
+        assert not validation.pending_zip(stack.settings, ds_id).exists()
+        r = store.connect(REDIS_URL)
+        deadline = time.monotonic() + 60  # until the validating set has forgotten it
+        while (
+            r.sismember(f"{stack.settings.redis_prefix}:dsvalidating", ds_id) and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert not r.sismember(f"{stack.settings.redis_prefix}:dsvalidating", ds_id)
+        assert c.get(f"/v1/datasets/{ds_id}").status_code == 404  # not brought back by the validation
+        assert not (Path(stack.settings.data_root) / "datasets" / ds_id).exists()
