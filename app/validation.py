@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from app import datasets, store
+from app import datasets, storage, store
 from app.errors import ApiError
 from app.settings import Settings
 
@@ -57,6 +57,15 @@ def validating_record(
         "rejected": [],
         "rejected_total": 0,
     }
+
+
+def _unexpected(ds_id: str, e: Exception) -> dict[str, str]:
+    """The `error` of a validation that failed for a reason other than the zip's content."""
+    if storage.storage_full(e) is not None:
+        msg = "the dataset storage (SPKD_DATA_ROOT) is full: free space, then upload again"
+        return {"code": "storage_full", "message": msg}
+    log.exception("dataset %s: validation crashed", ds_id)
+    return {"code": "validation_error", "message": f"{type(e).__name__}: {e}"[:500]}
 
 
 class Validator:
@@ -152,10 +161,7 @@ class Validator:
                 self._finish(record, None, {"code": e.code, "message": e.message})
                 return
             except Exception as e:  # noqa: BLE001 - a record must not stay `validating` forever
-                log.exception("dataset %s: validation crashed", ds_id)
-                self._finish(
-                    record, None, {"code": "validation_error", "message": f"{type(e).__name__}: {e}"}
-                )
+                self._finish(record, None, _unexpected(ds_id, e))
                 return
             self._finish(record, res, None)
         finally:

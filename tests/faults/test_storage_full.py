@@ -123,6 +123,31 @@ def test_upload_into_full_data_root_is_507(
     assert listing(data / "datasets") == [], "the failed upload left files behind"
 
 
+def test_background_validation_into_full_data_root_fails_storage_full(
+    small_fs, stack_factory, redis_url: str, tmp_path: Path
+) -> None:
+    """A large upload (202) whose extraction fills the disk ends `failed` with `storage_full`,
+    and leaves neither its zip nor a partial folder."""
+    data = small_fs("data", 4 << 20)
+    zip_path = zip_dir(small_imagefolder(tmp_path / "hym", per_class=4), tmp_path / "d.zip")
+    st: Stack = stack_factory(redis_url, data_root=data, upload_sync_max_bytes=1024)
+    st.start_api()
+    st.wait_api()
+    (data / "datasets").mkdir(exist_ok=True)
+    filler = fill(data)
+    with filler.open("r+b") as f:  # room for the zip, not for its extraction as well
+        f.truncate(filler.stat().st_size - zip_path.stat().st_size - (64 << 10))
+    with st.client() as c:
+        resp = _upload(c, zip_path, True)
+        assert resp.status_code == 202, resp.text
+        ds = resp.json()
+        while ds["status"] == "validating":  # the test's timeout bounds this
+            ds = c.get(f"/v1/datasets/{ds['id']}").json()
+        assert ds["status"] == "failed" and ds["error"]["code"] == "storage_full", ds
+        assert "SPKD_DATA_ROOT" in ds["error"]["message"]
+    assert [p for p in listing(data / "datasets") if not p.startswith(".spkd")] == [], "files left behind"
+
+
 def test_upload_whose_record_cannot_be_written_leaves_no_folder(
     private_redis: PrivateRedis, stack_factory, tmp_path: Path
 ) -> None:
