@@ -19,6 +19,7 @@ Every refusal is a `models.errors.SpkdError(code, message, field)`; the API turn
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,34 @@ def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: 
     ds = spec.dataset
     if ds.id is not None:
         return resolve_dataset_id(r, keys, settings, ds.id, owner)
+    if ds.hf is not None:
+        local = resolve_hf_local(settings, ds.hf)
+        return local if local is not None else Path(settings.data_root).resolve()
     return resolve_dataset_path(settings, ds.path or "")
+
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+
+
+def resolve_hf_local(settings: Settings, name: str) -> Path | None:
+    """`dataset.hf` -> a `save_to_disk` folder under the data root (the `dataset.path` rules), or
+    None for a Hugging Face hub name (the worker downloads it; models/hubdata.py). A folder of that
+    name under the data root wins over the hub. Raises SpkdError `hub_datasets_disabled`
+    (SPKD_HUB_DATASETS=false and no such folder), `dataset_path_not_allowed`, `invalid_dataset_name`."""
+    try:
+        return resolve_dataset_path(settings, name)
+    except SpkdError as e:
+        if e.code != "dataset_not_found":
+            raise SpkdError(e.code, e.message.replace("dataset.path", "dataset.hf"), "dataset.hf") from e
+    if not settings.hub_datasets:
+        msg = (
+            f"dataset.hf {name!r} is not a saved dataset under the server's data root, and this server "
+            "does not download datasets (SPKD_HUB_DATASETS=false)"
+        )
+        raise SpkdError("hub_datasets_disabled", msg, "dataset.hf")
+    if not HUB_NAME.fullmatch(name):
+        raise SpkdError("invalid_dataset_name", f"{name!r} is not a Hugging Face dataset name", "dataset.hf")
+    return None
 
 
 # ---------------------------------------------------------------- weights

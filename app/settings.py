@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         default=3, description="runs of one job (worker lost -> resumed) before failing"
     )
     hub_weights: bool = Field(default=True, description="False on hosts without internet: no 'hub' weights")
+    hub_datasets: bool = Field(
+        default=True, description="False on hosts without internet: dataset.hf only for saved folders"
+    )
     idempotency_ttl_s: int = 24 * 3600
     auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
     auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")

@@ -57,9 +57,12 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
     if data is not None:
         return data
     if spec.dataset.path is None:
-        console.print(
-            "[red]dataset.id names an uploaded dataset on a server; locally use dataset.path or --data[/]"
+        what = (
+            "dataset.hf is loaded by a server's workers"
+            if spec.dataset.hf
+            else ("dataset.id names an uploaded dataset on a server")
         )
+        console.print(f"[red]{what}; locally use dataset.path or --data[/]")
         raise typer.Exit(2)
     given = Path(spec.dataset.path).expanduser()
     for candidate in (given, job.parent / given):

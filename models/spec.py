@@ -71,18 +71,26 @@ class StudentSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    """Exactly one of `id` (an uploaded dataset) or `path` (a folder under the server's data root)."""
+    """Exactly one of `id` (an uploaded dataset), `path` (a folder under the server's data root) or
+    `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)."""
 
     id: str | None = Field(default=None, pattern=r"^ds_[A-Za-z0-9_-]{1,64}$")
     path: str | None = None
+    hf: str | None = Field(default=None, min_length=1, max_length=300, examples=["beans"])
+    split: str | None = Field(
+        default=None, max_length=100, description="hf: train on this split only (default: all splits)"
+    )
+    image_column: str = Field(default="image", max_length=100, description="hf: the image column")
+    label_column: str = Field(default="label", max_length=100, description="hf: the ClassLabel column")
+    revision: str | None = Field(default=None, max_length=100, description="hf: a hub branch, tag or commit")
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.2, description="held-out share when the folder has no train/ and val/ split"
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.id is None) == (self.path is None):
-            raise ValueError("dataset needs exactly one of 'id' or 'path'")
+        if sum(x is not None for x in (self.id, self.path, self.hf)) != 1:
+            raise ValueError("dataset needs exactly one of 'id', 'path' or 'hf'")
         return self
 
 

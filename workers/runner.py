@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,18 @@ def _run_leased(
         free_memory()
 
 
+def hub_imagefolder(ds: Any, settings: Settings) -> Path:
+    """`dataset.hf` -> its ImageFolder (models/hubdata.py) under $HF_HOME/spkd-imagefolders, where
+    the `datasets` library keeps its own downloads too (a volume in docker-compose.yml)."""
+    from models import hubdata  # imports `datasets` lazily: only jobs that name one need it
+
+    local = references.resolve_hf_local(settings, ds.hf)
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return hubdata.materialise(
+        ds.hf, local, home / "spkd-imagefolders", ds.revision, ds.split, ds.image_column, ds.label_column
+    )
+
+
 def _storage_full_error(r: redis.Redis, keys: store.Keys, job_id: str, exc: OSError) -> dict[str, Any]:
     """The `storage_full` error of a job: which stage, which file (its name only: server folders
     stay private), and what to do."""
@@ -218,6 +231,8 @@ def _validate_and_run(
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
+    if spec.dataset.hf is not None:  # a named dataset: its ImageFolder, built once per host
+        data_dir = hub_imagefolder(spec.dataset, settings)
     from models.pipeline import validate_job  # torch: only in the job's process
     from models.tracking import run_tracked
 

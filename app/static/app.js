@@ -303,7 +303,7 @@
     badge.textContent = job.status; badge.className = `badge ${job.status}`;
     const spec = job.spec || {};
     if (spec.teacher && spec.student) {
-      const ds = spec.dataset ? (spec.dataset.id || spec.dataset.path) : '';
+      const ds = spec.dataset ? (spec.dataset.id || spec.dataset.path || (spec.dataset.hf && `hf:${spec.dataset.hf}`)) : '';
       $('#job-models').textContent = `${spec.teacher.model} → ${spec.student.model} on ${ds}`;
     }
     const cancel = $('#job-cancel');

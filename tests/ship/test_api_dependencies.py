@@ -70,6 +70,7 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 # Imported when present, with a fallback when not: not dependencies. Each entry says where.
 OPTIONAL = {
     "greenlet": "celery/utils/threads.py: try greenlet.getcurrent, else _thread.get_ident",
+    "xxhash": "redis/commands/core.py: try import xxhash (present here through the worker's `datasets`)",
 }
 
 # Imported at interpreter start-up by this environment's .pth files, not by the API.

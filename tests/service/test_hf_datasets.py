@@ -1,0 +1,100 @@
+"""`dataset.hf` (models/hubdata.py): a Hugging Face dataset, here one the test builds with the
+`datasets` library and saves with `save_to_disk` under the data root (no internet needed), trains
+through the real API and worker with the class names of its ClassLabel feature; the API refuses
+hub names when SPKD_HUB_DATASETS=false and keeps hf paths out of the uploads area. Real hub
+downloads are not tested here (no internet)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app import store
+from app.main import create_app
+from models import hubdata, scan
+
+from ..helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec
+
+CLASSES = ["ants", "bees"]
+
+
+def save_small_dataset(dest: Path, per_class: int = 4) -> Path:
+    """A DatasetDict (train + validation) of hymenoptera photos, label a ClassLabel, saved to disk."""
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    parts = {}
+    for split, src in (("train", "train"), ("validation", "val")):
+        rows: dict[str, list] = {"image": [], "label": []}
+        for label, cls in enumerate(CLASSES):
+            for p in sorted((HYMENOPTERA / src / cls).glob("*.jpg"))[:per_class]:
+                rows["image"].append(Image.open(p).convert("RGB").resize((48, 48)))
+                rows["label"].append(label)
+        parts[split] = datasets.Dataset.from_dict(rows, features=feats)
+    datasets.DatasetDict(parts).save_to_disk(str(dest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def worker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {"HF_HOME": str(tmp_path_factory.mktemp("hf_home"))}
+
+
+def test_materialise_gives_the_scanner_an_imagefolder(tmp_path: Path) -> None:
+    saved = save_small_dataset(tmp_path / "saved")
+    folder = hubdata.materialise("saved", saved, tmp_path / "cache")
+    found = scan.scan_tree(folder)
+    assert found.classes == CLASSES
+    assert found.counts() == {"train": {"ants": 4, "bees": 4}, "val": {"ants": 4, "bees": 4}}
+    assert hubdata.materialise("saved", saved, tmp_path / "cache") == folder  # built once
+    only = hubdata.materialise("saved", saved, tmp_path / "cache", split="validation")
+    assert only != folder and (only / "train").is_dir() and not (only / "validation").exists()
+    with pytest.raises(hubdata.SpkdError) as e:
+        hubdata.materialise("saved", saved, tmp_path / "cache", label_col="nope")
+    assert e.value.code == "dataset_column_not_found" and e.value.field == "dataset.label_column"
+
+
+def test_job_on_a_saved_hf_dataset_trains_with_its_class_names(service: Service) -> None:
+    save_small_dataset(Path(service.settings.data_root) / "hf" / "mini")
+    with service.client() as c:
+        resp = c.post("/v1/jobs", json=tiny_spec({"hf": "hf/mini"}))
+        assert resp.status_code == 201, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job["error"], service.logs())
+        cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()
+        assert cfg["class_names"] == CLASSES
+
+
+@pytest.fixture
+def offline_client(tmp_path: Path, redis_url: str) -> Iterator[TestClient]:
+    s = make_settings(tmp_path, redis_url, hub_datasets=False)
+    with TestClient(create_app(s)) as c:
+        c.headers["Authorization"] = f"Bearer {KEY_A}"
+        yield c
+    store.delete_prefix(store.connect(redis_url), s.redis_prefix)
+
+
+def test_hub_names_refused_when_hub_datasets_off(offline_client: TestClient) -> None:
+    resp = offline_client.post("/v1/jobs", json=tiny_spec({"hf": "beans"}))
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "hub_datasets_disabled" and err["field"] == "dataset.hf"
+    assert "SPKD_HUB_DATASETS" in err["message"]
+
+
+def test_hf_paths_follow_the_data_root_rules(client) -> None:
+    for bad in ("../outside", "datasets/ds_abc"):  # outside the data root; the uploads area
+        resp = client.post("/v1/jobs", json=tiny_spec({"hf": bad}))
+        assert resp.status_code == 422, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "dataset_path_not_allowed" and err["field"] == "dataset.hf", err
+    both = client.post("/v1/jobs", json=tiny_spec({"hf": "beans", "path": "x"}))
+    assert both.status_code == 422
