@@ -71,6 +71,10 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 OPTIONAL = {
     "greenlet": "celery/utils/threads.py: try greenlet.getcurrent, else _thread.get_ident",
     "xxhash": "redis/commands/core.py: try import xxhash (present here through the worker's `datasets`)",
+    # redis/utils.py: try import cryptography (present here through the dev extra's mlflow); cffi
+    # is what cryptography itself imports.
+    "cryptography": "redis/utils.py: try import cryptography, else CRYPTOGRAPHY_AVAILABLE = False",
+    "cffi": "imported by cryptography only (see above)",
 }
 
 # Imported at interpreter start-up by this environment's .pth files, not by the API.
