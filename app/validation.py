@@ -7,7 +7,8 @@ Surviving restarts: a running validation holds a Redis lease (`<prefix>:dsval:<i
 lease_ttl_s/3). Every validating dataset id is in the set `<prefix>:dsvalidating`; each API
 process sweeps that set at start and every lease_ttl_s/3: an id whose lease expired (its process
 died) is claimed (SET NX) and validated again from its stored zip, or marked `failed` with
-`validation_interrupted` when the zip is gone. Torch-free.
+`validation_interrupted` when the zip is gone. At start, stored zips without a record are removed
+once older than SPKD_ORPHAN_GRACE_S. Torch-free.
 """
 
 from __future__ import annotations
@@ -130,9 +131,25 @@ class Validator:
                 log.info("dataset %s: validation resumed after a restart", ds_id)
                 self.pool.submit(self._run, ds_id)
 
+    def sweep_orphan_zips(self) -> None:
+        """A zip stored without a record (the API died between the two; a crash mid-DELETE):
+        removed once untouched for SPKD_ORPHAN_GRACE_S."""
+        cutoff = time.time() - self.settings.orphan_grace_s
+        for p in datasets.datasets_dir(self.settings).glob(".pending-*.zip"):
+            ds_id = p.name[len(".pending-") : -len(".zip")]
+            try:
+                if p.stat().st_mtime < cutoff and not self.r.exists(self.keys.dataset(ds_id)):
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
     def _sweep_loop(self) -> None:
+        first = True
         while not self.stop.is_set():
             try:
+                if first:  # at start: before this process stores zips of its own
+                    self.sweep_orphan_zips()
+                    first = False
                 self.sweep()
             except redis.RedisError as e:  # Redis away for a moment: next round
                 log.warning("validation sweep: %s", e)

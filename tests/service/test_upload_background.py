@@ -5,6 +5,7 @@ what a dead API process left `validating`. The threshold is set tiny so small zi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -114,6 +115,9 @@ def test_restart_resumes_or_fails_what_a_dead_api_left(stack: Stack, zipped: byt
     stack.kill_api()  # SIGKILL: no cleanup
     plant(stack.settings, "ds_resume000000000000000", zipped, lease=False)
     plant(stack.settings, "ds_nozip0000000000000000", None, lease=False)
+    orphan = validation.pending_zip(stack.settings, "ds_orphan000000000000000")  # zip, no record
+    orphan.write_bytes(zipped)
+    os.utime(orphan, (0, 0))
     stack.start_api()
     stack.wait_api()
     with stack.client() as c:
@@ -121,6 +125,7 @@ def test_restart_resumes_or_fails_what_a_dead_api_left(stack: Stack, zipped: byt
         assert resumed["status"] == "ready" and resumed["classes"] == ["ants", "bees"], resumed
         lost = wait_settled(c, "ds_nozip0000000000000000")
         assert lost["status"] == "failed" and lost["error"]["code"] == "validation_interrupted", lost
+    assert not orphan.exists()
     r = store.connect(REDIS_URL)
     assert not r.smembers(f"{stack.settings.redis_prefix}:dsvalidating")
     assert (
