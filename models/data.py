@@ -8,6 +8,7 @@ and any other iterable of such triples (a GPU-side data path, a cache) can repla
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import warnings
@@ -22,7 +23,11 @@ from PIL import Image, UnidentifiedImageError
 
 from models.errors import SpkdError
 
-SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation")}
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
 SYSTEM_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
@@ -37,19 +42,33 @@ class Sample:
 
 @dataclass
 class DatasetScan:
+    """The three roles of the data: `train` (gradient steps), `select` (every choice: best epoch,
+    weights, shipped student) and `val`, the report split (the accuracies shown). Disjoint."""
+
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]
+    val: list[Sample]  # the report split: val/, or test/ when the dataset has one
     rejected: list[dict[str, str]] = field(default_factory=list)
     split: str = "folders"  # "folders": train/ and val/ given; "seeded": split here by seed
+    select: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
+    roles: dict[str, str] = field(
+        default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
+    )
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}}."""
+        """{split: {class: images}}; "selection" only when there is a selection split."""
         out = {}
-        for split, samples in (("train", self.train), ("val", self.val)):
+        splits = [("train", self.train), ("val", self.val)]
+        if self.select:
+            splits.append(("selection", self.select))
+        for split, samples in splits:
             per = Counter(s.label for s in samples)
             out[split] = {name: per.get(i, 0) for i, name in enumerate(self.classes)}
         return out
+
+    def sizes(self) -> dict[str, int]:
+        """Images per role: train, selection, report."""
+        return {"train": len(self.train), "selection": len(self.select), "report": len(self.val)}
 
     def summary(self) -> dict:
         return {
@@ -57,6 +76,8 @@ class DatasetScan:
             "counts": self.counts(),
             "rejected": self.rejected,
             "split": self.split,
+            "roles": self.roles,
+            "sizes": self.sizes(),
         }
 
 
@@ -144,7 +165,21 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
     train_dir, val_dir = _find_split(root, "train"), _find_split(root, "val")
-    if train_dir is not None and val_dir is not None:
+    test_dir = _find_split(root, "test")
+    select_files: dict[str, list[Path]] = {}
+    roles = {"train": "train/", "selection": "none", "report": "val/"}
+    if train_dir is not None and test_dir is not None:
+        # test/ is the report split; val/ (when present) is the selection split
+        train_files, rejected = _scan_classes(train_dir, root)
+        val_files, rejected_val = _scan_classes(test_dir, root)
+        rejected += rejected_val
+        if val_dir is not None:
+            select_files, rejected_sel = _scan_classes(val_dir, root)
+            rejected += rejected_sel
+            roles["selection"] = f"{val_dir.name}/"
+        roles["report"] = f"{test_dir.name}/"
+        split = "folders"
+    elif train_dir is not None and val_dir is not None:
         train_files, rejected = _scan_classes(train_dir, root)
         val_files, rejected_val = _scan_classes(val_dir, root)
         rejected += rejected_val
@@ -153,18 +188,47 @@ def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
         all_files, rejected = _scan_classes(train_dir or root, root)
         train_files, val_files = _seeded_split(all_files, val_fraction, seed)
         split = "seeded"
+        roles["report"] = f"seeded {val_fraction:g} of the images"
     classes = sorted(train_files)
     _check_classes(classes, train_files, val_files)
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(val_files) - set(classes))
-    for cls in unknown:
-        for path in val_files[cls]:
-            rejected.append(
-                {"path": str(path.relative_to(root)), "reason": f"class {cls!r} is not in train/"}
-            )
+    for split_files in (val_files, select_files):
+        for cls in sorted(set(split_files) - set(classes)):
+            for path in split_files[cls]:
+                rejected.append(
+                    {"path": str(path.relative_to(root)), "reason": f"class {cls!r} is not in train/"}
+                )
     train = [Sample(str(p), index[c]) for c in classes for p in train_files[c]]
     val = [Sample(str(p), index[c]) for c in classes for p in val_files.get(c, [])]
-    return DatasetScan(classes=classes, train=train, val=val, rejected=rejected, split=split)
+    select = [Sample(str(p), index[c]) for c in classes for p in select_files.get(c, [])]
+    if not select:
+        roles["selection"] = "none"
+    return DatasetScan(
+        classes=classes, train=train, val=val, rejected=rejected, split=split, select=select, roles=roles
+    )
+
+
+def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan:
+    """The scan with a selection split: val/ when the dataset has test/ (already set), else a
+    stratified, seeded `fraction` of train carved out (at least one image of every class that has
+    two or more). fraction 0: no selection split (the last epoch ships, no choice is made).
+
+    The carving depends only on (seed, class, file list): the same seed gives the same split.
+    """
+    if scan.select or fraction <= 0:
+        return scan
+    keep: list[Sample] = []
+    select: list[Sample] = []
+    for label in range(len(scan.classes)):
+        members = [s for s in scan.train if s.label == label]
+        order = list(members)
+        random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
+        n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
+        chosen = {s.path for s in order[:n]}
+        select += [s for s in members if s.path in chosen]
+        keep += [s for s in members if s.path not in chosen]
+    roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
+    return dataclasses.replace(scan, train=keep, select=select, roles=roles)
 
 
 def _seeded_split(files: dict[str, list[Path]], val_fraction: float, seed: int):
