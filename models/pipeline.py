@@ -217,6 +217,13 @@ def run_job(
 def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, device: str | None) -> Run:
     scan = data.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
     scan = data.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
+    if isinstance(spec.distill.sp_weight, list) and not scan.select:
+        raise SpkdError(
+            "search_needs_selection",
+            "a list of sp_weight candidates is judged on a selection split: set dataset.selection_fraction "
+            "above 0 (or give the dataset a test/ split, so val/ selects)",
+            "distill.sp_weight",
+        )
     summary = scan.summary()
     sizes, roles = summary["sizes"], summary["roles"]
     reporter.event(
@@ -558,16 +565,6 @@ def _choose_weights(run: Run, distiller: Distiller, student: torch.nn.Module) ->
         distiller.sp_weight, distiller.kd_weight = 1.0, 1.0 if spec.kd_on else 0.0
         measured = autoweight.measure(distiller, norm, train_batches(0), run.runtime)
     batch = run.spec.train.batch_size
-    if spec.sp_weight == AUTO_WEIGHT:
-        assert measured is not None
-        sp = {
-            "mode": "auto",
-            "share": sp_share,
-            "weight": autoweight.auto_weight(sp_share, measured.ce, measured.sp_raw),
-            "ref_batch": measured.batch_size,
-        }
-    else:
-        sp = {"mode": "given", "weight": float(spec.sp_weight), "ref_batch": batch}
     if spec.kd_weight == AUTO_WEIGHT:
         assert measured is not None
         kd = {
@@ -577,6 +574,18 @@ def _choose_weights(run: Run, distiller: Distiller, student: torch.nn.Module) ->
         }
     else:
         kd = {"mode": "given" if spec.kd_on else "off", "weight": float(spec.kd_weight)}
+    if spec.sp_weight == AUTO_WEIGHT:
+        assert measured is not None
+        sp = {
+            "mode": "auto",
+            "share": sp_share,
+            "weight": autoweight.auto_weight(sp_share, measured.ce, measured.sp_raw),
+            "ref_batch": measured.batch_size,
+        }
+    elif isinstance(spec.sp_weight, list):
+        sp = _search(run, distiller.teacher, spec.sp_weight, kd["weight"])
+    else:
+        sp = {"mode": "given", "weight": float(spec.sp_weight), "ref_batch": batch}
     chosen = {
         "sp": sp,
         "kd": kd,
@@ -587,6 +596,83 @@ def _choose_weights(run: Run, distiller: Distiller, student: torch.nn.Module) ->
     return chosen
 
 
+def search_rungs(candidates: int, epochs: int) -> list[int]:
+    """Epochs per successive-halving rung before the full run: ceil(log2(k)) rungs, each keeping the
+    better half; rung budgets double, the last one epochs/4 (at least 1 epoch each)."""
+    rungs = math.ceil(math.log2(candidates)) if candidates > 1 else 0
+    return [max(1, epochs >> (rungs - r + 1)) for r in range(rungs)]
+
+
+def _search(run: Run, teacher_fn, weights_list: list[float], kd_weight: float) -> dict[str, Any]:
+    """Successive halving over SP weight candidates, judged on the selection split.
+
+    Every candidate starts from the same student initialisation and the same fine-tuned teacher
+    (and teacher cache); rung r trains each survivor for search_rungs()[r] epochs (its own warm-up
+    and cosine schedule) and keeps the better half by best selection accuracy (ties: the smaller
+    weight, the one closer to fine-tuning alone). The winner is then trained for the full schedule
+    by the distill stage. Costs sum(k_r x e_r) extra epochs instead of (k - 1) full runs.
+    """
+    spec = run.spec
+    _, s_layers, layer_weights = layer_pairs(spec)
+    alive = sorted(weights_list)
+    results: list[dict[str, Any]] = []
+    train_batches, val_batches = _loaders(run, "distill")
+    steps = _steps_per_epoch(len(run.train_set), spec.train.batch_size)
+    rungs = search_rungs(len(alive), spec.train.epochs)
+    run.clock.total_steps += sum(e * steps * math.ceil(len(alive) / 2**r) for r, e in enumerate(rungs))
+    for rung, epochs in enumerate(rungs):
+        scored = []
+        for w in alive:
+            student = _build_student(run)
+            distiller = Distiller(
+                FeatureTap(student, s_layers, "distill.layers.student"),
+                teacher_fn,
+                layer_weights,
+                w,
+                kd_weight,
+                spec.distill.temperature,
+                sp_ref_batch=spec.train.batch_size,
+            )
+            plan = StagePlan(
+                name=f"search_r{rung}_{w:g}",
+                model=student,
+                distiller=distiller,
+                student_norm=Normalizer(run.student_cfg, run.runtime, student),
+                epochs=epochs,
+                lr=spec.train.lr,
+                weight_decay=spec.train.weight_decay,
+                seed=spec.train.seed,
+                train_batches=train_batches,
+                val_batches=val_batches,
+                steps_per_epoch=steps,
+                eval_split="selection",
+            )
+            curve, seconds = train_stage(plan, run.runtime, run.reporter, run.clock, lambda _p: None)
+            best = best_row(curve)
+            scored.append((best["val_acc"], -w))
+            results.append(
+                {
+                    "sp_weight": w,
+                    "rung": rung,
+                    "epochs": epochs,
+                    "select_acc": best["val_acc"],
+                    "seconds": seconds,
+                }
+            )
+            run.reporter.event(
+                "search",
+                f"SP weight {w:g}, rung {rung + 1}/{len(rungs)} ({epochs} epoch(s)): "
+                f"selection accuracy {100 * best['val_acc']:.1f}%",
+                **results[-1],
+            )
+        keep = max(1, math.ceil(len(alive) / 2))
+        alive = sorted(-neg for _, neg in sorted(scored, reverse=True)[:keep])
+    winner = alive[0]
+    for r in results:
+        r["chosen"] = r["sp_weight"] == winner and r["rung"] == len(rungs) - 1
+    return {"mode": "search", "weight": winner, "ref_batch": spec.train.batch_size, "candidates": results}
+
+
 def _weights_message(chosen: dict[str, Any]) -> str:
     sp, kd, m = chosen["sp"], chosen["kd"], chosen["measured"]
     parts = []
@@ -595,6 +681,9 @@ def _weights_message(chosen: dict[str, Any]) -> str:
             f"SP weight {sp['weight']:.4g} (auto: SP set to {sp['share']:g} x CE; measured CE {m['ce']:.3f}, "
             f"raw SP {m['sp_raw']:.3g} over {m['batches']} batches of {m['batch_size']})"
         )
+    elif sp["mode"] == "search":
+        tried = ", ".join(f"{c:g}" for c in sorted({r["sp_weight"] for r in sp["candidates"]}))
+        parts.append(f"SP weight {sp['weight']:g} (searched among {tried} on the selection split)")
     else:
         parts.append(f"SP weight {sp['weight']:g} (given, at batch {sp['ref_batch']})")
     if kd["mode"] == "auto":

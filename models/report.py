@@ -230,6 +230,11 @@ def _weights_section(w: Any) -> str:
             f"{_e(sp.get('share'))} x the cross-entropy (measured on the first {_e(m.get('batches'))} "
             f"batches of {_e(m.get('batch_size'))}: CE {_fmt(m.get('ce'))}, raw SP {_fmt(m.get('sp_raw'))})."
         )
+    elif sp.get("mode") == "search":
+        items.append(
+            f"SP weight {_fmt(sp.get('weight'))}, chosen among the candidates below on the selection split "
+            "(successive halving on epochs, then the full schedule)."
+        )
     else:
         items.append(f"SP weight {_fmt(sp.get('weight'))} (given).")
     if kd.get("mode") == "auto":
@@ -243,10 +248,11 @@ def _weights_section(w: Any) -> str:
             f"student fine-tuned alone ({_pct(check.get('baseline_select_acc'))}) on the selection split: "
             f"{_e(check.get('action', ''))}."
         )
-    for c in w.get("search") or []:
+    for c in sp.get("candidates") or []:
         items.append(
-            f"Candidate SP weight {_fmt(c.get('sp_weight'))}: selection accuracy {_pct(c.get('select_acc'))} "
-            f"after {_e(c.get('epochs'))} epoch(s){' (chosen)' if c.get('chosen') else ''}."
+            f"Candidate SP weight {_fmt(c.get('sp_weight'))}, rung {_e(c.get('rung', 0) + 1)}: selection "
+            f"accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
+            f"{' (chosen)' if c.get('chosen') else ''}."
         )
     body = "".join(f"<li>{i}</li>" for i in items)
     return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"

@@ -266,3 +266,36 @@ def test_sp_weight_follows_the_batch_when_out_of_memory_halves_it():
     for b, weighted, raw in seen:
         assert b == 4 and weighted == pytest.approx(300.0 * 4 / 8 * raw, rel=1e-4)
     assert distiller.sp_weight_at(8) == 300.0 and distiller.sp_weight_at(2) == 75.0
+
+
+def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):
+    from models.pipeline import search_rungs
+
+    assert search_rungs(3, 15) == [1, 3] and search_rungs(2, 15) == [3] and search_rungs(4, 2) == [1, 1]
+    spec = tiny_spec(
+        distill={"sp_weight": [3000, 30, 300]}, train={"lr": 0.1}, teacher={"finetune": {"epochs": 1}}
+    )
+    reporter = RecordingReporter()
+    metrics = run_job(spec, color_dataset, tmp_path, reporter)
+    sp = metrics["distill_weights"]["sp"]
+    assert sp["mode"] == "search" and sp["ref_batch"] == 16
+    rungs = [(c["rung"], c["sp_weight"]) for c in sp["candidates"]]
+    assert rungs[:3] == [(0, 30.0), (0, 300.0), (0, 3000.0)] and len(rungs) == 5  # 3 -> 2 -> 1
+    survivors = {w for r, w in rungs if r == 1}
+    first = {c["sp_weight"]: c["select_acc"] for c in sp["candidates"] if c["rung"] == 0}
+    dropped = ({30.0, 300.0, 3000.0} - survivors).pop()
+    assert all(first[dropped] <= first[w] for w in survivors)
+    last = [c for c in sp["candidates"] if c["rung"] == 1]
+    winner = max(last, key=lambda c: (c["select_acc"], -c["sp_weight"]))
+    assert sp["weight"] == winner["sp_weight"] and [c["chosen"] for c in sp["candidates"]].count(True) == 1
+    assert len(_events(reporter, "search")) == 5
+    assert "Candidate SP weight" in (tmp_path / "report.html").read_text()
+
+
+def test_search_without_selection_is_refused(color_dataset, tmp_path):
+    from models.errors import SpkdError
+
+    spec = tiny_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
+    with pytest.raises(SpkdError) as err:
+        run_job(spec, color_dataset, tmp_path, RecordingReporter())
+    assert err.value.code == "search_needs_selection" and err.value.field == "distill.sp_weight"
