@@ -324,7 +324,19 @@
       const v = accOf(m, who);
       if (typeof v === 'number') $(`#acc-${who}`).textContent = pct(v);
     }
-    if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.`;
+    if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.` + gainDetail(m);
+  }
+
+  // The gain's error bars and which student shipped (metrics.comparison / metrics.shipped).
+  function gainDetail(m) {
+    const c = m.comparison;
+    let text = '';
+    if (c && Array.isArray(c.ci95_points) && c.mcnemar) {
+      const [lo, hi] = c.ci95_points.map((v) => (v >= 0 ? '+' : '') + v.toFixed(1));
+      text += ` 95 % CI ${lo} to ${hi} points, McNemar p = ${Number(c.mcnemar.p_value).toPrecision(3)}: ${c.verdict}.`;
+    }
+    if (m.shipped) text += ` Shipped as student.*: the ${m.shipped} student.`;
+    return text;
   }
 
   function renderProgress(p, job) {
