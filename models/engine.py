@@ -138,6 +138,7 @@ class StagePlan:
     train_batches: Callable[[int], Iterable[Batch]]  # epoch -> batches (any iterable of triples)
     val_batches: Callable[[], Iterable[Batch]]
     steps_per_epoch: int
+    eval_split: str = "val"  # what val_batches is: "selection" or "report" (named in every row)
 
 
 @dataclass
@@ -209,6 +210,7 @@ def train_stage(
             **train,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
+            "eval_split": plan.eval_split,
             "seconds": round(elapsed, 3),
         }
         curve.append(row)
