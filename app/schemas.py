@@ -142,6 +142,9 @@ class Event(BaseModel):
     kind: str
     message: str
     data: dict[str, Any] = Field(default_factory=dict)
+    attempt: int | None = Field(
+        None, description="the worker attempt that wrote it (its fencing token); null for API events"
+    )
 
 
 class EventList(BaseModel):
