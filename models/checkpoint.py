@@ -49,6 +49,12 @@ def _attempt_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def latest(out_dir: Path) -> Path | None:
+    """The newest attempt's last.pt in out_dir (the one a new attempt starts from), or None."""
+    found = _attempt_dirs(out_dir)
+    return found[-1][1] / LAST if found else None
+
+
 def adopt(out_dir: Path, attempt: int | None) -> Path | None:
     """Give `attempt` the newest checkpoint of an earlier attempt: hard links (a copy where links
     are not possible) of that folder's files into this attempt's folder. Returns the source folder,

@@ -97,6 +97,11 @@ def _diff(before: dict, after: dict, evs_after: list[dict]) -> list[str]:
     return changes
 
 
+def _row(row: tuple) -> str:
+    name, landed, stale, taker, wrote, exited = row
+    return f"| {name} | {landed} | {stale} | {taker} | {'; '.join(wrote) or 'nothing'} | {exited} |"
+
+
 def _wait_progress_in(r, keys, job_id: str, stage: str, timeout: float) -> None:
     """Until the runner reports a training step of `stage` (or has already gone past it)."""
     deadline = time.monotonic() + timeout
@@ -144,12 +149,12 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
     def at_event(kind: str, stage: str | None = None):
         def wait(cursor: str) -> None:
             match = lambda e: e["kind"] == kind and (stage is None or e["data"].get("stage") == stage)  # noqa: E731
-            wait_event(r, keys, job_id, match, 240, cursor)
+            wait_event(r, keys, job_id, match, 150, cursor)
 
         return wait
 
     def mid_step(stage: str):
-        return lambda cursor: _wait_progress_in(r, keys, job_id, stage, 240)
+        return lambda cursor: _wait_progress_in(r, keys, job_id, stage, 150)
 
     points = [
         ("teacher_finetune mid-step", mid_step("teacher_finetune")),
@@ -176,7 +181,7 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
             job = wait_final(r, keys, job_id, 300)
             assert job["status"] == "succeeded", dump(events(r, keys, job_id)) + st.logs()
         else:
-            ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 240, cursor)
+            ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 150, cursor)
             job = store.get_job(r, keys, job_id)
             assert job["attempts"] > attempts and job["worker"] != stale, (job, ev)
             new_pid = _job_process(st, job["worker"])
@@ -195,14 +200,14 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
         if new_pid is not None:
             os.kill(new_pid, signal.SIGCONT)
         table.append((name, landed, f"{stale}#{stale_fence}", f"{taker}#{new_fence}", wrote, exited))
+        print(_row(table[-1]), flush=True)
         cursor = events(r, keys, job_id)[-1]["id"]
 
     job = store.get_job(r, keys, job_id)
     evs = events(r, keys, job_id)
     print(f"\n{len(points)} freeze/thaw points in {time.monotonic() - t0:.0f} s, attempts={job['attempts']}")
     print("| point | frozen at | stale attempt | took over | stale wrote after thaw | stale exited |")
-    for row in table:
-        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {'; '.join(row[4]) or 'nothing'} | {row[5]} |")
+    print("\n".join(_row(row) for row in table))
 
     for name, _, _, _, wrote, exited in table:
         assert not wrote, f"{name}: the stale attempt wrote {wrote}\n{dump(evs)}"

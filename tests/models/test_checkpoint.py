@@ -144,6 +144,7 @@ def test_each_attempt_writes_its_own_checkpoints(color_dataset, tmp_path, refere
     assert not checkpoint.checkpoint_dir(tmp_path, 1).exists()  # the finished attempt cleaned up
 
     checkpoint.save(tmp_path, stale, attempt=1)  # the stale attempt's late write
+    assert checkpoint.latest(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 2) / "last.pt"
     again = RecordingReporter()
     run_job(tiny_spec(**SPEC), color_dataset, tmp_path, again, attempt=3)
     assert not again.progresses  # started from attempt 2's finished state: nothing retrained
