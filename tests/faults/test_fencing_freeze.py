@@ -12,6 +12,7 @@ Real `spkd worker` processes (Celery prefork), the real Redis, tiny timm models.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -164,44 +165,53 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
         ("evaluate", at_event("stage_started", "evaluate")),
         ("export", at_event("stage_started", "export")),
     ]
-    table, cursor = [], "0-0"
-    for name, reach in points:
-        reach(cursor)
-        job = store.get_job(r, keys, job_id)
-        stale, attempts = job["worker"], job["attempts"]
-        stale_pid = _job_process(st, stale)
-        os.kill(stale_pid, signal.SIGSTOP)
-        landed = _where(r, keys, job_id)
-        stale_fence = store.get_job(r, keys, job_id).get("fence")
-        cursor = events(r, keys, job_id)[-1]["id"]
-
-        # The lease lapses, the orphan sweep requeues the job, the other worker resumes it.
-        new_pid = None
-        if name == "export":
-            job = wait_final(r, keys, job_id, 300)
-            assert job["status"] == "succeeded", dump(events(r, keys, job_id)) + st.logs()
-        else:
-            ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 150, cursor)
+    table, cursor, frozen = [], "0-0", set()
+    try:
+        for name, reach in points:
+            reach(cursor)
             job = store.get_job(r, keys, job_id)
-            assert job["attempts"] > attempts and job["worker"] != stale, (job, ev)
-            new_pid = _job_process(st, job["worker"])
-            os.kill(new_pid, signal.SIGSTOP)  # from now on only the stale process can write
-        taker, new_fence = job["worker"], job.get("fence")
+            stale, attempts = job["worker"], job["attempts"]
+            stale_pid = _job_process(st, stale)
+            os.kill(stale_pid, signal.SIGSTOP)
+            frozen.add(stale_pid)
+            landed = _where(r, keys, job_id)
+            stale_fence = store.get_job(r, keys, job_id).get("fence")
+            cursor = events(r, keys, job_id)[-1]["id"]
 
-        skip = out / "checkpoints" / f"attempt-{int(stale_fence):08d}" if stale_fence else None
-        before = _snapshot(r, keys, job_id, out, skip)
-        os.kill(stale_pid, signal.SIGCONT)
-        exited = _wait_gone(stale_pid, 60)
-        after = _snapshot(r, keys, job_id, out, skip)
-        stale_events = store.list_events(
-            r, keys, job_id, after=events(r, keys, job_id)[before["events"] - 1]["id"]
-        )
-        wrote = _diff(before, after, stale_events)
-        if new_pid is not None:
-            os.kill(new_pid, signal.SIGCONT)
-        table.append((name, landed, f"{stale}#{stale_fence}", f"{taker}#{new_fence}", wrote, exited))
-        print(_row(table[-1]), flush=True)
-        cursor = events(r, keys, job_id)[-1]["id"]
+            # The lease lapses, the orphan sweep requeues the job, the other worker resumes it.
+            new_pid = None
+            if name == "export":
+                job = wait_final(r, keys, job_id, 300)
+                assert job["status"] == "succeeded", dump(events(r, keys, job_id)) + st.logs()
+            else:
+                ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 150, cursor)
+                job = store.get_job(r, keys, job_id)
+                assert job["attempts"] > attempts and job["worker"] != stale, (job, ev)
+                new_pid = _job_process(st, job["worker"])
+                os.kill(new_pid, signal.SIGSTOP)  # from now on only the stale process can write
+                frozen.add(new_pid)
+            taker, new_fence = job["worker"], job.get("fence")
+
+            skip = out / "checkpoints" / f"attempt-{int(stale_fence):08d}" if stale_fence else None
+            before = _snapshot(r, keys, job_id, out, skip)
+            os.kill(stale_pid, signal.SIGCONT)
+            exited = _wait_gone(stale_pid, 60)
+            after = _snapshot(r, keys, job_id, out, skip)
+            stale_events = store.list_events(
+                r, keys, job_id, after=events(r, keys, job_id)[before["events"] - 1]["id"]
+            )
+            wrote = _diff(before, after, stale_events)
+            if new_pid is not None:
+                os.kill(new_pid, signal.SIGCONT)
+            table.append((name, landed, f"{stale}#{stale_fence}", f"{taker}#{new_fence}", wrote, exited))
+            print(_row(table[-1]), flush=True)
+            assert not wrote, f"{name}: the stale attempt wrote {wrote}\n{dump(events(r, keys, job_id))}"
+            assert exited, f"{name}: the stale job process did not stop"
+            cursor = events(r, keys, job_id)[-1]["id"]
+    finally:  # never leave a stopped process behind, whatever failed
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     job = store.get_job(r, keys, job_id)
     evs = events(r, keys, job_id)
@@ -209,9 +219,6 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
     print("| point | frozen at | stale attempt | took over | stale wrote after thaw | stale exited |")
     print("\n".join(_row(row) for row in table))
 
-    for name, _, _, _, wrote, exited in table:
-        assert not wrote, f"{name}: the stale attempt wrote {wrote}\n{dump(evs)}"
-        assert exited, f"{name}: the stale job process did not stop"
     # Events: no attempt writes after a newer one started, no epoch twice within an attempt, every
     # checkpoint once, and the job succeeded exactly once.
     tags = [e["attempt"] for e in evs if "attempt" in e]
