@@ -11,7 +11,8 @@ import hmac
 import ipaddress
 
 import redis
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
 from app.settings import Settings
@@ -98,8 +99,17 @@ class AuthLimiter:
         pipe.execute()
 
 
-def request_owner(request: Request) -> str:
-    """FastAPI dependency: the owner id of the caller."""
+# Declares the scheme in the OpenAPI document, so /docs has an "Authorize" button that sends the
+# key. auto_error=False: the header is checked below, with spkd's own error codes and rate limit.
+bearer_scheme = HTTPBearer(auto_error=False, description="an API key from SPKD_API_KEYS")
+
+
+def request_owner(
+    request: Request, _credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+) -> str:
+    """FastAPI dependency: the owner id of the caller.
+
+    Raises ApiError 401 (`unauthorized`, `invalid_api_key`) or 429 (`too_many_auth_failures`)."""
     ring: KeyRing = request.app.state.keyring
     if ring.open:
         return OPEN_OWNER

@@ -24,6 +24,7 @@ from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from app import references
 from app.errors import ApiError
 from app.settings import Settings
 
@@ -359,16 +360,7 @@ def dataset_record(ds_id: str, owner: str, name: str, res: Extracted, settings: 
 
 
 def datasets_dir(settings: Settings) -> Path:
-    d = Path(settings.data_root).resolve() / "datasets"
+    """The uploads area (created on first use); app.references keeps raw paths out of it."""
+    d = references.uploads_dir(settings)
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def resolve_data_path(settings: Settings, path: str) -> Path | None:
-    """A `dataset.path` resolved under SPKD_DATA_ROOT (symlinks followed), or None if it escapes."""
-    if "\x00" in path:  # the OS refuses such a path; pathlib would raise ValueError
-        return None
-    root = Path(settings.data_root).resolve()
-    p = Path(path)
-    full = (p if p.is_absolute() else root / p).resolve()
-    return full if full == root or root in full.parents else None

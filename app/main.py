@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,27 +23,30 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import catalog, datasets, store
+from app import catalog, datasets, references, store
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
-from app.metrics import Metrics, MetricsMiddleware
-from app.queue import enqueue, make_celery, revoke
+from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
+from app.queue import enqueue, make_celery, queue_depth, revoke
 from app.schemas import (
     ArtifactList,
     Dataset,
     DatasetList,
     ErrorResponse,
+    Event,
     EventList,
     Health,
     Job,
     JobList,
     ModelInfo,
     ModelList,
+    ProgressOut,
     Ready,
     Status,
     WeightFile,
 )
 from app.settings import Settings, get_settings
+from models.errors import SpkdError
 from models.spec import EXAMPLE_SPEC, JobSpec
 
 log = logging.getLogger("spkd.api")
@@ -57,6 +61,48 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 def _ctx(request: Request) -> tuple[redis.Redis, store.Keys, Settings]:
     st = request.app.state
     return st.redis, st.keys, st.settings
+
+
+# ---------------------------------------------------------------- ids and cursors
+
+# 19 digits always fit the 64-bit halves of a Redis stream id (20 may not: 500 from XRANGE).
+STREAM_ID = r"^[0-9]{1,19}-[0-9]{1,19}$"
+JOB_ID = r"^job_[A-Za-z0-9_-]{1,64}$"
+DATASET_ID = r"^ds_[A-Za-z0-9_-]{1,64}$"
+ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+
+
+def _cursor(value: str | None, pattern: str, field: str, what: str) -> str | None:
+    """A cursor as sent, or 400 `invalid_cursor` naming the field (never a Redis error later)."""
+    if value is not None and not re.fullmatch(pattern, value):
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        raise ApiError(400, "invalid_cursor", f"{field} {shown!r} is not {what}", field)
+    return value
+
+
+def _documented(pattern: str, description: str) -> dict[str, Any]:
+    # In the OpenAPI document, checked by _cursor (a 400 invalid_cursor, not FastAPI's 422).
+    return {"json_schema_extra": {"pattern": pattern}, "description": description}
+
+
+def _links(**links: tuple[str, dict[str, str]]) -> dict[str, Any]:
+    """OpenAPI links (name -> (operationId, parameters)): how a response's ids and cursors feed the
+    next request, for clients and for schemathesis' stateful phase."""
+    return {
+        "links": {name: {"operationId": op, "parameters": params} for name, (op, params) in links.items()}
+    }
+
+
+_JOB_OPS = {
+    "GetJob": "get_job_v1_jobs__job_id__get",
+    "JobEvents": "job_events_v1_jobs__job_id__events_get",
+    "JobArtifacts": "list_artifacts_v1_jobs__job_id__artifacts_get",
+    "CancelJob": "cancel_job_v1_jobs__job_id__cancel_post",
+}
+
+
+def _job_links(id_expr: str) -> dict[str, Any]:
+    return _links(**{name: (op, {"job_id": id_expr}) for name, op in _JOB_OPS.items()})
 
 
 # ---------------------------------------------------------------- job validation at POST
@@ -92,53 +138,15 @@ def _check_models(spec: JobSpec, settings: Settings) -> None:
             raise ApiError(422, "weights_unavailable", f"'hub' weights for {base}: {why}", f"{role}.weights")
 
 
-def _check_weight_refs(
+def _check_references(
     r: redis.Redis, keys: store.Keys, spec: JobSpec, owner: str, settings: Settings
 ) -> None:
-    roots = [Path(p).resolve() for p in settings.allowed_weight_roots()]
-    for role in ("teacher", "student"):
-        w = getattr(spec, role).weights
-        if w.startswith("job:"):
-            if store.get_job(r, keys, w[4:], owner) is None:
-                raise ApiError(
-                    422, "weights_job_not_found", f"no job {w[4:]!r} for this API key", f"{role}.weights"
-                )
-        elif w not in ("hub", "none", "package"):
-            p = Path(w)
-            candidates = (
-                []
-                if "\x00" in w
-                else [p.resolve()]
-                if p.is_absolute()
-                else [(root / p).resolve() for root in roots]
-            )
-            if not any(c.is_file() and any(c.is_relative_to(root) for root in roots) for c in candidates):
-                raise ApiError(
-                    422,
-                    "weights_not_allowed",
-                    f"weight file {w!r} is not a file under the server's weight folders (SPKD_WEIGHTS_ROOTS)",
-                    f"{role}.weights",
-                )
-
-
-def _check_dataset(r: redis.Redis, keys: store.Keys, spec: JobSpec, owner: str, settings: Settings) -> None:
-    ds = spec.dataset
-    if ds.id is not None:
-        if store.get_dataset(r, keys, ds.id, owner) is None:
-            raise ApiError(422, "dataset_not_found", f"no dataset {ds.id!r} for this API key", "dataset.id")
-        return
-    path = datasets.resolve_data_path(settings, ds.path or "")
-    if path is None:
-        raise ApiError(
-            422,
-            "dataset_path_not_allowed",
-            "dataset.path must stay inside the server's data root",
-            "dataset.path",
-        )
-    if not path.is_dir():
-        raise ApiError(
-            422, "dataset_not_found", f"no folder {ds.path!r} under the server's data root", "dataset.path"
-        )
+    """Every file the spec names, decided by app.references (the worker decides again at run
+    time); a `job:` reference to one of the caller's still active jobs is accepted here."""
+    try:
+        references.resolve_spec(r, keys, settings, spec, owner, require_finished=False)
+    except SpkdError as e:
+        raise ApiError(422, e.code, e.message, e.field) from e
 
 
 # ---------------------------------------------------------------- routes: jobs
@@ -165,7 +173,7 @@ SPEC_EXAMPLES = {
     "",
     status_code=201,
     response_model=Job,
-    responses=_errors(400, 409, 422),
+    responses={**_errors(400, 409, 422), 201: _job_links("$response.body#/id")},
     summary="Create a job",
     description="Validates the spec (model names, weights, dataset) and queues the job. Send an "
     "`Idempotency-Key` header to make retries safe: the same key and body return the same job (200), "
@@ -180,8 +188,7 @@ def create_job(
 ) -> Job:
     r, keys, settings = _ctx(request)
     _check_models(spec, settings)
-    _check_dataset(r, keys, spec, owner, settings)
-    _check_weight_refs(r, keys, spec, owner, settings)
+    _check_references(r, keys, spec, owner, settings)
     body = spec.model_dump(mode="json")
     job_id = store.new_id("job")
     if idempotency_key:
@@ -230,22 +237,61 @@ def _replay(
     return Job.from_store(job)
 
 
-@jobs.get("", response_model=JobList, responses=_errors(422), summary="List jobs, newest first")
+_LIST_JOB_LINKS = _job_links("$response.body#/data/0/id")["links"]
+_LIST_JOB_LINKS["NextPage"] = {
+    "operationId": "list_jobs_v1_jobs_get",
+    "parameters": {"after": "$response.body#/next_cursor"},
+}
+
+
+@jobs.get(
+    "",
+    response_model=JobList,
+    responses={**_errors(400, 422), 200: {"links": _LIST_JOB_LINKS}},
+    summary="List jobs, newest first",
+)
 def list_jobs(
     request: Request,
     owner: Owner,
     status: Status | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=80, description="next_cursor of the previous page")] = None,
+    after: Annotated[str | None, Query(**_documented(JOB_ID, "next_cursor of the previous page"))] = None,
+    name: Annotated[str | None, Query(max_length=200, description="only jobs with this name")] = None,
+    metadata: Annotated[
+        list[str] | None,
+        Query(max_length=600, description="key:value; only jobs whose metadata has it (repeat: all must)"),
+    ] = None,
 ) -> JobList:
     r, keys, _ = _ctx(request)
-    items, cursor = store.list_jobs(r, keys, owner, status, limit, after)
+    after = _cursor(after, JOB_ID, "after", "a job id (the next_cursor of a previous page)")
+    match = _job_filter(name, metadata or [])
+    items, cursor = store.list_jobs(r, keys, owner, status, limit, after, match=match)
     return JobList(data=[Job.from_store(j) for j in items], has_more=cursor is not None, next_cursor=cursor)
+
+
+def _job_filter(name: str | None, metadata: list[str]) -> Callable[[dict[str, Any]], bool] | None:
+    """The list filter for ?name= and ?metadata=key:value (None: no filter). 400 on a bad pair."""
+    pairs = []
+    for item in metadata:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise ApiError(400, "invalid_filter", f"metadata filter {item!r} is not key:value", "metadata")
+        pairs.append((key, value))
+    if name is None and not pairs:
+        return None
+
+    def match(job: dict[str, Any]) -> bool:
+        spec = job.get("spec") or {}
+        meta = spec.get("metadata") or {}
+        return (name is None or spec.get("name") == name) and all(meta.get(k) == v for k, v in pairs)
+
+    return match
 
 
 def _own_job(request: Request, owner: str, job_id: str) -> dict[str, Any]:
     r, keys, _ = _ctx(request)
-    job = store.get_job(r, keys, job_id, owner)
+    # A malformed id cannot exist: the same 404 as a missing one, without asking Redis.
+    job = store.get_job(r, keys, job_id, owner) if re.fullmatch(JOB_ID, job_id) else None
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -262,8 +308,9 @@ def get_job(request: Request, owner: Owner, job_id: str) -> Job:
     responses=_errors(404, 409),
     summary="Cancel a job",
     description="A queued job is cancelled at once and never starts. A validating or running job gets a "
-    "flag the engine checks every training step; it ends `cancelled` and frees the GPU. Cancelling a "
-    "cancelled job is a no-op; a finished job is a 409.",
+    "flag the engine checks every training step; it ends `cancelled` and frees the GPU. A 200 always "
+    "ends `cancelled` (a job past its last step drops its results). Cancelling a cancelled job is a "
+    "no-op; a succeeded or failed job is a 409 with its `status`.",
 )
 def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
     r, keys, _ = _ctx(request)
@@ -271,7 +318,10 @@ def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
     try:
         job = store.request_cancel(r, keys, job_id)
     except store.Conflict as e:
-        raise ApiError(409, "job_finished", str(e)) from e
+        current = _own_job(request, owner, job_id)["status"]
+        err = ApiError(409, "job_finished", f"job {job_id} already {current}; nothing to cancel")
+        err.extra["status"] = current  # `status` is also ApiError's HTTP status argument
+        raise err from e
     if before["status"] == store.QUEUED and job["status"] == store.CANCELLED:
         revoke(request.app.state.celery, job_id)
     return Job.from_store(job)
@@ -280,7 +330,19 @@ def cancel_job(request: Request, owner: Owner, job_id: str) -> Job:
 @jobs.get(
     "/{job_id}/events",
     response_model=EventList,
-    responses={**_errors(404), 200: {"content": {"text/event-stream": {}}, "description": "JSON or SSE"}},
+    responses={
+        **_errors(400, 404),
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON or SSE",
+            **_links(
+                NextEvents=(
+                    _JOB_OPS["JobEvents"],
+                    {"job_id": "$request.path.job_id", "after": "$response.body#/next_cursor"},
+                )
+            ),
+        },
+    },
     summary="Event log (JSON, or a server-sent-event stream)",
     description="JSON by default. With `Accept: text/event-stream` (or `?stream=true`) a live SSE stream: "
     "one `event: <kind>` per log entry with `id:` (resume with `Last-Event-ID`), `event: progress` "
@@ -290,12 +352,16 @@ async def job_events(
     request: Request,
     owner: Owner,
     job_id: str,
-    after: Annotated[str | None, Query(max_length=40, pattern=r"^\d+-\d+$")] = None,
+    after: Annotated[str | None, Query(**_documented(STREAM_ID, "id of the last event seen"))] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     stream: bool = False,
-    last_event_id: Annotated[str | None, Header(max_length=40, pattern=r"^\d+-\d+$")] = None,
+    last_event_id: Annotated[
+        str | None, Header(**_documented(STREAM_ID, "SSE resume: id of the last event seen"))
+    ] = None,
 ) -> Any:
     r, keys, _ = _ctx(request)
+    after = _cursor(after, STREAM_ID, "after", "an event id (<ms>-<seq>, as in the event log)")
+    last_event_id = _cursor(last_event_id, STREAM_ID, "Last-Event-ID", "an event id (<ms>-<seq>)")
     job = await anyio.to_thread.run_sync(_own_job, request, owner, job_id)
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         start = last_event_id or after or "0-0"
@@ -304,9 +370,12 @@ async def job_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    events = await anyio.to_thread.run_sync(lambda: store.list_events(r, keys, job_id, after, limit))
-    cursor = events[-1]["id"] if events else after
-    return EventList(data=events, status=job["status"], next_cursor=cursor)
+    events = await anyio.to_thread.run_sync(lambda: store.list_events(r, keys, job_id, after, limit + 1))
+    page, has_more = events[:limit], len(events) > limit
+    cursor = page[-1]["id"] if page else after
+    return EventList(
+        data=[Event.from_store(e) for e in page], status=job["status"], has_more=has_more, next_cursor=cursor
+    )
 
 
 def _sse_frame(event: str, data: Any, event_id: str | None = None) -> str:
@@ -327,11 +396,12 @@ async def _sse(request: Request, keys: store.Keys, job_id: str, last: str) -> As
             ar, keys, job_id, last, block_ms=0 if status in store.FINAL else 1000
         )
         for e in events:
-            yield _sse_frame(e["kind"], e, e["id"])
+            yield _sse_frame(e["kind"], Event.from_store(e).model_dump(mode="json"), e["id"])
             last = e["id"]
         if progress and progress != last_progress:
             last_progress = progress
-            yield _sse_frame("progress", json.loads(progress))
+            body = ProgressOut.model_validate(json.loads(progress)).model_dump(mode="json")
+            yield _sse_frame("progress", body)
         if status in store.FINAL and not events:
             yield _sse_frame("end", {"status": status})
             return
@@ -343,7 +413,18 @@ async def _sse(request: Request, keys: store.Keys, job_id: str, last: str) -> As
 
 
 @jobs.get(
-    "/{job_id}/artifacts", response_model=ArtifactList, responses=_errors(404), summary="List artifacts"
+    "/{job_id}/artifacts",
+    response_model=ArtifactList,
+    responses={
+        **_errors(404),
+        200: _links(
+            Download=(
+                "download_artifact_v1_jobs__job_id__artifacts__name__get",
+                {"job_id": "$request.path.job_id", "name": "$response.body#/data/0/name"},
+            )
+        ),
+    },
+    summary="List artifacts",
 )
 def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
     r, keys, _ = _ctx(request)
@@ -360,7 +441,8 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
 def download_artifact(request: Request, owner: Owner, job_id: str, name: str) -> FileResponse:
     r, keys, settings = _ctx(request)
     _own_job(request, owner, job_id)
-    meta = store.get_artifact(r, keys, job_id, name)  # only registered names: no path tricks
+    # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
+    meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     path = Path(settings.artifact_root).resolve() / job_id / name
     if meta is None or not path.is_file():
         raise not_found("artifact", name)
@@ -382,7 +464,10 @@ dsets = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     "",
     status_code=201,
     response_model=Dataset,
-    responses=_errors(400, 413, 422),
+    responses={
+        **_errors(400, 413, 422),
+        201: _links(GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/id"})),
+    },
     summary="Upload a dataset (zip of an ImageFolder)",
     description="`multipart/form-data` with the zip in a `file` part (and an optional `name` field), or "
     "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg` "
@@ -427,14 +512,26 @@ async def upload_dataset(
     return Dataset.from_store(record)
 
 
-@dsets.get("", response_model=DatasetList, summary="List datasets, newest first", responses=_errors())
+@dsets.get(
+    "",
+    response_model=DatasetList,
+    summary="List datasets, newest first",
+    responses={
+        **_errors(400, 422),
+        200: _links(
+            NextPage=("list_datasets_v1_datasets_get", {"after": "$response.body#/next_cursor"}),
+            GetDataset=("get_dataset_v1_datasets__ds_id__get", {"ds_id": "$response.body#/data/0/id"}),
+        ),
+    },
+)
 def list_datasets(
     request: Request,
     owner: Owner,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    after: Annotated[str | None, Query(max_length=80)] = None,
+    after: Annotated[str | None, Query(**_documented(DATASET_ID, "next_cursor of the previous page"))] = None,
 ) -> DatasetList:
     r, keys, _ = _ctx(request)
+    after = _cursor(after, DATASET_ID, "after", "a dataset id (the next_cursor of a previous page)")
     items, cursor = store.list_datasets(r, keys, owner, limit, after)
     return DatasetList(
         data=[Dataset.from_store(d) for d in items], has_more=cursor is not None, next_cursor=cursor
@@ -444,7 +541,7 @@ def list_datasets(
 @dsets.get("/{ds_id}", response_model=Dataset, responses=_errors(404), summary="Describe a dataset")
 def get_dataset(request: Request, owner: Owner, ds_id: str) -> Dataset:
     r, keys, _ = _ctx(request)
-    ds = store.get_dataset(r, keys, ds_id, owner)
+    ds = store.get_dataset(r, keys, ds_id, owner) if re.fullmatch(DATASET_ID, ds_id) else None
     if ds is None:
         raise not_found("dataset", ds_id)
     return Dataset.from_store(ds)
@@ -481,7 +578,11 @@ def list_models(
                 weights=catalog.weights_available(name, settings.hub_weights),
             )
         )
-    files = [WeightFile(**f) for f in catalog.weight_files(settings.weights_root_list())]
+    files = [
+        WeightFile(**f)
+        for f in catalog.weight_files(settings.weights_root_list())
+        if references.is_public_weight_file(settings, Path(str(f["path"])))
+    ]
     return ModelList(total=len(out), data=out, weight_files=files)
 
 
@@ -556,7 +657,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing(settings)
     app.state.auth_limiter = AuthLimiter(r, keys, settings)
     app.state.celery = make_celery(settings)
-    app.state.metrics = Metrics(lambda: store.count_by_status(r, keys))
+    app.state.metrics = Metrics(
+        lambda: StoreSnapshot(
+            jobs_by_status=store.count_by_status(r, keys),
+            queue_depth=queue_depth(r, settings),
+            live_workers=len(store.live_workers(r, keys, settings.heartbeat_ttl_s)),
+        )
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in (jobs, dsets, misc):

@@ -1,47 +1,85 @@
-"""Prometheus metrics: request counts and latency per route template, jobs by status."""
+"""Prometheus metrics, in Prometheus' naming conventions (base units, `_total`, `_seconds`).
+
+Two kinds, so the numbers are right under `spkd serve --workers N`:
+- Request counters and durations are per API process. With several processes, `spkd serve` sets
+  PROMETHEUS_MULTIPROC_DIR and prometheus_client's multiprocess mode adds every process's values
+  up at scrape time (whichever process answers the scrape).
+- Everything about jobs, the queue and the workers is read from Redis at scrape time
+  (`StoreCollector`), so any process gives the same answer.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from app import store
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass
+class StoreSnapshot:
+    """What the store says at scrape time."""
+
+    jobs_by_status: dict[str, int] = field(default_factory=dict)
+    queue_depth: int = 0  # messages waiting in the Celery queue (not yet taken by a worker)
+    live_workers: int = 0
+
 
 class Metrics:
-    def __init__(self, jobs_by_status: Callable[[], dict[str, int]]) -> None:
+    """The API's metrics. `registry` is what GET /metrics exposes."""
+
+    def __init__(self, snapshot: Callable[[], StoreSnapshot]) -> None:
+        multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # In multiprocess mode the instruments write to files in MULTIPROC_DIR; the exposed
+        # registry reads all processes' files. Otherwise they live in the exposed registry.
         self.registry = CollectorRegistry()
+        instruments = CollectorRegistry() if multiprocess else self.registry
+        if multiprocess:
+            MultiProcessCollector(self.registry)
         self.requests = Counter(
-            "spkd_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+            "spkd_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=instruments
         )
         self.latency = Histogram(
-            "spkd_http_request_seconds",
-            "HTTP request latency (until the response starts)",
+            "spkd_http_request_duration_seconds",
+            "HTTP request duration until the response starts",
             ["method", "route"],
-            registry=self.registry,
+            registry=instruments,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
-        self.registry.register(_JobsCollector(jobs_by_status))
+        self.registry.register(StoreCollector(snapshot))
 
 
-class _JobsCollector:
-    def __init__(self, jobs_by_status: Callable[[], dict[str, int]]) -> None:
-        self.jobs_by_status = jobs_by_status
+class StoreCollector:
+    """Gauges read from Redis at each scrape; a Redis outage drops them from that scrape only."""
+
+    def __init__(self, snapshot: Callable[[], StoreSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Any:
-        g = GaugeMetricFamily("spkd_jobs", "jobs in the store by status", labels=["status"])
         try:
-            counts = self.jobs_by_status()
-        except Exception:  # noqa: BLE001 - Redis down: no job gauge this scrape, requests still count
-            counts = {}
+            snap = self.snapshot()
+        except Exception:  # noqa: BLE001 - Redis down: request metrics still answer
+            return
+        jobs = GaugeMetricFamily("spkd_jobs", "jobs in the store by status", labels=["status"])
         for status in store.STATUSES:
-            if status in counts:
-                g.add_metric([status], counts[status])
-        yield g
+            if status in snap.jobs_by_status:
+                jobs.add_metric([status], snap.jobs_by_status[status])
+        yield jobs
+        yield GaugeMetricFamily(
+            "spkd_queue_depth", "jobs waiting in the queue for a worker", value=snap.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "spkd_workers_live", "workers whose heartbeat is fresh", value=snap.live_workers
+        )
 
 
 class MetricsMiddleware:

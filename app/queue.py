@@ -7,6 +7,7 @@ workers/. Job state does not live in Celery (no result backend): it is in our ow
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
@@ -33,8 +34,13 @@ def make_celery(settings: Settings) -> Celery:
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events and worker heartbeats on, so Flower (and `celery events`) see every worker
+        # and the running job; with one task per job their traffic is negligible.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Celery 6 turns this on by default: a Redis blip would then cancel every running job,
+        # hours of GPU time each. Off: the job keeps running and is acked late when Redis returns.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         accept_content=["json"],
         task_serializer="json",
     )
@@ -55,3 +61,19 @@ def revoke(celery: Celery, job_id: str) -> None:
         celery.control.revoke(job_id)
     except Exception as e:  # noqa: BLE001 - the cancel itself is already recorded
         log.warning("revoke of %s failed: %s", job_id, e)
+
+
+# kombu's Redis transport keeps one list per priority step: the queue's name for priority 0, and
+# name + "\x06\x16" + step for the others (kombu.transport.redis, PRIORITY_STEPS and `sep`).
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_PRIORITY_SEP = "\x06\x16"
+
+
+def queue_depth(r: Any, settings: Settings) -> int:
+    """Messages waiting in the job queue (delivered-but-unacked ones are not counted)."""
+    prefix = f"{settings.redis_prefix}:celery:"
+    names = [settings.queue] + [f"{settings.queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS[1:]]
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(prefix + name)
+    return sum(pipe.execute())

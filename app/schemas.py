@@ -18,6 +18,7 @@ class ErrorInfo(BaseModel):
     code: str = Field(examples=["unknown_model"])
     message: str = Field(examples=["teacher.model: timm has no model 'resnet5O'; close matches: resnet50"])
     field: str | None = Field(default=None, examples=["teacher.model"])
+    status: str | None = Field(default=None, description="the job's status, on a 409 from cancel")
 
 
 class ErrorResponse(BaseModel):
@@ -44,7 +45,7 @@ class ProgressOut(BaseModel):
     images_per_sec: float | None = None
     eta_s: float | None = None
     loss: float | None = None
-    updated_at: float | None = None
+    updated_at: datetime | None = None  # stored as unix seconds; shown like every API time
 
 
 def _iso(ts: float | None) -> datetime | None:
@@ -80,6 +81,8 @@ class Job(BaseModel):
 
     id: str
     object: Literal["job"] = "job"
+    name: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
     status: Status
     stage: str | None = None
     progress: ProgressOut | None = None
@@ -100,8 +103,11 @@ class Job(BaseModel):
         eta = None
         if progress and job["status"] == "running" and progress.get("eta_s") is not None:
             eta = _iso((progress.get("updated_at") or job["updated_at"]) + progress["eta_s"])
+        spec = job.get("spec") or {}
         return cls(
             id=job["id"],
+            name=spec.get("name"),
+            metadata=spec.get("metadata") or {},
             status=job["status"],
             stage=job.get("stage") or None,
             progress=progress,
@@ -111,7 +117,7 @@ class Job(BaseModel):
             finished_at=_iso(job.get("finished_at")),
             cancel_requested=job.get("cancel_requested", False),
             attempts=job.get("attempts", 0),
-            spec=job.get("spec") or {},
+            spec=spec,
             warnings=job.get("warnings") or [],
             metrics=job.get("metrics"),
             error=job.get("error"),
@@ -130,7 +136,7 @@ class Event(BaseModel):
         json_schema_extra={
             "example": {
                 "id": "1764280000000-0",
-                "ts": 1764280000.0,
+                "created_at": "2025-11-27T21:46:40Z",
                 "kind": "epoch_end",
                 "message": "distill epoch 3/15: val_acc 0.912",
                 "data": {"stage": "distill", "epoch": 3, "epochs": 15, "val_acc": 0.912},
@@ -138,7 +144,7 @@ class Event(BaseModel):
         }
     )
     id: str = Field(description="stream id; send as Last-Event-ID or ?after= to resume")
-    ts: float
+    created_at: datetime
     kind: str
     message: str
     data: dict[str, Any] = Field(default_factory=dict)
@@ -146,11 +152,22 @@ class Event(BaseModel):
         None, description="the worker attempt that wrote it (its fencing token); null for API events"
     )
 
+    @classmethod
+    def from_store(cls, event: dict[str, Any]) -> Event:
+        return cls(
+            id=event["id"],
+            created_at=_iso(event["ts"]) or datetime.fromtimestamp(0, UTC),
+            kind=event["kind"],
+            message=event["message"],
+            data=event["data"],
+        )
+
 
 class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Event]
     status: Status
+    has_more: bool = Field(description="more events follow the last one returned (ask again with ?after=)")
     next_cursor: str | None = None
 
 

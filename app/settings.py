@@ -52,10 +52,6 @@ class Settings(BaseSettings):
     def weights_root_list(self) -> list[Path]:
         return [Path(p.strip()) for p in self.weights_roots.split(",") if p.strip()]
 
-    def allowed_weight_roots(self) -> list[Path]:
-        """Where a `weights: <path>` may point: SPKD_WEIGHTS_ROOTS plus earlier jobs' artifacts."""
-        return [*self.weights_root_list(), self.artifact_root]
-
 
 @lru_cache
 def get_settings() -> Settings:

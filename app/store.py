@@ -25,7 +25,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,11 @@ _JSON_FIELDS = ("spec", "progress", "metrics", "error", "warnings")
 
 class Conflict(Exception):
     """A state change that is not allowed from the job's current status."""
+
+
+class CancelPending(Conflict):
+    """A final status other than `cancelled` for a job whose cancel was accepted: refused, so a
+    200 to POST .../cancel is always followed by `cancelled`."""
 
 
 def new_id(kind: str) -> str:
@@ -210,25 +215,28 @@ def transition(
     artifacts: list[dict[str, Any]] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Atomically move a job between statuses (WATCH/MULTI), updating every index.
+    """Atomically move a job between statuses (WATCH/MULTI), updating every index; `artifacts`
+    (when given) are registered in the same transaction.
 
     With `fence` (a runner's write) the move happens only while that token is the job's current
     one (the token is read under the same WATCH, so a takeover in between aborts and retries):
-    Fenced otherwise. `artifacts` replaces the job's artifact registry in the same transaction.
-    Raises Conflict when the job is not in one of `allowed_from` (e.g. cancelled meanwhile),
+    Fenced otherwise. Raises Conflict when the job is not in one of `allowed_from` (e.g. cancelled meanwhile),
+    CancelPending for a final status other than `cancelled` once a cancel was accepted,
     KeyError when it does not exist.
     """
     allowed = set(allowed_from)
     jkey = keys.job(job_id)
 
     def _tx(pipe: redis.client.Pipeline) -> str:
-        current, owner, token = pipe.hmget(jkey, "status", "owner", "fence")
+        current, owner, cancel, token = pipe.hmget(jkey, "status", "owner", "cancel_requested", "fence")
         if fence is not None and token != str(fence):
             raise Fenced(f"job {job_id}: attempt {fence} is no longer current ({token or 'no job'})")
         if current is None:
             raise KeyError(job_id)
         if current not in allowed:
             raise Conflict(f"job {job_id} is {current}, not one of {sorted(allowed)}")
+        if to in FINAL and to != CANCELLED and cancel == "1":
+            raise CancelPending(f"job {job_id} has a cancel request; it can only end cancelled")
         t = now()
         upd = dict(fields, status=to, updated_at=t)
         if to in (VALIDATING, RUNNING) and not pipe.hget(jkey, "started_at"):
@@ -238,7 +246,7 @@ def transition(
         pipe.multi()
         pipe.hset(jkey, mapping=_encode(upd))
         if artifacts is not None:
-            _put_artifacts(pipe, keys, job_id, artifacts)
+            _write_artifacts(pipe, keys, job_id, artifacts)
         if current != to:
             pipe.zrem(keys.jobs(owner, current), job_id)
             pipe.zadd(keys.jobs(owner, to), {job_id: 0})
@@ -260,34 +268,83 @@ def list_jobs(
     status: str | None = None,
     limit: int = 20,
     after: str | None = None,
+    match: Callable[[dict[str, Any]], bool] | None = None,
+    scan_budget: int = 2000,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Newest first; `after` is the last id of the previous page. Returns (jobs, next cursor)."""
-    hi = f"({after}" if after else "+"
-    ids = r.zrevrangebylex(keys.jobs(owner, status), hi, "-", start=0, num=limit + 1)
-    page, more = ids[:limit], len(ids) > limit
+    """Newest first; `after` is the last id of the previous page. Returns (jobs, next cursor).
+
+    With `match` (a filter on the decoded job), at most `scan_budget` jobs are read per call: a
+    page can then come back short, with a cursor that continues the scan where it stopped."""
+    if match is None:
+        hi = f"({after}" if after else "+"
+        ids = r.zrevrangebylex(keys.jobs(owner, status), hi, "-", start=0, num=limit + 1)
+        page, more = ids[:limit], len(ids) > limit
+        return _load_jobs(r, keys, page), (page[-1] if more and page else None)
+    found: list[dict[str, Any]] = []
+    cursor, scanned = after, 0
+    while scanned < scan_budget:
+        hi = f"({cursor}" if cursor else "+"
+        ids = r.zrevrangebylex(
+            keys.jobs(owner, status), hi, "-", start=0, num=min(200, scan_budget - scanned)
+        )
+        if not ids:
+            return found, None
+        scanned += len(ids)
+        for job in _load_jobs(r, keys, ids):
+            if match(job):
+                if len(found) == limit:
+                    return found, found[-1]["id"]
+                found.append(job)
+        cursor = ids[-1]
+    return found, cursor  # budget spent: more may match further on
+
+
+def _load_jobs(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[str, Any]]:
     pipe = r.pipeline(transaction=False)
-    for job_id in page:
+    for job_id in ids:
         pipe.hgetall(keys.job(job_id))
-    jobs = [_decode(raw) for raw in pipe.execute() if raw]
-    return jobs, (page[-1] if more and page else None)
+    return [_decode(raw) for raw in pipe.execute() if raw]
 
 
 def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
     """Queued: cancelled at once (it never starts). Validating/running: raise the flag the worker
-    polls. Already cancelled: unchanged. Succeeded/failed: Conflict."""
-    job = get_job(r, keys, job_id)
-    if job is None:
-        raise KeyError(job_id)
-    if job["status"] == CANCELLED:
-        return job
-    if job["status"] in (SUCCEEDED, FAILED):
-        raise Conflict(f"job {job_id} already {job['status']}")
-    r.hset(keys.job(job_id), mapping={"cancel_requested": "1", "cancel_requested_at": str(now())})
-    try:
-        return transition(r, keys, job_id, CANCELLED, [QUEUED], "cancelled before it started")
-    except Conflict:
-        add_event(r, keys, job_id, "cancel_requested", "cancel requested; the worker stops at the next step")
-        return get_job(r, keys, job_id)  # type: ignore[return-value]
+    polls; from then on the job can only end `cancelled` (see transition). Already cancelled:
+    unchanged. Succeeded/failed: Conflict. One WATCH/MULTI transaction, so a job that finishes
+    meanwhile is a Conflict, never an accepted cancel."""
+    jkey = keys.job(job_id)
+
+    def _tx(pipe: redis.client.Pipeline) -> None:
+        current, owner = pipe.hmget(jkey, "status", "owner")
+        if current is None:
+            raise KeyError(job_id)
+        if current in (SUCCEEDED, FAILED):
+            raise Conflict(f"job {job_id} already {current}")
+        if current == CANCELLED:
+            return
+        t = now()
+        pipe.multi()
+        pipe.hset(
+            jkey, mapping={"cancel_requested": "1", "cancel_requested_at": str(t), "updated_at": str(t)}
+        )
+        if current == QUEUED:
+            pipe.hset(jkey, mapping={"status": CANCELLED, "finished_at": str(t)})
+            pipe.zrem(keys.jobs(owner, QUEUED), job_id)
+            pipe.zadd(keys.jobs(owner, CANCELLED), {job_id: 0})
+            pipe.zrem(keys.status(QUEUED), job_id)
+            pipe.zadd(keys.status(CANCELLED), {job_id: t})
+            _xadd(pipe, keys, job_id, "status", "cancelled before it started", {"status": CANCELLED})
+        else:
+            _xadd(
+                pipe,
+                keys,
+                job_id,
+                "cancel_requested",
+                "cancel requested; the worker stops at the next step",
+                {},
+            )
+
+    r.transaction(_tx, jkey)
+    return get_job(r, keys, job_id)  # type: ignore[return-value]
 
 
 def cancel_requested(r: redis.Redis, keys: Keys, job_id: str) -> bool:
@@ -368,6 +425,12 @@ async def aget_job_fields(ar: Any, keys: Keys, job_id: str, *names: str) -> list
 # ---------------------------------------------------------------- artifacts
 
 
+def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
+    pipe.delete(keys.artifacts(job_id))
+    if artifacts:
+        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: json.dumps(a) for a in artifacts})
+
+
 def set_artifacts(
     r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[str, Any]], fence: int | None = None
 ) -> None:
@@ -381,14 +444,8 @@ def set_artifacts(
         fenced(r, keys, job_id, fence, ops)
         return
     pipe = r.pipeline(transaction=True)
-    _put_artifacts(pipe, keys, job_id, artifacts)
+    _write_artifacts(pipe, keys, job_id, artifacts)
     pipe.execute()
-
-
-def _put_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
-    pipe.delete(keys.artifacts(job_id))
-    if artifacts:
-        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: json.dumps(a) for a in artifacts})
 
 
 def list_artifacts(r: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:

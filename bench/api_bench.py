@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -90,8 +91,8 @@ def post_to_start(url: str, n: int, settle_s: float) -> dict:
                 if events["status"] in ("succeeded", "failed", "cancelled"):
                     break
                 time.sleep(0.05)
-            to_start.append(started[0]["ts"] - t0)
-            to_done.append(events["data"][-1]["ts"] - t0)
+            to_start.append(_unix(started[0]["created_at"]) - t0)
+            to_done.append(_unix(events["data"][-1]["created_at"]) - t0)
     return {
         "n": n,
         "settle_s": settle_s,
@@ -138,6 +139,11 @@ def main() -> None:
             results["post_to_start_idle"] = post_to_start(url, a.start_jobs, settle_s=8.0)
             results["post_to_start_back_to_back"] = post_to_start(url, a.start_jobs, settle_s=0.0)
     emit(results, a.json)
+
+
+def _unix(iso: str) -> float:
+    """An API time (ISO 8601, UTC) as unix seconds."""
+    return datetime.fromisoformat(iso).timestamp()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 import typer
 
@@ -20,11 +23,26 @@ def serve(
     from app.settings import get_settings
 
     check_can_serve(get_settings(), host)
+    if workers > 1:
+        _multiprocess_metrics()
     import uvicorn
 
     uvicorn.run(
         "app.main:app", host=host, port=port, workers=workers, log_level=log_level, proxy_headers=True
     )
+
+
+def _multiprocess_metrics() -> None:
+    """Several API processes: each writes its request metrics to a private, fresh folder that any
+    of them reads at scrape time (prometheus_client multiprocess mode). Set before the processes
+    start, since prometheus_client picks its storage when first imported."""
+    from app.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        return  # the operator chose the folder
+    folder = tempfile.mkdtemp(prefix="spkd-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def worker(
@@ -62,7 +80,7 @@ def worker(
         f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
-        "--without-heartbeat",
+        # Heartbeats stay on: Flower and `celery inspect` show a worker only while they arrive.
     ]
     celery.worker_main(argv)
 

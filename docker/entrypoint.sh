@@ -2,7 +2,8 @@
 # Entry point of the spkd images:
 #   api                 the REST API (uvicorn) on $SPKD_HOST:$SPKD_PORT
 #   worker              a Celery worker (one per GPU)
-#   flower              the Flower dashboard of the Celery queue (image built with SPKD_EXTRAS=flower)
+#   flower              the Flower dashboard of the Celery queue (image built with SPKD_EXTRAS=flower),
+#                       behind the basic-auth login SPKD_FLOWER_BASIC_AUTH=user:password (required)
 #   healthcheck api     exit 0 when GET /healthz answers
 #   healthcheck worker  exit 0 when this container's worker heartbeat is fresh in Redis
 #   anything else       passed to `spkd`
@@ -40,7 +41,13 @@ case "${1:-}" in
     ;;
   flower)
     shift
-    exec celery -A workers.celery_app flower --port="${SPKD_FLOWER_PORT:-5555}" "$@"
+    # Flower can revoke and inspect every job: never publish it without a login.
+    if [ -z "${SPKD_FLOWER_BASIC_AUTH:-}" ] || [[ "$SPKD_FLOWER_BASIC_AUTH" != *:* ]]; then
+      echo "spkd-entrypoint: set SPKD_FLOWER_BASIC_AUTH=user:password (in spkd.env) to run Flower" >&2
+      exit 2
+    fi
+    exec celery -A workers.celery_app flower --port="${SPKD_FLOWER_PORT:-5555}" \
+      --basic-auth="$SPKD_FLOWER_BASIC_AUTH" "$@"
     ;;
   healthcheck)
     shift

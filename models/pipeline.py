@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from models import checkpoint, data, export, factory, fastpath, weights
-from models.callbacks import Reporter, ensure_current
+from models.callbacks import Reporter, StopRequested, ensure_current
 from models.engine import (
     Clock,
     LiveTeacher,
@@ -219,6 +219,8 @@ def run_job(
     for stage in planned_stages(spec):
         if stage in run.state.completed:
             continue
+        if reporter.should_stop():  # evaluate and export have no training steps that check it
+            raise StopRequested()
         reporter.event("stage_started", f"{stage} started", stage=stage)
         start = time.perf_counter()
         val_acc = stage_fns[stage](run)

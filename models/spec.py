@@ -133,7 +133,31 @@ class TrainSpec(_Strict):
     )
 
 
+METADATA_MAX_KEYS = 32
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+METADATA_VALUE_MAX = 512
+
+
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValueError(f"at most {METADATA_MAX_KEYS} metadata keys, got {len(value)}")
+    for k, v in value.items():
+        if not METADATA_KEY.match(k):
+            raise ValueError(f"metadata key {k!r}: 1-64 characters of letters, digits, '_', '.', '-'")
+        if len(v) > METADATA_VALUE_MAX:
+            raise ValueError(f"metadata[{k!r}]: at most {METADATA_VALUE_MAX} characters, got {len(v)}")
+    return value
+
+
 class JobSpec(_Strict):
+    name: str | None = Field(
+        default=None, min_length=1, max_length=200, description="a label of yours; filter the job list by it"
+    )
+    metadata: Annotated[dict[str, str], AfterValidator(_check_metadata)] = Field(
+        default_factory=dict,
+        description="free key/value strings of yours (at most 32 keys, values up to 512 characters); "
+        "filter the job list with ?metadata=key:value",
+    )
     teacher: TeacherSpec
     student: StudentSpec
     dataset: DatasetSpec

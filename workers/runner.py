@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from app import datasets, store
+from app import references, store
 from app.settings import Settings
 from models.callbacks import Fenced, StopRequested
 from models.errors import SpkdError
@@ -23,86 +23,6 @@ from models.spec import JobSpec
 from workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")
-
-ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
-
-
-# ---------------------------------------------------------------- resolving the spec's references
-
-
-def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str) -> Path:
-    ds = spec.dataset
-    if ds.id is not None:
-        record = store.get_dataset(r, keys, ds.id, owner)
-        path = datasets.datasets_dir(settings) / ds.id
-        if record is None or not path.is_dir():
-            raise SpkdError("dataset_not_found", f"no dataset {ds.id!r} for this API key", "dataset.id")
-        return path
-    path = datasets.resolve_data_path(settings, ds.path or "")
-    if path is None:
-        raise SpkdError(
-            "dataset_path_not_allowed", "dataset.path must stay inside the data root", "dataset.path"
-        )
-    if not path.is_dir():
-        raise SpkdError("dataset_not_found", f"no folder {ds.path!r} under the data root", "dataset.path")
-    return path
-
-
-def _job_weights(
-    r: redis.Redis, keys: store.Keys, settings: Settings, role: str, model: str, ref: str, owner: str
-) -> str:
-    """`job:<id>` -> that job's fine-tuned teacher or student file, whichever is the same model
-    (the same role first); only the same owner's succeeded jobs."""
-    other = store.get_job(r, keys, ref, owner)
-    field = f"{role}.weights"
-    if other is None:
-        raise SpkdError("weights_job_not_found", f"no job {ref!r} for this API key", field)
-    if other["status"] != store.SUCCEEDED:
-        raise SpkdError("weights_job_not_finished", f"job {ref!r} is {other['status']}, not succeeded", field)
-    roles = [role] + [x for x in ROLE_FILES if x != role]
-    for candidate in roles:
-        if (other["spec"].get(candidate) or {}).get("model") == model:
-            path = Path(settings.artifact_root).resolve() / ref / ROLE_FILES[candidate]
-            if path.is_file():
-                return str(path)
-    raise SpkdError(
-        "weights_mismatch",
-        f"job {ref!r} has no fine-tuned {model!r} (its teacher and student are other models)",
-        field,
-    )
-
-
-def _file_weights(settings: Settings, role: str, ref: str) -> str:
-    roots = [Path(p).resolve() for p in settings.allowed_weight_roots()]
-    p = Path(ref)
-    candidates = [] if "\x00" in ref else [p] if p.is_absolute() else [root / p for root in roots]
-    for c in (c.resolve() for c in candidates):
-        if c.is_file() and any(c.is_relative_to(root) for root in roots):
-            return str(c)
-    raise SpkdError(
-        "weights_not_allowed",
-        f"weight file {ref!r} is not a file under the server's weight folders",
-        f"{role}.weights",
-    )
-
-
-def resolve_weights(
-    r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str
-) -> JobSpec:
-    """Replace `job:<id>` and relative paths by checked absolute file paths (the engine sees paths)."""
-    updates: dict[str, Any] = {}
-    for role in ROLE_FILES:
-        part = getattr(spec, role)
-        w = part.weights
-        if w in ("hub", "none", "package"):
-            continue
-        if w.startswith("job:"):
-            path = _job_weights(r, keys, settings, role, part.model, w[4:], owner)
-        else:
-            path = _file_weights(settings, role, w)
-        updates[role] = part.model_copy(update={"weights": path})
-    return spec.model_copy(update=updates) if updates else spec
-
 
 # ---------------------------------------------------------------- artifacts
 
@@ -195,9 +115,20 @@ def _run_leased(
             "message": f"the job's worker died {attempts - 1} times",
             "field": None,
         }
-        store.transition(
-            r, keys, job_id, store.FAILED, store.ACTIVE, "failed: too many attempts", fence=fence, error=error
-        )
+        try:
+            store.transition(
+                r,
+                keys,
+                job_id,
+                store.FAILED,
+                store.ACTIVE,
+                "failed: too many attempts",
+                fence=fence,
+                error=error,
+            )
+        except store.CancelPending:
+            store.transition(r, keys, job_id, store.CANCELLED, store.ACTIVE, "cancelled", fence=fence)
+            return "cancelled"
         return "failed"
     try:
         note = f"validating on {worker}" + (f" (attempt {attempts}, resuming)" if resumed else "")
@@ -258,6 +189,9 @@ def _finish(
         store.transition(
             r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, fence=fence, **fields
         )
+    except store.CancelPending:
+        # The API answered 200 to a cancel: the job ends cancelled, whatever ended the run.
+        _finish(r, keys, job_id, fence, store.CANCELLED, f"cancelled ({message}, after the cancel request)")
     except store.Conflict as e:
         log.info("job %s: not moved to %s: %s", job_id, to, e)
 
@@ -272,8 +206,8 @@ def _validate_and_run(
 ) -> str:
     job_id, owner, fence = job["id"], job["owner"], monitor.lease.fence
     spec = JobSpec.model_validate(job["spec"])
-    data_dir = resolve_dataset(r, keys, settings, spec, owner)
-    spec = resolve_weights(r, keys, settings, spec, owner)
+    # Again at run time, with the API's rules: files can change between submit and now.
+    data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
     from models.pipeline import run_job, validate_job  # torch: only in the job's process
 
     warnings = validate_job(spec, data_dir)
@@ -289,16 +223,22 @@ def _validate_and_run(
     metrics = run_job(spec, data_dir, out_dir, reporter, device=device, attempt=fence)
     artifacts = collect_artifacts(out_dir)
     # Registry and final status in one fenced transaction: a stale attempt registers nothing.
-    store.transition(
-        r,
-        keys,
-        job_id,
-        store.SUCCEEDED,
-        [store.RUNNING],
-        "succeeded",
-        {"artifacts": [a["name"] for a in artifacts]},
-        fence=fence,
-        artifacts=artifacts,
-        metrics=metrics,
-    )
+    try:  # the artifacts are registered with the status, or not at all
+        store.transition(
+            r,
+            keys,
+            job_id,
+            store.SUCCEEDED,
+            [store.RUNNING],
+            "succeeded",
+            {"artifacts": [a["name"] for a in artifacts]},
+            fence=fence,
+            artifacts=artifacts,
+            metrics=metrics,
+        )
+    except store.CancelPending:
+        _finish(
+            r, keys, job_id, fence, store.CANCELLED, "cancelled after its last stage; results not registered"
+        )
+        return "cancelled"
     return "succeeded"

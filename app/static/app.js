@@ -407,7 +407,7 @@
     const key = ev.seq !== undefined ? `s${ev.seq}` : (ev.id !== undefined ? `i${ev.id}` : null);
     if (key) { if (state.seenEvents.has(key)) return; state.seenEvents.add(key); }
     if (kind === 'progress') { renderProgress(data, state.job); return; }
-    addEventLine(kind, ev.message || '', ev.ts || ev.time || ev.created_at);
+    addEventLine(kind, ev.message || '', ev.created_at);
     if (kind === 'epoch_end') {
       mergeCurves({ [data.stage]: [data] });
       renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, state.job);

@@ -91,7 +91,8 @@ def test_cross_key_isolation_everywhere(client, r, keys, settings: Settings) -> 
         "dataset_not_found",
         "weights_job_not_found",
     )
-    spec["dataset"] = {"path": "."}
+    (Path(settings.data_root) / "shared").mkdir()
+    spec["dataset"] = {"path": "shared"}
     steal_w = client.post("/v1/jobs", json=spec, headers=BOB)
     assert steal_w.json()["error"]["code"] == "weights_job_not_found", steal_w.text
     # Bob's cancel changed nothing for Alice.
@@ -122,8 +123,9 @@ def _all_values(r: redis.Redis, prefix: str) -> str:
 
 def test_keys_never_stored_in_clear(client, r, settings: Settings) -> None:
     client.post("/v1/datasets", content=_zip_two_classes(), headers={"Content-Type": "application/zip"})
-    client.post("/v1/jobs", json=tiny_spec({"path": "."}), headers={"Idempotency-Key": KEY_A})
-    client.post("/v1/jobs", json=tiny_spec({"path": "."}), headers=BOB)
+    (Path(settings.data_root) / "shared").mkdir()
+    client.post("/v1/jobs", json=tiny_spec({"path": "shared"}), headers={"Idempotency-Key": KEY_A})
+    client.post("/v1/jobs", json=tiny_spec({"path": "shared"}), headers=BOB)
     client.get("/v1/jobs", headers={"Authorization": "Bearer not-a-key"})
     dumped = _all_values(r, settings.redis_prefix)
     assert len(dumped) > 500 and store.owner_of(KEY_A) in dumped  # the hash is there...

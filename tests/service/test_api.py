@@ -154,9 +154,17 @@ def test_cancel_states(client, r, keys, data_folder: Path) -> None:
     running = client.post(f"/v1/jobs/{job_id}/cancel").json()
     assert running["status"] == "validating" and running["cancel_requested"] is True
     assert store.cancel_requested(r, keys, job_id)
-    store.transition(r, keys, job_id, store.FAILED, [store.VALIDATING])
-    done = client.post(f"/v1/jobs/{job_id}/cancel")
-    assert done.status_code == 409 and done.json()["error"]["code"] == "job_finished"
+    # Accepted (200): from now on the job can only end cancelled.
+    with pytest.raises(store.CancelPending):
+        store.transition(r, keys, job_id, store.FAILED, [store.VALIDATING])
+    store.transition(r, keys, job_id, store.CANCELLED, [store.VALIDATING])
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    other = client.post("/v1/jobs", json=spec()).json()["id"]
+    store.transition(r, keys, other, store.FAILED, [store.QUEUED])
+    done = client.post(f"/v1/jobs/{other}/cancel")
+    assert done.status_code == 409, done.text
+    assert done.json()["error"]["code"] == "job_finished" and done.json()["error"]["status"] == "failed"
 
 
 def test_events_json_and_sse_resume(client, r, keys, data_folder: Path) -> None:
@@ -179,7 +187,8 @@ def test_events_json_and_sse_resume(client, r, keys, data_folder: Path) -> None:
     names = [next(line[7:] for line in f.splitlines() if line.startswith("event: ")) for f in frames]
     assert names == ["info", "status", "progress", "end"]  # resumed after the first event
     assert json.loads(frames[-1].split("data: ")[1]) == {"status": "cancelled"}
-    assert client.get(f"/v1/jobs/{job_id}/events", params={"after": "bad"}).status_code == 422
+    bad = client.get(f"/v1/jobs/{job_id}/events", params={"after": "bad"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
 
 
 def test_artifacts_listing_and_download(client, r, keys, settings: Settings, data_folder: Path) -> None:

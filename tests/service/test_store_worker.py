@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app import store
+from app import references, store
 from app.settings import Settings
 from models.callbacks import Progress
 from models.errors import SpkdError
@@ -135,24 +135,24 @@ def test_resolve_job_weights(r, keys, settings: Settings) -> None:
     ]
     spec = JobSpec.model_validate(base_spec(teacher={"model": "test_vit", "weights": f"job:{earlier}"}))
     with pytest.raises(SpkdError) as e:
-        runner.resolve_weights(r, keys, settings, spec, "o")
+        references.resolve_weights(r, keys, settings, spec, "o")
     assert e.value.code == "weights_job_not_finished" and e.value.field == "teacher.weights"
     store.transition(r, keys, earlier, store.SUCCEEDED, [store.QUEUED])
     out = Path(settings.artifact_root).resolve() / earlier
     out.mkdir(parents=True)
     (out / "teacher.safetensors").write_bytes(b"w")
-    resolved = runner.resolve_weights(r, keys, settings, spec, "o")
+    resolved = references.resolve_weights(r, keys, settings, spec, "o")
     assert resolved.teacher.weights == str(out / "teacher.safetensors")
     with pytest.raises(SpkdError) as e:
-        runner.resolve_weights(r, keys, settings, spec, "another-owner")
+        references.resolve_weights(r, keys, settings, spec, "another-owner")
     assert e.value.code == "weights_job_not_found"
     wrong = JobSpec.model_validate(base_spec(student={"model": "test_convnext", "weights": f"job:{earlier}"}))
     with pytest.raises(SpkdError) as e:
-        runner.resolve_weights(r, keys, settings, wrong, "o")
+        references.resolve_weights(r, keys, settings, wrong, "o")
     assert e.value.code == "weights_mismatch" and e.value.field == "student.weights"
     outside = JobSpec.model_validate(base_spec(student={"model": "test_resnet", "weights": "../../x.pth"}))
     with pytest.raises(SpkdError) as e:
-        runner.resolve_weights(r, keys, settings, outside, "o")
+        references.resolve_weights(r, keys, settings, outside, "o")
     assert e.value.code == "weights_not_allowed"
 
 

@@ -1,0 +1,297 @@
+"""The one owner-aware resolver for every file a job spec names. Torch-free.
+
+A spec reaches files in four ways: `dataset.path` (a folder under SPKD_DATA_ROOT), `dataset.id`
+(an upload), a weights path (a file under SPKD_WEIGHTS_ROOTS, relative or absolute) and
+`weights: job:<id>` (an earlier job's artifact). The API calls these functions at POST /v1/jobs
+and the worker calls them again at run time (files can change in between), so both decide alike.
+
+The rule: a spec reaches only the caller's own uploads (by `dataset.id`), the caller's own
+artifacts (by `job:<id>`) and the admin's read-only roots (the data root outside its uploads area,
+the weight roots). The uploads area and the artifact root are never reachable by a raw path, even
+when a weight root or the data root contains them. Paths are resolved (symlinks, `..`) before the
+check, and compared by file identity as well as by name, so another name for the same folder (a
+case-insensitive filesystem, a bind mount) is caught too. Another key's upload or job answers
+exactly like one that does not exist: the same code, message shape and field.
+
+Every refusal is a `models.errors.SpkdError(code, message, field)`; the API turns it into a 422.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from app import store
+from app.settings import Settings
+from models.errors import SpkdError
+from models.spec import WEIGHT_KEYWORDS, JobSpec
+
+ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+UPLOADS_DIRNAME = "datasets"
+
+
+# ---------------------------------------------------------------- the areas
+
+
+def uploads_dir(settings: Settings) -> Path:
+    """Where uploads live (`<data root>/datasets`, one folder per dataset id), resolved."""
+    return (Path(settings.data_root).resolve() / UPLOADS_DIRNAME).resolve()
+
+
+def artifact_dir(settings: Settings) -> Path:
+    """The artifact root (`<root>/<job id>/`), resolved."""
+    return Path(settings.artifact_root).resolve()
+
+
+def private_areas(settings: Settings) -> list[Path]:
+    """Folders that hold per-key files: reachable only through dataset.id and job:<id>."""
+    return [uploads_dir(settings), artifact_dir(settings)]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _chain(path: Path) -> list[Path]:
+    return [path, *path.parents]
+
+
+def overlaps_private(path: Path, settings: Settings) -> bool:
+    """True when the resolved `path` lies inside a private area or contains one (e.g. the data
+    root itself, which holds the uploads area). By name and by file identity."""
+    mine = {i for i in (_identity(p) for p in _chain(path)) if i is not None}
+    own = _identity(path)
+    for area in private_areas(settings):
+        if path.is_relative_to(area) or area.is_relative_to(path):
+            return True
+        if _identity(area) in mine:  # inside it under another name
+            return True
+        if own is not None and own in {_identity(p) for p in _chain(area)}:  # contains it
+            return True
+    return False
+
+
+def _resolve(base: Path, raw: str) -> Path | None:
+    """`raw` resolved against `base` (absolute `raw` as is), symlinks and `..` followed; None for
+    a path the OS cannot name (NUL byte, too long)."""
+    if "\x00" in raw or not raw.strip():
+        return None
+    p = Path(raw)
+    try:
+        return (p if p.is_absolute() else base / p).resolve()
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return None
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _path_refused(raw: str) -> SpkdError:
+    # One message for every refused path, whatever is (or is not) behind it: no probing.
+    return SpkdError(
+        "dataset_path_not_allowed",
+        f"dataset.path {raw!r} must name a folder under the server's data root, outside its "
+        "uploads area (an uploaded dataset is named by dataset.id)",
+        "dataset.path",
+    )
+
+
+def _dataset_missing(ds_id: str) -> SpkdError:
+    return SpkdError("dataset_not_found", f"no dataset {ds_id!r} for this API key", "dataset.id")
+
+
+def _links_stay_out(folder: Path, settings: Settings) -> bool:
+    """The engine follows symlinked split and class folders (depth 1 and 2) while scanning (deeper
+    ones and symlinked files it skips); each such link must stay in the data root and out of the
+    private areas. scandir: no stat per image file."""
+    root = Path(settings.data_root).resolve()
+    links: list[Path] = []
+    try:
+        with os.scandir(folder) as top:
+            for entry in top:
+                if entry.is_symlink():
+                    links.append(Path(entry.path))
+                elif entry.is_dir():
+                    with os.scandir(entry.path) as inner:
+                        links += [Path(e.path) for e in inner if e.is_symlink()]
+    except OSError:
+        return True  # unreadable: the engine's scan reports it
+    for link in links:
+        try:
+            target = link.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: the engine cannot use it either
+            continue
+        if target.is_dir() and (not target.is_relative_to(root) or overlaps_private(target, settings)):
+            return False
+    return True
+
+
+def resolve_dataset_path(settings: Settings, raw: str) -> Path:
+    """`dataset.path` -> the resolved folder under the data root. Raises SpkdError
+    `dataset_path_not_allowed` (outside the data root, inside or above the uploads area or the
+    artifact root, a symlink to any of those) or `dataset_not_found` (no such folder)."""
+    root = Path(settings.data_root).resolve()
+    full = _resolve(root, raw)
+    if full is None or not full.is_relative_to(root) or overlaps_private(full, settings):
+        raise _path_refused(raw)
+    if not full.is_dir():
+        raise SpkdError(
+            "dataset_not_found", f"no folder {raw!r} under the server's data root", "dataset.path"
+        )
+    if not _links_stay_out(full, settings):
+        raise _path_refused(raw)
+    return full
+
+
+def resolve_dataset_id(r: redis.Redis, keys: store.Keys, settings: Settings, ds_id: str, owner: str) -> Path:
+    """`dataset.id` -> the upload's folder, only for its owner. Another key's dataset, a missing
+    record, a missing folder or a folder that is not the upload's own (a symlink) all raise the
+    same SpkdError `dataset_not_found`."""
+    record = store.get_dataset(r, keys, ds_id, owner)
+    uploads = uploads_dir(settings)
+    folder = uploads / ds_id
+    try:
+        ok = record is not None and folder.is_dir() and folder.resolve() == folder
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise _dataset_missing(ds_id)
+    return folder
+
+
+def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str) -> Path:
+    """The folder the job trains on (by id or path; see the two functions above)."""
+    ds = spec.dataset
+    if ds.id is not None:
+        return resolve_dataset_id(r, keys, settings, ds.id, owner)
+    return resolve_dataset_path(settings, ds.path or "")
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _weights_refused(raw: str, field: str) -> SpkdError:
+    return SpkdError(
+        "weights_not_allowed",
+        f"weight file {raw!r} is not a file under the server's weight folders (SPKD_WEIGHTS_ROOTS); "
+        "an earlier job's weights are named job:<job id>",
+        field,
+    )
+
+
+def weight_roots(settings: Settings) -> list[Path]:
+    """The admin's weight folders (SPKD_WEIGHTS_ROOTS), resolved. The artifact root is not one:
+    artifacts are reached through job:<id> only."""
+    return [Path(p).resolve() for p in settings.weights_root_list()]
+
+
+def resolve_weight_file(settings: Settings, raw: str, field: str) -> Path:
+    """A weights path -> the resolved file inside a weight root and outside every private area.
+    Relative paths are tried against each root in order. Raises SpkdError `weights_not_allowed`
+    (the same for missing, escaping, private and not-a-file)."""
+    for root in weight_roots(settings):
+        full = _resolve(root, raw)
+        if full is None or not full.is_relative_to(root) or overlaps_private(full, settings):
+            continue
+        if full.is_file():
+            return full
+    raise _weights_refused(raw, field)
+
+
+def is_public_weight_file(settings: Settings, path: Path) -> bool:
+    """True for a file `weights: <path>` may name (used to list them at GET /v1/models)."""
+    full = path.resolve()
+    roots = weight_roots(settings)
+    return (
+        full.is_file() and any(full.is_relative_to(r) for r in roots) and not overlaps_private(full, settings)
+    )
+
+
+def resolve_job_weights(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    role: str,
+    model: str,
+    job_id: str,
+    owner: str,
+    require_finished: bool = True,
+) -> Path | None:
+    """`job:<id>` -> that job's fine-tuned file of the same model (the same role first).
+
+    Only the owner's jobs: another key's job (in any status) answers like a missing one,
+    `weights_job_not_found`. `weights_job_not_finished` for the owner's unfinished job (at submit,
+    `require_finished=False` accepts a still active one and returns None: it may finish before
+    this job runs), `weights_mismatch` when neither of its models is `model`."""
+    field = f"{role}.weights"
+    other = store.get_job(r, keys, job_id, owner)
+    if other is None:
+        raise SpkdError("weights_job_not_found", f"no job {job_id!r} for this API key", field)
+    status = other["status"]
+    order = [role] + [x for x in ROLE_FILES if x != role]
+    candidates = [c for c in order if (other["spec"].get(c) or {}).get("model") == model]
+    if not candidates:
+        raise SpkdError(
+            "weights_mismatch",
+            f"job {job_id!r} has no fine-tuned {model!r} (its teacher and student are other models)",
+            field,
+        )
+    if status != store.SUCCEEDED:
+        if not require_finished and status in store.ACTIVE:
+            return None
+        raise SpkdError("weights_job_not_finished", f"job {job_id!r} is {status}, not succeeded", field)
+    job_dir = artifact_dir(settings) / job_id
+    for candidate in candidates:
+        path = job_dir / ROLE_FILES[candidate]
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if real == path and real.is_file():  # its own file, no symlink out of the job's folder
+            return real
+    raise SpkdError("weights_job_not_found", f"job {job_id!r} has no {model!r} weights file left", field)
+
+
+def resolve_weights(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    spec: JobSpec,
+    owner: str,
+    require_finished: bool = True,
+) -> JobSpec:
+    """Check both `weights` references; returns the spec with each file reference replaced by its
+    checked absolute path (the engine sees only paths). Raises SpkdError (see above)."""
+    updates: dict[str, Any] = {}
+    for role in ROLE_FILES:
+        part = getattr(spec, role)
+        w = part.weights
+        if w in WEIGHT_KEYWORDS:
+            continue
+        if w.startswith("job:"):
+            path = resolve_job_weights(r, keys, settings, role, part.model, w[4:], owner, require_finished)
+        else:
+            path = resolve_weight_file(settings, w, f"{role}.weights")
+        if path is not None:
+            updates[role] = part.model_copy(update={"weights": str(path)})
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def resolve_spec(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    spec: JobSpec,
+    owner: str,
+    require_finished: bool = True,
+) -> tuple[Path, JobSpec]:
+    """Every reference of a spec: (dataset folder, spec with resolved weight paths)."""
+    data_dir = resolve_dataset(r, keys, settings, spec, owner)
+    return data_dir, resolve_weights(r, keys, settings, spec, owner, require_finished)
