@@ -160,6 +160,7 @@ class Event(BaseModel):
             kind=event["kind"],
             message=event["message"],
             data=event["data"],
+            attempt=event.get("attempt"),
         )
 
 

@@ -11,6 +11,7 @@ from app import store
 from models.callbacks import Fenced, Progress
 from workers.reporter import Monitor, RedisReporter
 
+from ..helpers import KEY_A
 from .test_store_worker import base_spec
 
 
@@ -125,3 +126,15 @@ def test_orphan_sweep_never_marks_a_job_whose_lease_is_held(r, keys) -> None:
     assert not store.claim_orphan(r, keys, job_id, 600, "lost")  # once per grace period
     assert [e["message"] for e in store.list_events(r, keys, job_id)].count("lost") == 1
     assert lease.acquire() and not r.hexists(keys.job(job_id), "requeued_at")  # used up by a start
+
+
+def test_events_say_which_attempt_wrote_them(r, keys, client) -> None:
+    job_id = store.create_job(r, keys, store.owner_of(KEY_A), base_spec())["id"]
+    lease = store.Lease(r, keys, job_id, 30)
+    assert lease.acquire()
+    store.add_event(r, keys, job_id, "info", "from the runner", fence=lease.fence)
+    body = client.get(f"/v1/jobs/{job_id}/events").json()
+    assert [(e["message"], e["attempt"]) for e in body["data"]] == [
+        ("job queued", None),  # written by the API, not by a runner
+        ("from the runner", lease.fence),
+    ]
