@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from models.factory import DataConfig, create_kwargs
 log = logging.getLogger(__name__)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
+def save_weights(model: torch.nn.Module, path: Path, guard: Callable[[], None] | None = None) -> None:
+    """Write the model's state dict as safetensors, atomically (`guard`: see atomic_write)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), guard)
 
 
 def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any) -> dict[str, Any]:

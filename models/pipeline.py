@@ -1,13 +1,21 @@
 """The engine's entry points: validate a job, then run its stages with checkpoints and artifacts.
 
 Stages, in order, each optional by spec: teacher_finetune (teacher.finetune set), baseline
-(baseline: true), distill, evaluate, export. A run resumes from out_dir/checkpoints/last.pt.
+(baseline: true), distill, evaluate, export. A run resumes from its last checkpoint
+(models/checkpoint.py: out_dir/checkpoints/, one folder per attempt of a service job).
+
+Publishing: every file a run leaves is written to a temporary name first and moved into place
+only after `ensure_current(reporter)` (the service's fencing check) passes, right before the
+rename. Checkpoints and stage weights go to the attempt's own folder; the artifacts are staged in
+that folder too and moved into out_dir together at the end of the export stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +24,7 @@ from typing import Any
 import torch
 
 from models import autoweight, checkpoint, data, export, factory, fastpath, stats, weights
-from models.callbacks import Reporter, StopRequested
+from models.callbacks import Reporter, StopRequested, ensure_current
 from models.engine import (
     Clock,
     LiveTeacher,
@@ -157,6 +165,7 @@ class Run:
     clock: Clock
     fast: fastpath.FastPath | None = None  # in-memory data path + teacher cache (issue 6)
     select_set: data.ImageDataset | None = None  # the selection split; None: selection off
+    attempt: int | None = None  # the service's fencing token: names this attempt's folder
 
     @property
     def num_classes(self) -> int:
@@ -167,22 +176,44 @@ class Run:
         """Whether choices (best epoch, weights, shipped student) are made on a selection split."""
         return self.select_set is not None
 
+    def guard(self) -> None:
+        """Raise Fenced unless this run may still write (called right before each rename)."""
+        ensure_current(self.reporter)
+
     def save(self) -> None:
-        checkpoint.save(self.out_dir, self.state.payload())
+        checkpoint.save(self.out_dir, self.state.payload(), self.attempt, self.guard)
 
     def ckpt_file(self, name: str) -> Path:
-        return checkpoint.checkpoint_dir(self.out_dir) / name
+        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / name
+
+    def save_stage_weights(self, model: torch.nn.Module, name: str) -> None:
+        export.save_weights(model, self.ckpt_file(name), self.guard)
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where the export stage writes the artifacts before they are published into out_dir."""
+        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / "export"
 
 
 def run_job(
-    spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, device: str | None = None
+    spec: JobSpec,
+    data_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: str | None = None,
+    attempt: int | None = None,
 ) -> dict:
-    """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json."""
+    """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json.
+
+    `attempt`: a number that grows with every attempt at the same job (the service passes its
+    fencing token). Each attempt keeps its checkpoints in its own folder and starts from the
+    newest earlier one. Raises whatever the reporter raises (StopRequested, Fenced) unchanged.
+    """
     out_dir = Path(out_dir)
     for warning in validate_job(spec, data_dir):
         reporter.event("warning", warning)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _setup(spec, Path(data_dir), out_dir, reporter, device)
+    run = _setup(spec, Path(data_dir), out_dir, reporter, device, attempt)
     stage_fns = {
         "teacher_finetune": _teacher_finetune,
         "baseline": _baseline,
@@ -216,7 +247,9 @@ def run_job(
     return json.loads((out_dir / "metrics.json").read_text())
 
 
-def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, device: str | None) -> Run:
+def _setup(
+    spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, device: str | None, attempt: int | None
+) -> Run:
     scan = data.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
     scan = data.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
     if isinstance(spec.distill.sp_weight, list) and not scan.select:
@@ -250,7 +283,8 @@ def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, dev
     eval_transform = data.make_transform(image_size, student_cfg, training=False)
     val_set = data.ImageDataset(scan.val, eval_transform)
     select_set = data.ImageDataset(scan.select, eval_transform) if scan.select else None
-    state = _load_state(spec, out_dir, reporter)
+    checkpoint.adopt(out_dir, attempt)
+    state = _load_state(spec, out_dir, reporter, attempt)
     steps = _steps_per_epoch(len(train_set), spec.train.batch_size)
     epochs = {
         "teacher_finetune": spec.teacher.finetune.epochs if spec.teacher.finetune else 0,
@@ -275,6 +309,7 @@ def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, dev
         fast=fastpath.FastPath(
             spec, scan, runtime.device, image_size, val_set.transform, reporter, runtime.amp_dtype
         ),
+        attempt=attempt,
     )
 
 
@@ -282,8 +317,8 @@ def _spec_key(spec: JobSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
 
 
-def _load_state(spec: JobSpec, out_dir: Path, reporter: Reporter) -> RunState:
-    saved = checkpoint.load(out_dir)
+def _load_state(spec: JobSpec, out_dir: Path, reporter: Reporter, attempt: int | None) -> RunState:
+    saved = checkpoint.load(out_dir, attempt)
     key = _spec_key(spec)
     if saved is None:
         return RunState(spec=key)
@@ -422,7 +457,7 @@ def _train(
     def on_epoch_end(payload: dict[str, Any]) -> None:
         curve = payload["curve"]
         if run.selecting and best_row(curve) is curve[-1]:
-            export.save_weights(model, _best_file(run, stage))
+            export.save_weights(model, _best_file(run, stage), run.guard)
         if on_epoch is not None:
             on_epoch(payload)
         run.state.current = {"stage": stage, **payload}
@@ -478,7 +513,7 @@ def _teacher_finetune(run: Run) -> float | None:
     teacher, _ = _build_teacher(run)
     ft = run.spec.teacher.finetune
     chosen = _train(run, "teacher_finetune", teacher, _plain(teacher), ft.epochs, ft.lr or run.spec.train.lr)
-    export.save_weights(teacher, run.ckpt_file("teacher.safetensors"))
+    run.save_stage_weights(teacher, "teacher.safetensors")
     run.state.results["teacher"] = chosen
     return chosen["select_acc"]
 
@@ -486,7 +521,7 @@ def _teacher_finetune(run: Run) -> float | None:
 def _baseline(run: Run) -> float | None:
     student = _build_student(run)
     chosen = _train(run, "baseline", student, _plain(student), run.spec.train.epochs, run.spec.train.lr)
-    export.save_weights(student, run.ckpt_file("baseline.safetensors"))
+    run.save_stage_weights(student, "baseline.safetensors")
     run.state.results["baseline"] = chosen
     return chosen["select_acc"]
 
@@ -511,7 +546,7 @@ def _distill(run: Run) -> float | None:
     if teacher_fn is not None:
         _set_weights(run, distiller, student)
     chosen = _train(run, "distill", student, distiller, spec.train.epochs, spec.train.lr)
-    export.save_weights(student, run.ckpt_file("distilled.safetensors"))
+    run.save_stage_weights(student, "distilled.safetensors")
     run.state.results["distilled"] = chosen
     return chosen["select_acc"]
 
@@ -805,7 +840,10 @@ def _ship(run: Run) -> dict[str, Any]:
 
 def _export(run: Run) -> None:
     start = time.perf_counter()
-    out, spec, results = run.out_dir, run.spec, run.state.results
+    out, spec, results = run.staging_dir, run.spec, run.state.results
+    if out.exists():  # a half-written export of this attempt (an earlier try was stopped)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     shipped = results["shipped"]["student"]
     for which in ("distilled", "baseline"):
         if which not in results:
@@ -840,6 +878,20 @@ def _export(run: Run) -> None:
     metrics = build_metrics(run)
     export.write_json(out / "metrics.json", metrics)
     write_report(out)  # report.html + curves.png from metrics.json (issue 7)
+    _publish(run, out)
+
+
+def _publish(run: Run, staged: Path) -> None:
+    """Move every staged artifact into out_dir, right after the fencing check.
+
+    A rename cannot be made conditional on the job store atomically: a run frozen between the
+    check and these renames (a few microseconds of work) would still rename its files on thaw.
+    What remains true then: the files are complete (renames of fsynced files), and the stale run
+    is refused at its next store write, so it registers nothing and never ends the job."""
+    files = sorted(p for p in staged.iterdir() if p.is_file() and not p.name.startswith("."))
+    run.guard()
+    for p in files:
+        os.replace(p, run.out_dir / p.name)
 
 
 def build_metrics(run: Run) -> dict[str, Any]:
@@ -879,7 +931,11 @@ def _device_name(runtime: Runtime) -> str:
 
 
 def _cleanup_checkpoints(run: Run) -> None:
-    """After success keep only the small state file (a rerun returns at once); drop big weights."""
+    """After success keep only the small state file (a rerun returns at once); drop big weights
+    and the folders of earlier attempts."""
+    run.guard()
+    checkpoint.remove_earlier_attempts(run.out_dir, run.attempt)
+    shutil.rmtree(run.staging_dir, ignore_errors=True)
     names = ["teacher.safetensors", "distilled.safetensors", "baseline.safetensors"]
     names += [f"{stage}.best.safetensors" for stage in TRAINING_STAGES]
     for name in names:
