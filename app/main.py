@@ -1,4 +1,4 @@
-"""The FastAPI app: v1 REST API over the Redis job store (DESIGN.md section 3). Never imports torch.
+"""The FastAPI app: v1 REST API over the Redis job store (README, The REST API). Never imports torch.
 
 `create_app(settings)` builds an app; `app` (module level) is what `uvicorn app.main:app` serves.
 """

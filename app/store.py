@@ -207,7 +207,7 @@ def _if_job_exists(r: redis.Redis, keys: Keys, job_id: str, *commands: list[Any]
     """Run Redis commands atomically, only while the job exists; None when it does not.
 
     The one gate for writes from outside a status transition (progress, events, attempts,
-    artifacts): a late write of a dying worker never recreates a deleted job (issue 11)."""
+    artifacts): a late write of a dying worker never recreates a deleted job."""
     body = json.dumps([[str(a) for a in c] for c in commands], ensure_ascii=False)
     return r.register_script(_IF_JOB_EXISTS)(keys=[keys.job(job_id)], args=[body])
 

@@ -1,4 +1,4 @@
-"""Where the pipeline plugs in the fast data path and the teacher-feature cache (issue 6).
+"""Where the pipeline plugs in the fast data path and the teacher-feature cache.
 
 models/pipeline.py asks this module for (a) the batches of a stage and (b) the distill stage's
 teacher function. When the decoded dataset fits in memory, batches come from models/fastdata.py

@@ -1,4 +1,4 @@
-"""A batch size that fits: on CUDA out-of-memory, halve the batch and retry (issue 6 item 5).
+"""A batch size that fits: on CUDA out-of-memory, halve the batch and retry.
 
 The engine runs each optimizer step through `BatchSizeController.run`. When a step raises
 out-of-memory, the controller frees what the failed step held, halves the batch size, scales the

@@ -163,7 +163,7 @@ class Run:
     train_set: data.ImageDataset
     val_set: data.ImageDataset  # the report split
     clock: Clock
-    fast: fastpath.FastPath | None = None  # in-memory data path + teacher cache (issue 6)
+    fast: fastpath.FastPath | None = None  # in-memory data path + teacher cache
     select_set: data.ImageDataset | None = None  # the selection split; None: selection off
     attempt: int | None = None  # the service's fencing token: names this attempt's folder
 
@@ -877,7 +877,7 @@ def _export(run: Run) -> None:
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
     metrics = build_metrics(run)
     export.write_json(out / "metrics.json", metrics)
-    write_report(out)  # report.html + curves.png from metrics.json (issue 7)
+    write_report(out)  # report.html + curves.png from metrics.json
     _publish(run, out)
 
 
