@@ -30,6 +30,8 @@ from typing import Any
 
 import redis
 
+from app import jsonsafe
+
 QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, VALIDATING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -125,7 +127,7 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in fields.items():
         if k in _JSON_FIELDS:
-            out[k] = json.dumps(v)
+            out[k] = jsonsafe.dumps(v)
         elif v is None:
             out[k] = ""
         else:
@@ -284,7 +286,12 @@ def job_ids_with_status(r: redis.Redis, keys: Keys, status: str) -> list[str]:
 
 
 def _xadd(r: Any, keys: Keys, job_id: str, kind: str, message: str, data: dict[str, Any]) -> Any:
-    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": json.dumps(data, default=str)}
+    entry = {
+        "kind": kind,
+        "message": message,
+        "ts": f"{now():.3f}",
+        "data": jsonsafe.dumps(data, default=str),
+    }
     return r.xadd(keys.events(job_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
 
 
@@ -327,7 +334,7 @@ def set_artifacts(r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[
     pipe = r.pipeline(transaction=True)
     pipe.delete(keys.artifacts(job_id))
     if artifacts:
-        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: json.dumps(a) for a in artifacts})
+        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: jsonsafe.dumps(a) for a in artifacts})
     pipe.execute()
 
 
@@ -347,7 +354,7 @@ def get_artifact(r: redis.Redis, keys: Keys, job_id: str, name: str) -> dict[str
 
 def save_dataset(r: redis.Redis, keys: Keys, dataset: dict[str, Any]) -> None:
     pipe = r.pipeline(transaction=True)
-    pipe.set(keys.dataset(dataset["id"]), json.dumps(dataset))
+    pipe.set(keys.dataset(dataset["id"]), jsonsafe.dumps(dataset))
     pipe.zadd(keys.datasets(dataset["owner"]), {dataset["id"]: 0})
     pipe.execute()
 
@@ -374,7 +381,7 @@ def list_datasets(
 
 
 def body_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(jsonsafe.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def claim_idempotency_key(
@@ -382,7 +389,7 @@ def claim_idempotency_key(
 ) -> dict[str, str] | None:
     """Atomically bind (owner, key) to this body and job id. Returns None when claimed, or the
     earlier binding {"body", "job_id"} when the key was used before."""
-    record = json.dumps({"body": body_sha, "job_id": job_id})
+    record = jsonsafe.dumps({"body": body_sha, "job_id": job_id})
     if r.set(keys.idem(owner, key), record, nx=True, ex=ttl_s):
         return None
     raw = r.get(keys.idem(owner, key))
@@ -453,7 +460,7 @@ def lease_held(r: redis.Redis, keys: Keys, job_id: str) -> bool:
 def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:
     pipe = r.pipeline(transaction=False)
     pipe.zadd(keys.workers(), {name: now()})
-    pipe.set(keys.worker(name), json.dumps(info), ex=max(1, int(ttl_s)))
+    pipe.set(keys.worker(name), jsonsafe.dumps(info), ex=max(1, int(ttl_s)))
     pipe.execute()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, data, export, factory, fastpath, weights
+from models import checkpoint, data, export, factory, fastpath, guards, validation, weights
 from models.callbacks import Reporter
 from models.engine import (
     Clock,
@@ -58,18 +58,32 @@ def planned_stages(spec: JobSpec) -> list[str]:
 
 
 def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
-    """Check everything a person must fix before any training; returns warnings, raises SpkdError."""
-    found: list[str] = []
+    """Check everything a person must fix before any training; returns warnings, raises SpkdError.
+
+    Both models are built at the job's image size and run once on it (models/validation.py);
+    a second call for the same spec, data and weight files returns the first call's warnings.
+    """
+    if (cached := validation.cached(spec, data_dir)) is not None:
+        return cached
     factory.check_model_name(spec.teacher.model, "teacher.model")
     factory.check_model_name(spec.student.model, "student.model")
     scan = data.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
+    guards.check_batch_size(spec.train.batch_size, len(scan.train))
+    finetuned = spec.teacher.finetune is not None
+    found = validation.check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
     n = len(scan.classes)
     size = job_image_size(spec)
-    teacher, teacher_head = _validate_model("teacher", spec.teacher.model, spec.teacher.weights, n, size)
-    student, _ = _validate_model("student", spec.student.model, spec.student.weights, n, size)
+    teacher, teacher_head = _validate_model(
+        "teacher", spec.teacher.model, spec.teacher.weights, scan.classes, size
+    )
+    student, _ = _validate_model("student", spec.student.model, spec.student.weights, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
+    validation.probe_model("teacher", spec.teacher.model, teacher, t_layers, size, n)
+    validation.probe_model("student", spec.student.model, student, s_layers, size, n)
+    if note := validation.unnamed_head_warning(spec.teacher.weights, teacher_head, finetuned):
+        found.append(note)
     if spec.teacher.finetune is None and not teacher_head:
         if spec.distill.kd_weight > 0:
             raise SpkdError(
@@ -92,7 +106,7 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
             found.append(f"{role}: the package weights fit tf_{name} best (TF 'same' padding)")
     if len(scan.rejected):
         found.append(f"{len(scan.rejected)} file(s) in the dataset were skipped: see the dataset report")
-    return found
+    return validation.remember(spec, data_dir, found)
 
 
 def job_image_size(spec: JobSpec) -> int:
@@ -106,7 +120,7 @@ def job_image_size(spec: JobSpec) -> int:
 
 
 def _validate_model(
-    role: str, name: str, w: str, num_classes: int, size: int
+    role: str, name: str, w: str, classes: list[str], size: int
 ) -> tuple[torch.nn.Module, bool]:
     """Build the model (no download) and load file/package weights, catching misfits now."""
     if w == "hub":
@@ -114,8 +128,8 @@ def _validate_model(
             raise SpkdError(
                 "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
             )
-        return factory.create(name, num_classes, field=f"{role}.model", image_size=size), False
-    return weights.build(name, w, num_classes, role, size)
+        return factory.create(name, len(classes), field=f"{role}.model", image_size=size), False
+    return weights.build(name, w, len(classes), role, size, classes)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -220,6 +234,8 @@ def _setup(spec: JobSpec, data_dir: Path, out_dir: Path, reporter: Reporter, dev
         rejected=summary["rejected"],
     )
     runtime = pick_runtime(spec.train.precision, device)
+    if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
+        reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
     # data configs come from freshly built (weightless) models: cheap, and the same as pretrained
     image_size = job_image_size(spec)
     probe_s = factory.create(spec.student.model, len(scan.classes), image_size=image_size)
@@ -326,7 +342,12 @@ def _loaders(run: Run, stage: str | None = None):
 def _build_student(run: Run) -> torch.nn.Module:
     checkpoint.seed_everything(run.spec.train.seed, "init", "student")  # same new head for baseline and SP
     model, _ = weights.build(
-        run.spec.student.model, run.spec.student.weights, run.num_classes, "student", run.image_size
+        run.spec.student.model,
+        run.spec.student.weights,
+        run.num_classes,
+        "student",
+        run.image_size,
+        run.scan.classes,
     )
     return prepare(model, run.runtime)
 
@@ -335,7 +356,12 @@ def _build_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """The teacher as the later stages use it: fine-tuned weights when that stage has run."""
     checkpoint.seed_everything(run.spec.train.seed, "init", "teacher")
     model, head = weights.build(
-        run.spec.teacher.model, run.spec.teacher.weights, run.num_classes, "teacher", run.image_size
+        run.spec.teacher.model,
+        run.spec.teacher.weights,
+        run.num_classes,
+        "teacher",
+        run.image_size,
+        run.scan.classes,
     )
     finetuned = run.ckpt_file("teacher.safetensors")
     if "teacher_finetune" in run.state.completed and finetuned.is_file():
@@ -469,6 +495,7 @@ def _evaluate(run: Run) -> float:
         run.runtime,
         run.num_classes,
     )
+    guards.check_value(result["loss"], "evaluate", None, "val_loss")
     run.state.results["distilled"] = {
         "val_acc": result["acc"],
         "val_loss": result["loss"],
@@ -477,6 +504,7 @@ def _evaluate(run: Run) -> float:
     teacher, head = _build_teacher(run)
     if head:
         t = evaluate(teacher, Normalizer(run.teacher_cfg, run.runtime, teacher), val_batches(), run.runtime)
+        guards.check_value(t["loss"], "evaluate", None, "teacher_val_loss")
         run.state.results["teacher"] = {"val_acc": t["acc"], "val_loss": t["loss"]}
     else:
         run.state.results.setdefault("teacher", {"val_acc": None})
@@ -488,6 +516,8 @@ def _export(run: Run) -> None:
     out, spec, results = run.out_dir, run.spec, run.state.results
     student = _final_student(run)
     teacher, _ = _build_teacher(run)
+    guards.require_finite_weights(student, "distilled student")  # never export NaN weights
+    guards.require_finite_weights(teacher, "teacher")
     export.save_weights(student, out / "student.safetensors")
     export.write_json(
         out / "student.json",
