@@ -162,7 +162,9 @@ def check_value(value: float, stage: str, epoch: int | None, term: str, lr: floa
         raise non_finite_error(stage, epoch, None, term, value, lr=lr)
 
 
-def require_finite_weights(model: torch.nn.Module, what: str, field: str | None = None) -> None:
+def require_finite_weights(
+    model: torch.nn.Module, what: str, field: str | None = None, consequence: str = "not exported"
+) -> None:
     """Raise `non_finite_weights` when any parameter or buffer of `model` holds NaN or inf."""
     bad = [
         name
@@ -173,7 +175,7 @@ def require_finite_weights(model: torch.nn.Module, what: str, field: str | None 
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise SpkdError(
             "non_finite_weights",
-            f"the {what} holds NaN or infinite values ({len(bad)} tensor(s): {shown}); not exported",
+            f"the {what} holds NaN or infinite values ({len(bad)} tensor(s): {shown}); {consequence}",
             field,
         )
 

@@ -31,7 +31,9 @@ def probe_model(
     `model_input_mismatch` (the forward fails at this size, or gives other shapes than
     (2, num_classes) logits and one feature map per requested layer).
     """
-    guards.require_finite_weights(model, f"{role} {name}", f"{role}.weights")
+    guards.require_finite_weights(
+        model, f"{role} {name}", f"{role}.weights", "use weights saved before training diverged"
+    )
     tap = FeatureTap(model, layers, f"distill.layers.{role}")
     was_training = model.training
     model.eval()

@@ -230,3 +230,36 @@ def test_fp16_on_the_cpu_says_it_runs_fp32(tmp_path):
     assert notes[0][1] == {"requested": "fp16", "device": "cpu"}
     # and the run itself is strict JSON end to end
     _strict_loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("resume_at", "code"), [("evaluate", "non_finite_loss"), ("export", "non_finite_weights")]
+)
+def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, code):
+    """A run resumed after distill (or after evaluate) whose checkpointed student went NaN on disk."""
+    from models import checkpoint
+
+    data = make_folder(tmp_path / "data", {"a": 4, "b": 4})
+    spec = tiny_spec(
+        teacher={"model": "test_resnet", "weights": "none", "finetune": None},
+        student={"model": "test_resnet"},
+        baseline=False,
+        train={"epochs": 1, "batch_size": 4},
+    )
+    out = tmp_path / "out"
+    run_job(spec, data, out, RecordingReporter())
+    state = checkpoint.load(out)
+    stages = ["distill", "evaluate", "export"]
+    state["completed"] = stages[: stages.index(resume_at)]
+    checkpoint.save(out, state)
+    student = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.fill_(float("nan"))
+    export.save_weights(student, checkpoint.checkpoint_dir(out) / "student.safetensors")
+    before = (out / "student.safetensors").read_bytes()
+    with pytest.raises(SpkdError) as err:
+        run_job(spec, data, out, RecordingReporter())
+    assert err.value.code == code, err.value
+    assert resume_at in err.value.message or "distilled student" in err.value.message
+    assert (out / "student.safetensors").read_bytes() == before  # the exported file was not replaced
