@@ -71,7 +71,7 @@ def non_finite_error(
 
 
 TERM_NAMES = {
-    GRADIENT: "the gradient",
+    GRADIENT: "the gradient norm",
     "val_loss": "the validation loss",
     "teacher_val_loss": "the teacher's validation loss",
 }
@@ -106,7 +106,7 @@ class FiniteGuard:
         self.terms: list[str] | None = None
         self.step = 0
         self._first = torch.zeros((), dtype=torch.long, device=device)  # 0: no bad step yet
-        self._values: torch.Tensor | None = None  # the loss terms (+ gradient max) of that step
+        self._values: torch.Tensor | None = None  # the loss terms (+ gradient norm) of that step
 
     def at(self, step: int) -> None:
         """The 1-based step within the epoch that the next `observe` calls belong to."""
@@ -120,9 +120,11 @@ class FiniteGuard:
         values = [losses[k].detach().float().reshape(()) for k in self.terms if k != GRADIENT]
         if self.check_grads:
             grads = [p.grad for p in params if p.grad is not None]
-            # max |g|: finite exactly when every gradient is (a 2-norm could overflow on its own)
+            # the 2-norm: NaN/inf in any gradient makes it non-finite; one fused kernel on CUDA and
+            # ~1% of a CPU step (max |g| costs 8x more on the CPU). It also overflows above 1.8e19,
+            # a gradient that would wreck the weights anyway.
             values.append(
-                torch.nn.utils.get_total_norm(grads, float("inf")).float().to(self.device)
+                torch.nn.utils.get_total_norm(grads, 2.0).float().to(self.device)
                 if grads
                 else torch.zeros((), device=self.device)
             )
@@ -151,7 +153,7 @@ class FiniteGuard:
             kd_weight=self.kd_weight,
             fp16=not self.check_grads,
             values={
-                ("gradient max" if t == GRADIENT else t): v for t, v in zip(self.terms, values, strict=True)
+                ("gradient norm" if t == GRADIENT else t): v for t, v in zip(self.terms, values, strict=True)
             },
         )
 
