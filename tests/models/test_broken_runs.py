@@ -263,3 +263,10 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
     assert err.value.code == code, err.value
     assert resume_at in err.value.message or "distilled student" in err.value.message
     assert (out / "student.safetensors").read_bytes() == before  # the exported file was not replaced
+
+
+def test_a_head_without_class_names_is_reused_with_a_warning(color_dataset, tmp_path):
+    path = _earlier_job_teacher(tmp_path, ["blue", "red"])
+    path.with_suffix(".json").unlink()  # a bare weight file: nothing says what its outputs mean
+    found = validate_job(tiny_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
+    assert any("no JSON with class_names" in w and "by class index" in w for w in found), found
