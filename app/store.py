@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from app import webhook_outbox
+from app import jsonsafe, webhook_outbox
 from models.callbacks import Fenced
 
 QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
@@ -142,7 +142,7 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in fields.items():
         if k in _JSON_FIELDS:
-            out[k] = json.dumps(v)
+            out[k] = jsonsafe.dumps(v)
         elif v is None:
             out[k] = ""
         else:
@@ -455,7 +455,8 @@ def job_ids_with_status(r: redis.Redis, keys: Keys, status: str) -> list[str]:
 
 def _entry(kind: str, message: str, data: dict[str, Any], fence: int | None = None) -> dict[str, str]:
     """A stream entry; a runner's entries also name the attempt (fencing token) that wrote them."""
-    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": json.dumps(data, default=str)}
+    data_json = jsonsafe.dumps(data, default=str)
+    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": data_json}
     if fence is not None:
         entry["attempt"] = str(fence)
     return entry
@@ -519,7 +520,7 @@ async def aget_job_fields(ar: Any, keys: Keys, job_id: str, *names: str) -> list
 def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
     pipe.delete(keys.artifacts(job_id))
     if artifacts:
-        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: json.dumps(a) for a in artifacts})
+        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: jsonsafe.dumps(a) for a in artifacts})
 
 
 def set_artifacts(
@@ -530,13 +531,13 @@ def set_artifacts(
         ops: list[tuple[Any, ...]] = [("del", keys.artifacts(job_id))]
         if artifacts:
             ops.append(
-                ("hset", keys.artifacts(job_id), *_flat({a["name"]: json.dumps(a) for a in artifacts}))
+                ("hset", keys.artifacts(job_id), *_flat({a["name"]: jsonsafe.dumps(a) for a in artifacts}))
             )
         fenced(r, keys, job_id, fence, ops)
         return
     commands: list[list[Any]] = [["DEL", keys.artifacts(job_id)]]
     if artifacts:
-        flat = [x for a in artifacts for x in (a["name"], json.dumps(a))]
+        flat = [x for a in artifacts for x in (a["name"], jsonsafe.dumps(a))]
         commands.append(["HSET", keys.artifacts(job_id), *flat])
     _if_job_exists(r, keys, job_id, *commands)  # never recreates a deleted job's index
 
@@ -557,7 +558,7 @@ def get_artifact(r: redis.Redis, keys: Keys, job_id: str, name: str) -> dict[str
 
 def save_dataset(r: redis.Redis, keys: Keys, dataset: dict[str, Any]) -> None:
     pipe = r.pipeline(transaction=True)
-    pipe.set(keys.dataset(dataset["id"]), json.dumps(dataset))
+    pipe.set(keys.dataset(dataset["id"]), jsonsafe.dumps(dataset))
     pipe.zadd(keys.datasets(dataset["owner"]), {dataset["id"]: 0})
     pipe.execute()
 
@@ -619,7 +620,7 @@ def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = N
 
 
 def body_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(jsonsafe.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def claim_idempotency_key(
@@ -627,7 +628,7 @@ def claim_idempotency_key(
 ) -> dict[str, str] | None:
     """Atomically bind (owner, key) to this body and job id. Returns None when claimed, or the
     earlier binding {"body", "job_id"} when the key was used before."""
-    record = json.dumps({"body": body_sha, "job_id": job_id})
+    record = jsonsafe.dumps({"body": body_sha, "job_id": job_id})
     if r.set(keys.idem(owner, key), record, nx=True, ex=ttl_s):
         # The reverse index: deleting the job also forgets the key (a retry then makes a new job).
         pipe = r.pipeline(transaction=True)
@@ -784,7 +785,7 @@ def claim_orphan(r: redis.Redis, keys: Keys, job_id: str, grace_s: float, messag
 def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:
     pipe = r.pipeline(transaction=False)
     pipe.zadd(keys.workers(), {name: now()})
-    pipe.set(keys.worker(name), json.dumps(info), ex=max(1, int(ttl_s)))
+    pipe.set(keys.worker(name), jsonsafe.dumps(info), ex=max(1, int(ttl_s)))
     pipe.execute()
 
 

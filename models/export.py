@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import atomic_write
+from models.errors import SpkdError
 from models.factory import DataConfig, create_kwargs
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,13 @@ def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False)
+    """Write strict JSON (no NaN/Infinity, which JSON does not have); SpkdError if `data` holds one."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as exc:  # the engine's finiteness guards should have stopped the run before
+        raise SpkdError(
+            "non_finite_metrics", f"{path.name} would hold a NaN or infinite number; not written"
+        ) from exc
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from models import autoweight, checkpoint, data, export, factory, fastpath, stats, weights
+from models import autoweight, checkpoint, data, export, factory, fastpath, guards, stats, validation, weights
 from models.callbacks import Reporter, StopRequested, ensure_current
 from models.engine import (
     Clock,
@@ -65,18 +65,32 @@ def planned_stages(spec: JobSpec) -> list[str]:
 
 
 def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
-    """Check everything a person must fix before any training; returns warnings, raises SpkdError."""
-    found: list[str] = []
+    """Check everything a person must fix before any training; returns warnings, raises SpkdError.
+
+    Both models are built at the job's image size and run once on it (models/validation.py);
+    a second call for the same spec, data and weight files returns the first call's warnings.
+    """
+    if (cached := validation.cached(spec, data_dir)) is not None:
+        return cached
     factory.check_model_name(spec.teacher.model, "teacher.model")
     factory.check_model_name(spec.student.model, "student.model")
     scan = data.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
+    guards.check_batch_size(spec.train.batch_size, len(scan.train))
+    finetuned = spec.teacher.finetune is not None
+    found = validation.check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
     n = len(scan.classes)
     size = job_image_size(spec)
-    teacher, teacher_head = _validate_model("teacher", spec.teacher.model, spec.teacher.weights, n, size)
-    student, _ = _validate_model("student", spec.student.model, spec.student.weights, n, size)
+    teacher, teacher_head = _validate_model(
+        "teacher", spec.teacher.model, spec.teacher.weights, scan.classes, size
+    )
+    student, _ = _validate_model("student", spec.student.model, spec.student.weights, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
+    validation.probe_model("teacher", spec.teacher.model, teacher, t_layers, size, n)
+    validation.probe_model("student", spec.student.model, student, s_layers, size, n)
+    if note := validation.unnamed_head_warning(spec.teacher.weights, teacher_head, finetuned):
+        found.append(note)
     if spec.teacher.finetune is None and not teacher_head:
         if spec.distill.kd_on:
             raise SpkdError(
@@ -99,7 +113,7 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
             found.append(f"{role}: the package weights fit tf_{name} best (TF 'same' padding)")
     if len(scan.rejected):
         found.append(f"{len(scan.rejected)} file(s) in the dataset were skipped: see the dataset report")
-    return found
+    return validation.remember(spec, data_dir, found)
 
 
 def job_image_size(spec: JobSpec) -> int:
@@ -113,7 +127,7 @@ def job_image_size(spec: JobSpec) -> int:
 
 
 def _validate_model(
-    role: str, name: str, w: str, num_classes: int, size: int
+    role: str, name: str, w: str, classes: list[str], size: int
 ) -> tuple[torch.nn.Module, bool]:
     """Build the model (no download) and load file/package weights, catching misfits now."""
     if w == "hub":
@@ -121,8 +135,8 @@ def _validate_model(
             raise SpkdError(
                 "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
             )
-        return factory.create(name, num_classes, field=f"{role}.model", image_size=size), False
-    return weights.build(name, w, num_classes, role, size)
+        return factory.create(name, len(classes), field=f"{role}.model", image_size=size), False
+    return weights.build(name, w, len(classes), role, size, classes)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -273,6 +287,8 @@ def _setup(
         roles=roles,
     )
     runtime = pick_runtime(spec.train.precision, device)
+    if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
+        reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
     # data configs come from freshly built (weightless) models: cheap, and the same as pretrained
     image_size = job_image_size(spec)
     probe_s = factory.create(spec.student.model, len(scan.classes), image_size=image_size)
@@ -390,7 +406,12 @@ def _loaders(run: Run, stage: str | None = None):
 def _build_student(run: Run) -> torch.nn.Module:
     checkpoint.seed_everything(run.spec.train.seed, "init", "student")  # same new head for baseline and SP
     model, _ = weights.build(
-        run.spec.student.model, run.spec.student.weights, run.num_classes, "student", run.image_size
+        run.spec.student.model,
+        run.spec.student.weights,
+        run.num_classes,
+        "student",
+        run.image_size,
+        run.scan.classes,
     )
     return prepare(model, run.runtime)
 
@@ -399,7 +420,12 @@ def _build_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """The teacher as the later stages use it: fine-tuned weights when that stage has run."""
     checkpoint.seed_everything(run.spec.train.seed, "init", "teacher")
     model, head = weights.build(
-        run.spec.teacher.model, run.spec.teacher.weights, run.num_classes, "teacher", run.image_size
+        run.spec.teacher.model,
+        run.spec.teacher.weights,
+        run.num_classes,
+        "teacher",
+        run.image_size,
+        run.scan.classes,
     )
     finetuned = run.ckpt_file("teacher.safetensors")
     if "teacher_finetune" in run.state.completed and finetuned.is_file():
@@ -785,6 +811,7 @@ def _evaluate(run: Run) -> float:
         if which not in results:
             continue
         p = predict(run, _student(run, which), run.student_cfg, report())
+        guards.check_value(p["loss"], "evaluate", None, f"{which}_val_loss")
         preds[which] = p
         results[which] = {
             **results[which],
@@ -795,6 +822,7 @@ def _evaluate(run: Run) -> float:
     teacher, head = _build_teacher(run)
     if head:
         t = predict(run, teacher, run.teacher_cfg, report())
+        guards.check_value(t["loss"], "evaluate", None, "teacher_val_loss")
         results["teacher"] = {**results.get("teacher", {}), "val_acc": t["acc"], "val_loss": t["loss"]}
     else:
         results.setdefault("teacher", {"val_acc": None})
@@ -849,6 +877,7 @@ def _export(run: Run) -> None:
         if which not in results:
             continue
         student = _student(run, which)
+        guards.require_finite_weights(student, f"{which} student")  # never export NaN weights
         card = export.model_card(
             spec.student.model,
             run.scan.classes,
@@ -864,6 +893,7 @@ def _export(run: Run) -> None:
             exporter = export.export_onnx(student, run.image_size, out / "student.onnx")
             run.reporter.event("info", f"exported student.onnx ({exporter} exporter, the {which} student)")
     teacher, _ = _build_teacher(run)
+    guards.require_finite_weights(teacher, "teacher")  # never export NaN weights
     export.save_weights(teacher, out / "teacher.safetensors")
     export.write_json(
         out / "teacher.json",

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -31,7 +32,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity parse from JSON and YAML (.nan, .inf) and pass `gt`/`le` bounds on some fields
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_weights(value: str) -> str:
@@ -104,7 +106,7 @@ class LayerPair(_Strict):
 
     teacher: str
     student: str
-    weight: Annotated[float, Field(gt=0)] = 1.0
+    weight: Annotated[float, Field(gt=0, le=1e6)] = 1.0
 
 
 SP_MAX, KD_MAX = 1e6, 1e3
@@ -181,9 +183,19 @@ class DistillSpec(_Strict):
         return isinstance(self.kd_weight, str) or self.kd_weight > 0
 
 
+def _two_per_batch(value: object) -> object:
+    # before the bound check, so a batch of one gets the reason rather than a bare "at least 2"
+    if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+        raise ValueError(
+            f"batch_size must be at least 2, got {value}: SP compares the images of a batch with "
+            "each other (one image gives a loss of 0) and BatchNorm needs 2 images per batch"
+        )
+    return value
+
+
 class TrainSpec(_Strict):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 15
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    batch_size: Annotated[int, Field(ge=2, le=4096), BeforeValidator(_two_per_batch)] = 64
     lr: Annotated[float, Field(gt=0, le=10)] = 0.01
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
     image_size: Annotated[int | None, Field(ge=16, le=1024)] = Field(
