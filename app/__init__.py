@@ -1,4 +1,4 @@
 """spkd's HTTP service: FastAPI routes, schemas, auth, settings and the Redis job store.
 
-Never imports torch (DESIGN.md section 2): the API image stays small and starts fast.
+Never imports torch (docs/architecture.md, Dependency rules): the API image stays small and starts fast.
 """

@@ -1,4 +1,4 @@
-"""The FastAPI app: v1 REST API over the Redis job store (DESIGN.md section 3). Never imports torch.
+"""The FastAPI app: v1 REST API over the Redis job store (README, The REST API). Never imports torch.
 
 `create_app(settings)` builds an app; `app` (module level) is what `uvicorn app.main:app` serves.
 """
@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import catalog, datasets, references, storage, store, validation, webhooks
+from app import catalog, datasets, jsonsafe, references, storage, store, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
@@ -451,7 +451,7 @@ async def job_events(
 
 def _sse_frame(event: str, data: Any, event_id: str | None = None) -> str:
     head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
+    return f"{head}event: {event}\ndata: {jsonsafe.dumps(data, default=str)}\n\n"
 
 
 async def _sse(request: Request, keys: store.Keys, job_id: str, last: str) -> AsyncIterator[str]:

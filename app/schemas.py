@@ -148,6 +148,9 @@ class Event(BaseModel):
     kind: str
     message: str
     data: dict[str, Any] = Field(default_factory=dict)
+    attempt: int | None = Field(
+        None, description="the worker attempt that wrote it (its fencing token); null for API events"
+    )
 
     @classmethod
     def from_store(cls, event: dict[str, Any]) -> Event:
@@ -157,6 +160,7 @@ class Event(BaseModel):
             kind=event["kind"],
             message=event["message"],
             data=event["data"],
+            attempt=event.get("attempt"),
         )
 
 

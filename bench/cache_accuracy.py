@@ -2,7 +2,7 @@
 
 Each seed runs the full engine twice (models.pipeline.run_job), identical except
 distill.teacher_cache = off | on, and reports the distilled student's validation accuracy, its
-mean and spread over seeds, and the distill stage's time. DESIGN.md section 1: on this 153-image
+mean and spread over seeds, and the distill stage's time. The reference runs: on this 153-image
 validation set one image is 0.65 points, so only a difference beyond the seed spread means much.
 
     python bench/cache_accuracy.py                # GPU host: tf_efficientnet_lite2 -> lite0, package weights

@@ -7,7 +7,7 @@ OUT="${1:-${OUT:-bench-out}}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-# 1. The (a)-(d) table for the three DESIGN.md pairs, eager, plus the DataLoader fallback for c.
+# 1. The (a)-(d) table for the three anchor pairs (bench/README.md), eager, plus the DataLoader fallback for c.
 timeout 540 "$PY" bench/throughput.py --compile off --with-loader --json "$OUT/throughput.json" \
   | tee "$OUT/throughput.txt"
 # 2. torch.compile both ways on the pair where the teacher dominates.

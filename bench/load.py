@@ -1,4 +1,4 @@
-"""Load test: hold a stated request rate on the status endpoints while a job trains (issue 5 item 9).
+"""Load test: hold a stated request rate on the status endpoints while a job trains.
 
 Starts its own `spkd serve` + `spkd worker` on loopback (127.0.0.1 only, a unique Redis prefix and
 queue), submits a tiny job long enough to outlast the load, and once it runs sends an open-loop

@@ -1,9 +1,9 @@
-"""Distillation throughput: spkd's engine against a hand-written loop and the GPU limit (issue 6).
+"""Distillation throughput: spkd's engine against a hand-written loop and the GPU limit.
 
 For each (teacher, student) pair, in one run on one device, at one image size and batch size:
 
   (a) naive   a plain fp32 loop a user would script: NCHW, default SGD, loss.item() every step,
-              random data already on the device (the DESIGN.md section 5 anchor "naive fp32 loop")
+              random data already on the device (the anchor "naive fp32 loop", bench/README.md)
   (b) limit   bf16 autocast + channels_last + fused SGD, no host syncs: teacher inference + student
               train step on random data on the device; the most any data path can reach
   (s) student the student train step alone (same settings as b): what a teacher cache aims for
@@ -16,7 +16,7 @@ It prints images/s, the ratios c/a, c/b, d/b, d/s and peak GPU memory, and write
 `--compile both` measures (b) and (s) with and without torch.compile. `--tiny` runs tiny timm
 models on the CPU with a few steps, so CI keeps this script working (no timing targets there).
 
-    python bench/throughput.py                      # GPU host: the three DESIGN.md pairs at 224 px
+    python bench/throughput.py                      # GPU host: the three anchor pairs at 224 px
     python bench/throughput.py --tiny --json out.json
 """
 
@@ -60,7 +60,7 @@ NUM_CLASSES = 2  # a user's target set; the head size barely matters for speed
 
 # ------------------------------------------------------------------------------------ helpers
 def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    """Tung & Mori SP term, written out as a user would (DESIGN.md section 1)."""
+    """Tung & Mori SP term, written out as a user would (Tung & Mori, ICCV 2019, eq. 2-4)."""
     b = f_s.shape[0]
     g_s = F.normalize(f_s.reshape(b, -1).float() @ f_s.reshape(b, -1).float().t(), dim=1)
     g_t = F.normalize(f_t.reshape(b, -1).float() @ f_t.reshape(b, -1).float().t(), dim=1)

@@ -1,1 +1,1 @@
-"""The `spkd` command: one entry point for people (DESIGN.md section 2)."""
+"""The `spkd` command: one entry point for people (docs/architecture.md)."""

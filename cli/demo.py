@@ -163,6 +163,15 @@ def summary(metrics: dict) -> list[str]:
     gain = metrics.get("gain")
     if isinstance(gain, int | float):
         lines.append(f"  gain from SP             {100 * gain:+6.2f} points")
+    cmp = metrics.get("comparison")
+    if isinstance(cmp, dict):
+        low, high = cmp["ci95_points"]
+        lines.append(
+            f"  95 % CI {low:+.1f} to {high:+.1f} points, McNemar p = {cmp['mcnemar']['p_value']:.3g}: "
+            f"{cmp['verdict']}"
+        )
+    if metrics.get("shipped"):
+        lines.append(f"  shipped as student.*     the {metrics['shipped']} student")
     return lines
 
 

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
-    job: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec YAML (DESIGN.md section 3)"),
+    job: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec YAML (README: The job spec)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (artifacts, checkpoints)"),
     data: Path | None = typer.Option(
         None, "--data", help="dataset folder; default: dataset.path, relative to the YAML file or here"
@@ -101,6 +101,19 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     return 0
 
 
+def gain_lines(metrics: dict[str, Any]) -> list[str]:
+    """The gain with its error bars and which student shipped, from metrics.json."""
+    from models.stats import summary_line
+
+    lines = []
+    if isinstance(metrics.get("comparison"), dict):
+        lines.append(summary_line(metrics["comparison"]))
+    if metrics.get("shipped"):
+        shipped, reason = metrics["shipped"], metrics.get("shipped_reason")
+        lines.append(f"shipped as student.*: the {shipped} student ({reason})")
+    return lines
+
+
 def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     def pct(block) -> str:
         return "-" if not block or block.get("val_acc") is None else f"{100 * block['val_acc']:.2f}%"
@@ -109,6 +122,8 @@ def _summary(metrics: dict[str, Any], out: Path, console) -> None:
         f"teacher {pct(metrics['teacher'])}  baseline {pct(metrics['baseline'])}  "
         f"distilled {pct(metrics['distilled'])}"
     )
+    for line in gain_lines(metrics):
+        console.print(line, markup=False)
     console.print(f"artifacts in {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))
 
 

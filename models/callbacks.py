@@ -14,6 +14,16 @@ class StopRequested(Exception):
     """Raised inside the engine when `Reporter.should_stop()` turns true; the run ends cleanly."""
 
 
+class Fenced(BaseException):
+    """This run no longer owns its job: another attempt took it over (or the lease was lost).
+
+    Raised by a Reporter (any write refused, or `ensure_current`). The process must stop at once
+    and change nothing more: no file published, no status written, the job not marked failed.
+    A BaseException on purpose, like SystemExit: an `except Exception` anywhere in the engine
+    (ONNX exporter fallback, OOM retry) must never swallow it and carry on writing.
+    """
+
+
 @dataclass(frozen=True)
 class Progress:
     stage: str  # one of models.spec.STAGES
@@ -39,6 +49,18 @@ class Reporter(Protocol):
 
     def should_stop(self) -> bool:
         """Checked every training step; True means cancel as soon as possible."""
+
+    def ensure_current(self) -> None:
+        """Optional. Called right before the engine publishes a file (checkpoint, stage weights,
+        artifacts); raises Fenced when this run may no longer write. `ensure_current(reporter)`
+        calls it where a reporter has it."""
+
+
+def ensure_current(reporter: Reporter) -> None:
+    """Ask the reporter whether this run still owns its output (reporters without the hook: yes)."""
+    check = getattr(reporter, "ensure_current", None)
+    if check is not None:
+        check()
 
 
 class NullReporter:

@@ -9,7 +9,9 @@ and any other iterable of such triples (a GPU-side data path, a cache) can repla
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,22 +32,33 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class DatasetScan:
-    """A job's data: models.scan's verdict (classes, rejected files, layout) with the splits the
-    job uses: `train`, `val` (the val folder, or held out of train by seed: `split` "seeded"),
-    and `test`, the dataset's own test split (empty when it has none)."""
+    """A job's data in its three roles, disjoint: `train` (gradient steps), `select` (every
+    choice: best epoch, weights, the shipped student) and `val`, the report split (the accuracies
+    shown). models.scan decides classes, folders and rejections; with a test/ split, test/ is the
+    report split and val/ the selection split; otherwise val/ (or a seeded share of train, `split`
+    "seeded") is reported and `with_selection` carves the selection split out of train."""
 
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]
+    val: list[Sample]  # the report split: val/, or test/ when the dataset has one
     rejected: list[dict[str, str]] = field(default_factory=list)
-    split: str = "folders"  # "folders": train/ and val/ given; "seeded": split here by seed
-    test: list[Sample] = field(default_factory=list)  # the dataset's test/ split; empty without one
+    split: str = "folders"  # "folders": the report split is a folder; "seeded": held out of train here
+    select: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
+    roles: dict[str, str] = field(
+        default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
+    )
     layout: str = "split"  # models.scan: "split" (split folders) or "flat" (class folders)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}}; "test" only when the dataset has a test/ split."""
-        splits = [("train", self.train), ("val", self.val)] + ([("test", self.test)] if self.test else [])
+        """{split: {class: images}}; "selection" only when there is a selection split."""
+        splits = [("train", self.train), ("val", self.val)] + (
+            [("selection", self.select)] if self.select else []
+        )
         return {split: count_per_class(samples, self.classes) for split, samples in splits}
+
+    def sizes(self) -> dict[str, int]:
+        """Images per role: train, selection, report."""
+        return {"train": len(self.train), "selection": len(self.select), "report": len(self.val)}
 
     def summary(self) -> dict:
         return {
@@ -54,6 +67,8 @@ class DatasetScan:
             "rejected": self.rejected,
             "split": self.split,
             "layout": self.layout,
+            "roles": self.roles,
+            "sizes": self.sizes(),
         }
 
 
@@ -73,15 +88,24 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
-    """models.scan's verdict on the tree, plus a seeded val split when it has no val/ folder."""
+    """models.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
+    val/ selects; else val/ is reported, or a seeded share of train when the tree has no val/."""
     found = scan_tree(root)
-    train, val, split = found.train, found.val, "folders"
-    if "val" not in found.folders:
+    roles = {"train": "train/", "selection": "none", "report": "val/"}
+    train, select, split = found.train, [], "folders"
+    if "test" in found.folders:
+        val = found.test
+        roles["report"] = "test/"
+        if "val" in found.folders:
+            select, roles["selection"] = found.val, "val/"
+    elif "val" in found.folders:
+        val = found.val
+    else:
         train, val = seeded_split(found.train, found.classes, val_fraction, seed)
-        split = "seeded"
+        split, roles["report"] = "seeded", f"seeded {val_fraction:g} of the images"
     if not val:
         raise SpkdError(
-            "empty_split", "the validation split has no usable image (every class has one image)", "dataset"
+            "empty_split", "the report split has no usable image (every class has one image)", "dataset"
         )
     return DatasetScan(
         classes=found.classes,
@@ -89,9 +113,33 @@ def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
         val=val,
         rejected=found.rejected,
         split=split,
-        test=found.test,
+        select=select,
+        roles=roles,
         layout=found.layout,
     )
+
+
+def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan:
+    """The scan with a selection split: val/ when the dataset has test/ (already set), else a
+    stratified, seeded `fraction` of train carved out (at least one image of every class that has
+    two or more). fraction 0: no selection split (the last epoch ships, no choice is made).
+
+    The carving depends only on (seed, class, file list): the same seed gives the same split.
+    """
+    if scan.select or fraction <= 0:
+        return scan
+    keep: list[Sample] = []
+    select: list[Sample] = []
+    for label in range(len(scan.classes)):
+        members = [s for s in scan.train if s.label == label]
+        order = list(members)
+        random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
+        n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
+        chosen = {s.path for s in order[:n]}
+        select += [s for s in members if s.path in chosen]
+        keep += [s for s in members if s.path not in chosen]
+    roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
+    return dataclasses.replace(scan, train=keep, select=select, roles=roles)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -1,4 +1,4 @@
-"""The one decoder: every path that turns an image file into pixels calls `load_rgb` (issue 12).
+"""The one decoder: every path that turns an image file into pixels calls `load_rgb`.
 
 Upload validation and the engine's scan (models/scan.py), the DataLoader path (models/data.py),
 the in-memory path and hence the teacher cache (models/fastdata.py), evaluation and the README's

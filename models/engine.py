@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models import checkpoint
+from models import checkpoint, guards
 from models.callbacks import Progress, Reporter, StopRequested
 from models.data import Batch, normalize
 from models.factory import DataConfig, is_cnn
@@ -138,6 +138,7 @@ class StagePlan:
     train_batches: Callable[[int], Iterable[Batch]]  # epoch -> batches (any iterable of triples)
     val_batches: Callable[[], Iterable[Batch]]
     steps_per_epoch: int
+    eval_split: str = "val"  # what val_batches is: "selection" or "report" (named in every row)
 
 
 @dataclass
@@ -200,6 +201,7 @@ def train_stage(
         start = time.perf_counter()
         train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every, oom)
         val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
+        guards.check_value(val["loss"], plan.name, epoch + 1, "val_loss", plan.lr)  # NaN weights
         elapsed = time.perf_counter() - start
         seconds += elapsed
         row = {
@@ -209,6 +211,7 @@ def train_stage(
             **train,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
+            "eval_split": plan.eval_split,
             "seconds": round(elapsed, 3),
         }
         curve.append(row)
@@ -260,6 +263,15 @@ def _train_epoch(
     loss_value: float | None = None
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
     oom = oom or BatchSizeController(None, reporter, plan.name)
+    guard = guards.FiniteGuard(  # NaN/inf loss or gradient: fail the stage, never train on
+        plan.name,
+        epoch + 1,
+        dev,
+        lr=plan.lr,
+        sp_weight=distiller.sp_weight if distiller.needs_teacher else None,
+        kd_weight=distiller.kd_weight if distiller.needs_teacher else None,
+        check_grads=scaler is None,
+    )
 
     def one_step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         images, labels, indices = batch
@@ -269,10 +281,12 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            guard.observe(losses, model.parameters())
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            guard.observe(losses, model.parameters())
             optimizer.step()
         n = labels.shape[0]
         with torch.no_grad():
@@ -282,6 +296,7 @@ def _train_epoch(
             correct.add_((logits.argmax(1) == labels).sum())
         return loss.detach(), n
 
+    step = 0
     for step, (images, labels, indices) in enumerate(plan.train_batches(epoch), start=1):
         if reporter.should_stop():
             raise StopRequested(f"stopped in {plan.name} epoch {epoch + 1} step {step}")
@@ -289,11 +304,13 @@ def _train_epoch(
         labels = labels.to(dev, non_blocking=True)
         indices = indices.to(dev, non_blocking=True)
         # On CUDA out-of-memory: free, halve the batch, scale lr, warn, redo in chunks.
+        guard.at(step)
         done = oom.run((images, labels, indices), one_step, optimizer, scheduler)
         scheduler.step()
         loss = done[-1][0]
         seen += sum(n for _, n in done)
         if not runtime.is_cuda or step % sync_every == 0 or step == plan.steps_per_epoch:
+            guard.check()  # before the loss is reported anywhere
             loss_value = float(loss.detach())  # the one host sync of the step, throttled on GPUs
         now = time.perf_counter()
         clock.tick(now - last)
@@ -312,6 +329,8 @@ def _train_epoch(
                 extra={"lr": scheduler.get_last_lr()[0]},
             )
         )
+    guard.check()
+    guards.check_steps_ran(step if seen else 0, plan.name, epoch + 1)
     seen = max(seen, 1)
     elapsed = max(time.perf_counter() - epoch_start, 1e-9)
     out = {

@@ -7,22 +7,25 @@ import errno
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models.checkpoint import atomic_write
+from models.errors import SpkdError
 from models.factory import DataConfig, create_kwargs
 
 log = logging.getLogger(__name__)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
+def save_weights(model: torch.nn.Module, path: Path, guard: Callable[[], None] | None = None) -> None:
+    """Write the model's state dict as safetensors, atomically (`guard`: see atomic_write)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), guard)
 
 
 def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any) -> dict[str, Any]:
@@ -42,7 +45,13 @@ def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False)
+    """Write strict JSON (no NaN/Infinity, which JSON does not have); SpkdError if `data` holds one."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as exc:  # the engine's finiteness guards should have stopped the run before
+        raise SpkdError(
+            "non_finite_metrics", f"{path.name} would hold a NaN or infinite number; not written"
+        ) from exc
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 

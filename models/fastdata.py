@@ -1,10 +1,10 @@
-"""A data path that keeps the GPU busy: decode once, augment on the device (issue 6 item 2).
+"""A data path that keeps the GPU busy: decode once, augment on the device.
 
-A PIL loader decodes and resizes every JPEG every epoch (about 210 images/s per core, DESIGN.md
-section 5), so on a GPU host the loader, not the GPU, sets the speed. Here each image is decoded
-once, in parallel threads (PIL releases the GIL while decoding and resizing), into a fixed-size
-uint8 array kept in host memory (pinned) or on the GPU when it fits. Every epoch the random
-resized crop + horizontal flip of a whole batch is one `grid_sample` call on the device; the
+A PIL loader decodes and resizes every JPEG every epoch (about 210 images/s per core, measured on an
+H200 host; bench/README.md), so on a GPU host the loader, not the GPU, sets the speed. Here each
+image is decoded once, in parallel threads (PIL releases the GIL while decoding and resizing), into
+a fixed-size uint8 array kept in host memory (pinned) or on the GPU when it fits. Every epoch the
+random resized crop + horizontal flip of a whole batch is one `grid_sample` call on the device; the
 batch stays uint8 (B, 3, S, S) so each model normalises it with its own mean/std on the device.
 
 Why a square store: one (N, 3, L, L) array lets one batched call crop any subset of images. Each

@@ -1,4 +1,4 @@
-"""Where the pipeline plugs in the fast data path and the teacher-feature cache (issue 6).
+"""Where the pipeline plugs in the fast data path and the teacher-feature cache.
 
 models/pipeline.py asks this module for (a) the batches of a stage and (b) the distill stage's
 teacher function. When the decoded dataset fits in memory, batches come from models/fastdata.py
@@ -40,6 +40,7 @@ class FastPath:
     amp_dtype: torch.dtype | None = None
     train: fastdata.TrainSource | None = None
     val: fastdata.EvalSource | None = None
+    select: fastdata.EvalSource | None = None  # the selection split, when the job has one
     cache: teacher_cache.TeacherCache | None = None
     disabled: bool = False
     _tried: bool = field(default=False, repr=False)
@@ -55,6 +56,13 @@ class FastPath:
         train_batches = cache.epoch if cache is not None else train.epoch
         return train_batches, val.epoch
 
+    def eval_batches(self, split: str) -> Callable[[], Iterable] | None:
+        """The `selection` or `report` split's batches from memory, or None: use the DataLoader."""
+        if not self._ready():
+            return None
+        source = self.select if split == "selection" else self.val
+        return source.epoch if source is not None else None
+
     def _ready(self) -> bool:
         if self.disabled:
             return False
@@ -69,7 +77,7 @@ class FastPath:
             return
         spec = self.spec
         size, bs = self.image_size, spec.train.batch_size
-        n_train, n_val = len(self.scan.train), len(self.scan.val)
+        n_train, n_val = len(self.scan.train), len(self.scan.val) + len(self.scan.select)
         need = fastdata.image_store_bytes(n_train, fastdata.store_size_for(size))
         need += fastdata.image_store_bytes(n_val, size)
         plan = fastdata.plan_memory(need, self.device)
@@ -88,11 +96,9 @@ class FastPath:
         augment = fastdata.Augment(scale=data.TRAIN_SCALE)
         drop_last = n_train >= bs  # as the DataLoader: BN and SP need more than one sample
         self.train = fastdata.TrainSource(store, sizes, size, bs, spec.train.seed, drop_last, augment)
-        val_images = fastdata.decode_eval_images(
-            [s.path for s in self.scan.val], self.eval_transform, workers
-        )
-        val_labels = torch.tensor([s.label for s in self.scan.val])
-        self.val = fastdata.EvalSource(fastdata.ImageStore(val_images, val_labels, self.device, on_gpu), bs)
+        self.val = self._eval_source(self.scan.val, workers, on_gpu)
+        if self.scan.select:
+            self.select = self._eval_source(self.scan.select, workers, on_gpu)
         seconds = time.perf_counter() - start
         self.reporter.event(
             "info",
@@ -101,6 +107,12 @@ class FastPath:
             data_path=plan.placement,
             decode_seconds=round(seconds, 3),
         )
+
+    def _eval_source(self, samples: list[data.Sample], workers: int | None, on_gpu: bool):
+        images = fastdata.decode_eval_images([s.path for s in samples], self.eval_transform, workers)
+        labels = torch.tensor([s.label for s in samples])
+        store = fastdata.ImageStore(images, labels, self.device, on_gpu)
+        return fastdata.EvalSource(store, self.spec.train.batch_size)
 
     # ------------------------------------------------------------------------------ teacher
     def teacher(self, live: Callable[[torch.Tensor, torch.Tensor], Any]) -> Callable:
@@ -122,8 +134,8 @@ class FastPath:
             return live(x, None)
 
         shapes, logit_dim = teacher_cache.probe_teacher(run_teacher, self.train)
-        keep_features = self.spec.distill.sp_weight > 0
-        keep_logits = self.spec.distill.kd_weight > 0
+        keep_features = self.spec.distill.sp_on
+        keep_logits = self.spec.distill.kd_on
         numel = (sum(int(torch.Size(s).numel()) for s in shapes) if keep_features else 0) + (
             (logit_dim or 0) if keep_logits else 0
         )

@@ -1,4 +1,4 @@
-"""A batch size that fits: on CUDA out-of-memory, halve the batch and retry (issue 6 item 5).
+"""A batch size that fits: on CUDA out-of-memory, halve the batch and retry.
 
 The engine runs each optimizer step through `BatchSizeController.run`. When a step raises
 out-of-memory, the controller frees what the failed step held, halves the batch size, scales the
@@ -141,11 +141,11 @@ class BatchSizeController:
             n = _leading(batch) or 1
             self.batch_size = max(1, int(round(n * self.lr_scale)))
         results: list[R] = []
-        pending = split_batch(batch, self.batch_size)
+        pending = self._split(batch)
         while pending:
             chunk = pending.pop(0)
             if (_leading(chunk) or 0) > self.batch_size:  # cut before the size shrank
-                pending = split_batch(chunk, self.batch_size) + pending
+                pending = self._split(chunk) + pending
                 continue
             failed = False
             try:
@@ -159,8 +159,20 @@ class BatchSizeController:
                 optimizer.zero_grad(set_to_none=True)
                 _free_memory()
                 self.halve(optimizer, scheduler)
-                pending = split_batch(chunk, self.batch_size) + pending
+                pending = self._split(chunk) + pending
         return results
+
+    def _split(self, batch: T) -> list[T]:
+        """Chunks of the current size, without a last chunk under `min_batch_size` images.
+
+        5 images at size 2 would leave a chunk of 1: SP over one image is 0 (a 1x1 similarity
+        matrix) and BatchNorm in training mode fails on it. That image is left out of this step.
+        """
+        assert self.batch_size is not None
+        chunks = split_batch(batch, self.batch_size)
+        if len(chunks) > 1 and (_leading(chunks[-1]) or 0) < self.min_batch_size:
+            chunks.pop()
+        return chunks
 
 
 def _free_memory() -> None:

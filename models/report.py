@@ -124,6 +124,9 @@ def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
         f"<h1>{_e(title)}</h1>",
         f"<p>Device: <code>{_e(metrics.get('device', 'unknown'))}</code></p>",
         _accuracy_section(metrics),
+        _protocol_section(metrics),
+        _gain_section(metrics.get("comparison")),
+        _weights_section(metrics.get("distill_weights")),
         "<section><h2>Curves</h2>"
         f'<img src="data:image/png;base64,{img}" alt="Loss and accuracy per epoch for each stage" '
         'style="max-width:100%;height:auto"></section>',
@@ -142,20 +145,144 @@ def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
 
 
 def _accuracy_section(metrics: dict[str, Any]) -> str:
-    rows = [("Teacher", _acc(metrics, "teacher")), ("Baseline student (no SP)", _acc(metrics, "baseline"))]
-    rows.append(("Distilled student (SP)", _acc(metrics, "distilled")))
-    body = "".join(f"<tr><th scope='row'>{_e(name)}</th><td>{_pct(v)}</td></tr>" for name, v in rows)
+    names = {
+        "teacher": "Teacher",
+        "baseline": "Baseline student (no SP)",
+        "distilled": "Distilled student (SP)",
+    }
+    body = ""
+    for key, name in names.items():
+        block = metrics.get(key) if isinstance(metrics.get(key), dict) else {}
+        epoch = block.get("best_epoch")
+        chosen = f"epoch {epoch} of {block.get('epochs')}" if epoch is not None else "n/a"
+        body += (
+            f"<tr><th scope='row'>{_e(name)}</th><td>{_pct(block.get('val_acc'))}</td>"
+            f"<td>{_pct(block.get('select_acc'))}</td><td>{_e(chosen)}</td></tr>"
+        )
     gain = metrics.get("gain")
     gain_txt = f"{100 * gain:+.1f} points" if _is_number(gain) else "n/a"
-    body += f"<tr><th scope='row'>Gain from distillation</th><td>{gain_txt}</td></tr>"
+    body += f"<tr><th scope='row'>Gain from distillation</th><td>{gain_txt}</td><td></td><td></td></tr>"
+    shipped = metrics.get("shipped")
+    ship = ""
+    if shipped:
+        ship = (
+            f"<p><strong>Shipped as student.*: the {_e(shipped)} student.</strong> "
+            f"{_e(metrics.get('shipped_reason', ''))}. Both students are downloadable as "
+            "<code>distilled.*</code> and <code>baseline.*</code>.</p>"
+        )
     return (
-        "<section><h2>Validation accuracy</h2><table><thead><tr><th scope='col'>Model</th>"
-        f"<th scope='col'>Top-1</th></tr></thead><tbody>{body}</tbody></table></section>"
+        "<section><h2>Accuracy</h2><table><thead><tr><th scope='col'>Model</th>"
+        "<th scope='col'>Top-1, report split</th><th scope='col'>Top-1, selection split</th>"
+        f"<th scope='col'>Kept</th></tr></thead><tbody>{body}</tbody></table>{ship}</section>"
     )
 
 
+def _protocol_section(metrics: dict[str, Any]) -> str:
+    p = metrics.get("protocol")
+    if not isinstance(p, dict):
+        return ""
+    sizes = p.get("sizes") or {}
+    return (
+        "<section><h2>Protocol</h2><ul>"
+        f"<li>Trained on <code>{_e(p.get('train'))}</code> ({_e(sizes.get('train'))} images).</li>"
+        f"<li>Chosen on the selection split <code>{_e(p.get('selection'))}</code> "
+        f"({_e(sizes.get('selection'))} images): best epochs, the SP/KD weights, the shipped student.</li>"
+        f"<li>Reported on <code>{_e(p.get('report'))}</code> ({_e(sizes.get('report'))} images): "
+        "no choice is made on it.</li></ul></section>"
+    )
+
+
+def _gain_section(cmp: Any) -> str:
+    if not isinstance(cmp, dict):
+        return ""
+    low, high = cmp.get("ci95_points") or [None, None]
+    mc = cmp.get("mcnemar") or {}
+    verdict = cmp.get("verdict", "n/a")
+    parts = [
+        "<section><h2>Is the gain real?</h2>",
+        f"<p><strong>Distilled vs baseline: {_e(verdict)}.</strong> Gain {_num(cmp.get('gain_points'))} "
+        f"points on {_e(cmp.get('n'))} report images, 95 % paired bootstrap interval "
+        f"[{_num(low)}, {_num(high)}], McNemar exact p = {_fmt(mc.get('p_value'))} "
+        f"({_e(mc.get('distilled_only_right'))} images only the distilled student gets right, "
+        f"{_e(mc.get('baseline_only_right'))} only the baseline).</p>",
+    ]
+    per_class = cmp.get("per_class") or {}
+    if per_class:
+        rows = "".join(
+            f"<tr><th scope='row'>{_e(name)}</th><td>{_e(c.get('n'))}</td><td>{_pct(c.get('baseline'))}</td>"
+            f"<td>{_pct(c.get('distilled'))}</td><td>{_num(c.get('gain'))}</td></tr>"
+            for name, c in per_class.items()
+        )
+        parts.append(
+            "<h3>Per class</h3><table><thead><tr><th scope='col'>Class</th><th scope='col'>Images</th>"
+            "<th scope='col'>Baseline</th><th scope='col'>Distilled</th><th scope='col'>Gain (points)</th>"
+            f"</tr></thead><tbody>{rows}</tbody></table>"
+        )
+    for who, matrix in (cmp.get("confusion") or {}).items():
+        rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in matrix)
+        parts.append(
+            f"<h3>Confusion matrix, {_e(who)} (rows: true class, columns: predicted)</h3>"
+            f"<table><tbody>{rows}</tbody></table>"
+        )
+    return "".join(parts) + "</section>"
+
+
+def _num(v: Any) -> str:
+    return f"{v:+.1f}" if _is_number(v) else "n/a"
+
+
+def _weights_section(w: Any) -> str:
+    if not isinstance(w, dict):
+        return ""
+    sp, kd, m = w.get("sp") or {}, w.get("kd") or {}, w.get("measured")
+    items = []
+    if sp.get("mode") == "auto" and isinstance(m, dict):
+        items.append(
+            f"SP weight {_fmt(sp.get('weight'))}, set automatically so that SP starts at "
+            f"{_e(sp.get('share'))} x the cross-entropy (measured on the first {_e(m.get('batches'))} "
+            f"batches of {_e(m.get('batch_size'))}: CE {_fmt(m.get('ce'))}, raw SP {_fmt(m.get('sp_raw'))})."
+        )
+    elif sp.get("mode") == "search":
+        items.append(
+            f"SP weight {_fmt(sp.get('weight'))}, chosen among the candidates below on the selection split "
+            "(successive halving on epochs, then the full schedule)."
+        )
+    else:
+        items.append(f"SP weight {_fmt(sp.get('weight'))} (given).")
+    if kd.get("mode") == "auto":
+        items.append(f"KD weight {_fmt(kd.get('weight'))}, set so KD starts at {_e(kd.get('share'))} x CE.")
+    elif kd.get("mode") == "given":
+        items.append(f"KD weight {_fmt(kd.get('weight'))} (given).")
+    check = w.get("teacher_check")
+    if isinstance(check, dict) and not check.get("teacher_better"):
+        items.append(
+            f"The fine-tuned teacher ({_pct(check.get('teacher_select_acc'))}) was not better than the "
+            f"student fine-tuned alone ({_pct(check.get('baseline_select_acc'))}) on the selection split: "
+            f"{_e(check.get('action', ''))}."
+        )
+    for c in sp.get("candidates") or []:
+        items.append(
+            f"Candidate SP weight {_fmt(c.get('sp_weight'))}, rung {_e(c.get('rung', 0) + 1)}: selection "
+            f"accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
+            f"{' (chosen)' if c.get('chosen') else ''}."
+        )
+    body = "".join(f"<li>{i}</li>" for i in items)
+    return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"
+
+
 def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
-    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "ce", "sp", "kd", "images_per_sec"]
+    cols = [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "eval_split",
+        "ce",
+        "sp",
+        "kd",
+        "images_per_sec",
+    ]
     parts = ["<section><h2>Epochs</h2>"]
     for stage, rows in curves.items():
         head = "".join(f"<th scope='col'>{_e(c)}</th>" for c in cols)

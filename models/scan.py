@@ -1,4 +1,4 @@
-"""The one dataset scanner (issue 12): which files are the classes, splits and samples of a folder,
+"""The one dataset scanner: which files are the classes, splits and samples of a folder,
 and which files are left out, each with its reason.
 
 The upload (app/datasets.py, after extracting the zip as it is) and the engine

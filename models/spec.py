@@ -1,7 +1,7 @@
 """The job spec: one pydantic schema for REST (JSON) and `spkd run` (YAML). Torch-free.
 
 Every field has a sensible default and a bound, unknown fields are rejected, so a typo is a
-clear 422 / CLI error instead of a silently ignored setting (DESIGN.md section 3).
+clear 422 / CLI error instead of a silently ignored setting (README, The job spec).
 """
 
 from __future__ import annotations
@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # `hub` | `none` | `package` | `job:<id>` | a path to a .safetensors/.pth file.
 WEIGHT_KEYWORDS = ("hub", "none", "package")
@@ -23,7 +32,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity parse from JSON and YAML (.nan, .inf) and pass `gt`/`le` bounds on some fields
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_weights(value: str) -> str:
@@ -86,6 +96,11 @@ class DatasetSpec(_Strict):
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.2, description="held-out share when the folder has no train/ and val/ split"
     )
+    selection_fraction: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        default=0.1,
+        description="share of train held out (stratified, seeded) to choose the best epoch, the weights "
+        "and the shipped student when the dataset has no test/ split; 0: no selection, last epoch ships",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -99,15 +114,28 @@ class LayerPair(_Strict):
 
     teacher: str
     student: str
-    weight: Annotated[float, Field(gt=0)] = 1.0
+    weight: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+
+
+SP_MAX, KD_MAX = 1e6, 1e3
+SpWeight = Annotated[float, Field(ge=0, le=SP_MAX)]
+KdWeight = Annotated[float, Field(ge=0, le=KD_MAX)]
+AUTO_WEIGHT = "auto"
+MAX_CANDIDATES = 8
 
 
 class DistillSpec(_Strict):
-    sp_weight: Annotated[float, Field(ge=0, le=1e6)] = 3000.0
+    sp_weight: Literal["auto"] | SpWeight | list[SpWeight] = Field(
+        default=AUTO_WEIGHT,
+        description="'auto': set at the start of distillation so SP is a fixed share of the cross-entropy; "
+        "a number: used as given (at train.batch_size); a list: candidates searched on the selection split",
+    )
     layers: Literal["auto"] | list[LayerPair] = Field(
         default="auto", description="'auto': the last stage before pooling, as in the paper"
     )
-    kd_weight: Annotated[float, Field(ge=0, le=1e3)] = 0.0
+    kd_weight: Literal["auto"] | KdWeight = Field(
+        default=0.0, description="0: off; 'auto': KD set to a fixed share of the cross-entropy; or a number"
+    )
     temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
     teacher_cache: Literal["auto", "on", "off"] = Field(
         default="auto", description="reuse frozen-teacher features over a fixed set of augmented views"
@@ -125,10 +153,57 @@ class DistillSpec(_Strict):
             raise ValueError("layers must be 'auto' or a non-empty list of {teacher, student} pairs")
         return v
 
+    @field_validator("sp_weight", mode="wrap")
+    @classmethod
+    def _sp_weight(cls, v, handler):
+        # one clear message (and field) instead of one error per member of the union
+        try:
+            v = handler(v)
+        except ValidationError:
+            raise ValueError(
+                f"sp_weight must be 'auto', a number from 0 to {SP_MAX:g}, or a list of 2 to "
+                f"{MAX_CANDIDATES} such numbers (candidates searched on the selection split)"
+            ) from None
+        if isinstance(v, list):
+            if not 2 <= len(v) <= MAX_CANDIDATES or len(set(v)) != len(v):
+                raise ValueError(
+                    f"a list of sp_weight candidates needs 2 to {MAX_CANDIDATES} distinct numbers"
+                )
+            return sorted(v)
+        return v
+
+    @field_validator("kd_weight", mode="wrap")
+    @classmethod
+    def _kd_weight(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(f"kd_weight must be 'auto' or a number from 0 (off) to {KD_MAX:g}") from None
+
+    @property
+    def sp_on(self) -> bool:
+        """Whether the distill stage may use SP (auto, a list, or a number above 0)."""
+        w = self.sp_weight
+        return isinstance(w, str | list) or w > 0
+
+    @property
+    def kd_on(self) -> bool:
+        return isinstance(self.kd_weight, str) or self.kd_weight > 0
+
+
+def _two_per_batch(value: object) -> object:
+    # before the bound check, so a batch of one gets the reason rather than a bare "at least 2"
+    if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+        raise ValueError(
+            f"batch_size must be at least 2, got {value}: SP compares the images of a batch with "
+            "each other (one image gives a loss of 0) and BatchNorm needs 2 images per batch"
+        )
+    return value
+
 
 class TrainSpec(_Strict):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 15
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    batch_size: Annotated[int, Field(ge=2, le=4096), BeforeValidator(_two_per_batch)] = 64
     lr: Annotated[float, Field(gt=0, le=10)] = 0.01
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 1e-4
     image_size: Annotated[int | None, Field(ge=16, le=1024)] = Field(
@@ -234,7 +309,7 @@ EXAMPLE_SPEC = {
     "teacher": {"model": "tf_efficientnet_lite2", "weights": "package", "finetune": {"epochs": 15}},
     "student": {"model": "tf_efficientnet_lite0", "weights": "package"},
     "dataset": {"path": "hymenoptera"},
-    "distill": {"sp_weight": 3000, "layers": "auto", "kd_weight": 0.0, "temperature": 4.0},
+    "distill": {"sp_weight": "auto", "layers": "auto", "kd_weight": 0.0, "temperature": 4.0},
     "train": {"epochs": 15, "batch_size": 64, "lr": 0.01, "image_size": 224, "seed": 0, "precision": "auto"},
     "baseline": True,
 }

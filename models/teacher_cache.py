@@ -1,4 +1,4 @@
-"""Teacher-feature cache: run the frozen teacher once per augmented view (issue 6 item 3).
+"""Teacher-feature cache: run the frozen teacher once per augmented view.
 
 During distillation the teacher is frozen, so its SP features (and logits when KD is on) depend
 only on the input view. We draw V random-resized-crop + flip views per training image, run the

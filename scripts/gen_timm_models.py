@@ -1,7 +1,7 @@
 """Write app/data/timm_models.txt: every timm model name with its pretrained tags.
 
 The API validates model names against this file so it never imports timm or torch
-(DESIGN.md section 2). Rerun after upgrading timm:  python scripts/gen_timm_models.py
+(docs/architecture.md, Dependency rules). Rerun after upgrading timm:  python scripts/gen_timm_models.py
 Format: one model per line, `name<TAB>tag1,tag2,...` (tags may be empty); `#` lines are comments.
 """
 

@@ -1,5 +1,9 @@
 """RedisReporter: the engine's Reporter protocol written to the job store, plus the Monitor thread
-that renews the execution lease, polls the cancel flag and enforces the hard stop."""
+that renews the execution lease, polls the cancel flag and enforces the hard stop.
+
+Every write carries the attempt's fencing token (store.Lease.fence): once another attempt took
+the job over, the next write raises Fenced, which the engine does not catch, and the process
+stops without changing anything more."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 import redis
 
 from app import store, webhook_outbox
-from models.callbacks import Progress
+from models.callbacks import Fenced, Progress
 
 log = logging.getLogger("spkd.worker")
 # Redis unreachable (restart, network blip): worth waiting out, unlike a bug in a command.
@@ -81,6 +85,7 @@ class Monitor(threading.Thread):
                 store.CANCELLED,
                 [store.VALIDATING, store.RUNNING],
                 f"cancelled (hard stop: the engine did not stop within {self.hard_stop_s:.0f} s)",
+                fence=self.lease.fence,
             )
             self.lease.release()
         finally:
@@ -111,17 +116,26 @@ class RedisReporter:
         self._last_write = 0.0
         self._latest: Progress | None = None
 
-    def event(self, kind: str, message: str, **data: Any) -> None:
+    @property
+    def fence(self) -> int | None:
+        return self.monitor.lease.fence
+
+    def _waiting_out_outages(self, what: str, write: Any) -> Any:
         deadline = time.monotonic() + self.outage_s
         while True:
             try:
-                store.add_event(self.r, self.keys, self.job_id, kind, message, **data)
-                break
+                return write()
             except TRANSIENT as e:
                 if time.monotonic() >= deadline or self.monitor.lease_lost:
                     raise
-                log.warning("job %s: Redis unreachable (%s); holding the %s event", self.job_id, e, kind)
+                log.warning("job %s: Redis unreachable (%s); holding the %s", self.job_id, e, what)
                 time.sleep(1.0)
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        self._waiting_out_outages(
+            f"{kind} event",
+            lambda: store.add_event(self.r, self.keys, self.job_id, kind, message, fence=self.fence, **data),
+        )
         if kind == "stage_started" and data.get("stage"):
             self._update(stage=data["stage"])
         elif kind == "epoch_end" and self._latest is not None:
@@ -131,7 +145,7 @@ class RedisReporter:
 
     def _update(self, **fields: Any) -> None:
         try:
-            store.update_job(self.r, self.keys, self.job_id, **fields)
+            store.update_job(self.r, self.keys, self.job_id, fence=self.fence, **fields)
         except TRANSIENT as e:  # progress is rewritten at the next step; never stop training for it
             log.warning("job %s: progress not written (Redis unreachable: %s)", self.job_id, e)
 
@@ -157,3 +171,12 @@ class RedisReporter:
 
     def should_stop(self) -> bool:
         return self.monitor.stop_requested
+
+    def ensure_current(self) -> None:
+        """Raise Fenced unless this attempt still owns the job: its lease was not lost and its
+        fencing token is still the job's (the engine calls this right before publishing a file)."""
+        if self.monitor.lease_lost:
+            raise Fenced(f"job {self.job_id}: execution lease lost")
+        self._waiting_out_outages(
+            "fencing check", lambda: store.check_fence(self.r, self.keys, self.job_id, self.fence)
+        )

@@ -18,7 +18,7 @@ import redis
 
 from app import references, storage, store
 from app.settings import Settings
-from models.callbacks import StopRequested
+from models.callbacks import Fenced, StopRequested
 from models.errors import SpkdError
 from models.spec import JobSpec
 from workers.reporter import Monitor, RedisReporter
@@ -69,6 +69,9 @@ def execute_job(
     if job["status"] in store.FINAL:
         log.info("job %s: already %s; nothing to do", job_id, job["status"])
         return "skipped"
+    # Acquiring also takes this attempt's fencing token and clears requeued_at: an orphan requeue
+    # (workers.tasks.recover_orphans) is used up now, so if this run dies too, the next sweep
+    # requeues it again instead of waiting out the requeue grace period.
     lease = store.Lease(r, keys, job_id, settings.lease_ttl_s)
     if not lease.acquire():
         if not lease.take_over_dead_local_holder():
@@ -77,12 +80,20 @@ def execute_job(
             )
             return "busy"
         log.warning("job %s: its previous process died; resuming", job_id)
-        store.add_event(r, keys, job_id, "info", "the job's process died; resuming from the last checkpoint")
-    # An orphan requeue (workers.tasks.recover_orphans) is used up now: if this run dies too,
-    # the next sweep must requeue it again instead of waiting out the requeue grace period.
-    r.hdel(keys.job(job_id), "requeued_at")
+        store.add_event(
+            r,
+            keys,
+            job_id,
+            "info",
+            "the job's process died; resuming from the last checkpoint",
+            fence=lease.fence,
+        )
     try:
         return _run_leased(r, keys, settings, job, lease, worker, device)
+    except Fenced as e:
+        # Another attempt owns the job now: its state is not ours to touch, not even to fail it.
+        log.warning("job %s: fenced off (%s); stopping without further writes", job_id, e)
+        return "fenced"
     finally:
         lease.release()
 
@@ -96,10 +107,8 @@ def _run_leased(
     worker: str,
     device: str | None,
 ) -> str:
-    job_id = job["id"]
-    attempts = store.start_attempt(r, keys, job_id)
-    if attempts is None:
-        return "missing"  # deleted since it was read
+    job_id, fence = job["id"], lease.fence
+    attempts = store.bump_attempts(r, keys, job_id, fence)
     resumed = job["status"] in (store.VALIDATING, store.RUNNING)
     if attempts > settings.max_attempts:
         error = {
@@ -109,16 +118,31 @@ def _run_leased(
         }
         try:
             store.transition(
-                r, keys, job_id, store.FAILED, store.ACTIVE, "failed: too many attempts", error=error
+                r,
+                keys,
+                job_id,
+                store.FAILED,
+                store.ACTIVE,
+                "failed: too many attempts",
+                fence=fence,
+                error=error,
             )
         except store.CancelPending:
-            store.transition(r, keys, job_id, store.CANCELLED, store.ACTIVE, "cancelled")
+            store.transition(r, keys, job_id, store.CANCELLED, store.ACTIVE, "cancelled", fence=fence)
             return "cancelled"
         return "failed"
     try:
         note = f"validating on {worker}" + (f" (attempt {attempts}, resuming)" if resumed else "")
         store.transition(
-            r, keys, job_id, store.VALIDATING, store.ACTIVE, note, {"worker": worker}, worker=worker
+            r,
+            keys,
+            job_id,
+            store.VALIDATING,
+            store.ACTIVE,
+            note,
+            {"worker": worker},
+            fence=fence,
+            worker=worker,
         )
     except store.Conflict:
         return "skipped"  # cancelled between delivery and now
@@ -129,11 +153,11 @@ def _run_leased(
     except StopRequested:
         if monitor.lease_lost:
             return "lease_lost"  # another worker owns it now: leave its state alone
-        _finish(r, keys, job_id, store.CANCELLED, "cancelled")
+        _finish(r, keys, job_id, fence, store.CANCELLED, "cancelled")
         return "cancelled"
     except SpkdError as e:
         log.info("job %s: %s", job_id, e)
-        _finish(r, keys, job_id, store.FAILED, f"failed: {e.message}", error=e.as_dict())
+        _finish(r, keys, job_id, fence, store.FAILED, f"failed: {e.message}", error=e.as_dict())
         return "failed"
     except OSError as e:
         full = storage.storage_full(e)
@@ -145,6 +169,7 @@ def _run_leased(
             r,
             keys,
             job_id,
+            fence,
             store.FAILED,
             f"failed: {error['message']}",
             {"stage": error["stage"]},
@@ -163,6 +188,7 @@ def _run_leased(
             r,
             keys,
             job_id,
+            fence,
             store.FAILED,
             "failed: internal error",
             error={"code": "internal", "message": message, "field": None},
@@ -203,18 +229,20 @@ def _finish(
     r: redis.Redis,
     keys: store.Keys,
     job_id: str,
+    fence: int | None,
     to: str,
     message: str,
     event_data: dict[str, Any] | None = None,
     **fields: Any,
 ) -> None:
+    """End the job (fenced: a run that lost the job raises Fenced here and ends nothing)."""
     try:
         store.transition(
-            r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, event_data, **fields
+            r, keys, job_id, to, [store.VALIDATING, store.RUNNING], message, event_data, fence=fence, **fields
         )
     except store.CancelPending:
         # The API answered 200 to a cancel: the job ends cancelled, whatever ended the run.
-        _finish(r, keys, job_id, store.CANCELLED, f"cancelled ({message}, after the cancel request)")
+        _finish(r, keys, job_id, fence, store.CANCELLED, f"cancelled ({message}, after the cancel request)")
     except store.Conflict as e:
         log.info("job %s: not moved to %s: %s", job_id, to, e)
 
@@ -227,7 +255,7 @@ def _validate_and_run(
     monitor: Monitor,
     device: str | None,
 ) -> str:
-    job_id, owner = job["id"], job["owner"]
+    job_id, owner, fence = job["id"], job["owner"], monitor.lease.fence
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
@@ -238,17 +266,19 @@ def _validate_and_run(
 
     warnings = validate_job(spec, data_dir)
     # run_job logs each warning as an event itself; here they only go on the job record.
-    store.update_job(r, keys, job_id, warnings=list(warnings))
+    store.update_job(r, keys, job_id, fence=fence, warnings=list(warnings))
     if monitor.stop_requested:
         raise StopRequested()
-    store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running")
+    store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running", fence=fence)
     out_dir = Path(settings.artifact_root).resolve() / job_id
     out_dir.mkdir(parents=True, exist_ok=True)
     # Half-written files of an earlier attempt (killed mid-write): we hold the lease, nobody else writes.
     storage.remove_temporaries(out_dir)
     reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
-    metrics = run_tracked(spec, data_dir, out_dir, reporter, job_id, settings, device=device)
+    # The engine publishes every file only after a fencing check (reporter.ensure_current).
+    metrics = run_tracked(spec, data_dir, out_dir, reporter, job_id, settings, device=device, attempt=fence)
     artifacts = collect_artifacts(out_dir)
+    # Registry and final status in one fenced transaction: a stale attempt registers nothing.
     try:  # the artifacts are registered with the status, or not at all
         store.transition(
             r,
@@ -258,10 +288,13 @@ def _validate_and_run(
             [store.RUNNING],
             "succeeded",
             {"artifacts": [a["name"] for a in artifacts]},
+            fence=fence,
             artifacts=artifacts,
             metrics=metrics,
         )
     except store.CancelPending:
-        _finish(r, keys, job_id, store.CANCELLED, "cancelled after its last stage; results not registered")
+        _finish(
+            r, keys, job_id, fence, store.CANCELLED, "cancelled after its last stage; results not registered"
+        )
         return "cancelled"
     return "succeeded"

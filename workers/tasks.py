@@ -110,14 +110,11 @@ def recover_orphans() -> list[str]:
     requeued = []
     for status in (store.VALIDATING, store.RUNNING):
         for job_id in store.job_ids_with_status(r, KEYS, status):
-            if store.lease_held(r, KEYS, job_id):
+            # Checked and marked in one script: no live lease, and not requeued recently (e.g. the
+            # only worker is busy: once is enough).
+            message = "its worker was lost; queued again to resume"
+            if not store.claim_orphan(r, KEYS, job_id, REQUEUE_GRACE_S, message):
                 continue
-            # Requeued recently and not picked up yet (e.g. the only worker is busy): once is enough.
-            requeued_at = float(r.hget(KEYS.job(job_id), "requeued_at") or 0)
-            if time.time() - requeued_at < REQUEUE_GRACE_S:
-                continue
-            store.update_job(r, KEYS, job_id, requeued_at=time.time())
-            store.add_event(r, KEYS, job_id, "info", "its worker was lost; queued again to resume")
             enqueue(celery, settings, job_id)
             requeued.append(job_id)
     if requeued:

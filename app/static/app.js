@@ -324,7 +324,25 @@
       const v = accOf(m, who);
       if (typeof v === 'number') $(`#acc-${who}`).textContent = pct(v);
     }
-    if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.`;
+    if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.` + gainDetail(m);
+  }
+
+  // 'auto' (or empty) for the automatic weight, else the number the user typed (the API checks it).
+  function spWeight(text) {
+    const t = String(text || '').trim().toLowerCase();
+    return t === '' || t === 'auto' ? 'auto' : Number(t);
+  }
+
+  // The gain's error bars and which student shipped (metrics.comparison / metrics.shipped).
+  function gainDetail(m) {
+    const c = m.comparison;
+    let text = '';
+    if (c && Array.isArray(c.ci95_points) && c.mcnemar) {
+      const [lo, hi] = c.ci95_points.map((v) => (v >= 0 ? '+' : '') + v.toFixed(1));
+      text += ` 95 % CI ${lo} to ${hi} points, McNemar p = ${Number(c.mcnemar.p_value).toPrecision(3)}: ${c.verdict}.`;
+    }
+    if (m.shipped) text += ` Shipped as student.*: the ${m.shipped} student.`;
+    return text;
   }
 
   function renderProgress(p, job) {
@@ -644,7 +662,7 @@
       teacher,
       student: { model: v('#f-student'), weights: v('#f-student-weights') || 'hub' },
       dataset,
-      distill: { sp_weight: Number(v('#f-sp')) },
+      distill: { sp_weight: spWeight(v('#f-sp')) },
       train: {
         epochs: parseInt(v('#f-epochs'), 10), batch_size: parseInt(v('#f-bs'), 10),
         lr: Number(v('#f-lr')), image_size: parseInt(v('#f-size'), 10),

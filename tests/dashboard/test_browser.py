@@ -146,6 +146,8 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
                 assert "epoch" in svg.get_attribute("aria-label")
         for who in ("teacher", "baseline", "distilled"):
             assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
+        gain = page.locator("#acc-gain").inner_text()  # the gain's error bars and what shipped
+        assert "95 % CI" in gain and "McNemar p" in gain and "Shipped as student.*" in gain, gain
         assert page.locator("#p-stream").inner_text() in ("live", "ended")
         assert page.locator("#events li").count() >= 5
         assert page.locator("#job-cancel").is_hidden()

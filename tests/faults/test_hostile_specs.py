@@ -43,6 +43,7 @@ BAD_FIELDS = [
     ("train.lr", -0.1, "train.lr"),
     ("train.lr", 1e9, "train.lr"),
     ("train.batch_size", 0, "train.batch_size"),
+    ("train.batch_size", 1, "train.batch_size"),  # SP over one image is 0: zero real steps
     ("train.batch_size", 10**9, "train.batch_size"),
     ("train.epochs", -3, "train.epochs"),
     ("train.epochs", 10**12, "train.epochs"),

@@ -54,7 +54,7 @@ def tiny_spec(**overrides):
         "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 1}},
         "student": {"model": "test_efficientnet", "weights": "none"},
         "dataset": {"path": "colors"},
-        "distill": {"sp_weight": 3000.0, "layers": "auto"},
+        "distill": {"layers": "auto"},
         "train": {"epochs": 2, "batch_size": 16, "image_size": 32, "lr": 0.05, "num_workers": 0},
         "baseline": True,
     }

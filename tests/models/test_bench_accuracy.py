@@ -37,10 +37,25 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| mean +- std |" in printed and "| seed |" in printed
+    assert "| mean +- std |" in printed and "| seed |" in printed and "Paired difference" in printed
     result = json.loads((tmp_path / "acc.json").read_text())
     assert [r["seed"] for r in result["rows"]] == [0, 1]
+    variants = ["baseline", "sp:3000", "auto", "search:300/1000/3000"]
     for row in result["rows"]:
-        assert row["gain"] == row["distilled"] - row["baseline"]
-        assert (tmp_path / "runs" / f"seed{row['seed']}" / "metrics.json").is_file()
-    assert set(result["summary"]) == {"teacher", "baseline", "distilled", "gain"}
+        assert list(row["variants"]) == variants
+        seed_dir = tmp_path / "runs" / f"seed{row['seed']}"
+        auto = json.loads((seed_dir / "auto" / "metrics.json").read_text())
+        assert row["variants"]["auto"]["acc"] == auto["distilled"]["val_acc"]
+        assert row["variants"]["baseline"]["acc"] == auto["baseline"]["val_acc"]
+        fixed = json.loads((seed_dir / "sp_3000" / "metrics.json").read_text())
+        # every variant distils from the seed's fine-tuned teacher, as it is
+        assert fixed["spec"]["teacher"]["weights"] == str(seed_dir / "auto" / "teacher.safetensors")
+        assert fixed["spec"]["teacher"]["finetune"] is None
+        assert fixed["distill_weights"]["sp"]["weight"] == 3000.0
+        searched = json.loads((seed_dir / "search_300_1000_3000" / "metrics.json").read_text())
+        assert searched["distill_weights"]["sp"]["mode"] == "search"
+    summary = result["summary"]
+    assert set(summary) == set(variants)
+    for name in variants:
+        base = summary["baseline"]["acc"]
+        assert summary[name]["diff"] == [a - b for a, b in zip(summary[name]["acc"], base, strict=True)]

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from models import checkpoint
-from models.callbacks import NullReporter, RecordingReporter, StopRequested
+from models.callbacks import Fenced, NullReporter, RecordingReporter, StopRequested
 from models.pipeline import run_job
 from tests.models.conftest import tiny_spec
 
 SPEC = dict(teacher={"finetune": {"epochs": 2}}, distill={"kd_weight": 0.5})
-STEPS = 3  # 48 train images / batch 16
+STEPS = 2  # 48 train images less 4 for selection / batch 16
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,67 @@ def test_finished_run_returns_at_once(color_dataset, reference):
     metrics = run_job(tiny_spec(**SPEC), color_dataset, reference, again)
     assert metrics["distilled"]["val_acc"] is not None
     assert not again.progresses  # nothing retrained
+
+
+class FencingReporter(RecordingReporter):
+    """Records like RecordingReporter; `ensure_current` raises Fenced once `fenced_when` is true
+    (what the service's reporter does after another attempt took the job over)."""
+
+    def __init__(self, fenced_when) -> None:
+        super().__init__()
+        self.fenced_when = fenced_when
+        self.checks = 0
+
+    def ensure_current(self) -> None:
+        self.checks += 1
+        if self.fenced_when(self):
+            raise Fenced("taken over")
+
+
+def _published(out):
+    return sorted(p.name for p in out.iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["first-checkpoint", "export"],
+)
+def test_a_fenced_run_publishes_nothing(color_dataset, tmp_path, point):
+    """Fenced before its first checkpoint, or right before publishing the artifacts: no file of
+    that attempt appears, and Fenced goes through the engine untouched."""
+    if point == "export":
+        reporter = FencingReporter(lambda rep: any(d.get("stage") == "export" for _, _, d in rep.events))
+    else:
+        reporter = FencingReporter(lambda rep: True)
+    with pytest.raises(Fenced):
+        run_job(tiny_spec(**SPEC), color_dataset, tmp_path, reporter, attempt=2)
+    own = checkpoint.checkpoint_dir(tmp_path, 2)
+    if point == "export":
+        assert (own / "export" / "student.onnx").is_file()  # staged, never published
+        assert checkpoint.load(tmp_path, 2)["completed"][-1] == "evaluate"
+    else:
+        assert reporter.checks == 1 and not (own / "last.pt").exists()
+    assert _published(tmp_path) == []
+    assert not [p for p in own.rglob(".*")]  # no temp file left behind
+
+
+def test_each_attempt_writes_its_own_checkpoints(color_dataset, tmp_path, reference):
+    """Attempt 1 stops mid-distill; attempt 2 starts from it and finishes (weights identical to an
+    uninterrupted run). A late write of attempt 1 (frozen, then thawed) lands in attempt 1's own
+    folder: a later attempt starts from attempt 2's checkpoint, not from the stale one."""
+    with pytest.raises(StopRequested):
+        run_job(tiny_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(5 * STEPS + 1), attempt=1)
+    stale = checkpoint.load(tmp_path, 1)
+    assert stale["current"]["stage"] == "distill"
+
+    run_job(tiny_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(), attempt=2)
+    for name in ("student.safetensors", "teacher.safetensors"):
+        got, want = _tensors(tmp_path / name), _tensors(reference / name)
+        assert all(torch.equal(got[k], want[k]) for k in want), f"{name} differs after the takeover"
+    assert not checkpoint.checkpoint_dir(tmp_path, 1).exists()  # the finished attempt cleaned up
+
+    checkpoint.save(tmp_path, stale, attempt=1)  # the stale attempt's late write
+    assert checkpoint.latest(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 2) / "last.pt"
+    again = RecordingReporter()
+    run_job(tiny_spec(**SPEC), color_dataset, tmp_path, again, attempt=3)
+    assert not again.progresses  # started from attempt 2's finished state: nothing retrained

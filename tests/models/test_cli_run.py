@@ -25,14 +25,18 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
         "student": {"model": "test_efficientnet", "weights": "none"},
         "dataset": {"path": str(color_dataset)},
         "train": {"epochs": 1, "batch_size": 16, "image_size": 32, "num_workers": 0},
-        "baseline": False,
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "distill epoch 1/1" in result.stdout and "distilled" in result.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["baseline"] is None and metrics["gain"] is None
+    assert metrics["baseline"] is not None and metrics["gain"] is not None
+    # the gain with its error bars, and what shipped, in the printed summary
+    cmp = metrics["comparison"]
+    assert f"95 % CI {cmp['ci95_points'][0]:+.1f} to {cmp['ci95_points'][1]:+.1f}" in result.stdout
+    assert "McNemar p =" in result.stdout and cmp["verdict"] in result.stdout
+    assert f"shipped as student.*: the {metrics['shipped']} student" in result.stdout
     assert {"student.safetensors", "student.json", "student.onnx"} <= {
         p.name for p in (tmp_path / "out").iterdir()
     }

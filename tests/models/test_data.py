@@ -143,3 +143,32 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
     assert path.count("/") == scanner.MAX_DEPTH and "nested more than" in reason
     assert found.counts() == {"all": {"a": 2, "b": 2}}
     json.dumps(found.rejected, ensure_ascii=False).encode("utf-8")
+
+
+def test_selection_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path):
+    make_folder(tmp_path / "train", {"a": 30, "b": 8, "c": 2})
+    make_folder(tmp_path / "val", {"a": 5, "b": 5, "c": 5}, seed=3)
+    scan = data._scan(tmp_path.resolve(), 0.2, seed=0)
+    chosen = data.with_selection(scan, 0.1, seed=0)
+    assert chosen.counts()["selection"] == {"a": 3, "b": 1, "c": 1}  # at least one image per class
+    assert chosen.counts()["train"] == {"a": 27, "b": 7, "c": 1}
+    assert chosen.val == scan.val  # the report split is untouched
+    train, select = {s.path for s in chosen.train}, {s.path for s in chosen.select}
+    assert not train & select and train | select == {s.path for s in scan.train}
+    assert chosen.sizes() == {"train": 35, "selection": 5, "report": 15}
+    assert chosen.summary()["roles"]["selection"].startswith("0.1 of train/")
+    again = data.with_selection(scan, 0.1, seed=0)
+    assert [s.path for s in again.select] == [s.path for s in chosen.select]
+    assert [s.path for s in data.with_selection(scan, 0.1, seed=1).select] != [s.path for s in chosen.select]
+    off = data.with_selection(scan, 0.0, seed=0)
+    assert off.select == [] and off.train == scan.train and "selection" not in off.counts()
+
+
+def test_test_split_is_reported_and_val_selects(tmp_path):
+    make_folder(tmp_path / "train", {"a": 6, "b": 6})
+    make_folder(tmp_path / "val", {"a": 2, "b": 3}, seed=3)
+    make_folder(tmp_path / "test", {"a": 4, "b": 4}, seed=4)
+    scan = data.with_selection(data._scan(tmp_path.resolve(), 0.2, seed=0), 0.1, seed=0)
+    assert scan.roles == {"train": "train/", "selection": "val/", "report": "test/"}
+    assert all("/test/" in s.path for s in scan.val) and all("/val/" in s.path for s in scan.select)
+    assert scan.sizes() == {"train": 12, "selection": 5, "report": 8}  # nothing carved from train

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.losses import SPLoss, kd_loss, sp_loss
+from models.losses import SPLoss, kd_loss, similarity, sp_loss
 
 
 def sp_reference(f_s: np.ndarray, f_t: np.ndarray) -> float:
@@ -111,3 +111,117 @@ def test_kd_matches_reference_and_gradcheck(temp):
     )
     assert kd_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-7)
     assert torch.autograd.gradcheck(lambda x: kd_loss(x, t, temp).double(), (s,), atol=1e-4)
+
+
+# ------------------------------------------------------------------ mixed precision (autocast)
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def lite_features():
+    """Real features: lite0 / lite2 with the package ImageNet weights, 8 hymenoptera images, 96 px.
+
+    (student map, teacher map) at `auto` (head conv, 1280 ch) and at blocks.6 (the last block).
+    """
+    from PIL import Image
+
+    from models import weights
+    from models.data import load_rgb
+    from tests.models.conftest import HYMENOPTERA
+
+    paths = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:4]
+    paths += sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[:4]
+    x = torch.stack(
+        [
+            torch.from_numpy(np.asarray(load_rgb(str(p)).resize((96, 96), Image.BILINEAR)).copy())
+            .permute(2, 0, 1)
+            .float()
+            .div(127.5)
+            .sub(1.0)
+            for p in paths
+        ]
+    )
+    out = {}
+    with torch.no_grad():
+        for role, name in (("student", "tf_efficientnet_lite0"), ("teacher", "tf_efficientnet_lite2")):
+            model, _ = weights.build(name, "package", 2, role, 96)
+            model.eval()
+            head = model.forward_features(x)
+            _, inter = model.forward_intermediates(x, indices=[4])  # feature_info[4]: blocks.6
+            out[role] = {"auto": head, "blocks.6": inter[0]}
+    return out
+
+
+def _sp64(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """SP and d SP / d f_s in float64, outside autocast: the reference."""
+    s = f_s.detach().double().requires_grad_(True)
+    loss = sp_loss(s, f_t.detach().double())
+    loss.backward()
+    return loss.item(), s.grad
+
+
+def _sp_autocast(f_s: torch.Tensor, f_t: torch.Tensor, dtype: torch.dtype):
+    s = f_s.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = sp_loss(s, f_t)
+    loss.backward()
+    return loss, s.grad
+
+
+def _check_against_float64(f_s, f_t, dtype, rel=1e-4):
+    """Under autocast: the fp32 value and gradient exactly, and float64's within `rel`."""
+    want, want_grad = _sp64(f_s, f_t)
+    got, grad = _sp_autocast(f_s, f_t, dtype)
+    assert got.dtype == torch.float32 and torch.isfinite(got) and torch.isfinite(grad).all()
+    plain = f_s.detach().clone().requires_grad_(True)
+    fp32 = sp_loss(plain, f_t)
+    fp32.backward()
+    assert got.item() == fp32.item() and torch.equal(grad, plain.grad)  # autocast changes nothing
+    assert got.item() == pytest.approx(want, rel=rel, abs=1e-12)
+    scale = want_grad.abs().max().item()
+    assert (grad.double() - want_grad).abs().max().item() <= rel * scale
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layer", ["auto", "blocks.6"])
+def test_sp_under_autocast_matches_float64_on_real_lite_features(lite_features, dtype, layer):
+    f_s, f_t = lite_features["student"][layer], lite_features["teacher"][layer]
+    _check_against_float64(f_s, f_t, dtype)
+    # student close to the teacher: SP is tiny (G_t - G_s cancels), a half-precision Gram would be
+    # all error; fp32 itself keeps ~2 digits of float64 there
+    near = f_t + 0.01 * torch.randn(f_t.shape, generator=torch.Generator().manual_seed(0))
+    _check_against_float64(near, f_t, dtype, rel=3e-2)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "fp16"])
+def test_sp_under_autocast_matches_float64_on_random_features(dtype):
+    gen = torch.Generator().manual_seed(5)
+    f_s = torch.randn(16, 64, 6, 6, generator=gen).relu()
+    f_t = torch.randn(16, 96, 3, 3, generator=gen).relu()
+    _check_against_float64(f_s, f_t, dtype)
+    # large activations (fp16 Gram diagonals above 65504 are inf): fp32 inside, so finite
+    _check_against_float64(40 * f_s, 40 * f_t, dtype)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "fp16"])
+def test_similarity_is_fp32_under_autocast(dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        g = similarity(torch.randn(4, 8, 3, 3))
+    assert g.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "fp16"])
+def test_kd_under_autocast_matches_float64(dtype):
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(8, 10, generator=gen) * 5
+    t = torch.randn(8, 10, generator=gen) * 5
+    want = kd_reference(s.numpy(), t.numpy(), 4.0)
+    s_grad = s.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        got = kd_loss(s_grad, t, 4.0)
+    got.backward()
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    ref = s.double().requires_grad_(True)
+    kd_loss(ref, t.double(), 4.0).backward()
+    assert torch.allclose(s_grad.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)

@@ -253,3 +253,18 @@ def test_integration_spec_accepts_mlflow_and_caps_the_list():
     assert tiny_spec().integrations == []
     with pytest.raises(ValidationError, match="at most 4"):
         tiny_spec(integrations=[{"type": "mlflow"}] * 5)
+
+
+def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:
+    """The worker wraps its fenced reporter in TrackingReporter: the engine's pre-publish check
+    must still reach the inner reporter, or a run that lost its job would publish files."""
+    from models.callbacks import Fenced, ensure_current
+    from models.tracking import TrackingReporter
+
+    class StaleReporter(RecordingReporter):
+        def ensure_current(self) -> None:
+            raise Fenced("job_x: a newer attempt holds the job")
+
+    with pytest.raises(Fenced):
+        ensure_current(TrackingReporter(StaleReporter(), []))
+    ensure_current(TrackingReporter(RecordingReporter(), []))  # no hook: the run may write

@@ -127,3 +127,25 @@ def test_engine_stage_survives_oom_by_halving(train_images):
     # Both epochs still trained on every image: 16 per epoch, in chunks of 4.
     assert [round(row["images_per_sec"] > 0) for row in curve] == [1, 1]
     assert len(reporter.progresses) == 4  # steps counted per loader batch, as planned
+
+
+def test_halving_never_leaves_a_chunk_of_one_image():
+    """5 images at batch 2 would end with a chunk of 1: SP over one image is 0, BatchNorm fails."""
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=2).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    limit = FakeMemoryLimit(model, max_batch=2)
+    controller = BatchSizeController(None, RecordingReporter(), "distill")
+    seen: list[int] = []
+
+    def step(batch):
+        images, labels = batch
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        seen.append(images.shape[0])
+        return images.shape[0]
+
+    batch = (torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 0, 1, 0]))
+    assert controller.run(batch, step, optimizer) == [2, 2] and seen == [2, 2]
+    assert controller.batch_size == 2 and limit.triggered == 1  # 5 failed once, halved to 5 // 2
+    limit.remove()

@@ -296,14 +296,19 @@ def clear_utf8_flags(raw: bytes) -> bytes:
 
 
 def engine_view(root: Path) -> dict:
-    """What a job on `root` uses, in the upload record's shape (a seeded val split is put back
-    together: the upload cannot know the job's seed)."""
+    """What a job on `root` uses, in the upload record's shape: roles mapped back to folders
+    (test/ is the report split and val/ the selection split), a seeded val split put back
+    together (the upload cannot know the job's seed)."""
     data._SCAN_CACHE.clear()
     try:
         scan = data.scan_dataset(root)
     except SpkdError as e:
         return {"error": e.code}
     counts = scan.counts()
+    if scan.roles["report"] == "test/":  # the job reports on test/ and selects on val/
+        counts["test"] = counts.pop("val")
+        if "selection" in counts:
+            counts["val"] = counts.pop("selection")
     if scan.split == "seeded":
         counts["train"] = {c: counts["train"][c] + counts["val"][c] for c in scan.classes}
         del counts["val"]

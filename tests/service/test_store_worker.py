@@ -54,7 +54,8 @@ def test_transitions_are_guarded_and_indexed(r, keys) -> None:
 
 
 def test_only_one_lease_holder_under_contention(r, keys) -> None:
-    leases = [store.Lease(r, keys, "job_x", ttl_s=5) for _ in range(8)]
+    jid = store.create_job(r, keys, "o", base_spec())["id"]  # a lease is only taken on a job
+    leases = [store.Lease(r, keys, jid, ttl_s=5) for _ in range(8)]
     won: list[int] = []
     barrier = threading.Barrier(len(leases))
 
@@ -72,9 +73,9 @@ def test_only_one_lease_holder_under_contention(r, keys) -> None:
     holder, other = leases[won[0]], leases[(won[0] + 1) % len(leases)]
     assert holder.renew() and not other.renew()
     other.release()  # not the holder: no effect
-    assert store.lease_held(r, keys, "job_x")
+    assert store.lease_held(r, keys, jid)
     holder.release()
-    assert not store.lease_held(r, keys, "job_x")
+    assert not store.lease_held(r, keys, jid)
 
 
 def test_idempotency_claim_is_atomic(r, keys) -> None:
@@ -181,6 +182,8 @@ def test_reporter_throttles_progress_and_sees_cancel(r, keys, settings: Settings
 def test_lease_of_a_dead_local_process_is_taken_over(r, keys) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    for jid in ("job_y", "job_z", "job_w"):
+        store.create_job(r, keys, "o", base_spec(), job_id=jid)
     r.set(keys.lease("job_y"), f"{socket.gethostname()}:{dead.pid}:abc", px=60_000)
     live = store.Lease(r, keys, "job_y", 5)
     r.set(keys.lease("job_z"), f"{socket.gethostname()}:{os.getpid()}:abc", px=60_000)  # alive: keep out

@@ -123,7 +123,7 @@ def test_api_imports_only_its_declared_dependencies(tmp_path: Path, settings) ->
     assert res.returncode == 0, res.stderr[-3000:]
     startup = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True, check=True)
     imported = set(json.loads(res.stdout.splitlines()[-1])) - set(json.loads(startup.stdout))
-    assert "torch" not in imported  # DESIGN.md section 2: the API never imports torch
+    assert "torch" not in imported  # docs/architecture.md: the API never imports torch
 
     owners = metadata.packages_distributions()
     closure = base_requirement_closure()

@@ -134,7 +134,9 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["distilled"]["val_acc"] <= 1.0
     assert sorted(metrics["dataset"]["classes"]) == [str(d) for d in range(10)]
-    assert sum(metrics["dataset"]["counts"]["train"].values()) == 10 * 24  # --per-class 30, 20% val
+    counts = metrics["dataset"]["counts"]  # --per-class 30, 20% val; 10% of train selects
+    assert sum(counts["train"].values()) + sum(counts["selection"].values()) == 10 * 24
+    assert counts["selection"] == {str(d): 2 for d in range(10)}
     assert "student, distilled (SP)" in output
     assert len(started) >= 3  # redis-server, api, worker (+ the worker's pool child)
     time.sleep(1)

@@ -1,0 +1,170 @@
+"""Misfits found before any training (called from models/pipeline.py validate_job and _setup).
+
+- `probe_model`: one tiny forward (batch 2, no grad) of a built model at the job's image size,
+  through the same feature taps SP uses: a ViT whose patch size does not divide the image size,
+  or a CNN whose pooling leaves nothing at a tiny size, fails here with `model_input_mismatch`
+  instead of after a whole training stage with a raw AssertionError.
+- `check_reused_heads`: a head loaded from weights is used by class index, so the names it was
+  trained on (the weight file's sidecar JSON, e.g. an earlier job's `teacher.json`) must be the
+  dataset's classes, in the same order.
+- `precision_note`: says when the requested precision is not what runs (fp16 on a CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from models import guards, weights
+from models.errors import SpkdError
+from models.features import FeatureTap
+
+
+def probe_model(
+    role: str, name: str, model: torch.nn.Module, layers: Sequence[str], size: int, num_classes: int
+) -> None:
+    """Run `model` once on 2 random `size` x `size` images, in eval mode, without gradients.
+
+    Raises SpkdError: `non_finite_weights` (its weights or its outputs hold NaN/inf),
+    `model_input_mismatch` (the forward fails at this size, or gives other shapes than
+    (2, num_classes) logits and one feature map per requested layer).
+    """
+    guards.require_finite_weights(
+        model, f"{role} {name}", f"{role}.weights", "use weights saved before training diverged"
+    )
+    tap = FeatureTap(model, layers, f"distill.layers.{role}")
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = tap(x)
+    except SpkdError:
+        raise
+    except Exception as exc:  # an assert or shape error deep in timm: name the model and size
+        raise SpkdError(
+            "model_input_mismatch",
+            f"the {role} {name} cannot take {size}x{size} images ({type(exc).__name__}: {exc})"
+            f"{_size_hint(model, size)}",
+            "train.image_size",
+        ) from exc
+    finally:
+        tap.close()
+        model.train(was_training)
+    if tuple(out.logits.shape) != (2, num_classes) or any(f.shape[0] != 2 for f in out.features):
+        raise SpkdError(
+            "model_input_mismatch",
+            f"the {role} {name} at {size}x{size} gives logits of shape {tuple(out.logits.shape)}, "
+            f"expected (2, {num_classes})",
+            "train.image_size",
+        )
+    if not all(bool(torch.isfinite(t).all()) for t in [out.logits, *out.features]):
+        raise SpkdError(
+            "non_finite_weights",
+            f"the {role} {name} gives NaN or infinite outputs at {size}x{size} with these weights",
+            f"{role}.weights",
+        )
+
+
+def _size_hint(model: torch.nn.Module, size: int) -> str:
+    """'; use a multiple of 16, e.g. 32 or 48' for a patch model, else a generic hint."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, tuple | list) and patch and int(patch[0]) > 1:
+        p = int(patch[0])
+        lower, upper = (size // p) * p, (size // p + 1) * p
+        options = " or ".join(str(v) for v in (lower, upper) if v >= p)
+        return f"; its patch size is {p}: set train.image_size to a multiple of {p}, e.g. {options}"
+    return "; set train.image_size to a size this model accepts (e.g. its pretrained size)"
+
+
+def check_reused_heads(
+    teacher_weights: str, student_weights: str, teacher_finetuned: bool, classes: Sequence[str]
+) -> list[str]:
+    """Compare the class names of weight files (from their sidecar JSON) with the dataset's.
+
+    The teacher without fine-tuning uses its loaded head as-is (for KD and its accuracy), so
+    other names, another count or another order is `class_mismatch` (naming both lists). A
+    teacher that is fine-tuned and the student start from the body only (models/weights.py drops
+    such a head): that is worth a warning, returned here. Weights without a sidecar are not checked.
+    """
+    found: list[str] = []
+    for role, w in (("teacher", teacher_weights), ("student", student_weights)):
+        names = weights.sidecar_class_names(w)
+        if names is None or names == list(classes):
+            continue
+        source = _describe(w)
+        if role == "teacher" and not teacher_finetuned:
+            raise SpkdError(
+                "class_mismatch",
+                f"the teacher weights {source} were trained on {len(names)} classes {names}, "
+                f"this dataset has {len(classes)} classes {list(classes)}: a head is used by class "
+                "index, so they must be the same names in the same order; set teacher.finetune to "
+                "train a new head for these classes, or use weights trained on them",
+                "teacher.weights",
+            )
+        found.append(
+            f"{role}.weights {source} were trained on classes {names}, this dataset has "
+            f"{list(classes)}: only the body is reused, the {role} gets a new head"
+        )
+    return found
+
+
+def unnamed_head_warning(teacher_weights: str, head_loaded: bool, teacher_finetuned: bool) -> str | None:
+    """A warning when a file's head is reused without any record of the classes it was trained on."""
+    if not head_loaded or teacher_finetuned or weights.sidecar_class_names(teacher_weights) is not None:
+        return None
+    if teacher_weights in ("hub", "none", "package"):
+        return None
+    return (
+        f"the teacher weights {_describe(teacher_weights)} have no JSON with class_names beside them: "
+        "their head is used as-is, by class index (the dataset's classes in sorted order)"
+    )
+
+
+def _describe(w: str) -> str:
+    """A weight file as a person knows it: its folder (a job id for job: weights) and name."""
+    path = Path(w)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def precision_note(requested: str, amp_dtype: torch.dtype | None, device: torch.device) -> str | None:
+    """None when `requested` is what runs; else a sentence saying what runs instead and why."""
+    runs = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+    if requested in ("auto", runs):
+        return None
+    why = " (fp16 autocast needs a CUDA GPU)" if requested == "fp16" and device.type != "cuda" else ""
+    return f"train.precision {requested} was requested, but this run uses {runs} on {device}{why}"
+
+
+# ------------------------------------------------------------------ one validation per job
+_LAST: tuple[str, list[str]] | None = None  # the worker validates, then run_job does again
+
+
+def _key(spec, data_dir: Path) -> str:
+    """The spec, the data folder and the weight files' sizes and times: what validation read."""
+    import json
+
+    parts = [json.dumps(spec.model_dump(mode="json"), sort_keys=True), str(Path(data_dir).resolve())]
+    for p in [Path(data_dir), *(Path(w) for w in (spec.teacher.weights, spec.student.weights))]:
+        try:
+            st = p.stat()
+            parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{p}:-")
+    return "\n".join(parts)
+
+
+def cached(spec, data_dir: Path) -> list[str] | None:
+    """The warnings of the last successful validation of exactly this job, or None."""
+    if _LAST is not None and _LAST[0] == _key(spec, data_dir):
+        return list(_LAST[1])
+    return None
+
+
+def remember(spec, data_dir: Path, found: list[str]) -> list[str]:
+    """Keep `found` as the outcome of validating this job (only the latest job is kept)."""
+    global _LAST
+    _LAST = (_key(spec, data_dir), list(found))
+    return found
