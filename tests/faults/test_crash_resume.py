@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 ARTIFACTS = {
     "student.safetensors",
     "student.json",
+    "distilled.safetensors",
+    "distilled.json",
     "teacher.safetensors",
     "teacher.json",
     "metrics.json",
@@ -54,7 +56,9 @@ def _assert_complete(c, job_id: str, evs: list[dict]) -> None:
     assert job["status"] == "succeeded", job
     assert [len(job["metrics"]["curves"][s]) for s in ("teacher_finetune", "distill")] == [EPOCHS] * 2
     arts = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
-    assert set(arts) == ARTIFACTS
+    assert {n for n in arts if not n.startswith("tensorboard/")} == ARTIFACTS
+    for stage in ("teacher_finetune", "distill"):  # the TensorBoard event files of each stage
+        assert any(n.startswith(f"tensorboard/{stage}/") for n in arts), sorted(arts)
     for name, meta in arts.items():
         body = c.get(f"/v1/jobs/{job_id}/artifacts/{name}").content
         assert len(body) == meta["size"] > 0 and hashlib.sha256(body).hexdigest() == meta["sha256"]
