@@ -191,7 +191,21 @@ def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: 
     if ds.hf is not None:
         local = resolve_hf_local(settings, ds.hf)
         return local if local is not None else Path(settings.data_root).resolve()
+    if ds.torchvision is not None:
+        check_torchvision_allowed(settings, ds.torchvision)
+        return Path(settings.data_root).resolve()  # the worker downloads it (models/hubdata.py)
     return resolve_dataset_path(settings, ds.path or "")
+
+
+def check_torchvision_allowed(settings: Settings, name: str) -> None:
+    """`dataset.torchvision` downloads (FakeData excepted): refused up front with
+    `hub_datasets_disabled` on a server without internet (SPKD_HUB_DATASETS=false)."""
+    if name != "FakeData" and not settings.hub_datasets:
+        msg = (
+            f"dataset.torchvision {name!r} is downloaded by the worker, and this server does not "
+            "download datasets (SPKD_HUB_DATASETS=false); upload it as a zip or name a folder instead"
+        )
+        raise SpkdError("hub_datasets_disabled", msg, "dataset.torchvision")
 
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")

@@ -117,3 +117,82 @@ def materialise(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+# ------------------------------------------------------------------ torchvision's datasets
+# Sizes of the generated FakeData splits (no download): enough for a real, tiny job.
+FAKEDATA_SIZES = {"train": 48, "test": 24}
+FAKEDATA_CLASSES = 2
+
+
+def _torchvision_splits(name: str, root: Path, split: str | None) -> dict[str, Any]:
+    """{split: torchvision dataset} for `torchvision.datasets.<name>`, downloading into `root`.
+
+    torchvision's classes name their splits two ways: `train=True/False` (CIFAR, MNIST...) or
+    `split="train"|"val"|"test"` (Flowers102, DTD...); both are tried from the signature."""
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name)
+    if name == "FakeData":
+        return {
+            s: cls(size=n, image_size=(3, 32, 32), num_classes=FAKEDATA_CLASSES, random_offset=i * 10_000)
+            for i, (s, n) in enumerate(FAKEDATA_SIZES.items())
+            if split in (None, s)
+        }
+    params = inspect.signature(cls).parameters
+    wanted = [split] if split else ["train", "val", "test"]
+    parts: dict[str, Any] = {}
+    for s in wanted:
+        try:
+            if "train" in params:
+                if s not in ("train", "test"):
+                    continue
+                parts[s] = cls(str(root), train=s == "train", download=True)
+            else:
+                parts[s] = cls(str(root), split=s, download=True)
+        except ValueError:  # a split this dataset does not have ("val" of CIFAR-style sets)
+            if split:
+                raise SpkdError(
+                    "dataset_split_not_found", f"torchvision {name} has no split {s!r}", "dataset.split"
+                ) from None
+    return parts
+
+
+def _torchvision_classes(ds: Any) -> list[str]:
+    names = getattr(ds, "classes", None)
+    if names:
+        return [str(c) for c in names]
+    count = getattr(ds, "num_classes", None) or len({int(ds[i][1]) for i in range(len(ds))})
+    return [str(i) for i in range(count)]
+
+
+def materialise_torchvision(name: str, home: Path, split: str | None = None) -> Path:
+    """The ImageFolder of `torchvision.datasets.<name>` under `home/spkd-imagefolders`, built on
+    first use under a lock (downloads go to `home/spkd-downloads/<name>`). One folder per split
+    (train/, val/, test/) and per class name (the dataset's `classes`, else the label numbers)."""
+    cache_dir = home / "spkd-imagefolders"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dest = cache_dir / cache_key(f"torchvision:{name}", None, split, "", "")
+    with (cache_dir / f"{dest.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / DONE).is_file():
+            return dest
+        parts = _torchvision_splits(name, home / "spkd-downloads" / name, split)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
+        try:
+            for part, ds in parts.items():
+                names = _torchvision_classes(ds)
+                folder = tmp / ("train" if split else part)
+                for cls_name in names:
+                    (folder / _safe(cls_name)).mkdir(parents=True, exist_ok=True)
+                for i in range(len(ds)):
+                    img, label = ds[i]
+                    img.convert("RGB").save(folder / _safe(names[int(label)]) / f"{i:07d}.png")
+            (tmp / DONE).write_text(json.dumps({"source": f"torchvision:{name}", "split": split}))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -80,6 +80,32 @@ class StudentSpec(_Strict):
     weights: Weights = Field(default="hub", examples=["package"])
 
 
+# torchvision's image-classification datasets that download themselves (torchvision.datasets), and
+# FakeData (generated, no download). A fixed list: the API validates names without importing torch.
+TORCHVISION_DATASETS = (
+    "CIFAR10",
+    "CIFAR100",
+    "Caltech101",
+    "Country211",
+    "DTD",
+    "EuroSAT",
+    "FGVCAircraft",
+    "FakeData",
+    "FashionMNIST",
+    "Flowers102",
+    "Food101",
+    "GTSRB",
+    "KMNIST",
+    "MNIST",
+    "OxfordIIITPet",
+    "PCAM",
+    "RenderedSST2",
+    "STL10",
+    "SVHN",
+    "StanfordCars",
+)
+
+
 class DatasetSpec(_Strict):
     """Exactly one of `id` (an uploaded dataset), `path` (a folder under the server's data root) or
     `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)."""
@@ -87,6 +113,12 @@ class DatasetSpec(_Strict):
     id: str | None = Field(default=None, pattern=r"^ds_[A-Za-z0-9_-]{1,64}$")
     path: str | None = None
     hf: str | None = Field(default=None, min_length=1, max_length=300, examples=["beans"])
+    torchvision: str | None = Field(
+        default=None,
+        description="a torchvision classification dataset class that downloads, e.g. CIFAR10, Flowers102 "
+        "(one of models.spec.TORCHVISION_DATASETS); `split` picks one split",
+        examples=["CIFAR10"],
+    )
     split: str | None = Field(
         default=None, max_length=100, description="hf: train on this split only (default: all splits)"
     )
@@ -104,8 +136,13 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if sum(x is not None for x in (self.id, self.path, self.hf)) != 1:
-            raise ValueError("dataset needs exactly one of 'id', 'path' or 'hf'")
+        if sum(x is not None for x in (self.id, self.path, self.hf, self.torchvision)) != 1:
+            raise ValueError("dataset needs exactly one of 'id', 'path', 'hf' or 'torchvision'")
+        if self.torchvision is not None and self.torchvision not in TORCHVISION_DATASETS:
+            raise ValueError(
+                f"dataset.torchvision {self.torchvision!r} is not one of the classification datasets spkd "
+                f"can download: {', '.join(TORCHVISION_DATASETS)}"
+            )
         return self
 
 

@@ -211,6 +211,15 @@ def hub_imagefolder(ds: Any, settings: Settings) -> Path:
     )
 
 
+def torchvision_imagefolder(ds: Any) -> Path:
+    """`dataset.torchvision` -> its ImageFolder (models/hubdata.py) under $TORCH_HOME/spkd-imagefolders;
+    the archives torchvision downloads stay under $TORCH_HOME/spkd-downloads (a volume)."""
+    from models import hubdata
+
+    home = Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")
+    return hubdata.materialise_torchvision(ds.torchvision, home, ds.split)
+
+
 def _storage_full_error(r: redis.Redis, keys: store.Keys, job_id: str, exc: OSError) -> dict[str, Any]:
     """The `storage_full` error of a job: which stage, which file (its name only: server folders
     stay private), and what to do."""
@@ -261,6 +270,8 @@ def _validate_and_run(
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
     if spec.dataset.hf is not None:  # a named dataset: its ImageFolder, built once per host
         data_dir = hub_imagefolder(spec.dataset, settings)
+    elif spec.dataset.torchvision is not None:
+        data_dir = torchvision_imagefolder(spec.dataset)
     from models.pipeline import validate_job  # torch: only in the job's process
     from models.tracking import run_tracked
 

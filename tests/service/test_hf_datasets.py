@@ -41,7 +41,8 @@ def save_small_dataset(dest: Path, per_class: int = 4) -> Path:
 
 @pytest.fixture(scope="module")
 def worker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {"HF_HOME": str(tmp_path_factory.mktemp("hf_home"))}
+    home = tmp_path_factory.mktemp("home")
+    return {"HF_HOME": str(home / "hf"), "TORCH_HOME": str(home / "torch")}
 
 
 def test_materialise_gives_the_scanner_an_imagefolder(tmp_path: Path) -> None:
@@ -98,3 +99,44 @@ def test_hf_paths_follow_the_data_root_rules(client) -> None:
         assert err["code"] == "dataset_path_not_allowed" and err["field"] == "dataset.hf", err
     both = client.post("/v1/jobs", json=tiny_spec({"hf": "beans", "path": "x"}))
     assert both.status_code == 422
+
+
+# ------------------------------------------------------------------ dataset.torchvision
+# FakeData is torchvision's generated dataset (no download): the same code path as CIFAR10 & co.
+
+
+def test_torchvision_dataset_becomes_an_imagefolder(tmp_path: Path) -> None:
+    folder = hubdata.materialise_torchvision("FakeData", tmp_path)
+    found = scan.scan_tree(folder)
+    n = hubdata.FAKEDATA_SIZES
+    assert found.classes == ["0", "1"] and sorted(found.folders) == ["test", "train"]
+    assert sum(found.counts()["train"].values()) == n["train"]
+    assert sum(found.counts()["test"].values()) == n["test"]
+    assert hubdata.materialise_torchvision("FakeData", tmp_path) == folder  # built once
+    only = hubdata.materialise_torchvision("FakeData", tmp_path, split="test")
+    assert only != folder and sorted(scan.scan_tree(only).folders) == ["train"]
+
+
+def test_job_on_a_torchvision_dataset_trains(service: Service) -> None:
+    with service.client() as c:
+        resp = c.post("/v1/jobs", json=tiny_spec({"torchvision": "FakeData"}))
+        assert resp.status_code == 201, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job["error"], service.logs())
+        assert c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()["class_names"] == ["0", "1"]
+        assert job["metrics"]["dataset"]["roles"]["report"] == "test/"  # its own test split is reported
+
+
+def test_torchvision_names_are_checked_and_downloads_refused_offline(offline_client: TestClient) -> None:
+    unknown = offline_client.post("/v1/jobs", json=tiny_spec({"torchvision": "NotADataset"}))
+    assert unknown.status_code == 422 and "CIFAR10" in unknown.json()["error"]["message"], unknown.text
+    cifar = offline_client.post("/v1/jobs", json=tiny_spec({"torchvision": "CIFAR10"}))
+    assert cifar.status_code == 422, cifar.text
+    err = cifar.json()["error"]
+    assert err["code"] == "hub_datasets_disabled" and err["field"] == "dataset.torchvision"
+    fake = offline_client.post("/v1/jobs", json=tiny_spec({"torchvision": "FakeData"}))
+    assert fake.status_code == 201, fake.text  # generated, nothing to download
