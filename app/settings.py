@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     hub_weights: bool = Field(default=True, description="False on hosts without internet: no 'hub' weights")
     hub_datasets: bool = Field(
         default=True,
-        description="False on hosts without internet: dataset.hf only for saved folders, no dataset.torchvision",
+        description="False on hosts without internet: dataset.hf only for saved folders, "
+        "no dataset.torchvision",
     )
     idempotency_ttl_s: int = 24 * 3600
     auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
