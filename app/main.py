@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import catalog, datasets, jsonsafe, references, storage, store, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
-from app.metrics import Metrics, MetricsMiddleware, StoreSnapshot
+from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
 from app.queue import enqueue, make_celery, queue_depth, revoke
 from app.schemas import (
     ArtifactList,
@@ -790,6 +790,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs_by_status=store.count_by_status(r, keys),
             queue_depth=queue_depth(r, settings),
             live_workers=len(store.live_workers(r, keys, settings.heartbeat_ttl_s)),
+            histograms={h[1]: store.read_histogram(r, keys, h[1]) for h in HISTOGRAMS},
         )
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

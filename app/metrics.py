@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from app import store
@@ -32,6 +32,34 @@ class StoreSnapshot:
     jobs_by_status: dict[str, int] = field(default_factory=dict)
     queue_depth: int = 0  # messages waiting in the Celery queue (not yet taken by a worker)
     live_workers: int = 0
+    # name -> label -> {"<bound>"|"+Inf"|"sum": value}: store.observe_finished_job's histograms
+    histograms: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+# (metric name, store name, label name or None, help, bucket bounds)
+HISTOGRAMS = (
+    (
+        "spkd_job_duration_seconds",
+        "job_duration_seconds",
+        "status",
+        "run time of finished jobs",
+        store.DURATION_BUCKETS,
+    ),
+    (
+        "spkd_stage_duration_seconds",
+        "stage_duration_seconds",
+        "stage",
+        "seconds per stage of finished jobs",
+        store.DURATION_BUCKETS,
+    ),
+    (
+        "spkd_job_gpu_memory_peak_bytes",
+        "job_gpu_memory_peak_bytes",
+        None,
+        "GPU memory peak per finished job",
+        store.MEMORY_BUCKETS,
+    ),
+)
 
 
 class Metrics:
@@ -80,6 +108,20 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "spkd_workers_live", "workers whose heartbeat is fresh", value=snap.live_workers
         )
+        for name, stored, label, doc, bounds in HISTOGRAMS:
+            yield _histogram(name, doc, label, bounds, snap.histograms.get(stored, {}))
+
+
+def _histogram(
+    name: str, doc: str, label: str | None, bounds: tuple[float, ...], series: dict[str, dict[str, float]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=[label] if label else [])
+    for value, counts in sorted(series.items()):
+        buckets = [(f"{b:g}", counts.get(f"{b:g}", 0.0)) for b in bounds] + [
+            ("+Inf", counts.get("+Inf", 0.0))
+        ]
+        family.add_metric([value] if label else [], buckets, counts.get("sum", 0.0))
+    return family
 
 
 class MetricsMiddleware:

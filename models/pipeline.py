@@ -950,8 +950,15 @@ def build_metrics(run: Run) -> dict[str, Any]:
         "timing": run.state.timing,
         "spec": run.spec.model_dump(mode="json"),
         "device": _device_name(run.runtime),
+        "gpu_memory_peak_bytes": _gpu_memory_peak(run.runtime),
         "image_size": run.image_size,
     }
+
+
+def _gpu_memory_peak(runtime: Runtime) -> int | None:
+    """Most bytes the job's tensors held on its GPU at once (torch's allocator), None on a CPU. The
+    job process runs one job and exits, so the process-wide peak is this job's."""
+    return int(torch.cuda.max_memory_allocated(runtime.device)) if runtime.is_cuda else None
 
 
 def _device_name(runtime: Runtime) -> str:

@@ -89,7 +89,10 @@ def execute_job(
             fence=lease.fence,
         )
     try:
-        return _run_leased(r, keys, settings, job, lease, worker, device)
+        outcome = _run_leased(r, keys, settings, job, lease, worker, device)
+        if outcome in store.FINAL:  # this attempt ended the job: count it in the ops histograms
+            _observe(r, keys, job_id)
+        return outcome
     except Fenced as e:
         # Another attempt owns the job now: its state is not ours to touch, not even to fail it.
         log.warning("job %s: fenced off (%s); stopping without further writes", job_id, e)
@@ -218,6 +221,13 @@ def torchvision_imagefolder(ds: Any) -> Path:
 
     home = Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")
     return hubdata.materialise_torchvision(ds.torchvision, home, ds.split)
+
+
+def _observe(r: redis.Redis, keys: store.Keys, job_id: str) -> None:
+    try:
+        store.observe_finished_job(r, keys, job_id)
+    except redis.RedisError as e:  # metrics only: never change how the job ended
+        log.warning("job %s: run-time metrics not recorded: %s", job_id, e)
 
 
 def _storage_full_error(r: redis.Redis, keys: store.Keys, job_id: str, exc: OSError) -> dict[str, Any]:

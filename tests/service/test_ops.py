@@ -16,7 +16,7 @@ from app.queue import make_celery
 from app.settings import Settings
 from cli import procs
 
-from ..helpers import KEY_A, ROOT, SPKD, make_settings, settings_env
+from ..helpers import KEY_A, ROOT, SPKD, make_settings, settings_env, small_imagefolder, tiny_spec
 
 
 def spec() -> dict:
@@ -122,3 +122,24 @@ def test_request_counts_add_up_across_api_processes(tmp_path: Path, redis_url: s
         assert counts == [n] * len(counts), f"each scrape saw one process's share: {counts}"
     finally:
         group.stop()
+
+
+def test_finished_jobs_fill_the_duration_histograms(service) -> None:
+    """A real worker runs a tiny job; /metrics then has its run time by status and each stage's
+    seconds (from metrics.json), and no GPU memory sample on a CPU worker."""
+    small_imagefolder(Path(service.settings.data_root) / "ops-hym", per_class=4)
+    with service.client() as c:
+        job_id = c.post("/v1/jobs", json=tiny_spec({"path": "ops-hym"})).json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job["error"], service.logs())
+        assert job["metrics"]["gpu_memory_peak_bytes"] is None  # a CPU worker
+        text = c.get("/metrics").text
+    assert 'spkd_job_duration_seconds_count{status="succeeded"} 1.0' in text
+    assert 'spkd_job_duration_seconds_bucket{le="+Inf",status="succeeded"} 1.0' in text
+    for stage in job["metrics"]["timing"]:
+        assert f'spkd_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text, stage
+    assert "# TYPE spkd_job_gpu_memory_peak_bytes histogram" in text
+    assert "spkd_job_gpu_memory_peak_bytes_count" not in text  # nothing observed on a CPU
