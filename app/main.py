@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import redis
@@ -22,6 +24,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, R
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 
 from app import catalog, datasets, jsonsafe, references, storage, store, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
@@ -509,9 +512,20 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
     responses={**_errors(404), 200: {"content": {"application/octet-stream": {}}}},
     summary="Download an artifact (streamed)",
 )
-def download_artifact(request: Request, owner: Owner, job_id: str, name: str) -> FileResponse:
+def download_artifact(
+    request: Request,
+    owner: Owner,
+    job_id: str,
+    name: str,
+    format: Annotated[
+        Literal["zip"] | None,
+        Query(description="zip: a model folder (student, teacher, baseline, distilled) as one archive"),
+    ] = None,
+) -> FileResponse:
     r, keys, settings = _ctx(request)
     _own_job(request, owner, job_id)
+    if format == "zip":
+        return _folder_zip(r, keys, settings, job_id, name)
     # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
     meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     path = Path(settings.artifact_root).resolve() / job_id / name
@@ -522,6 +536,26 @@ def download_artifact(request: Request, owner: Owner, job_id: str, name: str) ->
         filename=Path(name).name,
         media_type="application/octet-stream",
         headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
+    )
+
+
+def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:
+    """The registered artifacts under `name/` as one zip (`name/...` inside), built in a temporary
+    file that is removed once sent. 404 when no registered artifact is under that folder."""
+    prefix = name.rstrip("/") + "/"
+    root = Path(settings.artifact_root).resolve() / job_id
+    members = [a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix)]
+    if not ARTIFACT_NAME.fullmatch(name.rstrip("/")) or not members:
+        raise not_found("artifact", name)
+    tmp = tempfile.NamedTemporaryFile(prefix=".spkd-zip-", suffix=".zip", delete=False)  # noqa: SIM115
+    with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:  # weights do not compress
+        for member in members:
+            zf.write(root / member, member)
+    return FileResponse(
+        tmp.name,
+        filename=f"{Path(prefix).name}.zip",
+        media_type="application/zip",
+        background=BackgroundTask(os.unlink, tmp.name),
     )
 
 

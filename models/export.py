@@ -115,3 +115,38 @@ def _disk_full(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# ------------------------------------------------------------------ timm's hub layout
+def save_hub_folder(model: torch.nn.Module, folder: Path, class_names: list[str], cfg: DataConfig) -> None:
+    """Write `folder/` in timm's own hub layout with timm's `save_for_hf`: `config.json`
+    (architecture, num_classes, label_names, and the pretrained_cfg used in training: input size,
+    mean, std, interpolation, crop) and `model.safetensors`. `timm.create_model("local-dir:<folder>",
+    pretrained=True)` rebuilds the model, and the folder can be pushed to the Hugging Face hub as it is
+    (add the README.md model card with `write_model_card`)."""
+    from timm.models import save_for_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data_config = {
+        "input_size": tuple(cfg.input_size),
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "interpolation": cfg.interpolation,
+        "crop_pct": cfg.crop_pct,
+        "crop_mode": cfg.crop_mode,
+    }
+    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+    save_for_hf(
+        model,
+        str(folder),
+        model_config={"label_names": list(class_names)},
+        safe_serialization=True,
+        data_config=data_config,
+    )
+
+
+def write_model_card(folder: Path, title: str, lines: list[str]) -> None:
+    """README.md of a hub folder: a front matter the hub reads, then the given Markdown lines."""
+    front = ["---", "library_name: timm", "license: other", "tags: [image-classification, timm, spkd]", "---"]
+    text = "\n".join([*front, "", f"# {title}", "", *lines, ""])
+    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(text))

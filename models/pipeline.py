@@ -904,11 +904,75 @@ def _export(run: Run) -> None:
             val_acc=results.get("teacher", {}).get("val_acc"),
         ),
     )
+    folders = _hub_folders(run, out, shipped, teacher)
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
     metrics = build_metrics(run)
     export.write_json(out / "metrics.json", metrics)
+    for folder, (title, role) in folders.items():
+        export.write_model_card(folder, title, _card_lines(run, role, metrics))
     write_report(out)  # report.html + curves.png from metrics.json
     _publish(run, out)
+
+
+def _hub_folders(run: Run, out: Path, shipped: str, teacher: torch.nn.Module) -> dict[Path, tuple[str, str]]:
+    """Each model in timm's hub layout: `student/` (the one that ships), the other student under its
+    own name (`baseline/` or `distilled/`), `teacher/`. Returns {folder: (card title, role)}."""
+    spec, results = run.spec, run.state.results
+    folders: dict[Path, tuple[str, str]] = {}
+    for which in ("distilled", "baseline"):
+        if which in results:
+            folder = out / ("student" if which == shipped else which)
+            export.save_hub_folder(_student(run, which), folder, run.scan.classes, run.student_cfg)
+            folders[folder] = (f"{spec.student.model} ({which} student, spkd)", which)
+    export.save_hub_folder(teacher, out / "teacher", run.scan.classes, run.teacher_cfg)
+    folders[out / "teacher"] = (f"{spec.teacher.model} (fine-tuned teacher, spkd)", "teacher")
+    return folders
+
+
+def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
+    """The model card's body: what it is, on what data, its accuracy (with the gain's interval)."""
+    spec, results = run.spec, run.state.results
+    how = {
+        "distilled": f"fine-tuned with cross-entropy plus Similarity-Preserving KD (Tung & Mori, ICCV 2019) "
+        f"from the fine-tuned teacher `{spec.teacher.model}`",
+        "baseline": "fine-tuned alone (cross-entropy), the comparison run of a distillation job",
+        "teacher": "the teacher, fine-tuned on this data",
+    }[role]
+    sizes = metrics["protocol"]["sizes"]
+    acc = (results.get(role) or {}).get("val_acc")
+    lines = [
+        f"`{spec.teacher.model if role == 'teacher' else spec.student.model}`, {how}.",
+        "",
+        f"- Classes ({len(run.scan.classes)}): {', '.join(run.scan.classes)}",
+        f"- Data: {sizes['train']} training, {sizes['selection']} selection and {sizes['report']} report "
+        f"images (report split: {metrics['protocol']['report']})",
+        f"- Accuracy on the report split: {'n/a' if acc is None else f'{100 * acc:.2f} %'}",
+    ]
+    cmp = metrics.get("comparison")
+    if cmp and role != "teacher":
+        low, high = cmp["ci95_points"]
+        lines.append(
+            f"- Distilled minus fine-tuned alone: {cmp['gain_points']:+.2f} points "
+            f"(95 % CI {low:+.2f} to {high:+.2f}; McNemar p = {cmp['mcnemar']['p_value']:.3g}): "
+            f"{cmp['verdict']}"
+        )
+    lines += [
+        f"- Shipped student: {metrics['shipped']} ({metrics['shipped_reason']})",
+        "",
+        "```python",
+        "import timm",
+        "",
+        'model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder',
+        'labels = model.pretrained_cfg["label_names"]',
+        "```",
+        "",
+        "The job spec:",
+        "",
+        "```json",
+        json.dumps(spec.model_dump(mode="json"), indent=2),
+        "```",
+    ]
+    return lines
 
 
 def _publish(run: Run, staged: Path) -> None:
@@ -918,10 +982,13 @@ def _publish(run: Run, staged: Path) -> None:
     check and these renames (a few microseconds of work) would still rename its files on thaw.
     What remains true then: the files are complete (renames of fsynced files), and the stale run
     is refused at its next store write, so it registers nothing and never ends the job."""
-    files = sorted(p for p in staged.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in staged.iterdir() if not p.name.startswith("."))
     run.guard()
-    for p in files:
-        os.replace(p, run.out_dir / p.name)
+    for p in entries:
+        dest = run.out_dir / p.name
+        if p.is_dir() and dest.is_dir():  # an earlier export of this job (a resumed run)
+            shutil.rmtree(dest)
+        os.replace(p, dest)
 
 
 def build_metrics(run: Run) -> dict[str, Any]:

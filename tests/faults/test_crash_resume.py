@@ -56,7 +56,9 @@ def _assert_complete(c, job_id: str, evs: list[dict]) -> None:
     assert job["status"] == "succeeded", job
     assert [len(job["metrics"]["curves"][s]) for s in ("teacher_finetune", "distill")] == [EPOCHS] * 2
     arts = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
-    assert {n for n in arts if not n.startswith("tensorboard/")} == ARTIFACTS
+    assert {n for n in arts if "/" not in n} == ARTIFACTS
+    for folder in ("student", "teacher"):  # timm's hub layout of each model
+        assert {f"{folder}/config.json", f"{folder}/model.safetensors", f"{folder}/README.md"} <= set(arts)
     for stage in ("teacher_finetune", "distill"):  # the TensorBoard event files of each stage
         assert any(n.startswith(f"tensorboard/{stage}/") for n in arts), sorted(arts)
     for name, meta in arts.items():

@@ -155,6 +155,7 @@ def _stage_files(snippet: str, cwd: Path, out: Path, photo: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("student.json", "student.safetensors"):
             shutil.copy(out / name, folder / name)
+    shutil.copytree(out / "student", cwd / "student", dirs_exist_ok=True)  # timm's hub layout
     for lit in literals:
         if lit.lower().endswith(IMAGE_SUFFIXES):
             (cwd / lit).parent.mkdir(parents=True, exist_ok=True)
@@ -232,3 +233,32 @@ def test_hymenoptera_validates_with_package_weights():
     # SOURCE.md beside train/ and val/ is listed as skipped (models/scan.py), nothing else warns
     skipped = "1 file(s) in the dataset were skipped: see the dataset report"
     assert validate_job(spec, HYMENOPTERA) == [skipped]
+
+
+def test_every_model_is_a_timm_hub_folder(vit_run):
+    """student/ (shipped), the other student, teacher/: timm's own layout, loaded by timm alone
+    with identical outputs to the exported weights, label names and training preprocessing in it."""
+    out, metrics, _, spec = vit_run
+    shipped = metrics["shipped"]
+    other = "baseline" if shipped == "distilled" else "distilled"
+    for folder, model_name, weights in (
+        ("student", spec.student.model, "student.safetensors"),
+        (other, spec.student.model, f"{other}.safetensors"),
+        ("teacher", spec.teacher.model, "teacher.safetensors"),
+    ):
+        root = out / folder
+        cfg = json.loads((root / "config.json").read_text())
+        assert cfg["architecture"] == model_name and cfg["label_names"] == ["blue", "red"]
+        card = json.loads((out / weights.replace(".safetensors", ".json")).read_text())
+        pre = cfg["pretrained_cfg"]
+        assert pre["input_size"] == card["input_size"] and pre["mean"] == card["mean"]
+        assert pre["interpolation"] == card["interpolation"] and pre["crop_pct"] == card["crop_pct"]
+        readme = (root / "README.md").read_text()
+        assert readme.startswith("---\nlibrary_name: timm") and model_name in readme
+        hub = timm.create_model(f"local-dir:{root}", pretrained=True).eval()
+        flat = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
+        flat.load_state_dict(load_file(str(out / weights)))
+        x = torch.randn(2, *card["input_size"])
+        with torch.inference_mode():
+            assert torch.equal(hub(x), flat.eval()(x)), folder
+    assert "95 % CI" in (out / "student" / "README.md").read_text()  # the gain's interval

@@ -16,7 +16,7 @@ from app.queue import make_celery
 from app.settings import Settings
 from cli import procs
 
-from ..helpers import KEY_A, ROOT, SPKD, make_settings, settings_env, small_imagefolder, tiny_spec
+from ..helpers import KEY_A, KEY_B, ROOT, SPKD, make_settings, settings_env, small_imagefolder, tiny_spec
 
 
 def spec() -> dict:
@@ -143,3 +143,28 @@ def test_finished_jobs_fill_the_duration_histograms(service) -> None:
         assert f'spkd_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text, stage
     assert "# TYPE spkd_job_gpu_memory_peak_bytes histogram" in text
     assert "spkd_job_gpu_memory_peak_bytes_count" not in text  # nothing observed on a CPU
+
+
+def test_a_model_folder_downloads_as_one_zip(service) -> None:
+    import io
+    import zipfile
+
+    small_imagefolder(Path(service.settings.data_root) / "zip-hym", per_class=4)
+    with service.client() as c:
+        job_id = c.post("/v1/jobs", json=tiny_spec({"path": "zip-hym"})).json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", (job["error"], service.logs())
+        resp = c.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "zip"})
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
+            names = sorted(zf.namelist())
+            assert names == ["student/README.md", "student/config.json", "student/model.safetensors"]
+            for name in names:  # the same bytes as each file's own download
+                assert zf.read(name) == c.get(f"/v1/jobs/{job_id}/artifacts/{name}").content
+        assert c.get(f"/v1/jobs/{job_id}/artifacts/nothing", params={"format": "zip"}).status_code == 404
+        assert c.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "tar"}).status_code == 422
+    with service.client(key=KEY_B) as other:
+        assert other.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "zip"}).status_code == 404
