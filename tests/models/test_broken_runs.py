@@ -256,7 +256,8 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
     with torch.no_grad():
         for p in student.parameters():
             p.fill_(float("nan"))
-    export.save_weights(student, checkpoint.checkpoint_dir(out) / "student.safetensors")
+    # The distilled student's stage weights, as the distill stage leaves them for evaluate and export.
+    export.save_weights(student, checkpoint.checkpoint_dir(out) / "distilled.safetensors")
     before = (out / "student.safetensors").read_bytes()
     with pytest.raises(SpkdError) as err:
         run_job(spec, data, out, RecordingReporter())
