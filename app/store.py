@@ -366,6 +366,8 @@ def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
             pipe.zrem(keys.status(QUEUED), job_id)
             pipe.zadd(keys.status(CANCELLED), {job_id: t})
             _xadd(pipe, keys, job_id, "status", "cancelled before it started", {"status": CANCELLED})
+            # A final status like any other: its webhook event is queued in the same MULTI.
+            webhook_outbox.add_for_transition(r, pipe, keys.prefix, job_id, owner, CANCELLED, {})
         else:
             _xadd(
                 pipe,
