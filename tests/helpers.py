@@ -334,3 +334,12 @@ def epoch_ends(evs: list[dict]) -> list[tuple[str, int]]:
 
 def dump(evs: list[dict]) -> str:
     return "\n".join(f"{e['kind']}: {e['message']} {json.dumps(e['data'])[:160]}" for e in evs)
+
+
+def wait_job_over_http(c: httpx.Client, job_id: str, timeout: float, logs: Callable[[], str]) -> dict:
+    """Poll GET /v1/jobs/{id} until it succeeds or fails; the job (with a readable failure)."""
+    deadline = time.monotonic() + timeout
+    while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, logs()
+        time.sleep(0.5)
+    return job

@@ -6,7 +6,6 @@ downloads are not tested here (no internet)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from app import store
 from app.main import create_app
 from models import hubdata, scan
 
-from ..helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec
+from ..helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec, wait_job_over_http
 
 CLASSES = ["ants", "bees"]
 
@@ -65,10 +64,7 @@ def test_job_on_a_saved_hf_dataset_trains_with_its_class_names(service: Service)
         resp = c.post("/v1/jobs", json=tiny_spec({"hf": "hf/mini"}))
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 300
-        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, service.logs()
-            time.sleep(0.5)
+        job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
         cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()
         assert cfg["class_names"] == CLASSES
@@ -122,10 +118,7 @@ def test_job_on_a_torchvision_dataset_trains(service: Service) -> None:
         resp = c.post("/v1/jobs", json=tiny_spec({"torchvision": "FakeData"}))
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 300
-        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, service.logs()
-            time.sleep(0.5)
+        job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
         assert c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()["class_names"] == ["0", "1"]
         assert job["metrics"]["dataset"]["roles"]["report"] == "test/"  # its own test split is reported

@@ -16,7 +16,17 @@ from app.queue import make_celery
 from app.settings import Settings
 from cli import procs
 
-from ..helpers import KEY_A, KEY_B, ROOT, SPKD, make_settings, settings_env, small_imagefolder, tiny_spec
+from ..helpers import (
+    KEY_A,
+    KEY_B,
+    ROOT,
+    SPKD,
+    make_settings,
+    settings_env,
+    small_imagefolder,
+    tiny_spec,
+    wait_job_over_http,
+)
 
 
 def spec() -> dict:
@@ -130,10 +140,7 @@ def test_finished_jobs_fill_the_duration_histograms(service) -> None:
     small_imagefolder(Path(service.settings.data_root) / "ops-hym", per_class=4)
     with service.client() as c:
         job_id = c.post("/v1/jobs", json=tiny_spec({"path": "ops-hym"})).json()["id"]
-        deadline = time.monotonic() + 300
-        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, service.logs()
-            time.sleep(0.5)
+        job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
         assert job["metrics"]["gpu_memory_peak_bytes"] is None  # a CPU worker
         text = c.get("/metrics").text
@@ -152,10 +159,7 @@ def test_a_model_folder_downloads_as_one_zip(service) -> None:
     small_imagefolder(Path(service.settings.data_root) / "zip-hym", per_class=4)
     with service.client() as c:
         job_id = c.post("/v1/jobs", json=tiny_spec({"path": "zip-hym"})).json()["id"]
-        deadline = time.monotonic() + 300
-        while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline, service.logs()
-            time.sleep(0.5)
+        job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
         resp = c.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "zip"})
         assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
