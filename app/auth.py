@@ -15,8 +15,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
-from app.settings import Settings
-from app.store import Keys, owner_of
+from core.settings import Settings
+from core.store import Keys, owner_of
 
 OPEN_OWNER = "open"
 

@@ -28,9 +28,8 @@ from typing import Any, BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app import references
 from app.errors import ApiError
-from app.settings import Settings
+from core.settings import Settings
 from models import scan
 
 SKIP_NAMES = scan.IGNORED_NAMES
@@ -354,10 +353,3 @@ def dataset_record(ds_id: str, owner: str, name: str, res: Extracted, settings: 
         "rejected": res.rejected[: settings.max_rejected_listed],
         "rejected_total": len(res.rejected),
     }
-
-
-def datasets_dir(settings: Settings) -> Path:
-    """The uploads area (created on first use); app.references keeps raw paths out of it."""
-    d = references.uploads_dir(settings)
-    d.mkdir(parents=True, exist_ok=True)
-    return d

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core import storage
+
 log = logging.getLogger("spkd.api")
 
 # HTTP status -> default stable code, for errors raised by the framework itself.
@@ -110,6 +112,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _storage_full(exc: BaseException) -> bool:
-    from app.storage import storage_full  # app.storage imports this module through app.datasets
-
-    return storage_full(exc) is not None
+    return storage.storage_full(exc) is not None

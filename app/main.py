@@ -26,11 +26,10 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from app import catalog, datasets, jsonsafe, references, storage, store, validation, webhooks
+from app import catalog, datasets, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
-from app.queue import enqueue, make_celery, queue_depth, revoke
 from app.schemas import (
     ArtifactList,
     Dataset,
@@ -48,7 +47,9 @@ from app.schemas import (
     Status,
     WeightFile,
 )
-from app.settings import Settings, get_settings
+from core import jsonsafe, references, storage, store
+from core.queue import enqueue, make_celery, queue_depth, revoke
+from core.settings import Settings, get_settings
 from models.errors import SpkdError
 from models.spec import EXAMPLE_SPEC, JobSpec
 
@@ -147,7 +148,7 @@ def _check_models(spec: JobSpec, settings: Settings) -> None:
 def _check_references(
     r: redis.Redis, keys: store.Keys, spec: JobSpec, owner: str, settings: Settings
 ) -> None:
-    """Every file the spec names, decided by app.references (the worker decides again at run
+    """Every file the spec names, decided by core.references (the worker decides again at run
     time); a `job:` reference to one of the caller's still active jobs is accepted here."""
     try:
         references.resolve_spec(r, keys, settings, spec, owner, require_finished=False)
@@ -606,7 +607,7 @@ async def upload_dataset(
     name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Dataset:
     r, keys, settings = _ctx(request)
-    root = datasets.datasets_dir(settings)
+    root = references.datasets_dir(settings)
     ds_id = store.new_id("ds")
     try:
         with tempfile.TemporaryDirectory(prefix=".upload-", dir=root) as tmp:

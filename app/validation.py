@@ -25,9 +25,10 @@ from typing import Any
 
 import redis
 
-from app import datasets, storage, store
+from app import datasets
 from app.errors import ApiError
-from app.settings import Settings
+from core import references, storage, store
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ VALIDATING, READY, FAILED = "validating", "ready", "failed"
 def pending_zip(settings: Settings, ds_id: str) -> Path:
     """Where a large upload's zip waits for its validation (inside the uploads area, so on the same
     filesystem as the extracted folder; the scanner never sees it: names starting '.' are skipped)."""
-    return datasets.datasets_dir(settings) / f".pending-{ds_id}.zip"
+    return references.datasets_dir(settings) / f".pending-{ds_id}.zip"
 
 
 def validating_record(
@@ -135,7 +136,7 @@ class Validator:
         """A zip stored without a record (the API died between the two; a crash mid-DELETE):
         removed once untouched for SPKD_ORPHAN_GRACE_S."""
         cutoff = time.time() - self.settings.orphan_grace_s
-        for p in datasets.datasets_dir(self.settings).glob(".pending-*.zip"):
+        for p in references.datasets_dir(self.settings).glob(".pending-*.zip"):
             ds_id = p.name[len(".pending-") : -len(".zip")]
             try:
                 if p.stat().st_mtime < cutoff and not self.r.exists(self.keys.dataset(ds_id)):
@@ -171,7 +172,7 @@ class Validator:
             if record is None:
                 return
             zip_path = pending_zip(self.settings, ds_id)
-            dest = datasets.datasets_dir(self.settings) / ds_id
+            dest = references.datasets_dir(self.settings) / ds_id
             try:
                 res = datasets.extract_dataset(zip_path, dest, self.settings)
             except ApiError as e:
@@ -208,7 +209,7 @@ class Validator:
         self._forget(ds_id)
         pending_zip(self.settings, ds_id).unlink(missing_ok=True)
         if not kept:
-            shutil.rmtree(datasets.datasets_dir(self.settings) / ds_id, ignore_errors=True)
+            shutil.rmtree(references.datasets_dir(self.settings) / ds_id, ignore_errors=True)
 
     def _forget(self, ds_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -1,6 +1,6 @@
 """Webhook routes: register, list, describe and delete a key's webhooks, and read a webhook's
 delivery log. Nothing is sent from here: job events reach the outbox in the job store's own
-transactions (app/webhook_outbox.py) and the workers' sender delivers them (workers/webhooks.py).
+transactions (core/webhook_outbox.py) and the workers' sender delivers them (workers/webhooks.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import webhook_security, webhook_store
 from app.auth import request_owner
 from app.errors import ApiError, not_found
 from app.schemas import ErrorResponse
-from app.settings import Settings
-from app.webhook_outbox import DEFAULT_EVENTS
+from core import webhook_security, webhook_store
+from core.settings import Settings
+from core.webhook_outbox import DEFAULT_EVENTS
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_finished"]
 Owner = Annotated[str, Depends(request_owner)]

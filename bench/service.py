@@ -35,7 +35,7 @@ def sandbox(name: str, redis_url: str) -> Iterator[tuple[Path, str]]:
     finally:
         import redis
 
-        from app import store
+        from core import store
 
         store.delete_prefix(redis.Redis.from_url(redis_url), prefix)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -75,7 +75,7 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
 
 
 def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) -> int:
-    from app.settings import Settings
+    from core.settings import Settings
     from models.callbacks import StopRequested
     from models.errors import SpkdError
     from models.tracking import run_tracked

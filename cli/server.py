@@ -20,7 +20,7 @@ def serve(
     """Start the REST API (FastAPI + uvicorn). Refuses to start without API keys unless
     SPKD_ALLOW_OPEN=true and the host is loopback."""
     from app.auth import check_can_serve
-    from app.settings import get_settings
+    from core.settings import get_settings
 
     check_can_serve(get_settings(), host)
     if workers > 1:

@@ -20,8 +20,8 @@ sys.exit(0 if urllib.request.urlopen(url, timeout=4).status == 200 else 1)'
     worker)
       exec python3 -c '
 import socket, sys
-from app import store
-from app.settings import get_settings
+from core import store
+from core.settings import get_settings
 s = get_settings()
 live = store.live_workers(store.connect(s.redis_url), store.Keys(s.redis_prefix), s.heartbeat_ttl_s)
 sys.exit(0 if any(w.get("host") == socket.gethostname() for w in live) else 1)'

@@ -413,7 +413,7 @@ def run_tracked(
     """`models.pipeline.run_job` with TensorBoard files in `<out_dir>/tensorboard/` and, when
     configured, an MLflow run; kwargs go to run_job.
 
-    `settings` (app.settings.Settings, read by attribute so the engine does not import the
+    `settings` (core.settings.Settings, read by attribute so the engine does not import the
     service) gives `mlflow_tracking_uri` and `mlflow_experiment`. Returns run_job's metrics; its
     exceptions (SpkdError, StopRequested, ...) pass through after the trackers are closed with
     the outcome (FAILED, KILLED).

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from app import store
-from app.settings import Settings
 from cli import procs
+from core import store
+from core.settings import Settings
 
 from .helpers import KEY_A, REDIS_URL, ROOT, SPKD, Service, make_settings, settings_env
 

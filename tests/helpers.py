@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import redis
 
-from app import store
-from app.settings import Settings
 from cli import procs
+from core import store
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"

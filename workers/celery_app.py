@@ -1,4 +1,4 @@
-"""The Celery app the workers run: the shared config (app.queue) plus worker-side settings.
+"""The Celery app the workers run: the shared config (core.queue) plus worker-side settings.
 
 One worker process per GPU, concurrency 1, prefork pool: the parent never touches CUDA; each job
 runs in a child that owns its CUDA context and is replaced after every job
@@ -10,8 +10,8 @@ from __future__ import annotations
 from billiard.process import current_process
 from celery.signals import worker_process_init
 
-from app.queue import make_celery
-from app.settings import get_settings
+from core.queue import make_celery
+from core.settings import get_settings
 
 settings = get_settings()
 celery = make_celery(settings)

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from app import store, webhook_outbox
+from core import store, webhook_outbox
 from models.callbacks import Fenced, Progress
 
 log = logging.getLogger("spkd.worker")

@@ -16,8 +16,8 @@ from typing import Any
 
 import redis
 
-from app import references, storage, store
-from app.settings import Settings
+from core import references, storage, store
+from core.settings import Settings
 from models.callbacks import Fenced, StopRequested
 from models.errors import SpkdError
 from models.spec import JobSpec

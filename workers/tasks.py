@@ -12,8 +12,8 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from app import storage, store
-from app.queue import TASK_NAME, enqueue
+from core import storage, store
+from core.queue import TASK_NAME, enqueue
 from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
 from workers.runner import execute_job
@@ -75,7 +75,7 @@ _heartbeat: Heartbeat | None = None
 
 
 class Sweeper(threading.Thread):
-    """At worker start and every SPKD_SWEEP_INTERVAL_S: remove leftovers (app.storage.sweep) and
+    """At worker start and every SPKD_SWEEP_INTERVAL_S: remove leftovers (core.storage.sweep) and
     apply retention (SPKD_JOB_TTL_DAYS, SPKD_DATASET_TTL_DAYS). Its own thread, so deleting many
     files never delays the heartbeat."""
 

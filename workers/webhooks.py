@@ -5,7 +5,7 @@ Each round it
 1. takes over outbox entries another sender read but never finished (XAUTOCLAIM after
    SPKD_WEBHOOK_CLAIM_IDLE_S: that sender died), then reads new ones through the consumer group
    (XREADGROUP: each entry goes to one sender), and fans each out into one delivery per subscribed
-   webhook of the job's owner (app.webhook_store.fan_out, atomic with the XACK);
+   webhook of the job's owner (core.webhook_store.fan_out, atomic with the XACK);
 2. claims the deliveries that are due (a claim expires, so a sender that dies mid-attempt leaves
    them to the others) and posts them, a few at a time, with a short timeout and no redirects;
    a failure is retried after SPKD_WEBHOOK_BACKOFF_S x 3^(n-1) (+0-10% jitter, or the receiver's
@@ -27,9 +27,9 @@ from typing import Any
 import httpx
 import redis
 
-from app import store, webhook_security, webhook_store
-from app.settings import Settings
-from app.webhook_outbox import outbox_key
+from core import store, webhook_security, webhook_store
+from core.settings import Settings
+from core.webhook_outbox import outbox_key
 
 log = logging.getLogger("spkd.webhooks")
 

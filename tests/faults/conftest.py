@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app import store
+from core import store
 
 from ..helpers import PrivateRedis, Stack, make_stack
 

@@ -13,9 +13,9 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import store
 from app.auth import AuthLimiter
-from app.settings import Settings
+from core import store
+from core.settings import Settings
 from workers.runner import collect_artifacts
 
 from ..helpers import KEY_A, KEY_B, tiny_spec

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app import store
+from core import store
 
 from ..helpers import (
     KEY_A,

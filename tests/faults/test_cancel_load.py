@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import store
+from core import store
 
 from ..helpers import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.queue import enqueue, make_celery
+from core import store
+from core.queue import enqueue, make_celery
 
 from ..helpers import Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_event, wait_final
 

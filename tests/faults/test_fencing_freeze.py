@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.queue import enqueue, make_celery
+from core import store
+from core.queue import enqueue, make_celery
 
 from ..helpers import Stack, children_of, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 

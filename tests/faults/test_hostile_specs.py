@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import store
-from app.settings import Settings
+from core import store
+from core.settings import Settings
 from workers.runner import execute_job
 
 from ..helpers import dump, events, small_imagefolder, tiny_spec

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.settings import Settings
+from core.settings import Settings
 
 from ..helpers import KEY_A, Stack
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import store
+from core import store
 
 from ..helpers import PrivateRedis, Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_event
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app import store
+from core import store
 from workers.runner import collect_artifacts
 
 from ..helpers import KEY_A, Stack

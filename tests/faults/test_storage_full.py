@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 
-from app import store
+from core import store
 from models import checkpoint, export, report
 
 from ..helpers import (

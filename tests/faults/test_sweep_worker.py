@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from app import store
+from core import store
 
 from ..helpers import KEY_A, SPKD, Stack, small_imagefolder, tiny_spec, wait_final
 

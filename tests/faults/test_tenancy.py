@@ -1,6 +1,6 @@
 """Tenancy matrix (issue 11 item 1): every reference form a job spec can make x {own, another key's,
 missing, escaping by `..`, absolute path, symlink}, through the real API (POST /v1/jobs, in-process)
-and through the worker's resolution (app.references, as workers/runner.py calls it at run time,
+and through the worker's resolution (core.references, as workers/runner.py calls it at run time,
 plus execute_job itself for one refused case of each form). The caller is always Bob (KEY_B);
 "other" is Alice's (KEY_A). Real Redis, real files, real uploads.
 
@@ -21,9 +21,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import references, store
 from app.main import create_app
-from app.settings import Settings
+from core import references, store
+from core.settings import Settings
 from models.errors import SpkdError
 from models.spec import JobSpec
 from workers.runner import execute_job
@@ -250,7 +250,7 @@ def test_api_matrix(world: World, case: tuple) -> None:
 
 @pytest.mark.parametrize("case", MATRIX, ids=[_id(c) for c in MATRIX])
 def test_worker_matrix(world: World, case: tuple) -> None:
-    """What the worker decides at run time (app.references with require_finished=True)."""
+    """What the worker decides at run time (core.references with require_finished=True)."""
     form, variant, part, api_expected, worker_expected = case
     expected = worker_expected or api_expected
     if expected == "spec":

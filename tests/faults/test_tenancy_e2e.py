@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app import references, store
+from core import references, store
 
 from ..helpers import KEY_A, KEY_B, Stack, dump, events, small_imagefolder, tiny_spec, wait_final
 from .test_tenancy import SECRET_CLASSES, _zip

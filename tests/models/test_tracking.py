@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app import store
+from core import store
 from models.callbacks import RecordingReporter, StopRequested
 from models.spec import JobSpec
 from models.tracking import run_tracked

@@ -1,6 +1,6 @@
 """A real webhook receiver for the tests: a threaded http.server on 127.0.0.1 that checks every
 delivery's Standard Webhooks signature with its own implementation (stdlib only, written from the
-spec, not from app/webhook_security.py) and answers from a script: a status code per request, or
+spec, not from core/webhook_security.py) and answers from a script: a status code per request, or
 HANG (read the request, never answer). Also the small API helpers the webhook tests share."""
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.settings import Settings
+from core import store
+from core.settings import Settings
 
 from ..helpers import KEY_B, ROOT
 

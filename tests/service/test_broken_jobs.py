@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import store
+from core import store
 from tests.models.conftest import make_folder
 
 from ..helpers import Service

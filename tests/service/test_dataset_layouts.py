@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.settings import Settings
 from cli.client import zip_folder
+from core.settings import Settings
 from models import data
 from models.errors import SpkdError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.settings import Settings
+from core.settings import Settings
 
 from ..helpers import HYMENOPTERA, KEY_B, small_imagefolder, zip_dir
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app import store
+from core import store
 from models.callbacks import Fenced, Progress
 from workers.reporter import Monitor, RedisReporter
 

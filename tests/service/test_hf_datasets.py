@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import store
 from app.main import create_app
+from core import store
 from models import hubdata, scan
 
 from ..helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec, wait_job_over_http

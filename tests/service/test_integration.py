@@ -186,7 +186,7 @@ def test_killed_job_process_resumes_once(service: Service, dataset_id: str) -> N
 
     import redis
 
-    from app import store
+    from core import store
 
     r = redis.Redis.from_url(service.settings.redis_url, decode_responses=True)
     keys = store.Keys(service.settings.redis_prefix)

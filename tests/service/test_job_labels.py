@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.settings import Settings
+from core import store
+from core.settings import Settings
 
 
 def spec(**over: object) -> dict:

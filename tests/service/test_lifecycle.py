@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app import storage, store
 from app.main import create_app
-from app.settings import Settings
+from core import storage, store
+from core.settings import Settings
 from workers.reporter import Monitor, RedisReporter
 
 from ..helpers import KEY_A, KEY_B, make_settings, tiny_spec

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from app.queue import make_celery
-from app.settings import Settings
 from cli import procs
+from core.queue import make_celery
+from core.settings import Settings
 
 from ..helpers import (
     KEY_A,

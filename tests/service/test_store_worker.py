@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app import references, store
-from app.settings import Settings
+from core import references, store
+from core.settings import Settings
 from models.callbacks import Progress
 from models.errors import SpkdError
 from models.spec import JobSpec
@@ -201,7 +201,7 @@ def test_hard_stop_kills_a_stuck_job_process(r, keys, settings: Settings) -> Non
     store.transition(r, keys, jid, store.RUNNING, [store.QUEUED])
     code = (
         "import time\n"
-        "from app import store\n"
+        "from core import store\n"
         f"r = store.connect({settings.redis_url!r}); keys = store.Keys({settings.redis_prefix!r})\n"
         f"lease = store.Lease(r, keys, {jid!r}, 10); assert lease.acquire()\n"
         "from workers.reporter import Monitor\n"

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import store, validation
-from app.settings import Settings
+from app import validation
+from core import store
+from core.settings import Settings
 
 from ..helpers import KEY_A, REDIS_URL, SPKD, Stack, make_stack, small_imagefolder, tiny_spec, zip_dir
 

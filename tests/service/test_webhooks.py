@@ -19,10 +19,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app import store, webhook_outbox, webhook_security, webhook_store
 from app.main import create_app
-from app.settings import Settings
 from cli import procs
+from core import store, webhook_outbox, webhook_security, webhook_store
+from core.settings import Settings
 from workers.webhooks import Sender
 
 from ..helpers import KEY_A, KEY_B, ROOT, SPKD, Stack, make_settings, make_stack, tiny_spec

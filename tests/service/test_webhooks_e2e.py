@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app import store
+from core import store
 
 from ..helpers import Stack, make_stack, small_imagefolder, tiny_spec
 from .receiver import FAST, HANG, Receiver, finished, register, wait_log

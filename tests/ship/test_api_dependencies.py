@@ -28,7 +28,7 @@ CHILD = r"""
 import json, socket, sys, threading, time, urllib.request
 import uvicorn
 from app.main import create_app
-from app.settings import Settings
+from core.settings import Settings
 
 zip_path, key, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sock = socket.socket()
@@ -127,7 +127,7 @@ def test_api_imports_only_its_declared_dependencies(tmp_path: Path, settings) ->
 
     owners = metadata.packages_distributions()
     closure = base_requirement_closure()
-    ours = {"app", "cli", "models", "workers", *OPTIONAL}
+    ours = {"app", "cli", "core", "models", "workers", *OPTIONAL}
     undeclared = {
         module: dists
         for module in sorted(imported)

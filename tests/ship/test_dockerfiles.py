@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,10 @@ def test_worker_image_pins_torch_and_caches_weights():
 def test_dockerignore_keeps_the_context_small():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*"  # allowlist
-    for needed in ("!pyproject.toml", "!README.md", "!app/", "!models/", "!workers/", "!cli/"):
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = [f"!{pattern.rstrip('*')}/" for pattern in packages["find"]["include"]]
+    assert len(folders) >= 5  # app, core, workers, models, cli: every package reaches the images
+    for needed in ("!pyproject.toml", "!README.md", *folders):
         assert needed in lines
     assert not any(line.startswith("!.venv") or line.startswith("!.git") for line in lines)
 

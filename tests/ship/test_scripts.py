@@ -73,7 +73,7 @@ def test_setup_is_idempotent_and_fast_when_up_to_date():
 
 
 def test_readme_documents_every_setting():
-    from app.settings import Settings
+    from core.settings import Settings
 
     table = README.split("<!-- SETTINGS-TABLE -->", 1)[1].split("<!-- /SETTINGS-TABLE -->", 1)[0]
     documented = set(re.findall(r"`(SPKD_[A-Z0-9_]+)`", table))

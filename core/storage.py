@@ -1,6 +1,6 @@
 """Files on the shared volumes: storage-full errors, leftovers, and removing a job's or dataset's files.
 
-Torch-free; the API and the workers both use it. Layout (see app/store.py for the Redis side):
+Torch-free; the API and the workers both use it. Layout (see core/store.py for the Redis side):
 
     <data root>/datasets/<ds id>/            an uploaded dataset (record: P:dataset:<ds id>)
     <data root>/datasets/.upload-*, .extract-*   an upload in flight (tempfile names)
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import redis
 
-from app import store
-from app.datasets import datasets_dir
-from app.settings import Settings
+from core import references, store
+from core.settings import Settings
 
 log = logging.getLogger("spkd.storage")
 
@@ -207,7 +206,7 @@ def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float |
     without a record in this store. Returns what was removed. Raises redis errors (the caller
     logs them); upload temporaries are swept before Redis is asked anything."""
     cutoff = time.time() - (settings.orphan_grace_s if grace_s is None else grace_s)
-    ds_root = datasets_dir(settings)
+    ds_root = references.datasets_dir(settings)
     removed = [
         e
         for e in sorted(ds_root.iterdir())
@@ -242,10 +241,10 @@ def delete_dataset(
     None; raises store.Conflict (with the job ids) while an active job uses it."""
     ds = store.delete_dataset(r, keys, ds_id, owner)
     if ds is not None:
-        remove_tree(datasets_dir(settings) / ds_id)
+        remove_tree(references.datasets_dir(settings) / ds_id)
         # A large upload still validating: its zip (app.validation.pending_zip; the validation
         # then finds no record and keeps nothing).
-        (datasets_dir(settings) / f".pending-{ds_id}.zip").unlink(missing_ok=True)
+        (references.datasets_dir(settings) / f".pending-{ds_id}.zip").unlink(missing_ok=True)
     return ds
 
 

@@ -13,7 +13,7 @@ own prefix. Keys (P = SPKD_REDIS_PREFIX):
     P:dataset:<id>             string: the dataset JSON;  P:datasets:<owner> zset like jobs
     P:idem:<owner>:<key>       string: {"body": sha256, "job_id"} with a TTL
     P:idem-of:<job id>         set of the P:idem keys naming that job (removed with the job)
-    P:store_id                 string: this namespace's random id (app/storage.py folder markers)
+    P:store_id                 string: this namespace's random id (core/storage.py folder markers)
     P:lease:<id>               string: token of the worker running the job (SET NX PX, renewed)
                                (its fencing token is the job hash's `fence` field, see Lease)
     P:workers                  zset worker name -> last heartbeat (unix seconds); P:worker:<name> info
@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from app import jsonsafe, webhook_outbox
+from core import jsonsafe, webhook_outbox
 from models.callbacks import Fenced
 
 QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
@@ -408,7 +408,7 @@ def delete_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None
     """Remove a finished job's records in one transaction: the job, its index entries, events,
     artifact index, lease and the idempotency keys that name it. Returns the removed job, or None
     when it does not exist (or, with `owner`, is someone else's). Raises Conflict while it is
-    queued, validating or running (cancel it first). Files are the caller's (app/storage.py)."""
+    queued, validating or running (cancel it first). Files are the caller's (core/storage.py)."""
     jkey = keys.job(job_id)
 
     def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
@@ -598,7 +598,7 @@ def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = N
     """Remove a dataset's record. Returns it, or None when it does not exist (or, with `owner`, is
     someone else's). Raises Conflict naming the jobs while a queued or running job uses it; the
     check and the delete are one transaction over the owner's active-job indexes, so a job queued
-    meanwhile makes it retry and see that job. The folder is the caller's (app/storage.py)."""
+    meanwhile makes it retry and see that job. The folder is the caller's (core/storage.py)."""
     ds = get_dataset(r, keys, ds_id, owner)
     if ds is None:
         return None

@@ -1,7 +1,7 @@
 """The webhook outbox: job events written to a Redis stream in the same transaction as the change
 they report, so a process that dies right after a job ends cannot lose its webhook.
 
-Kept free of other app imports: app.store calls `add` from inside its status transaction, and the
+Kept free of other app imports: core.store calls `add` from inside its status transaction, and the
 sender (workers/webhooks.py) and the routes (app/webhooks.py) read the same keys. Keys (P =
 SPKD_REDIS_PREFIX):
 

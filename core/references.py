@@ -25,8 +25,8 @@ from typing import Any
 
 import redis
 
-from app import store
-from app.settings import Settings
+from core import store
+from core.settings import Settings
 from models.errors import SpkdError
 from models.spec import WEIGHT_KEYWORDS, JobSpec
 
@@ -40,6 +40,14 @@ UPLOADS_DIRNAME = "datasets"
 def uploads_dir(settings: Settings) -> Path:
     """Where uploads live (`<data root>/datasets`, one folder per dataset id), resolved."""
     return (Path(settings.data_root).resolve() / UPLOADS_DIRNAME).resolve()
+
+
+def datasets_dir(settings: Settings) -> Path:
+    """The uploads area, created on first use (raw dataset paths are kept out of it, see
+    `resolve_dataset_path`)."""
+    d = uploads_dir(settings)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def artifact_dir(settings: Settings) -> Path:

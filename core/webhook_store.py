@@ -1,7 +1,7 @@
 """Webhooks in Redis: registrations, deliveries (one per event and webhook), the retry schedule and
 each webhook's delivery log. Torch-free; the API (app/webhooks.py) and the sender
 (workers/webhooks.py) share it. Keys (P = SPKD_REDIS_PREFIX), besides the outbox ones in
-app/webhook_outbox.py:
+core/webhook_outbox.py:
 
     P:wh:hook:<id>        hash: id, owner, url, events (JSON list), secret, created_at
     P:wh:owner:<owner>    zset (scores 0) of the owner's webhook ids, time-sortable: newest last
@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from app import store
-from app.webhook_outbox import outbox_key, owner_hooks_key
+from core import store
+from core.webhook_outbox import outbox_key, owner_hooks_key
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SENDER_GROUP = "senders"
