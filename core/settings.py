@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     )
     mlflow_experiment: str = Field(default="spkd", description="MLflow experiment of jobs that name none")
 
-    # Webhooks (app/webhooks.py, workers/webhooks.py).
+    # Webhooks (app/routes/webhooks.py, workers/webhooks.py).
     webhooks_allow_private: bool = Field(
         default=False,
         description="let webhooks target private, loopback, link-local, reserved addresses (no SSRF guard)",

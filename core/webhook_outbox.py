@@ -2,7 +2,7 @@
 they report, so a process that dies right after a job ends cannot lose its webhook.
 
 Kept free of other app imports: core.store calls `add` from inside its status transaction, and the
-sender (workers/webhooks.py) and the routes (app/webhooks.py) read the same keys. Keys (P =
+sender (workers/webhooks.py) and the routes (app/routes/webhooks.py) read the same keys. Keys (P =
 SPKD_REDIS_PREFIX):
 
     P:wh:outbox        stream: one entry per job event {type, job_id, owner, ts, data (JSON)}

@@ -1,5 +1,5 @@
 """Webhooks in Redis: registrations, deliveries (one per event and webhook), the retry schedule and
-each webhook's delivery log. Torch-free; the API (app/webhooks.py) and the sender
+each webhook's delivery log. Torch-free; the API (app/routes/webhooks.py) and the sender
 (workers/webhooks.py) share it. Keys (P = SPKD_REDIS_PREFIX), besides the outbox ones in
 core/webhook_outbox.py:
 

@@ -7,7 +7,7 @@ import re
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app import dashboard
+from app.routes import dashboard
 
 
 def _client() -> TestClient:

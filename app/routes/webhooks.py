@@ -9,24 +9,18 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.auth import request_owner
+from app.deps import AppContext, Ctx, Owner
 from app.errors import ApiError, not_found
-from app.schemas import ErrorResponse
+from app.openapi import error_responses
 from core import webhook_security, webhook_store
-from core.settings import Settings
 from core.webhook_outbox import DEFAULT_EVENTS
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_finished"]
-Owner = Annotated[str, Depends(request_owner)]
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": ErrorResponse} for c in (401, 429, 503, *codes)}
 
 
 def _iso(ts: float | None) -> datetime | None:
@@ -117,13 +111,8 @@ class DeliveryList(BaseModel):
 # ---------------------------------------------------------------- routes
 
 
-def _ctx(request: Request) -> tuple[Any, str, Settings]:
-    st = request.app.state
-    return st.redis, st.keys.prefix, st.settings
-
-
-def _own_hook(request: Request, owner: str, hook_id: str) -> dict[str, Any]:
-    r, prefix, _ = _ctx(request)
+def _own_hook(ctx: AppContext, owner: str, hook_id: str) -> dict[str, Any]:
+    r, prefix = ctx.redis, ctx.keys.prefix
     hook = webhook_store.get_webhook(r, prefix, hook_id, owner)
     if hook is None:
         raise not_found("webhook", hook_id)
@@ -134,14 +123,14 @@ def _own_hook(request: Request, owner: str, hook_id: str) -> dict[str, Any]:
     "",
     status_code=201,
     response_model=WebhookCreated,
-    responses=_errors(400, 409, 422),
+    responses=error_responses(400, 409, 422),
     summary="Register a webhook",
     description="The URL must be http(s) and resolve to public addresses only (private, loopback, "
     "link-local, multicast and reserved ones are refused unless the server sets "
     "SPKD_WEBHOOKS_ALLOW_PRIVATE). The response carries the signing `secret`, shown only here.",
 )
-async def create_webhook(request: Request, owner: Owner, body: WebhookIn) -> WebhookCreated:
-    r, prefix, settings = _ctx(request)
+async def create_webhook(ctx: Ctx, owner: Owner, body: WebhookIn) -> WebhookCreated:
+    r, prefix, settings = ctx.redis, ctx.keys.prefix, ctx.settings
     try:  # DNS lookups block: off the event loop
         await anyio.to_thread.run_sync(webhook_security.check_url, body.url, settings.webhooks_allow_private)
     except webhook_security.UrlRefused as e:
@@ -163,27 +152,31 @@ async def create_webhook(request: Request, owner: Owner, body: WebhookIn) -> Web
     return WebhookCreated(**Webhook.from_store(hook).model_dump(), secret=hook["secret"])
 
 
-@router.get("", response_model=WebhookList, responses=_errors(), summary="List webhooks, newest first")
-def list_webhooks(request: Request, owner: Owner) -> WebhookList:
-    r, prefix, _ = _ctx(request)
+@router.get(
+    "", response_model=WebhookList, responses=error_responses(), summary="List webhooks, newest first"
+)
+def list_webhooks(ctx: Ctx, owner: Owner) -> WebhookList:
+    r, prefix = ctx.redis, ctx.keys.prefix
     return WebhookList(data=[Webhook.from_store(h) for h in webhook_store.list_webhooks(r, prefix, owner)])
 
 
-@router.get("/{webhook_id}", response_model=Webhook, responses=_errors(404), summary="Describe a webhook")
-def get_webhook(request: Request, owner: Owner, webhook_id: str) -> Webhook:
-    return Webhook.from_store(_own_hook(request, owner, webhook_id))
+@router.get(
+    "/{webhook_id}", response_model=Webhook, responses=error_responses(404), summary="Describe a webhook"
+)
+def get_webhook(ctx: Ctx, owner: Owner, webhook_id: str) -> Webhook:
+    return Webhook.from_store(_own_hook(ctx, owner, webhook_id))
 
 
 @router.delete(
     "/{webhook_id}",
     status_code=204,
     response_class=Response,
-    responses=_errors(404),
+    responses=error_responses(404),
     summary="Delete a webhook (pending deliveries are dropped)",
 )
-def delete_webhook(request: Request, owner: Owner, webhook_id: str) -> Response:
-    r, prefix, _ = _ctx(request)
-    _own_hook(request, owner, webhook_id)
+def delete_webhook(ctx: Ctx, owner: Owner, webhook_id: str) -> Response:
+    r, prefix = ctx.redis, ctx.keys.prefix
+    _own_hook(ctx, owner, webhook_id)
     webhook_store.delete_webhook(r, prefix, webhook_id, owner)
     return Response(status_code=204)
 
@@ -191,16 +184,16 @@ def delete_webhook(request: Request, owner: Owner, webhook_id: str) -> Response:
 @router.get(
     "/{webhook_id}/deliveries",
     response_model=DeliveryList,
-    responses=_errors(404, 422),
+    responses=error_responses(404, 422),
     summary="The webhook's delivery log, newest first",
     description="One entry per event sent to this webhook: its attempts (time, HTTP status, error, "
     "duration) and whether it was delivered, is waiting for a retry, or was given up. The last "
     "SPKD_WEBHOOK_LOG_SIZE deliveries are kept.",
 )
 def list_deliveries(
-    request: Request, owner: Owner, webhook_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ctx: Ctx, owner: Owner, webhook_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> DeliveryList:
-    r, prefix, _ = _ctx(request)
-    _own_hook(request, owner, webhook_id)
+    r, prefix = ctx.redis, ctx.keys.prefix
+    _own_hook(ctx, owner, webhook_id)
     items = webhook_store.list_deliveries(r, prefix, webhook_id, limit)
     return DeliveryList(data=[Delivery.from_store(d) for d in items])

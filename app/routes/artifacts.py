@@ -1,0 +1,106 @@
+"""A job's artifacts: the list, one file (streamed, with its sha256), or a model folder as a zip."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+import redis
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+
+from app.deps import (
+    ARTIFACT_NAME,
+    Ctx,
+    Owner,
+    own_job,
+)
+from app.errors import not_found
+from app.openapi import error_responses, links
+from app.schemas import (
+    ArtifactList,
+)
+from core import store
+from core.settings import Settings
+
+log = logging.getLogger("spkd.api")
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactList,
+    responses={
+        **error_responses(404),
+        200: links(
+            Download=(
+                "download_artifact_v1_jobs__job_id__artifacts__name__get",
+                {"job_id": "$request.path.job_id", "name": "$response.body#/data/0/name"},
+            )
+        ),
+    },
+    summary="List artifacts",
+)
+def list_artifacts(ctx: Ctx, owner: Owner, job_id: str) -> ArtifactList:
+    r, keys = ctx.redis, ctx.keys
+    own_job(ctx, owner, job_id)
+    return ArtifactList(data=store.list_artifacts(r, keys, job_id))
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={**error_responses(404), 200: {"content": {"application/octet-stream": {}}}},
+    summary="Download an artifact (streamed)",
+)
+def download_artifact(
+    ctx: Ctx,
+    owner: Owner,
+    job_id: str,
+    name: str,
+    format: Annotated[
+        Literal["zip"] | None,
+        Query(description="zip: a model folder (student, teacher, baseline, distilled) as one archive"),
+    ] = None,
+) -> FileResponse:
+    r, keys, settings = ctx.redis, ctx.keys, ctx.settings
+    own_job(ctx, owner, job_id)
+    if format == "zip":
+        return _folder_zip(r, keys, settings, job_id, name)
+    # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
+    meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
+    path = Path(settings.artifact_root).resolve() / job_id / name
+    if meta is None or not path.is_file():
+        raise not_found("artifact", name)
+    return FileResponse(
+        path,
+        filename=Path(name).name,
+        media_type="application/octet-stream",
+        headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
+    )
+
+
+def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:
+    """The registered artifacts under `name/` as one zip (`name/...` inside), built in a temporary
+    file that is removed once sent. 404 when no registered artifact is under that folder."""
+    prefix = name.rstrip("/") + "/"
+    root = Path(settings.artifact_root).resolve() / job_id
+    members = [a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix)]
+    if not ARTIFACT_NAME.fullmatch(name.rstrip("/")) or not members:
+        raise not_found("artifact", name)
+    tmp = tempfile.NamedTemporaryFile(prefix=".spkd-zip-", suffix=".zip", delete=False)  # noqa: SIM115
+    with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:  # weights do not compress
+        for member in members:
+            zf.write(root / member, member)
+    return FileResponse(
+        tmp.name,
+        filename=f"{Path(prefix).name}.zip",
+        media_type="application/zip",
+        background=BackgroundTask(os.unlink, tmp.name),
+    )
