@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,17 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(
         default=3, description="runs of one job (worker lost -> resumed) before failing"
+    )
+    # A worker process (`spkd worker` sets these per GPU; docs/architecture.md#6-workers-and-gpus).
+    worker_name: str = Field(
+        default="", description="this worker's name in leases, events and /readyz; empty: <host>-<pid>"
+    )
+    device: str = Field(
+        default="", description="torch device jobs run on (cuda:1, cpu); empty: the first GPU, else the CPU"
+    )
+    data_path: Literal["auto", "loader"] = Field(
+        default="auto",
+        description="auto: decode a dataset that fits into memory once; loader: always a DataLoader",
     )
     hub_weights: bool = Field(default=True, description="False on hosts without internet: no 'hub' weights")
     hub_datasets: bool = Field(

@@ -21,7 +21,7 @@ from workers.runner import execute_job
 log = logging.getLogger("spkd.worker")
 KEYS = store.Keys(settings.redis_prefix)
 REQUEUE_GRACE_S = 600.0
-WORKER_NAME = os.environ.get("SPKD_WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+WORKER_NAME = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _redis() -> Any:
@@ -30,9 +30,7 @@ def _redis() -> Any:
 
 @celery.task(name=TASK_NAME, bind=True)
 def run_job(self: Any, job_id: str) -> str:
-    outcome = execute_job(
-        _redis(), KEYS, settings, job_id, WORKER_NAME, os.environ.get("SPKD_DEVICE") or None
-    )
+    outcome = execute_job(_redis(), KEYS, settings, job_id, WORKER_NAME, settings.device or None)
     log.info("job %s: %s", job_id, outcome)
     return outcome
 
