@@ -1,4 +1,4 @@
-"""HTTP time of a large dataset upload, synchronous vs background validation (issue 12 item 8).
+"""HTTP time of a large dataset upload, synchronous vs background validation.
 
 Builds a zip of `--mb` MiB (the hymenoptera photos repeated under more classes, stored), starts
 `spkd serve` twice: once with SPKD_UPLOAD_SYNC_MAX_BYTES above the zip (the request extracts and

@@ -1,12 +1,16 @@
-"""Fixtures more than one test package uses (pytest offers these to every package under tests/):
-the real Redis, settings under a unique prefix, an in-process app, and a real `spkd serve` +
-`spkd worker`. Plain helpers are in tests/helpers.py; package-specific fixtures stay in the
-package's own conftest.py."""
+"""The one set of shared fixtures (pytest offers these to every package under tests/): the real
+Redis, settings under a unique prefix, an in-process app, a real `spkd serve` + `spkd worker`,
+stacks a test kills and restarts piece by piece, a private Redis a test may stop, size-limited
+file systems, a small dataset zip, and one torch thread per test process. Plain helpers (data,
+specs, waits, processes) are in tests/helpers.py; tests/models/conftest.py adds the engine's
+in-memory image folders."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,20 @@ import redis
 from cli import procs
 from core import store
 from core.settings import Settings
-
-from .helpers import KEY_A, REDIS_URL, ROOT, SPKD, Service, make_settings, settings_env
+from tests.helpers import (
+    KEY_A,
+    REDIS_URL,
+    ROOT,
+    SPKD,
+    PrivateRedis,
+    Service,
+    Stack,
+    make_settings,
+    make_stack,
+    settings_env,
+    small_imagefolder,
+    zip_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +104,74 @@ def service(
     finally:
         group.stop()  # the worker first, then the API
         store.delete_prefix(store.connect(redis_url), s.redis_prefix)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The machine is shared (2 cores, other processes of the same test): one intra-op thread per
+    test process keeps tests from fighting each other. Only when the test imported torch."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
+    yield
+    if torch is not None and before is not None:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Build stacks (started by the test); stops them and drops their keys afterwards."""
+    made: list[Stack] = []
+
+    def _make(url: str, **over: object) -> Stack:
+        st = make_stack(tmp_path / f"stack{len(made)}", url, **over)
+        made.append(st)
+        return st
+
+    yield _make
+    for st in made:
+        st.stop()
+        with contextlib.suppress(redis.RedisError):
+            store.delete_prefix(store.connect(st.settings.redis_url), st.settings.redis_prefix)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    d = tmp_path / "redis"
+    d.mkdir()
+    pr = PrivateRedis(d)
+    pr.start()
+    yield pr
+    if pr.proc is not None:
+        pr.kill()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
+    """Mount real size-limited file systems (tmpfs) for ENOSPC tests: `small_fs("name", bytes)`.
+    Needs root (CI and the dev machines run as root); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def _mount(name: str, size: int) -> Path:
+        d = tmp_path / name
+        d.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (uid {os.geteuid()}): {res.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield _mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture(scope="session")
+def small_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("hym")
+    return zip_dir(small_imagefolder(tmp / "hym", per_class=8), tmp / "hym.zip", prefix="hymenoptera/")

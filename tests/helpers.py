@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import redis
+from PIL import Image
 
 from cli import procs
 from core import store
 from core.settings import Settings
+from models.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -343,3 +346,41 @@ def wait_job_over_http(c: httpx.Client, job_id: str, timeout: float, logs: Calla
         assert time.monotonic() < deadline, logs()
         time.sleep(0.5)
     return job
+
+
+# ---------------------------------------------------------------- engine runs (in process)
+
+
+def write_image(path: Path, cls: int, rng: np.random.Generator, size: int = 40) -> None:
+    """A photo-like RGB JPEG whose colour depends on the class (learnable, but noisy)."""
+    base = np.array([200, 60, 50] if cls == 0 else [50, 80, 200], dtype=np.float32)
+    pixels = base + rng.normal(0, 40, size=(size, size, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def make_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls_index, (name, count) in enumerate(per_class.items()):
+        for i in range(count):
+            write_image(root / name / f"{name}_{i:03d}.jpg", cls_index, rng)
+    return root
+
+
+def tiny_job_spec(**overrides: object) -> JobSpec:
+    """The engine's tiny job (in-process runs on `color_dataset`), as a validated JobSpec; a dict
+    override is merged into its section, anything else replaces it. The API tests' JSON spec
+    is `tiny_spec`."""
+    spec = {
+        "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 1}},
+        "student": {"model": "test_efficientnet", "weights": "none"},
+        "dataset": {"path": "colors"},
+        "distill": {"layers": "auto"},
+        "train": {"epochs": 2, "batch_size": 16, "image_size": 32, "lr": 0.05, "num_workers": 0},
+        "baseline": True,
+    }
+    for key, value in overrides.items():
+        spec[key] = (
+            {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+        )
+    return JobSpec.model_validate(spec)

@@ -1,4 +1,4 @@
-"""A broken run fails, clearly, and misfits are found before any training (issue 11 items 3, 4).
+"""A broken run fails, clearly, and misfits are found before any training.
 
 Through the real engine (run_job / validate_job / train_stage) on tiny timm models and generated
 images. NaN is made the way users make it: a learning rate or a loss weight far too large.
@@ -23,7 +23,7 @@ from models.features import FeatureTap
 from models.losses import Distiller
 from models.pipeline import run_job, validate_job
 from models.spec import JobSpec
-from tests.models.conftest import make_folder, tiny_spec
+from tests.helpers import make_folder, tiny_job_spec
 
 # SP at 1e6 x a layer weight of 1e6 on a learning rate of 1: the loss is ~1e12 at step 1 and the
 # weights are NaN by step 2 (a user typing 1e6 for a weight they meant as 1e-6 gets the same)
@@ -54,7 +54,7 @@ def test_exploding_loss_fails_with_non_finite_loss(color_dataset, tmp_path, monk
         monkeypatch.setenv("SPKD_DATA_PATH", "loader")
     if path.endswith("teacher_cache"):
         distill.update(teacher_cache="on", teacher_views=2)
-    spec = tiny_spec(**{**EXPLODING, "distill": distill})
+    spec = tiny_job_spec(**{**EXPLODING, "distill": distill})
     reporter = RecordingReporter()
     with pytest.raises(SpkdError) as err:
         run_job(spec, color_dataset, tmp_path / "out", reporter)
@@ -72,7 +72,7 @@ def test_exploding_loss_fails_with_non_finite_loss(color_dataset, tmp_path, monk
 
 def test_weights_ruined_by_the_last_step_fail_at_validation_loss(color_dataset, tmp_path):
     """lr 10 on a ResNet: every training loss stays finite, the updated weights do not."""
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         teacher={"model": "test_resnet", "weights": "none", "finetune": None},
         student={"model": "test_resnet"},
         baseline=False,
@@ -88,14 +88,14 @@ def test_weights_ruined_by_the_last_step_fail_at_validation_loss(color_dataset, 
 
 def test_batch_of_one_is_refused_by_the_spec():
     with pytest.raises(pydantic.ValidationError) as err:
-        tiny_spec(train={"batch_size": 1})
+        tiny_job_spec(train={"batch_size": 1})
     (problem,) = err.value.errors()
     assert problem["loc"] == ("train", "batch_size") and "at least 2" in problem["msg"]
 
 
 def test_batch_of_one_is_refused_by_validate_job_too(color_dataset):
     """A spec built without validation (model_copy, as the worker does) is checked again."""
-    spec = tiny_spec()
+    spec = tiny_job_spec()
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": 1})})
     with pytest.raises(SpkdError) as err:
         validate_job(spec, color_dataset)
@@ -150,7 +150,7 @@ def test_nan_metrics_are_never_written_as_bare_nan(tmp_path):
 
 
 def test_vit_at_a_size_its_patch_does_not_divide_fails_before_training(color_dataset, tmp_path):
-    spec = tiny_spec(student={"model": "test_vit"}, train={"image_size": 36, "epochs": 1})
+    spec = tiny_job_spec(student={"model": "test_vit"}, train={"image_size": 36, "epochs": 1})
     reporter = RecordingReporter()
     with pytest.raises(SpkdError) as err:
         run_job(spec, color_dataset, tmp_path / "out", reporter)
@@ -161,7 +161,7 @@ def test_vit_at_a_size_its_patch_does_not_divide_fails_before_training(color_dat
 
 
 def test_a_teacher_that_cannot_take_the_size_is_named(color_dataset):
-    spec = tiny_spec(teacher={"model": "test_vit", "weights": "none"}, train={"image_size": 40})
+    spec = tiny_job_spec(teacher={"model": "test_vit", "weights": "none"}, train={"image_size": 40})
     with pytest.raises(SpkdError) as err:
         validate_job(spec, color_dataset)
     assert err.value.code == "model_input_mismatch" and "teacher test_vit" in err.value.message
@@ -181,7 +181,7 @@ def _earlier_job_teacher(folder: Path, classes: list[str]) -> Path:
 def test_reused_teacher_head_on_other_classes_names_both_lists(color_dataset, tmp_path, earlier):
     """3 classes, 2 other names (same count: was silently reused by index), same names reordered."""
     path = _earlier_job_teacher(tmp_path, earlier)
-    spec = tiny_spec(teacher={"weights": str(path), "finetune": None})
+    spec = tiny_job_spec(teacher={"weights": str(path), "finetune": None})
     with pytest.raises(SpkdError) as err:
         validate_job(spec, color_dataset)
     e = err.value
@@ -191,7 +191,7 @@ def test_reused_teacher_head_on_other_classes_names_both_lists(color_dataset, tm
 
 def test_reused_head_on_other_classes_is_replaced_when_fine_tuned(color_dataset, tmp_path):
     path = _earlier_job_teacher(tmp_path, ["cat", "dog"])
-    spec = tiny_spec(teacher={"weights": str(path), "finetune": {"epochs": 1}})
+    spec = tiny_job_spec(teacher={"weights": str(path), "finetune": {"epochs": 1}})
     found = validate_job(spec, color_dataset)
     assert any("['cat', 'dog']" in w and "new head" in w for w in found)
     _, head = weights.build("test_resnet", str(path), 2, "teacher", 32, ["blue", "red"])
@@ -200,7 +200,7 @@ def test_reused_head_on_other_classes_is_replaced_when_fine_tuned(color_dataset,
     assert head is True
     # the same names in the same order: the head is reused as it is, KD allowed, no warning
     same = _earlier_job_teacher(tmp_path / "same", ["blue", "red"])
-    spec = tiny_spec(teacher={"weights": str(same), "finetune": None}, distill={"kd_weight": 1.0})
+    spec = tiny_job_spec(teacher={"weights": str(same), "finetune": None}, distill={"kd_weight": 1.0})
     assert not [w for w in validate_job(spec, color_dataset) if "class" in w]
 
 
@@ -211,13 +211,13 @@ def test_weights_holding_nan_are_refused_at_validation(color_dataset, tmp_path):
     path = tmp_path / "broken.safetensors"
     export.save_weights(model, path)
     with pytest.raises(SpkdError) as err:
-        validate_job(tiny_spec(teacher={"weights": str(path)}), color_dataset)
+        validate_job(tiny_job_spec(teacher={"weights": str(path)}), color_dataset)
     assert err.value.code == "non_finite_weights" and err.value.field == "teacher.weights"
 
 
 def test_fp16_on_the_cpu_says_it_runs_fp32(tmp_path):
     data = make_folder(tmp_path / "data", {"a": 4, "b": 4})
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         teacher={"model": "test_resnet", "weights": "none", "finetune": None},
         student={"model": "test_resnet"},
         baseline=False,
@@ -240,7 +240,7 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
     from models import checkpoint
 
     data = make_folder(tmp_path / "data", {"a": 4, "b": 4})
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         teacher={"model": "test_resnet", "weights": "none", "finetune": None},
         student={"model": "test_resnet"},
         baseline=False,
@@ -269,5 +269,5 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
 def test_a_head_without_class_names_is_reused_with_a_warning(color_dataset, tmp_path):
     path = _earlier_job_teacher(tmp_path, ["blue", "red"])
     path.with_suffix(".json").unlink()  # a bare weight file: nothing says what its outputs mean
-    found = validate_job(tiny_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
+    found = validate_job(tiny_job_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
     assert any("no JSON with class_names" in w and "by class index" in w for w in found), found

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from models import checkpoint
 from models.callbacks import Fenced, NullReporter, RecordingReporter, StopRequested
 from models.pipeline import run_job
-from tests.models.conftest import tiny_spec
+from tests.helpers import tiny_job_spec
 
 SPEC = dict(teacher={"finetune": {"epochs": 2}}, distill={"kd_weight": 0.5})
 STEPS = 2  # 48 train images less 4 for selection / batch 16
@@ -20,7 +20,7 @@ STEPS = 2  # 48 train images less 4 for selection / batch 16
 @pytest.fixture(scope="module")
 def reference(color_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_job(tiny_spec(**SPEC), color_dataset, out, NullReporter())
+    run_job(tiny_job_spec(**SPEC), color_dataset, out, NullReporter())
     return out
 
 
@@ -44,13 +44,13 @@ def _curves(out):
 def test_resume_gives_identical_weights(color_dataset, tmp_path, reference, stop_after, stage, epoch):
     stopper = RecordingReporter(stop_after_steps=stop_after)
     with pytest.raises(StopRequested):
-        run_job(tiny_spec(**SPEC), color_dataset, tmp_path, stopper)
+        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, stopper)
     saved = checkpoint.load(tmp_path)
     assert saved["current"]["stage"] == stage and saved["current"]["epoch"] == epoch
     assert not (tmp_path / "student.safetensors").exists()  # no results from a stopped run
 
     resumed = RecordingReporter()
-    run_job(tiny_spec(**SPEC), color_dataset, tmp_path, resumed)
+    run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, resumed)
     assert any(kind == "info" and "resuming" in msg for kind, msg, _ in resumed.events)
     for name in ("student.safetensors", "teacher.safetensors"):
         got, want = _tensors(tmp_path / name), _tensors(reference / name)
@@ -81,7 +81,7 @@ def test_rng_state_round_trip():
 
 def test_finished_run_returns_at_once(color_dataset, reference):
     again = RecordingReporter()
-    metrics = run_job(tiny_spec(**SPEC), color_dataset, reference, again)
+    metrics = run_job(tiny_job_spec(**SPEC), color_dataset, reference, again)
     assert metrics["distilled"]["val_acc"] is not None
     assert not again.progresses  # nothing retrained
 
@@ -117,7 +117,7 @@ def test_a_fenced_run_publishes_nothing(color_dataset, tmp_path, point):
     else:
         reporter = FencingReporter(lambda rep: True)
     with pytest.raises(Fenced):
-        run_job(tiny_spec(**SPEC), color_dataset, tmp_path, reporter, attempt=2)
+        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, reporter, attempt=2)
     own = checkpoint.checkpoint_dir(tmp_path, 2)
     if point == "export":
         assert (own / "export" / "student.onnx").is_file()  # staged, never published
@@ -133,11 +133,11 @@ def test_each_attempt_writes_its_own_checkpoints(color_dataset, tmp_path, refere
     uninterrupted run). A late write of attempt 1 (frozen, then thawed) lands in attempt 1's own
     folder: a later attempt starts from attempt 2's checkpoint, not from the stale one."""
     with pytest.raises(StopRequested):
-        run_job(tiny_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(5 * STEPS + 1), attempt=1)
+        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(5 * STEPS + 1), attempt=1)
     stale = checkpoint.load(tmp_path, 1)
     assert stale["current"]["stage"] == "distill"
 
-    run_job(tiny_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(), attempt=2)
+    run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(), attempt=2)
     for name in ("student.safetensors", "teacher.safetensors"):
         got, want = _tensors(tmp_path / name), _tensors(reference / name)
         assert all(torch.equal(got[k], want[k]) for k in want), f"{name} differs after the takeover"
@@ -146,5 +146,5 @@ def test_each_attempt_writes_its_own_checkpoints(color_dataset, tmp_path, refere
     checkpoint.save(tmp_path, stale, attempt=1)  # the stale attempt's late write
     assert checkpoint.latest(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 2) / "last.pt"
     again = RecordingReporter()
-    run_job(tiny_spec(**SPEC), color_dataset, tmp_path, again, attempt=3)
+    run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, again, attempt=3)
     assert not again.progresses  # started from attempt 2's finished state: nothing retrained

@@ -11,7 +11,7 @@ from PIL import Image
 
 from models import data
 from models.errors import SpkdError
-from tests.models.conftest import HYMENOPTERA, make_folder
+from tests.helpers import HYMENOPTERA, make_folder
 
 
 def _reasons(scan) -> dict[str, str]:

@@ -127,7 +127,7 @@ def lite_features():
 
     from models import weights
     from models.data import load_rgb
-    from tests.models.conftest import HYMENOPTERA
+    from tests.helpers import HYMENOPTERA
 
     paths = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:4]
     paths += sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[:4]

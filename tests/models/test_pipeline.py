@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from models.callbacks import RecordingReporter
 from models.errors import SpkdError
 from models.pipeline import run_job, validate_job
-from tests.models.conftest import HYMENOPTERA, make_folder, tiny_spec
+from tests.helpers import HYMENOPTERA, make_folder, tiny_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [
@@ -32,7 +32,7 @@ PAIRS = [
 def vit_run(color_dataset, tmp_path_factory):
     """A CNN teacher -> ViT student job with named layer pairs and KD."""
     out = tmp_path_factory.mktemp("vit_run")
-    spec = tiny_spec(student={"model": "test_vit"}, distill={"layers": PAIRS, "kd_weight": 1.0})
+    spec = tiny_job_spec(student={"model": "test_vit"}, distill={"layers": PAIRS, "kd_weight": 1.0})
     reporter = RecordingReporter()
     metrics = run_job(spec, color_dataset, out, reporter)
     return out, metrics, reporter, spec
@@ -183,12 +183,12 @@ def _error(spec, data_dir) -> SpkdError:
 
 
 def test_unknown_model_suggests_close_names(color_dataset):
-    err = _error(tiny_spec(student={"model": "resnet_18"}), color_dataset)
+    err = _error(tiny_job_spec(student={"model": "resnet_18"}), color_dataset)
     assert err.code == "unknown_model" and err.field == "student.model" and "resnet18" in err.message
 
 
 def test_wrong_layer_lists_valid_ones(color_dataset):
-    err = _error(tiny_spec(distill={"layers": [{"teacher": "layer9", "student": "auto"}]}), color_dataset)
+    err = _error(tiny_job_spec(distill={"layers": [{"teacher": "layer9", "student": "auto"}]}), color_dataset)
     assert err.code == "unknown_layer" and err.field == "distill.layers.teacher"
     assert "layer4" in err.message
 
@@ -199,7 +199,7 @@ def test_unsafe_weights_file_rejected(color_dataset, tmp_path):
             return (print, ("never",))
 
     torch.save({"x": Bomb()}, tmp_path / "evil.pth")
-    err = _error(tiny_spec(teacher={"weights": str(tmp_path / "evil.pth")}), color_dataset)
+    err = _error(tiny_job_spec(teacher={"weights": str(tmp_path / "evil.pth")}), color_dataset)
     assert err.code == "unsafe_weights" and err.field == "teacher.weights"
 
 
@@ -207,17 +207,17 @@ def test_one_class_dataset_rejected_before_training(tmp_path):
     make_folder(tmp_path, {"only": 6})
     reporter = RecordingReporter()
     with pytest.raises(SpkdError) as err:
-        run_job(tiny_spec(), tmp_path, tmp_path / "out", reporter)
+        run_job(tiny_job_spec(), tmp_path, tmp_path / "out", reporter)
     assert err.value.code == "too_few_classes" and not reporter.progresses
 
 
 def test_kd_needs_a_trained_teacher_head(color_dataset):
-    spec = tiny_spec(teacher={"finetune": None}, distill={"kd_weight": 1.0})
+    spec = tiny_job_spec(teacher={"finetune": None}, distill={"kd_weight": 1.0})
     assert _error(spec, color_dataset).code == "teacher_not_finetuned"
 
 
 def test_warnings_for_larger_student_and_unfinetuned_teacher(color_dataset):
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         teacher={"model": "test_efficientnet", "finetune": None}, student={"model": "test_resnet"}
     )
     found = validate_job(spec, color_dataset)
@@ -226,7 +226,7 @@ def test_warnings_for_larger_student_and_unfinetuned_teacher(color_dataset):
 
 
 def test_hymenoptera_validates_with_package_weights():
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         teacher={"model": "tf_efficientnet_lite2", "weights": "package"},
         student={"model": "tf_efficientnet_lite0", "weights": "package"},
     )

@@ -17,7 +17,7 @@ from models.features import AUTO, FeatureTap
 from models.losses import Distiller, SPLoss, kd_loss
 from models.oom import BatchSizeController, FakeMemoryLimit
 from models.pipeline import best_row, run_job
-from tests.models.conftest import make_folder, tiny_spec
+from tests.helpers import make_folder, tiny_job_spec
 
 
 def _events(reporter, kind):
@@ -29,7 +29,7 @@ def default_run(color_dataset, tmp_path_factory):
     """The tiny job with every distill/dataset default (sp_weight auto, selection 0.1 of train)."""
     out = tmp_path_factory.mktemp("default_run")
     reporter = RecordingReporter()
-    metrics = run_job(tiny_spec(), color_dataset, out, reporter)
+    metrics = run_job(tiny_job_spec(), color_dataset, out, reporter)
     return out, metrics, reporter
 
 
@@ -124,7 +124,7 @@ def _no_nan(name):
 def test_baseline_ships_when_distillation_loses(color_dataset, tmp_path):
     # an absurd SP weight: the distilled student cannot learn the classes in 2 epochs
     # (lr 0.1: the baseline learns the two colours in 2 epochs; at 0.05 both students sit at 0.5)
-    spec = tiny_spec(distill={"sp_weight": 1e6}, train={"lr": 0.1})
+    spec = tiny_job_spec(distill={"sp_weight": 1e6}, train={"lr": 0.1})
     reporter = RecordingReporter()
     metrics = run_job(spec, color_dataset, tmp_path, reporter)
     assert metrics["distill_weights"]["sp"] == {"mode": "given", "weight": 1e6, "ref_batch": 16}
@@ -143,7 +143,7 @@ def test_baseline_ships_when_distillation_loses(color_dataset, tmp_path):
 
 def test_weak_teacher_is_named_and_auto_lowers_sp(color_dataset, tmp_path):
     # a teacher that barely trains (lr 1e-6 from random weights) is worse than the student alone
-    spec = tiny_spec(teacher={"finetune": {"epochs": 1, "lr": 1e-6}}, train={"lr": 0.1})
+    spec = tiny_job_spec(teacher={"finetune": {"epochs": 1, "lr": 1e-6}}, train={"lr": 0.1})
     reporter = RecordingReporter()
     metrics = run_job(spec, color_dataset, tmp_path, reporter)
     check = metrics["distill_weights"]["teacher_check"]
@@ -158,7 +158,7 @@ def test_weak_teacher_is_named_and_auto_lowers_sp(color_dataset, tmp_path):
 
 
 def test_selection_off_ships_the_last_epoch(color_dataset, tmp_path):
-    spec = tiny_spec(dataset={"selection_fraction": 0}, baseline=False)
+    spec = tiny_job_spec(dataset={"selection_fraction": 0}, baseline=False)
     reporter = RecordingReporter()
     metrics = run_job(spec, color_dataset, tmp_path, reporter)
     assert metrics["protocol"]["sizes"] == {"train": 48, "selection": 0, "report": 20}
@@ -173,7 +173,7 @@ def test_test_folder_is_the_report_split(tmp_path):
     make_folder(root / "train", {"blue": 16, "red": 16}, seed=1)
     make_folder(root / "val", {"blue": 3, "red": 3}, seed=2)
     make_folder(root / "test", {"blue": 5, "red": 5}, seed=3)
-    spec = tiny_spec(teacher={"finetune": {"epochs": 1}}, train={"epochs": 1})
+    spec = tiny_job_spec(teacher={"finetune": {"epochs": 1}}, train={"epochs": 1})
     metrics = run_job(spec, root, tmp_path / "out", RecordingReporter())
     assert metrics["protocol"] == {
         "train": "train/",
@@ -272,7 +272,7 @@ def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):
     from models.pipeline import search_rungs
 
     assert search_rungs(3, 15) == [1, 3] and search_rungs(2, 15) == [3] and search_rungs(4, 2) == [1, 1]
-    spec = tiny_spec(
+    spec = tiny_job_spec(
         distill={"sp_weight": [3000, 30, 300]}, train={"lr": 0.1}, teacher={"finetune": {"epochs": 1}}
     )
     reporter = RecordingReporter()
@@ -295,7 +295,7 @@ def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):
 def test_search_without_selection_is_refused(color_dataset, tmp_path):
     from models.errors import SpkdError
 
-    spec = tiny_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
+    spec = tiny_job_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
     with pytest.raises(SpkdError) as err:
         run_job(spec, color_dataset, tmp_path, RecordingReporter())
     assert err.value.code == "search_needs_selection" and err.value.field == "distill.sp_weight"

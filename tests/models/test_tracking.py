@@ -1,4 +1,4 @@
-"""TensorBoard files and an MLflow run for every job (issue 13, parts 2 and 3).
+"""TensorBoard files and an MLflow run for every job.
 
 A tiny real job runs through the worker's own entry point (workers.runner.execute_job, real
 Redis) with SPKD_MLFLOW_TRACKING_URI pointing at a real `mlflow server` process on loopback
@@ -26,8 +26,7 @@ from core import store
 from models.callbacks import RecordingReporter, StopRequested
 from models.spec import JobSpec
 from models.tracking import run_tracked
-from tests.helpers import make_settings
-from tests.models.conftest import tiny_spec
+from tests.helpers import make_settings, tiny_job_spec
 from workers import runner
 
 pytestmark = pytest.mark.slow
@@ -106,7 +105,7 @@ def _run_in_worker(tmp: Path, redis_url: str, dataset: Path, spec: JobSpec, **se
 def tracked_job(mlflow_server, color_dataset, tmp_path_factory, redis_url):
     """One tiny job through the worker, with SPKD_MLFLOW_TRACKING_URI set."""
     tmp = tmp_path_factory.mktemp("tracked")
-    spec = tiny_spec(integrations=[{"type": "mlflow", "experiment": "spkd-tests"}])
+    spec = tiny_job_spec(integrations=[{"type": "mlflow", "experiment": "spkd-tests"}])
     outcome, job, events, out = _run_in_worker(
         tmp, redis_url, color_dataset, spec, mlflow_tracking_uri=mlflow_server
     )
@@ -158,7 +157,7 @@ def test_tensorboard_scalars_match_metrics_curves(tracked_job):
 def test_tensorboard_resume_does_not_draw_steps_twice(color_dataset, tmp_path):
     """Stopped in baseline epoch 2 then resumed: each step and epoch appears once, and the
     scalars are the final run's (metrics.json)."""
-    spec = tiny_spec()
+    spec = tiny_job_spec()
     # 44 training images (4 go to the selection split) at batch 16: 2 steps an epoch. Teacher 1
     # epoch + baseline epoch 1 + 1 step of epoch 2, then stop.
     with pytest.raises(StopRequested):
@@ -217,7 +216,7 @@ def test_mlflow_down_never_fails_the_job_nor_leaks_credentials(color_dataset, tm
     says MLflow is off, and the password is in no event and no log line."""
     caplog.set_level(logging.DEBUG)
     url = f"http://spkd:s3cr3t-pw@127.0.0.1:{free_port()}"
-    spec = tiny_spec(train={"epochs": 1}, baseline=False)
+    spec = tiny_job_spec(train={"epochs": 1}, baseline=False)
     outcome, job, events, out = _run_in_worker(
         tmp_path, redis_url, color_dataset, spec, mlflow_tracking_uri=url
     )
@@ -246,16 +245,18 @@ def test_mlflow_down_never_fails_the_job_nor_leaks_credentials(color_dataset, tm
 )
 def test_integration_spec_is_bounded(entry, needle):
     with pytest.raises(ValidationError) as err:
-        tiny_spec(integrations=[entry])
+        tiny_job_spec(integrations=[entry])
     assert needle in str(err.value)
 
 
 def test_integration_spec_accepts_mlflow_and_caps_the_list():
-    spec = tiny_spec(integrations=[{"type": "mlflow", "experiment": "e", "tracking_uri": "https://m:5000"}])
+    spec = tiny_job_spec(
+        integrations=[{"type": "mlflow", "experiment": "e", "tracking_uri": "https://m:5000"}]
+    )
     assert spec.integrations[0].experiment == "e"
-    assert tiny_spec().integrations == []
+    assert tiny_job_spec().integrations == []
     with pytest.raises(ValidationError, match="at most 4"):
-        tiny_spec(integrations=[{"type": "mlflow"}] * 5)
+        tiny_job_spec(integrations=[{"type": "mlflow"}] * 5)
 
 
 def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from models import weights
 from models.errors import SpkdError
-from tests.models.conftest import HYMENOPTERA
+from tests.helpers import HYMENOPTERA
 
 
 def _model(name="test_resnet", num_classes=5, **kw):

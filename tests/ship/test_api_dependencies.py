@@ -20,7 +20,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from ..helpers import KEY_A, ROOT, settings_env, small_imagefolder, tiny_spec, zip_dir
+from tests.helpers import KEY_A, ROOT, settings_env, small_imagefolder, tiny_spec, zip_dir
 
 # The child: the real app under uvicorn in a thread, driven over loopback with the standard
 # library only (a TestClient would import test-only packages), then its sys.modules.

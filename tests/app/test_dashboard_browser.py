@@ -1,0 +1,343 @@
+"""The dashboard in a real headless Chromium against a real API, Redis and `spkd worker`.
+
+One scenario, in the order a person would use it: sign in, upload a zip and create a job from the
+form, watch it move and draw its curves, download an artifact, cancel a second job; then the same
+page on a phone-sized screen and with the keyboard alone. Any console error fails the test.
+Screenshots go to the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import HYMENOPTERA
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+
+
+def _dataset_zip(dst: Path, per_class: int = 8) -> Path:
+    """A small real slice of hymenoptera (train/ and val/) plus its real GIF placeholder, zipped."""
+    with zipfile.ZipFile(dst, "w") as zf:
+        for split in ("train", "val"):
+            for cls_dir in sorted((HYMENOPTERA / split).iterdir()):
+                for img in sorted(cls_dir.glob("*.jpg"))[:per_class]:
+                    zf.write(img, f"{split}/{cls_dir.name}/{img.name}")
+        zf.write(HYMENOPTERA / "train/ants/imageNotFound.gif", "train/ants/imageNotFound.gif")
+    return dst
+
+
+class Console:
+    """Collects console errors and uncaught page exceptions; the test fails if any appear."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def watch(self, page: Any) -> Any:
+        page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        return page
+
+
+def _launch(pw: Any) -> Any:
+    return pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def _sign_in(page: Any, base: str, key: str) -> None:
+    page.goto(base + "/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("#view-jobs:not([hidden])")
+
+
+def _fill_job(page: Any, epochs: int, teacher_ft: int) -> None:
+    page.locator("#f-teacher").fill("test_resnet")
+    page.locator("#f-teacher-weights").fill("none")
+    page.locator("#f-teacher-ft").fill(str(teacher_ft))
+    page.locator("#f-student").fill("test_efficientnet")
+    page.locator("#f-student-weights").fill("none")
+    page.get_by_label("Epochs", exact=True).fill(str(epochs))
+    page.get_by_label("SP weight").fill("100")
+    page.get_by_label("Batch size").fill("8")
+    page.get_by_label("Learning rate").fill("0.01")
+    page.get_by_label("Image size").fill("64")
+    page.get_by_label("Loader processes").fill("0")  # load in-process: 2 shared cores
+
+
+def _create_job(page: Any) -> str:
+    page.get_by_role("button", name="Create job").click()
+    page.wait_for_url(re.compile(r"#/jobs/[^/]+$"), timeout=15_000)
+    return page.url.rsplit("/", 1)[1]
+
+
+def test_dashboard_end_to_end(live_stack: dict[str, Any], tmp_path: Path) -> None:
+    try:
+        _scenario(live_stack, tmp_path)
+    except Exception:
+        print(live_stack["logs"]())  # the API and worker logs, shown by pytest on failure
+        raise
+
+
+def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
+    base, key = live_stack["url"], live_stack["api_key"]
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    archive = _dataset_zip(tmp_path / "hymenoptera_slice.zip")
+    console = Console()
+
+    with playwright.sync_playwright() as pw:
+        browser = _launch(pw)
+        ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page = console.watch(ctx.new_page())
+        page.set_default_timeout(20_000)
+
+        # Sign in; the key stays in sessionStorage, never in the URL.
+        _sign_in(page, base, key)
+        assert key not in page.url
+        page.screenshot(path=shots / "01-jobs-empty.png", full_page=True)
+
+        # Upload the zip, then create a job from the form.
+        page.get_by_role("link", name="New job").first.click()
+        page.wait_for_selector("#view-new:not([hidden])")
+        page.get_by_label("Dataset zip").set_input_files(archive)
+        page.get_by_role("button", name="Upload").click()
+        _until(page, "document.querySelector('#upload-status').textContent.startsWith('Uploaded')", 30)
+        assert "ants, bees" in page.locator("#upload-status").inner_text()
+        dataset_id = page.locator("#f-dataset").input_value()
+        assert dataset_id.startswith("ds_")
+        _fill_job(page, epochs=3, teacher_ft=1)
+        page.screenshot(path=shots / "02-new-job-form.png", full_page=True)
+        job_id = _create_job(page)
+
+        # Progress moves, curves appear per stage as epochs end, the job succeeds.
+        seen = _watch_until_final(page, shots / "03-job-running.png", 180)
+        assert seen["status"] == "succeeded", seen
+        fractions = [f for f in seen["fractions"] if 0 < f < 1]
+        assert len(set(fractions)) >= 3 and fractions == sorted(fractions), seen["fractions"]
+        assert len(set(seen["epochs"])) >= 3, seen["epochs"]  # e.g. "1 / 1", "1 / 3", "2 / 3"...
+        assert seen["curve_counts"] and seen["curve_counts"][0] < 6, seen  # drawn live, before the end
+        for stage in ("teacher_finetune", "baseline", "distill"):
+            for metric in ("loss", "acc"):
+                svg = page.locator(f"#curves svg[data-stage='{stage}'][data-metric='{metric}']")
+                assert svg.count() == 1, (stage, metric)
+                assert svg.locator("polyline.val").count() == 1
+                assert "epoch" in svg.get_attribute("aria-label")
+        for who in ("teacher", "baseline", "distilled"):
+            assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
+        gain = page.locator("#acc-gain").inner_text()  # the gain's error bars and what shipped
+        assert "95 % CI" in gain and "McNemar p" in gain and "Shipped as student.*" in gain, gain
+        assert page.locator("#p-stream").inner_text() in ("live", "ended")
+        assert page.locator("#events li").count() >= 5
+        assert page.locator("#job-cancel").is_hidden()
+
+        # Every artifact is offered; downloading one gives the server's bytes.
+        page.wait_for_selector("#artifacts button[data-artifact='student.json']")
+        names = page.locator("#artifacts button").evaluate_all("bs => bs.map(b => b.dataset.artifact)")
+        assert {"student.safetensors", "student.json", "metrics.json"} <= set(names)
+        with page.expect_download() as dl:
+            page.locator("#artifacts button[data-artifact='student.json']").click()
+        saved = tmp_path / "student.json"
+        dl.value.save_as(saved)
+        assert saved.read_bytes() == (live_stack["artifact_root"] / job_id / "student.json").read_bytes()
+        page.screenshot(path=shots / "04-job-succeeded.png", full_page=True)
+
+        # A second, long job: cancel it once it runs.
+        page.goto(base + "/#/new")
+        page.wait_for_selector("#f-dataset option[value^='ds_']", state="attached")
+        page.locator("#f-dataset").select_option(index=1)
+        _fill_job(page, epochs=200, teacher_ft=0)
+        long_id = _create_job(page)
+        page.wait_for_selector("#job-status.running", timeout=60_000)
+        page.get_by_role("button", name="Cancel job").click()
+        page.wait_for_selector("#job-status.cancelled", timeout=60_000)
+        page.screenshot(path=shots / "05-job-cancelled.png", full_page=True)
+
+        # A job the worker rejects (a layer the teacher does not have; only the worker can tell):
+        # its page shows the error's code, message and field. Created by another client, over REST.
+        bad_spec = {
+            "teacher": {"model": "test_resnet", "weights": "none"},
+            "student": {"model": "test_efficientnet", "weights": "none"},
+            "dataset": {"id": dataset_id},
+            "distill": {"layers": [{"teacher": "no_such_layer", "student": "no_such_layer"}]},
+            "train": {"epochs": 1, "batch_size": 8, "image_size": 64, "num_workers": 0},
+        }
+        auth = {"Authorization": f"Bearer {key}"}
+        bad_id = httpx.post(f"{base}/v1/jobs", json=bad_spec, headers=auth, timeout=30).json()["id"]
+        page.goto(f"{base}/#/jobs/{bad_id}")
+        page.wait_for_selector("#job-status.failed", timeout=60_000)
+        page.wait_for_selector("#job-failure:not([hidden])")
+        assert page.locator("#fail-field").inner_text().startswith("distill.layers")
+        assert "no_such_layer" in page.locator("#fail-message").inner_text()
+        assert page.locator("#fail-code").inner_text() not in ("", "–")
+        page.screenshot(path=shots / "06-job-failed.png", full_page=True)
+
+        # The jobs table shows them all, newest first, with their statuses.
+        page.get_by_role("link", name="Jobs", exact=True).click()
+        page.wait_for_selector(f"#jobs-table tr[data-job='{bad_id}']")
+        rows = page.locator("#jobs-table tbody tr")
+        assert [rows.nth(i).get_attribute("data-job") for i in range(3)] == [bad_id, long_id, job_id]
+        statuses = [rows.nth(i).locator(".badge").inner_text() for i in range(3)]
+        assert statuses == ["failed", "cancelled", "succeeded"]
+        page.screenshot(path=shots / "07-jobs-table.png", full_page=True)
+        page.get_by_label("Status").select_option("cancelled")
+        page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']", state="detached")
+        shown = page.locator("#jobs-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.job)")
+        assert shown == [long_id]
+        ctx.close()
+
+        # Phone-sized screen: nothing wider than the screen, the table reads as cards.
+        phone = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+        page = console.watch(phone.new_page())
+        _sign_in(page, base, key)
+        page.wait_for_selector(f"#jobs-table tr[data-job='{job_id}']")
+        _fits(page, 375)
+        assert page.locator("#jobs-table thead").evaluate("e => e.getBoundingClientRect().height") <= 1
+        page.screenshot(path=shots / "08-phone-jobs.png", full_page=True)
+        page.goto(f"{base}/#/jobs/{job_id}")
+        page.wait_for_selector("#curves svg[data-stage='distill']")
+        _fits(page, 375)
+        page.screenshot(path=shots / "09-phone-job.png", full_page=True)
+        phone.close()
+
+        # A wrong key: a clear message, still on the sign-in form (the 401 is the only console error).
+        bad = browser.new_context()
+        wrong = Console()
+        page = wrong.watch(bad.new_page())
+        page.goto(base + "/")
+        page.get_by_label("API key").fill("not-a-key")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_selector("#signin-error:has-text('not accepted')")
+        assert page.locator("#view-signin").is_visible() and page.locator("#nav").is_hidden()
+        # A typo in a model name: the API's 422 is shown, with its close matches, and focus goes
+        # to the field to fix.
+        page.get_by_label("API key").fill(key)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_selector("#view-jobs:not([hidden])")
+        page.goto(base + "/#/new")
+        page.wait_for_selector("#f-dataset option[value^='ds_']", state="attached")
+        page.locator("#f-dataset").select_option(index=1)
+        _fill_job(page, epochs=1, teacher_ft=0)
+        page.locator("#f-teacher").fill("test_resnnet")
+        page.get_by_role("button", name="Create job").click()
+        page.wait_for_selector("#job-form-error:has-text('teacher.model')")
+        assert "test_resnet" in page.locator("#job-form-error").inner_text()  # the close match
+        assert page.evaluate("document.activeElement.id") == "f-teacher"
+        assert page.locator("#f-teacher").get_attribute("aria-invalid") == "true"
+        assert "#/new" in page.url
+        page.screenshot(path=shots / "11-form-error.png", full_page=True)
+        assert all(" 401 " in e or " 422 " in e for e in wrong.errors), wrong.errors
+        bad.close()
+
+        # Keyboard alone: sign in, reach a job through Tab, open it, focus lands on its heading.
+        kb = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = console.watch(kb.new_page())
+        page.goto(base + "/")
+        page.keyboard.press("Tab")  # skip link
+        assert page.evaluate("document.activeElement.className") == "skip"
+        _tab_to(page, "document.activeElement.id === 'apikey'")
+        page.keyboard.type(key)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#view-jobs:not([hidden])")
+        assert page.evaluate("document.activeElement.id") == "jobs-h"
+        page.wait_for_selector(f"#jobs-table a[href='#/jobs/{job_id}']")
+        _tab_to(page, f"document.activeElement.getAttribute('href') === '#/jobs/{job_id}'")
+        time.sleep(3.5)  # one auto-refresh of the table: focus must stay on the same job's link
+        assert page.evaluate("document.activeElement.getAttribute('href')") == f"#/jobs/{job_id}"
+        focus_ring = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert focus_ring != "none", "the focused link must be visible"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#view-job:not([hidden])")
+        assert page.evaluate("document.activeElement.id") == "job-h"
+        _tab_to(page, "document.activeElement.dataset.artifact === 'metrics.json'")
+        with page.expect_download() as dl:
+            page.keyboard.press("Enter")
+        assert dl.value.suggested_filename == "metrics.json"
+        page.screenshot(path=shots / "10-keyboard-focus.png")
+        kb.close()
+        browser.close()
+
+    assert not console.errors, console.errors
+
+
+def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any]:
+    """Sample what the job page shows while the job runs: overall progress, epoch, curve count.
+    Takes one screenshot mid-run, once a curve is drawn."""
+    probe = """() => ({
+        status: document.querySelector('#job-status').textContent,
+        fraction: document.querySelector('#job-progress').value,
+        epoch: document.querySelector('#p-epoch').textContent,
+        curves: document.querySelectorAll('#curves svg').length})"""
+    seen: dict[str, Any] = {"fractions": [], "epochs": [], "curve_counts": [], "status": None}
+    deadline, shot_taken = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        now = page.evaluate(probe)
+        seen["status"] = now["status"]
+        if now["status"] == "failed":
+            raise AssertionError(f"job failed: {page.locator('#job-failure').inner_text()}")
+        if now["status"] in ("succeeded", "cancelled"):
+            return seen
+        samples = {"fractions": now["fraction"], "epochs": now["epoch"], "curve_counts": now["curves"]}
+        for key, value in samples.items():
+            if value and value != "–" and (not seen[key] or seen[key][-1] != value):
+                seen[key].append(value)
+        if now["curves"] and not shot_taken:
+            page.screenshot(path=shot, full_page=True)
+            shot_taken = True
+        time.sleep(0.1)
+    raise AssertionError(f"job not finished after {timeout_s} s: {seen}")
+
+
+def _fits(page: Any, width: int) -> None:
+    """Nothing sticks out sideways on a phone; name the culprits if something does."""
+    if page.evaluate("document.documentElement.scrollWidth") <= width:
+        return
+    wide = page.evaluate(
+        """w => [...document.querySelectorAll('body *')]
+        .filter(e => e.getBoundingClientRect().right > w + 0.5 && e.offsetParent !== null)
+        .slice(0, 8).map(e => `${e.tagName}#${e.id}.${e.className} ${e.getBoundingClientRect().right}`)""",
+        width,
+    )
+    raise AssertionError(f"wider than {width}px: {wide}")
+
+
+def _until(page: Any, condition: str, timeout_s: float) -> None:
+    """Poll a JS condition. (wait_for_function evals a string in the page, which our CSP forbids.)
+    A job the page shows as failed ends the wait at once, with the error the page shows."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(condition):
+        if page.locator("#job-status.failed").count():
+            raise AssertionError(f"job failed: {page.locator('#job-failure').inner_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s} s: {condition}")
+        time.sleep(0.25)
+
+
+def _tab_to(page: Any, condition: str, limit: int = 60) -> None:
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate(condition):
+            return
+    raise AssertionError(f"never reached with Tab: {condition}")

@@ -1,0 +1,216 @@
+"""Hostile job specs: a clear 422 naming the field at POST, and the worker
+re-checks what it is given (paths swapped after POST), never unpickles code from a weights file,
+and runs a student larger than its teacher with a warning.
+
+The API in-process (TestClient) and the worker's own entry point (`execute_job`) against the real
+Redis; the engine runs for real on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import store
+from core.settings import Settings
+from tests.helpers import dump, events, small_imagefolder, tiny_spec
+from workers.runner import execute_job
+
+torch.set_num_threads(1)
+
+
+def _with(path: str, value: object) -> dict:
+    """tiny_spec with one dotted field set (a missing dict on the way is created)."""
+    spec = tiny_spec({"path": "hym"})
+    node = spec
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node[p]
+    node[leaf] = value
+    return spec
+
+
+BAD_FIELDS = [
+    ("train.surprise", 1, "train.surprise"),
+    ("teacher.pretrained", True, "teacher.pretrained"),
+    ("distill.layers", [{"teacher": "x", "student": "y", "extra": 1}], "distill.layers"),
+    ("train.lr", -0.1, "train.lr"),
+    ("train.lr", 1e9, "train.lr"),
+    ("train.batch_size", 0, "train.batch_size"),
+    ("train.batch_size", 1, "train.batch_size"),  # SP over one image is 0: zero real steps
+    ("train.batch_size", 10**9, "train.batch_size"),
+    ("train.epochs", -3, "train.epochs"),
+    ("train.epochs", 10**12, "train.epochs"),
+    ("train.epochs", "ten", "train.epochs"),
+    ("train.image_size", 100_000, "train.image_size"),
+    ("train.image_size", 1, "train.image_size"),
+    ("train.seed", -1, "train.seed"),
+    ("train.weight_decay", 5, "train.weight_decay"),
+    ("train.num_workers", 10_000, "train.num_workers"),
+    ("train.precision", "fp8", "train.precision"),
+    ("distill.temperature", 0, "distill.temperature"),
+    ("distill.sp_weight", -1, "distill.sp_weight"),
+    ("distill.kd_weight", 1e12, "distill.kd_weight"),
+    ("distill.teacher_views", 0, "distill.teacher_views"),
+    ("distill.layers", [], "distill.layers"),
+    ("dataset.val_fraction", 1.5, "dataset.val_fraction"),
+    ("dataset.id", "ds_../../etc", "dataset.id"),
+    ("teacher.finetune", {"epochs": 0}, "teacher.finetune.epochs"),
+    ("teacher.model", "../../etc/passwd", "teacher.model"),
+    ("student.model", "resnet18; rm -rf /", "student.model"),
+    ("student.weights", "/etc/passwd", "student.weights"),
+    ("student.weights", "job:../../x", "student.weights"),
+    ("baseline", "maybe", "baseline"),
+]
+
+
+@pytest.fixture
+def data(settings: Settings) -> Path:
+    return small_imagefolder(Path(settings.data_root) / "hym", per_class=4)
+
+
+@pytest.mark.parametrize(("path", "value", "field"), BAD_FIELDS)
+def test_bad_field_is_422_naming_it(client, data: Path, path: str, value: object, field: str) -> None:
+    resp = client.post("/v1/jobs", json=_with(path, value))
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["field"].startswith(field.split(".")[0]) and err["message"], err
+    assert (
+        field in err["field"]
+        or field in err["message"]
+        or any(field in d["field"] for d in err.get("details", []))
+    ), err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"train": {"lr": NaN}}',
+        b'{"train": {"lr": Infinity}}',
+        b"[1, 2, 3]",
+        b"null",
+        b'"a string"',
+        b"{" * 50_000,
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe not json",
+    ],
+)
+def test_malformed_bodies_are_4xx(client, body: bytes) -> None:
+    resp = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code in (400, 422), (body[:30], resp.status_code, resp.text[:300])
+    assert resp.json()["error"]["code"] in ("invalid_request", "bad_request")
+
+
+def test_paths_outside_the_roots(client, settings: Settings, data: Path, tmp_path: Path) -> None:
+    outside = small_imagefolder(tmp_path / "outside", per_class=2)
+    (Path(settings.data_root) / "escape").symlink_to(outside, target_is_directory=True)
+    weights_root = Path(settings.weights_roots)
+    (tmp_path / "outside" / "w.pth").write_bytes(b"x")
+    (weights_root / "link.pth").symlink_to(tmp_path / "outside" / "w.pth")
+    for ds_path in ("../outside", str(outside), "escape", "hym/../../outside", "hym/\x00x", "/etc"):
+        resp = client.post("/v1/jobs", json=tiny_spec({"path": ds_path}))
+        assert resp.status_code == 422, (ds_path, resp.text)
+        assert resp.json()["error"]["code"] in ("dataset_path_not_allowed", "invalid_request"), resp.text
+    for w in (str(tmp_path / "outside" / "w.pth"), "../outside/w.pth", "link.pth", "../../../../etc/x.pth"):
+        resp = client.post(
+            "/v1/jobs", json=tiny_spec({"path": "hym"}, student={"model": "test_resnet", "weights": w})
+        )
+        assert resp.status_code == 422 and resp.json()["error"]["code"] == "weights_not_allowed", (
+            w,
+            resp.text,
+        )
+        assert resp.json()["error"]["field"] == "student.weights"
+
+
+class _Payload:
+    """Unpickling this would create `marker`: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _bombs(root: Path, marker: Path) -> list[str]:
+    torch.save({"conv.weight": torch.zeros(1), "x": _Payload(marker)}, root / "bomb_zip.pth")
+    (root / "bomb_legacy.pt").write_bytes(pickle.dumps({"x": _Payload(marker)}, protocol=2))
+    (root / "bomb_fake.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    return ["bomb_zip.pth", "bomb_legacy.pt", "bomb_fake.safetensors"]
+
+
+def _run(client, r, keys, settings: Settings, spec: dict) -> dict:
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["id"]
+    execute_job(r, keys, settings, job_id, "test-worker")
+    return store.get_job(r, keys, job_id)
+
+
+@pytest.mark.slow
+def test_pickle_bomb_never_executes(client, r, keys, settings: Settings, data: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    for name in _bombs(Path(settings.weights_roots), marker):
+        job = _run(
+            client,
+            r,
+            keys,
+            settings,
+            tiny_spec({"path": "hym"}, teacher={"model": "test_efficientnet", "weights": name}),
+        )
+        assert job["status"] == "failed", dump(events(r, keys, job["id"]))
+        assert job["error"]["field"] == "teacher.weights", job["error"]
+        assert job["error"]["code"] in ("unsafe_weights", "bad_weights"), job["error"]
+        assert not marker.exists(), f"{name}: unpickling ran code"
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_worker_rechecks_paths_swapped_after_post(
+    client, r, keys, settings: Settings, data: Path, tmp_path: Path
+) -> None:
+    """Valid at POST, then replaced by a symlink out of the roots before a worker takes it."""
+    outside = small_imagefolder(tmp_path / "outside", per_class=2)
+    swap = Path(settings.data_root) / "swap"
+    small_imagefolder(swap, per_class=2)
+    ds_job = client.post("/v1/jobs", json=tiny_spec({"path": "swap"})).json()
+    shutil.rmtree(swap)
+    swap.symlink_to(outside, target_is_directory=True)
+    execute_job(r, keys, settings, ds_job["id"], "test-worker")
+    job = store.get_job(r, keys, ds_job["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "dataset_path_not_allowed", job
+
+    good = Path(settings.weights_roots) / "ok.pth"
+    torch.save({}, good)
+    w_job = client.post(
+        "/v1/jobs", json=tiny_spec({"path": "hym"}, student={"model": "test_resnet", "weights": "ok.pth"})
+    ).json()
+    good.unlink()
+    torch.save({}, tmp_path / "outside" / "w.pth")
+    good.symlink_to(tmp_path / "outside" / "w.pth")
+    execute_job(r, keys, settings, w_job["id"], "test-worker")
+    job = store.get_job(r, keys, w_job["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "weights_not_allowed", job
+    assert job["error"]["field"] == "student.weights"
+
+
+@pytest.mark.slow
+def test_student_larger_than_teacher_runs_with_a_warning(
+    client, r, keys, settings: Settings, data: Path
+) -> None:
+    spec = tiny_spec({"path": "hym"})  # test_resnet (373k parameters) from test_efficientnet (100k)
+    job = _run(client, r, keys, settings, spec)
+    evs = events(r, keys, job["id"])
+    assert job["status"] == "succeeded", dump(evs)
+    warnings = [
+        e["message"] for e in evs if e["kind"] == "warning" and "larger than the teacher" in e["message"]
+    ]
+    assert len(warnings) == 1, dump(evs)
+    assert any("larger than the teacher" in w for w in job["warnings"])
+    assert json.loads(json.dumps(job["metrics"]))["distilled"]["val_acc"] is not None
+    assert os.path.isfile(Path(settings.artifact_root) / job["id"] / "student.onnx")

@@ -1,0 +1,68 @@
+"""`spkd run JOB.yaml --out DIR`: the real command, in a subprocess, on a tiny job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+SPKD = [sys.executable, "-m", "cli.main"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spkd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    return subprocess.run([*SPKD, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
+    job = {
+        "teacher": {"model": "test_resnet", "weights": "none"},
+        "student": {"model": "test_efficientnet", "weights": "none"},
+        "dataset": {"path": str(color_dataset)},
+        "train": {"epochs": 1, "batch_size": 16, "image_size": 32, "num_workers": 0},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "distill epoch 1/1" in result.stdout and "distilled" in result.stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["baseline"] is not None and metrics["gain"] is not None
+    # the gain with its error bars, and what shipped, in the printed summary
+    cmp = metrics["comparison"]
+    assert f"95 % CI {cmp['ci95_points'][0]:+.1f} to {cmp['ci95_points'][1]:+.1f}" in result.stdout
+    assert "McNemar p =" in result.stdout and cmp["verdict"] in result.stdout
+    assert f"shipped as student.*: the {metrics['shipped']} student" in result.stdout
+    assert {"student.safetensors", "student.json", "student.onnx"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
+    # the local run is tracked like a worker's: TensorBoard files per stage
+    assert list((tmp_path / "out" / "tensorboard" / "distill").glob("events.out.tfevents.*"))
+
+
+def test_bad_fields_are_clear(tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        "teacher: {model: test_resnet, weights: pickle}\nstudent: {model: test_vit}\n"
+        "dataset: {path: x}\ntrain: {epochs: -1, batchsize: 3}\n"
+    )
+    result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
+    assert result.returncode == 2
+    for field in ("teacher.weights", "train.epochs", "train.batchsize"):
+        assert field in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_errors_name_code_and_field(color_dataset, tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        f"teacher: {{model: test_resnet, weights: none}}\nstudent: {{model: resnet_18}}\n"
+        f"dataset: {{path: {color_dataset}}}\n"
+    )
+    result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
+    assert result.returncode == 2
+    assert (
+        "unknown_model" in result.stdout and "student.model" in result.stdout and "resnet18" in result.stdout
+    )

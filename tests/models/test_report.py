@@ -1,0 +1,122 @@
+"""report.html and curves.png: from a real engine run's metrics.json, and on awkward input."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from models.report import write_report
+from models.spec import JobSpec
+from tests.helpers import HYMENOPTERA
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def _slice(dst: Path, per_class: int) -> Path:
+    """A few real images per class and split, plus the GIF placeholder and a truncated JPEG."""
+    for split in ("train", "val"):
+        for cls_dir in sorted((HYMENOPTERA / split).iterdir()):
+            out = dst / split / cls_dir.name
+            out.mkdir(parents=True)
+            for img in sorted(cls_dir.glob("*.jpg"))[:per_class]:
+                shutil.copy(img, out / img.name)
+    shutil.copy(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", dst / "train" / "ants")
+    # A download cut short: the first bytes of a real photo. The loader must reject it, with a reason.
+    first = sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[0]
+    (dst / "train" / "bees" / "cut_short.jpg").write_bytes(first.read_bytes()[:300])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny real run of the engine (all stages), so the report reads a genuine metrics.json."""
+    pipeline = pytest.importorskip("models.pipeline")
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("engine")
+    data = _slice(root / "data", per_class=6)
+    spec = JobSpec.model_validate(
+        {
+            "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 2}},
+            "student": {"model": "test_efficientnet", "weights": "none"},
+            "dataset": {"path": str(data)},
+            "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0},
+            "baseline": True,
+        }
+    )
+    from models.callbacks import NullReporter
+
+    out = root / "out"
+    pipeline.run_job(spec, data, out, NullReporter(), device="cpu")
+    return out
+
+
+def test_report_from_a_real_run(engine_run: Path):
+    # The engine's export stage already wrote both (models.pipeline calls write_report).
+    assert (engine_run / "report.html").stat().st_size > 0 and (engine_run / "curves.png").stat().st_size > 0
+    metrics = json.loads((engine_run / "metrics.json").read_text())
+    paths = write_report(engine_run)
+    assert [p.name for p in paths] == ["report.html", "curves.png"]
+    page = (engine_run / "report.html").read_text()
+
+    # Self-contained: the curves are inline, nothing is fetched.
+    assert "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    w, h = _png_size(engine_run / "curves.png")
+    assert w >= 600 and h >= 200
+
+    # The accuracy table shows the run's own numbers.
+    for who in ("teacher", "baseline", "distilled"):
+        acc = (metrics.get(who) or {}).get("val_acc")
+        if acc is not None:
+            assert f"{100 * acc:.1f}%" in page, who
+    # Every stage with curves gets its epoch table, every timed stage its row.
+    assert metrics["curves"], "the engine records epochs"
+    for stage, rows in metrics["curves"].items():
+        assert f"<h3>{stage}</h3>" in page and len(rows) >= 1
+    for stage in metrics["timing"]:
+        assert f"<th scope='row'>{stage}</th>" in page
+    # The truncated photo is listed as rejected, with its reason.
+    rejected = metrics["dataset"]["rejected"]
+    assert any("cut_short.jpg" in r["path"] for r in rejected), rejected
+    for r in rejected:
+        assert html.escape(r["path"]) in page and html.escape(r["reason"]) in page
+    # The spec is there to reproduce the run.
+    assert "test_resnet" in page and "test_efficientnet" in page and "sp_weight" in page
+
+
+def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
+    """A file name from a user upload must not inject markup; absent stages read 'n/a'."""
+    metrics = {
+        "teacher": {"val_acc": None},
+        "baseline": None,
+        "distilled": {"val_acc": 0.625},
+        "gain": None,
+        "curves": {},
+        "dataset": {
+            "classes": ["a<b>", "c"],
+            "counts": {"all": {"a<b>": 3, "c": 4}},
+            "rejected": [{"path": "x/<img src=x onerror=alert(1)>.jpg", "reason": "not an image & broken"}],
+        },
+        "timing": {"distill": 75.5},
+        "spec": {"teacher": {"model": "t"}, "student": {"model": "s"}},
+        "device": "cpu",
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    write_report(tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "not an image &amp; broken" in page
+    assert "62.5%" in page and page.count("n/a") >= 3
+    assert "1 min 15.5 s" in page and "No epochs recorded." in page
+    assert _png_size(tmp_path / "curves.png")[0] > 0
