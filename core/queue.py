@@ -22,9 +22,9 @@ def make_celery(settings: Settings) -> Celery:
     app.conf.update(
         task_default_queue=settings.queue,
         task_ignore_result=True,
-        # Long GPU jobs (docs/architecture.md#6-workers-and-gpus): ack only when done, hold one message at a time,
-        # requeue when the process running the task dies, and a visibility timeout longer than
-        # any job so Redis never hands a running job to a second worker.
+        # Long GPU jobs (docs/architecture.md#6-workers-and-gpus): ack only when done, hold one
+        # message at a time, requeue when the process running the task dies, and a visibility
+        # timeout longer than any job so Redis never hands a running job to a second worker.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     max_files: int = 200_000
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb default
 
-    # Longer than any job, or Redis hands an unacked job to a second worker (docs/architecture.md#6-workers-and-gpus).
+    # Longer than any job, or Redis hands an unacked job to a second worker
+    # (docs/architecture.md#6-workers-and-gpus).
     visibility_timeout_s: int = 7 * 24 * 3600
 
     # Worker <-> store timing (service owner; additive).

@@ -2,7 +2,8 @@
 
 One worker process per GPU, concurrency 1, prefork pool: the parent never touches CUDA; each job
 runs in a child that owns its CUDA context and is replaced after every job
-(max_tasks_per_child=1), so GPU memory and any leaked state go with it (docs/architecture.md#6-workers-and-gpus).
+(max_tasks_per_child=1), so GPU memory and any leaked state go with it
+(docs/architecture.md#6-workers-and-gpus).
 """
 
 from __future__ import annotations

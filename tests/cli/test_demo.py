@@ -182,3 +182,30 @@ def test_demo_interrupted_stops_everything(tmp_path):
     assert "interrupted" in output
     time.sleep(1)
     assert _children_alive(sorted(started)) == [], "the demo left processes running"
+
+
+def test_demo_spec_uses_the_job_default_sp_weight_unless_given() -> None:
+    from typer.testing import CliRunner
+
+    from cli.demo import DemoError, _sp_weight, build_spec
+    from cli.main import app
+
+    opts = {
+        "teacher": "t",
+        "teacher_weights": "package",
+        "student": "s",
+        "student_weights": "package",
+        "finetune_epochs": 4,
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 0.01,
+        "image_size": 64,
+        "num_workers": 0,
+        "baseline": True,
+    }
+    help_text = CliRunner().invoke(app, ["demo", "--help"]).output
+    assert "auto" in help_text  # the documented default is the job's own
+    assert build_spec({"id": "ds"}, {**opts, "sp_weight": "auto"})["distill"]["sp_weight"] == "auto"
+    assert build_spec({"id": "ds"}, {**opts, "sp_weight": "300"})["distill"]["sp_weight"] == 300.0
+    with pytest.raises(DemoError, match="'auto' or a number"):
+        _sp_weight("lots")
