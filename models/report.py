@@ -270,21 +270,28 @@ def _weights_section(w: Any) -> str:
     return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"
 
 
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "eval_split"]
+NOT_A_LOSS = {"stage", "epochs", "seconds", "images_per_sec", "lr"}
+
+
+def loss_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The named loss terms of a stage's rows (`ce` and every distillation method's), first-seen order.
+
+    Whatever numeric key a row has besides the fixed columns is a loss term the engine averaged
+    (models/engine.py), so a new method's losses show up without the report knowing its name.
+    """
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in EPOCH_COLUMNS and key not in NOT_A_LOSS and _is_number(value):
+                seen.setdefault(key)
+    return list(seen)
+
+
 def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
-    cols = [
-        "epoch",
-        "train_loss",
-        "train_acc",
-        "val_loss",
-        "val_acc",
-        "eval_split",
-        "ce",
-        "sp",
-        "kd",
-        "images_per_sec",
-    ]
     parts = ["<section><h2>Epochs</h2>"]
     for stage, rows in curves.items():
+        cols = [*EPOCH_COLUMNS, *loss_columns(rows), "images_per_sec"]
         head = "".join(f"<th scope='col'>{_e(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
         parts.append(
