@@ -126,7 +126,7 @@ def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
         _accuracy_section(metrics),
         _protocol_section(metrics),
         _gain_section(metrics.get("comparison")),
-        _weights_section(metrics.get("distill_weights")),
+        _weights_section(metrics.get("distill_weights"), _spec_methods(spec)),
         "<section><h2>Curves</h2>"
         f'<img src="data:image/png;base64,{img}" alt="Loss and accuracy per epoch for each stage" '
         'style="max-width:100%;height:auto"></section>',
@@ -231,7 +231,24 @@ def _num(v: Any) -> str:
     return f"{v:+.1f}" if _is_number(v) else "n/a"
 
 
-def _weights_section(w: Any) -> str:
+def _spec_methods(spec: Any) -> dict[str, Any]:
+    """The job spec's `distill.methods` ({name: options}), {} when absent or malformed."""
+    distill = spec.get("distill") if isinstance(spec, dict) else None
+    found = distill.get("methods") if isinstance(distill, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _methods_items(extra: dict[str, Any]) -> list[str]:
+    """One line per method the job added under distill.methods, with its options as given."""
+    items = []
+    for name, options in extra.items():
+        opts = options if isinstance(options, dict) else {}
+        given = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in opts.items()) or "default options"
+        items.append(f"Method <code>{_e(name)}</code>: {given} (given).")
+    return items
+
+
+def _weights_section(w: Any, extra: dict[str, Any] | None = None) -> str:
     if not isinstance(w, dict):
         return ""
     sp, kd, m = w.get("sp") or {}, w.get("kd") or {}, w.get("measured")
@@ -266,6 +283,7 @@ def _weights_section(w: Any) -> str:
             f"accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
             f"{' (chosen)' if c.get('chosen') else ''}."
         )
+    items += _methods_items(extra or {})
     body = "".join(f"<li>{i}</li>" for i in items)
     return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"
 

@@ -327,3 +327,4 @@ def test_job_with_rkd_trains_and_reports_rkd(color_dataset, tmp_path, teacher_ca
         assert any(d.get("teacher_cache") for k, _, d in reporter.events if k == "info")
     report = (tmp_path / "out" / "report.html").read_text()
     assert "<th scope='col'>rkd_distance</th>" in report and "<th scope='col'>rkd_angle</th>" in report
+    assert "Method <code>rkd</code>: distance_weight 25, angle_weight 50 (given)." in report
