@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import engine, factory, methods
+from models import checkpoint, engine, factory, methods
 from models import fastdata as fd
 from models.callbacks import RecordingReporter
 from models.errors import SpkdError
@@ -264,7 +264,7 @@ def _resume_from(payload: dict, with_methods: bool = True) -> engine.StageResume
     )
 
 
-def test_learnable_method_is_optimised_and_survives_checkpoint_resume(projected, sources):
+def test_learnable_method_is_optimised_and_survives_checkpoint_resume(projected, sources, tmp_path):
     plan, runtime = _stage(sources, "distill", "test_projected")
     head = plan.distiller.methods[1].head
     start = head.weight.detach().clone()
@@ -275,9 +275,13 @@ def test_learnable_method_is_optimised_and_survives_checkpoint_resume(projected,
     assert torch.equal(saved[-1]["methods"]["methods.1.head.weight"], head.weight.detach())
     final = head.weight.detach().clone()
 
-    # a fresh process resumes from the epoch-1 checkpoint: same head (and student) as uninterrupted
+    # the epoch-1 checkpoint goes through the real file (torch.save, weights_only load) and a fresh
+    # process resumes from it: same head (and student) as the uninterrupted run
+    checkpoint.save(tmp_path, {"current": saved[0]})
+    loaded = checkpoint.load(tmp_path)["current"]
+    assert set(loaded["methods"]) == {"methods.1.head.weight", "methods.1.head.bias"}
     again, runtime = _stage(sources, "distill", "test_projected")
-    _run(again, runtime, _resume_from(saved[0]))
+    _run(again, runtime, _resume_from(loaded))
     assert torch.allclose(again.distiller.methods[1].head.weight, final, rtol=0, atol=1e-6)
     student_final = {k: v for k, v in saved[-1]["model"].items()}
     got = again.model.state_dict()
