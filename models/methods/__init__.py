@@ -46,10 +46,13 @@ def from_spec(
     """The methods of a job's `distill` spec (models.spec.DistillSpec): sp, kd, then distill.methods.
 
     sp and kd get the given weights (the pipeline sets `auto` ones once measured); their spec
-    fields may be `auto` or a list, which is why the weights are arguments here.
+    fields may be `auto` or a list, which is why the weights are arguments here. sp is always
+    there (its `sp` column stays in every row), without layer pairs when the spec turns it off.
     Raises SpkdError `unknown_method` for a name no method is registered under.
     """
     pairs = list(zip(teacher_layers, student_layers, strict=True))
+    if not distill.sp_on:  # SP off: no taps, so neither model (nor the teacher cache) keeps its maps
+        pairs, layer_weights = [], []
     out: list[Method] = [
         sp.SP(pairs, layer_weights, sp_weight, sp_ref_batch),
         kd.KD(kd_weight, distill.temperature),

@@ -1,9 +1,9 @@
 """Similarity-Preserving KD (Tung & Mori, ICCV 2019).
 
-Per layer pair (Eq. 1-2 of the paper): Q = activations flattened to b x (c*h*w),
-G = Q Q^T row-L2-normalised; loss = ||G_t - G_s||_F^2 / b^2 (Eq. 3-4, summed over pairs with a
-weight each). It only compares b x b similarities, so the two layers may differ in channels,
-spatial size or even be token maps.
+Per layer pair: Q = activations flattened to b x (c*h*w), G = Q Q^T (Eq. 1) row-L2-normalised
+(Eq. 2); loss = ||G_t - G_s||_F^2 / b^2 (Eq. 3), summed over the pairs with a weight each; Eq. 4
+adds gamma x that to the cross-entropy. It only compares b x b similarities, so the two layers may
+differ in channels, spatial size or even be token maps.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class SP(Method):
 
     @property
     def active(self) -> bool:
-        return self.weight > 0
+        return self.weight > 0 and bool(self.pairs)
 
     def weight_at(self, batch: int) -> float:
         """The SP weight used for a batch of `batch` images (see the class docstring)."""
@@ -95,8 +95,8 @@ class SP(Method):
     def forward(self, student: Outputs, teacher: Outputs, batch: int) -> dict[str, torch.Tensor]:
         return {"sp": self.weight_at(batch) * self.loss(student.features, teacher.features)}
 
-    def raw(self, student: Outputs, teacher: Outputs) -> torch.Tensor:
-        return self.loss(student.features, teacher.features)
+    def raw(self, student: Outputs, teacher: Outputs) -> torch.Tensor | None:
+        return self.loss(student.features, teacher.features) if self.pairs else None
 
     def knobs(self) -> dict[str, tuple[str, float]]:
         return {"sp": ("distill.sp_weight", self.weight)}

@@ -173,6 +173,24 @@ def test_spec_validates_method_names_and_options():
         assert all(w in problem["msg"] for w in words), problem["msg"]
 
 
+@pytest.mark.parametrize(
+    ("distill", "teacher_taps", "needs"),
+    [
+        ({"sp_weight": 0, "methods": {"rkd": {}}}, ["pooled"], (True, False)),
+        ({"sp_weight": 0, "kd_weight": 1.0}, [], (False, True)),
+        ({"methods": {"rkd": {}}}, ["auto", "pooled"], (True, False)),
+        ({"sp_weight": [1, 10], "kd_weight": "auto"}, ["auto"], (True, True)),
+    ],
+)
+def test_spec_methods_tap_only_what_they_read(distill, teacher_taps, needs):
+    """What the teacher computes (and its cache keeps) follows the methods the spec turns on."""
+    spec = tiny_spec(distill=distill)
+    ms = methods.from_spec(spec.distill, ["auto"], ["auto"], [1.0])
+    assert [m.name for m in ms][:2] == ["sp", "kd"]  # always there: their columns stay in the rows
+    assert methods.tap_names(ms)[0] == teacher_taps
+    assert methods.spec_needs(spec.distill) == needs
+
+
 class Projected(methods.Method):
     """A throw-away method with a learnable part: a linear head maps the student's pooled embedding
     onto the teacher's (FitNets-like), MSE between them."""
