@@ -6,7 +6,7 @@ The raw SP term's scale depends on the pair, the tapped layer and the batch (300
 the mean cross-entropy and the mean raw (unweighted) SP and KD terms of the starting student, and
 sets gamma = SP_SHARE * CE / SP_raw: SP then starts as SP_SHARE of the cross-entropy. The weight
 applies at the measured batch size and follows the batch size from there (SP ~ 1/b; see
-models.losses.Distiller.sp_weight_at). The measurement does not train: the student's BN running
+models.methods.sp.SP.weight_at). The measurement does not train: the student's BN running
 statistics are restored afterwards, and the engine re-seeds every epoch, so the run is unchanged.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from models.losses import Distiller, kd_loss
+from models.methods import Distiller, Method
 
 # SP starts at this share of the cross-entropy. Measured start ratios (lite2 -> lite0, package
 # weights) place the known outcomes: SP at 2-5x CE tied or beat fine-tuning alone on 3-epoch CPU
@@ -37,16 +37,28 @@ CALIBRATION_BATCHES = 4
 
 @dataclass(frozen=True)
 class Measured:
-    """Means over the first `batches` batches (each of `batch_size` images) at the start."""
+    """Means over the first `batches` batches (each of `batch_size` images) at the start.
+
+    raw: per method with an auto weight (Method.raw), its unweighted term (SP: SPLoss with the layer
+    weights, before gamma; KD: before kd_weight), None when the teacher lacks what it needs (no
+    logits). Read as `<name>_raw` (m.sp_raw) and written so by as_dict().
+    """
 
     ce: float
-    sp_raw: float  # SPLoss with the layer weights, before gamma
-    kd_raw: float | None  # before kd_weight; None when the teacher gives no logits
+    raw: dict[str, float | None]
     batches: int
     batch_size: int
 
+    def __getattr__(self, attr: str) -> float | None:
+        raw = self.__dict__.get("raw", {})
+        if attr.endswith("_raw") and attr[: -len("_raw")] in raw:
+            return raw[attr[: -len("_raw")]]
+        raise AttributeError(attr)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        raw = d.pop("raw")
+        return {"ce": d.pop("ce"), **{f"{k}_raw": v for k, v in raw.items()}, **d}
 
 
 def measure(
@@ -56,7 +68,8 @@ def measure(
     runtime,
     n_batches: int = CALIBRATION_BATCHES,
 ) -> Measured:
-    """Mean CE, raw SP and raw KD of the current student on the first `n_batches` training batches.
+    """Mean CE and each method's raw term (Method.raw: SP, KD) of the current student on the first
+    `n_batches` training batches.
 
     `batches` yields (uint8 images, labels, indices) like the engine's sources; the student runs in
     train mode (as in its first steps) without gradients, and its BN buffers are restored after.
@@ -66,8 +79,9 @@ def measure(
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
     model.train()
-    ce = sp = kd = 0.0
-    kd_seen = 0
+    ce = 0.0
+    sums: dict[str, float] = {}
+    seen: dict[str, int] = {}
     n = size = 0
     dev = runtime.device
     guard = closing(batches) if hasattr(batches, "close") else nullcontext()
@@ -80,10 +94,19 @@ def measure(
                     out = distiller.student_tap(student_norm(images))
                     t_logits, t_feats = distiller.teacher(images, indices)
                 ce += float(F.cross_entropy(out.logits.float(), labels))
-                sp += float(distiller.sp(out.features, t_feats))
-                if t_logits is not None:
-                    kd += float(kd_loss(out.logits, t_logits, distiller.temperature))
-                    kd_seen += 1
+                for i, m in enumerate(distiller.methods):
+                    if type(m).raw is Method.raw:
+                        continue  # no auto weight
+                    s, t = (
+                        distiller.outputs(out.logits, out.features, i),
+                        distiller.outputs(t_logits, t_feats, i),
+                    )
+                    value = m.raw(s, t)
+                    sums.setdefault(m.name, 0.0)
+                    seen.setdefault(m.name, 0)
+                    if value is not None:
+                        sums[m.name] += float(value)
+                        seen[m.name] += 1
                 size = size or int(labels.shape[0])
                 n += 1
     finally:
@@ -91,7 +114,8 @@ def measure(
         model.train(was_training)
     if n == 0:
         raise ValueError("no training batch to measure the SP/KD weights on")
-    return Measured(ce / n, sp / n, (kd / kd_seen) if kd_seen else None, n, size)
+    raw = {name: (sums[name] / seen[name]) if seen[name] else None for name in sums}
+    return Measured(ce / n, raw, n, size)
 
 
 def auto_weight(share: float, ce: float, raw: float | None) -> float:

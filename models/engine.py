@@ -7,6 +7,7 @@ number (every step on the CPU, every `sync_every` steps on a GPU).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from models.callbacks import Progress, Reporter, StopRequested
 from models.data import Batch, normalize
 from models.factory import DataConfig, is_cnn
 from models.features import FeatureTap
-from models.losses import Distiller
+from models.methods import Distiller
 from models.oom import BatchSizeController
 
 
@@ -101,8 +102,19 @@ def freeze(model: torch.nn.Module) -> None:
 
 
 # -------------------------------------------------------------------------------- optimisation
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, runtime: Runtime):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    runtime: Runtime,
+    extra: Iterable[torch.nn.Parameter] = (),
+):
+    """Nesterov SGD over the model's trainable parameters, plus `extra` ones (the distillation
+    methods' learnable parts) as a second group, with the same lr schedule and weight decay."""
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    more = [p for p in extra if p.requires_grad]
+    if more:
+        params = [{"params": params}, {"params": more}]
     kwargs: dict[str, Any] = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay}
     if runtime.is_cuda:
         kwargs["fused"] = True
@@ -168,6 +180,7 @@ class StageResume:
     rng: dict | None = None
     curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    methods: dict | None = None  # the distiller's state_dict: its methods' learnable parts
 
 
 def train_stage(
@@ -181,11 +194,14 @@ def train_stage(
 ) -> tuple[list[dict], float]:
     """Train plan.model for plan.epochs; returns (curve of epoch_end dicts, stage seconds)."""
     resume = resume or StageResume()
-    model = plan.model
-    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, runtime)
+    model, distiller = plan.model, plan.distiller
+    distiller.to(runtime.device)  # the methods' learnable parts, if any
+    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, runtime, distiller.parameters())
     scheduler = make_scheduler(optimizer, plan.epochs * plan.steps_per_epoch)
     if resume.model is not None:
         model.load_state_dict(resume.model)
+        if resume.methods:
+            distiller.load_state_dict(resume.methods)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
     curve = list(resume.curve)
@@ -220,6 +236,7 @@ def train_stage(
             {
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
+                "methods": distiller.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": checkpoint.rng_state(),
@@ -251,12 +268,8 @@ def _train_epoch(
     model, distiller = plan.model, plan.distiller
     model.train()
     dev = runtime.device
-    sums = {
-        "loss": torch.zeros((), device=dev),
-        "ce": torch.zeros((), device=dev),
-        "sp": torch.zeros((), device=dev),
-        "kd": torch.zeros((), device=dev),
-    }
+    # the total and every named loss the distiller may return (0 for a term a step did not compute)
+    sums = {key: torch.zeros((), device=dev) for key in ["loss", *distiller.loss_names]}
     correct = torch.zeros((), device=dev, dtype=torch.long)
     seen = 0
     epoch_start = last = time.perf_counter()
@@ -268,10 +281,12 @@ def _train_epoch(
         epoch + 1,
         dev,
         lr=plan.lr,
-        sp_weight=distiller.sp_weight if distiller.needs_teacher else None,
-        kd_weight=distiller.kd_weight if distiller.needs_teacher else None,
+        knobs=distiller.knobs() if distiller.needs_teacher else None,
         check_grads=scaler is None,
     )
+
+    def params() -> Iterable[torch.nn.Parameter]:
+        return itertools.chain(model.parameters(), distiller.parameters())
 
     def one_step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         images, labels, indices = batch
@@ -281,17 +296,19 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
-            guard.observe(losses, model.parameters())
+            guard.observe(losses, params())
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            guard.observe(losses, model.parameters())
+            guard.observe(losses, params())
             optimizer.step()
         n = labels.shape[0]
         with torch.no_grad():
             sums["loss"] += loss.detach() * n
             for key, value in losses.items():
+                if key not in sums:  # a name the method did not declare in loss_names
+                    sums[key] = torch.zeros((), device=dev)
                 sums[key] += value.detach() * n
             correct.add_((logits.argmax(1) == labels).sum())
         return loss.detach(), n
@@ -333,14 +350,9 @@ def _train_epoch(
     guards.check_steps_ran(step if seen else 0, plan.name, epoch + 1)
     seen = max(seen, 1)
     elapsed = max(time.perf_counter() - epoch_start, 1e-9)
-    out = {
-        "train_loss": float(sums["loss"]) / seen,
-        "train_acc": float(correct) / seen,
-        "ce": float(sums["ce"]) / seen,
-        "sp": float(sums["sp"]) / seen,
-        "kd": float(sums["kd"]) / seen,
-        "images_per_sec": seen / elapsed,
-    }
+    out = {"train_loss": float(sums.pop("loss")) / seen, "train_acc": float(correct) / seen}
+    out.update({name: float(total) / seen for name, total in sums.items()})  # ce and each named loss
+    out["images_per_sec"] = seen / elapsed
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from models import data, fastdata, teacher_cache
+from models import data, fastdata, methods, teacher_cache
 from models.callbacks import Reporter
 from models.spec import JobSpec
 
@@ -134,8 +134,7 @@ class FastPath:
             return live(x, None)
 
         shapes, logit_dim = teacher_cache.probe_teacher(run_teacher, self.train)
-        keep_features = self.spec.distill.sp_on
-        keep_logits = self.spec.distill.kd_on
+        keep_features, keep_logits = methods.spec_needs(self.spec.distill)  # what the methods read
         numel = (sum(int(torch.Size(s).numel()) for s in shapes) if keep_features else 0) + (
             (logit_dim or 0) if keep_logits else 0
         )

@@ -3,7 +3,8 @@
 `auto` taps the last stage's feature map before pooling (`forward_features`), as in the paper and
 its reference code; for a ViT that is the token map (b x tokens x dim), which SP handles because it
 only compares b x b similarities. Named taps are `feature_info` module names (e.g. `blocks.6`),
-read with `forward_intermediates` when the model has it, else with forward hooks.
+read with `forward_intermediates` when the model has it, else with forward hooks. `pooled` is the
+pooled pre-logits embedding (b x d, timm's `forward_head(pre_logits=True)`), which RKD compares.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from models.errors import SpkdError
 
 AUTO = "auto"
+POOLED = "pooled"  # the pooled pre-logits embedding; valid for any timm classifier
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:
@@ -27,7 +29,7 @@ def layer_names(model: torch.nn.Module) -> list[str]:
 def check_layers(model: torch.nn.Module, names: Sequence[str], field: str) -> None:
     valid = layer_names(model)
     for name in names:
-        if name not in valid:
+        if name not in valid and name != POOLED:
             raise SpkdError(
                 "unknown_layer",
                 f"{type(model).__name__} has no feature layer {name!r}; valid: {', '.join(valid)}",
@@ -56,7 +58,7 @@ class FeatureTap:
         self.model = model
         self.names = list(names)
         modules = layer_names(model)[1:]
-        self._indices = {n: modules.index(n) for n in self.names if n != AUTO}
+        self._indices = {n: modules.index(n) for n in self.names if n not in (AUTO, POOLED)}
         has_api = hasattr(model, "forward_intermediates")
         self._use_intermediates = bool(self._indices) and has_api and use_intermediates is not False
         self._hooked: dict[str, torch.Tensor] = {}
@@ -82,6 +84,8 @@ class FeatureTap:
             found = dict(self._hooked)
             self._hooked.clear()
         logits = self.model.forward_head(final)
+        if POOLED in self.names:
+            found[POOLED] = self.model.forward_head(final, pre_logits=True)
         feats = [final if n == AUTO else found[n] for n in self.names]
         return Tapped(logits=logits, features=feats)
 

@@ -27,22 +27,24 @@ def lr_field(stage: str) -> str:
     return "teacher.finetune.lr" if stage == "teacher_finetune" else "train.lr"
 
 
-def hint(
-    term: str, stage: str, lr: float | None, sp_weight: float | None, kd_weight: float | None, fp16: bool
-) -> tuple[str, str]:
+# loss term -> (spec field, weight now): the distillation methods' weights (Distiller.knobs()).
+Knobs = Mapping[str, tuple[str, float]]
+
+
+def hint(term: str, stage: str, lr: float | None, knobs: Knobs | None, fp16: bool) -> tuple[str, str]:
     """(advice, field) for a non-finite `term`: the knobs that scale the updates, the term's own first.
 
     A NaN in one term often comes from weights an earlier step's huge update already ruined, so
     every active knob is named; the error's field is the likeliest one.
     """
-    knobs = [(lr_field(stage), f"{lr:g}" if lr is not None else None)]
-    for name, weight, own in (("sp", sp_weight, "distill.sp_weight"), ("kd", kd_weight, "distill.kd_weight")):
-        if weight:
-            knobs.insert(0 if term == name else len(knobs), (own, f"{weight:g}"))
-    advice = "lower " + " or ".join(f"{f} (now {v})" if v else f for f, v in knobs)
+    found = [(lr_field(stage), f"{lr:g}" if lr is not None else None)]
+    for name, (own, weight) in (knobs or {}).items():
+        if weight and all(own != f for f, _ in found):
+            found.insert(0 if term == name else len(found), (own, f"{weight:g}"))
+    advice = "lower " + " or ".join(f"{f} (now {v})" if v else f for f, v in found)
     if fp16:
         advice += "; or use train.precision bf16 or fp32 (fp16 overflows above 65504)"
-    return advice, knobs[0][0]
+    return advice, found[0][0]
 
 
 def non_finite_error(
@@ -53,13 +55,12 @@ def non_finite_error(
     value: float,
     *,
     lr: float | None = None,
-    sp_weight: float | None = None,
-    kd_weight: float | None = None,
+    knobs: Knobs | None = None,
     fp16: bool = False,
     values: Mapping[str, float] | None = None,
 ) -> SpkdError:
     """The `non_finite_loss` error: where (stage, 1-based epoch and step), which term, what to do."""
-    advice, field = hint(term, stage, lr, sp_weight, kd_weight, fp16)
+    advice, field = hint(term, stage, lr, knobs, fp16)
     where = stage + (f" epoch {epoch}" if epoch else "") + (f" step {step}" if step else "")
     seen = f" (that step: {', '.join(f'{k} {v:.4g}' for k, v in values.items())})" if values else ""
     return SpkdError(
@@ -96,12 +97,11 @@ class FiniteGuard:
         device: torch.device,
         *,
         lr: float | None = None,
-        sp_weight: float | None = None,
-        kd_weight: float | None = None,
+        knobs: Knobs | None = None,
         check_grads: bool = True,
     ) -> None:
         self.stage, self.epoch, self.device = stage, epoch, device
-        self.lr, self.sp_weight, self.kd_weight = lr, sp_weight, kd_weight
+        self.lr, self.knobs = lr, knobs
         self.check_grads = check_grads
         self.terms: list[str] | None = None
         self.step = 0
@@ -149,8 +149,7 @@ class FiniteGuard:
             term,
             value,
             lr=self.lr,
-            sp_weight=self.sp_weight,
-            kd_weight=self.kd_weight,
+            knobs=self.knobs,
             fp16=not self.check_grads,
             values={
                 ("gradient norm" if t == GRADIENT else t): v for t, v in zip(self.terms, values, strict=True)

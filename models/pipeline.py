@@ -23,7 +23,19 @@ from typing import Any
 
 import torch
 
-from models import autoweight, checkpoint, data, export, factory, fastpath, guards, stats, validation, weights
+from models import (
+    autoweight,
+    checkpoint,
+    data,
+    export,
+    factory,
+    fastpath,
+    guards,
+    methods,
+    stats,
+    validation,
+    weights,
+)
 from models.callbacks import Reporter, StopRequested, ensure_current
 from models.engine import (
     Clock,
@@ -478,6 +490,7 @@ def _train(
             rng=current["rng"],
             curve=list(current["curve"]),
             seconds=current["seconds"],
+            methods=current.get("methods"),
         )
 
     def on_epoch_end(payload: dict[str, Any]) -> None:
@@ -556,19 +569,14 @@ def _distill(run: Run) -> float | None:
     spec = run.spec
     t_layers, s_layers, layer_weights = layer_pairs(spec)
     student = _build_student(run)
+    ms = methods.from_spec(spec.distill, t_layers, s_layers, layer_weights)
+    t_names, s_names = methods.tap_names(ms)
     teacher_fn = None
-    if spec.distill.sp_on or spec.distill.kd_on:
+    if spec.distill.uses_teacher:
         teacher, _ = _build_teacher(run)
         freeze(teacher)
-        teacher_fn = make_teacher(run, teacher, t_layers)
-    distiller = Distiller(
-        FeatureTap(student, s_layers, "distill.layers.student"),
-        teacher_fn,
-        layer_weights,
-        0.0,
-        0.0,
-        spec.distill.temperature,
-    )
+        teacher_fn = make_teacher(run, teacher, t_names)
+    distiller = methods.Distiller(FeatureTap(student, s_names, "distill.layers.student"), teacher_fn, ms)
     if teacher_fn is not None:
         _set_weights(run, distiller, student)
     chosen = _train(run, "distill", student, distiller, spec.train.epochs, spec.train.lr)
@@ -676,7 +684,7 @@ def _search(run: Run, teacher_fn, weights_list: list[float], kd_weight: float) -
     by the distill stage. Costs sum(k_r x e_r) extra epochs instead of (k - 1) full runs.
     """
     spec = run.spec
-    _, s_layers, layer_weights = layer_pairs(spec)
+    t_layers, s_layers, layer_weights = layer_pairs(spec)
     alive = sorted(weights_list)
     results: list[dict[str, Any]] = []
     train_batches, val_batches = _loaders(run, "distill")
@@ -687,14 +695,12 @@ def _search(run: Run, teacher_fn, weights_list: list[float], kd_weight: float) -
         scored = []
         for w in alive:
             student = _build_student(run)
-            distiller = Distiller(
-                FeatureTap(student, s_layers, "distill.layers.student"),
-                teacher_fn,
-                layer_weights,
-                w,
-                kd_weight,
-                spec.distill.temperature,
-                sp_ref_batch=spec.train.batch_size,
+            ms = methods.from_spec(
+                spec.distill, t_layers, s_layers, layer_weights, w, kd_weight, spec.train.batch_size
+            )
+            s_names = methods.tap_names(ms)[1]
+            distiller = methods.Distiller(
+                FeatureTap(student, s_names, "distill.layers.student"), teacher_fn, ms
             )
             plan = StagePlan(
                 name=f"search_r{rung}_{w:g}",

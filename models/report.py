@@ -126,7 +126,7 @@ def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
         _accuracy_section(metrics),
         _protocol_section(metrics),
         _gain_section(metrics.get("comparison")),
-        _weights_section(metrics.get("distill_weights")),
+        _weights_section(metrics.get("distill_weights"), _spec_methods(spec)),
         "<section><h2>Curves</h2>"
         f'<img src="data:image/png;base64,{img}" alt="Loss and accuracy per epoch for each stage" '
         'style="max-width:100%;height:auto"></section>',
@@ -231,7 +231,24 @@ def _num(v: Any) -> str:
     return f"{v:+.1f}" if _is_number(v) else "n/a"
 
 
-def _weights_section(w: Any) -> str:
+def _spec_methods(spec: Any) -> dict[str, Any]:
+    """The job spec's `distill.methods` ({name: options}), {} when absent or malformed."""
+    distill = spec.get("distill") if isinstance(spec, dict) else None
+    found = distill.get("methods") if isinstance(distill, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _methods_items(extra: dict[str, Any]) -> list[str]:
+    """One line per method the job added under distill.methods, with its options as given."""
+    items = []
+    for name, options in extra.items():
+        opts = options if isinstance(options, dict) else {}
+        given = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in opts.items()) or "default options"
+        items.append(f"Method <code>{_e(name)}</code>: {given} (given).")
+    return items
+
+
+def _weights_section(w: Any, extra: dict[str, Any] | None = None) -> str:
     if not isinstance(w, dict):
         return ""
     sp, kd, m = w.get("sp") or {}, w.get("kd") or {}, w.get("measured")
@@ -266,25 +283,33 @@ def _weights_section(w: Any) -> str:
             f"accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
             f"{' (chosen)' if c.get('chosen') else ''}."
         )
+    items += _methods_items(extra or {})
     body = "".join(f"<li>{i}</li>" for i in items)
     return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"
 
 
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "eval_split"]
+NOT_A_LOSS = {"stage", "epochs", "seconds", "images_per_sec", "lr"}
+
+
+def loss_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The named loss terms of a stage's rows (`ce` and every distillation method's), first-seen order.
+
+    Whatever numeric key a row has besides the fixed columns is a loss term the engine averaged
+    (models/engine.py), so a new method's losses show up without the report knowing its name.
+    """
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in EPOCH_COLUMNS and key not in NOT_A_LOSS and _is_number(value):
+                seen.setdefault(key)
+    return list(seen)
+
+
 def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
-    cols = [
-        "epoch",
-        "train_loss",
-        "train_acc",
-        "val_loss",
-        "val_acc",
-        "eval_split",
-        "ce",
-        "sp",
-        "kd",
-        "images_per_sec",
-    ]
     parts = ["<section><h2>Epochs</h2>"]
     for stage, rows in curves.items():
+        cols = [*EPOCH_COLUMNS, *loss_columns(rows), "images_per_sec"]
         head = "".join(f"<th scope='col'>{_e(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
         parts.append(

@@ -161,6 +161,46 @@ AUTO_WEIGHT = "auto"
 MAX_CANDIDATES = 8
 
 
+class RkdOptions(_Strict):
+    """Relational KD (Park et al., CVPR 2019) on the pooled embeddings: its two loss weights."""
+
+    distance_weight: Annotated[float, Field(ge=0, le=1e4)] = Field(
+        default=25.0, description="lambda_D, the weight of the distance loss (the paper's 25)"
+    )
+    angle_weight: Annotated[float, Field(ge=0, le=1e4)] = Field(
+        default=50.0, description="lambda_A, the weight of the angle loss (the paper's 50)"
+    )
+
+
+# The distillation methods a job adds under `distill.methods`, by their registry name in
+# models/methods/, with the options each takes. `sp` and `kd` have their own fields above.
+METHOD_OPTIONS: dict[str, type[_Strict]] = {"rkd": RkdOptions}
+MethodOptions = RkdOptions  # the union of METHOD_OPTIONS' values (one member so far)
+FIELD_METHODS = {"sp": "distill.sp_weight", "kd": "distill.kd_weight"}
+
+
+def _check_methods(value: object) -> object:
+    """{name: options or null} -> {name: validated options}; a clear error for an unknown name."""
+    if not isinstance(value, dict):
+        return value  # pydantic's own "must be a dictionary" error
+    out = {}
+    for name, options in value.items():
+        if name in FIELD_METHODS:
+            raise ValueError(f"{name} is set with {FIELD_METHODS[name]}, not under distill.methods")
+        if name not in METHOD_OPTIONS:
+            raise ValueError(
+                f"unknown distillation method {name!r}; known methods: {', '.join(sorted(METHOD_OPTIONS))} "
+                f"(and {', '.join(FIELD_METHODS)}, set with {' and '.join(FIELD_METHODS.values())})"
+            )
+        try:
+            out[name] = METHOD_OPTIONS[name].model_validate({} if options is None else options)
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ) from None
+    return out
+
+
 class DistillSpec(_Strict):
     sp_weight: Literal["auto"] | SpWeight | list[SpWeight] = Field(
         default=AUTO_WEIGHT,
@@ -174,6 +214,12 @@ class DistillSpec(_Strict):
         default=0.0, description="0: off; 'auto': KD set to a fixed share of the cross-entropy; or a number"
     )
     temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
+    methods: Annotated[dict[str, MethodOptions], BeforeValidator(_check_methods)] = Field(
+        default_factory=dict,
+        description="more distillation methods, added to SP/KD, by name with their options: "
+        "{rkd: {distance_weight: 25, angle_weight: 50}} (Relational KD on the pooled embeddings)",
+        examples=[{"rkd": {"distance_weight": 25.0, "angle_weight": 50.0}}],
+    )
     teacher_cache: Literal["auto", "on", "off"] = Field(
         default="auto", description="reuse frozen-teacher features over a fixed set of augmented views"
     )
@@ -226,6 +272,11 @@ class DistillSpec(_Strict):
     @property
     def kd_on(self) -> bool:
         return isinstance(self.kd_weight, str) or self.kd_weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the distill stage runs the teacher (SP, KD or any method under `methods`)."""
+        return self.sp_on or self.kd_on or bool(self.methods)
 
 
 def _two_per_batch(value: object) -> object:

@@ -1,7 +1,8 @@
 """Teacher-feature cache: run the frozen teacher once per augmented view.
 
-During distillation the teacher is frozen, so its SP features (and logits when KD is on) depend
-only on the input view. We draw V random-resized-crop + flip views per training image, run the
+During distillation the teacher is frozen, so the outputs the distillation methods read (features
+at their taps, logits for KD) depend only on the input view. We draw V random-resized-crop + flip
+views per training image, run the
 teacher on each once, and keep the features in half precision (GPU memory when they fit, else
 pinned host memory). Every distillation epoch each image uses one of its V views (without
 replacement inside a cycle of V epochs, so V >= epochs means no view repeats); the student input is
@@ -34,7 +35,7 @@ from models.fastdata import (
     to_device,
 )
 
-# uint8 (B, 3, S, S) on the device -> (logits or None, SP features per layer pair); the engine's
+# uint8 (B, 3, S, S) on the device -> (logits or None, features per method tap pair); the engine's
 # live teacher with its own normalisation in front.
 TeacherFn = Callable[[torch.Tensor], tuple[torch.Tensor | None, list[torch.Tensor]]]
 
@@ -136,7 +137,7 @@ class TeacherCache:
     ) -> TeacherCache:
         """Run the teacher on V random views of every image; `progress(done, total)` per batch.
 
-        keep_logits / keep_features: store only what the loss uses (logits for KD, features for SP).
+        keep_logits / keep_features: store only what the methods read (models.methods.needs).
         """
         n = len(source.store)
         bs = batch_size or source.batch_size

@@ -58,6 +58,8 @@ BAD_FIELDS = [
     ("distill.kd_weight", 1e12, "distill.kd_weight"),
     ("distill.teacher_views", 0, "distill.teacher_views"),
     ("distill.layers", [], "distill.layers"),
+    ("distill.methods", {"rkd": {"angle_weight": -1}}, "distill.methods"),
+    ("distill.methods", {"rkd": {"typo": 1}}, "distill.methods"),
     ("dataset.val_fraction", 1.5, "dataset.val_fraction"),
     ("dataset.id", "ds_../../etc", "dataset.id"),
     ("teacher.finetune", {"epochs": 0}, "teacher.finetune.epochs"),
@@ -85,6 +87,16 @@ def test_bad_field_is_422_naming_it(client, data: Path, path: str, value: object
         or field in err["message"]
         or any(field in d["field"] for d in err.get("details", []))
     ), err
+
+
+def test_unknown_distillation_method_is_422_listing_the_known_ones(client, data: Path) -> None:
+    resp = client.post("/v1/jobs", json=_with("distill.methods", {"fitnets": {"weight": 1}}))
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["field"] == "distill.methods", err
+    assert "'fitnets'" in err["message"] and "known methods: rkd" in err["message"], err
+    ok = client.post("/v1/jobs", json=_with("distill.methods", {"rkd": {"angle_weight": 0}}))
+    assert ok.status_code in (201, 202), ok.text  # a known one with valid options is accepted
 
 
 @pytest.mark.parametrize(
