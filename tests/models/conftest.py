@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.helpers import HYMENOPTERA, make_folder
 
@@ -37,3 +39,37 @@ def val_images() -> tuple[list[Path], list[int]]:
 @pytest.fixture(scope="session")
 def train_images() -> tuple[list[Path], list[int]]:
     return _images("train", 8)
+
+
+@pytest.fixture(scope="session")
+def lite_features():
+    """Real features: lite0 / lite2 with the package ImageNet weights, 8 hymenoptera images, 96 px.
+
+    (student map, teacher map) at `auto` (head conv, 1280 ch) and at blocks.6 (the last block).
+    """
+    from PIL import Image
+
+    from models import weights
+    from models.data import load_rgb
+
+    paths = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:4]
+    paths += sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[:4]
+    x = torch.stack(
+        [
+            torch.from_numpy(np.asarray(load_rgb(str(p)).resize((96, 96), Image.BILINEAR)).copy())
+            .permute(2, 0, 1)
+            .float()
+            .div(127.5)
+            .sub(1.0)
+            for p in paths
+        ]
+    )
+    out = {}
+    with torch.no_grad():
+        for role, name in (("student", "tf_efficientnet_lite0"), ("teacher", "tf_efficientnet_lite2")):
+            model, _ = weights.build(name, "package", 2, role, 96)
+            model.eval()
+            head = model.forward_features(x)
+            _, inter = model.forward_intermediates(x, indices=[4])  # feature_info[4]: blocks.6
+            out[role] = {"auto": head, "blocks.6": inter[0]}
+    return out

@@ -117,41 +117,6 @@ def test_kd_matches_reference_and_gradcheck(temp):
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def lite_features():
-    """Real features: lite0 / lite2 with the package ImageNet weights, 8 hymenoptera images, 96 px.
-
-    (student map, teacher map) at `auto` (head conv, 1280 ch) and at blocks.6 (the last block).
-    """
-    from PIL import Image
-
-    from models import weights
-    from models.data import load_rgb
-    from tests.helpers import HYMENOPTERA
-
-    paths = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:4]
-    paths += sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[:4]
-    x = torch.stack(
-        [
-            torch.from_numpy(np.asarray(load_rgb(str(p)).resize((96, 96), Image.BILINEAR)).copy())
-            .permute(2, 0, 1)
-            .float()
-            .div(127.5)
-            .sub(1.0)
-            for p in paths
-        ]
-    )
-    out = {}
-    with torch.no_grad():
-        for role, name in (("student", "tf_efficientnet_lite0"), ("teacher", "tf_efficientnet_lite2")):
-            model, _ = weights.build(name, "package", 2, role, 96)
-            model.eval()
-            head = model.forward_features(x)
-            _, inter = model.forward_intermediates(x, indices=[4])  # feature_info[4]: blocks.6
-            out[role] = {"auto": head, "blocks.6": inter[0]}
-    return out
-
-
 def _sp64(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[float, torch.Tensor]:
     """SP and d SP / d f_s in float64, outside autocast: the reference."""
     s = f_s.detach().double().requires_grad_(True)

@@ -20,8 +20,7 @@ from models.features import FeatureTap
 from models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
 from models.pipeline import run_job
 from models.spec import METHOD_OPTIONS, JobSpec
-from tests.models.conftest import tiny_spec
-from tests.models.test_losses import lite_features  # noqa: F401  (the real-features fixture)
+from tests.helpers import tiny_job_spec
 
 
 # ------------------------------------------------------------------- RKD, written out in float64
@@ -96,7 +95,7 @@ def test_rkd_matches_float64_reference_on_random_features(shape_s, shape_t):
     _check_rkd(f_s, f_t)
 
 
-def test_rkd_matches_float64_reference_on_real_pooled_embeddings(lite_features):  # noqa: F811
+def test_rkd_matches_float64_reference_on_real_pooled_embeddings(lite_features):
     """lite0 / lite2 pooled embeddings (1280-d) of 8 hymenoptera images, and a student near its teacher."""
     f_s = lite_features["student"]["auto"].mean((2, 3))
     f_t = lite_features["teacher"]["auto"].mean((2, 3))
@@ -157,7 +156,7 @@ def test_registry_finds_methods_by_name_and_names_the_known_ones():
 
 
 def test_spec_validates_method_names_and_options():
-    spec = tiny_spec(distill={"methods": {"rkd": None}})
+    spec = tiny_job_spec(distill={"methods": {"rkd": None}})
     assert spec.distill.methods["rkd"].distance_weight == 25.0 and spec.distill.uses_teacher
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec  # round-trips (stored specs)
     for bad, words in (
@@ -167,7 +166,7 @@ def test_spec_validates_method_names_and_options():
         ({"rkd": {"typo": 1}}, ["rkd.typo"]),
     ):
         with pytest.raises(pydantic.ValidationError) as err:
-            tiny_spec(distill={"methods": bad})
+            tiny_job_spec(distill={"methods": bad})
         (problem,) = err.value.errors()
         assert problem["loc"] == ("distill", "methods")
         assert all(w in problem["msg"] for w in words), problem["msg"]
@@ -184,7 +183,7 @@ def test_spec_validates_method_names_and_options():
 )
 def test_spec_methods_tap_only_what_they_read(distill, teacher_taps, needs):
     """What the teacher computes (and its cache keeps) follows the methods the spec turns on."""
-    spec = tiny_spec(distill=distill)
+    spec = tiny_job_spec(distill=distill)
     ms = methods.from_spec(spec.distill, ["auto"], ["auto"], [1.0])
     assert [m.name for m in ms][:2] == ["sp", "kd"]  # always there: their columns stay in the rows
     assert methods.tap_names(ms)[0] == teacher_taps
@@ -335,7 +334,9 @@ def test_job_with_rkd_trains_and_reports_rkd(color_dataset, tmp_path, teacher_ca
     }
     if teacher_cache == "on":
         distill.update(sp_weight=0, teacher_views=2)
-    spec = tiny_spec(teacher={"model": "test_resnet", "weights": "none", "finetune": None}, distill=distill)
+    spec = tiny_job_spec(
+        teacher={"model": "test_resnet", "weights": "none", "finetune": None}, distill=distill
+    )
     reporter = RecordingReporter()
     metrics = run_job(spec, color_dataset, tmp_path / "out", reporter)
     rows = [d for k, _, d in reporter.events if k == "epoch_end" and d["stage"] == "distill"]
