@@ -24,10 +24,11 @@ from models import data, factory, guards, weights
 from models.bank import BANK, ModelKey
 from models.errors import SpkdError
 from models.features import FeatureTap, check_layers, layer_pairs
+from models.spec import JobSpec
 
 
-def validate_job(spec, data_dir: Path) -> list[str]:
-    """Check a job (a models.spec.JobSpec) before any training; returns warnings, raises SpkdError.
+def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
+    """Check a job before any training; returns warnings, raises SpkdError.
 
     Both models are built at the job's image size (once: models/bank.py) and run once on it;
     a second call for the same spec, data and weight files returns the first call's warnings.
@@ -75,7 +76,7 @@ def validate_job(spec, data_dir: Path) -> list[str]:
     return remember(spec, data_dir, found)
 
 
-def _built(role: str, spec, classes: list[str], size: int) -> tuple[torch.nn.Module, bool]:
+def _built(role: str, spec: JobSpec, classes: list[str], size: int) -> tuple[torch.nn.Module, bool]:
     """The job's `role` model with its file/package weights (hub weights: not downloaded here)."""
     name, w = getattr(spec, role).model, getattr(spec, role).weights
     if w == "hub" and not weights.has_hub_weights(name):
