@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from models import checkpoint, factory, weights
-
-ROLES = ("teacher", "student")
+from models.spec import JobSpec
 
 
 @dataclass(frozen=True)
 class ModelKey:
-    """Everything a built model depends on; `stamp` is the weight file's size and mtime, if any."""
+    """Everything a built model depends on; `stamp` names the weight file's version (size, mtime,
+    inode), so a file replaced between two jobs is read again."""
 
     role: str  # "teacher" | "student": also the error field prefix and the seeding label
     name: str  # timm model name
@@ -39,8 +39,8 @@ class ModelKey:
     stamp: str = ""
 
     @classmethod
-    def of(cls, spec: Any, role: str, classes: list[str], image_size: int) -> ModelKey:
-        """The key of `spec.teacher` or `spec.student` (a models.spec.JobSpec) for this data."""
+    def of(cls, spec: JobSpec, role: str, classes: list[str], image_size: int) -> ModelKey:
+        """The key of the job's `role` model ("teacher" | "student") for these classes and size."""
         section = getattr(spec, role)
         return cls(
             role,
@@ -54,6 +54,7 @@ class ModelKey:
 
 
 def _stamp(w: str) -> str:
+    """'' for keyword weights, '-' for a missing file (weights.build raises for it)."""
     if w in ("hub", "none", "package") or w.startswith("job:"):
         return ""
     try:

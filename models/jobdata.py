@@ -56,8 +56,10 @@ class JobData:
         dataset = self.select_set if split == "selection" and self.select_set is not None else self.val_set
         return lambda: self._loader(dataset, training=False)
 
-    def loaders(self, stage: str | None = None):
-        """(train_batches(epoch), batches of the choice split) for a training stage."""
+    def loaders(self, stage: str | None = None) -> fastpath.Loaders:
+        """(train_batches(epoch), val_batches()) for a training stage; val is the choice split.
+
+        `stage` "distill" may get the teacher cache's batches (the views it was built on)."""
         fast = self.fast.loaders(stage) if self.fast is not None else None
         train_batches = fast[0] if fast is not None else None  # decoded once, augmented on the device
         if train_batches is None:
