@@ -65,6 +65,15 @@ def create_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
     return {}
 
 
+def job_image_size(spec: Any) -> int:
+    """One image size per job (a models.spec.JobSpec): train.image_size, else the student's
+    pretrained input size (224 when timm has no pretrained config for it)."""
+    if spec.train.image_size:
+        return spec.train.image_size
+    cfg = timm.models.get_pretrained_cfg(spec.student.model)
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
 def data_config(model: torch.nn.Module, image_size: int | None = None) -> DataConfig:
     """The model's pretrained data config, with the job's square image size when given."""
     cfg = resolve_data_config({}, model=model)

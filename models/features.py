@@ -11,13 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.errors import SpkdError
 
+if TYPE_CHECKING:
+    from models.spec import JobSpec
+
 AUTO = "auto"
 POOLED = "pooled"  # the pooled pre-logits embedding; valid for any timm classifier
+
+
+def layer_pairs(spec: JobSpec) -> tuple[list[str], list[str], list[float]]:
+    """(teacher layers, student layers, per-pair weights) that SP compares: `auto` is one pair."""
+    if spec.distill.layers == AUTO:
+        return [AUTO], [AUTO], [1.0]
+    pairs = spec.distill.layers
+    return [p.teacher for p in pairs], [p.student for p in pairs], [p.weight for p in pairs]
 
 
 def layer_names(model: torch.nn.Module) -> list[str]:

@@ -1,4 +1,7 @@
-"""Misfits found before any training (called from models/pipeline.py validate_job and _setup).
+"""Misfits found before any training: `validate_job`, and the checks it is made of.
+
+- `validate_job`: everything a person must fix before any training (names, data, weights, sizes,
+  layers); the models it builds are the job's own (models/bank.py), reused by the stages.
 
 - `probe_model`: one tiny forward (batch 2, no grad) of a built model at the job's image size,
   through the same feature taps SP uses: a ViT whose patch size does not divide the image size,
@@ -17,9 +20,70 @@ from pathlib import Path
 
 import torch
 
-from models import guards, weights
+from models import data, factory, guards, weights
+from models.bank import BANK, ModelKey
 from models.errors import SpkdError
-from models.features import FeatureTap
+from models.features import FeatureTap, check_layers, layer_pairs
+from models.spec import JobSpec
+
+
+def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
+    """Check a job before any training; returns warnings, raises SpkdError.
+
+    Both models are built at the job's image size (once: models/bank.py) and run once on it;
+    a second call for the same spec, data and weight files returns the first call's warnings.
+    """
+    if (found := cached(spec, data_dir)) is not None:
+        return found
+    factory.check_model_name(spec.teacher.model, "teacher.model")
+    factory.check_model_name(spec.student.model, "student.model")
+    scan = data.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
+    guards.check_batch_size(spec.train.batch_size, len(scan.train))
+    finetuned = spec.teacher.finetune is not None
+    found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
+    size = factory.job_image_size(spec)
+    teacher, teacher_head = _built("teacher", spec, scan.classes, size)
+    student, _ = _built("student", spec, scan.classes, size)
+    t_layers, s_layers, _ = layer_pairs(spec)
+    check_layers(teacher, t_layers, "distill.layers.teacher")
+    check_layers(student, s_layers, "distill.layers.student")
+    probe_model("teacher", spec.teacher.model, teacher, t_layers, size, len(scan.classes))
+    probe_model("student", spec.student.model, student, s_layers, size, len(scan.classes))
+    if note := unnamed_head_warning(spec.teacher.weights, teacher_head, finetuned):
+        found.append(note)
+    if spec.teacher.finetune is None and not teacher_head:
+        if spec.distill.kd_on:
+            raise SpkdError(
+                "teacher_not_finetuned",
+                "KD needs a teacher whose head knows the target classes: "
+                "set teacher.finetune or load fine-tuned teacher weights",
+                "distill.kd_weight",
+            )
+        found.append(
+            "the teacher is not fine-tuned and its weights have no head for these classes: "
+            "SP uses its ImageNet features and no teacher accuracy is reported"
+        )
+    if factory.param_count(student) > factory.param_count(teacher):
+        found.append(f"the student ({spec.student.model}) is larger than the teacher ({spec.teacher.model})")
+    for role, name, w in (
+        ("teacher", spec.teacher.model, spec.teacher.weights),
+        ("student", spec.student.model, spec.student.weights),
+    ):
+        if w == "package" and not name.startswith("tf_"):
+            found.append(f"{role}: the package weights fit tf_{name} best (TF 'same' padding)")
+    if len(scan.rejected):
+        found.append(f"{len(scan.rejected)} file(s) in the dataset were skipped: see the dataset report")
+    return remember(spec, data_dir, found)
+
+
+def _built(role: str, spec: JobSpec, classes: list[str], size: int) -> tuple[torch.nn.Module, bool]:
+    """The job's `role` model with its file/package weights (hub weights: not downloaded here)."""
+    name, w = getattr(spec, role).model, getattr(spec, role).weights
+    if w == "hub" and not weights.has_hub_weights(name):
+        raise SpkdError(
+            "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
+        )
+    return BANK.probe(ModelKey.of(spec, role, classes, size))
 
 
 def probe_model(

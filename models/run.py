@@ -1,0 +1,183 @@
+"""A run's state: what survives a restart (`RunState`, saved as the attempt's last.pt by
+models/checkpoint.py), and what one process holds while it runs a job (`Run`).
+
+Publishing: every file a run leaves is written to a temporary name first and moved into place
+only after `Run.guard()` (the service's fencing check) passes, right before the rename.
+Checkpoints and stage weights go to the attempt's own folder (checkpoint.checkpoint_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import checkpoint, data, export, validation
+from models.callbacks import Reporter, ensure_current
+from models.engine import Clock, Runtime, pick_runtime
+from models.errors import SpkdError
+from models.jobdata import JobData, open_data
+from models.spec import JobSpec
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """What survives a restart: finished stages, their results, and the stage in progress."""
+
+    spec: str
+    completed: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    current: dict[str, Any] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "spec": self.spec,
+            "completed": self.completed,
+            "results": self.results,
+            "curves": self.curves,
+            "timing": self.timing,
+            "current": self.current,
+        }
+
+
+@dataclass
+class Run:
+    spec: JobSpec
+    scan: data.DatasetScan
+    out_dir: Path
+    reporter: Reporter
+    runtime: Runtime
+    state: RunState
+    data: JobData
+    clock: Clock
+    attempt: int | None = None  # the service's fencing token: names this attempt's folder
+    kept: dict[str, Any] = field(default_factory=dict)  # finished models evaluate and export share
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.scan.classes)
+
+    @property
+    def selecting(self) -> bool:
+        return self.data.selecting
+
+    def guard(self) -> None:
+        """Raise Fenced unless this run may still write (called right before each rename)."""
+        ensure_current(self.reporter)
+
+    def save(self) -> None:
+        checkpoint.save(self.out_dir, self.state.payload(), self.attempt, self.guard)
+
+    def ckpt_file(self, name: str) -> Path:
+        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / name
+
+    def save_stage_weights(self, model: torch.nn.Module, name: str) -> None:
+        export.save_weights(model, self.ckpt_file(name), self.guard)
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where the export stage writes the artifacts before they are published into out_dir."""
+        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / "export"
+
+
+def open_run(
+    spec: JobSpec,
+    data_dir: Path,
+    out_dir: Path,
+    reporter: Reporter,
+    device: str | None,
+    attempt: int | None,
+    epochs: dict[str, int],
+) -> Run:
+    """Scan, report the dataset, pick the device, open the data, adopt/load the checkpoint.
+
+    `epochs`: the planned training stages' epochs (the whole-run ETA counts those not done yet).
+    """
+    scan = data.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
+    scan = data.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
+    if isinstance(spec.distill.sp_weight, list) and not scan.select:
+        raise SpkdError(
+            "search_needs_selection",
+            "a list of sp_weight candidates is judged on a selection split: set dataset.selection_fraction "
+            "above 0 (or give the dataset a test/ split, so val/ selects)",
+            "distill.sp_weight",
+        )
+    _report_dataset(scan, reporter)
+    runtime = pick_runtime(spec.train.precision, device)
+    if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
+        reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
+    job_data = open_data(spec, scan, runtime, reporter)
+    checkpoint.adopt(out_dir, attempt)
+    state = load_state(spec, out_dir, reporter, attempt)
+    steps = job_data.steps_per_epoch
+    clock = Clock(total_steps=sum(e * steps for s, e in epochs.items() if s not in state.completed))
+    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, attempt)
+
+
+def _report_dataset(scan: data.DatasetScan, reporter: Reporter) -> None:
+    summary = scan.summary()
+    sizes, roles = summary["sizes"], summary["roles"]
+    reporter.event(
+        "dataset",
+        f"{len(scan.classes)} classes, {sizes['train']} train / {sizes['selection']} selection "
+        f"({roles['selection']}) / {sizes['report']} report ({roles['report']}) images, "
+        f"{len(scan.rejected)} rejected",
+        classes=summary["classes"],
+        counts=summary["counts"],
+        rejected=summary["rejected"],
+        sizes=sizes,
+        roles=roles,
+    )
+
+
+def _spec_key(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter, attempt: int | None) -> RunState:
+    """The attempt's saved state for this very spec, else a new one (another spec: a warning)."""
+    saved = checkpoint.load(out_dir, attempt)
+    key = _spec_key(spec)
+    if saved is None:
+        return RunState(spec=key)
+    if saved.get("version") != FORMAT_VERSION or saved.get("spec") != key:
+        reporter.event(
+            "warning", "a checkpoint for another job spec was found in the output folder; starting over"
+        )
+        return RunState(spec=key)
+    state = RunState(
+        spec=key,
+        completed=list(saved["completed"]),
+        results=dict(saved["results"]),
+        curves=dict(saved["curves"]),
+        timing=dict(saved["timing"]),
+        current=saved["current"],
+    )
+    where = state.current and f"{state.current['stage']} epoch {state.current['epoch']}"
+    reporter.event(
+        "info",
+        f"resuming from checkpoint ({where or 'after ' + ', '.join(state.completed)})",
+        completed=state.completed,
+    )
+    return state
+
+
+def cleanup_checkpoints(run: Run, files: list[str]) -> None:
+    """After success keep only the small state file (a rerun returns at once); drop the stages'
+    weight `files` and the folders of earlier attempts."""
+    run.guard()
+    checkpoint.remove_earlier_attempts(run.out_dir, run.attempt)
+    shutil.rmtree(run.staging_dir, ignore_errors=True)
+    for name in files:
+        path = run.ckpt_file(name)
+        if path.exists():
+            path.unlink()

@@ -1,0 +1,158 @@
+"""What the stage bodies share: the job's models by role (built once: models/bank.py) and one
+training stage with resume, best-epoch choice and epoch-end checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import checkpoint, export
+from models.bank import BANK, ModelKey
+from models.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
+from models.features import AUTO, FeatureTap
+from models.losses import Distiller
+from models.run import Run
+
+
+# ------------------------------------------------------------------------------------ models
+def _key(run: Run, role: str) -> ModelKey:
+    return ModelKey.of(run.spec, role, run.scan.classes, run.data.image_size)
+
+
+def build_student(run: Run) -> torch.nn.Module:
+    """A new copy of the job's initial student on the device: the baseline, the distilled student
+    and every search candidate start from the same weights (and the same new head)."""
+    model, _ = BANK.copy(_key(run, "student"))
+    return prepare(model, run.runtime)
+
+
+def build_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
+    """(teacher, head knows the classes) as the later stages use it: a copy of the job's initial
+    teacher, with the fine-tuned weights once teacher_finetune has run."""
+    model, head = BANK.copy(_key(run, "teacher"))
+    finetuned = run.ckpt_file("teacher.safetensors")
+    if "teacher_finetune" in run.state.completed and finetuned.is_file():
+        load_weights(model, finetuned)
+        head = True
+    return prepare(model, run.runtime), head
+
+
+def finished_student(run: Run, which: str) -> torch.nn.Module:
+    """The `distilled` or `baseline` student as its stage left it (its best epoch); loaded once per
+    run and shared by evaluate and export."""
+    if which not in run.kept:
+        model, _ = BANK.copy(_key(run, "student"))
+        load_weights(model, run.ckpt_file(f"{which}.safetensors"))
+        run.kept[which] = prepare(model, run.runtime)
+    return run.kept[which]
+
+
+def finished_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
+    """`build_teacher`, once per run for evaluate and export."""
+    if "teacher" not in run.kept:
+        run.kept["teacher"] = build_teacher(run)
+    return run.kept["teacher"]
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+# ---------------------------------------------------------------------------------- training
+def plain(model: torch.nn.Module) -> Distiller:
+    """Cross-entropy only (no teacher): fine-tuning."""
+    return Distiller(FeatureTap(model, [AUTO]), None, [1.0], 0.0, 0.0, 1.0)
+
+
+def best_row(curve: list[dict]) -> dict:
+    """The epoch with the highest selection accuracy; ties go to the later epoch."""
+    return max(curve, key=lambda r: (r["val_acc"], r["epoch"]))
+
+
+def _best_file(run: Run, stage: str) -> Path:
+    return run.ckpt_file(f"{stage}.best.safetensors")
+
+
+def _resume(run: Run, stage: str) -> StageResume | None:
+    """The stage's state from the checkpoint when it was interrupted mid-way (RNGs restored)."""
+    current = run.state.current
+    if not current or current["stage"] != stage:
+        return None
+    checkpoint.set_rng_state(current["rng"])
+    return StageResume(
+        epoch=current["epoch"],
+        model=current["model"],
+        optimizer=current["optimizer"],
+        scheduler=current["scheduler"],
+        rng=current["rng"],
+        curve=list(current["curve"]),
+        seconds=current["seconds"],
+        methods=current.get("methods"),
+    )
+
+
+def train(
+    run: Run,
+    stage: str,
+    model: torch.nn.Module,
+    distiller: Distiller,
+    epochs: int,
+    lr: float,
+) -> dict[str, Any]:
+    """Run one training stage with resume and checkpoints; leave `model` at its best epoch.
+
+    With a selection split every epoch is scored on it and the best epoch's weights (ties: the later
+    epoch) are kept in checkpoints/<stage>.best.safetensors before the epoch's checkpoint is saved,
+    so a resumed run chooses exactly as an uninterrupted one. Without one the last epoch is kept.
+    Returns {"best_epoch", "select_acc" (None without selection), "epochs"}.
+    """
+    train_batches, val_batches = run.data.loaders(stage)
+    resume = _resume(run, stage)
+
+    def on_epoch_end(payload: dict[str, Any]) -> None:
+        curve = payload["curve"]
+        if run.selecting and best_row(curve) is curve[-1]:
+            export.save_weights(model, _best_file(run, stage), run.guard)
+        run.state.current = {"stage": stage, **payload}
+        run.state.curves[stage] = curve
+        run.state.timing[stage] = round(payload["seconds"], 3)
+        run.save()
+        run.reporter.event(
+            "checkpoint",
+            f"checkpoint after {stage} epoch {payload['epoch']}",
+            stage=stage,
+            epoch=payload["epoch"],
+        )
+
+    plan = StagePlan(
+        name=stage,
+        model=model,
+        distiller=distiller,
+        student_norm=Normalizer(run.data.cfg_for(stage), run.runtime, model),
+        epochs=epochs,
+        lr=lr,
+        weight_decay=run.spec.train.weight_decay,
+        seed=run.spec.train.seed,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        steps_per_epoch=run.data.steps_per_epoch,
+        eval_split=run.data.choice_split,
+    )
+    curve, _ = train_stage(plan, run.runtime, run.reporter, run.clock, on_epoch_end, resume)
+    if not run.selecting:
+        return {"best_epoch": curve[-1]["epoch"], "select_acc": None, "epochs": epochs}
+    best = best_row(curve)
+    load_weights(model, _best_file(run, stage))
+    run.reporter.event(
+        "best_epoch",
+        f"{stage}: keeping epoch {best['epoch']} of {epochs} "
+        f"(selection accuracy {100 * best['val_acc']:.1f}%)",
+        stage=stage,
+        epoch=best["epoch"],
+        select_acc=best["val_acc"],
+    )
+    return {"best_epoch": best["epoch"], "select_acc": best["val_acc"], "epochs": epochs}

@@ -1,0 +1,107 @@
+"""evaluate: score the students and the teacher on the report split, compare the students
+(models/stats.py), and decide which student ships (chosen on the selection split, never the report)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models import guards, stats
+from models.engine import Normalizer
+from models.factory import DataConfig
+from models.run import Run
+from models.stages.common import finished_student, finished_teacher
+
+_GAIN_KEYS = ("n", "gain_points", "ci95_points", "mcnemar", "verdict")
+
+
+def run_stage(run: Run) -> float:
+    """Fill results' report-split accuracies, the comparison and `shipped`; returns the shipped
+    student's report accuracy. Raises SpkdError `non_finite_loss` for a NaN model."""
+    results = run.state.results
+    report = run.data.eval_batches("report")
+    preds = {}
+    for which in ("distilled", "baseline"):
+        if which not in results:
+            continue
+        p = predict(run, finished_student(run, which), run.data.student_cfg, report())
+        guards.check_value(p["loss"], "evaluate", None, f"{which}_val_loss")
+        preds[which] = p
+        results[which] = {
+            **results[which],
+            "val_acc": p["acc"],
+            "val_loss": p["loss"],
+            "per_class_acc": _per_class(run, p),
+        }
+    teacher, head = finished_teacher(run)
+    if head:
+        t = predict(run, teacher, run.data.teacher_cfg, report())
+        guards.check_value(t["loss"], "evaluate", None, "teacher_val_loss")
+        results["teacher"] = {**results.get("teacher", {}), "val_acc": t["acc"], "val_loss": t["loss"]}
+    else:
+        results.setdefault("teacher", {"val_acc": None})
+    if "baseline" in preds:
+        cmp = stats.compare(
+            preds["baseline"]["labels"],
+            preds["baseline"]["preds"],
+            preds["distilled"]["preds"],
+            run.scan.classes,
+            seed=run.spec.train.seed,
+        )
+        results["comparison"] = cmp
+        run.reporter.event("gain", stats.summary_line(cmp), **{k: cmp[k] for k in _GAIN_KEYS})
+    results["shipped"] = _ship(run)
+    return results[results["shipped"]["student"]]["val_acc"]
+
+
+@torch.no_grad()
+def predict(run: Run, model: torch.nn.Module, cfg: DataConfig, batches) -> dict[str, Any]:
+    """Per-image predictions on a split: labels, preds, accuracy, mean CE loss (fp32)."""
+    model.eval()
+    norm = Normalizer(cfg, run.runtime, model)
+    labels: list[int] = []
+    preds: list[int] = []
+    loss = 0.0
+    with torch.inference_mode():
+        for images, y, _ in batches:
+            images, y = images.to(run.runtime.device), y.to(run.runtime.device)
+            with run.runtime.autocast():
+                logits = model(norm(images))
+            loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            labels += y.tolist()
+            preds += logits.argmax(1).tolist()
+    n = max(1, len(labels))
+    acc = sum(int(a == b) for a, b in zip(labels, preds, strict=True)) / n
+    return {"labels": labels, "preds": preds, "acc": acc, "loss": loss / n}
+
+
+def _per_class(run: Run, p: dict[str, Any]) -> dict[str, float | None]:
+    out = {}
+    for i, name in enumerate(run.scan.classes):
+        hits = [int(pr == i) for y, pr in zip(p["labels"], p["preds"], strict=True) if y == i]
+        out[name] = sum(hits) / len(hits) if hits else None
+    return out
+
+
+def _ship(run: Run) -> dict[str, Any]:
+    """The distilled student ships unless the baseline beats it on the selection split."""
+    results = run.state.results
+    d, b = results["distilled"], results.get("baseline")
+    if b is None:
+        return {"student": "distilled", "reason": "no baseline was trained"}
+    if not run.selecting:
+        return {"student": "distilled", "reason": "no selection split (selection_fraction 0)"}
+    if b["select_acc"] > d["select_acc"]:
+        reason = (
+            f"the student fine-tuned alone beat the distilled student on the selection split "
+            f"({100 * b['select_acc']:.1f}% vs {100 * d['select_acc']:.1f}%): student.* is the baseline"
+        )
+        run.reporter.event("warning", reason, shipped="baseline")
+        return {"student": "baseline", "reason": reason}
+    reason = (
+        f"the distilled student is at least as good as the baseline on the selection split "
+        f"({100 * d['select_acc']:.1f}% vs {100 * b['select_acc']:.1f}%)"
+    )
+    run.reporter.event("info", reason, shipped="distilled")
+    return {"student": "distilled", "reason": reason}

@@ -1,0 +1,194 @@
+"""export: the artifacts of a job (weights, model cards, ONNX, timm hub folders, metrics.json,
+report) staged in the attempt's folder and moved into out_dir together (models/export.py writes
+each file; models/report.py renders the report from metrics.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import export, guards
+from models.engine import Runtime
+from models.report import write_report
+from models.run import Run
+from models.stages.common import finished_student, finished_teacher
+
+
+def run_stage(run: Run) -> None:
+    """Write every artifact into the attempt's staging folder, then publish them into out_dir.
+
+    Raises SpkdError `non_finite_weights` (a NaN model is never exported) and whatever the fencing
+    check raises (nothing is published then)."""
+    start = time.perf_counter()
+    out, spec, results = run.staging_dir, run.spec, run.state.results
+    if out.exists():  # a half-written export of this attempt (an earlier try was stopped)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shipped = results["shipped"]["student"]
+    for which in ("distilled", "baseline"):
+        if which not in results:
+            continue
+        student = finished_student(run, which)
+        guards.require_finite_weights(student, f"{which} student")  # never export NaN weights
+        card = export.model_card(
+            spec.student.model,
+            run.scan.classes,
+            run.data.student_cfg,
+            val_acc=results[which]["val_acc"],
+            trained=which,
+        )
+        names = [which, "student"] if which == shipped else [which]
+        for name in names:
+            export.save_weights(student, out / f"{name}.safetensors")
+            export.write_json(out / f"{name}.json", card)
+        if which == shipped:
+            exporter = export.export_onnx(student, run.data.image_size, out / "student.onnx")
+            run.reporter.event("info", f"exported student.onnx ({exporter} exporter, the {which} student)")
+    teacher, _ = finished_teacher(run)
+    guards.require_finite_weights(teacher, "teacher")  # never export NaN weights
+    export.save_weights(teacher, out / "teacher.safetensors")
+    export.write_json(
+        out / "teacher.json",
+        export.model_card(
+            spec.teacher.model,
+            run.scan.classes,
+            run.data.teacher_cfg,
+            val_acc=results.get("teacher", {}).get("val_acc"),
+        ),
+    )
+    folders = _hub_folders(run, out, shipped, teacher)
+    run.state.timing["export"] = round(time.perf_counter() - start, 3)
+    metrics = build_metrics(run)
+    export.write_json(out / "metrics.json", metrics)
+    for folder, (title, role) in folders.items():
+        export.write_model_card(folder, title, _card_lines(run, role, metrics))
+    write_report(out)  # report.html + curves.png from metrics.json
+    _publish(run, out)
+
+
+def _hub_folders(run: Run, out: Path, shipped: str, teacher: torch.nn.Module) -> dict[Path, tuple[str, str]]:
+    """Each model in timm's hub layout: `student/` (the one that ships), the other student under its
+    own name (`baseline/` or `distilled/`), `teacher/`. Returns {folder: (card title, role)}."""
+    spec, results = run.spec, run.state.results
+    folders: dict[Path, tuple[str, str]] = {}
+    for which in ("distilled", "baseline"):
+        if which in results:
+            folder = out / ("student" if which == shipped else which)
+            export.save_hub_folder(
+                finished_student(run, which), folder, run.scan.classes, run.data.student_cfg
+            )
+            folders[folder] = (f"{spec.student.model} ({which} student, spkd)", which)
+    export.save_hub_folder(teacher, out / "teacher", run.scan.classes, run.data.teacher_cfg)
+    folders[out / "teacher"] = (f"{spec.teacher.model} (fine-tuned teacher, spkd)", "teacher")
+    return folders
+
+
+def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
+    """The model card's body: what it is, on what data, its accuracy (with the gain's interval)."""
+    spec, results = run.spec, run.state.results
+    how = {
+        "distilled": f"fine-tuned with cross-entropy plus Similarity-Preserving KD (Tung & Mori, ICCV 2019) "
+        f"from the fine-tuned teacher `{spec.teacher.model}`",
+        "baseline": "fine-tuned alone (cross-entropy), the comparison run of a distillation job",
+        "teacher": "the teacher, fine-tuned on this data",
+    }[role]
+    sizes = metrics["protocol"]["sizes"]
+    acc = (results.get(role) or {}).get("val_acc")
+    lines = [
+        f"`{spec.teacher.model if role == 'teacher' else spec.student.model}`, {how}.",
+        "",
+        f"- Classes ({len(run.scan.classes)}): {', '.join(run.scan.classes)}",
+        f"- Data: {sizes['train']} training, {sizes['selection']} selection and {sizes['report']} report "
+        f"images (report split: {metrics['protocol']['report']})",
+        f"- Accuracy on the report split: {'n/a' if acc is None else f'{100 * acc:.2f} %'}",
+    ]
+    cmp = metrics.get("comparison")
+    if cmp and role != "teacher":
+        low, high = cmp["ci95_points"]
+        lines.append(
+            f"- Distilled minus fine-tuned alone: {cmp['gain_points']:+.2f} points "
+            f"(95 % CI {low:+.2f} to {high:+.2f}; McNemar p = {cmp['mcnemar']['p_value']:.3g}): "
+            f"{cmp['verdict']}"
+        )
+    lines += [
+        f"- Shipped student: {metrics['shipped']} ({metrics['shipped_reason']})",
+        "",
+        "```python",
+        "import timm",
+        "",
+        'model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder',
+        'labels = model.pretrained_cfg["label_names"]',
+        "```",
+        "",
+        "The job spec:",
+        "",
+        "```json",
+        json.dumps(spec.model_dump(mode="json"), indent=2),
+        "```",
+    ]
+    return lines
+
+
+def _publish(run: Run, staged: Path) -> None:
+    """Move every staged artifact into out_dir, right after the fencing check.
+
+    A rename cannot be made conditional on the job store atomically: a run frozen between the
+    check and these renames (a few microseconds of work) would still rename its files on thaw.
+    What remains true then: the files are complete (renames of fsynced files), and the stale run
+    is refused at its next store write, so it registers nothing and never ends the job."""
+    entries = sorted(p for p in staged.iterdir() if not p.name.startswith("."))
+    run.guard()
+    for p in entries:
+        dest = run.out_dir / p.name
+        if p.is_dir() and dest.is_dir():  # an earlier export of this job (a resumed run)
+            shutil.rmtree(dest)
+        os.replace(p, dest)
+
+
+def build_metrics(run: Run) -> dict[str, Any]:
+    """metrics.json: report-split accuracies, selection choices, the gain with its statistics."""
+    results = run.state.results
+    baseline = results.get("baseline")
+    distilled = results["distilled"]
+    gain = distilled["val_acc"] - baseline["val_acc"] if baseline else None
+    return {
+        "teacher": results.get("teacher", {"val_acc": None}),
+        "baseline": baseline,
+        "distilled": distilled,
+        "gain": gain,
+        "comparison": results.get("comparison"),
+        "shipped": results["shipped"]["student"],
+        "shipped_reason": results["shipped"]["reason"],
+        "distill_weights": results.get("distill_weights"),
+        "protocol": {
+            "train": run.scan.roles["train"],
+            "selection": run.scan.roles["selection"],
+            "report": run.scan.roles["report"],
+            "sizes": run.scan.sizes(),
+        },
+        "curves": run.state.curves,
+        "dataset": run.scan.summary(),
+        "timing": run.state.timing,
+        "spec": run.spec.model_dump(mode="json"),
+        "device": _device_name(run.runtime),
+        "gpu_memory_peak_bytes": _gpu_memory_peak(run.runtime),
+        "image_size": run.data.image_size,
+    }
+
+
+def _gpu_memory_peak(runtime: Runtime) -> int | None:
+    """Most bytes the job's tensors held on its GPU at once (torch's allocator), None on a CPU. The
+    job process runs one job and exits, so the process-wide peak is this job's."""
+    return int(torch.cuda.max_memory_allocated(runtime.device)) if runtime.is_cuda else None
+
+
+def _device_name(runtime: Runtime) -> str:
+    if runtime.is_cuda:
+        return f"{runtime.device} ({torch.cuda.get_device_name(runtime.device)})"
+    return str(runtime.device)

@@ -1,0 +1,16 @@
+"""teacher_finetune: fine-tune the teacher on the job's data (cross-entropy), keep its best epoch."""
+
+from __future__ import annotations
+
+from models.run import Run
+from models.stages.common import build_teacher, plain, train
+
+
+def run_stage(run: Run) -> float | None:
+    """Train the teacher; saves checkpoints/teacher.safetensors; returns its selection accuracy."""
+    teacher, _ = build_teacher(run)
+    ft = run.spec.teacher.finetune
+    chosen = train(run, "teacher_finetune", teacher, plain(teacher), ft.epochs, ft.lr or run.spec.train.lr)
+    run.save_stage_weights(teacher, "teacher.safetensors")
+    run.state.results["teacher"] = chosen
+    return chosen["select_acc"]
