@@ -27,6 +27,7 @@ from tests.helpers import (
     PrivateRedis,
     Service,
     Stack,
+    make_folder,
     make_settings,
     make_stack,
     settings_env,
@@ -175,3 +176,12 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
 def small_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("hym")
     return zip_dir(small_imagefolder(tmp / "hym", per_class=8), tmp / "hym.zip", prefix="hymenoptera/")
+
+
+@pytest.fixture(scope="session")
+def color_dataset(tmp_path_factory) -> Path:
+    """train/ and val/ with two colour classes: small enough for seconds-long CPU runs."""
+    root = tmp_path_factory.mktemp("colors")
+    make_folder(root / "train", {"blue": 24, "red": 24}, seed=1)
+    make_folder(root / "val", {"blue": 10, "red": 10}, seed=2)
+    return root

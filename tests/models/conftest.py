@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import HYMENOPTERA, make_folder
-
-
-@pytest.fixture(scope="session")
-def color_dataset(tmp_path_factory) -> Path:
-    """train/ and val/ with two colour classes: small enough for seconds-long CPU runs."""
-    root = tmp_path_factory.mktemp("colors")
-    make_folder(root / "train", {"blue": 24, "red": 24}, seed=1)
-    make_folder(root / "val", {"blue": 10, "red": 10}, seed=2)
-    return root
+from tests.helpers import HYMENOPTERA
 
 
 def _images(split: str, per_class: int) -> tuple[list[Path], list[int]]:
