@@ -205,7 +205,13 @@ def make_dataset(root: Path, n_images: int, source: Path | None) -> Path:
 
 
 def engine_run(
-    teacher_name: str, student_name: str, args, device: torch.device, data_dir: Path, cache: str
+    teacher_name: str,
+    student_name: str,
+    args,
+    device: torch.device,
+    data_dir: Path,
+    cache: str,
+    data_path: str = "auto",
 ) -> dict:
     """run_job on JPEGs on disk; steady-state distill img/s from the engine's own epoch_end events."""
     from models.callbacks import RecordingReporter
@@ -232,7 +238,7 @@ def engine_run(
     reset_peak(device)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        run_job(spec, data_dir, Path(out), reporter, device=str(device))
+        run_job(spec, data_dir, Path(out), reporter, device=str(device), data_path=data_path)
     wall = time.perf_counter() - start
     epochs = [d for k, _m, d in reporter.events if k == "epoch_end" and d["stage"] == "distill"]
     infos = [d for k, _m, d in reporter.events if k == "info"]
@@ -275,15 +281,8 @@ def run_pair(teacher: str, student: str, args, device: torch.device, data_dir: P
         runs.append(("c_loader", "off"))
     for key, cache in runs:
         start = time.perf_counter()
-        previous = os.environ.get("SPKD_DATA_PATH")
-        os.environ["SPKD_DATA_PATH"] = "loader" if key == "c_loader" else "auto"
-        try:
-            row[key] = engine_run(teacher, student, args, device, data_dir, cache)
-        finally:
-            if previous is None:
-                os.environ.pop("SPKD_DATA_PATH")
-            else:
-                os.environ["SPKD_DATA_PATH"] = previous
+        data_path = "loader" if key == "c_loader" else "auto"
+        row[key] = engine_run(teacher, student, args, device, data_dir, cache, data_path)
         print(f"    {key}: {row[key]['img_s']:.1f} img/s ({time.perf_counter() - start:.0f}s)", flush=True)
     b = row.get("b_limit", row.get("b_limit_compiled"))["img_s"]
     s = row.get("s_student", row.get("s_student_compiled"))["img_s"]

@@ -84,7 +84,10 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     previous = signal.signal(signal.SIGINT, reporter.request_stop)
     try:
         with reporter:
-            metrics = run_tracked(spec, data_dir, out, reporter, out.name, Settings(), device=device)
+            settings = Settings()
+            metrics = run_tracked(
+                spec, data_dir, out, reporter, out.name, settings, device=device, data_path=settings.data_path
+            )
     except SpkdError as exc:
         console.print(
             f"[red]error[/red] {exc.code}" + (f" ({exc.field})" if exc.field else "") + f": {exc.message}"

@@ -1,18 +1,18 @@
 """Where the pipeline plugs in the fast data path and the teacher-feature cache.
 
-models/pipeline.py asks this module for (a) the batches of a stage and (b) the distill stage's
+The stages (models/stages/) ask this module for (a) the batches of a stage and (b) the distill stage's
 teacher function. When the decoded dataset fits in memory, batches come from models/fastdata.py
 (decode once, augment on the device); otherwise from the engine's multi-worker DataLoader, as
 before. For the distill stage, when the job's `distill.teacher_cache` allows it and the features
 fit, the teacher is run once over `distill.teacher_views` views per image and the stage trains on
 exactly those views (models/teacher_cache.py).
 
-SPKD_DATA_PATH=loader forces the DataLoader (for debugging or comparing the two paths).
+`disabled=True` (run_job's `data_path="loader"`, SPKD_DATA_PATH for the service) forces the
+DataLoader, for debugging or comparing the two paths.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -72,9 +72,6 @@ class FastPath:
         return self.train is not None and self.val is not None
 
     def _build_sources(self) -> None:
-        if os.environ.get("SPKD_DATA_PATH", "auto").lower() == "loader":
-            self.disabled = True
-            return
         spec = self.spec
         size, bs = self.image_size, spec.train.batch_size
         n_train, n_val = len(self.scan.train), len(self.scan.val) + len(self.scan.select)

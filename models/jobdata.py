@@ -82,7 +82,9 @@ class JobData:
         )
 
 
-def open_data(spec: JobSpec, scan: data.DatasetScan, runtime: Runtime, reporter: Reporter) -> JobData:
+def open_data(
+    spec: JobSpec, scan: data.DatasetScan, runtime: Runtime, reporter: Reporter, data_path: str = "auto"
+) -> JobData:
     """The job's datasets; data configs read from the job's built models (models/bank.py)."""
     image_size = factory.job_image_size(spec)
     student, _ = BANK.probe(ModelKey.of(spec, "student", scan.classes, image_size))
@@ -102,6 +104,13 @@ def open_data(spec: JobSpec, scan: data.DatasetScan, runtime: Runtime, reporter:
         select_set=data.ImageDataset(scan.select, eval_transform) if scan.select else None,
         runtime=runtime,
         fast=fastpath.FastPath(
-            spec, scan, runtime.device, image_size, eval_transform, reporter, runtime.amp_dtype
+            spec,
+            scan,
+            runtime.device,
+            image_size,
+            eval_transform,
+            reporter,
+            runtime.amp_dtype,
+            disabled=data_path == "loader",
         ),
     )

@@ -33,12 +33,15 @@ def run_job(
     reporter: Reporter,
     device: str | None = None,
     attempt: int | None = None,
+    data_path: str = "auto",
 ) -> dict:
     """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json.
 
     `attempt`: a number that grows with every attempt at the same job (the service passes its
     fencing token). Each attempt keeps its checkpoints in its own folder and starts from the
-    newest earlier one. Raises whatever the reporter raises (StopRequested, Fenced) unchanged.
+    newest earlier one. `data_path`: `auto` decodes a dataset that fits into memory once,
+    `loader` always streams with a DataLoader (SPKD_DATA_PATH for the service). Raises whatever the
+    reporter raises (StopRequested, Fenced) unchanged.
     """
     out_dir = Path(out_dir)
     try:
@@ -47,7 +50,7 @@ def run_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
-        run = open_run(spec, Path(data_dir), out_dir, reporter, device, attempt, epochs)
+        run = open_run(spec, Path(data_dir), out_dir, reporter, device, attempt, epochs, data_path)
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)

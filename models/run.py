@@ -97,6 +97,7 @@ def open_run(
     device: str | None,
     attempt: int | None,
     epochs: dict[str, int],
+    data_path: str = "auto",
 ) -> Run:
     """Scan, report the dataset, pick the device, open the data, adopt/load the checkpoint.
 
@@ -115,7 +116,7 @@ def open_run(
     runtime = pick_runtime(spec.train.precision, device)
     if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
         reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
-    job_data = open_data(spec, scan, runtime, reporter)
+    job_data = open_data(spec, scan, runtime, reporter, data_path)
     checkpoint.adopt(out_dir, attempt)
     state = load_state(spec, out_dir, reporter, attempt)
     steps = job_data.steps_per_epoch

@@ -297,7 +297,17 @@ def _validate_and_run(
     storage.remove_temporaries(out_dir)
     reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
-    metrics = run_tracked(spec, data_dir, out_dir, reporter, job_id, settings, device=device, attempt=fence)
+    metrics = run_tracked(
+        spec,
+        data_dir,
+        out_dir,
+        reporter,
+        job_id,
+        settings,
+        device=device,
+        attempt=fence,
+        data_path=settings.data_path,
+    )
     artifacts = collect_artifacts(out_dir)
     # Registry and final status in one fenced transaction: a stale attempt registers nothing.
     try:  # the artifacts are registered with the status, or not at all

@@ -50,14 +50,18 @@ def _progress_losses(reporter: RecordingReporter) -> list[float]:
 @pytest.mark.parametrize("path", ["memory", "memory+teacher_cache", "loader"])
 def test_exploding_loss_fails_with_non_finite_loss(color_dataset, tmp_path, monkeypatch, path):
     distill = dict(EXPLODING["distill"])
-    if path == "loader":
-        monkeypatch.setenv("SPKD_DATA_PATH", "loader")
     if path.endswith("teacher_cache"):
         distill.update(teacher_cache="on", teacher_views=2)
     spec = tiny_job_spec(**{**EXPLODING, "distill": distill})
     reporter = RecordingReporter()
     with pytest.raises(SpkdError) as err:
-        run_job(spec, color_dataset, tmp_path / "out", reporter)
+        run_job(
+            spec,
+            color_dataset,
+            tmp_path / "out",
+            reporter,
+            data_path="auto" if path != "loader" else "loader",
+        )
     e = err.value
     assert e.code == "non_finite_loss", e
     assert "distill epoch 1 step " in e.message and "NaN" in e.message

@@ -12,7 +12,7 @@ from models.spec import JobSpec
 from models.teacher_cache import TeacherCache
 
 
-def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3):
+def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3, disabled: bool = False):
     spec = JobSpec.model_validate(
         {
             "teacher": {"model": "test_resnet", "weights": "none"},
@@ -32,7 +32,13 @@ def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3):
     runtime = engine.pick_runtime("fp32", "cpu")
     reporter = RecordingReporter()
     fast = fastpath.FastPath(
-        spec, scan, runtime.device, 32, data.make_transform(32, cfg, training=False), reporter
+        spec,
+        scan,
+        runtime.device,
+        32,
+        data.make_transform(32, cfg, training=False),
+        reporter,
+        disabled=disabled,
     )
     norm = engine.Normalizer(cfg, runtime, teacher)
     live = engine.LiveTeacher(FeatureTap(teacher, ["auto"]), norm, runtime)
@@ -67,9 +73,8 @@ def test_teacher_cache_decisions(train_images, val_images):
     assert fast.teacher(live) is live
 
 
-def test_loader_fallback(train_images, val_images, monkeypatch):
-    monkeypatch.setenv("SPKD_DATA_PATH", "loader")
-    fast, live, reporter = _fast(train_images, val_images, "on", views=2)
+def test_loader_fallback(train_images, val_images):
+    fast, live, reporter = _fast(train_images, val_images, "on", views=2, disabled=True)
     assert fast.loaders("distill") is None
     assert fast.teacher(live) is live
     assert any(k == "warning" and "in-memory" in m for k, m, _ in reporter.events)

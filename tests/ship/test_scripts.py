@@ -82,6 +82,18 @@ def test_readme_documents_every_setting():
     assert documented - expected == set(), "README documents settings that do not exist"
 
 
+def test_service_settings_are_read_only_through_the_settings_model():
+    """An `SPKD_*` variable read straight from the environment by the service's code would be a
+    setting the table (and the settings model's validation) misses. The CLI's client-side
+    SPKD_URL / SPKD_API_KEY are the client's, not the server's, and are documented with it."""
+    read = re.compile(r"""(?:environ\.get|environ\[|getenv)\(?\s*["'](SPKD_[A-Z0-9_]+)""")
+    found = []
+    for package in ("app", "core", "workers", "models"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in read.findall(path.read_text())]
+    assert found == [], f"read through core.settings.Settings instead: {found}"
+
+
 def test_readme_documents_every_job_spec_field():
     from pydantic import BaseModel
 
