@@ -270,6 +270,10 @@ def _weights_section(w: Any, extra: dict[str, Any] | None = None) -> str:
         items.append(f"KD weight {_fmt(kd.get('weight'))}, set so KD starts at {_e(kd.get('share'))} x CE.")
     elif kd.get("mode") == "given":
         items.append(f"KD weight {_fmt(kd.get('weight'))} (given).")
+    elif kd.get("mode") == "search":
+        items.append(
+            f"KD weight {_fmt(kd.get('weight'))}, chosen among the candidates below on the selection split."
+        )
     check = w.get("teacher_check")
     if isinstance(check, dict) and not check.get("teacher_better"):
         items.append(
@@ -277,10 +281,11 @@ def _weights_section(w: Any, extra: dict[str, Any] | None = None) -> str:
             f"student fine-tuned alone ({_pct(check.get('baseline_select_acc'))}) on the selection split: "
             f"{_e(check.get('action', ''))}."
         )
-    for c in sp.get("candidates") or []:
+    for c in sp.get("candidates") or kd.get("candidates") or []:
+        kd_part = f", KD weight {_fmt(c.get('kd_weight'))}" if kd.get("mode") == "search" else ""
         items.append(
-            f"Candidate SP weight {_fmt(c.get('sp_weight'))}, rung {_e(c.get('rung', 0) + 1)}: selection "
-            f"accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
+            f"Candidate SP weight {_fmt(c.get('sp_weight'))}{kd_part}, rung {_e(c.get('rung', 0) + 1)}: "
+            f"selection accuracy {_pct(c.get('select_acc'))} after {_e(c.get('epochs'))} epoch(s)"
             f"{' (chosen)' if c.get('chosen') else ''}."
         )
     items += _methods_items(extra or {})

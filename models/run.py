@@ -105,12 +105,13 @@ def open_run(
     """
     scan = data.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
     scan = data.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
-    if isinstance(spec.distill.sp_weight, list) and not scan.select:
+    if spec.distill.searching and not scan.select:
+        field = "sp_weight" if isinstance(spec.distill.sp_weight, list) else "kd_weight"
         raise SpkdError(
             "search_needs_selection",
-            "a list of sp_weight candidates is judged on a selection split: set dataset.selection_fraction "
+            f"a list of {field} candidates is judged on a selection split: set dataset.selection_fraction "
             "above 0 (or give the dataset a test/ split, so val/ selects)",
-            "distill.sp_weight",
+            f"distill.{field}",
         )
     _report_dataset(scan, reporter)
     runtime = pick_runtime(spec.train.precision, device)

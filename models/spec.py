@@ -210,8 +210,10 @@ class DistillSpec(_Strict):
     layers: Literal["auto"] | list[LayerPair] = Field(
         default="auto", description="'auto': the last stage before pooling, as in the paper"
     )
-    kd_weight: Literal["auto"] | KdWeight = Field(
-        default=0.0, description="0: off; 'auto': KD set to a fixed share of the cross-entropy; or a number"
+    kd_weight: Literal["auto"] | KdWeight | list[KdWeight] = Field(
+        default=0.0,
+        description="0: off; 'auto': KD set to a fixed share of the cross-entropy; a number; or a list: "
+        "candidates searched on the selection split (with sp_weight's, when that is a list too)",
     )
     temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
     methods: Annotated[dict[str, MethodOptions], BeforeValidator(_check_methods)] = Field(
@@ -259,9 +261,35 @@ class DistillSpec(_Strict):
     @classmethod
     def _kd_weight(cls, v, handler):
         try:
-            return handler(v)
+            v = handler(v)
         except ValidationError:
-            raise ValueError(f"kd_weight must be 'auto' or a number from 0 (off) to {KD_MAX:g}") from None
+            raise ValueError(
+                f"kd_weight must be 'auto', a number from 0 (off) to {KD_MAX:g}, or a list of 2 to "
+                f"{MAX_CANDIDATES} such numbers (candidates searched on the selection split)"
+            ) from None
+        if isinstance(v, list):
+            if not 2 <= len(v) <= MAX_CANDIDATES or len(set(v)) != len(v):
+                raise ValueError(
+                    f"a list of kd_weight candidates needs 2 to {MAX_CANDIDATES} distinct numbers"
+                )
+            return sorted(v)
+        return v
+
+    @model_validator(mode="after")
+    def _search_size(self):
+        n = len(self.sp_weight) if isinstance(self.sp_weight, list) else 1
+        m = len(self.kd_weight) if isinstance(self.kd_weight, list) else 1
+        if n * m > MAX_CANDIDATES:
+            raise ValueError(
+                f"sp_weight x kd_weight lists make {n * m} candidate pairs; at most {MAX_CANDIDATES} "
+                "are searched: shorten one of the lists"
+            )
+        return self
+
+    @property
+    def searching(self) -> bool:
+        """Whether the distill stage first searches its weights (a list in sp_weight or kd_weight)."""
+        return isinstance(self.sp_weight, list) or isinstance(self.kd_weight, list)
 
     @property
     def sp_on(self) -> bool:
@@ -271,7 +299,9 @@ class DistillSpec(_Strict):
 
     @property
     def kd_on(self) -> bool:
-        return isinstance(self.kd_weight, str) or self.kd_weight > 0
+        """Whether the distill stage may use KD (auto, a list, or a number above 0)."""
+        w = self.kd_weight
+        return isinstance(w, str | list) or w > 0
 
     @property
     def uses_teacher(self) -> bool:

@@ -107,6 +107,8 @@ def _choose_weights(run: Run, distiller: methods.Distiller, student: torch.nn.Mo
             "share": kd_share,
             "weight": autoweight.auto_weight(kd_share, measured.ce, measured.kd_raw),
         }
+    elif isinstance(spec.kd_weight, list):
+        kd = {"mode": "search", "weight": None}  # chosen by the search below
     else:
         kd = {"mode": "given" if spec.kd_on else "off", "weight": float(spec.kd_weight)}
     if spec.sp_weight == AUTO_WEIGHT:
@@ -118,9 +120,11 @@ def _choose_weights(run: Run, distiller: methods.Distiller, student: torch.nn.Mo
             "ref_batch": measured.batch_size,
         }
     elif isinstance(spec.sp_weight, list):
-        sp = search(run, distiller.teacher, spec.sp_weight, kd["weight"])
+        sp = {"mode": "search", "weight": None, "ref_batch": batch}
     else:
         sp = {"mode": "given", "weight": float(spec.sp_weight), "ref_batch": batch}
+    if spec.searching:
+        sp, kd = _searched(run, distiller, sp, kd)
     chosen = {
         "sp": sp,
         "kd": kd,
@@ -129,6 +133,23 @@ def _choose_weights(run: Run, distiller: methods.Distiller, student: torch.nn.Mo
     }
     run.reporter.event("distill_weights", _weights_message(chosen), **chosen)
     return chosen
+
+
+def _searched(
+    run: Run, distiller: methods.Distiller, sp: dict[str, Any], kd: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SP and KD weights with the searched one(s) filled in: every pair of a list's candidates
+    with the other term's weight (or the other list's candidates) goes to the search."""
+    spec = run.spec.distill
+    sp_options = spec.sp_weight if isinstance(spec.sp_weight, list) else [sp["weight"]]
+    kd_options = spec.kd_weight if isinstance(spec.kd_weight, list) else [kd["weight"]]
+    pairs = [(s, k) for s in sp_options for k in kd_options]
+    found = search(run, distiller.teacher, pairs, sp["ref_batch"])
+    if sp["mode"] == "search":
+        sp = {**sp, "weight": found["sp_weight"], "candidates": found["candidates"]}
+    if kd["mode"] == "search":
+        kd = {**kd, "weight": found["kd_weight"], "candidates": found["candidates"]}
+    return sp, kd
 
 
 def _weights_message(chosen: dict[str, Any]) -> str:
@@ -146,6 +167,9 @@ def _weights_message(chosen: dict[str, Any]) -> str:
         parts.append(f"SP weight {sp['weight']:g} (given, at batch {sp['ref_batch']})")
     if kd["mode"] == "auto":
         parts.append(f"KD weight {kd['weight']:.4g} (auto: KD set to {kd['share']:g} x CE)")
+    elif kd["mode"] == "search":
+        tried = ", ".join(f"{c:g}" for c in sorted({r["kd_weight"] for r in kd["candidates"]}))
+        parts.append(f"KD weight {kd['weight']:g} (searched among {tried} on the selection split)")
     elif kd["mode"] == "given":
         parts.append(f"KD weight {kd['weight']:g} (given)")
     return "; ".join(parts) + "; the SP weight follows the batch size (x b / reference batch)"

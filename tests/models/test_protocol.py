@@ -292,6 +292,73 @@ def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):
     assert "Candidate SP weight" in (tmp_path / "report.html").read_text()
 
 
+def test_kd_weight_list_is_searched_with_the_sp_list(color_dataset, tmp_path):
+    spec = tiny_job_spec(
+        distill={"sp_weight": [30, 300], "kd_weight": [0.5, 2]}, teacher={"finetune": {"epochs": 1}}
+    )
+    reporter = RecordingReporter()
+    metrics = run_job(spec, color_dataset, tmp_path, reporter)
+    sp, kd = metrics["distill_weights"]["sp"], metrics["distill_weights"]["kd"]
+    assert sp["mode"] == kd["mode"] == "search"
+    pairs = [(c["rung"], c["sp_weight"], c["kd_weight"]) for c in kd["candidates"]]
+    assert pairs[:4] == [(0, 30.0, 0.5), (0, 30.0, 2.0), (0, 300.0, 0.5), (0, 300.0, 2.0)]
+    assert len(pairs) == 6 and len(_events(reporter, "search")) == 6  # 4 pairs -> 2 -> 1
+    (chosen,) = [c for c in kd["candidates"] if c["chosen"]]
+    assert (sp["weight"], kd["weight"]) == (chosen["sp_weight"], chosen["kd_weight"])
+    msg = _events(reporter, "distill_weights")[0][0]
+    assert "KD weight" in msg and "searched among 0.5, 2" in msg
+
+
+def test_kd_weight_list_alone_and_limits():
+    from pydantic import ValidationError
+
+    from models.spec import JobSpec
+
+    base = tiny_job_spec().model_dump()
+    spec = JobSpec.model_validate({**base, "distill": {**base["distill"], "kd_weight": [2, 0.5]}})
+    assert spec.distill.kd_weight == [0.5, 2] and spec.distill.kd_on and spec.distill.searching
+    bad_lists = (([1], "2 to 8 distinct"), ([1, 1], "2 to 8 distinct"), ([1, 5000], r"0 \(off\) to 1000"))
+    for bad, says in bad_lists:
+        with pytest.raises(ValidationError, match=says):
+            JobSpec.model_validate({**base, "distill": {**base["distill"], "kd_weight": bad}})
+    with pytest.raises(ValidationError, match="make 9 candidate pairs"):
+        JobSpec.model_validate(
+            {**base, "distill": {**base["distill"], "sp_weight": [1, 2, 3], "kd_weight": [1, 2, 3]}}
+        )
+
+
+class StopAtSearchEvent(RecordingReporter):
+    """Asks the engine to stop once `n` search candidates have been scored."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def should_stop(self) -> bool:
+        return len([k for k, _m, _d in self.events if k == "search"]) >= self.n
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path):
+    from models.callbacks import StopRequested
+
+    spec = tiny_job_spec(distill={"sp_weight": [30, 300, 3000]}, baseline=False)
+    whole = run_job(spec, color_dataset, tmp_path / "whole", RecordingReporter())
+
+    with pytest.raises(StopRequested):
+        run_job(spec, color_dataset, tmp_path / "cut", StopAtSearchEvent(2))
+    again = RecordingReporter()
+    resumed = run_job(spec, color_dataset, tmp_path / "cut", again)
+    restored = [m for m, _d in _events(again, "search") if "from the checkpoint" in m]
+    assert len(restored) == 2  # the two candidates scored before the stop were not trained again
+    scores = [
+        (c["rung"], c["sp_weight"], c["select_acc"]) for c in whole["distill_weights"]["sp"]["candidates"]
+    ]
+    assert [
+        (c["rung"], c["sp_weight"], c["select_acc"]) for c in resumed["distill_weights"]["sp"]["candidates"]
+    ] == scores
+    assert resumed["distill_weights"]["sp"]["weight"] == whole["distill_weights"]["sp"]["weight"]
+
+
 def test_search_without_selection_is_refused(color_dataset, tmp_path):
     from models.errors import SpkdError
 
