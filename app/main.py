@@ -26,7 +26,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 
-from app import catalog, datasets, validation, webhooks
+from app import catalog, datasets, downloads, validation, webhooks
 from app.auth import AuthLimiter, KeyRing, request_owner
 from app.errors import ApiError, install_error_handlers, not_found
 from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
@@ -510,8 +510,12 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
 @jobs.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
-    responses={**_errors(404), 200: {"content": {"application/octet-stream": {}}}},
-    summary="Download an artifact (streamed)",
+    responses={
+        **_errors(404, 503),
+        200: {"content": {"application/octet-stream": {}}},
+        307: {"description": "with SPKD_STORAGE_URL: a presigned URL of the object"},
+    },
+    summary="Download an artifact (streamed, or redirected to object storage)",
 )
 def download_artifact(
     request: Request,
@@ -522,36 +526,33 @@ def download_artifact(
         Literal["zip"] | None,
         Query(description="zip: a model folder (student, teacher, baseline, distilled) as one archive"),
     ] = None,
-) -> FileResponse:
+) -> Response:
     r, keys, settings = _ctx(request)
     _own_job(request, owner, job_id)
     if format == "zip":
         return _folder_zip(r, keys, settings, job_id, name)
     # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
     meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
-    path = Path(settings.artifact_root).resolve() / job_id / name
-    if meta is None or not path.is_file():
+    if meta is None:
         raise not_found("artifact", name)
-    return FileResponse(
-        path,
-        filename=Path(name).name,
-        media_type="application/octet-stream",
-        headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
-    )
+    return downloads.artifact_response(settings, job_id, name, meta)
 
 
 def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:
     """The registered artifacts under `name/` as one zip (`name/...` inside), built in a temporary
     file that is removed once sent. 404 when no registered artifact is under that folder."""
     prefix = name.rstrip("/") + "/"
-    root = Path(settings.artifact_root).resolve() / job_id
     members = [a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix)]
     if not ARTIFACT_NAME.fullmatch(name.rstrip("/")) or not members:
         raise not_found("artifact", name)
     tmp = tempfile.NamedTemporaryFile(prefix=".spkd-zip-", suffix=".zip", delete=False)  # noqa: SIM115
-    with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:  # weights do not compress
+    with (
+        tmp,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf,  # weights do not compress
+        tempfile.TemporaryDirectory(prefix=".spkd-zip-") as fetched,
+    ):
         for member in members:
-            zf.write(root / member, member)
+            zf.write(downloads.member_file(settings, job_id, member, Path(fetched)), member)
     return FileResponse(
         tmp.name,
         filename=f"{Path(prefix).name}.zip",

@@ -180,6 +180,10 @@ def resolve_dataset_id(r: redis.Redis, keys: store.Keys, settings: Settings, ds_
     same SpkdError `dataset_not_found`."""
     record = store.get_dataset(r, keys, ds_id, owner)
     _check_ready(record, ds_id)
+    if settings.storage_url:  # the upload lives in the bucket (core/bucket.py): the record is enough
+        if record is None:
+            raise _dataset_missing(ds_id)
+        return uploads_dir(settings) / ds_id  # the worker fetches it into its cache
     uploads = uploads_dir(settings)
     folder = uploads / ds_id
     try:
