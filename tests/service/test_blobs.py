@@ -1,0 +1,130 @@
+"""The object storage interface (core/blobs.py): one contract, run on both backends: a local
+folder and a real S3 server (SeaweedFS, the session's `s3_server`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from core import blobs
+from core.settings import Settings
+
+from ..helpers import SeaweedS3
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> blobs.BlobStore:
+    if request.param == "local":
+        return blobs.LocalBlobs(tmp_path / "bucket")
+    server: SeaweedS3 = request.getfixturevalue("s3_server")
+    settings = Settings(**server.settings(f"contract-{uuid.uuid4().hex[:8]}"), s3_retries=2, s3_backoff_s=0.1)
+    return blobs.S3Blobs(settings)
+
+
+def _file(tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+def test_put_get_list_exists_delete(store: blobs.BlobStore, tmp_path: Path) -> None:
+    a = _file(tmp_path, "a.bin", os.urandom(3000))
+    digest = store.put_file("jobs/j1/artifacts/a.bin", a)
+    assert digest == hashlib.sha256(a.read_bytes()).hexdigest()
+    store.put_file("jobs/j1/artifacts/sub/b.txt", _file(tmp_path, "b.txt", b"bee"))
+    store.put_file("jobs/j2/artifacts/c.txt", _file(tmp_path, "c.txt", b"sea"))
+    assert store.exists("jobs/j1/artifacts/a.bin") and not store.exists("jobs/j1/artifacts/zzz")
+    assert store.sha256("jobs/j1/artifacts/a.bin") == digest
+    listed = {b.key: b.size for b in store.list("jobs/j1/")}
+    assert listed == {"jobs/j1/artifacts/a.bin": 3000, "jobs/j1/artifacts/sub/b.txt": 3}
+    store.get_file("jobs/j1/artifacts/a.bin", tmp_path / "out" / "a.bin")
+    assert (tmp_path / "out" / "a.bin").read_bytes() == a.read_bytes()
+    assert b"".join(store.iter_bytes("jobs/j1/artifacts/sub/b.txt")) == b"bee"
+    store.delete("jobs/j1/artifacts/a.bin")
+    assert not store.exists("jobs/j1/artifacts/a.bin")
+    assert store.delete_prefix("jobs/j1/") == 1
+    assert store.list("jobs/j1/") == []
+    assert [b.key for b in store.list("jobs/")] == ["jobs/j2/artifacts/c.txt"]  # the other job stays
+    with pytest.raises(FileNotFoundError):
+        store.get_file("jobs/j1/artifacts/a.bin", tmp_path / "gone")
+
+
+def test_presigned_url_serves_the_object(store: blobs.BlobStore, tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    store.put_file("jobs/j/artifacts/model.onnx", _file(tmp_path, "m", data))
+    url = store.presign("jobs/j/artifacts/model.onnx", 60, "model.onnx")
+    if url.startswith("file://"):
+        assert Path(url.removeprefix("file://")).read_bytes() == data
+        return
+    res = httpx.get(url)
+    assert res.status_code == 200 and res.content == data
+    assert 'filename="model.onnx"' in res.headers["content-disposition"]
+    assert httpx.get(url.replace("Signature=", "Signature=0")).status_code == 403  # signed: not forgeable
+
+
+def test_a_changed_object_fails_its_sha256_check(
+    store: blobs.BlobStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store.put_file("k/x.bin", _file(tmp_path, "x", b"original"), sha256=hashlib.sha256(b"original").hexdigest())
+    if isinstance(store, blobs.LocalBlobs):
+        (store.root / "k" / "x.bin").write_bytes(b"tampered")
+    else:
+        server: SeaweedS3 = request.getfixturevalue("s3_server")
+        meta = {"sha256": hashlib.sha256(b"original").hexdigest()}
+        server.client().put_object(Bucket=store.bucket, Key=store.prefix + "k/x.bin", Body=b"tampered", Metadata=meta)
+    with pytest.raises(blobs.StorageUnavailable, match="does not match its sha256"):
+        store.get_file("k/x.bin", tmp_path / "got")
+    assert not (tmp_path / "got").exists()  # nothing half-checked left behind
+
+
+def test_an_interrupted_upload_is_never_visible(store: blobs.BlobStore, tmp_path: Path) -> None:
+    """A put that dies midway (multipart on S3: 11 MiB in 5 MiB parts) leaves no object, and an
+    older object under the key stays as it was."""
+    if isinstance(store, blobs.S3Blobs):
+        store.transfer = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=1)
+    big = _file(tmp_path, "big", os.urandom(11 << 20))
+    sent = []
+
+    def die_midway(n: int) -> None:
+        sent.append(n)
+        if sum(sent) > 5 << 20:
+            raise RuntimeError("connection lost")
+
+    with pytest.raises(RuntimeError, match="connection lost"):
+        store.put_file("jobs/j/artifacts/big.bin", big, progress=die_midway)
+    assert sum(sent) > 5 << 20  # it really was under way
+    assert not store.exists("jobs/j/artifacts/big.bin") and store.list("jobs/j/") == []
+    store.put_file("jobs/j/artifacts/big.bin", _file(tmp_path, "old", b"old"))
+    with pytest.raises(RuntimeError):
+        store.put_file("jobs/j/artifacts/big.bin", big, progress=die_midway)
+    assert b"".join(store.iter_bytes("jobs/j/artifacts/big.bin")) == b"old"
+
+
+def test_unreachable_storage_is_retried_then_storage_unavailable(tmp_path: Path) -> None:
+    """No server at the endpoint: SPKD_S3_RETRIES attempts with backoff, then one error whose
+    message holds neither the secret nor the endpoint's query string."""
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    settings = Settings(
+        storage_url="s3://nobucket/p",
+        s3_endpoint_url="http://127.0.0.1:9",  # discard port: connection refused
+        s3_access_key_id="id",
+        s3_secret_access_key=secret,
+        s3_retries=3,
+        s3_backoff_s=0.2,
+        s3_timeout_s=2,
+    )
+    store = blobs.S3Blobs(settings)
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(blobs.StorageUnavailable) as err:
+        store.put_file("a/b", _file(tmp_path, "f", b"x"))
+    assert time.monotonic() - t0 >= 0.2 + 0.4  # two waits: 0.2 s, then 0.4 s
+    assert err.value.code == "storage_unavailable" and "after 3 attempts" in err.value.message
+    assert secret not in str(err.value) and secret not in repr(err.value.as_dict())
