@@ -180,18 +180,21 @@ class Stack:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-    def _spawn(self, name: str, args: list[str], log: str) -> procs.Proc:
+    def _spawn(self, name: str, args: list[str], log: str, env: dict[str, str] | None = None) -> procs.Proc:
         # A new log per start (api-3.log): a restarted process does not overwrite its predecessor's.
         self._n += 1
-        return procs.spawn(name, args, self.log_dir / f"{log}-{self._n}.log", env=self.env, cwd=ROOT)
+        return procs.spawn(
+            name, args, self.log_dir / f"{log}-{self._n}.log", env={**self.env, **(env or {})}, cwd=ROOT
+        )
 
     def start_api(self) -> None:
         args = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.api = self._spawn("api", args, "api")
 
-    def start_worker(self, name: str) -> procs.Proc:
+    def start_worker(self, name: str, env: dict[str, str] | None = None) -> procs.Proc:
+        """`env`: this worker's own SPKD_* variables (e.g. its own folders, as on another host)."""
         args = [SPKD, "worker", "--name", name, "--loglevel", "INFO"]
-        self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}")
+        self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}", env)
         return self.workers[name]
 
     def kill_worker(self, name: str) -> None:

@@ -71,13 +71,14 @@ def test_presigned_url_serves_the_object(store: blobs.BlobStore, tmp_path: Path)
 def test_a_changed_object_fails_its_sha256_check(
     store: blobs.BlobStore, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    store.put_file("k/x.bin", _file(tmp_path, "x", b"original"), sha256=hashlib.sha256(b"original").hexdigest())
+    digest = hashlib.sha256(b"original").hexdigest()
+    store.put_file("k/x.bin", _file(tmp_path, "x", b"original"), sha256=digest)
     if isinstance(store, blobs.LocalBlobs):
         (store.root / "k" / "x.bin").write_bytes(b"tampered")
     else:
         server: SeaweedS3 = request.getfixturevalue("s3_server")
-        meta = {"sha256": hashlib.sha256(b"original").hexdigest()}
-        server.client().put_object(Bucket=store.bucket, Key=store.prefix + "k/x.bin", Body=b"tampered", Metadata=meta)
+        key, meta = store.prefix + "k/x.bin", {"sha256": digest}
+        server.client().put_object(Bucket=store.bucket, Key=key, Body=b"tampered", Metadata=meta)
     with pytest.raises(blobs.StorageUnavailable, match="does not match its sha256"):
         store.get_file("k/x.bin", tmp_path / "got")
     assert not (tmp_path / "got").exists()  # nothing half-checked left behind
@@ -87,7 +88,10 @@ def test_an_interrupted_upload_is_never_visible(store: blobs.BlobStore, tmp_path
     """A put that dies midway (multipart on S3: 11 MiB in 5 MiB parts) leaves no object, and an
     older object under the key stays as it was."""
     if isinstance(store, blobs.S3Blobs):
-        store.transfer = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=1)
+        five_mib = 5 << 20
+        store.transfer = TransferConfig(
+            multipart_threshold=five_mib, multipart_chunksize=five_mib, max_concurrency=1
+        )
     big = _file(tmp_path, "big", os.urandom(11 << 20))
     sent = []
 
