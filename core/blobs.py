@@ -257,20 +257,24 @@ class S3Blobs:
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()` with `SPKD_S3_RETRIES` attempts, backoff x2; a missing object is not retried."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         delay = self.backoff_s
         for attempt in range(1, self.retries + 1):
             try:
                 return fn()
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                if code in ("404", "NoSuchKey", "NotFound"):
-                    raise FileNotFoundError(what) from None
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                why = f"{code or 'error'} (HTTP {status})"
-            except (BotoCoreError, OSError) as e:
-                why = type(e).__name__
+            except (ClientError, Boto3Error, BotoCoreError, OSError) as e:
+                # upload_file wraps the ClientError in S3UploadFailedError: look at the cause.
+                cause = e if isinstance(e, ClientError) else (e.__cause__ or e.__context__)
+                if isinstance(cause, ClientError):
+                    code = str(cause.response.get("Error", {}).get("Code", ""))
+                    if code in ("404", "NoSuchKey", "NotFound"):
+                        raise FileNotFoundError(what) from None
+                    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    why = f"{code or 'error'} (HTTP {status})"
+                else:
+                    why = type(e).__name__
             if attempt == self.retries:
                 break
             log.warning(
@@ -280,7 +284,7 @@ class S3Blobs:
             delay *= 2
         message = (
             f"the object storage failed on {what} after {self.retries} attempts: {why}; "
-            "the local checkpoint is kept: resume the job once the storage answers again"
+            "retry once it answers again (a job keeps its local checkpoint: resume it)"
         )
         raise StorageUnavailable(self._scrub(message)) from None
 
