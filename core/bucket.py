@@ -23,10 +23,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
-from core.blobs import MANIFEST, BlobStore, sha256_file
+from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote, sha256_file
 from core.settings import Settings
 
 log = logging.getLogger("spkd.bucket")
@@ -34,6 +35,8 @@ USED = ".spkd-used"
 CHECKPOINTS = "checkpoints"
 ATTEMPT = "attempt-"
 LAST = "last.pt"
+TRANSFER_THREADS = 16
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- keys
@@ -62,17 +65,22 @@ def publish_dataset(blobs: BlobStore, folder: Path, ds_id: str) -> dict[str, Any
     """Upload an extracted dataset folder: every regular file, then the manifest (files with size
     and sha256, symlinks with their targets) last: a dataset without a manifest is incomplete.
     Returns the manifest. Raises StorageUnavailable."""
-    files: dict[str, dict[str, Any]] = {}
+    regular: list[Path] = []
     links: dict[str, str] = {}
     for root, dirs, names in os.walk(folder):
         for name in sorted(dirs + names):
             p = Path(root) / name
-            rel = p.relative_to(folder).as_posix()
             if p.is_symlink():
-                links[rel] = os.readlink(p)
+                links[p.relative_to(folder).as_posix()] = os.readlink(p)
             elif p.is_file():
-                digest = blobs.put_file(dataset_prefix(ds_id) + rel, p)
-                files[rel] = {"size": p.stat().st_size, "sha256": digest}
+                regular.append(p)
+
+    def put(p: Path) -> tuple[str, dict[str, Any]]:
+        rel = p.relative_to(folder).as_posix()
+        digest = blobs.put_file(dataset_prefix(ds_id) + rel, p)
+        return rel, {"size": p.stat().st_size, "sha256": digest}
+
+    files = dict(_parallel(put, regular))
     manifest = {"files": files, "links": links}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(manifest, f)
@@ -88,20 +96,33 @@ def keep_upload(settings: Settings, folder: Path) -> None:
     there and removed from this host (workers fetch it from the bucket); else left where it is.
     A failed publish removes the folder and the objects sent so far, then raises
     StorageUnavailable: nothing is kept, the upload can be retried."""
-    from core import blobs
-
-    remote = blobs.remote(settings)
-    if remote is None:
+    bucket = remote(settings)
+    if bucket is None:
         return
     ds_id = folder.name
     try:
-        publish_dataset(remote, folder, ds_id)
-    except blobs.StorageUnavailable:
-        with contextlib.suppress(blobs.StorageUnavailable):
-            remote.delete_prefix(dataset_prefix(ds_id))
+        publish_dataset(bucket, folder, ds_id)
+    except StorageUnavailable:
+        with contextlib.suppress(StorageUnavailable):
+            bucket.delete_prefix(dataset_prefix(ds_id))
         raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _parallel(fn: Callable[[Any], T], items: list[Any]) -> list[T]:
+    """fn over items on TRANSFER_THREADS threads (one request per small file: latency-bound);
+    the first error is raised once the others have stopped."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(TRANSFER_THREADS, len(items))) as pool:
+        futures = [pool.submit(fn, i) for i in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _read_manifest(blobs: BlobStore, ds_id: str, into: Path) -> dict[str, Any]:
@@ -120,8 +141,7 @@ def _download_dataset(blobs: BlobStore, ds_id: str, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".fetch-{ds_id}-", dir=dest.parent))
     try:
         manifest = _read_manifest(blobs, ds_id, tmp)
-        for rel in manifest["files"]:
-            blobs.get_file(dataset_prefix(ds_id) + rel, tmp / rel)
+        _parallel(lambda rel: blobs.get_file(dataset_prefix(ds_id) + rel, tmp / rel), list(manifest["files"]))
         for rel, target in manifest["links"].items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(target, tmp / rel)
