@@ -189,9 +189,26 @@ def _tree_bytes(folder: Path) -> int:
     return total
 
 
+def _remove_dead_fetches(cache: Path) -> None:
+    """`.fetch-<ds id>-*` folders of a download whose process died (nobody holds the dataset's
+    lock exclusively: a live download does) and `.evict-*` folders an eviction left."""
+    for d in cache.glob(".evict-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    for d in cache.glob(".fetch-*"):
+        ds_id = d.name.removeprefix(".fetch-").rsplit("-", 1)[0]
+        with _lock_file(cache, ds_id).open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being downloaded now
+            shutil.rmtree(d, ignore_errors=True)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def trim_cache(cache: Path, limit: int) -> list[str]:
     """Remove the least recently used copies until the cache holds at most `limit` bytes; a copy
     a job holds (shared lock) or that is being fetched is skipped. Returns the removed ids."""
+    _remove_dead_fetches(cache)
     copies = []
     for d in cache.iterdir():
         if d.is_dir() and not d.name.startswith("."):
