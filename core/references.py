@@ -320,6 +320,10 @@ def resolve_job_weights(
     job_dir = artifact_dir(settings) / job_id
     for candidate in candidates:
         path = job_dir / ROLE_FILES[candidate]
+        if settings.storage_url:  # in the bucket (core/bucket.py): registered is enough here,
+            if store.get_artifact(r, keys, job_id, ROLE_FILES[candidate]) is not None:
+                return path  # the worker fetches it to this path (workers/runner.py)
+            continue
         try:
             real = path.resolve()
         except (OSError, RuntimeError):

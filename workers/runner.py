@@ -283,11 +283,27 @@ def _validate_and_run(
     elif spec.dataset.torchvision is not None:
         data_dir = torchvision_imagefolder(spec.dataset)
     remote = blobs.remote(settings)
+    if remote is not None:
+        _fetch_job_weights(remote, settings, spec)
     if remote is not None and spec.dataset.id is not None:  # the upload is in the bucket
         data_dir, held = _fetch_dataset(remote, settings, spec.dataset.id)
         with held:  # a shared lock: the host's dataset cache keeps this copy while the job runs
             return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
     return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
+
+
+def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
+    """`weights: job:<id>` resolved to `<artifact root>/<id>/<file>`: with a bucket, that file may
+    be on another host; fetched from the bucket (sha256-checked) when it is not here."""
+    root = references.artifact_dir(settings)
+    for role in references.ROLE_FILES:
+        path = Path(getattr(spec, role).weights)
+        if path.is_absolute() and path.parent.parent == root and not path.is_file():
+            try:
+                remote.get_file(bucket.artifact_key(path.parent.name, path.name), path)
+            except FileNotFoundError:
+                msg = f"job {path.parent.name!r} has no {path.name} left in the object storage"
+                raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
 
 
 def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:

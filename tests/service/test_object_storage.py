@@ -7,6 +7,7 @@ into its cache and trains -> the artifacts are in the bucket with their sha256 -
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,16 @@ def test_upload_train_download_delete_through_the_bucket(
     assert head["Metadata"]["sha256"] == next(a["sha256"] for a in arts if a["name"] == "student.onnx")
     zipped = c.get(f"/v1/jobs/{job_id}/artifacts/student?format=zip")
     assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
+
+    # `weights: job:<id>` on a host that never had that job's files: fetched from the bucket.
+    shutil.rmtree(worker_host / "artifacts" / job_id)
+    student = {"model": "test_resnet", "weights": f"job:{job_id}"}
+    res = c.post("/v1/jobs", json=tiny_spec({"id": ds_id}, student=student))
+    assert res.status_code == 201, res.text
+    second = wait_job_over_http(c, res.json()["id"], 300, st.logs)
+    assert second["status"] == "succeeded", (second, st.logs())
+    assert (worker_host / "artifacts" / job_id / "student.safetensors").is_file()
+    assert c.delete(f"/v1/jobs/{second['id']}").status_code == 204
 
     assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
     assert s3_server.keys(f"{prefix}/jobs/{job_id}/") == []
