@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,37 @@ def test_stream_mode_sends_the_bytes_itself(tmp_path: Path, redis_url: str, s3_s
     finally:
         st.stop()
         store.delete_prefix(r, st.settings.redis_prefix)
+
+
+def test_background_upload_to_an_unusable_bucket_fails_storage_unavailable(
+    tmp_path: Path, redis_url: str, s3_server: SeaweedS3
+) -> None:
+    """A large upload (validated in the background) that the bucket refuses (a wrong secret):
+    the dataset ends `failed` with `storage_unavailable`, nothing kept, no secret in the record."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    from ..helpers import make_settings
+
+    secret = "wrong-" + uuid.uuid4().hex
+    over = {**s3_server.settings("bg"), "s3_secret_access_key": secret}
+    s = make_settings(tmp_path, redis_url, **over, s3_retries=1, upload_sync_max_bytes=0)
+    folder = small_imagefolder(tmp_path / "ds", per_class=2)
+    try:
+        with TestClient(create_app(s)) as c:
+            c.headers["Authorization"] = f"Bearer {KEY_A}"
+            res = c.post("/v1/datasets", content=zip_dir(folder, tmp_path / "ds.zip").read_bytes(),
+                         headers={"Content-Type": "application/zip"})  # fmt: skip
+            assert res.status_code == 202, res.text
+            ds_id = res.json()["id"]
+            for _ in range(200):
+                ds = c.get(f"/v1/datasets/{ds_id}").json()
+                if ds["status"] != "validating":
+                    break
+                time.sleep(0.1)
+            assert ds["status"] == "failed" and ds["error"]["code"] == "storage_unavailable", ds
+            assert secret not in str(ds)
+            assert not (Path(s.data_root) / "datasets" / ds_id).exists()
+    finally:
+        store.delete_prefix(store.connect(redis_url), s.redis_prefix)
