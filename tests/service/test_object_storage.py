@@ -7,7 +7,9 @@ into its cache and trains -> the artifacts are in the bucket with their sha256 -
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from core import store
 
 from ..helpers import (
     KEY_A,
+    SPKD,
     SeaweedS3,
     Stack,
     make_stack,
@@ -99,6 +102,14 @@ def test_upload_train_download_delete_through_the_bucket(
         Bucket=s3_server.BUCKET, Key=f"{prefix}/jobs/{job_id}/artifacts/student.onnx"
     )
     assert head["Metadata"]["sha256"] == next(a["sha256"] for a in arts if a["name"] == "student.onnx")
+    # The CLI follows the redirect (without sending its API key to the bucket) and checks the sha256.
+    cli = subprocess.run(
+        [SPKD, "download", job_id, "student.onnx", "--out", str(tmp_path / "dl"),
+         "--url", st.url, "--key", KEY_A],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert cli.returncode == 0 and "sha256 ok" in cli.stdout + cli.stderr, cli.stdout + cli.stderr
+    assert (tmp_path / "dl" / job_id / "student.onnx").stat().st_size > 0
     zipped = c.get(f"/v1/jobs/{job_id}/artifacts/student?format=zip")
     assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
 
