@@ -158,7 +158,8 @@ class LocalBlobs:
         _atomic_download(dest, lambda tmp: shutil.copyfile(src, tmp), self.sha256(key), key)
 
     def list(self, prefix: str) -> list[Blob]:
-        base = self.root / prefix.rstrip("/") if prefix.strip("/") else self.root
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""  # S3: a prefix, not a folder
+        base = self.root / folder if folder else self.root
         if not base.is_dir():
             return []
         out = []

@@ -43,6 +43,7 @@ def test_put_get_list_exists_delete(store: blobs.BlobStore, tmp_path: Path) -> N
     assert store.sha256("jobs/j1/artifacts/a.bin") == digest
     listed = {b.key: b.size for b in store.list("jobs/j1/")}
     assert listed == {"jobs/j1/artifacts/a.bin": 3000, "jobs/j1/artifacts/sub/b.txt": 3}
+    assert [b.key for b in store.list("jobs/j1/artifacts/s")] == ["jobs/j1/artifacts/sub/b.txt"]  # a prefix
     store.get_file("jobs/j1/artifacts/a.bin", tmp_path / "out" / "a.bin")
     assert (tmp_path / "out" / "a.bin").read_bytes() == a.read_bytes()
     assert b"".join(store.iter_bytes("jobs/j1/artifacts/sub/b.txt")) == b"bee"
