@@ -116,6 +116,29 @@ def tiny_spec(dataset: dict, **over: object) -> dict:
     return spec
 
 
+def host_env(root: Path) -> dict[str, str]:
+    """Folders of a host of its own: nothing under them is visible to the API or another worker."""
+    for d in ("data", "artifacts", "cache"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return {
+        "SPKD_DATA_ROOT": str(root / "data"),
+        "SPKD_ARTIFACT_ROOT": str(root / "artifacts"),
+        "SPKD_DATASET_CACHE_ROOT": str(root / "cache"),
+    }
+
+
+def upload_zip(c: httpx.Client, tmp: Path) -> str:
+    """Upload a small hymenoptera ImageFolder (4 photos per class and split) as a zip; its id."""
+    folder = small_imagefolder(tmp / "ds", per_class=4)
+    res = c.post(
+        "/v1/datasets?name=hym",
+        content=zip_dir(folder, tmp / "ds.zip").read_bytes(),
+        headers={"Content-Type": "application/zip"},
+    )
+    assert res.status_code == 201, res.text
+    return res.json()["id"]
+
+
 # ---------------------------------------------------------------- real processes
 
 

@@ -17,13 +17,14 @@ from ..helpers import (
     dump,
     epoch_ends,
     events,
+    host_env,
     small_imagefolder,
     tiny_spec,
+    upload_zip,
     wait_event,
     wait_final,
     zip_dir,
 )
-from ..service.test_object_storage import host_env, upload
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
@@ -48,7 +49,7 @@ def test_two_hosts_hand_a_job_over_through_the_bucket(
     st.start_worker("w1", host_env(host1))
     st.wait_ready()
     c = st.client()
-    ds_id = upload(c, tmp_path)
+    ds_id = upload_zip(c, tmp_path)
     job_id = c.post("/v1/jobs", json=tiny_spec({"id": ds_id}, train=TRAIN)).json()["id"]
     first = wait_event(r, keys, job_id, _checkpoint(1), 240)
     assert first["data"]["published_s"] >= 0
@@ -90,7 +91,7 @@ def test_bucket_lost_mid_job_fails_storage_unavailable_then_resumes(
         st.start_worker("w1", host_env(host))
         st.wait_ready()
         c = st.client()
-        ds_id = upload(c, tmp_path)
+        ds_id = upload_zip(c, tmp_path)
         job_id = c.post("/v1/jobs", json=tiny_spec({"id": ds_id}, train=TRAIN)).json()["id"]
         wait_event(r, keys, job_id, _checkpoint(1), 240)
         server.stop()

@@ -25,25 +25,16 @@ from ..helpers import (
     SPKD,
     SeaweedS3,
     Stack,
+    host_env,
     make_stack,
     small_imagefolder,
     tiny_spec,
+    upload_zip,
     wait_job_over_http,
     zip_dir,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def host_env(root: Path) -> dict[str, str]:
-    """Folders of a host of its own: nothing under them is visible to the API or another worker."""
-    for d in ("data", "artifacts", "cache"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    return {
-        "SPKD_DATA_ROOT": str(root / "data"),
-        "SPKD_ARTIFACT_ROOT": str(root / "artifacts"),
-        "SPKD_DATASET_CACHE_ROOT": str(root / "cache"),
-    }
 
 
 @pytest.fixture
@@ -55,17 +46,6 @@ def s3_stack(tmp_path: Path, redis_url: str, s3_server: SeaweedS3) -> Iterator[t
     store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
-def upload(c: httpx.Client, tmp: Path) -> str:
-    folder = small_imagefolder(tmp / "ds", per_class=4)
-    res = c.post(
-        "/v1/datasets?name=hym",
-        content=zip_dir(folder, tmp / "ds.zip").read_bytes(),
-        headers={"Content-Type": "application/zip"},
-    )
-    assert res.status_code == 201, res.text
-    return res.json()["id"]
-
-
 def test_upload_train_download_delete_through_the_bucket(
     s3_stack: tuple[Stack, str], s3_server: SeaweedS3, tmp_path: Path
 ) -> None:
@@ -75,7 +55,7 @@ def test_upload_train_download_delete_through_the_bucket(
     st.start_worker("w1", host_env(worker_host))
     st.wait_ready()
     c = st.client()
-    ds_id = upload(c, tmp_path)
+    ds_id = upload_zip(c, tmp_path)
     # In the bucket (manifest last), not on the API's disk.
     assert f"{prefix}/datasets/{ds_id}/.spkd-manifest.json" in s3_server.keys(f"{prefix}/datasets/{ds_id}/")
     assert not (Path(st.settings.data_root) / "datasets" / ds_id).exists()
