@@ -133,3 +133,19 @@ def test_unreachable_storage_is_retried_then_storage_unavailable(tmp_path: Path)
     assert time.monotonic() - t0 >= 0.2 + 0.4  # two waits: 0.2 s, then 0.4 s
     assert err.value.code == "storage_unavailable" and "after 3 attempts" in err.value.message
     assert secret not in str(err.value) and secret not in repr(err.value.as_dict())
+
+
+def test_presigned_urls_name_the_public_endpoint_and_expire(s3_server: SeaweedS3, tmp_path: Path) -> None:
+    """SPKD_S3_PUBLIC_ENDPOINT_URL: clients get URLs for the address they reach, signed for it
+    (the server checks the host), valid SPKD_S3_PRESIGN_TTL_S seconds; then refused."""
+    import time
+
+    public = s3_server.endpoint.replace("127.0.0.1", "localhost")  # another name, same server
+    settings = Settings(**s3_server.settings(f"pub-{uuid.uuid4().hex[:8]}"), s3_public_endpoint_url=public)
+    store = blobs.S3Blobs(settings)
+    store.put_file("a/x", _file(tmp_path, "x", b"payload"))
+    url = store.presign("a/x", 2)
+    assert url.startswith(public + "/") and "X-Amz-Expires=2" in url
+    assert httpx.get(url).content == b"payload"
+    time.sleep(3)
+    assert httpx.get(url).status_code == 403
