@@ -27,7 +27,7 @@ import redis
 
 from app import datasets
 from app.errors import ApiError
-from core import references, storage, store
+from core import bucket, references, storage, store
 from core.settings import Settings
 from models.errors import SpkdError
 
@@ -213,6 +213,7 @@ class Validator:
         pending_zip(self.settings, ds_id).unlink(missing_ok=True)
         if not kept:
             shutil.rmtree(references.datasets_dir(self.settings) / ds_id, ignore_errors=True)
+            storage.delete_objects(self.settings, bucket.delete_dataset, ds_id)  # published meanwhile
 
     def _forget(self, ds_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -61,6 +61,7 @@ class StorageUnavailable(SpkdError):
 class Blob:
     key: str
     size: int
+    mtime: float = 0.0  # unix seconds of the last write
 
 
 def sha256_file(path: Path) -> str:
@@ -86,6 +87,11 @@ class BlobStore(Protocol):
         ...
 
     def list(self, prefix: str) -> list[Blob]: ...
+
+    def children(self, prefix: str) -> list[str]:
+        """The next '/'-level names under `prefix` ('datasets/' -> ['ds_a', 'ds_b']): one cheap
+        listing, not every object below."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -167,8 +173,15 @@ class LocalBlobs:
             rel = p.relative_to(self.root)
             visible = not p.name.startswith(".") or p.name == MANIFEST
             if p.is_file() and rel.parts[0] != self.META and visible:
-                out.append(Blob(rel.as_posix(), p.stat().st_size))
+                st = p.stat()
+                out.append(Blob(rel.as_posix(), st.st_size, st.st_mtime))
         return [b for b in out if b.key.startswith(prefix)]
+
+    def children(self, prefix: str) -> list[str]:
+        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.name != self.META and not p.name.startswith("."))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -339,9 +352,28 @@ class S3Blobs:
                     Bucket=self.bucket, Prefix=self.prefix + prefix, **t
                 ),
             )
-            out += [Blob(o["Key"][len(self.prefix) :], o["Size"]) for o in page.get("Contents", [])]
+            out += [
+                Blob(o["Key"][len(self.prefix) :], o["Size"], o["LastModified"].timestamp())
+                for o in page.get("Contents", [])
+            ]
             if not page.get("IsTruncated"):
                 return out
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def children(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        token: dict[str, Any] = {}
+        full = self.prefix + prefix
+        while True:
+            page = self._call(
+                f"list {prefix}",
+                lambda t=token: self.client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=full, Delimiter="/", **t
+                ),
+            )
+            names += [c["Prefix"][len(full) :].rstrip("/") for c in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return sorted(names)
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def _head(self, key: str) -> dict[str, Any] | None:

@@ -19,6 +19,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -27,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import redis
+
+from core import store
 from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote, sha256_file
 from core.settings import Settings
 
@@ -35,6 +40,9 @@ USED = ".spkd-used"
 CHECKPOINTS = "checkpoints"
 ATTEMPT = "attempt-"
 LAST = "last.pt"
+STORE_MARKER = ".spkd-store"
+JOB_ID = re.compile(r"job_[0-9a-z]{20}")
+DATASET_ID = re.compile(r"ds_[0-9a-z]{20}")
 TRANSFER_THREADS = 16
 T = TypeVar("T")
 
@@ -347,6 +355,57 @@ def upload_artifacts(
         if sha256_file(path) != a["sha256"]:
             raise RuntimeError(f"artifact {a['name']} changed after it was collected")
         blobs.put_file(artifact_key(job_id, a["name"]), path, a["sha256"])
+
+
+# ---------------------------------------------------------------- leftovers
+
+
+def _store_owns(objects: BlobStore, r: redis.Redis, keys: store.Keys) -> bool:
+    """Whether this Redis namespace owns the bucket prefix (a `.spkd-store` object with its id,
+    written on the first sweep), so objects without a record are orphans and not another spkd
+    store's data, nor a wiped Redis's: the rule the shared folders follow (core/storage.py)."""
+    current = r.get(keys.store_id())
+    if current is None:
+        r.set(keys.store_id(), secrets.token_hex(16), nx=True)
+        current = r.get(keys.store_id())
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = Path(tmp) / "marker"
+        try:
+            objects.get_file(STORE_MARKER, marker)
+        except FileNotFoundError:
+            marker.write_text(f"{current}\n")
+            objects.put_file(STORE_MARKER, marker)
+            return True
+        claimed = marker.read_text().strip()
+    if claimed != current:
+        log.warning(
+            "the bucket prefix belongs to another spkd store (%s, this one is %s): no sweep", claimed, current
+        )
+    return claimed == current
+
+
+def sweep_orphans(objects: BlobStore, r: redis.Redis, keys: store.Keys, cutoff: float) -> list[str]:
+    """Delete the objects of datasets and jobs that have no record in this store and none of
+    whose objects was written after `cutoff` (unix seconds; an upload in flight keeps writing):
+    left by an API killed between publishing an upload and saving its record, or by a delete
+    while the bucket was unreachable. Returns the ids. Raises StorageUnavailable, redis errors."""
+    if not _store_owns(objects, r, keys):
+        return []
+    removed = []
+    kinds = (("datasets/", DATASET_ID, keys.dataset, dataset_prefix), ("jobs/", JOB_ID, keys.job, job_prefix))
+    for top, pattern, record, prefix in kinds:
+        for name in objects.children(top):
+            if not pattern.fullmatch(name) or r.exists(record(name)):
+                continue
+            found = objects.list(prefix(name))
+            if found and max(b.mtime for b in found) >= cutoff:
+                continue
+            if not r.exists(record(name)):  # not recorded meanwhile
+                objects.delete_prefix(prefix(name))
+                removed.append(name)
+    if removed:
+        log.warning("swept %d orphaned prefixes from the bucket: %s", len(removed), ", ".join(removed[:20]))
+    return removed
 
 
 def delete_job(blobs: BlobStore, job_id: str) -> int:

@@ -206,7 +206,8 @@ def _sweep_jobs(r: redis.Redis, keys: store.Keys, root: Path, cutoff: float) -> 
 def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float | None = None) -> list[Path]:
     """Remove leftovers untouched for `grace_s` (default SPKD_ORPHAN_GRACE_S) seconds: upload and
     deletion temporaries, half-written files of jobs nobody runs, and dataset and job folders
-    without a record in this store. Returns what was removed. Raises redis errors (the caller
+    without a record in this store; with a bucket, also its orphaned objects (core/bucket.py,
+    logged there). Returns what was removed from local folders. Raises redis errors (the caller
     logs them); upload temporaries are swept before Redis is asked anything."""
     cutoff = time.time() - (settings.orphan_grace_s if grace_s is None else grace_s)
     ds_root = references.datasets_dir(settings)
@@ -221,6 +222,12 @@ def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float |
         removed += _sweep_jobs(r, keys, art_root, cutoff)
     if removed:
         log.warning("swept %d leftovers: %s", len(removed), ", ".join(p.name for p in removed[:20]))
+    remote = blobs.remote(settings)
+    if remote is not None:  # the bucket's own leftovers (logged there; not files of this host)
+        try:
+            bucket.sweep_orphans(remote, r, keys, cutoff)
+        except blobs.StorageUnavailable as e:
+            log.warning("bucket not swept: %s", e.message)
     return removed
 
 
@@ -234,11 +241,11 @@ def delete_job(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str
     job = store.delete_job(r, keys, job_id, owner)
     if job is not None:
         remove_tree(job_dir(settings, job_id))
-        _delete_objects(settings, bucket.delete_job, job_id)
+        delete_objects(settings, bucket.delete_job, job_id)
     return job
 
 
-def _delete_objects(settings: Settings, delete, what_id: str) -> None:
+def delete_objects(settings: Settings, delete, what_id: str) -> None:
     """Remove a deleted record's objects from the bucket (if one is configured). The record is
     gone already; a bucket that fails here leaves objects no record names (logged, not raised)."""
     remote = blobs.remote(settings)
@@ -258,7 +265,7 @@ def delete_dataset(
     ds = store.delete_dataset(r, keys, ds_id, owner)
     if ds is not None:
         remove_tree(references.datasets_dir(settings) / ds_id)
-        _delete_objects(settings, bucket.delete_dataset, ds_id)
+        delete_objects(settings, bucket.delete_dataset, ds_id)
         # A large upload still validating: its zip (app.validation.pending_zip; the validation
         # then finds no record and keeps nothing).
         (references.datasets_dir(settings) / f".pending-{ds_id}.zip").unlink(missing_ok=True)

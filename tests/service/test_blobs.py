@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -125,8 +126,6 @@ def test_unreachable_storage_is_retried_then_storage_unavailable(tmp_path: Path)
         s3_timeout_s=2,
     )
     store = blobs.S3Blobs(settings)
-    import time
-
     t0 = time.monotonic()
     with pytest.raises(blobs.StorageUnavailable) as err:
         store.put_file("a/b", _file(tmp_path, "f", b"x"))
@@ -138,8 +137,6 @@ def test_unreachable_storage_is_retried_then_storage_unavailable(tmp_path: Path)
 def test_presigned_urls_name_the_public_endpoint_and_expire(s3_server: SeaweedS3, tmp_path: Path) -> None:
     """SPKD_S3_PUBLIC_ENDPOINT_URL: clients get URLs for the address they reach, signed for it
     (the server checks the host), valid SPKD_S3_PRESIGN_TTL_S seconds; then refused."""
-    import time
-
     public = s3_server.endpoint.replace("127.0.0.1", "localhost")  # another name, same server
     settings = Settings(**s3_server.settings(f"pub-{uuid.uuid4().hex[:8]}"), s3_public_endpoint_url=public)
     store = blobs.S3Blobs(settings)
@@ -149,3 +146,35 @@ def test_presigned_urls_name_the_public_endpoint_and_expire(s3_server: SeaweedS3
     assert httpx.get(url).content == b"payload"
     time.sleep(3)
     assert httpx.get(url).status_code == 403
+
+
+def test_sweep_removes_unrecorded_prefixes_after_the_grace_only(
+    store: blobs.BlobStore, tmp_path: Path, redis_url: str
+) -> None:
+    """core/bucket.sweep_orphans: a dataset and a job with no record (an API killed after the
+    publish, a delete while the bucket was down) go once untouched past the grace; recorded ones,
+    recent ones, and every prefix of a bucket another spkd store claimed stay."""
+    from core import bucket
+    from core import store as jobstore
+
+    r, keys = jobstore.connect(redis_url), jobstore.Keys(f"spkdtest-{uuid.uuid4().hex[:10]}")
+    try:
+        ids = {n: f"{n}_{uuid.uuid4().hex[:20]}" for n in ("ds", "job")}
+        kept_ds = f"ds_{uuid.uuid4().hex[:20]}"
+        f = _file(tmp_path, "f", b"x")
+        for key in (
+            f"datasets/{ids['ds']}/a.jpg",
+            f"jobs/{ids['job']}/artifacts/m",
+            f"datasets/{kept_ds}/a.jpg",
+        ):
+            store.put_file(key, f)
+        r.set(keys.dataset(kept_ds), "{}")
+        assert bucket.sweep_orphans(store, r, keys, cutoff=time.time() - 3600) == []  # too recent
+        assert sorted(bucket.sweep_orphans(store, r, keys, cutoff=time.time() + 1)) == sorted(ids.values())
+        assert [b.key for b in store.list("datasets/")] == [f"datasets/{kept_ds}/a.jpg"]
+        assert store.list("jobs/") == []
+        other = jobstore.Keys(f"spkdtest-{uuid.uuid4().hex[:10]}")  # a second store, same bucket
+        assert bucket.sweep_orphans(store, r, other, cutoff=time.time() + 1) == []
+        assert store.exists(f"datasets/{kept_ds}/a.jpg")
+    finally:
+        jobstore.delete_prefix(r, keys.prefix)
