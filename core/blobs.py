@@ -46,6 +46,7 @@ from models.errors import SpkdError
 log = logging.getLogger("spkd.blobs")
 T = TypeVar("T")
 MANIFEST = ".spkd-manifest.json"
+TMP_PREFIX = ".spkd-tmp-"  # LocalBlobs: a file being stored, never listed
 SHA_META = "sha256"
 CHUNK = 1 << 20
 
@@ -138,7 +139,7 @@ class LocalBlobs:
         digest = sha256 or sha256_file(path)
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
         os.close(fd)
         try:
             with Path(path).open("rb") as src, open(tmp, "wb") as out:
@@ -171,8 +172,7 @@ class LocalBlobs:
         out = []
         for p in sorted(base.rglob("*")):
             rel = p.relative_to(self.root)
-            visible = not p.name.startswith(".") or p.name == MANIFEST
-            if p.is_file() and rel.parts[0] != self.META and visible:
+            if p.is_file() and rel.parts[0] != self.META and not p.name.startswith(TMP_PREFIX):
                 st = p.stat()
                 out.append(Blob(rel.as_posix(), st.st_size, st.st_mtime))
         return [b for b in out if b.key.startswith(prefix)]
@@ -181,7 +181,7 @@ class LocalBlobs:
         base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if p.name != self.META and not p.name.startswith("."))
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != self.META)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

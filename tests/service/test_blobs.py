@@ -178,3 +178,16 @@ def test_sweep_removes_unrecorded_prefixes_after_the_grace_only(
         assert store.exists(f"datasets/{kept_ds}/a.jpg")
     finally:
         jobstore.delete_prefix(r, keys.prefix)
+
+
+def test_dot_files_are_objects_like_any_other(store: blobs.BlobStore, tmp_path: Path) -> None:
+    """A dataset's `.spkd-unextracted.json` or a user's `.hidden` file: listed, and removed with
+    its prefix (the local backend's own temporaries are not objects)."""
+    store.put_file("datasets/ds_x/.hidden", _file(tmp_path, "h", b"h"))
+    store.put_file("datasets/ds_x/a/b.jpg", _file(tmp_path, "b", b"b"))
+    assert sorted(b.key for b in store.list("datasets/ds_x/")) == [
+        "datasets/ds_x/.hidden",
+        "datasets/ds_x/a/b.jpg",
+    ]
+    assert store.children("datasets/") == ["ds_x"] and store.children("datasets/ds_x/") == ["a"]
+    assert store.delete_prefix("datasets/ds_x") == 2 and store.list("datasets/") == []
