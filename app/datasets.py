@@ -29,6 +29,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
+from core import bucket
 from core.settings import Settings
 from models import scan
 
@@ -252,6 +253,7 @@ def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted
             (tmp / scan.UNEXTRACTED_FILE).write_text(json.dumps(res.rejected))
         _scan_into(res, tmp, settings)
         tmp.rename(dest)
+        bucket.keep_upload(settings, dest)  # with SPKD_STORAGE_URL: into the bucket, not kept here
         return res
     except zipfile.BadZipFile as e:
         raise ApiError(422, "invalid_archive", f"corrupt zip archive: {e}", "file") from e

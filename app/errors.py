@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core import storage
+from core import blobs, storage
 
 log = logging.getLogger("spkd.api")
 
@@ -100,6 +100,12 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("job store unavailable: %s", exc)
         body = error_body("store_unavailable", "the job store (Redis) is unreachable; retry shortly")
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(blobs.StorageUnavailable)
+    async def _bucket_down(_: Request, exc: blobs.StorageUnavailable) -> JSONResponse:
+        log.warning("object storage unavailable: %s", exc.message)  # never holds credentials
+        body = error_body(exc.code, exc.message)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "30"})
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

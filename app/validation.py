@@ -27,8 +27,9 @@ import redis
 
 from app import datasets
 from app.errors import ApiError
-from core import references, storage, store
+from core import bucket, references, storage, store
 from core.settings import Settings
+from models.errors import SpkdError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def _unexpected(ds_id: str, e: Exception) -> dict[str, str]:
     if storage.storage_full(e) is not None:
         msg = "the dataset storage (SPKD_DATA_ROOT) is full: free space, then upload again"
         return {"code": "storage_full", "message": msg}
+    if isinstance(e, SpkdError):  # storage_unavailable: the bucket did not take it (core/blobs.py)
+        return {"code": e.code, "message": e.message}
     log.exception("dataset %s: validation crashed", ds_id)
     return {"code": "validation_error", "message": f"{type(e).__name__}: {e}"[:500]}
 
@@ -210,6 +213,7 @@ class Validator:
         pending_zip(self.settings, ds_id).unlink(missing_ok=True)
         if not kept:
             shutil.rmtree(references.datasets_dir(self.settings) / ds_id, ignore_errors=True)
+            storage.delete_objects(self.settings, bucket.delete_dataset, ds_id)  # published meanwhile
 
     def _forget(self, ds_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -317,7 +317,10 @@ def download(
                 dest = out / job_id / a["name"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 h = hashlib.sha256()
-                with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{a['name']}") as resp:
+                # follow_redirects: a server on object storage answers 307 to a presigned URL
+                # (httpx drops the API key when the redirect leaves the API's origin).
+                path = f"/v1/jobs/{job_id}/artifacts/{a['name']}"
+                with client.stream("GET", path, follow_redirects=True) as resp:
                     if resp.status_code >= 400:
                         resp.read()
                         _check(resp)

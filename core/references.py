@@ -180,6 +180,10 @@ def resolve_dataset_id(r: redis.Redis, keys: store.Keys, settings: Settings, ds_
     same SpkdError `dataset_not_found`."""
     record = store.get_dataset(r, keys, ds_id, owner)
     _check_ready(record, ds_id)
+    if settings.storage_url:  # the upload lives in the bucket (core/bucket.py): the record is enough
+        if record is None:
+            raise _dataset_missing(ds_id)
+        return uploads_dir(settings) / ds_id  # the worker fetches it into its cache
     uploads = uploads_dir(settings)
     folder = uploads / ds_id
     try:
@@ -316,6 +320,10 @@ def resolve_job_weights(
     job_dir = artifact_dir(settings) / job_id
     for candidate in candidates:
         path = job_dir / ROLE_FILES[candidate]
+        if settings.storage_url:  # in the bucket (core/bucket.py): registered is enough here,
+            if store.get_artifact(r, keys, job_id, ROLE_FILES[candidate]) is not None:
+                return path  # the worker fetches it to this path (workers/runner.py)
+            continue
         try:
             real = path.resolve()
         except (OSError, RuntimeError):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -106,6 +106,41 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(
         default=600.0, gt=0, description="how often a worker sweeps leftovers and applies retention"
+    )
+
+    # Object storage (core/blobs.py). Empty storage_url: API and workers share data/artifact roots.
+    storage_url: str = Field(
+        default="", description="s3://bucket/prefix: datasets, checkpoints, artifacts in object storage"
+    )
+    s3_endpoint_url: str = Field(
+        default="", description="S3-compatible endpoint; empty: AWS (AWS_ENDPOINT_URL)"
+    )
+    s3_public_endpoint_url: str = Field(
+        default="", description="endpoint presigned download URLs name, when clients reach another one"
+    )
+    s3_region: str = Field(default="", description="empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
+    s3_access_key_id: str = Field(default="", description="empty: the AWS_* variables / credential chain")
+    s3_secret_access_key: SecretStr = Field(default=SecretStr(""), description="never logged or shown")
+    s3_presign_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600, description="presigned URL lifetime")
+    s3_download: Literal["redirect", "stream"] = Field(
+        default="redirect", description="artifact downloads: 307 to a presigned URL, or streamed by the API"
+    )
+    s3_retries: int = Field(
+        default=5, ge=1, description="attempts of one storage call before storage_unavailable"
+    )
+    s3_backoff_s: float = Field(
+        default=1.0, ge=0, description="wait before the 2nd attempt; x2 per further one"
+    )
+    s3_timeout_s: float = Field(
+        default=20.0, gt=0, description="connect and read timeout of one storage call"
+    )
+    dataset_cache_root: Path = Field(
+        default=Path(".spkd/cache/datasets"), description="a worker's local copies of bucket datasets"
+    )
+    dataset_cache_bytes: int = Field(
+        default=100 * 1024**3,
+        ge=0,
+        description="the dataset cache is trimmed to this (least recently used first)",
     )
 
     def api_key_list(self) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import redis
 
-from core import references, store
+from core import blobs, bucket, references, store
 from core.settings import Settings
 
 log = logging.getLogger("spkd.storage")
@@ -71,7 +71,10 @@ def has_checkpoint(settings: Settings, job_id: str) -> bool:
     for an un-numbered run, `checkpoints/attempt-<n>/last.pt` for a service attempt)."""
     base = job_dir(settings, job_id) / "checkpoints"
     found = [base / "last.pt", *base.glob("attempt-*/last.pt")]
-    return any(p.is_file() and p.stat().st_size > 0 for p in found)
+    if any(p.is_file() and p.stat().st_size > 0 for p in found):
+        return True
+    remote = blobs.remote(settings)  # published by a worker on another host (core/bucket.py)
+    return remote is not None and bucket.has_checkpoint(remote, job_id)
 
 
 # ---------------------------------------------------------------- removing
@@ -203,7 +206,8 @@ def _sweep_jobs(r: redis.Redis, keys: store.Keys, root: Path, cutoff: float) -> 
 def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float | None = None) -> list[Path]:
     """Remove leftovers untouched for `grace_s` (default SPKD_ORPHAN_GRACE_S) seconds: upload and
     deletion temporaries, half-written files of jobs nobody runs, and dataset and job folders
-    without a record in this store. Returns what was removed. Raises redis errors (the caller
+    without a record in this store; with a bucket, also its orphaned objects (core/bucket.py,
+    logged there). Returns what was removed from local folders. Raises redis errors (the caller
     logs them); upload temporaries are swept before Redis is asked anything."""
     cutoff = time.time() - (settings.orphan_grace_s if grace_s is None else grace_s)
     ds_root = references.datasets_dir(settings)
@@ -218,6 +222,12 @@ def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float |
         removed += _sweep_jobs(r, keys, art_root, cutoff)
     if removed:
         log.warning("swept %d leftovers: %s", len(removed), ", ".join(p.name for p in removed[:20]))
+    remote = blobs.remote(settings)
+    if remote is not None:  # the bucket's own leftovers (logged there; not files of this host)
+        try:
+            bucket.sweep_orphans(remote, r, keys, cutoff)
+        except blobs.StorageUnavailable as e:
+            log.warning("bucket not swept: %s", e.message)
     return removed
 
 
@@ -231,7 +241,20 @@ def delete_job(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str
     job = store.delete_job(r, keys, job_id, owner)
     if job is not None:
         remove_tree(job_dir(settings, job_id))
+        delete_objects(settings, bucket.delete_job, job_id)
     return job
+
+
+def delete_objects(settings: Settings, delete, what_id: str) -> None:
+    """Remove a deleted record's objects from the bucket (if one is configured). The record is
+    gone already; a bucket that fails here leaves objects no record names (logged, not raised)."""
+    remote = blobs.remote(settings)
+    if remote is None:
+        return
+    try:
+        delete(remote, what_id)
+    except blobs.StorageUnavailable as e:
+        log.warning("%s: objects left in the bucket: %s", what_id, e.message)
 
 
 def delete_dataset(
@@ -242,6 +265,7 @@ def delete_dataset(
     ds = store.delete_dataset(r, keys, ds_id, owner)
     if ds is not None:
         remove_tree(references.datasets_dir(settings) / ds_id)
+        delete_objects(settings, bucket.delete_dataset, ds_id)
         # A large upload still validating: its zip (app.validation.pending_zip; the validation
         # then finds no record and keeps nothing).
         (references.datasets_dir(settings) / f".pending-{ds_id}.zip").unlink(missing_ok=True)

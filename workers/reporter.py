@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -110,8 +111,12 @@ class RedisReporter:
         monitor: Monitor,
         interval_s: float = 0.5,
         outage_s: float = 30.0,
+        on_checkpoint: Callable[[], Any] | None = None,
     ) -> None:
         self.r, self.keys, self.job_id, self.monitor = r, keys, job_id, monitor
+        # Runs before a `checkpoint` event is written (core.bucket.CheckpointPublisher: the event
+        # then means "saved and published"); what it raises ends the run.
+        self.on_checkpoint = on_checkpoint
         self.interval_s, self.outage_s = interval_s, outage_s
         self._last_write = 0.0
         self._latest: Progress | None = None
@@ -132,6 +137,10 @@ class RedisReporter:
                 time.sleep(1.0)
 
     def event(self, kind: str, message: str, **data: Any) -> None:
+        if kind == "checkpoint" and self.on_checkpoint is not None:
+            t0 = time.monotonic()
+            self.on_checkpoint()
+            data["published_s"] = round(time.monotonic() - t0, 3)
         self._waiting_out_outages(
             f"{kind} event",
             lambda: store.add_event(self.r, self.keys, self.job_id, kind, message, fence=self.fence, **data),

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from core import references, storage, store
+from core import blobs, bucket, references, storage, store
 from core.settings import Settings
 from models.callbacks import Fenced, StopRequested
 from models.errors import SpkdError
@@ -274,7 +274,7 @@ def _validate_and_run(
     monitor: Monitor,
     device: str | None,
 ) -> str:
-    job_id, owner, fence = job["id"], job["owner"], monitor.lease.fence
+    owner = job["owner"]
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
     data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
@@ -282,6 +282,51 @@ def _validate_and_run(
         data_dir = hub_imagefolder(spec.dataset, settings)
     elif spec.dataset.torchvision is not None:
         data_dir = torchvision_imagefolder(spec.dataset)
+    remote = blobs.remote(settings)
+    if remote is not None:
+        _fetch_job_weights(remote, settings, spec)
+    if remote is not None and spec.dataset.id is not None:  # the upload is in the bucket
+        data_dir, held = _fetch_dataset(remote, settings, spec.dataset.id)
+        with held:  # a shared lock: the host's dataset cache keeps this copy while the job runs
+            return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
+    return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
+
+
+def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
+    """`weights: job:<id>` resolved to `<artifact root>/<id>/<file>`: with a bucket, that file may
+    be on another host; fetched from the bucket (sha256-checked) when it is not here."""
+    root = references.artifact_dir(settings)
+    for role in references.ROLE_FILES:
+        path = Path(getattr(spec, role).weights)
+        if path.is_absolute() and path.parent.parent == root and not path.is_file():
+            try:
+                remote.get_file(bucket.artifact_key(path.parent.name, path.name), path)
+            except FileNotFoundError:
+                msg = f"job {path.parent.name!r} has no {path.name} left in the object storage"
+                raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
+
+
+def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:
+    try:
+        return bucket.fetch_dataset(remote, settings, ds_id)
+    except FileNotFoundError:  # no complete upload in the bucket (deleted meanwhile)
+        msg = f"dataset {ds_id!r} is not in the object storage"
+        raise SpkdError("dataset_not_found", msg, "dataset.id") from None
+
+
+def _run_on(
+    r: redis.Redis,
+    keys: store.Keys,
+    settings: Settings,
+    job: dict[str, Any],
+    monitor: Monitor,
+    device: str | None,
+    spec: JobSpec,
+    data_dir: Path,
+    remote: blobs.BlobStore | None,
+) -> str:
+    """Validate the dataset, run the engine, register the artifacts (uploaded first with a bucket)."""
+    job_id, fence = job["id"], monitor.lease.fence
     from models.pipeline import validate_job  # torch: only in the job's process
     from models.tracking import run_tracked
 
@@ -295,7 +340,15 @@ def _validate_and_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Half-written files of an earlier attempt (killed mid-write): we hold the lease, nobody else writes.
     storage.remove_temporaries(out_dir)
-    reporter = RedisReporter(r, keys, job_id, monitor, interval_s=settings.cancel_poll_s)
+    publish = None
+    if remote is not None:  # resumable on any host: the newest published checkpoint, if newer
+        fetched = bucket.fetch_checkpoint(remote, job_id, out_dir, fence)
+        if fetched is not None:
+            log.info("job %s: checkpoint of attempt %d fetched from the bucket", job_id, fetched)
+        publish = bucket.CheckpointPublisher(remote, job_id, out_dir, fence)
+    reporter = RedisReporter(
+        r, keys, job_id, monitor, interval_s=settings.cancel_poll_s, on_checkpoint=publish
+    )
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
     metrics = run_tracked(
         spec,
@@ -309,6 +362,8 @@ def _validate_and_run(
         data_path=settings.data_path,
     )
     artifacts = collect_artifacts(out_dir)
+    if remote is not None:  # uploaded before they are registered: a partial upload never is
+        bucket.upload_artifacts(remote, job_id, out_dir, artifacts, reporter.ensure_current)
     # Registry and final status in one fenced transaction: a stale attempt registers nothing.
     try:  # the artifacts are registered with the status, or not at all
         store.transition(
@@ -328,4 +383,9 @@ def _validate_and_run(
             r, keys, job_id, fence, store.CANCELLED, "cancelled after its last stage; results not registered"
         )
         return "cancelled"
+    if remote is not None:  # succeeded: the published checkpoints are not needed any more
+        try:
+            remote.delete_prefix(bucket.checkpoint_prefix(job_id))
+        except blobs.StorageUnavailable as e:
+            log.warning("job %s: published checkpoints left in the bucket: %s", job_id, e.message)
     return "succeeded"

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import redis
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from app import downloads
 from app.deps import (
     ARTIFACT_NAME,
     Ctx,
@@ -56,8 +57,12 @@ def list_artifacts(ctx: Ctx, owner: Owner, job_id: str) -> ArtifactList:
 @router.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
-    responses={**error_responses(404), 200: {"content": {"application/octet-stream": {}}}},
-    summary="Download an artifact (streamed)",
+    responses={
+        **error_responses(404, 503),
+        200: {"content": {"application/octet-stream": {}}},
+        307: {"description": "with SPKD_STORAGE_URL: a presigned URL of the object"},
+    },
+    summary="Download an artifact (streamed, or redirected to object storage)",
 )
 def download_artifact(
     ctx: Ctx,
@@ -68,36 +73,33 @@ def download_artifact(
         Literal["zip"] | None,
         Query(description="zip: a model folder (student, teacher, baseline, distilled) as one archive"),
     ] = None,
-) -> FileResponse:
+) -> Response:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     own_job(ctx, owner, job_id)
     if format == "zip":
         return _folder_zip(r, keys, settings, job_id, name)
     # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
     meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
-    path = Path(settings.artifact_root).resolve() / job_id / name
-    if meta is None or not path.is_file():
+    if meta is None:
         raise not_found("artifact", name)
-    return FileResponse(
-        path,
-        filename=Path(name).name,
-        media_type="application/octet-stream",
-        headers={"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]},
-    )
+    return downloads.artifact_response(settings, job_id, name, meta)
 
 
 def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:
     """The registered artifacts under `name/` as one zip (`name/...` inside), built in a temporary
     file that is removed once sent. 404 when no registered artifact is under that folder."""
     prefix = name.rstrip("/") + "/"
-    root = Path(settings.artifact_root).resolve() / job_id
     members = [a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix)]
     if not ARTIFACT_NAME.fullmatch(name.rstrip("/")) or not members:
         raise not_found("artifact", name)
     tmp = tempfile.NamedTemporaryFile(prefix=".spkd-zip-", suffix=".zip", delete=False)  # noqa: SIM115
-    with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:  # weights do not compress
+    with (
+        tmp,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf,  # weights do not compress
+        tempfile.TemporaryDirectory(prefix=".spkd-zip-") as fetched,
+    ):
         for member in members:
-            zf.write(root / member, member)
+            zf.write(downloads.member_file(settings, job_id, member, Path(fetched)), member)
     return FileResponse(
         tmp.name,
         filename=f"{Path(prefix).name}.zip",

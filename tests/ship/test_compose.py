@@ -126,3 +126,31 @@ def test_local_variant_for_the_smoke_test(compose):
     assert local["services"]["api"]["env_file"] == ["/abs/spkd.env"]
     # The real file is untouched: the GPU reservation is still there.
     assert compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_s3_override_shares_only_redis_and_the_bucket(compose):
+    """docker-compose.s3.yml: a SeaweedFS S3 service; API and worker name the bucket, reach it
+    by service name, sign downloads for a public address, and mount no volume in common."""
+    s3 = load("docker-compose.s3.yml")
+    services = s3["services"]
+    weed = services["seaweedfs"]
+    assert weed["image"].startswith("chrislusf/seaweedfs")
+    assert "-master.telemetry=false" in weed["command"] and "-s3.port=8333" in weed["command"]
+    assert weed["healthcheck"]["test"] and any(str(p).endswith(":8333") for p in weed["ports"])
+    config = s3["configs"][weed["configs"][0]["source"]]["content"]
+    assert "${SPKD_S3_SECRET_ACCESS_KEY:?" in config  # the identity comes from the operator's env file
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["SPKD_STORAGE_URL"].startswith("s3://")
+        assert env["SPKD_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+        assert services[name]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+        assert services[name]["volumes"]["__tag__"] == "!override"
+    api = {v.split(":")[0] for v in services["api"]["volumes"]["value"]}
+    worker = {v.split(":")[0] for v in services["worker"]["volumes"]["value"]}
+    assert api & worker == set() and "weights-cache" in worker
+    assert (api | worker | {"seaweedfs-data"}) - {"weights-cache"} <= set(s3["volumes"])
+    from core.settings import Settings
+
+    for key in services["worker"]["environment"]:  # every SPKD_ name is a real setting
+        if key.startswith("SPKD_"):
+            assert key.removeprefix("SPKD_").lower() in Settings.model_fields, key
