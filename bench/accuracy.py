@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, 32 px, 1 epoch")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="no training: one table from the --json files of runs that each did some seeds "
+        "(e.g. one process or host per seed)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.teacher, args.student, args.weights = "test_resnet", "test_efficientnet", "none"
@@ -204,8 +212,45 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    """The rows so far, their summary and the run's arguments (rewritten after every seed, so an
+    interrupted run keeps the seeds it finished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "merge"}
+    path.write_text(
+        json.dumps({"rows": rows, "summary": summarise(rows, args.variants), "args": saved}, indent=2)
+    )
+
+
+def merge(files: list[Path]) -> tuple[list[dict], argparse.Namespace]:
+    """Rows of several --json files (one seed each, or several), as one run. SystemExit when they
+    are not runs of the same settings or repeat a seed."""
+    rows, first = [], None
+    for f in files:
+        saved = json.loads(f.read_text())
+        settings = {k: v for k, v in saved["args"].items() if k not in ("seeds", "json", "out")}
+        if first is None:
+            first = settings
+        elif settings != first:
+            diff = sorted(k for k in settings.keys() | first.keys() if settings.get(k) != first.get(k))
+            raise SystemExit(f"{f}: not the same settings as {files[0]} ({', '.join(diff)})")
+        rows += saved["rows"]
+    seeds = [r["seed"] for r in rows]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"a seed appears twice among the merged files: {sorted(seeds)}")
+    assert first is not None
+    args = argparse.Namespace(**{**first, "data": Path(first["data"]), "seeds": sorted(seeds)})
+    return sorted(rows, key=lambda r: r["seed"]), args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        rows, merged = merge(args.merge)
+        print(table(rows, merged))
+        if args.json:
+            write_json(args.json, rows, merged)
+        return 0
     if args.tiny:
         import torch
 
@@ -214,19 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         rows.append(run_seed(args, seed))
         print(f"seed {seed}: {json.dumps(rows[-1])}", flush=True)
+        if args.json:
+            write_json(args.json, rows, args)
     print(table(rows, args))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "summary": summarise(rows, args.variants),
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                },
-                indent=2,
-            )
-        )
     return 0
 
 

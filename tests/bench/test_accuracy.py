@@ -59,3 +59,21 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
     for name in variants:
         base = summary["baseline"]["acc"]
         assert summary[name]["diff"] == [a - b for a, b in zip(summary[name]["acc"], base, strict=True)]
+
+    # Seeds run apart (one process or host each) merge into the same table.
+    first = dict(result, rows=result["rows"][:1], args={**result["args"], "seeds": [0]})
+    second = dict(result, rows=result["rows"][1:], args={**result["args"], "seeds": [1]})
+    parts = [tmp_path / "s0.json", tmp_path / "s1.json"]
+    for path, part in zip(parts, (first, second), strict=True):
+        path.write_text(json.dumps(part))
+    assert bench.main(["--merge", *map(str, parts), "--json", str(tmp_path / "merged.json")]) == 0
+    merged_table = capsys.readouterr().out
+    assert "| mean +- std |" in merged_table and merged_table.strip() in printed  # the same table
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["rows"] == result["rows"] and merged["summary"] == result["summary"]
+    with pytest.raises(SystemExit, match="appears twice"):
+        bench.main(["--merge", str(parts[0]), str(parts[0])])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(second, args={**second["args"], "epochs": 7})))
+    with pytest.raises(SystemExit, match="not the same settings"):
+        bench.main(["--merge", str(parts[0]), str(other)])

@@ -15,8 +15,7 @@ from boto3.s3.transfer import TransferConfig
 
 from core import blobs
 from core.settings import Settings
-
-from ..helpers import SeaweedS3
+from tests.helpers import SeaweedS3
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from core import store
-
-from ..helpers import (
+from tests.helpers import (
     KEY_A,
     SPKD,
     SeaweedS3,
@@ -142,8 +141,7 @@ def test_background_upload_to_an_unusable_bucket_fails_storage_unavailable(
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-
-    from ..helpers import make_settings
+    from tests.helpers import make_settings
 
     secret = "wrong-" + uuid.uuid4().hex
     over = {**s3_server.settings("bg"), "s3_secret_access_key": secret}

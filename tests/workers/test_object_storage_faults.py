@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from core import store
-
-from ..helpers import (
+from tests.helpers import (
     SeaweedS3,
     Stack,
     dump,
