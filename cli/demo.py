@@ -325,11 +325,17 @@ def report(out: Path) -> None:
         for line in summary(json.loads(metrics_path.read_text())):
             typer.echo(line)
     typer.echo(f"\nfiles in {out}:")
-    for path in sorted(p for p in out.iterdir() if p.is_file()):
-        typer.echo(f"  {path.name:<22} {path.stat().st_size:>12,d} bytes")
-    student = out / "student.safetensors"
-    if student.exists():
-        typer.echo(f"\nthe distilled student: {student} (load it with timm: see README, 'Use the model')")
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            typer.echo(f"  {path.name:<22} {path.stat().st_size:>12,d} bytes")
+        elif path.is_dir():
+            typer.echo(f"  {path.name + '/':<22} {'(folder)':>12}")
+    student = out / "student"
+    if student.is_dir():
+        typer.echo(
+            f"\nthe shipped student, in timm's hub layout: {student} "
+            "(timm.create_model('local-dir:...', pretrained=True); README, 'Use the distilled model')"
+        )
     if (out / "report.html").exists():
         typer.echo(f"report: {out / 'report.html'}")
 

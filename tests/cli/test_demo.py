@@ -138,6 +138,7 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     assert sum(counts["train"].values()) + sum(counts["selection"].values()) == 10 * 24
     assert counts["selection"] == {str(d): 2 for d in range(10)}
     assert "student, distilled (SP)" in output
+    assert "student/" in output and "the shipped student, in timm's hub layout" in output
     assert len(started) >= 3  # redis-server, api, worker (+ the worker's pool child)
     time.sleep(1)
     assert _children_alive(sorted(started)) == [], "the demo left processes running"
