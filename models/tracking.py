@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from models.callbacks import Progress, Reporter, StopRequested, ensure_current
+from models.callbacks import Fenced, Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
 
@@ -438,5 +438,11 @@ def run_tracked(
     except StopRequested:
         status = "KILLED"
         raise
+    except Fenced:
+        # Another attempt owns the job: this one writes nothing more, so the trackers are dropped
+        # unflushed (closing would write the scalars a stale step queued into tensorboard/).
+        status = "FENCED"
+        raise
     finally:
-        tracked.close(status)
+        if status != "FENCED":
+            tracked.close(status)
