@@ -238,40 +238,22 @@ class DistillSpec(_Strict):
             raise ValueError("layers must be 'auto' or a non-empty list of {teacher, student} pairs")
         return v
 
-    @field_validator("sp_weight", mode="wrap")
+    @field_validator("sp_weight", "kd_weight", mode="wrap")
     @classmethod
-    def _sp_weight(cls, v, handler):
+    def _weight(cls, v, handler, info):
         # one clear message (and field) instead of one error per member of the union
+        name = info.field_name
+        bound = f"0 to {SP_MAX:g}" if name == "sp_weight" else f"0 (off) to {KD_MAX:g}"
         try:
             v = handler(v)
         except ValidationError:
             raise ValueError(
-                f"sp_weight must be 'auto', a number from 0 to {SP_MAX:g}, or a list of 2 to "
+                f"{name} must be 'auto', a number from {bound}, or a list of 2 to "
                 f"{MAX_CANDIDATES} such numbers (candidates searched on the selection split)"
             ) from None
         if isinstance(v, list):
             if not 2 <= len(v) <= MAX_CANDIDATES or len(set(v)) != len(v):
-                raise ValueError(
-                    f"a list of sp_weight candidates needs 2 to {MAX_CANDIDATES} distinct numbers"
-                )
-            return sorted(v)
-        return v
-
-    @field_validator("kd_weight", mode="wrap")
-    @classmethod
-    def _kd_weight(cls, v, handler):
-        try:
-            v = handler(v)
-        except ValidationError:
-            raise ValueError(
-                f"kd_weight must be 'auto', a number from 0 (off) to {KD_MAX:g}, or a list of 2 to "
-                f"{MAX_CANDIDATES} such numbers (candidates searched on the selection split)"
-            ) from None
-        if isinstance(v, list):
-            if not 2 <= len(v) <= MAX_CANDIDATES or len(set(v)) != len(v):
-                raise ValueError(
-                    f"a list of kd_weight candidates needs 2 to {MAX_CANDIDATES} distinct numbers"
-                )
+                raise ValueError(f"a list of {name} candidates needs 2 to {MAX_CANDIDATES} distinct numbers")
             return sorted(v)
         return v
 
