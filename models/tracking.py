@@ -93,8 +93,13 @@ class TrackingReporter:
         self._secrets = [s for s in secrets if s]
 
     def event(self, kind: str, message: str, **data: Any) -> None:
+        """Feed the trackers, then log the event. Trackers first, behind the fencing check: an
+        observer who saw the event in the job's log also finds its scalars already written, and
+        an attempt that lost the job writes no tracker file at all."""
+        if self.trackers:
+            ensure_current(self.inner)
+            self._each(lambda t: t.on_event(kind, message, data))
         self.inner.event(kind, message, **data)
-        self._each(lambda t: t.on_event(kind, message, data))
 
     def progress(self, progress: Progress) -> None:
         self.inner.progress(progress)
@@ -113,7 +118,18 @@ class TrackingReporter:
         self._each(lambda t: t.start())
 
     def close(self, status: str) -> None:
-        """End every tracker with the job's outcome (FINISHED, FAILED, KILLED)."""
+        """End every tracker with the job's outcome (FINISHED, FAILED, KILLED).
+
+        Raises Fenced (writing nothing) when this run no longer owns its job. A check that cannot
+        be made (Redis unreachable) does not stop the close: no other attempt can take the job
+        while Redis is down, and an MLflow run should not be left RUNNING."""
+        try:
+            ensure_current(self.inner)
+        except Fenced:
+            self.trackers = []
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("closing the trackers without a fencing check: %s", exc)
         self._each(lambda t: t.close(status))
 
     def _each(self, call: Callable[[Tracker], None]) -> None:
@@ -151,6 +167,11 @@ class TensorBoardTracker:
     Resume: a resumed stage reopens its writers with `purge_step` at the first epoch (step) it
     writes again, so TensorBoard hides what the dead process had logged past the checkpoint
     instead of drawing those points twice.
+
+    Files are written only from `on_event` and `close`, which TrackingReporter calls behind the
+    fencing check: step points wait in memory until the epoch ends. A writer holding queued
+    scalars would let its flush thread write them when a frozen process thaws after another
+    attempt took the job over.
     """
 
     name = "tensorboard"
@@ -161,6 +182,8 @@ class TensorBoardTracker:
         self._epoch_writers: dict[str, Any] = {}
         self._step_writers: dict[str, Any] = {}
         self._lr: dict[str, float] = {}
+        # stage -> [(step, {tag: value})] not yet written
+        self._pending_steps: dict[str, list[tuple[int, dict[str, float]]]] = {}
 
     def start(self) -> None:
         # here, not at import: without the `tensorboard` package this is one warning event
@@ -179,6 +202,7 @@ class TensorBoardTracker:
         if not isinstance(stage, str):
             return
         if kind == "epoch_end":
+            self._write_steps(stage)
             epoch = int(data["epoch"])
             writer = self._writer(self._epoch_writers, stage, "", epoch)
             scalars = numeric_fields(data)
@@ -187,9 +211,8 @@ class TensorBoardTracker:
             for key, value in scalars.items():
                 writer.add_scalar(key, value, epoch)
             writer.flush()
-            if stage in self._step_writers:
-                self._step_writers[stage].flush()
         elif kind == "stage_finished":
+            self._write_steps(stage)
             scalars = numeric_fields(data)
             if scalars:
                 # no purge_step: a stage resumed only to finish must not hide its epochs
@@ -205,12 +228,20 @@ class TensorBoardTracker:
         every = max(1, p.steps // STEP_POINTS_PER_EPOCH)
         if p.step % every and p.step != p.steps:
             return
-        step = (p.epoch - 1) * p.steps + p.step
-        writer = self._writer(self._step_writers, p.stage, "steps", step)
-        if p.loss is not None and math.isfinite(p.loss):
-            writer.add_scalar("loss", p.loss, step)
+        point = {"loss": p.loss} if p.loss is not None and math.isfinite(p.loss) else {}
         if p.stage in self._lr:
-            writer.add_scalar("lr", self._lr[p.stage], step)
+            point["lr"] = self._lr[p.stage]
+        self._pending_steps.setdefault(p.stage, []).append(((p.epoch - 1) * p.steps + p.step, point))
+
+    def _write_steps(self, stage: str) -> None:
+        points = self._pending_steps.pop(stage, [])
+        if not points:
+            return
+        writer = self._writer(self._step_writers, stage, "steps", points[0][0])
+        for step, point in points:
+            for tag, value in point.items():
+                writer.add_scalar(tag, value, step)
+        writer.flush()
 
     def _close_stage(self, stage: str) -> None:
         for table in (self._epoch_writers, self._step_writers):
@@ -219,6 +250,8 @@ class TensorBoardTracker:
                 writer.close()
 
     def close(self, status: str) -> None:
+        for stage in list(self._pending_steps):  # a stopped or failed run's last partial epoch
+            self._write_steps(stage)
         for stage in set(self._epoch_writers) | set(self._step_writers):
             self._close_stage(stage)
 

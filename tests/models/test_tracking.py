@@ -272,3 +272,54 @@ def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:
     with pytest.raises(Fenced):
         ensure_current(TrackingReporter(StaleReporter(), []))
     ensure_current(TrackingReporter(RecordingReporter(), []))  # no hook: the run may write
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
+    """A job process frozen past its lease and thawed after another attempt took the job must add
+    nothing to tensorboard/: step points wait in memory (no writer thread can flush them on a
+    thaw), and every write is preceded by the fencing check, before the event reaches Redis (so
+    an observer who saw an epoch_end saw its scalars already on disk)."""
+    from models.callbacks import Fenced, Progress
+    from models.tracking import TensorBoardTracker, TrackingReporter
+
+    class LosesTheJob(RecordingReporter):
+        stale = False
+
+        def ensure_current(self) -> None:
+            if self.stale:
+                raise Fenced("job_x: a newer attempt holds the job")
+
+    inner, log_dir = LosesTheJob(), tmp_path / "tensorboard"
+    tracked = TrackingReporter(inner, [TensorBoardTracker(log_dir)])
+    tracked.start()
+
+    def step(epoch: int, i: int) -> Progress:
+        return Progress("baseline", epoch, 2, i, 2, 10.0, None, loss=0.5, extra={"lr": 0.1})
+
+    def epoch_end(epoch: int) -> None:
+        tracked.event("epoch_end", f"epoch {epoch}", stage="baseline", epoch=epoch, epochs=2, val_acc=0.5)
+
+    tracked.progress(step(1, 1))
+    tracked.progress(step(1, 2))
+    assert _files(tmp_path) == {}, "a training step wrote to disk outside a fenced point"
+    epoch_end(1)
+    written = _files(tmp_path)
+    assert any(n.startswith("tensorboard/baseline/steps/events.") for n in written), written
+    assert any(n.startswith("tensorboard/baseline/events.") for n in written), written
+
+    tracked.progress(step(2, 1))
+    inner.stale = True  # frozen here; another worker takes the job; thawed
+    tracked.progress(step(2, 2))
+    with pytest.raises(Fenced):
+        epoch_end(2)
+    with pytest.raises(Fenced):
+        tracked.close("FAILED")
+    time.sleep(0.2)  # room for any writer thread to flush what it was handed
+    assert _files(tmp_path) == written
+    assert [e[2]["epoch"] for e in inner.events if e[0] == "epoch_end"] == [1]
+    steps = _series(_accumulator(log_dir / "baseline" / "steps"), "loss")
+    assert [s for s, _ in steps] == [1, 2]
