@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -358,6 +359,68 @@ def resolve_weights(
     return spec.model_copy(update=updates) if updates else spec
 
 
+# ---------------------------------------------------------------- MLflow servers
+def _origin(uri: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path without trailing '/') of an http(s) URL; None when it is not one.
+    User info is no part of it: the allowed list may carry credentials, a job's URI never does."""
+    try:
+        parts = urlsplit(uri.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
+
+
+def tracking_uri_allowed(settings: Settings, uri: str) -> bool:
+    """True when `uri` is on one of the allowed MLflow servers: same scheme, host and port as an
+    entry of Settings.mlflow_allowed_uri_list(), and its path that entry's path or below it."""
+    want = _origin(uri)
+    if want is None:
+        return False
+    for allowed in map(_origin, settings.mlflow_allowed_uri_list()):
+        if allowed is None or want[:3] != allowed[:3]:
+            continue
+        if want[3] == allowed[3] or want[3].startswith(allowed[3] + "/"):
+            return True
+    return False
+
+
+def check_integrations(settings: Settings, spec: JobSpec) -> None:
+    """Refuse an `mlflow` integration whose tracking_uri the operator did not allow.
+
+    The worker sends its MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) to whatever
+    server a run logs to, from inside the operator's network: a tenant's URI could collect them or
+    probe internal hosts. Raises SpkdError `tracking_uri_not_allowed` naming the field and the
+    allowed servers (without credentials)."""
+    for i, entry in enumerate(getattr(spec, "integrations", None) or []):
+        uri = getattr(entry, "tracking_uri", None)
+        if entry.type != "mlflow" or not uri or tracking_uri_allowed(settings, uri):
+            continue
+        listed = [_without_credentials(u) for u in settings.mlflow_allowed_uri_list()]
+        where = f"the allowed ones are {', '.join(listed)}" if listed else "this server allows none"
+        raise SpkdError(
+            "tracking_uri_not_allowed",
+            f"tracking_uri {uri!r} is not an MLflow server this service logs to ({where}); leave "
+            "tracking_uri out to use the server's default, or ask the operator to add the server to "
+            "SPKD_MLFLOW_ALLOWED_URIS",
+            f"integrations.{i}.tracking_uri",
+        )
+
+
+def _without_credentials(uri: str) -> str:
+    try:
+        parts = urlsplit(uri)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+    except ValueError:
+        return "<unparseable uri>"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def resolve_spec(
     r: redis.Redis,
     keys: store.Keys,
@@ -366,6 +429,8 @@ def resolve_spec(
     owner: str,
     require_finished: bool = True,
 ) -> tuple[Path, JobSpec]:
-    """Every reference of a spec: (dataset folder, spec with resolved weight paths)."""
+    """Every reference of a spec: (dataset folder, spec with resolved weight paths). The MLflow
+    servers it names are checked too (check_integrations)."""
+    check_integrations(settings, spec)
     data_dir = resolve_dataset(r, keys, settings, spec, owner)
     return data_dir, resolve_weights(r, keys, settings, spec, owner, require_finished)

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         default="", description="MLflow server every job logs to (a job's integrations may name another)"
     )
     mlflow_experiment: str = Field(default="spkd", description="MLflow experiment of jobs that name none")
+    mlflow_allowed_uris: str = Field(
+        default="",
+        description="comma-separated MLflow servers (URL prefixes) a job's integrations may name "
+        "besides SPKD_MLFLOW_TRACKING_URI; empty: that one only",
+    )
 
     # Webhooks (app/routes/webhooks.py, workers/webhooks.py).
     webhooks_allow_private: bool = Field(
@@ -148,6 +153,11 @@ class Settings(BaseSettings):
 
     def weights_root_list(self) -> list[Path]:
         return [Path(p.strip()) for p in self.weights_roots.split(",") if p.strip()]
+
+    def mlflow_allowed_uri_list(self) -> list[str]:
+        """The MLflow servers a job may name: SPKD_MLFLOW_TRACKING_URI, then SPKD_MLFLOW_ALLOWED_URIS."""
+        listed = [u.strip() for u in self.mlflow_allowed_uris.split(",") if u.strip()]
+        return [u for u in [self.mlflow_tracking_uri.strip(), *listed] if u]
 
 
 @lru_cache

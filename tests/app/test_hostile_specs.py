@@ -226,3 +226,86 @@ def test_student_larger_than_teacher_runs_with_a_warning(
     assert any("larger than the teacher" in w for w in job["warnings"])
     assert json.loads(json.dumps(job["metrics"]))["distilled"]["val_acc"] is not None
     assert os.path.isfile(Path(settings.artifact_root) / job["id"] / "student.onnx")
+
+
+# ------------------------------------------------------------- MLflow servers a job may name
+ALLOWED_MLFLOW = "https://mlflow.internal:5000,http://10.0.0.7/mlflow"
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("https://mlflow.internal:5000", True),
+        ("https://MLflow.Internal:5000/", True),
+        ("http://10.0.0.7/mlflow", True),
+        ("http://10.0.0.7:80/mlflow/", True),
+        ("http://10.0.0.7/mlflow/team-a", True),
+        ("http://169.254.169.254/latest/meta-data", False),  # cloud metadata
+        ("http://127.0.0.1:6379", False),  # the server's own Redis
+        ("https://mlflow.internal:5001", False),
+        ("http://mlflow.internal:5000", False),  # the scheme is part of the origin
+        ("https://mlflow.internal.attacker.example:5000", False),
+        ("https://attacker.example/https://mlflow.internal:5000", False),
+        ("http://10.0.0.7/mlflowx", False),  # a path prefix ends at a segment
+        ("http://10.0.0.7/", False),
+    ],
+)
+def test_a_job_names_only_mlflow_servers_the_operator_allows(
+    tmp_path: Path, redis_url: str, uri: str, allowed: bool
+) -> None:
+    """The worker sends its MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN to whatever tracking_uri a job
+    names, and reaches it from inside the operator's network: a tenant may name only a server on
+    SPKD_MLFLOW_ALLOWED_URIS (or SPKD_MLFLOW_TRACKING_URI itself). Checked by the API and again by
+    the worker (core.references.resolve_spec), so a job queued before the list changed is held
+    to the list it runs under."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from core import references, store
+    from models.errors import SpkdError
+    from models.spec import JobSpec
+    from tests.helpers import KEY_A, make_settings
+
+    settings = make_settings(tmp_path, redis_url, mlflow_allowed_uris=ALLOWED_MLFLOW)
+    small_imagefolder(Path(settings.data_root) / "hym", per_class=4)
+    spec = tiny_spec({"path": "hym"}, integrations=[{"type": "mlflow", "tracking_uri": uri}])
+    try:
+        with TestClient(create_app(settings)) as client:
+            client.headers["Authorization"] = f"Bearer {KEY_A}"
+            resp = client.post("/v1/jobs", json=spec)
+        if allowed:
+            assert resp.status_code in (201, 202), resp.text
+        else:
+            assert resp.status_code == 422, resp.text
+            err = resp.json()["error"]
+            assert err["code"] == "tracking_uri_not_allowed", err
+            assert err["field"] == "integrations.0.tracking_uri", err
+            assert "SPKD_MLFLOW_ALLOWED_URIS" in err["message"], err
+        # the worker's own check, on a server whose list no longer holds the URI
+        strict = make_settings(tmp_path / "strict", redis_url)
+        with pytest.raises(SpkdError, match="SPKD_MLFLOW_ALLOWED_URIS"):
+            references.check_integrations(strict, JobSpec.model_validate(spec))
+    finally:
+        store.delete_prefix(store.connect(redis_url), settings.redis_prefix)
+
+
+def test_the_servers_own_mlflow_uri_is_always_allowed(tmp_path: Path, redis_url: str) -> None:
+    """A job may name the server's default MLflow server explicitly (credentials in the setting
+    are not part of the match, and never echoed in an error)."""
+    from core import references
+    from models.errors import SpkdError
+    from models.spec import JobSpec
+    from tests.helpers import make_settings
+
+    settings = make_settings(tmp_path, redis_url, mlflow_tracking_uri="https://ops:s3cret@mlflow.corp:8443")
+    ok = tiny_spec(
+        {"path": "hym"}, integrations=[{"type": "mlflow", "tracking_uri": "https://mlflow.corp:8443"}]
+    )
+    references.check_integrations(settings, JobSpec.model_validate(ok))
+    references.check_integrations(settings, JobSpec.model_validate(tiny_spec({"path": "hym"})))
+    bad = tiny_spec(
+        {"path": "hym"}, integrations=[{"type": "mlflow", "tracking_uri": "https://evil.example"}]
+    )
+    with pytest.raises(SpkdError) as err:
+        references.check_integrations(settings, JobSpec.model_validate(bad))
+    assert "s3cret" not in str(err.value) and "https://mlflow.corp:8443" in str(err.value)
