@@ -44,14 +44,24 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def amp_dtype_for(precision: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
+    """The autocast dtype `train.precision` runs with (None: fp32).
+
+    `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 elsewhere. Explicit values are
+    honoured where they can run: bf16 on a GPU without bf16 runs fp32 (autocast would switch
+    itself off), fp16 off CUDA runs fp32. validation.precision_note says so to the user."""
+    if precision == "bf16":
+        return torch.bfloat16 if device_type != "cuda" or bf16_supported else None
+    if device_type == "cuda" and precision in ("auto", "fp16"):
+        return torch.bfloat16 if precision == "auto" and bf16_supported else torch.float16
+    return None
+
+
 def pick_runtime(precision: str, device: str | None) -> Runtime:
-    """`auto`: bf16 on GPUs that support it, fp32 elsewhere; explicit values are honoured."""
+    """The device (`device`, else CUDA when present) and autocast dtype (amp_dtype_for) of a run."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp: torch.dtype | None = None
-    if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()):
-        amp = torch.bfloat16
-    elif precision == "fp16" and dev.type == "cuda" or precision == "auto" and dev.type == "cuda":
-        amp = torch.float16
+    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = amp_dtype_for(precision, dev.type, bf16)
     return Runtime(device=dev, amp_dtype=amp, channels_last=dev.type == "cuda")
 
 

@@ -198,7 +198,11 @@ def precision_note(requested: str, amp_dtype: torch.dtype | None, device: torch.
     runs = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
     if requested in ("auto", runs):
         return None
-    why = " (fp16 autocast needs a CUDA GPU)" if requested == "fp16" and device.type != "cuda" else ""
+    why = ""
+    if requested == "fp16" and device.type != "cuda":
+        why = " (fp16 autocast needs a CUDA GPU)"
+    elif requested == "bf16" and device.type == "cuda":
+        why = " (this GPU has no bf16; fp32 is the safe fallback, fp16 can overflow)"
     return f"train.precision {requested} was requested, but this run uses {runs} on {device}{why}"
 
 

@@ -275,3 +275,32 @@ def test_a_head_without_class_names_is_reused_with_a_warning(color_dataset, tmp_
     path.with_suffix(".json").unlink()  # a bare weight file: nothing says what its outputs mean
     found = validate_job(tiny_job_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
     assert any("no JSON with class_names" in w and "by class index" in w for w in found), found
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "bf16_ok", "runs", "why"),
+    [
+        ("auto", "cuda", True, torch.bfloat16, None),
+        ("auto", "cuda", False, torch.float16, None),  # SP's Gram is fp32 whatever autocast does
+        ("auto", "cpu", False, None, None),
+        ("bf16", "cuda", True, torch.bfloat16, None),
+        ("bf16", "cuda", False, None, "this GPU has no bf16"),  # autocast would switch itself off
+        ("bf16", "cpu", False, torch.bfloat16, None),
+        ("fp16", "cuda", False, torch.float16, None),
+        ("fp16", "cpu", False, None, "fp16 autocast needs a CUDA GPU"),
+        ("fp32", "cuda", True, None, None),
+    ],
+)
+def test_each_precision_request_runs_as_said(precision, device, bf16_ok, runs, why) -> None:
+    """What `train.precision` becomes on each device, and the warning when it is not what was
+    asked: a V100 or T4 asked for bf16 runs fp32 and the job says so (autocast alone would only
+    log a warning in the worker's output and carry on in fp32)."""
+    from models import validation
+
+    dtype = engine.amp_dtype_for(precision, device, bf16_ok)
+    assert dtype == runs
+    note = validation.precision_note(precision, dtype, torch.device(device))
+    if why is None:
+        assert note is None, note
+    else:
+        assert note is not None and why in note and precision in note, note
