@@ -108,6 +108,17 @@ def service(
         store.delete_prefix(store.connect(redis_url), s.redis_prefix)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Module- and session-scoped fixtures train too, before any function fixture runs, and tests
+    compare their results bit for bit with runs made inside a test: pin the whole process to one
+    torch thread as soon as collection has imported torch (see _one_torch_thread)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """The machine is shared (2 cores, other processes of the same test): one intra-op thread per

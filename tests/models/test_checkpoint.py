@@ -20,6 +20,9 @@ STEPS = 2  # 48 train images less 4 for selection / batch 16
 @pytest.fixture(scope="module")
 def reference(color_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
+    # compared bit for bit with runs made inside tests, so it must run as they do: on one thread
+    # (float sums split over 2 threads differ in the last bits, and MKL drops threads under load)
+    assert torch.get_num_threads() == 1, "module fixtures must train on one thread like the tests"
     run_job(tiny_job_spec(**SPEC), color_dataset, out, NullReporter())
     return out
 
