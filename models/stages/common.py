@@ -11,8 +11,8 @@ import torch
 from models import checkpoint, export
 from models.bank import BANK, ModelKey
 from models.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
-from models.features import AUTO, FeatureTap
-from models.losses import Distiller
+from models.features import FeatureTap
+from models.methods import Distiller
 from models.run import Run
 
 
@@ -64,8 +64,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- training
 def plain(model: torch.nn.Module) -> Distiller:
-    """Cross-entropy only (no teacher): fine-tuning."""
-    return Distiller(FeatureTap(model, [AUTO]), None, [1.0], 0.0, 0.0, 1.0)
+    """Cross-entropy only (no teacher, no method, no feature tapped): fine-tuning."""
+    return Distiller(FeatureTap(model, []), None, [])
 
 
 def best_row(curve: list[dict]) -> dict:

@@ -20,7 +20,7 @@ from models import fastdata as fd
 from models.callbacks import RecordingReporter
 from models.errors import SpkdError
 from models.features import FeatureTap
-from models.losses import Distiller
+from models.methods import Distiller
 from models.pipeline import run_job, validate_job
 from models.spec import JobSpec
 from tests.helpers import make_folder, tiny_job_spec
@@ -128,7 +128,7 @@ def test_an_epoch_without_any_step_is_an_error_not_a_zero_loss(color_dataset):
     plan = engine.StagePlan(
         name="baseline",
         model=model,
-        distiller=Distiller(FeatureTap(model, ["auto"]), None, [1.0], 0.0, 0.0, 1.0),
+        distiller=Distiller(FeatureTap(model, []), None, []),
         student_norm=engine.Normalizer(factory.data_config(model, 32), runtime, model),
         epochs=1,
         lr=0.01,

@@ -8,7 +8,7 @@ import torch
 
 from models.errors import SpkdError
 from models.features import FeatureTap, layer_names
-from models.losses import sp_loss
+from models.methods.sp import sp_loss
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.losses import SPLoss, kd_loss, similarity, sp_loss
+from models.methods.kd import kd_loss
+from models.methods.sp import SPLoss, similarity, sp_loss
 
 
 def sp_reference(f_s: np.ndarray, f_t: np.ndarray) -> float:

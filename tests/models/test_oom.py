@@ -95,7 +95,7 @@ def test_engine_stage_survives_oom_by_halving(train_images):
     """The engine's own train_stage, with a simulated memory limit on the student."""
     from models import engine, factory
     from models.features import FeatureTap
-    from models.losses import Distiller
+    from models.methods import Distiller
 
     paths, labels = train_images
     runtime = engine.pick_runtime("fp32", "cpu")
@@ -106,7 +106,7 @@ def test_engine_stage_survives_oom_by_halving(train_images):
     plan = engine.StagePlan(
         name="baseline",
         model=model,
-        distiller=Distiller(FeatureTap(model, ["auto"]), None, [1.0], 0.0, 0.0, 1.0),
+        distiller=Distiller(FeatureTap(model, []), None, []),
         student_norm=engine.Normalizer(factory.data_config(model, 32), runtime, model),
         epochs=2,
         lr=0.04,

@@ -14,7 +14,9 @@ from models import autoweight, data
 from models.callbacks import RecordingReporter
 from models.engine import pick_runtime
 from models.features import AUTO, FeatureTap
-from models.losses import Distiller, SPLoss, kd_loss
+from models.methods import Distiller
+from models.methods.kd import KD, kd_loss
+from models.methods.sp import SP, SPLoss
 from models.oom import BatchSizeController, FakeMemoryLimit
 from models.pipeline import best_row, run_job
 from tests.helpers import make_folder, tiny_job_spec
@@ -215,7 +217,7 @@ def test_measure_matches_a_direct_computation_and_leaves_the_student_unchanged()
         for _ in range(3)
     ]
     runtime = pick_runtime("fp32", "cpu")
-    distiller = Distiller(FeatureTap(student, [AUTO]), _teacher_fn(teacher), [1.0], 1.0, 1.0, 4.0)
+    distiller = Distiller(FeatureTap(student, [AUTO]), _teacher_fn(teacher), [SP(weight=1.0), KD(1.0, 4.0)])
     norm = lambda x: x.float() / 255  # noqa: E731
     before = {k: v.clone() for k, v in student.state_dict().items()}
     got = autoweight.measure(distiller, norm, iter(batches), runtime, n_batches=2)
@@ -242,7 +244,7 @@ def test_measure_matches_a_direct_computation_and_leaves_the_student_unchanged()
 def test_sp_weight_follows_the_batch_when_out_of_memory_halves_it():
     student, teacher = _tiny_pair()
     distiller = Distiller(
-        FeatureTap(student, [AUTO]), _teacher_fn(teacher), [1.0], 300.0, 0.0, 4.0, sp_ref_batch=8
+        FeatureTap(student, [AUTO]), _teacher_fn(teacher), [SP(weight=300.0, ref_batch=8), KD(0.0, 4.0)]
     )
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen)

@@ -8,7 +8,9 @@ import torch
 from models import fastdata as fd
 from models import teacher_cache as tc
 from models.features import FeatureTap
-from models.losses import Distiller
+from models.methods import Distiller
+from models.methods.kd import KD
+from models.methods.sp import SP
 
 CPU = torch.device("cpu")
 T_MEAN, T_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -79,8 +81,8 @@ def test_cached_distillation_loss_equals_live_loss(train_images):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         cache = tc.TeacherCache.build(source, live, views=2, seed=0, dtype=dtype)
         live_fn = lambda x_t, _idx: live(x_t)  # noqa: E731  (engine TeacherFn signature)
-        uncached = Distiller(student_tap, live_fn, [1.0], sp_weight=3000.0, kd_weight=1.0, temperature=4.0)
-        cached = Distiller(student_tap, cache, [1.0], sp_weight=3000.0, kd_weight=1.0, temperature=4.0)
+        uncached = Distiller(student_tap, live_fn, [SP(weight=3000.0), KD(1.0, 4.0)])
+        cached = Distiller(student_tap, cache, [SP(weight=3000.0), KD(1.0, 4.0)])
         for batch in cache.epoch(1):
             x_s = fd.normalize(batch.images, S_MEAN, S_STD)
             with torch.no_grad():
