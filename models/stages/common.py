@@ -108,7 +108,7 @@ def train(
     With a selection split every epoch is scored on it and the best epoch's weights (ties: the later
     epoch) are kept in checkpoints/<stage>.best.safetensors before the epoch's checkpoint is saved,
     so a resumed run chooses exactly as an uninterrupted one. Without one the last epoch is kept.
-    Returns {"best_epoch", "select_acc" (None without selection), "epochs"}.
+    Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"}.
     """
     train_batches, val_batches = run.data.loaders(stage)
     resume = _resume(run, stage)
@@ -144,7 +144,7 @@ def train(
     )
     curve, _ = train_stage(plan, run.runtime, run.reporter, run.clock, on_epoch_end, resume)
     if not run.selecting:
-        return {"best_epoch": curve[-1]["epoch"], "select_acc": None, "epochs": epochs}
+        return {"best_epoch": curve[-1]["epoch"], "select_acc": None, "select_loss": None, "epochs": epochs}
     best = best_row(curve)
     load_weights(model, _best_file(run, stage))
     run.reporter.event(
@@ -155,4 +155,9 @@ def train(
         epoch=best["epoch"],
         select_acc=best["val_acc"],
     )
-    return {"best_epoch": best["epoch"], "select_acc": best["val_acc"], "epochs": epochs}
+    return {
+        "best_epoch": best["epoch"],
+        "select_acc": best["val_acc"],
+        "select_loss": best["val_loss"],
+        "epochs": epochs,
+    }

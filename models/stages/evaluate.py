@@ -84,6 +84,26 @@ def _per_class(run: Run, p: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def baseline_wins(baseline: dict[str, Any], distilled: dict[str, Any]) -> bool:
+    """True when the student fine-tuned alone beats the distilled one on the selection split:
+    higher accuracy, or the same accuracy and a lower cross-entropy (`select_loss`, nats per
+    image). Accuracy on a small selection split moves in steps of one image and ties often; the
+    loss is a finer measure of the same images. Without both losses (results saved before they
+    were kept) a tie goes to the distilled student."""
+    b_acc, d_acc = baseline["select_acc"], distilled["select_acc"]
+    if b_acc != d_acc:
+        return b_acc > d_acc
+    b_loss, d_loss = baseline.get("select_loss"), distilled.get("select_loss")
+    return b_loss is not None and d_loss is not None and b_loss < d_loss
+
+
+def _selection_line(first: dict[str, Any], second: dict[str, Any]) -> str:
+    line = f"{100 * first['select_acc']:.1f}% vs {100 * second['select_acc']:.1f}%"
+    if first["select_acc"] == second["select_acc"] and first.get("select_loss") is not None:
+        line += f"; loss {first['select_loss']:.4f} vs {second.get('select_loss') or float('nan'):.4f}"
+    return line
+
+
 def _ship(run: Run) -> dict[str, Any]:
     """The distilled student ships unless the baseline beats it on the selection split."""
     results = run.state.results
@@ -92,16 +112,16 @@ def _ship(run: Run) -> dict[str, Any]:
         return {"student": "distilled", "reason": "no baseline was trained"}
     if not run.selecting:
         return {"student": "distilled", "reason": "no selection split (selection_fraction 0)"}
-    if b["select_acc"] > d["select_acc"]:
+    if baseline_wins(b, d):
         reason = (
             f"the student fine-tuned alone beat the distilled student on the selection split "
-            f"({100 * b['select_acc']:.1f}% vs {100 * d['select_acc']:.1f}%): student.* is the baseline"
+            f"({_selection_line(b, d)}): student.* is the baseline"
         )
         run.reporter.event("warning", reason, shipped="baseline")
         return {"student": "baseline", "reason": reason}
     reason = (
         f"the distilled student is at least as good as the baseline on the selection split "
-        f"({100 * d['select_acc']:.1f}% vs {100 * b['select_acc']:.1f}%)"
+        f"({_selection_line(d, b)})"
     )
     run.reporter.event("info", reason, shipped="distilled")
     return {"student": "distilled", "reason": reason}
