@@ -133,7 +133,7 @@ def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """One seed: the default job, then every other variant from its fine-tuned teacher."""
-    from models.stages.evaluate import baseline_wins  # the job's own shipping rule
+    from models.stages.evaluate import distilled_wins  # the job's own shipping rule
 
     base_dir = args.out / f"seed{seed}" / "auto"
     base, seconds = _run(args, job_spec(args, seed), base_dir)
@@ -158,7 +158,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
                 args, spec, args.out / f"seed{seed}" / _slug(name), settings.get("share")
             )
         d = metrics["distilled"]
-        ships_baseline = d.get("select_acc") is not None and baseline_wins(baseline, d)
+        ships_baseline = d.get("select_acc") is not None and not distilled_wins(baseline, d)
         row["variants"][name] = {
             "acc": d["val_acc"],
             "shipped": baseline["val_acc"] if ships_baseline else d["val_acc"],

@@ -380,18 +380,17 @@ def test_search_without_selection_is_refused(color_dataset, tmp_path):
     [
         ({"select_acc": 0.9, "select_loss": 0.5}, {"select_acc": 0.8, "select_loss": 0.1}, "baseline"),
         ({"select_acc": 0.8, "select_loss": 0.1}, {"select_acc": 0.9, "select_loss": 0.5}, "distilled"),
-        # a tie in accuracy (22/24 each, common on a small selection split): the lower loss ships
-        ({"select_acc": 0.9, "select_loss": 0.33}, {"select_acc": 0.9, "select_loss": 0.42}, "baseline"),
-        ({"select_acc": 0.9, "select_loss": 0.33}, {"select_acc": 0.9, "select_loss": 0.31}, "distilled"),
-        ({"select_acc": 0.9, "select_loss": 0.3}, {"select_acc": 0.9, "select_loss": 0.3}, "distilled"),
-        # results saved before select_loss was kept (a resumed older job): accuracy alone
-        ({"select_acc": 0.9}, {"select_acc": 0.9, "select_loss": 0.5}, "distilled"),
+        # a tie (22/24 each, common on a small selection split) is no evidence for distillation,
+        # whatever the losses say
+        ({"select_acc": 0.9, "select_loss": 0.33}, {"select_acc": 0.9, "select_loss": 0.31}, "baseline"),
+        ({"select_acc": 0.9}, {"select_acc": 0.9}, "baseline"),
     ],
 )
-def test_the_selection_split_decides_what_ships(baseline, distilled, ships):
-    """Accuracy first; on a tie the selection cross-entropy, a finer measure on the same images.
-    Measured on hymenoptera (24 selection images, 3 seeds): two of six students tied the baseline
-    in accuracy, and the one with the higher loss was 10 points worse on the report split."""
-    from models.stages.evaluate import baseline_wins
+def test_the_distilled_student_ships_only_when_it_wins_on_selection(baseline, distilled, ships):
+    """Measured on hymenoptera (24 selection images, 6 seeds x {auto, search}): 5 distilled
+    students tied the baseline's selection accuracy, and 4 of them were worse on the report split
+    (by 1 to 16 images); the rule that shipped them on a tie put the shipped mean below the student
+    alone by more than one image."""
+    from models.stages.evaluate import distilled_wins
 
-    assert ("baseline" if baseline_wins(baseline, distilled) else "distilled") == ships
+    assert ("distilled" if distilled_wins(baseline, distilled) else "baseline") == ships
