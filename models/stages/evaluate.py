@@ -88,7 +88,7 @@ def distilled_wins(baseline: dict[str, Any], distilled: dict[str, Any]) -> bool:
     """True when the distilled student beats the student fine-tuned alone on the selection split:
     a strictly higher accuracy. A tie ships the baseline: distillation has to show it helps. On a
     small selection split (hymenoptera: 24 images) ties are common and carry no evidence; measured
-    over 6 seeds there, a tied distilled student was worse on the report split in 4 of 5 cases."""
+    over 6 seeds x {auto, search} there, 4 of the 5 tied distilled students were worse on the report split."""
     return distilled["select_acc"] > baseline["select_acc"]
 
 
