@@ -33,6 +33,24 @@ class ClientError(Exception):
     pass
 
 
+class Unreachable(ClientError, httpx.TransportError):
+    """The API did not answer (refused, timed out, name unknown). A ClientError, so every command
+    prints it as one line; a TransportError too, so the event stream still reconnects on it."""
+
+
+class _Client(httpx.Client):
+    """httpx's client, with connection failures explained (where, and which setting moves it)."""
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        try:
+            return super().send(request, **kwargs)
+        except httpx.TransportError as e:
+            raise Unreachable(
+                f"cannot reach the spkd API at {self.base_url} ({type(e).__name__}: {e}); is `spkd "
+                "serve` running there? SPKD_URL or --url sets the address"
+            ) from e
+
+
 # The server sends a keep-alive comment every 15 s on a quiet stream: a minute of silence means a
 # dead connection (a half-open socket never errors by itself), so reconnect instead of hanging.
 SSE_TIMEOUT = httpx.Timeout(10.0, read=60.0)
@@ -42,7 +60,7 @@ def make_client(url: str | None, key: str | None, timeout: float = 30.0) -> http
     base = url or os.environ.get("SPKD_URL") or "http://127.0.0.1:8000"
     key = key or os.environ.get("SPKD_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=base.rstrip("/"), headers=headers, timeout=timeout)
+    return _Client(base_url=base.rstrip("/"), headers=headers, timeout=timeout)
 
 
 def _check(resp: httpx.Response) -> Any:
