@@ -21,7 +21,7 @@ from app.deps import (
     Owner,
     own_job,
 )
-from app.errors import not_found
+from app.errors import ApiError, not_found
 from app.openapi import error_responses, links
 from app.schemas import (
     ArtifactList,
@@ -81,8 +81,23 @@ def download_artifact(
     # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
     meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     if meta is None:
-        raise not_found("artifact", name)
+        raise _folder_hint(r, keys, job_id, name) or not_found("artifact", name)
     return downloads.artifact_response(settings, job_id, name, meta)
+
+
+def _folder_hint(r: redis.Redis, keys: store.Keys, job_id: str, name: str) -> ApiError | None:
+    """A 404 that says how to download `name` when it is a model folder, not a file (the caller
+    owns the job, so naming its files reveals nothing)."""
+    prefix = name.rstrip("/") + "/"
+    files = sorted(a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix))
+    if not files:
+        return None
+    return ApiError(
+        404,
+        "artifact_not_found",
+        f"{name!r} is a folder of {len(files)} files, not a file: download it as one zip with "
+        f"?format=zip, or one file by its name ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})",
+    )
 
 
 def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:

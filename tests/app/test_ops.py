@@ -168,6 +168,13 @@ def test_a_model_folder_downloads_as_one_zip(service) -> None:
             for name in names:  # the same bytes as each file's own download
                 assert zf.read(name) == c.get(f"/v1/jobs/{job_id}/artifacts/{name}").content
         assert c.get(f"/v1/jobs/{job_id}/artifacts/nothing", params={"format": "zip"}).status_code == 404
+        # the folder's name without ?format=zip: a 404 that says how to get it
+        plain = c.get(f"/v1/jobs/{job_id}/artifacts/student")
+        assert plain.status_code == 404, plain.text
+        assert (
+            "?format=zip" in plain.json()["error"]["message"]
+            and "student/" in plain.json()["error"]["message"]
+        )
         assert c.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "tar"}).status_code == 422
     with service.client(key=KEY_B) as other:
         assert other.get(f"/v1/jobs/{job_id}/artifacts/student", params={"format": "zip"}).status_code == 404
