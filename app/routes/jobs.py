@@ -127,6 +127,19 @@ def create_job(
     return Job.from_store(job)
 
 
+def _check_resumable_references(
+    ctx: AppContext, owner: str, job: dict[str, Any], refuse: Callable[[str], ApiError]
+) -> None:
+    """What the job's spec names (dataset, weights, MLflow server) must still resolve, as the worker
+    will check again: a dataset deleted since the failure is a 409 now, not a failed attempt later."""
+    try:
+        references.resolve_spec(ctx.redis, ctx.keys, ctx.settings, JobSpec.model_validate(job["spec"]), owner)
+    except SpkdError as e:
+        err = refuse(e.message)
+        err.field = e.field
+        raise err from e
+
+
 def _enqueue_or_fail(ctx: AppContext, job_id: str) -> None:
     """Send the job to the workers; when the broker is down, fail the job (never queued forever)
     and answer 503."""
@@ -300,6 +313,7 @@ def resume_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
         raise refuse("it has no checkpoint to resume from (it stopped before its first epoch ended)")
     if store.lease_held(r, keys, job_id):
         raise refuse("its last run is still shutting down; retry in a few seconds")
+    _check_resumable_references(ctx, owner, job, refuse)
     try:
         job = store.resume_job(r, keys, job_id)
     except store.Conflict as e:  # resumed or changed by a concurrent request

@@ -166,6 +166,30 @@ def test_cancel_states(client, r, keys, data_folder: Path) -> None:
     assert done.json()["error"]["code"] == "job_finished" and done.json()["error"]["status"] == "failed"
 
 
+def test_resume_checks_what_the_job_names_first(
+    client, r, keys, settings: Settings, data_folder: Path
+) -> None:
+    """A failed job whose dataset is gone since (deleted, moved) is refused at once (409 naming the
+    reference), not queued to fail again on a worker."""
+    import shutil
+
+    job_id = client.post("/v1/jobs", json=spec()).json()["id"]
+    store.transition(r, keys, job_id, store.FAILED, [store.QUEUED])
+    ckpt = Path(settings.artifact_root) / job_id / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"a checkpoint")
+    shutil.rmtree(data_folder)
+    resp = client.post(f"/v1/jobs/{job_id}/resume")
+    assert resp.status_code == 409, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "job_not_resumable" and err["field"] == "dataset.path", err
+    assert "no folder 'hym' under the server's data root" in err["message"], err
+    assert store.get_job(r, keys, job_id)["status"] == "failed"
+    (data_folder / "ants").mkdir(parents=True)  # back in place: the resume goes through
+    again = client.post(f"/v1/jobs/{job_id}/resume")
+    assert again.status_code == 200 and again.json()["status"] == "queued", again.text
+
+
 def test_events_json_and_sse_resume(client, r, keys, data_folder: Path) -> None:
     job_id = client.post("/v1/jobs", json=spec()).json()["id"]
     store.add_event(r, keys, job_id, "info", "hello", n=1)
