@@ -70,6 +70,23 @@ def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+# pydantic's wording for the exceptions our validators raise; the message after it is ours
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _detail(error: dict[str, Any]) -> dict[str, Any]:
+    """One validation error as {field, message} a person reads: a body that is not JSON at all
+    names no field (pydantic's loc is the byte offset), and pydantic's prefixes are dropped."""
+    if error.get("type") == "json_invalid":
+        loc, why = error.get("loc") or (), (error.get("ctx") or {}).get("error", "")
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        return {"field": None, "message": f"the request body is not valid JSON ({why}{where})"}
+    message = str(error.get("msg", ""))
+    for prefix in _PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix)
+    return {"field": _loc_to_field(error.get("loc", ())), "message": message}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -78,10 +95,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        details = [{"field": _loc_to_field(e.get("loc", ())), "message": e.get("msg", "")} for e in errors]
+        details = [_detail(e) for e in exc.errors()]
         first = details[0] if details else {"field": None, "message": "invalid request"}
-        message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+        lines = [f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details[:5]]
+        message = "; ".join(lines)
         body = error_body("invalid_request", message or first["message"], first["field"] or None)
         body["error"]["details"] = details
         return JSONResponse(body, status_code=422)

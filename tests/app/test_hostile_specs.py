@@ -118,6 +118,23 @@ def test_malformed_bodies_are_4xx(client, body: bytes) -> None:
     assert resp.json()["error"]["code"] in ("invalid_request", "bad_request")
 
 
+def test_error_messages_read_as_sentences(client, data: Path) -> None:
+    """No parser internals in an error: a body that is not JSON says so (no field "1", the byte
+    offset), and a spec check's message has no pydantic "Value error, " prefix."""
+    resp = client.post(
+        "/v1/jobs", content=b'{"train": {"lr": 0.1,}}', headers={"Content-Type": "application/json"}
+    )
+    err = resp.json()["error"]
+    assert resp.status_code == 422 and err["field"] is None, err
+    assert (
+        err["message"].startswith("the request body is not valid JSON") and "character" in err["message"]
+    ), err
+    bad = _with("train.batch_size", 1)
+    err = client.post("/v1/jobs", json=bad).json()["error"]
+    assert err["field"] == "train.batch_size" and "Value error" not in err["message"], err
+    assert "Value error" not in str(err.get("details")), err
+
+
 def test_paths_outside_the_roots(client, settings: Settings, data: Path, tmp_path: Path) -> None:
     outside = small_imagefolder(tmp_path / "outside", per_class=2)
     (Path(settings.data_root) / "escape").symlink_to(outside, target_is_directory=True)
