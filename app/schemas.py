@@ -93,7 +93,11 @@ class Job(BaseModel):
     cancel_requested: bool = False
     attempts: int = 0
     spec: dict[str, Any]
-    warnings: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the worker's validation found before training (the spec against the data "
+        "and models); warnings raised while the job runs are `warning` events",
+    )
     metrics: dict[str, Any] | None = None
     error: ErrorInfo | None = None
 
