@@ -314,6 +314,22 @@ def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> t
         raise SpkdError("dataset_not_found", msg, "dataset.id") from None
 
 
+def _warn_if_gpu_missing(reporter: RedisReporter) -> None:
+    """A worker started for a GPU (`spkd worker --gpu N` sets CUDA_VISIBLE_DEVICES) whose torch sees
+    none (no driver, a CPU-only wheel, a container without the device) would train on the CPU,
+    10-100x slower, without a word. Runs in the job's process, which may initialise CUDA."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible != "-1" and not torch.cuda.is_available():
+        reporter.event(
+            "warning",
+            f"this worker was started for GPU {visible} (CUDA_VISIBLE_DEVICES) but torch sees no CUDA GPU: "
+            "the job trains on the CPU; check the driver (nvidia-smi) and that the container has the GPU",
+            gpu=visible,
+        )
+
+
 def _run_on(
     r: redis.Redis,
     keys: store.Keys,
@@ -349,6 +365,8 @@ def _run_on(
     reporter = RedisReporter(
         r, keys, job_id, monitor, interval_s=settings.cancel_poll_s, on_checkpoint=publish
     )
+    if device is None or device.startswith("cuda"):
+        _warn_if_gpu_missing(reporter)
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
     metrics = run_tracked(
         spec,

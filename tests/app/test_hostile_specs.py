@@ -245,6 +245,21 @@ def test_student_larger_than_teacher_runs_with_a_warning(
     assert os.path.isfile(Path(settings.artifact_root) / job["id"] / "student.onnx")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without a CUDA GPU")
+def test_a_worker_started_for_a_gpu_it_cannot_see_says_so(
+    client, r, keys, settings: Settings, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`spkd worker --gpu 0` (CUDA_VISIBLE_DEVICES=0) on a host whose torch sees no GPU (no driver,
+    a CPU-only wheel, a container without the GPU) trains on the CPU: the job says so."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    job = _run(client, r, keys, settings, tiny_spec({"path": "hym"}))
+    evs = events(r, keys, job["id"])
+    assert job["status"] == "succeeded", dump(evs)
+    said = [e for e in evs if e["kind"] == "warning" and "sees no CUDA GPU" in e["message"]]
+    assert len(said) == 1 and said[0]["data"]["gpu"] == "0", dump(evs)
+    assert "trains on the CPU" in said[0]["message"]
+
+
 # ------------------------------------------------------------- MLflow servers a job may name
 ALLOWED_MLFLOW = "https://mlflow.internal:5000,http://10.0.0.7/mlflow"
 
