@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import sys
 
 import redis
 from fastapi import Depends, Request
@@ -58,9 +59,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_KEY_LENGTH = 24  # below this a key is guessable at the wrong-key limiter's rate
+
+
 def check_can_serve(settings: Settings, host: str) -> None:
-    """No key configured: refuse, unless SPKD_ALLOW_OPEN=true and the server binds to loopback."""
-    if settings.api_key_list():
+    """No key configured: refuse, unless SPKD_ALLOW_OPEN=true and the server binds to loopback.
+    Keys shorter than MIN_KEY_LENGTH are served with a warning on stderr (never the keys)."""
+    keys = settings.api_key_list()
+    if keys:
+        short = sum(len(k) < MIN_KEY_LENGTH for k in keys)
+        if short:
+            print(
+                f"warning: {short} of the {len(keys)} API keys in SPKD_API_KEYS are under "
+                f"{MIN_KEY_LENGTH} characters, guessable; make them random: "
+                'python3 -c "import secrets; print(secrets.token_urlsafe(32))"',
+                file=sys.stderr,
+            )
         return
     if settings.allow_open and is_loopback(host):
         return

@@ -328,6 +328,18 @@ def test_serve_refuses_without_keys() -> None:
         check_can_serve(Settings(api_keys="", allow_open=True), "0.0.0.0")
     check_can_serve(Settings(api_keys="", allow_open=True), "127.0.0.1")
     check_can_serve(Settings(api_keys="k"), "0.0.0.0")
+
+
+def test_serve_warns_about_guessable_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    """A short key still serves (refusing would lock out a running deployment) but says so, without
+    printing any key."""
+    from app.auth import MIN_KEY_LENGTH, check_can_serve
+
+    check_can_serve(Settings(api_keys="short,also-short," + "k" * MIN_KEY_LENGTH), "0.0.0.0")
+    err = capsys.readouterr().err
+    assert "2 of the 3 API keys" in err and f"{MIN_KEY_LENGTH} characters" in err and "short" not in err, err
+    check_can_serve(Settings(api_keys="k" * MIN_KEY_LENGTH), "0.0.0.0")
+    assert capsys.readouterr().err == ""
     env = {"SPKD_API_KEYS": "", "SPKD_ALLOW_OPEN": "false", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [str(Path(sys.executable).parent / "spkd"), "serve", "--port", "1"],
