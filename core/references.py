@@ -108,7 +108,8 @@ def _path_refused(raw: str) -> SpkdError:
     return SpkdError(
         "dataset_path_not_allowed",
         f"dataset.path {raw!r} must name a folder under the server's data root, outside its "
-        "uploads area (an uploaded dataset is named by dataset.id)",
+        "uploads area (an uploaded dataset is named by dataset.id); a symlink counts where it "
+        "points, so the operator links or mounts data under the root, not out of it",
         "dataset.path",
     )
 
