@@ -20,7 +20,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 console = Console(stderr=True)
 FINAL = ("succeeded", "failed", "cancelled")
@@ -72,6 +72,11 @@ def _check(resp: httpx.Response) -> Any:
         raise ClientError(f"{resp.status_code} {err['code']}{where}: {err['message']}")
     except (ValueError, KeyError, TypeError):
         raise ClientError(f"{resp.status_code}: {resp.text[:500]}") from None
+
+
+def _id_column() -> Column:
+    """Ids are what a user copies into the next command: never cut, whatever the terminal width."""
+    return Column("id", no_wrap=True, min_width=24)
 
 
 def _fail(e: Exception) -> None:
@@ -229,7 +234,7 @@ def status(
     if as_json:
         print(json.dumps(page, indent=2))
         return
-    table = Table("id", "status", "stage", "teacher -> student", "created")
+    table = Table(_id_column(), "status", "stage", "teacher -> student", "created")
     for j in page["data"]:
         s = j["spec"]
         table.add_row(
@@ -416,7 +421,7 @@ def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
             page = _check(client.get("/v1/datasets"))
         except ClientError as e:
             _fail(e)
-    table = Table("id", "name", "layout", "classes", "images", "rejected")
+    table = Table(_id_column(), "name", "layout", "classes", "images", "rejected")
     for d in page["data"]:
         table.add_row(
             d["id"],
