@@ -127,7 +127,8 @@ def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     )
     for line in gain_lines(metrics):
         console.print(line, markup=False)
-    console.print(f"artifacts in {out}: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))
+    names = [f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir() if p.name != "checkpoints"]
+    console.print(f"artifacts in {out}: " + ", ".join(sorted(n for n in names if not n.startswith("."))))
 
 
 class BarReporter:

@@ -40,6 +40,9 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     assert {"student.safetensors", "student.json", "student.onnx"} <= {
         p.name for p in (tmp_path / "out").iterdir()
     }
+    listed = " ".join(result.stdout.split("artifacts in", 1)[1].split())  # rich wraps long lines
+    assert "student/" in listed and "teacher/" in listed and "tensorboard/" in listed, listed
+    assert "checkpoints" not in listed, listed
     # the local run is tracked like a worker's: TensorBoard files per stage
     assert list((tmp_path / "out" / "tensorboard" / "distill").glob("events.out.tfevents.*"))
 
