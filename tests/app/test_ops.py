@@ -73,8 +73,12 @@ def test_queue_depth_and_live_workers_are_metrics(client, settings: Settings) ->
 
 def test_a_real_worker_runs_with_events_and_heartbeats_and_no_cancel_on_connection_loss(service) -> None:
     celery = make_celery(service.settings)
-    replies = celery.control.inspect(timeout=5).conf() or {}
-    assert replies, "the worker answered no inspect call"
+    # /readyz counts heartbeats, which start before the consumer listens for broadcasts (an
+    # inspect sent then is lost, not queued): ask again until it answers
+    deadline, replies = time.monotonic() + 60, {}
+    while not replies and time.monotonic() < deadline:
+        replies = celery.control.inspect(timeout=3).conf() or {}
+    assert replies, "the worker answered no inspect call in 60 s"
     conf = next(iter(replies.values()))
     assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
     assert conf["worker_send_task_events"] is True
