@@ -12,22 +12,24 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from starlette.responses import Response
 
 from app.errors import not_found
-from core import blobs, bucket
+from core import attempts, blobs, bucket
 from core.settings import Settings
 
 
-def artifact_response(settings: Settings, job_id: str, name: str, meta: dict[str, Any]) -> Response:
-    """The response for a registered artifact `name` ({name, size, sha256} in `meta`) of `job_id`.
+def artifact_response(settings: Settings, job: dict[str, Any], name: str, meta: dict[str, Any]) -> Response:
+    """The response for a registered artifact `name` ({name, size, sha256} in `meta`) of the job
+    record `job`, read from the attempt folder (or prefix) the record names (core/attempts.py).
     Raises ApiError 404 when its file (or object) is gone, StorageUnavailable (-> 503)."""
+    job_id, output = job["id"], job.get("output")
     headers = {"ETag": f'"{meta["sha256"]}"', "X-Checksum-Sha256": meta["sha256"]}
     filename = Path(name).name
     remote = blobs.remote(settings)
     if remote is None:
-        path = Path(settings.artifact_root).resolve() / job_id / name
+        path = _local(settings, job_id, output) / name
         if not path.is_file():
             raise not_found("artifact", name)
         return FileResponse(path, filename=filename, media_type="application/octet-stream", headers=headers)
-    key = bucket.artifact_key(job_id, name)
+    key = bucket.artifact_key(job_id, name, output)
     if settings.s3_download == "redirect":
         url = remote.presign(key, settings.s3_presign_ttl_s, filename)
         return RedirectResponse(url, status_code=307, headers={**headers, "Cache-Control": "no-store"})
@@ -40,12 +42,16 @@ def artifact_response(settings: Settings, job_id: str, name: str, meta: dict[str
     return StreamingResponse(remote.iter_bytes(key), media_type="application/octet-stream", headers=headers)
 
 
-def member_file(settings: Settings, job_id: str, name: str, tmp_dir: Path) -> Path:
-    """A registered artifact as a local file (for the zip of a model folder): the artifact root's,
-    or fetched from the bucket into `tmp_dir`."""
+def member_file(settings: Settings, job: dict[str, Any], name: str, tmp_dir: Path) -> Path:
+    """A registered artifact of the job record `job` as a local file (for the zip of a model
+    folder): the artifact root's, or fetched from the bucket into `tmp_dir`."""
     remote = blobs.remote(settings)
     if remote is None:
-        return Path(settings.artifact_root).resolve() / job_id / name
+        return _local(settings, job["id"], job.get("output")) / name
     dest = tmp_dir / name
-    remote.get_file(bucket.artifact_key(job_id, name), dest)
+    remote.get_file(bucket.artifact_key(job["id"], name, job.get("output")), dest)
     return dest
+
+
+def _local(settings: Settings, job_id: str, output: str | None) -> Path:
+    return attempts.output_dir(Path(settings.artifact_root).resolve() / job_id, output)

@@ -18,7 +18,9 @@ Layout in the bucket (under the URL's prefix):
     datasets/<ds id>/.spkd-manifest.json       written last: files, sizes, symlinks (a dataset
                                                without it is incomplete and never fetched)
     jobs/<job id>/checkpoints/attempt-<n>/...  a run's epoch-end checkpoint (published at each end)
-    jobs/<job id>/artifacts/<name>             a job's results, sha256 in the object's metadata
+    jobs/<job id>/attempt-<n>/artifacts/<name> a job's results (the attempt its record names,
+                                               core/attempts.py), sha256 in the object's metadata;
+                                               jobs/<job id>/artifacts/<name> for older jobs
 
 Every failure of a storage call (unreachable endpoint, timeouts, refused credentials, a 5xx) is
 retried `SPKD_S3_RETRIES` times with exponential backoff from `SPKD_S3_BACKOFF_S`, then raised as

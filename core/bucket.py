@@ -31,15 +31,13 @@ from typing import IO, Any, TypeVar
 
 import redis
 
-from core import store
+from core import attempts, store
 from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote, sha256_file
 from core.settings import Settings
 
 log = logging.getLogger("spkd.bucket")
 USED = ".spkd-used"
-CHECKPOINTS = "checkpoints"
-ATTEMPT = "attempt-"
-LAST = "last.pt"
+LAST = attempts.LAST
 STORE_MARKER = ".spkd-store"
 JOB_ID = re.compile(r"job_[0-9a-z]{20}")
 DATASET_ID = re.compile(r"ds_[0-9a-z]{20}")
@@ -58,12 +56,14 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
-def artifact_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/artifacts/{name}"
+def artifact_key(job_id: str, name: str, output: str | None = None) -> str:
+    """The object of artifact `name` of the attempt folder `output` (the job record's; None: a job
+    stored before attempt folders). Each attempt uploads under its own prefix (core/attempts.py)."""
+    return f"jobs/{job_id}/{output}/artifacts/{name}" if output else f"jobs/{job_id}/artifacts/{name}"
 
 
 def checkpoint_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/{CHECKPOINTS}/"
+    return f"jobs/{job_id}/{attempts.CHECKPOINTS}/"
 
 
 # ---------------------------------------------------------------- datasets
@@ -249,26 +249,18 @@ def trim_cache(cache: Path, limit: int) -> list[str]:
 # ---------------------------------------------------------------- checkpoints
 
 
-def _attempt_number(name: str) -> int | None:
-    number = name.removeprefix(ATTEMPT)
-    return int(number) if name.startswith(ATTEMPT) and number.isdigit() else None
-
-
 class CheckpointPublisher:
-    """Publishes `out_dir/checkpoints/attempt-<n>/` to the bucket after each epoch-end checkpoint:
-    the files that changed since the last publish (size, mtime), last.pt last (it names the
-    stage files it relies on, which are therefore already there). Hidden temporaries and the
-    export staging folder stay local. Raises StorageUnavailable."""
+    """Publishes an attempt's `checkpoints/` folder (core/attempts.py) to the bucket after each
+    epoch-end checkpoint, under `jobs/<job>/checkpoints/attempt-<n>/`: the files that changed
+    since the last publish (size, mtime), last.pt last (it names the stage files it relies on,
+    which are therefore already there). Hidden temporaries and the export staging folder stay
+    local. Raises StorageUnavailable."""
 
-    def __init__(self, blobs: BlobStore, job_id: str, out_dir: Path, attempt: int | None) -> None:
-        self.blobs, self.job_id, self.out_dir, self.attempt = blobs, job_id, Path(out_dir), attempt
+    def __init__(self, blobs: BlobStore, job_id: str, attempt_dir: Path, attempt: int) -> None:
+        self.blobs, self.job_id, self.attempt = blobs, job_id, attempt
+        self.folder = Path(attempt_dir) / attempts.CHECKPOINTS
         self._sent: dict[str, tuple[int, int]] = {}
         self.last_seconds = 0.0
-
-    @property
-    def folder(self) -> Path:
-        base = self.out_dir / CHECKPOINTS
-        return base if self.attempt is None else base / f"{ATTEMPT}{self.attempt:08d}"
 
     def __call__(self) -> int:
         t0 = time.monotonic()
@@ -287,8 +279,7 @@ class CheckpointPublisher:
             stamp = (st.st_size, st.st_mtime_ns)
             if self._sent.get(name) == stamp:
                 continue
-            rel = p.relative_to(self.out_dir / CHECKPOINTS).as_posix()
-            self.blobs.put_file(checkpoint_prefix(self.job_id) + rel, p)
+            self.blobs.put_file(f"{checkpoint_prefix(self.job_id)}{attempts.name(self.attempt)}/{name}", p)
             self._sent[name] = stamp
             sent += 1
         self.last_seconds = time.monotonic() - t0
@@ -301,38 +292,28 @@ def _remote_attempts(blobs: BlobStore, job_id: str) -> dict[int, list[str]]:
     prefix = checkpoint_prefix(job_id)
     for b in blobs.list(prefix):
         parts = b.key[len(prefix) :].split("/")
-        n = _attempt_number(parts[0]) if len(parts) == 2 else None
+        n = attempts.number(parts[0]) if len(parts) == 2 else None
         if n is not None:
             found.setdefault(n, []).append(parts[1])
     return {n: names for n, names in found.items() if LAST in names}
 
 
-def _local_latest(out_dir: Path) -> int | None:
-    base = Path(out_dir) / CHECKPOINTS
-    if not base.is_dir():
-        return None
-    numbers = [_attempt_number(d.name) for d in base.iterdir() if (d / LAST).is_file()]
-    numbers = [n for n in numbers if n is not None]
-    return max(numbers) if numbers else None
-
-
-def fetch_checkpoint(blobs: BlobStore, job_id: str, out_dir: Path, before: int | None) -> int | None:
-    """Bring the newest published checkpoint of an attempt earlier than `before` into out_dir
-    when it is newer than every local one (a job resumed on another host). Files first, last.pt
-    last (models.checkpoint.adopt trusts a folder with a last.pt). Returns the attempt fetched."""
-    remote_attempts = {
-        n: v for n, v in _remote_attempts(blobs, job_id).items() if before is None or n < before
-    }
+def fetch_checkpoint(blobs: BlobStore, job_id: str, job_root: Path, before: int) -> int | None:
+    """Bring the newest published checkpoint of an attempt earlier than `before` into that
+    attempt's folder under `job_root` when it is newer than every local one (a job resumed on
+    another host). Files first, last.pt last (core/attempts.open_attempt trusts a folder with a
+    last.pt). Returns the attempt fetched, or None."""
+    remote_attempts = {n: v for n, v in _remote_attempts(blobs, job_id).items() if n < before}
     if not remote_attempts:
         return None
     newest = max(remote_attempts)
-    local = _local_latest(out_dir)
-    if local is not None and local >= newest:
+    local = attempts.earlier_checkpoints(job_root, before)
+    if local and local[-1][0] >= newest:
         return None
-    folder = Path(out_dir) / CHECKPOINTS / f"{ATTEMPT}{newest:08d}"
+    folder = Path(job_root) / attempts.name(newest) / attempts.CHECKPOINTS
     names = sorted(remote_attempts[newest])
     for name in [n for n in names if n != LAST] + [LAST]:
-        blobs.get_file(f"{checkpoint_prefix(job_id)}{ATTEMPT}{newest:08d}/{name}", folder / name)
+        blobs.get_file(f"{checkpoint_prefix(job_id)}{attempts.name(newest)}/{name}", folder / name)
     return newest
 
 
@@ -346,15 +327,17 @@ def has_checkpoint(blobs: BlobStore, job_id: str) -> bool:
 def upload_artifacts(
     blobs: BlobStore, job_id: str, out_dir: Path, artifacts: list[dict[str, Any]], check: Callable[[], None]
 ) -> None:
-    """Upload each collected artifact ({name, size, sha256}) with its sha256; `check` runs between
-    files (a fencing check: a stale attempt stops uploading). The caller registers the artifacts
-    only after this returned: a failed upload registers nothing. Raises StorageUnavailable."""
+    """Upload each collected artifact ({name, size, sha256}) of the attempt folder `out_dir` under
+    that attempt's own prefix, with its sha256; `check` runs between files (a fencing check: a
+    stale attempt stops uploading; one frozen mid-upload writes only its own prefix, which the
+    job record never names). The caller registers the artifacts only after this returned: a
+    failed upload registers nothing. Raises StorageUnavailable."""
     for a in artifacts:
         check()
         path = Path(out_dir) / a["name"]
         if sha256_file(path) != a["sha256"]:
             raise RuntimeError(f"artifact {a['name']} changed after it was collected")
-        blobs.put_file(artifact_key(job_id, a["name"]), path, a["sha256"])
+        blobs.put_file(artifact_key(job_id, a["name"], Path(out_dir).name), path, a["sha256"])
 
 
 # ---------------------------------------------------------------- leftovers

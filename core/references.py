@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from core import store
+from core import attempts, store
 from core.settings import Settings
 from models.errors import SpkdError
 from models.spec import WEIGHT_KEYWORDS, JobSpec
@@ -319,7 +319,8 @@ def resolve_job_weights(
         if not require_finished and status in store.ACTIVE:
             return None
         raise SpkdError("weights_job_not_finished", f"job {job_id!r} is {status}, not succeeded", field)
-    job_dir = artifact_dir(settings) / job_id
+    # The attempt folder the record names (core/attempts.py), or the job folder of an older job.
+    job_dir = attempts.output_dir(artifact_dir(settings) / job_id, other.get("output"))
     for candidate in candidates:
         path = job_dir / ROLE_FILES[candidate]
         if settings.storage_url:  # in the bucket (core/bucket.py): registered is enough here,

@@ -5,6 +5,8 @@ Torch-free; the API and the workers both use it. Layout (see core/store.py for t
     <data root>/datasets/<ds id>/            an uploaded dataset (record: P:dataset:<ds id>)
     <data root>/datasets/.upload-*, .extract-*   an upload in flight (tempfile names)
     <artifact root>/<job id>/                a job's outputs (record: P:job:<job id>)
+    <artifact root>/<job id>/attempt-<n>/    what attempt n wrote (core/attempts.py); the record's
+                                             `output` names the one whose files are the artifacts
     <artifact root>/<job id>/**/.<name>.*, *.tmp   a file being written (atomic_write, ONNX export)
     <either root>/.deleting-*                a folder being removed (renamed out of sight first)
 
@@ -25,12 +27,13 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import redis
 
-from core import blobs, bucket, references, store
+from core import attempts, blobs, bucket, references, store
 from core.settings import Settings
 
 log = logging.getLogger("spkd.storage")
@@ -67,11 +70,9 @@ def job_dir(settings: Settings, job_id: str) -> Path:
 
 def has_checkpoint(settings: Settings, job_id: str) -> bool:
     """A job has an epoch-end checkpoint to resume from: a non-empty last.pt (written atomically,
-    so a non-empty one is complete) of any attempt (models/checkpoint.py: `checkpoints/last.pt`
-    for an un-numbered run, `checkpoints/attempt-<n>/last.pt` for a service attempt)."""
-    base = job_dir(settings, job_id) / "checkpoints"
-    found = [base / "last.pt", *base.glob("attempt-*/last.pt")]
-    if any(p.is_file() and p.stat().st_size > 0 for p in found):
+    so a non-empty one is complete) of any attempt's folder (core/attempts.py)."""
+    found = attempts.earlier_checkpoints(job_dir(settings, job_id), before=sys.maxsize)
+    if any((e.checkpoints / attempts.LAST).stat().st_size > 0 for e in found):
         return True
     remote = blobs.remote(settings)  # published by a worker on another host (core/bucket.py)
     return remote is not None and bucket.has_checkpoint(remote, job_id)
@@ -196,11 +197,28 @@ def _sweep_jobs(r: redis.Redis, keys: store.Keys, root: Path, cutoff: float) -> 
         if r.exists(keys.job(entry.name)):
             if not store.lease_held(r, keys, entry.name):  # nobody runs it: old temporaries are junk
                 removed += remove_temporaries(entry, older_than=cutoff)
+                removed += _stale_attempts(r, keys, entry, cutoff)
             continue
         if owned and last_activity(entry) < cutoff and not r.exists(keys.job(entry.name)):
             remove_tree(entry)
             removed.append(entry)
     return removed
+
+
+def _stale_attempts(r: redis.Redis, keys: store.Keys, job_root: Path, cutoff: float) -> list[Path]:
+    """Attempt folders of a job nobody runs that nothing will read again, untouched since `cutoff`:
+    all but the one its record names as its output and the newest one with a checkpoint (the
+    next attempt starts from it). A stale attempt that thawed after the job ended leaves these."""
+    keep = {r.hget(keys.job(job_root.name), "output")}
+    earlier = attempts.earlier_checkpoints(job_root, before=sys.maxsize)
+    if earlier:
+        keep.add(earlier[-1].results.name)
+    stale = [
+        d
+        for d in sorted(job_root.iterdir())
+        if attempts.number(d.name) is not None and d.name not in keep and last_activity(d) < cutoff
+    ]
+    return [d for d in stale if remove_tree(d)]
 
 
 def sweep(r: redis.Redis, keys: store.Keys, settings: Settings, grace_s: float | None = None) -> list[Path]:

@@ -4,11 +4,9 @@ One file, last.pt, written atomically (temp file + os.replace) so a kill at any 
 either the previous or the new checkpoint. It holds only tensors and plain Python values, so it
 loads back with torch.load(weights_only=True).
 
-Where: out_dir/checkpoints/ for a run without an attempt number (the local CLI), and
-out_dir/checkpoints/attempt-<n>/ for attempt n of a service job (n: its fencing token, which only
-grows). An attempt writes only into its own folder, so a stale attempt that was frozen past its
-lease and resumes can never overwrite the checkpoint of the attempt that took over; a new attempt
-starts from the newest earlier folder (`adopt`).
+Where: out_dir/checkpoints/. A service job runs each attempt in its own output folder (the
+worker's core/attempts.py), which starts with hard links to the previous attempt's checkpoint, so
+the engine itself knows nothing of attempts.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,77 +26,9 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 
 
-ATTEMPT_PREFIX = "attempt-"
-
-
-def checkpoint_dir(out_dir: Path, attempt: int | None = None) -> Path:
-    """The checkpoint folder of `attempt` (None: the shared folder of an un-numbered run)."""
-    base = Path(out_dir) / CHECKPOINT_DIR
-    return base if attempt is None else base / f"{ATTEMPT_PREFIX}{attempt:08d}"
-
-
-def _attempt_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    """(attempt, folder) for every folder holding a last.pt, the un-numbered one as attempt 0."""
-    base = checkpoint_dir(out_dir)
-    found = [(0, base)] if (base / LAST).is_file() else []
-    if base.is_dir():
-        for d in base.iterdir():
-            number = d.name.removeprefix(ATTEMPT_PREFIX)
-            if d.name.startswith(ATTEMPT_PREFIX) and number.isdigit() and (d / LAST).is_file():
-                found.append((int(number), d))
-    return sorted(found)
-
-
-def latest(out_dir: Path) -> Path | None:
-    """The newest attempt's last.pt in out_dir (the one a new attempt starts from), or None."""
-    found = _attempt_dirs(out_dir)
-    return found[-1][1] / LAST if found else None
-
-
-def adopt(out_dir: Path, attempt: int | None) -> Path | None:
-    """Give `attempt` the newest checkpoint of an earlier attempt: hard links (a copy where links
-    are not possible) of that folder's files into this attempt's folder. Returns the source folder,
-    or None when there is nothing to adopt (or this attempt has its own checkpoint already).
-
-    last.pt is linked first: writers publish stage weights before the last.pt that counts them as
-    done, so every weight file a linked last.pt relies on is there when the others are linked.
-    """
-    own = checkpoint_dir(out_dir, attempt)
-    if attempt is None or (own / LAST).is_file():
-        return None
-    earlier = [d for n, d in _attempt_dirs(out_dir) if n < attempt]
-    if not earlier:
-        return None
-    source = earlier[-1]
-    own.mkdir(parents=True, exist_ok=True)
-    names = [LAST] + sorted(p.name for p in source.iterdir() if p.is_file() and p.name != LAST)
-    for name in names:
-        if not name.startswith("."):  # temp files of an unfinished write
-            _link(source / name, own / name)
-    return source
-
-
-def _link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except FileNotFoundError:
-        return  # removed meanwhile: the stage that wrote it is redone
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def remove_earlier_attempts(out_dir: Path, attempt: int | None) -> None:
-    """Drop the folders of earlier attempts (never later ones: they belong to a run that took over)."""
-    base = checkpoint_dir(out_dir)
-    if attempt is None or not base.is_dir():
-        return
-    for d in base.iterdir():
-        number = d.name.removeprefix(ATTEMPT_PREFIX)
-        if d.name.startswith(ATTEMPT_PREFIX) and number.isdigit() and int(number) < attempt:
-            shutil.rmtree(d, ignore_errors=True)
+def checkpoint_dir(out_dir: Path) -> Path:
+    """The run's checkpoint folder: last.pt and the stages' weight files."""
+    return Path(out_dir) / CHECKPOINT_DIR
 
 
 def atomic_write(path: Path, write, guard: Callable[[], None] | None = None) -> None:
@@ -149,20 +78,16 @@ def _umask() -> int:
     return mask
 
 
-def save(
-    out_dir: Path,
-    payload: dict[str, Any],
-    attempt: int | None = None,
-    guard: Callable[[], None] | None = None,
-) -> Path:
-    """Write last.pt of `attempt` atomically; `guard` may veto it right before the rename."""
-    path = checkpoint_dir(out_dir, attempt) / LAST
+def save(out_dir: Path, payload: dict[str, Any], guard: Callable[[], None] | None = None) -> Path:
+    """Write last.pt atomically; `guard` may veto it right before the rename."""
+    path = checkpoint_dir(out_dir) / LAST
     atomic_write(path, lambda tmp: torch.save(payload, tmp), guard)
     return path
 
 
-def load(out_dir: Path, attempt: int | None = None) -> dict[str, Any] | None:
-    path = checkpoint_dir(out_dir, attempt) / LAST
+def load(out_dir: Path) -> dict[str, Any] | None:
+    """The saved payload of out_dir's last.pt, or None when there is none."""
+    path = checkpoint_dir(out_dir) / LAST
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -2,8 +2,8 @@
 
 Stages are declared once, in models/stages/ (docs/architecture.md#a-stage); this module is the
 loop over them: skip what a resumed run finished, report each stage, checkpoint after each.
-A run resumes from its last checkpoint (models/run.py, models/checkpoint.py: out_dir/checkpoints/,
-one folder per attempt of a service job). Each model is built once per job (models/bank.py).
+A run resumes from its last checkpoint (models/run.py, models/checkpoint.py: out_dir/checkpoints/;
+the service gives each attempt its own out_dir). Each model is built once per job (models/bank.py).
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ def run_job(
     out_dir: Path,
     reporter: Reporter,
     device: str | None = None,
-    attempt: int | None = None,
     data_path: str = "auto",
 ) -> dict:
     """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json.
 
-    `attempt`: a number that grows with every attempt at the same job (the service passes its
-    fencing token). Each attempt keeps its checkpoints in its own folder and starts from the
-    newest earlier one. `data_path`: `auto` decodes a dataset that fits into memory once,
+    A run resumes from out_dir/checkpoints/last.pt when there is one (a service job gives each
+    attempt its own out_dir, seeded from the previous attempt: core/attempts.py). `data_path`:
+    `auto` decodes a dataset that fits into memory once,
     `loader` always streams with a DataLoader (SPKD_DATA_PATH for the service). Raises whatever the
     reporter raises (StopRequested, Fenced) unchanged.
     """
@@ -50,7 +49,7 @@ def run_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
-        run = open_run(spec, Path(data_dir), out_dir, reporter, device, attempt, epochs, data_path)
+        run = open_run(spec, Path(data_dir), out_dir, reporter, device, epochs, data_path)
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)

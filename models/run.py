@@ -1,9 +1,9 @@
-"""A run's state: what survives a restart (`RunState`, saved as the attempt's last.pt by
+"""A run's state: what survives a restart (`RunState`, saved as last.pt by
 models/checkpoint.py), and what one process holds while it runs a job (`Run`).
 
 Publishing: every file a run leaves is written to a temporary name first and moved into place
 only after `Run.guard()` (the service's fencing check) passes, right before the rename.
-Checkpoints and stage weights go to the attempt's own folder (checkpoint.checkpoint_dir).
+Checkpoints and stage weights go to out_dir/checkpoints/ (checkpoint.checkpoint_dir).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class Run:
     state: RunState
     data: JobData
     clock: Clock
-    attempt: int | None = None  # the service's fencing token: names this attempt's folder
     kept: dict[str, Any] = field(default_factory=dict)  # finished models evaluate and export share
 
     @property
@@ -75,10 +74,10 @@ class Run:
         ensure_current(self.reporter)
 
     def save(self) -> None:
-        checkpoint.save(self.out_dir, self.state.payload(), self.attempt, self.guard)
+        checkpoint.save(self.out_dir, self.state.payload(), self.guard)
 
     def ckpt_file(self, name: str) -> Path:
-        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / name
+        return checkpoint.checkpoint_dir(self.out_dir) / name
 
     def save_stage_weights(self, model: torch.nn.Module, name: str) -> None:
         export.save_weights(model, self.ckpt_file(name), self.guard)
@@ -86,7 +85,7 @@ class Run:
     @property
     def staging_dir(self) -> Path:
         """Where the export stage writes the artifacts before they are published into out_dir."""
-        return checkpoint.checkpoint_dir(self.out_dir, self.attempt) / "export"
+        return checkpoint.checkpoint_dir(self.out_dir) / "export"
 
 
 def open_run(
@@ -95,7 +94,6 @@ def open_run(
     out_dir: Path,
     reporter: Reporter,
     device: str | None,
-    attempt: int | None,
     epochs: dict[str, int],
     data_path: str = "auto",
 ) -> Run:
@@ -118,11 +116,10 @@ def open_run(
     if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
         reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
     job_data = open_data(spec, scan, runtime, reporter, data_path)
-    checkpoint.adopt(out_dir, attempt)
-    state = load_state(spec, out_dir, reporter, attempt)
+    state = load_state(spec, out_dir, reporter)
     steps = job_data.steps_per_epoch
     clock = Clock(total_steps=sum(e * steps for s, e in epochs.items() if s not in state.completed))
-    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, attempt)
+    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock)
 
 
 def _report_dataset(scan: data.DatasetScan, reporter: Reporter) -> None:
@@ -145,9 +142,9 @@ def _spec_key(spec: JobSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
 
 
-def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter, attempt: int | None) -> RunState:
-    """The attempt's saved state for this very spec, else a new one (another spec: a warning)."""
-    saved = checkpoint.load(out_dir, attempt)
+def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter) -> RunState:
+    """The run's saved state for this very spec, else a new one (another spec: a warning)."""
+    saved = checkpoint.load(out_dir)
     key = _spec_key(spec)
     if saved is None:
         return RunState(spec=key)
@@ -175,9 +172,8 @@ def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter, attempt: int | 
 
 def cleanup_checkpoints(run: Run, files: list[str]) -> None:
     """After success keep only the small state file (a rerun returns at once); drop the stages'
-    weight `files` and the folders of earlier attempts."""
+    weight `files`."""
     run.guard()
-    checkpoint.remove_earlier_attempts(run.out_dir, run.attempt)
     shutil.rmtree(run.staging_dir, ignore_errors=True)
     for name in files:
         path = run.ckpt_file(name)

@@ -27,7 +27,7 @@ import redis
 from PIL import Image
 
 from cli import procs
-from core import store
+from core import attempts, store
 from core.settings import Settings
 from models.spec import JobSpec
 
@@ -402,6 +402,12 @@ class SeaweedS3:
 
 
 # ---------------------------------------------------------------- events and statuses
+
+
+def output_dir(settings: Settings, job: dict) -> Path:
+    """The folder holding a job's registered artifacts: its attempt folder named by the record
+    (core/attempts.py; the job folder itself for a record without one)."""
+    return attempts.output_dir(Path(settings.artifact_root).resolve() / job["id"], job.get("output"))
 
 
 def events(rc: redis.Redis, ks: store.Keys, job_id: str) -> list[dict]:

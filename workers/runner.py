@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from core import blobs, bucket, references, storage, store
+from core import attempts, blobs, bucket, references, storage, store
 from core.settings import Settings
 from models.callbacks import Fenced, StopRequested
 from models.errors import SpkdError
@@ -293,17 +293,22 @@ def _validate_and_run(
 
 
 def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
-    """`weights: job:<id>` resolved to `<artifact root>/<id>/<file>`: with a bucket, that file may
-    be on another host; fetched from the bucket (sha256-checked) when it is not here."""
+    """`weights: job:<id>` resolved to `<artifact root>/<id>/[<attempt folder>/]<file>`: with a
+    bucket, that file may be on another host; fetched from the bucket (sha256-checked) when it is
+    not here."""
     root = references.artifact_dir(settings)
     for role in references.ROLE_FILES:
         path = Path(getattr(spec, role).weights)
-        if path.is_absolute() and path.parent.parent == root and not path.is_file():
-            try:
-                remote.get_file(bucket.artifact_key(path.parent.name, path.name), path)
-            except FileNotFoundError:
-                msg = f"job {path.parent.name!r} has no {path.name} left in the object storage"
-                raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
+        if not path.is_absolute() or not path.is_relative_to(root) or path.is_file():
+            continue
+        job_id, *output, file_name = path.relative_to(root).parts
+        if len(output) > 1:
+            continue
+        try:
+            remote.get_file(bucket.artifact_key(job_id, file_name, output[0] if output else None), path)
+        except FileNotFoundError:
+            msg = f"job {job_id!r} has no {file_name} left in the object storage"
+            raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
 
 
 def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:
@@ -352,16 +357,18 @@ def _run_on(
     if monitor.stop_requested:
         raise StopRequested()
     store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running", fence=fence)
-    out_dir = Path(settings.artifact_root).resolve() / job_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Half-written files of an earlier attempt (killed mid-write): we hold the lease, nobody else writes.
-    storage.remove_temporaries(out_dir)
-    publish = None
+    # This attempt writes only into its own folder; the record names the one whose files count.
+    job_root = storage.job_dir(settings, job_id)
     if remote is not None:  # resumable on any host: the newest published checkpoint, if newer
-        fetched = bucket.fetch_checkpoint(remote, job_id, out_dir, fence)
+        fetched = bucket.fetch_checkpoint(remote, job_id, job_root, fence)
         if fetched is not None:
             log.info("job %s: checkpoint of attempt %d fetched from the bucket", job_id, fetched)
-        publish = bucket.CheckpointPublisher(remote, job_id, out_dir, fence)
+    out_dir, adopted = attempts.open_attempt(job_root, fence)
+    if adopted is not None:
+        log.info("job %s: attempt %d starts from attempt %d's checkpoint", job_id, fence, adopted)
+    # Half-written files of this same attempt (a process of it killed mid-write).
+    storage.remove_temporaries(out_dir)
+    publish = bucket.CheckpointPublisher(remote, job_id, out_dir, fence) if remote is not None else None
     reporter = RedisReporter(
         r, keys, job_id, monitor, interval_s=settings.cancel_poll_s, on_checkpoint=publish
     )
@@ -376,7 +383,6 @@ def _run_on(
         job_id,
         settings,
         device=device,
-        attempt=fence,
         data_path=settings.data_path,
     )
     artifacts = collect_artifacts(out_dir)
@@ -395,12 +401,14 @@ def _run_on(
             fence=fence,
             artifacts=artifacts,
             metrics=metrics,
+            output=out_dir.name,
         )
     except store.CancelPending:
         _finish(
             r, keys, job_id, fence, store.CANCELLED, "cancelled after its last stage; results not registered"
         )
         return "cancelled"
+    attempts.remove_others(job_root, keep=out_dir.name)  # succeeded: only the current folder counts
     if remote is not None:  # succeeded: the published checkpoints are not needed any more
         try:
             remote.delete_prefix(bucket.checkpoint_prefix(job_id))

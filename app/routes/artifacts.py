@@ -7,7 +7,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import APIRouter, Query, Response
@@ -75,14 +75,14 @@ def download_artifact(
     ] = None,
 ) -> Response:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
-    own_job(ctx, owner, job_id)
+    job = own_job(ctx, owner, job_id)
     if format == "zip":
-        return _folder_zip(r, keys, settings, job_id, name)
+        return _folder_zip(r, keys, settings, job, name)
     # Only registered names: no path tricks; a malformed name is not one (404 without Redis).
     meta = store.get_artifact(r, keys, job_id, name) if ARTIFACT_NAME.fullmatch(name) else None
     if meta is None:
         raise _folder_hint(r, keys, job_id, name) or not_found("artifact", name)
-    return downloads.artifact_response(settings, job_id, name, meta)
+    return downloads.artifact_response(settings, job, name, meta)
 
 
 def _folder_hint(r: redis.Redis, keys: store.Keys, job_id: str, name: str) -> ApiError | None:
@@ -100,11 +100,13 @@ def _folder_hint(r: redis.Redis, keys: store.Keys, job_id: str, name: str) -> Ap
     )
 
 
-def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: str, name: str) -> FileResponse:
+def _folder_zip(
+    r: redis.Redis, keys: store.Keys, settings: Settings, job: dict[str, Any], name: str
+) -> FileResponse:
     """The registered artifacts under `name/` as one zip (`name/...` inside), built in a temporary
     file that is removed once sent. 404 when no registered artifact is under that folder."""
     prefix = name.rstrip("/") + "/"
-    members = [a["name"] for a in store.list_artifacts(r, keys, job_id) if a["name"].startswith(prefix)]
+    members = [a["name"] for a in store.list_artifacts(r, keys, job["id"]) if a["name"].startswith(prefix)]
     if not ARTIFACT_NAME.fullmatch(name.rstrip("/")) or not members:
         raise not_found("artifact", name)
     tmp = tempfile.NamedTemporaryFile(prefix=".spkd-zip-", suffix=".zip", delete=False)  # noqa: SIM115
@@ -114,7 +116,7 @@ def _folder_zip(r: redis.Redis, keys: store.Keys, settings: Settings, job_id: st
         tempfile.TemporaryDirectory(prefix=".spkd-zip-") as fetched,
     ):
         for member in members:
-            zf.write(downloads.member_file(settings, job_id, member, Path(fetched)), member)
+            zf.write(downloads.member_file(settings, job, member, Path(fetched)), member)
     return FileResponse(
         tmp.name,
         filename=f"{Path(prefix).name}.zip",

@@ -139,9 +139,10 @@ def _publish(run: Run, staged: Path) -> None:
     """Move every staged artifact into out_dir, right after the fencing check.
 
     A rename cannot be made conditional on the job store atomically: a run frozen between the
-    check and these renames (a few microseconds of work) would still rename its files on thaw.
-    What remains true then: the files are complete (renames of fsynced files), and the stale run
-    is refused at its next store write, so it registers nothing and never ends the job."""
+    check and these renames would still rename its files on thaw. A service job's out_dir is its
+    attempt's own folder (core/attempts.py), so such a late rename lands where no other attempt
+    reads, and the stale run is refused at its next store write: it never names its folder as
+    the job's output."""
     entries = sorted(p for p in staged.iterdir() if not p.name.startswith("."))
     run.guard()
     for p in entries:

@@ -161,7 +161,9 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
             page.locator("#artifacts button[data-artifact='student.json']").click()
         saved = tmp_path / "student.json"
         dl.value.save_as(saved)
-        assert saved.read_bytes() == (live_stack["artifact_root"] / job_id / "student.json").read_bytes()
+        # After success the job folder holds only its current attempt's folder (core/attempts.py).
+        [served] = (live_stack["artifact_root"] / job_id).glob("attempt-*/student.json")
+        assert saved.read_bytes() == served.read_bytes()
         page.screenshot(path=shots / "04-job-succeeded.png", full_page=True)
 
         # A second, long job: cancel it once it runs.

@@ -18,7 +18,7 @@ import torch
 
 from core import store
 from core.settings import Settings
-from tests.helpers import dump, events, small_imagefolder, tiny_spec
+from tests.helpers import dump, events, output_dir, small_imagefolder, tiny_spec
 from workers.runner import execute_job
 
 torch.set_num_threads(1)
@@ -242,7 +242,7 @@ def test_student_larger_than_teacher_runs_with_a_warning(
     assert len(warnings) == 1, dump(evs)
     assert any("larger than the teacher" in w for w in job["warnings"])
     assert json.loads(json.dumps(job["metrics"]))["distilled"]["val_acc"] is not None
-    assert os.path.isfile(Path(settings.artifact_root) / job["id"] / "student.onnx")
+    assert os.path.isfile(output_dir(settings, job) / "student.onnx")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without a CUDA GPU")

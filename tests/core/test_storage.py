@@ -235,6 +235,33 @@ def test_api_start_sweeps_leftovers(tmp_path: Path, redis_url: str) -> None:
         store.delete_prefix(r, settings.redis_prefix)
 
 
+def test_sweep_removes_attempt_folders_nothing_reads(tmp_path: Path, redis_url: str) -> None:
+    """A stale attempt that thawed after the job ended leaves its folder (core/attempts.py): the
+    sweep removes it once untouched for the grace period, and keeps the folder the record names
+    and the newest one with a checkpoint (a failed job resumes from it)."""
+    settings = make_settings(tmp_path, redis_url, orphan_grace_s=600)
+    r, keys = store.connect(redis_url), store.Keys(settings.redis_prefix)
+    art = Path(settings.artifact_root)
+    try:
+        done = store.create_job(r, keys, "o", tiny_spec({"path": "hym"}))["id"]
+        store.transition(r, keys, done, store.SUCCEEDED, [store.QUEUED], output="attempt-00000004")
+        failed = store.create_job(r, keys, "o", tiny_spec({"path": "hym"}))["id"]
+        store.transition(r, keys, failed, store.FAILED, [store.QUEUED])
+        current = _old(_tree(art / done / "attempt-00000004", {"student.onnx": b"o"}))
+        stale = [
+            _old(_tree(art / done / "attempt-00000003", {"tensorboard/distill/ev": b"late"})),
+            _old(_tree(art / failed / "attempt-00000001", {"checkpoints/last.pt": b"c1"})),
+            _old(_tree(art / failed / "attempt-00000003", {"tensorboard/x": b"no checkpoint"})),
+        ]
+        resume_from = _old(_tree(art / failed / "attempt-00000002", {"checkpoints/last.pt": b"c2"}))
+        recent = _tree(art / done / "attempt-00000002", {"tensorboard/x": b"just written"})
+        removed = storage.sweep(r, keys, settings)
+        assert sorted(removed) == sorted(stale)
+        assert current.exists() and resume_from.exists() and recent.exists()
+    finally:
+        store.delete_prefix(r, settings.redis_prefix)
+
+
 def test_sweep_leaves_folders_of_another_store_alone(tmp_path: Path, redis_url: str) -> None:
     """A wiped Redis or another SPKD_REDIS_PREFIX: every folder looks unrecorded, none is removed."""
     first = make_settings(tmp_path, redis_url, orphan_grace_s=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core import attempts
 from models import checkpoint
 from models.callbacks import Fenced, NullReporter, RecordingReporter, StopRequested
 from models.pipeline import run_job
@@ -120,34 +121,45 @@ def test_a_fenced_run_publishes_nothing(color_dataset, tmp_path, point):
     else:
         reporter = FencingReporter(lambda rep: True)
     with pytest.raises(Fenced):
-        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, reporter, attempt=2)
-    own = checkpoint.checkpoint_dir(tmp_path, 2)
+        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, reporter)
+    own = checkpoint.checkpoint_dir(tmp_path)
     if point == "export":
         assert (own / "export" / "student.onnx").is_file()  # staged, never published
-        assert checkpoint.load(tmp_path, 2)["completed"][-1] == "evaluate"
+        assert checkpoint.load(tmp_path)["completed"][-1] == "evaluate"
     else:
         assert reporter.checks == 1 and not (own / "last.pt").exists()
     assert _published(tmp_path) == []
     assert not [p for p in own.rglob(".*")]  # no temp file left behind
 
 
-def test_each_attempt_writes_its_own_checkpoints(color_dataset, tmp_path, reference):
-    """Attempt 1 stops mid-distill; attempt 2 starts from it and finishes (weights identical to an
-    uninterrupted run). A late write of attempt 1 (frozen, then thawed) lands in attempt 1's own
-    folder: a later attempt starts from attempt 2's checkpoint, not from the stale one."""
+def test_each_attempt_writes_its_own_folder(color_dataset, tmp_path, reference):
+    """The service's attempt folders (core/attempts.py) with the real engine: attempt 1 stops
+    mid-distill; attempt 2's folder starts from attempt 1's checkpoint and finishes with weights
+    identical to an uninterrupted run. A late write of attempt 1 (frozen, then thawed) lands in
+    attempt 1's own folder and changes nothing of attempt 2's: a later attempt starts from
+    attempt 2's checkpoint, not from the stale one."""
+    first, adopted = attempts.open_attempt(tmp_path, 1)
+    assert adopted is None
     with pytest.raises(StopRequested):
-        run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(5 * STEPS + 1), attempt=1)
-    stale = checkpoint.load(tmp_path, 1)
+        run_job(tiny_job_spec(**SPEC), color_dataset, first, RecordingReporter(5 * STEPS + 1))
+    stale = checkpoint.load(first)
     assert stale["current"]["stage"] == "distill"
 
-    run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, RecordingReporter(), attempt=2)
+    second, adopted = attempts.open_attempt(tmp_path, 2)
+    assert adopted == 1
+    linked = second / "checkpoints" / "last.pt"
+    run_job(tiny_job_spec(**SPEC), color_dataset, second, RecordingReporter())
     for name in ("student.safetensors", "teacher.safetensors"):
-        got, want = _tensors(tmp_path / name), _tensors(reference / name)
+        got, want = _tensors(second / name), _tensors(reference / name)
         assert all(torch.equal(got[k], want[k]) for k in want), f"{name} differs after the takeover"
-    assert not checkpoint.checkpoint_dir(tmp_path, 1).exists()  # the finished attempt cleaned up
+    before = {p: p.read_bytes() for p in second.rglob("*") if p.is_file()}
 
-    checkpoint.save(tmp_path, stale, attempt=1)  # the stale attempt's late write
-    assert checkpoint.latest(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 2) / "last.pt"
+    checkpoint.save(first, {"late": torch.zeros(3)})  # the stale attempt's late write, in its folder
+    (first / "student.safetensors").write_bytes(b"stale")  # and a late publish
+    assert {p: p.read_bytes() for p in second.rglob("*") if p.is_file()} == before
+    assert linked.is_file() and checkpoint.load(second)["completed"][-1] == "export"
+    third, adopted = attempts.open_attempt(tmp_path, 3)
+    assert adopted == 2
     again = RecordingReporter()
-    run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, again, attempt=3)
+    run_job(tiny_job_spec(**SPEC), color_dataset, third, again)
     assert not again.progresses  # started from attempt 2's finished state: nothing retrained

@@ -26,7 +26,7 @@ from core import store
 from models.callbacks import RecordingReporter, StopRequested
 from models.spec import JobSpec
 from models.tracking import run_tracked
-from tests.helpers import make_settings, tiny_job_spec
+from tests.helpers import make_settings, output_dir, tiny_job_spec
 from workers import runner
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def _run_in_worker(tmp: Path, redis_url: str, dataset: Path, spec: JobSpec, **se
     job["artifacts"] = store.list_artifacts(r, keys, job_id)  # what the API lists for download
     events = store.list_events(r, keys, job_id)
     store.delete_prefix(r, settings.redis_prefix)
-    return outcome, job, events, settings.artifact_root / job_id
+    return outcome, job, events, output_dir(settings, job)
 
 
 @pytest.fixture(scope="module")

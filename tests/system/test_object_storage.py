@@ -71,14 +71,17 @@ def test_upload_train_download_delete_through_the_bucket(
     names = {a["name"] for a in arts}
     assert {"student.safetensors", "metrics.json", "student.onnx"} <= names
     in_bucket = set(s3_server.keys(f"{prefix}/jobs/{job_id}/"))
-    assert in_bucket == {f"{prefix}/jobs/{job_id}/artifacts/{n}" for n in names}  # checkpoints dropped
+    # Under the attempt's own prefix (core/attempts.py); checkpoints dropped after success.
+    [attempt] = {k.split("/")[-3] for k in in_bucket if "/artifacts/" in k}
+    assert attempt.startswith("attempt-"), in_bucket
+    assert in_bucket == {f"{prefix}/jobs/{job_id}/{attempt}/artifacts/{n}" for n in names}
     for a in arts:
         res = c.get(f"/v1/jobs/{job_id}/artifacts/{a['name']}")
         assert res.status_code == 307 and res.headers["x-checksum-sha256"] == a["sha256"]
         body = httpx.get(res.headers["location"]).content  # the presigned URL, no API key
         assert len(body) == a["size"] and hashlib.sha256(body).hexdigest() == a["sha256"]
     head = s3_server.client().head_object(
-        Bucket=s3_server.BUCKET, Key=f"{prefix}/jobs/{job_id}/artifacts/student.onnx"
+        Bucket=s3_server.BUCKET, Key=f"{prefix}/jobs/{job_id}/{attempt}/artifacts/student.onnx"
     )
     assert head["Metadata"]["sha256"] == next(a["sha256"] for a in arts if a["name"] == "student.onnx")
     # The CLI follows the redirect (without sending its API key to the bucket) and checks the sha256.

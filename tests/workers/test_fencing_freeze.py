@@ -17,13 +17,15 @@ import hashlib
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from core import store
+from core import attempts, store
 from core.queue import enqueue, make_celery
 from tests.helpers import (
+    SeaweedS3,
     Stack,
     children_of,
     dump,
@@ -72,12 +74,31 @@ def _files(out: Path, skip: Path | None) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _snapshot(r, keys, job_id: str, out: Path, skip: Path | None) -> dict:
+def _objects(bucket: tuple[SeaweedS3, str] | None, job_id: str, stale: str | None) -> dict[str, tuple]:
+    """The job's objects in the bucket (size, ETag, time), but the stale attempt's own prefixes."""
+    if bucket is None:
+        return {}
+    server, prefix = bucket
+    found, token = {}, {}
+    own = [f"/checkpoints/{stale}/", f"/{stale}/"] if stale else []
+    while True:
+        where = {"Bucket": server.BUCKET, "Prefix": f"{prefix}/jobs/{job_id}/"}
+        page = server.client().list_objects_v2(**where, **token)
+        for o in page.get("Contents", []):
+            if not any(p in o["Key"] for p in own):
+                found[o["Key"]] = (o["Size"], o["ETag"], o["LastModified"])
+        if not page.get("IsTruncated"):
+            return found
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def _snapshot(r, keys, job_id: str, out: Path, stale: str | None, bucket) -> dict:
     return {
         "job": r.hgetall(keys.job(job_id)),
         "events": r.xlen(keys.events(job_id)),
         "artifacts": r.hgetall(keys.artifacts(job_id)),
-        "files": _files(out, skip),
+        "files": _files(out, out / stale if stale else None),
+        "objects": _objects(bucket, job_id, stale),
     }
 
 
@@ -103,6 +124,13 @@ def _diff(before: dict, after: dict, evs_after: list[dict]) -> list[str]:
     )
     if files:
         changes.append("files " + ",".join(files))
+    objects = sorted(
+        k
+        for k in set(before["objects"]) | set(after["objects"])
+        if before["objects"].get(k) != after["objects"].get(k)
+    )
+    if objects:
+        changes.append("objects " + ",".join(objects))
     return changes
 
 
@@ -134,8 +162,16 @@ def _where(r, keys, job_id: str) -> str:
     return f"stage {job.get('stage')}, progress {step}, last event {last['kind']} {last['message'][:40]!r}"
 
 
-def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -> None:
-    st: Stack = stack_factory(redis_url, lease_ttl_s=3.0, max_attempts=20)
+@pytest.mark.parametrize("storage", ["folders", "bucket"])
+def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str, request, storage: str) -> None:
+    """`folders`: the workers share the artifact folder. `bucket`: checkpoints and artifacts also go
+    to a real S3 server (SPKD_STORAGE_URL), where a stale attempt could overwrite objects."""
+    bucket, over = None, {}
+    if storage == "bucket":
+        server: SeaweedS3 = request.getfixturevalue("s3_server")
+        prefix = f"freeze-{uuid.uuid4().hex[:8]}"
+        bucket, over = (server, prefix), server.settings(prefix)
+    st: Stack = stack_factory(redis_url, lease_ttl_s=3.0, max_attempts=20, **over)
     small_imagefolder(Path(st.settings.data_root) / "hym", per_class=8)
     r, keys = store.connect(redis_url), store.Keys(st.settings.redis_prefix)
     st.start_worker("w1")
@@ -178,7 +214,7 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
         for name, reach in points:
             reach(cursor)
             job = store.get_job(r, keys, job_id)
-            stale, attempts = job["worker"], job["attempts"]
+            stale, tries = job["worker"], job["attempts"]
             stale_pid = _job_process(st, stale)
             os.kill(stale_pid, signal.SIGSTOP)
             frozen.add(stale_pid)
@@ -194,17 +230,19 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
             else:
                 ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 150, cursor)
                 job = store.get_job(r, keys, job_id)
-                assert job["attempts"] > attempts and job["worker"] != stale, (job, ev)
+                assert job["attempts"] > tries and job["worker"] != stale, (job, ev)
                 new_pid = _job_process(st, job["worker"])
                 os.kill(new_pid, signal.SIGSTOP)  # from now on only the stale process can write
                 frozen.add(new_pid)
             taker, new_fence = job["worker"], job.get("fence")
 
-            skip = out / "checkpoints" / f"attempt-{int(stale_fence):08d}" if stale_fence else None
-            before = _snapshot(r, keys, job_id, out, skip)
+            # The stale attempt's own folder and prefixes (core/attempts.py) are where its late
+            # writes may land: never a name another attempt reads, never named by the job record.
+            own = attempts.name(int(stale_fence)) if stale_fence else None
+            before = _snapshot(r, keys, job_id, out, own, bucket)
             os.kill(stale_pid, signal.SIGCONT)
             exited = _wait_gone(stale_pid, 60)
-            after = _snapshot(r, keys, job_id, out, skip)
+            after = _snapshot(r, keys, job_id, out, own, bucket)
             stale_events = store.list_events(
                 r, keys, job_id, after=events(r, keys, job_id)[before["events"] - 1]["id"]
             )
@@ -243,11 +281,22 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str) -
     assert {s: len(curves[s]) for s in ("teacher_finetune", "baseline", "distill")} == dict.fromkeys(
         ("teacher_finetune", "baseline", "distill"), EPOCHS
     )
-    # Every registered artifact is the file on disk.
+    # The record names the last attempt's folder; besides it only folders of stale attempts may be
+    # left (one thawed after the success removed the others: the sweep takes it later). Every
+    # registered artifact is its file on disk.
+    assert job["output"] == attempts.name(int(job["fence"])), job
+    stale_folders = {attempts.name(int(row[2].split("#")[1])) for row in table}
+    left = {p.name for p in out.iterdir()}
+    assert job["output"] in left and left - {job["output"]} <= stale_folders, left
     arts = store.list_artifacts(r, keys, job_id)
     assert {a["name"] for a in arts} >= {"student.safetensors", "student.onnx", "metrics.json"}
     for a in arts:
-        data = (out / a["name"]).read_bytes()
+        data = (out / job["output"] / a["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == a["sha256"] and len(data) == a["size"], a["name"]
+        if bucket is not None:  # and the object under the record's attempt prefix
+            server, prefix = bucket
+            key = f"{prefix}/jobs/{job_id}/{job['output']}/artifacts/{a['name']}"
+            head = server.client().head_object(Bucket=server.BUCKET, Key=key)
+            assert head["Metadata"]["sha256"] == a["sha256"], key
     logs = "".join(p.read_text() for p in st.log_dir.glob("*.log"))
     assert logs.count("fenced off") + logs.count("execution lease lost") >= len(points), st.logs()

@@ -63,12 +63,15 @@ def test_two_hosts_hand_a_job_over_through_the_bucket(
     assert resumed, dump(evs)
     # Every epoch ran once after the epoch-1 checkpoint: w2 started from it, not from scratch.
     assert ends.count(("distill", 1)) == 1 and ends[-2:] == [("distill", 2), ("distill", 3)], dump(evs)
-    assert (host2 / "cache" / ds_id).is_dir() and (host2 / "artifacts" / job_id / "student.onnx").is_file()
-    assert not (host1 / "artifacts" / job_id / "student.onnx").exists()
+    current = store.get_job(r, keys, job_id)["output"]  # the attempt folder that counts (core/attempts.py)
+    assert (host2 / "cache" / ds_id).is_dir() and (
+        host2 / "artifacts" / job_id / current / "student.onnx"
+    ).is_file()
+    assert not list((host1 / "artifacts" / job_id).glob("*/student.onnx"))
     assert "fetched from the bucket" in st.logs()
     names = {a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
     in_bucket = set(s3_server.keys(f"{prefix}/jobs/{job_id}/"))
-    assert in_bucket == {f"{prefix}/jobs/{job_id}/artifacts/{n}" for n in names}
+    assert in_bucket == {f"{prefix}/jobs/{job_id}/{current}/artifacts/{n}" for n in names}
 
 
 def test_bucket_lost_mid_job_fails_storage_unavailable_then_resumes(
@@ -99,7 +102,7 @@ def test_bucket_lost_mid_job_fails_storage_unavailable_then_resumes(
         assert job["status"] == "failed" and job["error"]["code"] == "storage_unavailable", dump(evs)
         assert "after 3 attempts" in job["error"]["message"]
         assert "retry 2/2" in st.logs()  # backoff between attempts, logged
-        local = list((host / "artifacts" / job_id / "checkpoints").glob("attempt-*/last.pt"))
+        local = list((host / "artifacts" / job_id).glob("attempt-*/checkpoints/last.pt"))
         assert local and all(p.stat().st_size > 0 for p in local)
         server.start()  # the same data folder: the epoch-1 checkpoint is still published
         res = c.post(f"/v1/jobs/{job_id}/resume")
