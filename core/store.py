@@ -443,7 +443,7 @@ def request_pause(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
             return
         flag = {"pause_requested": "1", "pause_requested_at": str(t), "updated_at": str(t)}
         pipe.hset(jkey, mapping=flag)
-        message = "pause requested; the worker checkpoints and stops at the next step"
+        message = "pause requested; the worker stops at the next training step"
         _xadd(pipe, keys, job_id, "pause_requested", message, {})
 
     r.transaction(_tx, jkey)

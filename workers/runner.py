@@ -274,9 +274,9 @@ def _stopped(
         return "lease_lost"
     if monitor.cancel_seen_at is None and monitor.pause_seen_at is not None:
         where, redone = str(stop) or "stopped before training", monitor.steps_since_save
-        message = (
-            f"paused ({where}); resume continues from the last checkpoint and redoes the {redone} "
-            "training step(s) run since it"
+        redo = f"redoes the {redone} training step{'s' if redone > 1 else ''} run since it"
+        message = f"paused ({where}); a resume continues from the last checkpoint and " + (
+            redo if redone else "has nothing to redo"
         )
         try:
             store.transition(

@@ -223,7 +223,9 @@ def test_pause_in_each_training_stage_then_resume(stack_factory, redis_url: str)
             # Honest: the steps of the interrupted epoch run before the stop, no more, no fewer.
             assert paused["data"]["steps_redone"] == step - 1, paused
             redone.append(step - 1)
-            assert f"redoes the {step - 1} training step(s)" in paused["message"], paused
+            redo = f"redoes the {step - 1} training step" if step > 1 else "has nothing to redo"
+            assert paused["message"].startswith(f"paused (stopped in {stage} epoch {epoch} step {step})")
+            assert redo in paused["message"], paused
             job = c.get(f"/v1/jobs/{job_id}").json()
             assert job["status"] == "paused" and not job["pause_requested"] and job["stage"] == stage, job
 
