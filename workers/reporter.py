@@ -102,8 +102,9 @@ class Monitor(threading.Thread):
                         self.job_id,
                         store.PAUSED,
                         allowed,
-                        f"paused ({late}); resume continues from its last checkpoint",
-                        {"steps_redone": None},
+                        f"paused ({late}); a resume continues from the last checkpoint and redoes the "
+                        f"{self.steps_since_save} training step(s) run since it",
+                        {"steps_redone": self.steps_since_save, "stopped": late},
                         fence=self.lease.fence,
                     )
                     self.lease.release()

@@ -129,6 +129,8 @@ def test_hard_stop_after_a_pause(r, keys, settings: Settings, then_cancel: bool)
     last = store.list_events(r, keys, job_id)[-1]
     assert job["status"] == ("cancelled" if then_cancel else "paused"), job
     assert "hard stop" in last["message"], last
+    if not then_cancel:  # no training step ran in this process: nothing to redo
+        assert last["data"]["steps_redone"] == 0, last
     assert not store.lease_held(r, keys, job_id)
 
 
