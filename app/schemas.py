@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import EXAMPLE_SPEC
 
-Status = Literal["queued", "validating", "running", "succeeded", "failed", "cancelled"]
+Status = Literal["queued", "validating", "running", "paused", "succeeded", "failed", "cancelled"]
 
 JOB_ID_EXAMPLE = "job_01jdx3k4m9a8b7c6d5e4"
 
@@ -18,7 +18,9 @@ class ErrorInfo(BaseModel):
     code: str = Field(examples=["unknown_model"])
     message: str = Field(examples=["teacher.model: timm has no model 'resnet5O'; close matches: resnet50"])
     field: str | None = Field(default=None, examples=["teacher.model"])
-    status: str | None = Field(default=None, description="the job's status, on a 409 from cancel")
+    status: str | None = Field(
+        default=None, description="the job's status, on a 409 from cancel, pause, resume or delete"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -91,6 +93,10 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     cancel_requested: bool = False
+    pause_requested: bool = Field(
+        default=False, description="a pause was asked for; the job stops at its next training step"
+    )
+    paused_at: datetime | None = Field(default=None, description="when it paused (status `paused`)")
     attempts: int = 0
     spec: dict[str, Any]
     warnings: list[str] = Field(
@@ -120,6 +126,8 @@ class Job(BaseModel):
             started_at=_iso(job.get("started_at")),
             finished_at=_iso(job.get("finished_at")),
             cancel_requested=job.get("cancel_requested", False),
+            pause_requested=job.get("pause_requested", False),
+            paused_at=_iso(job.get("paused_at")) if job["status"] == "paused" else None,
             attempts=job.get("attempts", 0),
             spec=spec,
             warnings=job.get("warnings") or [],

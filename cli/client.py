@@ -1,4 +1,4 @@
-"""`spkd submit/status/events/cancel/download/datasets`: talk to a spkd server over HTTP (httpx).
+"""`spkd submit/status/events/cancel/pause/resume/download/datasets`: talk to a spkd server over HTTP.
 
 Server and key from --url/--key or SPKD_URL / SPKD_API_KEY. Never imports torch.
 """
@@ -24,6 +24,7 @@ from rich.table import Column, Table
 
 console = Console(stderr=True)
 FINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "validating", "running", "paused", *FINAL)
 
 UrlOpt = typer.Option(None, "--url", help="server URL (default: $SPKD_URL or http://127.0.0.1:8000)")
 KeyOpt = typer.Option(None, "--key", help="API key (default: $SPKD_API_KEY)")
@@ -135,7 +136,8 @@ def iter_sse(
 
 
 def follow(client: httpx.Client, job_id: str, quiet: bool = False) -> str:
-    """A rich progress bar fed by the event stream; returns the final status."""
+    """A rich progress bar fed by the event stream; returns the final status, or `paused` (the
+    stream of a paused job stays open for its resume; following stops there)."""
     status = "queued"
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -162,6 +164,8 @@ def follow(client: httpx.Client, job_id: str, quiet: bool = False) -> str:
                     status = data["data"]["status"]
                     bar.update(task, description=status)
                 bar.console.print(f"[dim]{event:>15}[/dim] {data['message']}")
+                if status == "paused":
+                    break
     return status
 
 
@@ -205,13 +209,17 @@ def _print_outcome(job: dict) -> None:
             f"[green]{job['status']}[/green]: distilled val_acc {m.get('distilled', {}).get('val_acc')}, "
             f"baseline {(m.get('baseline') or {}).get('val_acc')}, gain {m.get('gain')}"
         )
+    elif job["status"] == "paused":
+        console.print(f"paused: `spkd resume {job['id']}` continues it from its last checkpoint")
     else:
         console.print(job["status"])
 
 
 def status(
     job_id: str | None = typer.Argument(None, help="a job id; omit to list recent jobs"),
-    filter_status: str | None = typer.Option(None, "--status", help="list only jobs with this status"),
+    filter_status: str | None = typer.Option(
+        None, "--status", help=f"list only jobs with this status ({', '.join(STATUSES)})"
+    ),
     limit: int = typer.Option(20, help="jobs to list"),
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
     url: str | None = UrlOpt,
@@ -247,9 +255,16 @@ def status(
     Console().print(table)
 
 
+def _requests(job: dict) -> str:
+    """' (cancel requested)' / ' (pause requested)' while the worker has yet to act on one."""
+    if job.get("cancel_requested") and job["status"] not in FINAL:
+        return " (cancel requested)"
+    return " (pause requested)" if job.get("pause_requested") else ""
+
+
 def _show_job(job: dict) -> None:
     out = Console()
-    out.print(f"[bold]{job['id']}[/bold]  {job['status']}  stage={job.get('stage') or '-'}")
+    out.print(f"[bold]{job['id']}[/bold]  {job['status']}{_requests(job)}  stage={job.get('stage') or '-'}")
     p = job.get("progress")
     if p and job["status"] == "running":
         out.print(
@@ -293,13 +308,23 @@ def cancel(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str
             job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
         except ClientError as e:
             _fail(e)
-    console.print(
-        f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["cancel_requested"] else "")
-    )
+    console.print(f"{job['id']}: {job['status']}{_requests(job)}")
+
+
+def pause(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """Pause a job (queued: does not start; running: stops at its next training step and frees its
+    worker); `spkd resume` continues it from its last checkpoint."""
+    with make_client(url, key) as client:
+        try:
+            job = _check(client.post(f"/v1/jobs/{job_id}/pause"))
+        except ClientError as e:
+            _fail(e)
+    console.print(f"{job['id']}: {job['status']}{_requests(job)}")
 
 
 def delete(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
-    """Delete a finished job: its record, events and artifacts (a queued or running one: cancel first)."""
+    """Delete a finished or paused job: its record, events and artifacts (a queued or running one:
+    cancel first)."""
     with make_client(url, key) as client:
         try:
             _check(client.delete(f"/v1/jobs/{job_id}"))
@@ -309,7 +334,7 @@ def delete(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str
 
 
 def resume(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
-    """Resume a failed or cancelled job from its last checkpoint (a new attempt)."""
+    """Resume a paused, failed or cancelled job from its last checkpoint (a new attempt)."""
     with make_client(url, key) as client:
         try:
             job = _check(client.post(f"/v1/jobs/{job_id}/resume"))
@@ -468,6 +493,6 @@ def zip_folder(folder: Path, dest: Path) -> Path:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `spkd` app."""
-    for fn in (submit, status, events, cancel, delete, resume, download):
+    for fn in (submit, status, events, cancel, pause, resume, delete, download):
         app.command(fn.__name__)(fn)
     app.add_typer(datasets_app, name="datasets")

@@ -1,4 +1,4 @@
-"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/download, demo.
+"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/pause/resume/download, demo.
 
 Each command group lives in its own module and imports its heavy dependencies (torch, celery,
 uvicorn) inside the command, so `spkd submit` starts fast and never loads torch.

@@ -40,9 +40,12 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=30.0, description="execution lease; renewed every ttl/3 by the worker")
     heartbeat_s: float = Field(default=5.0, description="how often a worker says it is alive")
     heartbeat_ttl_s: float = Field(default=20.0, description="a worker silent this long is not counted")
-    cancel_poll_s: float = Field(default=0.5, description="how often the worker re-reads the cancel flag")
+    cancel_poll_s: float = Field(
+        default=0.5, description="how often the worker re-reads the cancel and pause flags"
+    )
     hard_stop_s: float = Field(
-        default=60.0, description="after a cancel, kill the job's process if the engine has not stopped"
+        default=60.0,
+        description="after a cancel or pause, kill the job's process if the engine has not stopped",
     )
     max_attempts: int = Field(
         default=3, description="runs of one job (worker lost -> resumed) before failing"
@@ -99,10 +102,14 @@ class Settings(BaseSettings):
     )
     # Data lifecycle: retention and the sweep of leftovers. None keeps forever.
     job_ttl_days: float | None = Field(
-        default=None, gt=0, description="finished jobs older than this are deleted (records and files)"
+        default=None,
+        gt=0,
+        description="jobs finished or paused longer ago than this are deleted (records and files)",
     )
     dataset_ttl_days: float | None = Field(
-        default=None, gt=0, description="datasets older than this and unused by active jobs are deleted"
+        default=None,
+        gt=0,
+        description="datasets older than this and unused by queued, running or paused jobs are deleted",
     )
     orphan_grace_s: float = Field(
         default=900.0,

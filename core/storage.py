@@ -291,13 +291,14 @@ def delete_dataset(
 
 
 def apply_retention(r: redis.Redis, keys: store.Keys, settings: Settings) -> list[str]:
-    """SPKD_JOB_TTL_DAYS: delete jobs finished longer ago than that. SPKD_DATASET_TTL_DAYS: delete
-    datasets uploaded longer ago that no active job uses. Unset: keep forever. Returns the ids."""
+    """SPKD_JOB_TTL_DAYS: delete jobs finished or paused longer ago than that (a status index's
+    score is when the job entered that status). SPKD_DATASET_TTL_DAYS: delete datasets uploaded
+    longer ago that no queued, running or paused job uses. Unset: keep forever. Returns the ids."""
     removed: list[str] = []
     t = time.time()
     if settings.job_ttl_days:
         cutoff = t - settings.job_ttl_days * 86400
-        for status in store.FINAL:
+        for status in store.AT_REST:
             for job_id in r.zrangebyscore(keys.status(status), "-inf", cutoff):
                 try:
                     if delete_job(r, keys, settings, job_id) is not None:

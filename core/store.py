@@ -36,11 +36,15 @@ import redis
 from core import jsonsafe, webhook_outbox
 from models.callbacks import Fenced
 
-QUEUED, VALIDATING, RUNNING = "queued", "validating", "running"
+QUEUED, VALIDATING, RUNNING, PAUSED = "queued", "validating", "running", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, VALIDATING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, VALIDATING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (QUEUED, VALIDATING, RUNNING)
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
+# No worker runs it and none will until someone acts (resume): retention counts these from the
+# moment they entered the status, and the orphan sweep never touches them.
+AT_REST = (PAUSED, *FINAL)
+DATASET_USERS = (*ACTIVE, PAUSED)  # jobs whose dataset cannot be deleted under them
 EVENTS_MAXLEN = 10_000  # a bound on one job's log; epoch/stage events are far fewer
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -54,8 +58,17 @@ class Conflict(Exception):
 
 
 class CancelPending(Conflict):
-    """A final status other than `cancelled` for a job whose cancel was accepted: refused, so a
-    200 to POST .../cancel is always followed by `cancelled`."""
+    """A final status other than `cancelled` (or `paused`) for a job whose cancel was accepted:
+    refused, so a 200 to POST .../cancel is always followed by `cancelled`."""
+
+
+class NotPausable(Conflict):
+    """A pause refused: `code` says why (`job_finished`, `job_paused`, `cancel_pending`) and
+    `status` is the job's status when it was refused."""
+
+    def __init__(self, message: str, code: str, status: str) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
 
 
 def new_id(kind: str) -> str:
@@ -154,10 +167,12 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
     job: dict[str, Any] = dict(raw)
     for k in _JSON_FIELDS:
         job[k] = json.loads(raw[k]) if raw.get(k) else None
-    for k in ("created_at", "updated_at", "started_at", "finished_at", "cancel_requested_at"):
+    times = ("created_at", "updated_at", "started_at", "finished_at", "cancel_requested_at")
+    for k in (*times, "pause_requested_at", "paused_at"):
         job[k] = float(raw[k]) if raw.get(k) else None
     job["attempts"] = int(raw.get("attempts") or 0)
     job["cancel_requested"] = raw.get("cancel_requested") == "1"
+    job["pause_requested"] = raw.get("pause_requested") == "1"
     return job
 
 
@@ -175,6 +190,7 @@ def create_job(
         "updated_at": t,
         "attempts": 0,
         "cancel_requested": 0,
+        "pause_requested": 0,
     }
     pipe = r.pipeline(transaction=True)
     pipe.hset(keys.job(job_id), mapping=_encode(fields))
@@ -253,8 +269,9 @@ def transition(
     With `fence` (a runner's write) the move happens only while that token is the job's current
     one (the token is read under the same WATCH, so a takeover in between aborts and retries):
     Fenced otherwise. Raises Conflict when the job is not in one of `allowed_from` (e.g. cancelled meanwhile),
-    CancelPending for a final status other than `cancelled` once a cancel was accepted,
-    KeyError when it does not exist.
+    CancelPending for `paused` or a final status other than `cancelled` once a cancel was accepted,
+    KeyError when it does not exist. Moving to `paused` or a final status clears the pause flag;
+    `paused` also records `paused_at` (retention counts a paused job's age from then).
     """
     allowed = set(allowed_from)
     jkey = keys.job(job_id)
@@ -267,7 +284,7 @@ def transition(
             raise KeyError(job_id)
         if current not in allowed:
             raise Conflict(f"job {job_id} is {current}, not one of {sorted(allowed)}")
-        if to in FINAL and to != CANCELLED and cancel == "1":
+        if (to in FINAL or to == PAUSED) and to != CANCELLED and cancel == "1":
             raise CancelPending(f"job {job_id} has a cancel request; it can only end cancelled")
         t = now()
         upd = dict(fields, status=to, updated_at=t)
@@ -275,6 +292,10 @@ def transition(
             upd["started_at"] = t
         if to in FINAL:
             upd["finished_at"] = t
+        if to in AT_REST:  # a pause asked for meanwhile is over: the job stopped anyway
+            upd.update(pause_requested=0, pause_requested_at=None)
+        if to == PAUSED:
+            upd["paused_at"] = t
         pipe.multi()
         pipe.hset(jkey, mapping=_encode(upd))
         if artifacts is not None:
@@ -340,10 +361,11 @@ def _load_jobs(r: redis.Redis, keys: Keys, ids: list[str]) -> list[dict[str, Any
 
 
 def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
-    """Queued: cancelled at once (it never starts). Validating/running: raise the flag the worker
-    polls; from then on the job can only end `cancelled` (see transition). Already cancelled:
-    unchanged. Succeeded/failed: Conflict. One WATCH/MULTI transaction, so a job that finishes
-    meanwhile is a Conflict, never an accepted cancel."""
+    """Queued or paused: cancelled at once (it never runs again). Validating/running: raise the
+    flag the worker polls; from then on the job can only end `cancelled` (see transition), and a
+    pause asked for before loses to it. Already cancelled: unchanged. Succeeded/failed: Conflict.
+    One WATCH/MULTI transaction, so a job that finishes meanwhile is a Conflict, never an accepted
+    cancel."""
     jkey = keys.job(job_id)
 
     def _tx(pipe: redis.client.Pipeline) -> None:
@@ -359,13 +381,14 @@ def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
         pipe.hset(
             jkey, mapping={"cancel_requested": "1", "cancel_requested_at": str(t), "updated_at": str(t)}
         )
-        if current == QUEUED:
+        if current in (QUEUED, PAUSED):
             pipe.hset(jkey, mapping={"status": CANCELLED, "finished_at": str(t)})
-            pipe.zrem(keys.jobs(owner, QUEUED), job_id)
+            pipe.zrem(keys.jobs(owner, current), job_id)
             pipe.zadd(keys.jobs(owner, CANCELLED), {job_id: 0})
-            pipe.zrem(keys.status(QUEUED), job_id)
+            pipe.zrem(keys.status(current), job_id)
             pipe.zadd(keys.status(CANCELLED), {job_id: t})
-            _xadd(pipe, keys, job_id, "status", "cancelled before it started", {"status": CANCELLED})
+            message = "cancelled before it started" if current == QUEUED else "cancelled while paused"
+            _xadd(pipe, keys, job_id, "status", message, {"status": CANCELLED})
             # A final status like any other: its webhook event is queued in the same MULTI.
             webhook_outbox.add_for_transition(r, pipe, keys.prefix, job_id, owner, CANCELLED, {})
         else:
@@ -382,22 +405,71 @@ def request_cancel(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
     return get_job(r, keys, job_id)  # type: ignore[return-value]
 
 
+def request_pause(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+    """Queued: paused at once (a worker that later takes its message skips it). Validating/running:
+    raise the pause flag the worker polls (workers/reporter.py Monitor); the engine stops at its
+    next training step and the worker moves the job to `paused`. Asked again while that flag is
+    up: unchanged. Raises NotPausable (a Conflict) for a succeeded/failed/cancelled job
+    (`job_finished`), a paused one (`job_paused`) and one with a cancel request
+    (`cancel_pending`: cancel wins); KeyError when the job does not exist. One WATCH/MULTI
+    transaction: a job that ends or is cancelled meanwhile is never also paused."""
+    jkey = keys.job(job_id)
+
+    def _tx(pipe: redis.client.Pipeline) -> None:
+        current, owner, cancel, pause = pipe.hmget(
+            jkey, "status", "owner", "cancel_requested", "pause_requested"
+        )
+        if current is None:
+            raise KeyError(job_id)
+        if current in FINAL:
+            raise NotPausable(f"job {job_id} already {current}; nothing to pause", "job_finished", current)
+        if current == PAUSED:
+            raise NotPausable(f"job {job_id} is paused already; resume it to go on", "job_paused", current)
+        if cancel == "1":
+            message = f"job {job_id} has a cancel request; it ends cancelled, not paused"
+            raise NotPausable(message, "cancel_pending", current)
+        if pause == "1":
+            return
+        t = now()
+        pipe.multi()
+        if current == QUEUED:
+            pipe.hset(jkey, mapping={"status": PAUSED, "paused_at": str(t), "updated_at": str(t)})
+            pipe.zrem(keys.jobs(owner, QUEUED), job_id)
+            pipe.zadd(keys.jobs(owner, PAUSED), {job_id: 0})
+            pipe.zrem(keys.status(QUEUED), job_id)
+            pipe.zadd(keys.status(PAUSED), {job_id: t})
+            message = "paused before it started; resume queues it again"
+            _xadd(pipe, keys, job_id, "status", message, {"status": PAUSED, "steps_redone": 0})
+            return
+        flag = {"pause_requested": "1", "pause_requested_at": str(t), "updated_at": str(t)}
+        pipe.hset(jkey, mapping=flag)
+        message = "pause requested; the worker stops at the next training step"
+        _xadd(pipe, keys, job_id, "pause_requested", message, {})
+
+    r.transaction(_tx, jkey)
+    return get_job(r, keys, job_id)  # type: ignore[return-value]
+
+
 def resume_job(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any]:
-    """failed/cancelled -> queued for a new run that continues from the job's checkpoint: error,
-    cancel flag, finish time and attempt count are cleared (the caller checks the checkpoint and
-    enqueues). Raises Conflict in any other status, KeyError when the job does not exist."""
+    """paused/failed/cancelled -> queued for a new run that continues from the job's checkpoint:
+    error, cancel and pause flags, pause and finish times and the attempt count are cleared (the
+    caller checks the checkpoint and enqueues). Raises Conflict in any other status, KeyError
+    when the job does not exist."""
     job = transition(
         r,
         keys,
         job_id,
         QUEUED,
-        [FAILED, CANCELLED],
+        [PAUSED, FAILED, CANCELLED],
         "resumed: queued again to continue from its last checkpoint",
         error=None,
         metrics=None,
         finished_at=None,
+        paused_at=None,
         cancel_requested=0,
         cancel_requested_at=None,
+        pause_requested=0,
+        pause_requested_at=None,
         attempts=0,
     )
     r.hdel(keys.job(job_id), "requeued_at")
@@ -439,6 +511,12 @@ def _idem_names(raw: str | None, job_id: str) -> bool:
 
 def cancel_requested(r: redis.Redis, keys: Keys, job_id: str) -> bool:
     return r.hget(keys.job(job_id), "cancel_requested") == "1"
+
+
+def stop_flags(r: redis.Redis, keys: Keys, job_id: str) -> tuple[bool, bool]:
+    """(cancel requested, pause requested), read together (the worker's Monitor polls them)."""
+    cancel, pause = r.hmget(keys.job(job_id), "cancel_requested", "pause_requested")
+    return cancel == "1", pause == "1"
 
 
 def count_by_status(r: redis.Redis, keys: Keys) -> dict[str, int]:
@@ -584,8 +662,9 @@ def list_datasets(
 
 
 def jobs_using_dataset(r: Any, keys: Keys, owner: str, ds_id: str) -> list[str]:
-    """The owner's queued, validating or running jobs whose spec names `dataset.id` = ds_id."""
-    ids = [job_id for status in ACTIVE for job_id in r.zrange(keys.jobs(owner, status), 0, -1)]
+    """The owner's queued, validating, running or paused jobs (a paused one goes on from its
+    checkpoint on the same data) whose spec names `dataset.id` = ds_id."""
+    ids = [job_id for status in DATASET_USERS for job_id in r.zrange(keys.jobs(owner, status), 0, -1)]
     specs = [r.hget(keys.job(job_id), "spec") for job_id in ids]
     return [
         job_id
@@ -596,20 +675,24 @@ def jobs_using_dataset(r: Any, keys: Keys, owner: str, ds_id: str) -> list[str]:
 
 def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = None) -> dict[str, Any] | None:
     """Remove a dataset's record. Returns it, or None when it does not exist (or, with `owner`, is
-    someone else's). Raises Conflict naming the jobs while a queued or running job uses it; the
-    check and the delete are one transaction over the owner's active-job indexes, so a job queued
-    meanwhile makes it retry and see that job. The folder is the caller's (core/storage.py)."""
+    someone else's). Raises Conflict naming the jobs while a queued, running or paused job uses
+    it; the check and the delete are one transaction over the owner's indexes of those statuses,
+    so a job queued meanwhile makes it retry and see that job. The folder is the caller's
+    (core/storage.py)."""
     ds = get_dataset(r, keys, ds_id, owner)
     if ds is None:
         return None
-    watched = [keys.dataset(ds_id)] + [keys.jobs(ds["owner"], s) for s in ACTIVE]
+    watched = [keys.dataset(ds_id)] + [keys.jobs(ds["owner"], s) for s in DATASET_USERS]
 
     def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
         if not pipe.exists(keys.dataset(ds_id)):
             return None
         users = jobs_using_dataset(pipe, keys, ds["owner"], ds_id)
         if users:
-            raise Conflict(f"dataset {ds_id} is used by active jobs: {', '.join(users)}; cancel them first")
+            names = ", ".join(users)
+            raise Conflict(
+                f"dataset {ds_id} is used by queued, running or paused jobs: {names}; cancel them first"
+            )
         pipe.multi()
         pipe.delete(keys.dataset(ds_id))
         pipe.zrem(keys.datasets(ds["owner"]), ds_id)

@@ -62,7 +62,7 @@ def run_job(
 def _run_stage(run: Run, stage: stages.Stage) -> None:
     """Run one stage between its `stage_started` and `stage_finished` events, then checkpoint."""
     if run.reporter.should_stop():  # evaluate and export have no training steps that check it
-        raise StopRequested()
+        raise StopRequested(f"stopped before {stage.name}")
     name = stage.name
     run.reporter.event("stage_started", f"{name} started", stage=name)
     start = time.perf_counter()

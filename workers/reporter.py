@@ -1,5 +1,5 @@
 """RedisReporter: the engine's Reporter protocol written to the job store, plus the Monitor thread
-that renews the execution lease, polls the cancel flag and enforces the hard stop.
+that renews the execution lease, polls the cancel and pause flags and enforces the hard stop.
 
 Every write carries the attempt's fencing token (store.Lease.fence): once another attempt took
 the job over, the next write raises Fenced, which the engine does not catch, and the process
@@ -25,10 +25,11 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Monitor(threading.Thread):
-    """Every `poll_s`: re-read the cancel flag (cached for should_stop), renew the lease every
-    ttl/3. If the engine has not stopped `hard_stop_s` after a cancel, end the job as cancelled
-    and kill this process: the prefork parent replaces the child and, with
-    task_reject_on_worker_lost, the redelivered message finds the job final and is dropped."""
+    """Every `poll_s`: re-read the cancel and pause flags (cached for should_stop), renew the lease
+    every ttl/3. If the engine has not stopped `hard_stop_s` after a cancel (or a pause), end the
+    job as cancelled (paused: it resumes from its last checkpoint) and kill this process: the
+    prefork parent replaces the child and, with task_reject_on_worker_lost, the redelivered
+    message finds the job final (or paused) and is dropped. A cancel seen after a pause wins."""
 
     def __init__(
         self,
@@ -43,21 +44,30 @@ class Monitor(threading.Thread):
         self.r, self.keys, self.job_id, self.lease = r, keys, job_id, lease
         self.poll_s, self.hard_stop_s = poll_s, hard_stop_s
         self.cancel_seen_at: float | None = None
+        self.pause_seen_at: float | None = None
         self.lease_lost = False
+        # Training steps run since the last saved resume point (RedisReporter counts them): what a
+        # resume after a pause redoes, since checkpoints are taken at epoch ends.
+        self.steps_since_save = 0
         self._done = threading.Event()
 
     @property
     def stop_requested(self) -> bool:
-        return self.cancel_seen_at is not None or self.lease_lost
+        return self.cancel_seen_at is not None or self.pause_seen_at is not None or self.lease_lost
 
     def run(self) -> None:
         renew_every = max(self.lease.ttl_ms / 3000, self.poll_s)
         last_renew = time.monotonic()
         while not self._done.wait(self.poll_s):
             try:
-                if self.cancel_seen_at is None and store.cancel_requested(self.r, self.keys, self.job_id):
-                    self.cancel_seen_at = time.monotonic()
-                    log.info("job %s: cancel requested", self.job_id)
+                if self.cancel_seen_at is None:
+                    cancel, pause = store.stop_flags(self.r, self.keys, self.job_id)
+                    if cancel:
+                        self.cancel_seen_at = time.monotonic()
+                        log.info("job %s: cancel requested", self.job_id)
+                    elif pause and self.pause_seen_at is None:
+                        self.pause_seen_at = time.monotonic()
+                        log.info("job %s: pause requested", self.job_id)
                 if time.monotonic() - last_renew >= renew_every:
                     # Retried every poll while Redis is unreachable (renew raises, last_renew stays):
                     # once it is back, a lease that expired meanwhile is noticed within poll_s,
@@ -69,23 +79,45 @@ class Monitor(threading.Thread):
                         self.lease_lost = True
             except redis.RedisError as e:  # keep going: a short Redis blip must not kill a long job
                 log.warning("job %s: monitor could not reach Redis: %s", self.job_id, e)
-            if self.cancel_seen_at is not None and time.monotonic() - self.cancel_seen_at > self.hard_stop_s:
+            seen = self.cancel_seen_at if self.cancel_seen_at is not None else self.pause_seen_at
+            if seen is not None and time.monotonic() - seen > self.hard_stop_s:
                 self._hard_stop()
 
     def _hard_stop(self) -> None:
+        what = "cancel" if self.cancel_seen_at is not None else "pause"
         log.error(
-            "job %s: engine did not stop %.0f s after cancel; terminating the process",
+            "job %s: engine did not stop %.0f s after the %s request; terminating the process",
             self.job_id,
             self.hard_stop_s,
+            what,
         )
+        late = f"hard stop: the engine did not stop within {self.hard_stop_s:.0f} s"
+        allowed = [store.VALIDATING, store.RUNNING]
         try:
+            try:
+                if what == "pause":
+                    store.transition(
+                        self.r,
+                        self.keys,
+                        self.job_id,
+                        store.PAUSED,
+                        allowed,
+                        f"paused ({late}); a resume continues from the last checkpoint and redoes the "
+                        f"{self.steps_since_save} training step(s) run since it",
+                        {"steps_redone": self.steps_since_save, "stopped": late},
+                        fence=self.lease.fence,
+                    )
+                    self.lease.release()
+                    return
+            except store.CancelPending:  # cancelled meanwhile: cancel wins
+                pass
             store.transition(
                 self.r,
                 self.keys,
                 self.job_id,
                 store.CANCELLED,
-                [store.VALIDATING, store.RUNNING],
-                f"cancelled (hard stop: the engine did not stop within {self.hard_stop_s:.0f} s)",
+                allowed,
+                f"cancelled ({late})",
                 fence=self.lease.fence,
             )
             self.lease.release()
@@ -94,6 +126,11 @@ class Monitor(threading.Thread):
 
     def finish(self) -> None:
         self._done.set()
+
+
+# Events the engine writes right after saving a resume point (models/stages/common.py: epoch-end
+# checkpoint; models/pipeline.py: a finished stage; models/stages/search.py: a scored candidate).
+SAVED_EVENTS = frozenset({"checkpoint", "stage_finished", "search"})
 
 
 class RedisReporter:
@@ -145,6 +182,8 @@ class RedisReporter:
             f"{kind} event",
             lambda: store.add_event(self.r, self.keys, self.job_id, kind, message, fence=self.fence, **data),
         )
+        if kind in SAVED_EVENTS:
+            self.monitor.steps_since_save = 0
         if kind == "stage_started" and data.get("stage"):
             self._update(stage=data["stage"])
         elif kind == "epoch_end" and self._latest is not None:
@@ -159,6 +198,7 @@ class RedisReporter:
             log.warning("job %s: progress not written (Redis unreachable: %s)", self.job_id, e)
 
     def progress(self, progress: Progress) -> None:
+        self.monitor.steps_since_save += 1  # the engine reports once per training step
         self._latest = progress
         if time.monotonic() - self._last_write >= self.interval_s or progress.step == progress.steps:
             self._write(progress)

@@ -66,7 +66,7 @@ def execute_job(
     if job is None:
         log.warning("job %s: not in the store; dropping the message", job_id)
         return "missing"
-    if job["status"] in store.FINAL:
+    if job["status"] in store.AT_REST:  # final, or paused since this message was sent
         log.info("job %s: already %s; nothing to do", job_id, job["status"])
         return "skipped"
     # Acquiring also takes this attempt's fencing token and clears requeued_at: an orphan requeue
@@ -153,11 +153,8 @@ def _run_leased(
     monitor.start()
     try:
         return _validate_and_run(r, keys, settings, job, monitor, device)
-    except StopRequested:
-        if monitor.lease_lost:
-            return "lease_lost"  # another worker owns it now: leave its state alone
-        _finish(r, keys, job_id, fence, store.CANCELLED, "cancelled")
-        return "cancelled"
+    except StopRequested as stop:
+        return _stopped(r, keys, job_id, fence, monitor, stop)
     except SpkdError as e:
         log.info("job %s: %s", job_id, e)
         _finish(r, keys, job_id, fence, store.FAILED, f"failed: {e.message}", error=e.as_dict())
@@ -264,6 +261,42 @@ def _finish(
         _finish(r, keys, job_id, fence, store.CANCELLED, f"cancelled ({message}, after the cancel request)")
     except store.Conflict as e:
         log.info("job %s: not moved to %s: %s", job_id, to, e)
+
+
+def _stopped(
+    r: redis.Redis, keys: store.Keys, job_id: str, fence: int | None, monitor: Monitor, stop: StopRequested
+) -> str:
+    """The engine stopped because the Monitor asked it to: a lost lease leaves the job alone (another
+    worker owns it now), a cancel ends it `cancelled`, a pause moves it to `paused` (fenced), saying
+    how many training steps a resume redoes (checkpoints are taken at epoch ends). A cancel asked
+    for before or after the pause wins. Returns the outcome."""
+    if monitor.lease_lost:
+        return "lease_lost"
+    if monitor.cancel_seen_at is None and monitor.pause_seen_at is not None:
+        where, redone = str(stop) or "stopped before training", monitor.steps_since_save
+        redo = f"redoes the {redone} training step{'s' if redone > 1 else ''} run since it"
+        message = f"paused ({where}); a resume continues from the last checkpoint and " + (
+            redo if redone else "has nothing to redo"
+        )
+        try:
+            store.transition(
+                r,
+                keys,
+                job_id,
+                store.PAUSED,
+                [store.VALIDATING, store.RUNNING],
+                message,
+                {"steps_redone": redone, "stopped": where},
+                fence=fence,
+            )
+            return "paused"
+        except store.CancelPending:
+            pass  # cancelled since the pause was seen: it ends cancelled
+        except store.Conflict as e:
+            log.info("job %s: not paused: %s", job_id, e)
+            return "skipped"
+    _finish(r, keys, job_id, fence, store.CANCELLED, "cancelled")
+    return "cancelled"
 
 
 def _validate_and_run(

@@ -158,7 +158,8 @@ def get_dataset(ctx: Ctx, owner: Owner, ds_id: str) -> Dataset:
     responses=error_responses(404, 409),
     summary="Delete a dataset",
     description="Removes the dataset's record and files. Refused (409 `dataset_in_use`, with the job "
-    "ids) while a queued or running job uses it: cancel those first. Finished jobs keep their results.",
+    "ids) while a queued, running or paused job uses it: cancel those first. Finished jobs keep their "
+    "results.",
 )
 def delete_dataset(ctx: Ctx, owner: Owner, ds_id: str) -> Response:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings

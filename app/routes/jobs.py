@@ -1,4 +1,4 @@
-"""Job routes: create (with idempotency keys), list, retrieve, cancel, delete and resume."""
+"""Job routes: create (with idempotency keys), list, retrieve, cancel, pause, delete and resume."""
 
 from __future__ import annotations
 
@@ -242,10 +242,11 @@ def get_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     response_model=Job,
     responses=error_responses(404, 409),
     summary="Cancel a job",
-    description="A queued job is cancelled at once and never starts. A validating or running job gets a "
-    "flag the engine checks every training step; it ends `cancelled` and frees the GPU. A 200 always "
-    "ends `cancelled` (a job past its last step drops its results). Cancelling a cancelled job is a "
-    "no-op; a succeeded or failed job is a 409 with its `status`.",
+    description="A queued or paused job is cancelled at once and never runs again. A validating or "
+    "running job gets a flag the engine checks every training step; it ends `cancelled` and frees the "
+    "GPU. A 200 always ends `cancelled` (a job past its last step drops its results; a pause asked for "
+    "before loses to it). Cancelling a cancelled job is a no-op; a succeeded or failed job is a 409 "
+    "with its `status`.",
 )
 def cancel_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     r, keys = ctx.redis, ctx.keys
@@ -262,15 +263,40 @@ def cancel_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     return Job.from_store(job)
 
 
+@router.post(
+    "/{job_id}/pause",
+    response_model=Job,
+    responses=error_responses(404, 409),
+    summary="Pause a job",
+    description="A queued job is `paused` at once (it does not start). A validating or running job gets "
+    "a flag (`pause_requested`) the engine checks every training step: it stops at the next step, "
+    "moves to `paused` and frees its worker and GPU; the `paused` status event says how many training "
+    "steps a resume redoes (checkpoints are taken at epoch ends: the steps run since the last one). "
+    "`POST .../resume` continues it from that checkpoint. A job that finishes its last step before it "
+    "can stop ends `succeeded`. Asking again while the flag is up is a no-op. 409 with the job's "
+    "`status`: `job_finished` (succeeded, failed or cancelled), `job_paused` (already paused), "
+    "`cancel_pending` (a cancel was accepted: it ends `cancelled`).",
+)
+def pause_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
+    own_job(ctx, owner, job_id)
+    try:
+        job = store.request_pause(ctx.redis, ctx.keys, job_id)
+    except store.NotPausable as e:
+        raise _conflict(e.code, str(e), e.status) from e
+    except KeyError:  # deleted between the ownership check and now
+        raise not_found("job", job_id) from None
+    return Job.from_store(job)
+
+
 @router.delete(
     "/{job_id}",
     status_code=204,
     response_class=Response,
     responses=error_responses(404, 409),
     summary="Delete a job",
-    description="Removes a finished job: its record, events, artifacts (files and index) and the "
-    "Idempotency-Keys that name it; its id is unknown (404) afterwards. A queued or running job is a "
-    "409 `job_active` with its `status`: cancel it first.",
+    description="Removes a finished or paused job: its record, events, artifacts (files and index) and "
+    "the Idempotency-Keys that name it; its id is unknown (404) afterwards. A queued or running job is "
+    "a 409 `job_active` with its `status`: cancel it first.",
 )
 def delete_job(ctx: Ctx, owner: Owner, job_id: str) -> Response:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
@@ -295,10 +321,12 @@ def _conflict(code: str, message: str, status: str | None) -> ApiError:
     "/{job_id}/resume",
     response_model=Job,
     responses=error_responses(404, 409),
-    summary="Resume a failed or cancelled job from its checkpoint",
-    description="Queues a new attempt of a `failed` or `cancelled` job that continues from its last "
-    "epoch-end checkpoint (e.g. after freeing space for a `storage_full` failure). Any other status, or "
-    "no checkpoint, is a 409 `job_not_resumable` with the job's `status`.",
+    summary="Resume a paused, failed or cancelled job from its checkpoint",
+    description="Queues a new attempt of a `paused`, `failed` or `cancelled` job that continues from its "
+    "last epoch-end checkpoint (e.g. after freeing space for a `storage_full` failure). A paused job "
+    "that never reached one (paused while queued or in its first epoch) starts from the beginning. Any "
+    "other status, a failed or cancelled job without a checkpoint, or a run still shutting down is a "
+    "409 `job_not_resumable` with the job's `status`.",
 )
 def resume_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
@@ -307,9 +335,10 @@ def resume_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     def refuse(why: str) -> ApiError:
         return _conflict("job_not_resumable", f"job {job_id} is {job['status']}: {why}", job["status"])
 
-    if job["status"] not in (store.FAILED, store.CANCELLED):
-        raise refuse("only a failed or cancelled job can be resumed")
-    if not storage.has_checkpoint(settings, job_id):
+    if job["status"] not in (store.PAUSED, store.FAILED, store.CANCELLED):
+        raise refuse("only a paused, failed or cancelled job can be resumed")
+    # A paused job stopped on request: without a checkpoint it starts over, which is all it lost.
+    if job["status"] != store.PAUSED and not storage.has_checkpoint(settings, job_id):
         raise refuse("it has no checkpoint to resume from (it stopped before its first epoch ended)")
     if store.lease_held(r, keys, job_id):
         raise refuse("its last run is still shutting down; retry in a few seconds")

@@ -9,6 +9,8 @@
 (function () {
   const KEY_STORE = 'spkd.apiKey';
   const FINAL = new Set(['succeeded', 'failed', 'cancelled']);
+  // A job one can pause: it has not stopped, and no worker has yet stopped it on request.
+  const PAUSABLE = new Set(['queued', 'validating', 'running']);
   const JOBS_REFRESH_MS = 3000;
   const JOB_REFRESH_MS = 2000;
   const STAGE_NAMES = {
@@ -263,6 +265,7 @@
     $('#job-status').textContent = ''; $('#job-status').className = 'badge';
     $('#job-models').textContent = ''; $('#job-error-msg').textContent = '';
     $('#job-failure').hidden = true; $('#job-cancel').hidden = true;
+    $('#job-pause').hidden = true; $('#job-resume').hidden = true;
     $('#events').replaceChildren();
     $('#artifacts').replaceChildren(el('li', { class: 'help', text: 'None yet.' }));
     ['#p-stage', '#p-epoch', '#p-step', '#p-ips', '#p-eta', '#p-stream'].forEach((s) => { $(s).textContent = '–'; });
@@ -311,6 +314,12 @@
     // A running job stops at its next training step; say so instead of offering the button again.
     cancel.disabled = Boolean(job.cancel_requested) && !FINAL.has(job.status);
     cancel.textContent = cancel.disabled ? 'Cancelling…' : 'Cancel job';
+    // Pause: queued, validating or running; a cancel request makes it moot (cancel wins).
+    const pause = $('#job-pause');
+    pause.hidden = !PAUSABLE.has(job.status) || Boolean(job.cancel_requested);
+    pause.disabled = Boolean(job.pause_requested) && !pause.hidden;
+    pause.textContent = pause.disabled ? 'Pausing…' : 'Pause job';
+    $('#job-resume').hidden = job.status !== 'paused';
     renderProgress(job.progress || {}, job);
     const failed = job.status === 'failed' && job.error;
     $('#job-failure').hidden = !failed;
@@ -351,7 +360,7 @@
     if (p.epoch) $('#p-epoch').textContent = `${p.epoch} / ${p.epochs || '?'}`;
     if (p.step) $('#p-step').textContent = `${p.step} / ${p.steps || '?'}`;
     if (typeof p.images_per_sec === 'number') $('#p-ips').textContent = num(p.images_per_sec);
-    if (job && FINAL.has(job.status)) $('#p-eta').textContent = '–';
+    if (job && (FINAL.has(job.status) || job.status === 'paused')) $('#p-eta').textContent = '–';
     else if (typeof p.eta_s === 'number') $('#p-eta').textContent = duration(p.eta_s);
     if (job) {
       // Never step back: the polled job and the live stream report at different moments.
@@ -571,6 +580,25 @@
     }
   }
 
+  // Pause or resume (the same shape as cancel): POST, then show what the server answered.
+  async function onPauseResume(action) {
+    const job = state.job; if (!job) return;
+    const btn = $(`#job-${action}`);
+    btn.disabled = true;
+    try {
+      await api('POST', `/v1/jobs/${encodeURIComponent(job.id)}/${action}`);
+      announce(action === 'pause' ? 'Pause requested.' : 'Job resumed.');
+      $('#job-error-msg').textContent = '';
+      await refreshJob(job.id);
+    } catch (e) {
+      if (e.status !== 401) $('#job-error-msg').textContent = e.message;
+      if (state.job) renderJob(state.job);  // the buttons as the job now stands
+    } finally {
+      if (!state.job || !(action === 'pause' && state.job.pause_requested)) btn.disabled = false;
+      if (btn.hidden || btn.disabled) $('#job-h').focus();
+    }
+  }
+
   // ---------- new job ----------
 
   async function enterNew() {
@@ -707,6 +735,8 @@
     $('#status-filter').addEventListener('change', () => { state.jobsExpanded = false; refreshJobs(); });
     $('#jobs-more').addEventListener('click', () => refreshJobs(true));
     $('#job-cancel').addEventListener('click', onCancel);
+    $('#job-pause').addEventListener('click', () => onPauseResume('pause'));
+    $('#job-resume').addEventListener('click', () => onPauseResume('resume'));
     $('#upload-form').addEventListener('submit', onUpload);
     $('#job-form').addEventListener('submit', onCreate);
     window.addEventListener('hashchange', onHash);

@@ -1,8 +1,9 @@
 """The dashboard in a real headless Chromium against a real API, Redis and `spkd worker`.
 
 One scenario, in the order a person would use it: sign in, upload a zip and create a job from the
-form, watch it move and draw its curves, download an artifact, cancel a second job; then the same
-page on a phone-sized screen and with the keyboard alone. Any console error fails the test.
+form, watch it move and draw its curves, download an artifact, pause a second job, resume it and
+cancel it; then the same page on a phone-sized screen and with the keyboard alone. Any console
+error fails the test.
 Screenshots go to the test's tmp_path.
 """
 
@@ -166,15 +167,28 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert saved.read_bytes() == served.read_bytes()
         page.screenshot(path=shots / "04-job-succeeded.png", full_page=True)
 
-        # A second, long job: cancel it once it runs.
+        # A second, long job: pause it once it runs, resume it, then cancel it.
         page.goto(base + "/#/new")
         page.wait_for_selector("#f-dataset option[value^='ds_']", state="attached")
         page.locator("#f-dataset").select_option(index=1)
         _fill_job(page, epochs=200, teacher_ft=0)
         long_id = _create_job(page)
         page.wait_for_selector("#job-status.running", timeout=60_000)
+        assert page.locator("#job-resume").is_hidden()
+        page.get_by_role("button", name="Pause job").click()
+        page.wait_for_selector("#job-status.paused", timeout=60_000)
+        assert page.locator("#job-pause").is_hidden() and page.locator("#job-cancel").is_visible()
+        assert page.locator("#p-eta").inner_text() == "–"  # nothing runs: no end to estimate
+        api_job = httpx.get(f"{base}/v1/jobs/{long_id}", headers={"Authorization": f"Bearer {key}"}).json()
+        assert api_job["status"] == "paused", api_job
+        page.screenshot(path=shots / "05-job-paused.png", full_page=True)
+        page.get_by_role("button", name="Resume job").click()
+        page.wait_for_selector("#job-status.running", timeout=60_000)  # a new attempt runs it
+        assert page.locator("#job-resume").is_hidden() and page.locator("#job-pause").is_visible()
+        assert page.locator("#job-error-msg").inner_text() == ""
         page.get_by_role("button", name="Cancel job").click()
         page.wait_for_selector("#job-status.cancelled", timeout=60_000)
+        assert page.locator("#job-pause").is_hidden() and page.locator("#job-resume").is_hidden()
         page.screenshot(path=shots / "05-job-cancelled.png", full_page=True)
 
         # A job the worker rejects (a layer the teacher does not have; only the worker can tell):

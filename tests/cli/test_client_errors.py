@@ -27,6 +27,7 @@ def _closed_port() -> int:
         ["status", "job_x"],
         ["events", "job_x"],
         ["cancel", "job_x"],
+        ["pause", "job_x"],
         ["delete", "job_x"],
         ["resume", "job_x"],
         ["download", "job_x", "-o", "out"],
