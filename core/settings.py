@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     queue: str = "spkd"
 
     max_upload_bytes: int = 2 * 1024**3
+    max_body_bytes: int = Field(
+        default=1024**2,
+        ge=1,
+        description="largest request body of every route but dataset uploads (max_upload_bytes): "
+        "413 before it is read",
+    )
     upload_sync_max_bytes: int = Field(
         default=64 * 1024**2,
         ge=0,
