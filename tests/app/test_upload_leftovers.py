@@ -248,3 +248,34 @@ def test_refused_uploads_leave_nothing_in_the_bucket(
         )
         assert any("/datasets/" in k for k in s3_server.keys(prefix))
         assert listing(root) == before
+
+
+def test_a_validation_rerun_after_one_that_died_having_extracted_starts_clean(settings: Settings) -> None:
+    """A validation that died after extracting (the API killed before it saved the record) left
+    the dataset's folder; the re-run (the restart sweep claims it) replaces it instead of failing."""
+    from app import validation
+
+    r, keys = store.connect(settings.redis_url), store.Keys(settings.redis_prefix)
+    ds_id = store.new_id("ds")
+    uploads = Path(settings.data_root) / "datasets"
+    uploads.mkdir(parents=True, exist_ok=True)
+    validation.pending_zip(settings, ds_id).write_bytes(make_zip(two_classes()))
+    (uploads / ds_id / "a").mkdir(parents=True)
+    (uploads / ds_id / "a" / "half-written.jpg").write_bytes(b"\0" * 10)  # the dead run's folder
+    v = validation.Validator(r, keys, settings)
+    try:
+        owner = store.owner_of(KEY_A)
+        v.begin(validation.validating_record(ds_id, owner, "again", 0, time.time()))
+
+        def done() -> bool:
+            return store.get_dataset(r, keys, ds_id)["status"] != "validating"
+
+        procs.wait_until(done, 60, "the validation", [])
+    finally:
+        v.close()
+    ds = store.get_dataset(r, keys, ds_id)
+    assert ds["status"] == "ready" and ds["num_images"] == 2, ds
+    assert sorted(p.relative_to(uploads).as_posix() for p in uploads.rglob("*") if p.is_file()) == [
+        f"{ds_id}/a/1.jpg",
+        f"{ds_id}/b/2.jpg",
+    ]
