@@ -1,8 +1,13 @@
 """Bearer API keys: compared as sha256 digests in constant time; the owner id is a hash of the key.
 
-Wrong keys are rate-limited per client address (AuthLimiter): after `auth_fail_limit` failures in
-`auth_fail_window_s` seconds every request from that address is a 429 until the window ends, so
-keys cannot be guessed at line rate. Counted in Redis, so all API processes share the count."""
+Wrong keys are rate-limited per client (AuthLimiter): of the wrong keys one client sends in
+`auth_fail_window_s` seconds (the window opens at its first), the first `auth_fail_limit` get 401
+and the rest 429 until the window ends. Counted in Redis with one atomic INCR per wrong key, so
+all API processes share the count and concurrent wrong keys cannot slip past it. Only wrong keys
+are throttled: a request with a valid key is never refused by the limiter, so a client (or a
+neighbour behind the same NAT) retrying a stale key does not lock out the keys that work. The
+price: during a lockout a right guess still answers 200, so guessing is slowed, not stopped,
+which is why keys must be long and random (MIN_KEY_LENGTH, checked at `spkd serve`)."""
 
 from __future__ import annotations
 
@@ -86,31 +91,54 @@ def check_can_serve(settings: Settings, host: str) -> None:
     )
 
 
+def client_key(host: str) -> str:
+    """Whom the wrong-key limiter counts for a peer address: an IPv4 address as itself (also when
+    it arrives IPv4-mapped, ::ffff:a.b.c.d, on a dual-stack socket), an IPv6 address by its /64
+    (one host or one customer's LAN: a client rotating through its /64 is one client), anything
+    else (a Unix socket, a test client) as given."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+# One wrong key: count it and open the window with the first one (a key left without a TTL is
+# given one), in one step. Returns {count, seconds left in the window}.
+_COUNT_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return {n, redis.call('TTL', KEYS[1])}
+"""
+
+
 class AuthLimiter:
-    """Fixed-window count of wrong keys per client address, in Redis (P:authfail:<address>)."""
+    """Fixed-window count of wrong keys per client (client_key), in Redis (P:authfail:<client>)."""
 
     def __init__(self, r: redis.Redis, keys: Keys, settings: Settings) -> None:
         self.r, self.prefix = r, f"{keys.prefix}:authfail:"
         self.limit, self.window_s = settings.auth_fail_limit, settings.auth_fail_window_s
+        self._count = r.register_script(_COUNT_FAILURE)
 
-    def check(self, client: str) -> None:
-        """429 while this client has used up its failures (checked before the key: a right
-        guess during the lockout must not be told apart from a wrong one)."""
-        failures = self.r.get(self.prefix + client)
-        if failures is not None and int(failures) >= self.limit:
-            retry = max(1, self.r.ttl(self.prefix + client))
+    def failed(self, client: str) -> None:
+        """Count one wrong key from `client` (a peer address). Raises ApiError 429
+        `too_many_auth_failures` (with Retry-After, seconds) when it is past the limit in this
+        window; returns when the caller should answer its own 401."""
+        n, ttl = self._count(keys=[self.prefix + client_key(client)], args=[self.window_s])
+        if int(n) > self.limit:
+            retry = max(1, int(ttl))
             raise ApiError(
                 429,
                 "too_many_auth_failures",
                 f"too many invalid API keys from this address; retry in {retry} s",
                 headers={"Retry-After": str(retry)},
             )
-
-    def failed(self, client: str) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.prefix + client, 0, ex=self.window_s, nx=True)  # the window starts at the first failure
-        pipe.incr(self.prefix + client)
-        pipe.execute()
 
 
 # Declares the scheme in the OpenAPI document, so /docs has an "Authorize" button that sends the
@@ -127,12 +155,10 @@ def request_owner(
     ring: KeyRing = request.app.state.keyring
     if ring.open:
         return OPEN_OWNER
-    limiter: AuthLimiter = request.app.state.auth_limiter
-    client = request.client.host if request.client else "unknown"
-    limiter.check(client)
     try:
         return ring.owner(request.headers.get("authorization"))
     except ApiError as e:
-        if e.code == "invalid_api_key":  # a wrong guess; a missing header is not counted
-            limiter.failed(client)
+        if e.code == "invalid_api_key":  # a wrong guess (a missing header is not counted)
+            limiter: AuthLimiter = request.app.state.auth_limiter
+            limiter.failed(request.client.host if request.client else "unknown")
         raise

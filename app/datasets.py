@@ -32,6 +32,7 @@ from app.errors import ApiError
 from core import bucket
 from core.settings import Settings
 from models import scan
+from models.spec import text_problem
 
 SKIP_NAMES = scan.IGNORED_NAMES
 CHUNK = 1 << 20
@@ -101,7 +102,9 @@ async def receive_upload(
     stream: AsyncIterator[bytes], content_type: str, content_length: str | None, dest: Path, cap: int
 ) -> dict[str, str]:
     """Write the uploaded file (multipart `file` part, or a raw application/zip body) to `dest`.
-    413 as soon as the body exceeds `cap` bytes. Returns the multipart text fields (e.g. `name`)."""
+    413 as soon as the body exceeds `cap` bytes (app.middleware refuses it earlier still); 422
+    `invalid_request` for a `name` field with control or bidi characters. Returns the multipart
+    text fields (e.g. `name`)."""
     if content_length and content_length.isdigit() and int(content_length) > cap:
         raise ApiError(413, "upload_too_large", f"upload is larger than the {cap} byte limit")
     ctype, opts = parse_options_header(content_type or "")
@@ -129,6 +132,9 @@ async def receive_upload(
             raise ApiError(
                 422, "missing_file", "the multipart body has no file part (send it as 'file')", "file"
             )
+        problem = text_problem(sink.fields.get("name", ""))  # the dataset's name, shown to others
+        if problem:
+            raise ApiError(422, "invalid_request", f"name: {problem}", "name")
         return sink.fields
     if received == 0:
         raise ApiError(422, "missing_file", "empty upload: send a zip of an ImageFolder", "file")

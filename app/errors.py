@@ -7,6 +7,7 @@ shape, so clients (and `spkd`) never have to parse more than one format.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import redis
@@ -54,17 +55,39 @@ class ApiError(Exception):
         self.extra = extra
 
 
+ECHO_MAX = 100  # characters of a user's value an error message repeats
+MESSAGE_MAX = 2000  # characters of any error message (what it echoes included)
+MAX_DETAILS = 50  # validation errors listed in one 422
+_LONG = ECHO_MAX + 1
+_QUOTED = re.compile(f"'[^'\\n]{{{_LONG},}}'|\"[^\"\\n]{{{_LONG},}}\"")
+
+
+def clip(text: str, limit: int = ECHO_MAX) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis (…) ending a cut one."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def bound(message: str) -> str:
+    """An error message with every quoted value in it (the `{value!r}` of a validator) clipped to
+    ECHO_MAX characters, and the whole to MESSAGE_MAX: a 1 MB value is never sent back whole."""
+    if len(message) > 2 * ECHO_MAX:
+        message = _QUOTED.sub(lambda m: m.group()[0] + clip(m.group()[1:-1]) + m.group()[0], message)
+    return clip(message, MESSAGE_MAX)
+
+
 def error_body(code: str, message: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "field": field, **extra}}
+    """The one error shape, {"error": {code, message, field, ...}}; message and field bounded."""
+    field = None if field is None else clip(field, 2 * ECHO_MAX)
+    return {"error": {"code": code, "message": bound(message), "field": field, **extra}}
 
 
 def not_found(what: str, ident: str) -> ApiError:
     # Same answer for "does not exist" and "belongs to another key": no existence oracle.
-    return ApiError(404, f"{what}_not_found", f"no {what} {ident!r} for this API key")
+    return ApiError(404, f"{what}_not_found", f"no {what} {clip(ident)!r} for this API key")
 
 
 def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc]
+    parts = [clip(str(p)) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
     return ".".join(parts)
@@ -84,7 +107,10 @@ def _detail(error: dict[str, Any]) -> dict[str, Any]:
     message = str(error.get("msg", ""))
     for prefix in _PYDANTIC_PREFIXES:
         message = message.removeprefix(prefix)
-    return {"field": _loc_to_field(error.get("loc", ())), "message": message}
+    value = error.get("input")
+    if isinstance(value, str) and len(value) > ECHO_MAX:  # echoed as is, or as its repr
+        message = message.replace(repr(value), repr(clip(value))).replace(value, clip(value))
+    return {"field": _loc_to_field(error.get("loc", ())), "message": bound(message)}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,7 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [_detail(e) for e in exc.errors()]
+        details = [_detail(e) for e in exc.errors()[:MAX_DETAILS]]
         first = details[0] if details else {"field": None, "message": "invalid request"}
         lines = [f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details[:5]]
         message = "; ".join(lines)

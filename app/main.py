@@ -21,6 +21,7 @@ from app import validation
 from app.auth import AuthLimiter, KeyRing
 from app.errors import install_error_handlers
 from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
+from app.middleware import BodyLimitMiddleware, TextMiddleware
 from app.routes import ROUTERS
 from core import storage, store
 from core.queue import make_celery, queue_depth
@@ -69,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             histograms={h[1]: store.read_histogram(r, keys, h[1]) for h in HISTOGRAMS},
         )
     )
+    # Outermost last: metrics see every answer, the guards answer before any route parses.
+    app.add_middleware(BodyLimitMiddleware, state=app.state)
+    app.add_middleware(TextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in ROUTERS:

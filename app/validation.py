@@ -13,6 +13,7 @@ once older than SPKD_ORPHAN_GRACE_S. Torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -103,9 +104,18 @@ class Validator:
         """Move the received zip to pending_zip, save the `validating` record, start validating;
         returns the record (the 202's body)."""
         size = zip_path.stat().st_size
-        os.replace(zip_path, pending_zip(self.settings, ds_id))
+        pending = pending_zip(self.settings, ds_id)
+        os.replace(zip_path, pending)
         record = validating_record(ds_id, owner, name, size, time.time())
-        self.begin(record)
+        try:
+            self.begin(record)
+        except BaseException:
+            # Refused (the store unreachable: 503): the zip must not outlive the request; nothing
+            # would ever validate it, and the orphan sweep only runs when an API process starts.
+            pending.unlink(missing_ok=True)
+            with contextlib.suppress(redis.RedisError):
+                self._forget(ds_id)
+            raise
         return record
 
     def begin(self, record: dict[str, Any]) -> None:
@@ -172,10 +182,13 @@ class Validator:
         threading.Thread(target=self._renew, args=(ds_id, done), daemon=True).start()
         record = store.get_dataset(self.r, self.keys, ds_id)
         try:
-            if record is None:
+            if record is None or record.get("status") != VALIDATING:  # deleted, or done meanwhile
                 return
             zip_path = pending_zip(self.settings, ds_id)
             dest = references.datasets_dir(self.settings) / ds_id
+            # A validation of this id that died after extracting (its record still `validating`)
+            # left this folder: start from nothing, or the extraction could not take its place.
+            storage.remove_tree(dest)
             try:
                 res = datasets.extract_dataset(zip_path, dest, self.settings)
             except ApiError as e:

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     queue: str = "spkd"
 
     max_upload_bytes: int = 2 * 1024**3
+    max_body_bytes: int = Field(
+        default=1024**2,
+        ge=1,
+        description="largest request body of every route but dataset uploads (max_upload_bytes): "
+        "413 before it is read",
+    )
     upload_sync_max_bytes: int = Field(
         default=64 * 1024**2,
         ge=0,
@@ -68,8 +74,12 @@ class Settings(BaseSettings):
         "no dataset.torchvision",
     )
     idempotency_ttl_s: int = 24 * 3600
-    auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
-    auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
+    auth_fail_limit: int = Field(
+        default=20, description="wrong API keys answered 401 per client per window; valid keys always pass"
+    )
+    auth_fail_window_s: int = Field(
+        default=60, description="opens at a client's first wrong key; past the limit, wrong keys get 429"
+    )
     max_rejected_listed: int = 1000
     mlflow_tracking_uri: str = Field(
         default="", description="MLflow server every job logs to (a job's integrations may name another)"

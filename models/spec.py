@@ -7,6 +7,7 @@ clear 422 / CLI error instead of a silently ignored setting (README, The job spe
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -345,7 +346,7 @@ class MlflowIntegration(_Strict):
     """Log the job as one MLflow run (params, per-epoch metrics, artifacts)."""
 
     type: Literal["mlflow"]
-    experiment: str | None = Field(
+    experiment: Text | None = Field(
         default=None,
         min_length=1,
         max_length=200,
@@ -362,20 +363,57 @@ METADATA_MAX_KEYS = 32
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 METADATA_VALUE_MAX = 512
 
+# What no free text a user stores and others see (a job's name and metadata, a dataset's name, an
+# Idempotency-Key) may hold: the C0/C1 control characters (Unicode category Cc: NUL, ESC, CR, LF,
+# and TAB too, since every such field is shown on one line), the line and paragraph separators
+# U+2028/U+2029, and the bidirectional controls that reorder what a reader sees (U+202E makes
+# "gpj.exe" read "exe.jpg"): U+061C, U+200E/U+200F, U+202A-U+202E, U+2066-U+2069.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CHAR_NAMES = {"\x00": "NUL", "\t": "TAB", "\n": "LF", "\r": "CR", "\x1b": "ESC", "\x7f": "DEL"}
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be stored as free text (see _UNSAFE_TEXT), or None when it can: names the
+    first offending character and its position (0-based, in characters)."""
+    m = _UNSAFE_TEXT.search(value)
+    if m is None:
+        return None
+    ch = m.group()
+    name = _CHAR_NAMES.get(ch) or unicodedata.name(ch, "a control character")
+    return (
+        f"contains U+{ord(ch):04X} ({name}) at position {m.start()}: control characters, line "
+        "breaks and bidirectional controls are not allowed in text"
+    )
+
+
+def _check_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A free-text field: refused (422 naming the field) when it holds a character text_problem names.
+Text = Annotated[str, AfterValidator(_check_text)]
+
 
 def _check_metadata(value: dict[str, str]) -> dict[str, str]:
     if len(value) > METADATA_MAX_KEYS:
         raise ValueError(f"at most {METADATA_MAX_KEYS} metadata keys, got {len(value)}")
     for k, v in value.items():
         if not METADATA_KEY.match(k):
-            raise ValueError(f"metadata key {k!r}: 1-64 characters of letters, digits, '_', '.', '-'")
+            shown = k if len(k) <= 100 else k[:99] + "\u2026"
+            raise ValueError(f"metadata key {shown!r}: 1-64 characters of letters, digits, '_', '.', '-'")
         if len(v) > METADATA_VALUE_MAX:
             raise ValueError(f"metadata[{k!r}]: at most {METADATA_VALUE_MAX} characters, got {len(v)}")
+        problem = text_problem(v)
+        if problem:
+            raise ValueError(f"metadata[{k!r}] {problem}")
     return value
 
 
 class JobSpec(_Strict):
-    name: str | None = Field(
+    name: Text | None = Field(
         default=None, min_length=1, max_length=200, description="a label of yours; filter the job list by it"
     )
     metadata: Annotated[dict[str, str], AfterValidator(_check_metadata)] = Field(

@@ -11,7 +11,8 @@ Each round it
    a failure is retried after SPKD_WEBHOOK_BACKOFF_S x 3^(n-1) (+0-10% jitter, or the receiver's
    Retry-After if longer) until SPKD_WEBHOOK_MAX_ATTEMPTS; 410 Gone gives up at once.
 
-Every attempt re-checks the URL against the SSRF guard and connects to the address it checked.
+Every attempt re-checks the URL against the SSRF guard and connects to the address it checked;
+the client's transport (webhook_security.GuardedTransport) checks the address each socket reaches.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ class Sender(threading.Thread):
         self.stopping = threading.Event()
         # A claimed delivery must stay claimed for longer than one attempt can take.
         self.claim_s = max(settings.webhook_claim_idle_s, 2 * settings.webhook_timeout_s + 5)
-        # trust_env=False: no proxy from the environment; the sender connects to the address it checked.
+        # trust_env=False: no proxy from the environment; the sender connects to the address it
+        # checked, and the transport checks again the address each socket actually reaches.
         self.http = httpx.Client(
             timeout=settings.webhook_timeout_s,
             follow_redirects=False,
             trust_env=False,
             headers={"user-agent": USER_AGENT},
+            transport=webhook_security.GuardedTransport(settings.webhooks_allow_private),
         )
         self.pool = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="spkd-webhook")
         self._group_ready = False
