@@ -72,7 +72,7 @@ def test_upload_train_download_delete_through_the_bucket(
     assert {"student.safetensors", "metrics.json", "student.onnx"} <= names
     in_bucket = set(s3_server.keys(f"{prefix}/jobs/{job_id}/"))
     # Under the attempt's own prefix (core/attempts.py); checkpoints dropped after success.
-    [attempt] = {k.split("/")[-3] for k in in_bucket if "/artifacts/" in k}
+    [attempt] = {k.removeprefix(f"{prefix}/jobs/{job_id}/").split("/")[0] for k in in_bucket}
     assert attempt.startswith("attempt-"), in_bucket
     assert in_bucket == {f"{prefix}/jobs/{job_id}/{attempt}/artifacts/{n}" for n in names}
     for a in arts:
@@ -102,7 +102,8 @@ def test_upload_train_download_delete_through_the_bucket(
     assert res.status_code == 201, res.text
     second = wait_job_over_http(c, res.json()["id"], 300, st.logs)
     assert second["status"] == "succeeded", (second, st.logs())
-    assert (worker_host / "artifacts" / job_id / "student.safetensors").is_file()
+    # fetched from the bucket into the attempt folder the first job's record names
+    assert (worker_host / "artifacts" / job_id / attempt / "student.safetensors").is_file()
     assert c.delete(f"/v1/jobs/{second['id']}").status_code == 204
 
     assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
