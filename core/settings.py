@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     auth_fail_limit: int = Field(default=20, description="wrong API keys per client address per window")
     auth_fail_window_s: int = Field(default=60, description="after the limit: 429 until this window ends")
     max_rejected_listed: int = 1000
+    max_streams_per_key: int = Field(
+        default=20, ge=1, description="live event streams one API key may hold open on one API process"
+    )
     mlflow_tracking_uri: str = Field(
         default="", description="MLflow server every job logs to (a job's integrations may name another)"
     )
