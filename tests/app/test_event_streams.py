@@ -208,6 +208,13 @@ def test_another_keys_streams_deliver_while_one_key_holds_its_maximum(stack_fact
             for s in b_streams:
                 msg = await s.until("info")
                 assert msg["id"] == event_id and "for bob" in msg["data"]
+            # Progress (a field of the job, not an event) reaches them too, from the reader's poll.
+            r, keys = store.connect(st.settings.redis_url), store.Keys(st.settings.redis_prefix)
+            store.update_job(
+                r, keys, b_job, progress={"stage": "distill", "epoch": 1, "epochs": 2, "step": 7}
+            )
+            for s in b_streams:
+                assert '"step": 7' in (await s.until("progress"))["data"]
             # ...and key A's streams are live too (one reader serves them all).
             a_event = _add_event(st, a_jobs[0], "for alice")
             got = await asyncio.gather(*(s.until("info") for job, s in held if job == a_jobs[0]))
