@@ -261,15 +261,22 @@ class Live:
                 if not sub.frames:
                     sub.wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(sub.wake.wait(), KEEPALIVE_S)
+                        async with asyncio.timeout(KEEPALIVE_S):  # a timer, not a task per wait
+                            await sub.wake.wait()
                     if not sub.frames:
                         yield ": keep-alive\n\n"
                         continue
-                frame = sub.frames.popleft()
-                text = self._accept(sub, frame)
-                if text:
-                    yield text
-                if frame.last:
+                # Everything waiting goes out as one chunk: one write per wake-up, however many
+                # events arrived meanwhile (a busy job followed by many clients).
+                texts, last = [], False
+                while sub.frames and not last:
+                    frame = sub.frames.popleft()
+                    last = frame.last
+                    if text := self._accept(sub, frame):
+                        texts.append(text)
+                if texts:
+                    yield "".join(texts)
+                if last:
                     return
         except (redis.RedisError, OSError) as exc:
             log.info(
@@ -335,11 +342,13 @@ class Live:
             sub.frames.append(error_frame("job_not_found", f"job {sub.job_id} no longer exists (deleted)"))
             return
         while True:
+            texts = []
             for entry_id, fields in page:
                 frame = _event_frame(entry_id, fields)
-                text = self._accept(sub, frame) if frame else None
-                if text:
-                    yield text
+                if frame and (text := self._accept(sub, frame)):
+                    texts.append(text)
+            if texts:
+                yield "".join(texts)  # one chunk per page
             if len(page) < BATCH:
                 break
             page = await self._pool.xrange(job.key, f"({sub.last}", "+", count=BATCH)
