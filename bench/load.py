@@ -399,11 +399,15 @@ def run_streams(a: argparse.Namespace) -> dict:
                 threads = [threading.Thread(target=f, daemon=True) for f in (writer, sampler)]
                 for t in threads:
                     t.start()
-                cpu0, t0 = cpu_seconds(api_pid), time.monotonic()
+                cpu0, hcpu0, t0 = cpu_seconds(api_pid), cpu_seconds(holder.pid), time.monotonic()
                 lat, errors, attempted, delivered = asyncio.run(
                     measure_other_key(url, b_job, a.rate, a.duration, lambda: newest["id"])
                 )
-                api_cpu = (cpu_seconds(api_pid) - cpu0) / (time.monotonic() - t0)
+                wall = time.monotonic() - t0
+                api_cpu, holder_cpu = (
+                    (cpu_seconds(api_pid) - cpu0) / wall,
+                    (cpu_seconds(holder.pid) - hcpu0) / wall,
+                )
                 stop.set()
                 for t in threads:
                     t.join(10)
@@ -431,6 +435,8 @@ def run_streams(a: argparse.Namespace) -> dict:
         },
         events_written=written,
         api_cpu_percent=round(100 * api_cpu, 1),
+        holder_cpu_percent=round(100 * holder_cpu, 1),  # the process holding the streams
+        host_load_1min=round(os.getloadavg()[0], 2),
         api_log_tracebacks=api_log.count("Traceback"),
     )
     _print_streams_table(result)
