@@ -213,10 +213,6 @@ class Live:
 
     # ------------------------------------------------------------ streams
 
-    def open_streams(self, owner: str) -> int:
-        """Streams `owner` holds open on this process now."""
-        return self._open[owner]
-
     def open(self, owner: str, job_id: str, last: str) -> Subscriber:
         """Take one of `owner`'s stream slots for a stream of `job_id` from after `last` (an event
         id, "0-0" for all). Raises ApiError 429 `too_many_streams` (with Retry-After) when the key
@@ -415,7 +411,8 @@ class Live:
             if not streams:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+                    async with asyncio.timeout(POLL_S):
+                        await self._wake.wait()
                 continue
             wait_ms = int((next_poll - loop.time()) * 1000)
             if wait_ms > 0:
