@@ -20,6 +20,7 @@ from PIL import Image
 from app import validation
 from app.auth import AuthLimiter, KeyRing
 from app.errors import install_error_handlers
+from app.live import Live
 from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
 from app.middleware import BodyLimitMiddleware, TextMiddleware
 from app.routes import ROUTERS
@@ -48,7 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await anyio.to_thread.run_sync(_sweep_at_start, r, keys, settings)
         app.state.validator = validation.Validator(r, keys, settings)
         app.state.validator.start()  # picks up validations a previous process left unfinished
+        app.state.live = Live(settings, keys)  # one Redis reader fans events out to every SSE stream
+        await app.state.live.start()
         yield
+        await app.state.live.stop()
         app.state.validator.close()
         await app.state.aredis.aclose()
 

@@ -97,19 +97,28 @@ def iter_sse(
     backoff_s: float = 1.0,
 ) -> Iterator[tuple[str, dict]]:
     """(event, data) pairs from the job's server-sent-event stream, reconnecting with Last-Event-ID
-    if the connection drops, until the server sends `end`."""
+    until the server sends `end`. A drop, a close without `end`, an `error` event (the server's
+    "cannot continue here, reconnect": not yielded) and a 429/503 answer (too many open streams,
+    store unavailable) all reconnect, after the server's `retry:` or `Retry-After` when it sent
+    one; after `max_reconnects` in a row without an event, ClientError. Other errors: ClientError."""
     failures = 0
     while True:
         headers = {"Accept": "text/event-stream"}
         if last_id:
             headers["Last-Event-ID"] = last_id
+        wait_s: float | None = None
         try:
             url = f"/v1/jobs/{job_id}/events"
             with client.stream("GET", url, headers=headers, timeout=SSE_TIMEOUT) as resp:
+                if resp.status_code in (429, 503):
+                    resp.read()
+                    wait_s = _retry_after(resp.headers.get("retry-after"))
+                    raise _Transient(_error_text(resp))
                 if resp.status_code >= 400:
                     resp.read()
                     _check(resp)
-                event, data = "message", []
+                event, data, retry_ms = "message", [], None
+                reason = "closed before the job ended"
                 for line in resp.iter_lines():
                     if line.startswith("event:"):
                         event = line[6:].strip()
@@ -117,13 +126,21 @@ def iter_sse(
                         data.append(line[5:].strip())
                     elif line.startswith("id:"):
                         last_id = line[3:].strip()
+                    elif line.startswith("retry:"):
+                        retry_ms = _int_or_none(line[6:].strip())
                     elif line == "" and data:
+                        body = json.loads("\n".join(data))
+                        if event == "error":  # the server ends this stream: reconnect and resume
+                            wait_s = retry_ms / 1000 if retry_ms is not None else None
+                            reason = _error_message(body)
+                            break
                         failures = 0
-                        yield event, json.loads("\n".join(data))
+                        yield event, body
                         if event == "end":
                             return
                         event, data = "message", []
-            reason = "closed before the job ended"
+        except _Transient as e:
+            reason = str(e)
         except httpx.TransportError as e:
             reason = str(e)
         # A drop or a close without `end` counts alike, so a stream that keeps breaking ends in
@@ -132,7 +149,40 @@ def iter_sse(
         if failures > max_reconnects:
             raise ClientError(f"event stream failed {failures} times in a row: {reason}")
         console.print(f"[yellow]event stream interrupted ({reason}); reconnecting[/yellow]")
-        time.sleep(min(backoff_s * 2.0 ** (failures - 1), 10.0))
+        backoff = min(backoff_s * 2.0 ** (failures - 1), 10.0)
+        time.sleep(min(wait_s, 30.0) if wait_s is not None else backoff)
+
+
+class _Transient(Exception):
+    """The server asked to come back later (429, 503)."""
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the API sends seconds; an HTTP date counts as absent)."""
+    seconds = _int_or_none(value)
+    return float(max(seconds, 0)) if seconds is not None else None
+
+
+def _error_message(body: Any) -> str:
+    try:
+        err = body["error"]
+        return f"{err['code']}: {err['message']}"
+    except (KeyError, TypeError):
+        return str(body)[:300]
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        return f"{resp.status_code} {_error_message(resp.json())}"
+    except ValueError:
+        return f"{resp.status_code}: {resp.text[:300]}"
 
 
 def follow(client: httpx.Client, job_id: str, quiet: bool = False) -> str:

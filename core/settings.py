@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         default=60, description="opens at a client's first wrong key; past the limit, wrong keys get 429"
     )
     max_rejected_listed: int = 1000
+    max_streams_per_key: int = Field(
+        default=20, ge=1, description="live event streams one API key may hold open on one API process"
+    )
     mlflow_tracking_uri: str = Field(
         default="", description="MLflow server every job logs to (a job's integrations may name another)"
     )
