@@ -34,7 +34,7 @@ def run(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     console = Console()
     try:
@@ -75,9 +75,9 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
 
 
 def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) -> int:
+    from common.errors import SpkdError
+    from common.reporter import StopRequested
     from core.settings import Settings
-    from models.callbacks import StopRequested
-    from models.errors import SpkdError
     from models.tracking import run_tracked
 
     reporter = BarReporter(console)

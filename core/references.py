@@ -13,7 +13,7 @@ check, and compared by file identity as well as by name, so another name for the
 case-insensitive filesystem, a bind mount) is caught too. Another key's upload or job answers
 exactly like one that does not exist: the same code, message shape and field.
 
-Every refusal is a `models.errors.SpkdError(code, message, field)`; the API turns it into a 422.
+Every refusal is a `common.errors.SpkdError(code, message, field)`; the API turns it into a 422.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from common.errors import SpkdError
+from common.spec import WEIGHT_KEYWORDS, JobSpec
 from core import attempts, store
 from core.settings import Settings
-from models.errors import SpkdError
-from models.spec import WEIGHT_KEYWORDS, JobSpec
 
 ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 UPLOADS_DIRNAME = "datasets"

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from common.spec import JobSpec
 from models import checkpoint, factory, weights
-from models.spec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.reporter import Progress, Reporter, StopRequested
 from models import checkpoint, guards
-from models.callbacks import Progress, Reporter, StopRequested
 from models.data import Batch, normalize
 from models.factory import DataConfig, is_cnn
 from models.features import FeatureTap

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from common.errors import SpkdError
 from models.checkpoint import atomic_write
-from models.errors import SpkdError
 from models.factory import DataConfig, create_kwargs
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from common.reporter import Reporter
+from common.spec import JobSpec
 from models import data, fastdata, methods, teacher_cache
-from models.callbacks import Reporter
-from models.spec import JobSpec
 
 Loaders = tuple[Callable[[int], Iterable], Callable[[], Iterable]]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 
 MIN_BATCH = 2  # SP compares the images of a batch (b x b similarities); BatchNorm needs 2 too
 GRADIENT = "gradient"

@@ -9,12 +9,12 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from common.reporter import Reporter
+from common.spec import JobSpec
 from models import data, factory, fastpath
 from models.bank import BANK, ModelKey
-from models.callbacks import Reporter
 from models.engine import Runtime
 from models.factory import DataConfig
-from models.spec import JobSpec
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from models.callbacks import Reporter
+from common.reporter import Reporter
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from common.reporter import Reporter, StopRequested
+from common.spec import JobSpec
 from models import stages
 from models.bank import BANK
-from models.callbacks import Reporter, StopRequested
 from models.run import Run, cleanup_checkpoints, open_run
-from models.spec import JobSpec
 from models.stages.common import best_row
 from models.stages.search import search_rungs
 from models.validation import validate_job

@@ -17,7 +17,7 @@ from typing import Any
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
 
-# One colour per stage, same order as models.spec.STAGES; colour-blind friendly (Okabe-Ito).
+# One colour per stage, same order as common.spec.STAGES; colour-blind friendly (Okabe-Ito).
 STAGE_COLOURS = {
     "teacher_finetune": "#0072B2",
     "baseline": "#D55E00",

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from common.errors import SpkdError
+from common.reporter import Reporter, ensure_current
+from common.spec import JobSpec
 from models import checkpoint, data, export, validation
-from models.callbacks import Reporter, ensure_current
 from models.engine import Clock, Runtime, pick_runtime
-from models.errors import SpkdError
 from models.jobdata import JobData, open_data
-from models.spec import JobSpec
 
 FORMAT_VERSION = 1
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from common.errors import SpkdError
+from common.spec import JobSpec
 from models import data, factory, guards, weights
 from models.bank import BANK, ModelKey
-from models.errors import SpkdError
 from models.features import FeatureTap, check_layers, layer_pairs
-from models.spec import JobSpec
 
 
 def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:

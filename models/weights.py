@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from common.errors import SpkdError
 from models import factory
-from models.errors import SpkdError
 
 PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 

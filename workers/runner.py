@@ -16,11 +16,11 @@ from typing import Any
 
 import redis
 
+from common.errors import SpkdError
+from common.reporter import Fenced, StopRequested
+from common.spec import JobSpec
 from core import attempts, blobs, bucket, references, storage, store
 from core.settings import Settings
-from models.callbacks import Fenced, StopRequested
-from models.errors import SpkdError
-from models.spec import JobSpec
 from workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")

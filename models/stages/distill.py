@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from common.spec import AUTO_WEIGHT
 from models import autoweight, methods
 from models.engine import LiveTeacher, Normalizer, freeze
 from models.features import FeatureTap, layer_pairs
 from models.run import Run
-from models.spec import AUTO_WEIGHT
 from models.stages.common import build_student, build_teacher, train
 from models.stages.search import search
 

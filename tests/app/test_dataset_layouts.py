@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from cli.client import zip_folder
+from common.errors import SpkdError
 from core.settings import Settings
 from models import data
-from models.errors import SpkdError
 from tests.helpers import HYMENOPTERA
 
 

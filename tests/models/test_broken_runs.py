@@ -15,14 +15,14 @@ import pytest
 import timm
 import torch
 
+from common.errors import SpkdError
+from common.reporter import RecordingReporter
+from common.spec import JobSpec
 from models import engine, export, factory, weights
 from models import fastdata as fd
-from models.callbacks import RecordingReporter
-from models.errors import SpkdError
 from models.features import FeatureTap
 from models.methods import Distiller
 from models.pipeline import run_job, validate_job
-from models.spec import JobSpec
 from tests.helpers import make_folder, tiny_job_spec
 
 # SP at 1e6 x a layer weight of 1e6 on a learning rate of 1: the loss is ~1e12 at step 1 and the

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.reporter import Fenced, NullReporter, RecordingReporter, StopRequested
 from core import attempts
 from models import checkpoint
-from models.callbacks import Fenced, NullReporter, RecordingReporter, StopRequested
 from models.pipeline import run_job
 from tests.helpers import tiny_job_spec
 

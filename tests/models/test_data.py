@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import SpkdError
 from models import data
-from models.errors import SpkdError
 from tests.helpers import HYMENOPTERA, make_folder
 
 
@@ -46,7 +46,7 @@ def test_broken_and_odd_files(tmp_path):
     assert ".DS_Store" not in reasons  # OS metadata is ignored, not listed
     assert reasons["stray.jpg"] == "not inside a class folder"
     kept = {Path(s.path).name for s in scan.train}
-    # link.jpg points inside the dataset: followed (the symlink policy, models/scan.py)
+    # link.jpg points inside the dataset: followed (the symlink policy, common/scan.py)
     assert {"placeholder.gif", "gray.png", "cmyk.jpg", "deep.png", "whole.png", "link.jpg"} <= kept
     assert scan.counts() == {"train": {"cats": 10, "dogs": 4}, "val": {"cats": 2, "dogs": 2}}
     # every kept file really loads as 8-bit RGB
@@ -128,7 +128,7 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
     import json
     import os
 
-    from models import scan as scanner
+    from common import scan as scanner
 
     make_folder(tmp_path, {"a": 2, "b": 2})
     deep = tmp_path / "a" / "/".join(["d"] * (scanner.MAX_DEPTH + 5))

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data, decode, fastdata, scan
+from common import decode, scan
+from models import data, fastdata
 from models.factory import DataConfig
 from tests.helpers import ROOT
 
@@ -89,7 +90,7 @@ def _readme_loader():
     text = (ROOT / "README.md").read_text().split("<!-- load-student -->", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     lines = [ln for ln in snippet.splitlines() if "load_rgb" in ln]
-    assert any(ln.startswith("from models.decode import load_rgb") for ln in lines), lines
+    assert any(ln.startswith("from common.decode import load_rgb") for ln in lines), lines
     assert any('= load_rgb("photo.jpg")' in ln for ln in lines), lines
     code = "\n".join(ln.replace('"photo.jpg"', "path") for ln in lines)
 

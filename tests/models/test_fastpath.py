@@ -5,10 +5,10 @@ from __future__ import annotations
 import timm
 import torch
 
+from common.reporter import RecordingReporter
+from common.spec import JobSpec
 from models import data, engine, factory, fastdata, fastpath
-from models.callbacks import RecordingReporter
 from models.features import FeatureTap
-from models.spec import JobSpec
 from models.teacher_cache import TeacherCache
 
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 from models.features import FeatureTap, layer_names
 from models.methods.sp import sp_loss
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import SpkdError
+from common.reporter import RecordingReporter
+from common.spec import METHOD_OPTIONS, JobSpec
 from models import checkpoint, engine, factory, methods
 from models import fastdata as fd
-from models.callbacks import RecordingReporter
-from models.errors import SpkdError
 from models.features import FeatureTap
 from models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
 from models.pipeline import run_job
-from models.spec import METHOD_OPTIONS, JobSpec
 from tests.helpers import tiny_job_spec
 
 

@@ -7,8 +7,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from common.reporter import RecordingReporter
 from models import fastdata as fd
-from models.callbacks import RecordingReporter
 from models.oom import BatchSizeController, FakeMemoryLimit, split_batch
 
 

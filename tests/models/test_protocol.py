@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from common.reporter import RecordingReporter
 from models import autoweight, data
-from models.callbacks import RecordingReporter
 from models.engine import pick_runtime
 from models.features import AUTO, FeatureTap
 from models.methods import Distiller
@@ -319,7 +319,7 @@ def test_kd_weight_list_is_searched_with_the_sp_list(color_dataset, tmp_path):
 def test_kd_weight_list_alone_and_limits():
     from pydantic import ValidationError
 
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     base = tiny_job_spec().model_dump()
     spec = JobSpec.model_validate({**base, "distill": {**base["distill"], "kd_weight": [2, 0.5]}})
@@ -346,7 +346,7 @@ class StopAtSearchEvent(RecordingReporter):
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path):
-    from models.callbacks import StopRequested
+    from common.reporter import StopRequested
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300, 3000]}, baseline=False)
     whole = run_job(spec, color_dataset, tmp_path / "whole", RecordingReporter())
@@ -367,7 +367,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path)
 
 
 def test_search_without_selection_is_refused(color_dataset, tmp_path):
-    from models.errors import SpkdError
+    from common.errors import SpkdError
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
     with pytest.raises(SpkdError) as err:

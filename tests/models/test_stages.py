@@ -8,9 +8,10 @@ from collections import Counter
 import timm
 import torch
 
-from models import checkpoint, factory, spec, weights
+from common import spec
+from common.reporter import RecordingReporter
+from models import checkpoint, factory, weights
 from models.bank import ModelBank, ModelKey
-from models.callbacks import RecordingReporter
 from models.pipeline import run_job, validate_job
 from models.report import STAGE_COLOURS
 from models.stages import STAGES, planned

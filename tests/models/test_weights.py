@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from common.errors import SpkdError
 from models import weights
-from models.errors import SpkdError
 from tests.helpers import HYMENOPTERA
 
 

@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from common import scan
 from core import store
-from models import hubdata, scan
+from models import hubdata
 from tests.helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec, wait_job_over_http
 
 CLASSES = ["ants", "bees"]
