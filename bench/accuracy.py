@@ -117,8 +117,8 @@ def job_spec(
 
 def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float]:
     from common.reporter import NullReporter
-    from models import autoweight
     from models.pipeline import run_job
+    from models.training import autoweight
 
     default = autoweight.SP_SHARE
     if share is not None:

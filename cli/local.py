@@ -78,7 +78,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     from common.errors import SpkdError
     from common.reporter import StopRequested
     from core.settings import Settings
-    from models.tracking import run_tracked
+    from models.results.tracking import run_tracked
 
     reporter = BarReporter(console)
     previous = signal.signal(signal.SIGINT, reporter.request_stop)
@@ -106,7 +106,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
 
 def gain_lines(metrics: dict[str, Any]) -> list[str]:
     """The gain with its error bars and which student shipped, from metrics.json."""
-    from models.stats import summary_line
+    from models.results.stats import summary_line
 
     lines = []
     if isinstance(metrics.get("comparison"), dict):

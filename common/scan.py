@@ -2,7 +2,7 @@
 and which files are left out, each with its reason.
 
 The upload (app/datasets.py, after extracting the zip as it is) and the engine
-(models/data.py `scan_dataset`) both call `scan_tree`, so one tree gives the same classes, counts
+(models/data/loader.py `scan_dataset`) both call `scan_tree`, so one tree gives the same classes, counts
 and rejected list whether it arrives as a zip or as `dataset.path`. Torch-free: the API imports it.
 
 The rules (README.md, "Datasets", states them for users):

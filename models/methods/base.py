@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.errors import SpkdError
-from models.features import AUTO, POOLED  # taps a method may name besides feature_info modules
+from models.networks.features import AUTO, POOLED  # taps a method may name besides feature_info modules
 
 __all__ = ["AUTO", "POOLED", "Method", "Outputs", "create", "get", "known", "register", "unregister"]
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.spec import JobSpec
-from models.run import Run
 from models.stages import baseline, distill, evaluate, export, teacher
+from models.training.run import Run
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import timm
 import torch
 
 from common.errors import SpkdError
-from models.features import FeatureTap, layer_names
 from models.methods.sp import sp_loss
+from models.networks.features import FeatureTap, layer_names
 
 
 @pytest.fixture(scope="module")

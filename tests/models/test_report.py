@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.spec import JobSpec
-from models.report import write_report
+from models.results.report import write_report
 from tests.helpers import HYMENOPTERA
 
 

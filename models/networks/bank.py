@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from common.spec import JobSpec
-from models import checkpoint, factory, weights
+from models.networks import factory, weights
+from models.training import checkpoint
 
 
 @dataclass(frozen=True)
