@@ -1,4 +1,5 @@
-"""The pipeline's hook (models/data/batches.py): in-memory batches, cache decisions, the loader fallback."""
+"""A job's batches (models/data/batches.py, FastPath): in-memory batches, cache decisions, the
+loader fallback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Dataset scanning, rejection of broken files with reasons, splits and uint8 batches."""
+"""models/data/loader.py: dataset scanning, rejection of broken files with reasons, splits and uint8
+batches."""
 
 from __future__ import annotations
 

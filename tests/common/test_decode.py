@@ -1,4 +1,4 @@
-"""One decoder: every path that turns a file into pixels gives the same pixels for
+"""One decoder (common/decode.py): every path that turns a file into pixels gives the same pixels for
 the same odd file: the upload check, the DataLoader path, the in-memory path (its train store feeds
 the teacher cache), evaluation and the README's load snippet."""
 
