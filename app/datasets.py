@@ -1,5 +1,5 @@
 """Dataset uploads: stream to disk with a size cap, check the zip, extract it as it is (atomically),
-then scan it with models/scan.py, the engine's own scanner: the layouts, classes and rejected files
+then scan it with common/scan.py, the engine's own scanner: the layouts, classes and rejected files
 a job on the dataset will use (README.md, "Datasets").
 
 The archive is refused as a whole when it is unsafe (absolute paths, `..`, too many files, too
@@ -29,10 +29,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
+from common import scan
+from common.spec import text_problem
 from core import bucket
 from core.settings import Settings
-from models import scan
-from models.spec import text_problem
 
 SKIP_NAMES = scan.IGNORED_NAMES
 CHUNK = 1 << 20
@@ -152,7 +152,7 @@ class Member:
 
 @dataclass
 class Extracted:
-    layout: str  # models.scan: "split" (train/ + val/ or test/) or "flat" (class folders)
+    layout: str  # common.scan: "split" (train/ + val/ or test/) or "flat" (class folders)
     classes: list[str] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -186,7 +186,7 @@ def _is_symlink(info: zipfile.ZipInfo) -> bool:
 
 
 def _skipped(parts: tuple[str, ...]) -> bool:
-    # What models.scan ignores anyway (names starting with "."; __MACOSX...): not worth extracting.
+    # What common.scan ignores anyway (names starting with "."; __MACOSX...): not worth extracting.
     return any(p in SKIP_NAMES or p.startswith(".") for p in parts)
 
 
@@ -245,7 +245,7 @@ def _copy_capped(src: BinaryIO, dst: Path, budget: int) -> int:
 
 def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted:
     """Extract the zip as it is into `dest` (a temp dir + rename: all or nothing), then let
-    models.scan decide classes, splits and rejected files: the same verdict a job on `dest` gets.
+    common.scan decide classes, splits and rejected files: the same verdict a job on `dest` gets.
     Raises ApiError 422 (`invalid_archive`, `unsafe_archive`, the scan's codes) otherwise."""
     if not zipfile.is_zipfile(zip_path):
         raise ApiError(
@@ -273,7 +273,7 @@ def extract_dataset(zip_path: Path, dest: Path, settings: Settings) -> Extracted
 
 
 def _scan_into(res: Extracted, root: Path, settings: Settings) -> None:
-    """models.scan on the extracted tree (it reads the extraction's own rejections back)."""
+    """common.scan on the extracted tree (it reads the extraction's own rejections back)."""
     try:
         found = scan.scan_tree(root, max_pixels=settings.max_image_pixels)
     except scan.ScanError as e:
@@ -323,7 +323,7 @@ def _extract_into(zf: zipfile.ZipFile, members: list[Member], root: Path, settin
 
 def _make_link(zf: zipfile.ZipFile, m: Member, root: Path) -> str | None:
     """Recreate a symlink member when its target stays inside the archive; else the reason.
-    models.scan then applies the same symlink rule as to a folder on disk."""
+    common.scan then applies the same symlink rule as to a folder on disk."""
     raw = zf.read(m.info)[:4096]
     target = raw.decode("utf-8", "replace").replace("\\", "/")
     here = posixpath.dirname("/".join(m.parts))

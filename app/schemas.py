@@ -1,4 +1,4 @@
-"""Response models of the v1 API (request bodies reuse models.spec.JobSpec). Torch-free."""
+"""Response models of the v1 API (request bodies reuse common.spec.JobSpec). Torch-free."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import EXAMPLE_SPEC
+from common.spec import EXAMPLE_SPEC
 
 Status = Literal["queued", "validating", "running", "paused", "succeeded", "failed", "cancelled"]
 

@@ -28,9 +28,9 @@ import redis
 
 from app import datasets
 from app.errors import ApiError
+from common.errors import SpkdError
 from core import bucket, references, storage, store
 from core.settings import Settings
-from models.errors import SpkdError
 
 log = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ def parse_variant(name: str) -> dict:
 def job_spec(
     args: argparse.Namespace, seed: int, teacher_file: Path | None = None, distill: dict | None = None
 ):
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
@@ -116,9 +116,9 @@ def job_spec(
 
 
 def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float]:
-    from models import autoweight
-    from models.callbacks import NullReporter
+    from common.reporter import NullReporter
     from models.pipeline import run_job
+    from models.training import autoweight
 
     default = autoweight.SP_SHARE
     if share is not None:

@@ -53,9 +53,9 @@ def spec_for(args: argparse.Namespace, seed: int, cache: str) -> dict[str, Any]:
 
 
 def one_run(args: argparse.Namespace, seed: int, cache: str, device: str | None) -> dict[str, Any]:
-    from models.callbacks import RecordingReporter
+    from common.reporter import RecordingReporter
+    from common.spec import JobSpec
     from models.pipeline import run_job
-    from models.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_for(args, seed, cache))
     reporter = RecordingReporter()

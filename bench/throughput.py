@@ -214,9 +214,9 @@ def engine_run(
     data_path: str = "auto",
 ) -> dict:
     """run_job on JPEGs on disk; steady-state distill img/s from the engine's own epoch_end events."""
-    from models.callbacks import RecordingReporter
+    from common.reporter import RecordingReporter
+    from common.spec import JobSpec
     from models.pipeline import run_job
-    from models.spec import JobSpec
 
     spec = JobSpec.model_validate(
         {

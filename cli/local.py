@@ -34,7 +34,7 @@ def run(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     console = Console()
     try:
@@ -75,10 +75,10 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
 
 
 def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) -> int:
+    from common.errors import SpkdError
+    from common.reporter import StopRequested
     from core.settings import Settings
-    from models.callbacks import StopRequested
-    from models.errors import SpkdError
-    from models.tracking import run_tracked
+    from models.results.tracking import run_tracked
 
     reporter = BarReporter(console)
     previous = signal.signal(signal.SIGINT, reporter.request_stop)
@@ -106,7 +106,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
 
 def gain_lines(metrics: dict[str, Any]) -> list[str]:
     """The gain with its error bars and which student shipped, from metrics.json."""
-    from models.stats import summary_line
+    from models.results.stats import summary_line
 
     lines = []
     if isinstance(metrics.get("comparison"), dict):

@@ -2,8 +2,8 @@
 decides which folder is current.
 
     <artifact root>/<job id>/attempt-<fence>/               everything attempt <fence> writes:
-        checkpoints/last.pt, checkpoints/<stage weights>     resume state (models/checkpoint.py)
-        tensorboard/<stage>/...                              event files (models/tracking.py)
+        checkpoints/last.pt, checkpoints/<stage weights>     resume state (models/training/checkpoint.py)
+        tensorboard/<stage>/...                              event files (models/results/tracking.py)
         student/, teacher/, *.onnx, metrics.json, ...        results (the export stage)
 
 `<fence>` is the attempt's fencing token (store.Lease.fence), which only grows. A worker that was

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
+from common.errors import SpkdError
 from core.settings import Settings
-from models.errors import SpkdError
 
 log = logging.getLogger("spkd.blobs")
 T = TypeVar("T")

@@ -13,7 +13,7 @@ check, and compared by file identity as well as by name, so another name for the
 case-insensitive filesystem, a bind mount) is caught too. Another key's upload or job answers
 exactly like one that does not exist: the same code, message shape and field.
 
-Every refusal is a `models.errors.SpkdError(code, message, field)`; the API turns it into a 422.
+Every refusal is a `common.errors.SpkdError(code, message, field)`; the API turns it into a 422.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from common.errors import SpkdError
+from common.spec import WEIGHT_KEYWORDS, JobSpec
 from core import attempts, store
 from core.settings import Settings
-from models.errors import SpkdError
-from models.spec import WEIGHT_KEYWORDS, JobSpec
 
 ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 UPLOADS_DIRNAME = "datasets"
@@ -207,7 +207,7 @@ def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: 
         return local if local is not None else Path(settings.data_root).resolve()
     if ds.torchvision is not None:
         check_torchvision_allowed(settings, ds.torchvision)
-        return Path(settings.data_root).resolve()  # the worker downloads it (models/hubdata.py)
+        return Path(settings.data_root).resolve()  # the worker downloads it (models/data/hub.py)
     return resolve_dataset_path(settings, ds.path or "")
 
 
@@ -227,7 +227,7 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
 
 def resolve_hf_local(settings: Settings, name: str) -> Path | None:
     """`dataset.hf` -> a `save_to_disk` folder under the data root (the `dataset.path` rules), or
-    None for a Hugging Face hub name (the worker downloads it; models/hubdata.py). A folder of that
+    None for a Hugging Face hub name (the worker downloads it; models/data/hub.py). A folder of that
     name under the data root wins over the hub. Raises SpkdError `hub_datasets_disabled`
     (SPKD_HUB_DATASETS=false and no such folder), `dataset_path_not_allowed`, `invalid_dataset_name`."""
     try:

@@ -33,8 +33,8 @@ from typing import Any
 
 import redis
 
+from common.reporter import Fenced
 from core import jsonsafe, webhook_outbox
-from models.callbacks import Fenced
 
 QUEUED, VALIDATING, RUNNING, PAUSED = "queued", "validating", "running", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"

@@ -2,8 +2,9 @@
 
 Stages are declared once, in models/stages/ (docs/architecture.md#a-stage); this module is the
 loop over them: skip what a resumed run finished, report each stage, checkpoint after each.
-A run resumes from its last checkpoint (models/run.py, models/checkpoint.py: out_dir/checkpoints/;
-the service gives each attempt its own out_dir). Each model is built once per job (models/bank.py).
+A run resumes from its last checkpoint (models/training/run.py, models/training/checkpoint.py:
+out_dir/checkpoints/; the service gives each attempt its own out_dir). Each model is built once per
+job (models/networks/bank.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import torch
 
+from common.reporter import Reporter, StopRequested
+from common.spec import JobSpec
 from models import stages
-from models.bank import BANK
-from models.callbacks import Reporter, StopRequested
-from models.run import Run, cleanup_checkpoints, open_run
-from models.spec import JobSpec
+from models.networks.bank import BANK
 from models.stages.common import best_row
 from models.stages.search import search_rungs
-from models.validation import validate_job
+from models.training.run import Run, cleanup_checkpoints, open_run
+from models.training.validation import validate_job
 
 __all__ = ["best_row", "run_job", "search_rungs", "validate_job"]
 

@@ -27,9 +27,9 @@ import redis
 from PIL import Image
 
 from cli import procs
+from common.spec import JobSpec
 from core import attempts, store
 from core.settings import Settings
-from models.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"

@@ -16,11 +16,11 @@ from typing import Any
 
 import redis
 
+from common.errors import SpkdError
+from common.reporter import Fenced, StopRequested
+from common.spec import JobSpec
 from core import attempts, blobs, bucket, references, storage, store
 from core.settings import Settings
-from models.callbacks import Fenced, StopRequested
-from models.errors import SpkdError
-from models.spec import JobSpec
 from workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")
@@ -200,9 +200,9 @@ def _run_leased(
 
 
 def hub_imagefolder(ds: Any, settings: Settings) -> Path:
-    """`dataset.hf` -> its ImageFolder (models/hubdata.py) under $HF_HOME/spkd-imagefolders, where
+    """`dataset.hf` -> its ImageFolder (models/data/hub.py) under $HF_HOME/spkd-imagefolders, where
     the `datasets` library keeps its own downloads too (a volume in docker-compose.yml)."""
-    from models import hubdata  # imports `datasets` lazily: only jobs that name one need it
+    from models.data import hub as hubdata  # imports `datasets` lazily: only jobs that name one need it
 
     local = references.resolve_hf_local(settings, ds.hf)
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
@@ -212,9 +212,9 @@ def hub_imagefolder(ds: Any, settings: Settings) -> Path:
 
 
 def torchvision_imagefolder(ds: Any) -> Path:
-    """`dataset.torchvision` -> its ImageFolder (models/hubdata.py) under $TORCH_HOME/spkd-imagefolders;
+    """`dataset.torchvision` -> its ImageFolder (models/data/hub.py) under $TORCH_HOME/spkd-imagefolders;
     the archives torchvision downloads stay under $TORCH_HOME/spkd-downloads (a volume)."""
-    from models import hubdata
+    from models.data import hub as hubdata
 
     home = Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")
     return hubdata.materialise_torchvision(ds.torchvision, home, ds.split)
@@ -382,7 +382,7 @@ def _run_on(
     """Validate the dataset, run the engine, register the artifacts (uploaded first with a bucket)."""
     job_id, fence = job["id"], monitor.lease.fence
     from models.pipeline import validate_job  # torch: only in the job's process
-    from models.tracking import run_tracked
+    from models.results.tracking import run_tracked
 
     warnings = validate_job(spec, data_dir)
     # run_job logs each warning as an event itself; here they only go on the job record.

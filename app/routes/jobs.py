@@ -25,11 +25,11 @@ from app.schemas import (
     JobList,
     Status,
 )
+from common.errors import SpkdError
+from common.spec import EXAMPLE_SPEC, JobSpec
 from core import references, storage, store
 from core.queue import enqueue, revoke
 from core.settings import Settings
-from models.errors import SpkdError
-from models.spec import EXAMPLE_SPEC, JobSpec
 
 log = logging.getLogger("spkd.api")
 

@@ -43,7 +43,7 @@ def from_spec(
     kd_weight: float = 0.0,
     sp_ref_batch: int | None = None,
 ) -> list[Method]:
-    """The methods of a job's `distill` spec (models.spec.DistillSpec): sp, kd, then distill.methods.
+    """The methods of a job's `distill` spec (common.spec.DistillSpec): sp, kd, then distill.methods.
 
     sp and kd get the given weights (the pipeline sets `auto` ones once measured); their spec
     fields may be `auto` or a list, which is why the weights are arguments here. sp is always

@@ -5,7 +5,7 @@ the student (feature pairs at named taps, logits), and `forward` returns a dict 
 already weighted. Learnable parts (a projection head...) are ordinary submodules: the engine adds
 `parameters()` to the student's optimizer and saves `state_dict()` in every checkpoint.
 Adding a method: one file in this package with `@register("name")` and its options in the job spec
-(models/spec.py METHOD_OPTIONS); see docs/architecture.md, "A distillation method".
+(common/spec.py METHOD_OPTIONS); see docs/architecture.md, "A distillation method".
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.errors import SpkdError
-from models.features import AUTO, POOLED  # taps a method may name besides feature_info modules
+from common.errors import SpkdError
+from models.networks.features import AUTO, POOLED  # taps a method may name besides feature_info modules
 
 __all__ = ["AUTO", "POOLED", "Method", "Outputs", "create", "get", "known", "register", "unregister"]
 

@@ -3,7 +3,7 @@
 Each stage is one module with a `run_stage(run) -> float | None` body (the accuracy its
 `stage_finished` event reports, or None) and one `Stage` entry below saying when a job plans it,
 how many epochs it trains, and which weight files it leaves in the attempt's checkpoint folder.
-`models.spec.STAGES` (torch-free, for the API) lists the same names in the same order; a test
+`common.spec.STAGES` (torch-free, for the API) lists the same names in the same order; a test
 compares them. models/pipeline.py runs the planned ones in this order.
 """
 
@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models.run import Run
-from models.spec import JobSpec
+from common.spec import JobSpec
 from models.stages import baseline, distill, evaluate, export, teacher
+from models.training.run import Run
 
 
 @dataclass(frozen=True)
 class Stage:
     """One step of a job; `epochs` is None for a stage without training steps."""
 
-    name: str  # the `stage` of events and of the job record; one of models.spec.STAGES
+    name: str  # the `stage` of events and of the job record; one of common.spec.STAGES
     planned: Callable[[JobSpec], bool]  # does this job run it?
     body: Callable[[Run], float | None]  # the stage's work; returns the accuracy to report, or None
     epochs: Callable[[JobSpec], int] | None = None  # training stages: epochs (the whole-run ETA)

@@ -1,4 +1,4 @@
-"""What the stage bodies share: the job's models by role (built once: models/bank.py) and one
+"""What the stage bodies share: the job's models by role (built once: models/networks/bank.py) and one
 training stage with resume, best-epoch choice and epoch-end checkpoints."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, export
-from models.bank import BANK, ModelKey
-from models.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
-from models.features import FeatureTap
 from models.methods import Distiller
-from models.run import Run
+from models.networks.bank import BANK, ModelKey
+from models.networks.features import FeatureTap
+from models.results import export
+from models.training import checkpoint
+from models.training.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
+from models.training.run import Run
 
 
 # ------------------------------------------------------------------------------------ models

@@ -7,13 +7,14 @@ from typing import Any
 
 import torch
 
-from models import autoweight, methods
-from models.engine import LiveTeacher, Normalizer, freeze
-from models.features import FeatureTap, layer_pairs
-from models.run import Run
-from models.spec import AUTO_WEIGHT
+from common.spec import AUTO_WEIGHT
+from models import methods
+from models.networks.features import FeatureTap, layer_pairs
 from models.stages.common import build_student, build_teacher, train
 from models.stages.search import search
+from models.training import autoweight
+from models.training.engine import LiveTeacher, Normalizer, freeze
+from models.training.run import Run
 
 
 def run_stage(run: Run) -> float | None:

@@ -1,5 +1,6 @@
 """evaluate: score the students and the teacher on the report split, compare the students
-(models/stats.py), and decide which student ships (chosen on the selection split, never the report)."""
+(models/results/stats.py), and decide which student ships (chosen on the selection split, never
+the report)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from typing import Any
 
 import torch
 
-from models import guards, stats
-from models.engine import Normalizer
-from models.factory import DataConfig
-from models.run import Run
+from models.networks.factory import DataConfig
+from models.results import stats
 from models.stages.common import finished_student, finished_teacher
+from models.training import guards
+from models.training.engine import Normalizer
+from models.training.run import Run
 
 _GAIN_KEYS = ("n", "gain_points", "ci95_points", "mcnemar", "verdict")
 

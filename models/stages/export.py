@@ -1,6 +1,6 @@
 """export: the artifacts of a job (weights, model cards, ONNX, timm hub folders, metrics.json,
-report) staged in the attempt's folder and moved into out_dir together (models/export.py writes
-each file; models/report.py renders the report from metrics.json)."""
+report) staged in the attempt's folder and moved into out_dir together (models/results/export.py writes
+each file; models/results/report.py renders the report from metrics.json)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from models import export, guards
-from models.engine import Runtime
-from models.report import write_report
-from models.run import Run
+from models.results import export
+from models.results.report import write_report
 from models.stages.common import finished_student, finished_teacher
+from models.training import guards
+from models.training.engine import Runtime
+from models.training.run import Run
 
 
 def run_stage(run: Run) -> None:

@@ -8,10 +8,10 @@ import math
 from typing import Any
 
 from models import methods
-from models.engine import Normalizer, StagePlan, train_stage
-from models.features import FeatureTap, layer_pairs
-from models.run import Run
+from models.networks.features import FeatureTap, layer_pairs
 from models.stages.common import best_row, build_student
+from models.training.engine import Normalizer, StagePlan, train_stage
+from models.training.run import Run
 
 
 def search_rungs(candidates: int, epochs: int) -> list[int]:

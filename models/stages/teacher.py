@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.run import Run
 from models.stages.common import build_teacher, plain, train
+from models.training.run import Run
 
 
 def run_stage(run: Run) -> float | None:

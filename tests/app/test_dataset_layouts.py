@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from cli.client import zip_folder
+from common.errors import SpkdError
 from core.settings import Settings
-from models import data
-from models.errors import SpkdError
+from models.data import loader
 from tests.helpers import HYMENOPTERA
 
 
@@ -298,9 +298,9 @@ def engine_view(root: Path) -> dict:
     """What a job on `root` uses, in the upload record's shape: roles mapped back to folders
     (test/ is the report split and val/ the selection split), a seeded val split put back
     together (the upload cannot know the job's seed)."""
-    data._SCAN_CACHE.clear()
+    loader._SCAN_CACHE.clear()
     try:
-        scan = data.scan_dataset(root)
+        scan = loader.scan_dataset(root)
     except SpkdError as e:
         return {"error": e.code}
     counts = scan.counts()

@@ -293,9 +293,9 @@ def test_a_job_names_only_mlflow_servers_the_operator_allows(
     from fastapi.testclient import TestClient
 
     from app.main import create_app
+    from common.errors import SpkdError
+    from common.spec import JobSpec
     from core import references, store
-    from models.errors import SpkdError
-    from models.spec import JobSpec
     from tests.helpers import KEY_A, make_settings
 
     settings = make_settings(tmp_path, redis_url, mlflow_allowed_uris=ALLOWED_MLFLOW)
@@ -324,9 +324,9 @@ def test_a_job_names_only_mlflow_servers_the_operator_allows(
 def test_the_servers_own_mlflow_uri_is_always_allowed(tmp_path: Path, redis_url: str) -> None:
     """A job may name the server's default MLflow server explicitly (credentials in the setting
     are not part of the match, and never echoed in an error)."""
+    from common.errors import SpkdError
+    from common.spec import JobSpec
     from core import references
-    from models.errors import SpkdError
-    from models.spec import JobSpec
     from tests.helpers import make_settings
 
     settings = make_settings(tmp_path, redis_url, mlflow_tracking_uri="https://ops:s3cret@mlflow.corp:8443")

@@ -22,10 +22,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from common.errors import SpkdError
+from common.spec import JobSpec
 from core import references, store
 from core.settings import Settings
-from models.errors import SpkdError
-from models.spec import JobSpec
 from tests.helpers import KEY_A, KEY_B, make_settings, tiny_spec
 from workers.runner import execute_job
 

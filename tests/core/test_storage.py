@@ -124,7 +124,7 @@ def test_resume_refusals(client, settings: Settings, r, keys: store.Keys) -> Non
     assert "no checkpoint" in no_ckpt.json()["error"]["message"]
     assert client.post(f"/v1/jobs/{job_id}/resume", headers=BOB).status_code == 404
 
-    # Where a service attempt keeps it (models/checkpoint.py: one folder per fencing token).
+    # Where a service attempt keeps it (models/training/checkpoint.py: one folder per fencing token).
     ckpt = storage.job_dir(settings, job_id) / "checkpoints" / "attempt-00000003" / "last.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"a checkpoint")

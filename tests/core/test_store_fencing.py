@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.reporter import Fenced, Progress
 from core import store
-from models.callbacks import Fenced, Progress
 from tests.helpers import KEY_A
 from tests.workers.test_runner import base_spec
 from workers.reporter import Monitor, RedisReporter

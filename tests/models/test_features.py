@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-from models.errors import SpkdError
-from models.features import FeatureTap, layer_names
+from common.errors import SpkdError
 from models.methods.sp import sp_loss
+from models.networks.features import FeatureTap, layer_names
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import checkpoint, engine, factory, methods
-from models import fastdata as fd
-from models.callbacks import RecordingReporter
-from models.errors import SpkdError
-from models.features import FeatureTap
+from common.errors import SpkdError
+from common.reporter import RecordingReporter
+from common.spec import METHOD_OPTIONS, JobSpec
+from models import methods
+from models.data import inmemory as fd
 from models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
+from models.networks import factory
+from models.networks.features import FeatureTap
 from models.pipeline import run_job
-from models.spec import METHOD_OPTIONS, JobSpec
+from models.training import checkpoint, engine
 from tests.helpers import tiny_job_spec
 
 

@@ -7,9 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from models import fastdata as fd
-from models.callbacks import RecordingReporter
-from models.oom import BatchSizeController, FakeMemoryLimit, split_batch
+from common.reporter import RecordingReporter
+from models.data import inmemory as fd
+from models.training.oom import BatchSizeController, FakeMemoryLimit, split_batch
 
 
 def _step(model, optimizer):
@@ -93,9 +93,10 @@ def test_split_batch_handles_nested_batches():
 
 def test_engine_stage_survives_oom_by_halving(train_images):
     """The engine's own train_stage, with a simulated memory limit on the student."""
-    from models import engine, factory
-    from models.features import FeatureTap
     from models.methods import Distiller
+    from models.networks import factory
+    from models.networks.features import FeatureTap
+    from models.training import engine
 
     paths, labels = train_images
     runtime = engine.pick_runtime("fp32", "cpu")

@@ -16,8 +16,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from models.callbacks import RecordingReporter
-from models.errors import SpkdError
+from common.errors import SpkdError
+from common.reporter import RecordingReporter
 from models.pipeline import run_job, validate_job
 from tests.helpers import HYMENOPTERA, make_folder, tiny_job_spec
 
@@ -229,7 +229,7 @@ def test_hymenoptera_validates_with_package_weights():
         teacher={"model": "tf_efficientnet_lite2", "weights": "package"},
         student={"model": "tf_efficientnet_lite0", "weights": "package"},
     )
-    # SOURCE.md beside train/ and val/ is listed as skipped (models/scan.py), nothing else warns
+    # SOURCE.md beside train/ and val/ is listed as skipped (common/scan.py), nothing else warns
     skipped = "1 file(s) in the dataset were skipped: see the dataset report"
     assert validate_job(spec, HYMENOPTERA) == [skipped]
 

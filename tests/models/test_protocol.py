@@ -10,15 +10,16 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from models import autoweight, data
-from models.callbacks import RecordingReporter
-from models.engine import pick_runtime
-from models.features import AUTO, FeatureTap
+from common.reporter import RecordingReporter
+from models.data import loader
 from models.methods import Distiller
 from models.methods.kd import KD, kd_loss
 from models.methods.sp import SP, SPLoss
-from models.oom import BatchSizeController, FakeMemoryLimit
+from models.networks.features import AUTO, FeatureTap
 from models.pipeline import best_row, run_job
+from models.training import autoweight
+from models.training.engine import pick_runtime
+from models.training.oom import BatchSizeController, FakeMemoryLimit
 from tests.helpers import make_folder, tiny_job_spec
 
 
@@ -58,7 +59,7 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
     kept = [d["stage"] for _, d in _events(reporter, "best_epoch")]
     assert kept == ["teacher_finetune", "baseline", "distill"]
     # the exported weights are that epoch's: they score the recorded selection accuracy again
-    scan = data.with_selection(data.scan_dataset(color_dataset, 0.2, 0), 0.1, 0)
+    scan = loader.with_selection(loader.scan_dataset(color_dataset, 0.2, 0), 0.1, 0)
     for name in ("distilled", "baseline"):
         card = json.loads((out / f"{name}.json").read_text())
         model = timm.create_model(card["model"], num_classes=card["num_classes"]).eval()
@@ -68,7 +69,10 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
             torch.tensor(card["std"]).view(1, 3, 1, 1),
         )
         images = torch.stack(
-            [data.make_transform(32, _Cfg(card), training=False)(data.load_rgb(s.path)) for s in scan.select]
+            [
+                loader.make_transform(32, _Cfg(card), training=False)(loader.load_rgb(s.path))
+                for s in scan.select
+            ]
         )
         with torch.no_grad():
             preds = model((images.float() / 255 - cfg_mean) / cfg_std).argmax(1)
@@ -319,7 +323,7 @@ def test_kd_weight_list_is_searched_with_the_sp_list(color_dataset, tmp_path):
 def test_kd_weight_list_alone_and_limits():
     from pydantic import ValidationError
 
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     base = tiny_job_spec().model_dump()
     spec = JobSpec.model_validate({**base, "distill": {**base["distill"], "kd_weight": [2, 0.5]}})
@@ -346,7 +350,7 @@ class StopAtSearchEvent(RecordingReporter):
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path):
-    from models.callbacks import StopRequested
+    from common.reporter import StopRequested
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300, 3000]}, baseline=False)
     whole = run_job(spec, color_dataset, tmp_path / "whole", RecordingReporter())
@@ -367,7 +371,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path)
 
 
 def test_search_without_selection_is_refused(color_dataset, tmp_path):
-    from models.errors import SpkdError
+    from common.errors import SpkdError
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
     with pytest.raises(SpkdError) as err:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from models.report import write_report
-from models.spec import JobSpec
+from common.spec import JobSpec
+from models.results.report import write_report
 from tests.helpers import HYMENOPTERA
 
 
@@ -54,7 +54,7 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "baseline": True,
         }
     )
-    from models.callbacks import NullReporter
+    from common.reporter import NullReporter
 
     out = root / "out"
     pipeline.run_job(spec, data, out, NullReporter(), device="cpu")

@@ -1,5 +1,5 @@
 """The stage registry (models/stages/) against the API's stage list, and one built model per role
-and job (models/bank.py): validation, data configs and every stage share it."""
+and job (models/networks/bank.py): validation, data configs and every stage share it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from collections import Counter
 import timm
 import torch
 
-from models import checkpoint, factory, spec, weights
-from models.bank import ModelBank, ModelKey
-from models.callbacks import RecordingReporter
+from common import spec
+from common.reporter import RecordingReporter
+from models.networks import factory, weights
+from models.networks.bank import ModelBank, ModelKey
 from models.pipeline import run_job, validate_job
-from models.report import STAGE_COLOURS
+from models.results.report import STAGE_COLOURS
 from models.stages import STAGES, planned
+from models.training import checkpoint
 from tests.helpers import make_folder, tiny_job_spec
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import timm
 import torch
 
-from models import fastdata as fd
-from models import teacher_cache as tc
-from models.features import FeatureTap
+from models.data import inmemory as fd
 from models.methods import Distiller
 from models.methods.kd import KD
 from models.methods.sp import SP
+from models.networks.features import FeatureTap
+from models.training import teacher_cache as tc
 
 CPU = torch.device("cpu")
 T_MEAN, T_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

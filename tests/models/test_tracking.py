@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from common.reporter import RecordingReporter, StopRequested
+from common.spec import JobSpec
 from core import store
-from models.callbacks import RecordingReporter, StopRequested
-from models.spec import JobSpec
-from models.tracking import run_tracked
+from models.results.tracking import run_tracked
 from tests.helpers import make_settings, output_dir, tiny_job_spec
 from workers import runner
 
@@ -262,8 +262,8 @@ def test_integration_spec_accepts_mlflow_and_caps_the_list():
 def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:
     """The worker wraps its fenced reporter in TrackingReporter: the engine's pre-publish check
     must still reach the inner reporter, or a run that lost its job would publish files."""
-    from models.callbacks import Fenced, ensure_current
-    from models.tracking import TrackingReporter
+    from common.reporter import Fenced, ensure_current
+    from models.results.tracking import TrackingReporter
 
     class StaleReporter(RecordingReporter):
         def ensure_current(self) -> None:
@@ -283,8 +283,8 @@ def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
     nothing to tensorboard/: step points wait in memory (no writer thread can flush them on a
     thaw), and every write is preceded by the fencing check, before the event reaches Redis (so
     an observer who saw an epoch_end saw its scalars already on disk)."""
-    from models.callbacks import Fenced, Progress
-    from models.tracking import TensorBoardTracker, TrackingReporter
+    from common.reporter import Fenced, Progress
+    from models.results.tracking import TensorBoardTracker, TrackingReporter
 
     class LosesTheJob(RecordingReporter):
         stale = False

@@ -97,7 +97,7 @@ def test_service_settings_are_read_only_through_the_settings_model():
 def test_readme_documents_every_job_spec_field():
     from pydantic import BaseModel
 
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
     def paths(model: type[BaseModel], prefix: str = "") -> set[str]:
         out = set()

@@ -13,9 +13,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from models.callbacks import RecordingReporter
+from common.reporter import RecordingReporter
+from common.spec import JobSpec
 from models.pipeline import run_job
-from models.spec import JobSpec
 from tests.helpers import HYMENOPTERA
 
 SPEC = {

@@ -1,4 +1,4 @@
-"""`dataset.hf` (models/hubdata.py): a Hugging Face dataset, here one the test builds with the
+"""`dataset.hf` (models/data/hub.py): a Hugging Face dataset, here one the test builds with the
 `datasets` library and saves with `save_to_disk` under the data root (no internet needed), trains
 through the real API and worker with the class names of its ClassLabel feature; the API refuses
 hub names when SPKD_HUB_DATASETS=false and keeps hf paths out of the uploads area. Real hub
@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from common import scan
 from core import store
-from models import hubdata, scan
+from models.data import hub
 from tests.helpers import HYMENOPTERA, KEY_A, Service, make_settings, tiny_spec, wait_job_over_http
 
 CLASSES = ["ants", "bees"]
@@ -45,15 +46,15 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_materialise_gives_the_scanner_an_imagefolder(tmp_path: Path) -> None:
     saved = save_small_dataset(tmp_path / "saved")
-    folder = hubdata.materialise("saved", saved, tmp_path / "cache")
+    folder = hub.materialise("saved", saved, tmp_path / "cache")
     found = scan.scan_tree(folder)
     assert found.classes == CLASSES
     assert found.counts() == {"train": {"ants": 4, "bees": 4}, "val": {"ants": 4, "bees": 4}}
-    assert hubdata.materialise("saved", saved, tmp_path / "cache") == folder  # built once
-    only = hubdata.materialise("saved", saved, tmp_path / "cache", split="validation")
+    assert hub.materialise("saved", saved, tmp_path / "cache") == folder  # built once
+    only = hub.materialise("saved", saved, tmp_path / "cache", split="validation")
     assert only != folder and (only / "train").is_dir() and not (only / "validation").exists()
-    with pytest.raises(hubdata.SpkdError) as e:
-        hubdata.materialise("saved", saved, tmp_path / "cache", label_col="nope")
+    with pytest.raises(hub.SpkdError) as e:
+        hub.materialise("saved", saved, tmp_path / "cache", label_col="nope")
     assert e.value.code == "dataset_column_not_found" and e.value.field == "dataset.label_column"
 
 
@@ -101,14 +102,14 @@ def test_hf_paths_follow_the_data_root_rules(client) -> None:
 
 
 def test_torchvision_dataset_becomes_an_imagefolder(tmp_path: Path) -> None:
-    folder = hubdata.materialise_torchvision("FakeData", tmp_path)
+    folder = hub.materialise_torchvision("FakeData", tmp_path)
     found = scan.scan_tree(folder)
-    n = hubdata.FAKEDATA_SIZES
+    n = hub.FAKEDATA_SIZES
     assert found.classes == ["0", "1"] and sorted(found.folders) == ["test", "train"]
     assert sum(found.counts()["train"].values()) == n["train"]
     assert sum(found.counts()["test"].values()) == n["test"]
-    assert hubdata.materialise_torchvision("FakeData", tmp_path) == folder  # built once
-    only = hubdata.materialise_torchvision("FakeData", tmp_path, split="test")
+    assert hub.materialise_torchvision("FakeData", tmp_path) == folder  # built once
+    only = hub.materialise_torchvision("FakeData", tmp_path, split="test")
     assert only != folder and sorted(scan.scan_tree(only).folders) == ["train"]
 
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from core import store
-from models import checkpoint, export, report
+from models.results import export, report
+from models.training import checkpoint
 from tests.helpers import (
     PrivateRedis,
     Stack,

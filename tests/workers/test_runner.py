@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import SpkdError
+from common.reporter import Progress
+from common.spec import JobSpec
 from core import references, store
 from core.settings import Settings
-from models.callbacks import Progress
-from models.errors import SpkdError
-from models.spec import JobSpec
 from workers import runner
 from workers.reporter import Monitor, RedisReporter
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 
 MIN_BATCH = 2  # SP compares the images of a batch (b x b similarities); BatchNorm needs 2 too
 GRADIENT = "gradient"
@@ -185,7 +185,7 @@ def check_batch_size(batch_size: int, n_train: int) -> None:
     """Refuse a plan with zero optimizer steps per epoch or batches of fewer than 2 images.
 
     The loaders drop a last partial batch when the train split holds at least one full batch,
-    else they serve the whole split as one batch (models/data.py, models/fastdata.py).
+    else they serve the whole split as one batch (models/data/loader.py, models/data/inmemory.py).
     """
     if batch_size < MIN_BATCH:
         raise SpkdError(

@@ -1,4 +1,4 @@
-"""Datasets: scan an ImageFolder (models/scan.py decides classes, splits and rejections, the same
+"""Datasets: scan an ImageFolder (common/scan.py decides classes, splits and rejections, the same
 rules as the upload), split off val by seed when the tree has none, and serve augmented views as
 UN-normalised uint8 batches.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models import decode
-from models.errors import SpkdError
-from models.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
+from common import decode
+from common.errors import SpkdError
+from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
 __all__ = ["DatasetScan", "Sample", "check_image", "load_rgb", "scan_dataset"]
 
@@ -34,7 +34,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class DatasetScan:
     """A job's data in its three roles, disjoint: `train` (gradient steps), `select` (every
     choice: best epoch, weights, the shipped student) and `val`, the report split (the accuracies
-    shown). models.scan decides classes, folders and rejections; with a test/ split, test/ is the
+    shown). common.scan decides classes, folders and rejections; with a test/ split, test/ is the
     report split and val/ the selection split; otherwise val/ (or a seeded share of train, `split`
     "seeded") is reported and `with_selection` carves the selection split out of train."""
 
@@ -47,7 +47,7 @@ class DatasetScan:
     roles: dict[str, str] = field(
         default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
     )
-    layout: str = "split"  # models.scan: "split" (split folders) or "flat" (class folders)
+    layout: str = "split"  # common.scan: "split" (split folders) or "flat" (class folders)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {class: images}}; "selection" only when there is a selection split."""
@@ -88,7 +88,7 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
-    """models.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
+    """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
     val/ selects; else val/ is reported, or a seeded share of train when the tree has no val/."""
     found = scan_tree(root)
     roles = {"train": "train/", "selection": "none", "report": "val/"}
@@ -144,7 +144,7 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
 
 # ------------------------------------------------------------------------------------ loading
 def load_rgb(path: str) -> Image.Image:
-    """8-bit RGB pixels of an image file: models.decode's policy, shared by every data path."""
+    """8-bit RGB pixels of an image file: common.decode's policy, shared by every data path."""
     return decode.load_rgb(path)
 
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 
 if TYPE_CHECKING:
-    from models.spec import JobSpec
+    from common.spec import JobSpec
 
 AUTO = "auto"
 POOLED = "pooled"  # the pooled pre-logits embedding; valid for any timm classifier

@@ -1,7 +1,7 @@
 """The one decoder: every path that turns an image file into pixels calls `load_rgb`.
 
-Upload validation and the engine's scan (models/scan.py), the DataLoader path (models/data.py),
-the in-memory path and hence the teacher cache (models/fastdata.py), evaluation and the README's
+Upload validation and the engine's scan (common/scan.py), the DataLoader path (models/data/loader.py),
+the in-memory path and hence the teacher cache (models/data/inmemory.py), evaluation and the README's
 load snippet all decode through here, so one file gives the same 8-bit RGB pixels everywhere.
 
 Policy (also in README.md, "Datasets"):

@@ -1,6 +1,6 @@
 """Datasets named by `dataset.hf` (README.md, "Datasets"): a Hugging Face image-classification
 dataset, or one saved with `Dataset.save_to_disk` / `DatasetDict.save_to_disk` under the data root,
-turned once per host into an ImageFolder that models/scan.py reads like any other folder.
+turned once per host into an ImageFolder that common/scan.py reads like any other folder.
 
 The folder is `<cache>/<key>/` with `train/`, `validation/`, `test/` (the splits the dataset has;
 only `dataset.split` when given, then val is held out by `dataset.val_fraction`) and one folder per
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation"}
 SPLIT_NAMES |= {"val": "validation", "test": "test", "testing": "test"}

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from models.callbacks import Reporter
+from common.reporter import Reporter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,7 +36,7 @@ def is_oom(exc: BaseException) -> bool:
 def split_batch(batch: T, size: int) -> list[T]:
     """Chunks of at most `size` along dim 0 of every tensor sharing the batch's leading dim.
 
-    Works on tensors, tuples/lists, dicts and dataclasses (e.g. fastdata.Batch) of them.
+    Works on tensors, tuples/lists, dicts and dataclasses (e.g. inmemory.Batch) of them.
     """
     n = _leading(batch)
     if n is None or n <= size:

@@ -1,15 +1,18 @@
-"""The pipeline's hook (models/fastpath.py): in-memory batches, cache decisions, the loader fallback."""
+"""A job's batches (models/data/batches.py, FastPath): in-memory batches, cache decisions, the
+loader fallback."""
 
 from __future__ import annotations
 
 import timm
 import torch
 
-from models import data, engine, factory, fastdata, fastpath
-from models.callbacks import RecordingReporter
-from models.features import FeatureTap
-from models.spec import JobSpec
-from models.teacher_cache import TeacherCache
+from common.reporter import RecordingReporter
+from common.spec import JobSpec
+from models.data import batches, inmemory, loader
+from models.networks import factory
+from models.networks.features import FeatureTap
+from models.training import engine
+from models.training.teacher_cache import TeacherCache
 
 
 def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3, disabled: bool = False):
@@ -22,21 +25,21 @@ def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3, dis
             "train": {"epochs": epochs, "batch_size": 4, "image_size": 32, "num_workers": 2},
         }
     )
-    scan = data.DatasetScan(
+    scan = loader.DatasetScan(
         classes=["ants", "bees"],
-        train=[data.Sample(str(p), label) for p, label in zip(*train_images, strict=True)],
-        val=[data.Sample(str(p), label) for p, label in zip(*val_images, strict=True)],
+        train=[loader.Sample(str(p), label) for p, label in zip(*train_images, strict=True)],
+        val=[loader.Sample(str(p), label) for p, label in zip(*val_images, strict=True)],
     )
     teacher = timm.create_model("test_resnet", pretrained=False, num_classes=2)
     cfg = factory.data_config(teacher, 32)
     runtime = engine.pick_runtime("fp32", "cpu")
     reporter = RecordingReporter()
-    fast = fastpath.FastPath(
+    fast = batches.FastPath(
         spec,
         scan,
         runtime.device,
         32,
-        data.make_transform(32, cfg, training=False),
+        loader.make_transform(32, cfg, training=False),
         reporter,
         disabled=disabled,
     )
@@ -81,7 +84,7 @@ def test_loader_fallback(train_images, val_images):
 
 
 def test_memory_budget_fallback(train_images, val_images, monkeypatch):
-    monkeypatch.setattr(fastdata, "HOST_DATA_FRACTION", 0.0)  # nothing fits: stream from disk
+    monkeypatch.setattr(inmemory, "HOST_DATA_FRACTION", 0.0)  # nothing fits: stream from disk
     fast, _live, reporter = _fast(train_images, val_images, "auto", views=2)
     assert fast.loaders("baseline") is None
     assert "DataLoader" in reporter.events[-1][1]

@@ -11,7 +11,7 @@ import timm.models
 import torch
 from timm.data import resolve_data_config
 
-from models.errors import SpkdError
+from common.errors import SpkdError
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def create_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
 
 
 def job_image_size(spec: Any) -> int:
-    """One image size per job (a models.spec.JobSpec): train.image_size, else the student's
+    """One image size per job (a common.spec.JobSpec): train.image_size, else the student's
     pretrained input size (224 when timm has no pretrained config for it)."""
     if spec.train.image_size:
         return spec.train.image_size

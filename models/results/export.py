@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import atomic_write
-from models.errors import SpkdError
-from models.factory import DataConfig, create_kwargs
+from common.errors import SpkdError
+from models.networks.factory import DataConfig, create_kwargs
+from models.training.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 

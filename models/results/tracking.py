@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from models.callbacks import Fenced, Progress, Reporter, StopRequested, ensure_current
+from common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
 

@@ -1,4 +1,5 @@
-"""Dataset scanning, rejection of broken files with reasons, splits and uint8 batches."""
+"""models/data/loader.py: dataset scanning, rejection of broken files with reasons, splits and uint8
+batches."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data
-from models.errors import SpkdError
+from common.errors import SpkdError
+from models.data import loader
 from tests.helpers import HYMENOPTERA, make_folder
 
 
@@ -37,7 +38,7 @@ def test_broken_and_odd_files(tmp_path):
     Image.new("I;16", (30, 30)).save(cats / "deep.png")
     (cats / "link.jpg").symlink_to(cats / "cats_001.jpg")
 
-    scan = data.scan_dataset(tmp_path)
+    scan = loader.scan_dataset(tmp_path)
     reasons = _reasons(scan)
     assert reasons["random.jpg"] == "not an image"
     assert reasons["truncated.jpg"].startswith("corrupt image")
@@ -46,29 +47,29 @@ def test_broken_and_odd_files(tmp_path):
     assert ".DS_Store" not in reasons  # OS metadata is ignored, not listed
     assert reasons["stray.jpg"] == "not inside a class folder"
     kept = {Path(s.path).name for s in scan.train}
-    # link.jpg points inside the dataset: followed (the symlink policy, models/scan.py)
+    # link.jpg points inside the dataset: followed (the symlink policy, common/scan.py)
     assert {"placeholder.gif", "gray.png", "cmyk.jpg", "deep.png", "whole.png", "link.jpg"} <= kept
     assert scan.counts() == {"train": {"cats": 10, "dogs": 4}, "val": {"cats": 2, "dogs": 2}}
     # every kept file really loads as 8-bit RGB
     for sample in scan.train:
-        assert data.load_rgb(sample.path).mode == "RGB"
+        assert loader.load_rgb(sample.path).mode == "RGB"
 
 
 def test_decompression_bomb_guard(tmp_path, monkeypatch):
     make_folder(tmp_path / "a", {"x": 2})
     make_folder(tmp_path / "b", {"y": 2})
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 40x40 photos now count as "huge"
-    data._SCAN_CACHE.clear()
+    loader._SCAN_CACHE.clear()
     with pytest.raises(SpkdError) as err:
-        data.scan_dataset(tmp_path)
+        loader.scan_dataset(tmp_path)
     assert err.value.code == "empty_class"
-    assert data.check_image(next((tmp_path / "a" / "x").iterdir())).startswith("image too large")
+    assert loader.check_image(next((tmp_path / "a" / "x").iterdir())).startswith("image too large")
 
 
 def test_one_class_is_an_error(tmp_path):
     make_folder(tmp_path, {"only": 5})
     with pytest.raises(SpkdError) as err:
-        data.scan_dataset(tmp_path)
+        loader.scan_dataset(tmp_path)
     assert err.value.code == "too_few_classes" and err.value.field == "dataset"
 
 
@@ -77,21 +78,21 @@ def test_class_without_usable_image_is_an_error(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(SpkdError) as err:
-        data.scan_dataset(tmp_path)
+        loader.scan_dataset(tmp_path)
     assert err.value.code == "empty_class" and "bad" in err.value.message
 
 
 def test_missing_folder(tmp_path):
     with pytest.raises(SpkdError) as err:
-        data.scan_dataset(tmp_path / "nope")
+        loader.scan_dataset(tmp_path / "nope")
     assert err.value.code == "dataset_not_found"
 
 
 def test_seeded_split_is_deterministic_and_stratified(tmp_path):
     make_folder(tmp_path, {"a": 20, "b": 10})
-    first = data._scan(tmp_path.resolve(), 0.2, seed=7)
-    again = data._scan(tmp_path.resolve(), 0.2, seed=7)
-    other = data._scan(tmp_path.resolve(), 0.2, seed=8)
+    first = loader._scan(tmp_path.resolve(), 0.2, seed=7)
+    again = loader._scan(tmp_path.resolve(), 0.2, seed=7)
+    other = loader._scan(tmp_path.resolve(), 0.2, seed=8)
     assert first.split == "seeded"
     assert [s.path for s in first.val] == [s.path for s in again.val]
     assert [s.path for s in first.val] != [s.path for s in other.val]
@@ -100,7 +101,7 @@ def test_seeded_split_is_deterministic_and_stratified(tmp_path):
 
 
 def test_hymenoptera_scan_keeps_everything_that_decodes():
-    scan = data.scan_dataset(HYMENOPTERA)
+    scan = loader.scan_dataset(HYMENOPTERA)
     assert scan.classes == ["ants", "bees"]
     assert scan.counts() == {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
     # imageNotFound.gif is a real GIF: kept, like torchvision does; SOURCE.md is beside the splits
@@ -108,17 +109,17 @@ def test_hymenoptera_scan_keeps_everything_that_decodes():
 
 
 def test_loader_yields_uint8_batches_with_indices(color_dataset):
-    from models.factory import DataConfig
+    from models.networks.factory import DataConfig
 
     cfg = DataConfig((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.9, "center")
-    scan = data.scan_dataset(color_dataset)
-    ds = data.ImageDataset(scan.train, data.make_transform(32, cfg, training=True))
-    batches = list(data.make_loader(ds, 16, training=True, seed=0, epoch=0, num_workers=0))
+    scan = loader.scan_dataset(color_dataset)
+    ds = loader.ImageDataset(scan.train, loader.make_transform(32, cfg, training=True))
+    batches = list(loader.make_loader(ds, 16, training=True, seed=0, epoch=0, num_workers=0))
     images, labels, indices = batches[0]
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert labels.dtype == torch.int64 and indices.shape == (16,)
     assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(len(ds)))
-    norm = data.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
+    norm = loader.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
     assert norm.min() >= -1 and norm.max() <= 1
 
 
@@ -128,7 +129,7 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
     import json
     import os
 
-    from models import scan as scanner
+    from common import scan as scanner
 
     make_folder(tmp_path, {"a": 2, "b": 2})
     deep = tmp_path / "a" / "/".join(["d"] * (scanner.MAX_DEPTH + 5))
@@ -148,8 +149,8 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
 def test_selection_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path):
     make_folder(tmp_path / "train", {"a": 30, "b": 8, "c": 2})
     make_folder(tmp_path / "val", {"a": 5, "b": 5, "c": 5}, seed=3)
-    scan = data._scan(tmp_path.resolve(), 0.2, seed=0)
-    chosen = data.with_selection(scan, 0.1, seed=0)
+    scan = loader._scan(tmp_path.resolve(), 0.2, seed=0)
+    chosen = loader.with_selection(scan, 0.1, seed=0)
     assert chosen.counts()["selection"] == {"a": 3, "b": 1, "c": 1}  # at least one image per class
     assert chosen.counts()["train"] == {"a": 27, "b": 7, "c": 1}
     assert chosen.val == scan.val  # the report split is untouched
@@ -157,10 +158,12 @@ def test_selection_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path)
     assert not train & select and train | select == {s.path for s in scan.train}
     assert chosen.sizes() == {"train": 35, "selection": 5, "report": 15}
     assert chosen.summary()["roles"]["selection"].startswith("0.1 of train/")
-    again = data.with_selection(scan, 0.1, seed=0)
+    again = loader.with_selection(scan, 0.1, seed=0)
     assert [s.path for s in again.select] == [s.path for s in chosen.select]
-    assert [s.path for s in data.with_selection(scan, 0.1, seed=1).select] != [s.path for s in chosen.select]
-    off = data.with_selection(scan, 0.0, seed=0)
+    assert [s.path for s in loader.with_selection(scan, 0.1, seed=1).select] != [
+        s.path for s in chosen.select
+    ]
+    off = loader.with_selection(scan, 0.0, seed=0)
     assert off.select == [] and off.train == scan.train and "selection" not in off.counts()
 
 
@@ -168,7 +171,7 @@ def test_test_split_is_reported_and_val_selects(tmp_path):
     make_folder(tmp_path / "train", {"a": 6, "b": 6})
     make_folder(tmp_path / "val", {"a": 2, "b": 3}, seed=3)
     make_folder(tmp_path / "test", {"a": 4, "b": 4}, seed=4)
-    scan = data.with_selection(data._scan(tmp_path.resolve(), 0.2, seed=0), 0.1, seed=0)
+    scan = loader.with_selection(loader._scan(tmp_path.resolve(), 0.2, seed=0), 0.1, seed=0)
     assert scan.roles == {"train": "train/", "selection": "val/", "report": "test/"}
     assert all("/test/" in s.path for s in scan.val) and all("/val/" in s.path for s in scan.select)
     assert scan.sizes() == {"train": 12, "selection": 5, "report": 8}  # nothing carved from train

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from models import factory
-from models.errors import SpkdError
+from common.errors import SpkdError
+from models.networks import factory
 
 PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 

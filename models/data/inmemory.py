@@ -18,7 +18,7 @@ Evaluation is deterministic and matches timm's eval transform exactly: timm's ow
 Resize + CenterCrop run once at decode time and the uint8 result is kept.
 
 A crop is fully described by (box, flip), and applying it is deterministic, so the teacher cache
-(models/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
+(models/training/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
 features it computed.
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models import decode
+from common import decode
 
 Placement = Literal["gpu", "host", "loader"]
 
@@ -121,7 +121,7 @@ def default_decode_workers() -> int:
 
 
 def _decode_square(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode (models.decode, at reduced JPEG scale when possible), squash to size x size, keep
+    """Decode (common.decode, at reduced JPEG scale when possible), squash to size x size, keep
     the full-resolution upright (h, w)."""
     # draft lets libjpeg decode at 1/2, 1/4, 1/8 scale while staying >= the requested size.
     img, (height, width) = decode.open_rgb(path, draft=(size, size))

@@ -1,4 +1,4 @@
-"""The decode-once, augment-on-device data path (models/fastdata.py) on real hymenoptera JPEGs."""
+"""The decode-once, augment-on-device data path (models/data/inmemory.py) on real hymenoptera JPEGs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform
 
-from models import fastdata as fd
+from models.data import inmemory as fd
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPU = torch.device("cpu")

@@ -26,7 +26,7 @@ class Fenced(BaseException):
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # one of models.spec.STAGES
+    stage: str  # one of common.spec.STAGES
     epoch: int  # 1-based, within the stage
     epochs: int
     step: int  # 1-based, within the epoch

@@ -1,7 +1,7 @@
 """Misfits found before any training: `validate_job`, and the checks it is made of.
 
 - `validate_job`: everything a person must fix before any training (names, data, weights, sizes,
-  layers); the models it builds are the job's own (models/bank.py), reused by the stages.
+  layers); the models it builds are the job's own (models/networks/bank.py), reused by the stages.
 
 - `probe_model`: one tiny forward (batch 2, no grad) of a built model at the job's image size,
   through the same feature taps SP uses: a ViT whose patch size does not divide the image size,
@@ -20,24 +20,26 @@ from pathlib import Path
 
 import torch
 
-from models import data, factory, guards, weights
-from models.bank import BANK, ModelKey
-from models.errors import SpkdError
-from models.features import FeatureTap, check_layers, layer_pairs
-from models.spec import JobSpec
+from common.errors import SpkdError
+from common.spec import JobSpec
+from models.data import loader
+from models.networks import factory, weights
+from models.networks.bank import BANK, ModelKey
+from models.networks.features import FeatureTap, check_layers, layer_pairs
+from models.training import guards
 
 
 def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
     """Check a job before any training; returns warnings, raises SpkdError.
 
-    Both models are built at the job's image size (once: models/bank.py) and run once on it;
+    Both models are built at the job's image size (once: models/networks/bank.py) and run once on it;
     a second call for the same spec, data and weight files returns the first call's warnings.
     """
     if (found := cached(spec, data_dir)) is not None:
         return found
     factory.check_model_name(spec.teacher.model, "teacher.model")
     factory.check_model_name(spec.student.model, "student.model")
-    scan = data.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
+    scan = loader.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
     guards.check_batch_size(spec.train.batch_size, len(scan.train))
     finetuned = spec.teacher.finetune is not None
     found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
@@ -150,7 +152,7 @@ def check_reused_heads(
 
     The teacher without fine-tuning uses its loaded head as-is (for KD and its accuracy), so
     other names, another count or another order is `class_mismatch` (naming both lists). A
-    teacher that is fine-tuned and the student start from the body only (models/weights.py drops
+    teacher that is fine-tuned and the student start from the body only (models/networks/weights.py drops
     such a head): that is worth a warning, returned here. Weights without a sidecar are not checked.
     """
     found: list[str] = []

@@ -17,7 +17,7 @@ from typing import Any
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
 
-# One colour per stage, same order as models.spec.STAGES; colour-blind friendly (Okabe-Ito).
+# One colour per stage, same order as common.spec.STAGES; colour-blind friendly (Okabe-Ito).
 STAGE_COLOURS = {
     "teacher_finetune": "#0072B2",
     "baseline": "#D55E00",
@@ -301,7 +301,7 @@ def loss_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The named loss terms of a stage's rows (`ce` and every distillation method's), first-seen order.
 
     Whatever numeric key a row has besides the fixed columns is a loss term the engine averaged
-    (models/engine.py), so a new method's losses show up without the report knowing its name.
+    (models/training/engine.py), so a new method's losses show up without the report knowing its name.
     """
     seen: dict[str, None] = {}
     for row in rows:

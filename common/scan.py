@@ -2,7 +2,7 @@
 and which files are left out, each with its reason.
 
 The upload (app/datasets.py, after extracting the zip as it is) and the engine
-(models/data.py `scan_dataset`) both call `scan_tree`, so one tree gives the same classes, counts
+(models/data/loader.py `scan_dataset`) both call `scan_tree`, so one tree gives the same classes, counts
 and rejected list whether it arrives as a zip or as `dataset.path`. Torch-free: the API imports it.
 
 The rules (README.md, "Datasets", states them for users):
@@ -25,7 +25,7 @@ The rules (README.md, "Datasets", states them for users):
    in nested subfolders too, belongs to it. Class names are NFC-normalised (a macOS name in NFD
    and the same name in NFC are one class). Files of a val/test class with no train folder are
    rejected "class 'x' has no folder in train/". Files not inside a class folder are rejected.
-6. Whether a file is an image is decided by its content (models/decode.py, Pillow), never by its
+6. Whether a file is an image is decided by its content (common/decode.py, Pillow), never by its
    extension: `.jfif`, `.jpe` or no extension work; a text file named `.jpg` is "not an image".
 
 7. Label files instead of class folders: a `labels.csv` in the dataset folder (columns `path`,
@@ -60,8 +60,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from models import decode
-from models.errors import SpkdError
+from common import decode
+from common.errors import SpkdError
 
 SPLIT_FOLDERS = {
     "train": ("train", "training"),
@@ -145,7 +145,7 @@ def class_name(folder_name: str) -> str:
 
 # ------------------------------------------------------------------------------ checking a file
 def check_image(path: str | Path, max_pixels: int | None = None) -> str | None:
-    """None when the file decodes through models.decode, else the reason it does not.
+    """None when the file decodes through common.decode, else the reason it does not.
 
     `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`) bounds width x height; larger images
     are refused before decoding (decompression-bomb guard). The reason never names server folders.

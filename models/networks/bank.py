@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, factory, weights
-from models.spec import JobSpec
+from common.spec import JobSpec
+from models.networks import factory, weights
+from models.training import checkpoint
 
 
 @dataclass(frozen=True)

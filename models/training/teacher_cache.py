@@ -10,7 +10,7 @@ rebuilt from the decoded uint8 image and the stored (box, flip), with the same d
 device crop that produced the teacher's input, so the student sees EXACTLY the view its teacher
 features were computed on. The step then costs about one student step.
 
-Only used with the in-memory data path (models/fastdata.py): if the decoded images do not fit
+Only used with the in-memory data path (models/data/inmemory.py): if the decoded images do not fit
 in memory, the features (usually larger than the images) do not either.
 """
 
@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from models.fastdata import (
+from models.data.inmemory import (
     GPU_DATA_FRACTION,
     Batch,
     TrainSource,

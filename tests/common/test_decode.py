@@ -1,4 +1,4 @@
-"""One decoder: every path that turns a file into pixels gives the same pixels for
+"""One decoder (common/decode.py): every path that turns a file into pixels gives the same pixels for
 the same odd file: the upload check, the DataLoader path, the in-memory path (its train store feeds
 the teacher cache), evaluation and the README's load snippet."""
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data, decode, fastdata, scan
-from models.factory import DataConfig
+from common import decode, scan
+from models.data import inmemory, loader
+from models.networks.factory import DataConfig
 from tests.helpers import ROOT
 
 W, H = 40, 30  # not square: an EXIF rotation shows in the shape
@@ -89,7 +90,7 @@ def _readme_loader():
     text = (ROOT / "README.md").read_text().split("<!-- load-student -->", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     lines = [ln for ln in snippet.splitlines() if "load_rgb" in ln]
-    assert any(ln.startswith("from models.decode import load_rgb") for ln in lines), lines
+    assert any(ln.startswith("from common.decode import load_rgb") for ln in lines), lines
     assert any('= load_rgb("photo.jpg")' in ln for ln in lines), lines
     code = "\n".join(ln.replace('"photo.jpg"', "path") for ln in lines)
 
@@ -110,17 +111,17 @@ def test_every_path_gives_the_same_pixels(files):
     # Evaluation / the DataLoader path vs the in-memory eval path: the same transform on the same
     # pixels, so identical tensors.
     cfg = DataConfig((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.9, "center")
-    transform = data.make_transform(32, cfg, training=False)
-    samples = [data.Sample(p, 0) for p in paths]
-    loader = torch.stack([data.ImageDataset(samples, transform)[i][0] for i in range(len(paths))])
-    in_memory = fastdata.decode_eval_images(paths, transform, workers=1)
-    assert loader.dtype == in_memory.dtype == torch.uint8
-    assert torch.equal(loader, in_memory)
+    transform = loader.make_transform(32, cfg, training=False)
+    samples = [loader.Sample(p, 0) for p in paths]
+    from_loader = torch.stack([loader.ImageDataset(samples, transform)[i][0] for i in range(len(paths))])
+    in_memory = inmemory.decode_eval_images(paths, transform, workers=1)
+    assert from_loader.dtype == in_memory.dtype == torch.uint8
+    assert torch.equal(from_loader, in_memory)
     expected = torch.stack([transform(reference[p]) for p in paths])
-    assert torch.equal(loader, expected)
+    assert torch.equal(from_loader, expected)
 
     # The in-memory train store (what the teacher cache computes its features on).
-    store, sizes = fastdata.decode_train_images(paths, 24, workers=1)
+    store, sizes = inmemory.decode_train_images(paths, 24, workers=1)
     for i, p in enumerate(paths):
         want = np.array(reference[p].resize((24, 24), Image.Resampling.BILINEAR))
         assert torch.equal(store[i], torch.from_numpy(want).permute(2, 0, 1)), p
@@ -142,7 +143,7 @@ def test_sixteen_bit_classes_stay_apart_in_memory(tmp_path):
             (tmp_path / name).mkdir(exist_ok=True)
             im.save(tmp_path / name / f"{i}.png")
     paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
-    store, _ = fastdata.decode_train_images(paths, 16, workers=1)
+    store, _ = inmemory.decode_train_images(paths, 16, workers=1)
     means = {Path(p).parent.name: float(store[i].float().mean()) for i, p in enumerate(paths)}
     assert means["dark"] == pytest.approx(12_000 * 255 / 65535, abs=1)
     assert means["bright"] == pytest.approx(52_000 * 255 / 65535, abs=1)

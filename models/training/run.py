@@ -1,5 +1,5 @@
 """A run's state: what survives a restart (`RunState`, saved as last.pt by
-models/checkpoint.py), and what one process holds while it runs a job (`Run`).
+models/training/checkpoint.py), and what one process holds while it runs a job (`Run`).
 
 Publishing: every file a run leaves is written to a temporary name first and moved into place
 only after `Run.guard()` (the service's fencing check) passes, right before the rename.
@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
-from models import checkpoint, data, export, validation
-from models.callbacks import Reporter, ensure_current
-from models.engine import Clock, Runtime, pick_runtime
-from models.errors import SpkdError
-from models.jobdata import JobData, open_data
-from models.spec import JobSpec
+from common.errors import SpkdError
+from common.reporter import Reporter, ensure_current
+from common.spec import JobSpec
+from models.data import loader
+from models.data.batches import JobData, open_data
+from models.results import export
+from models.training import checkpoint, validation
+from models.training.engine import Clock, Runtime, pick_runtime
 
 FORMAT_VERSION = 1
 
@@ -52,7 +54,7 @@ class RunState:
 @dataclass
 class Run:
     spec: JobSpec
-    scan: data.DatasetScan
+    scan: loader.DatasetScan
     out_dir: Path
     reporter: Reporter
     runtime: Runtime
@@ -101,8 +103,8 @@ def open_run(
 
     `epochs`: the planned training stages' epochs (the whole-run ETA counts those not done yet).
     """
-    scan = data.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
-    scan = data.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
+    scan = loader.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
+    scan = loader.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
     if spec.distill.searching and not scan.select:
         field = "sp_weight" if isinstance(spec.distill.sp_weight, list) else "kd_weight"
         raise SpkdError(
@@ -122,7 +124,7 @@ def open_run(
     return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock)
 
 
-def _report_dataset(scan: data.DatasetScan, reporter: Reporter) -> None:
+def _report_dataset(scan: loader.DatasetScan, reporter: Reporter) -> None:
     summary = scan.summary()
     sizes, roles = summary["sizes"], summary["roles"]
     reporter.event(

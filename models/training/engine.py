@@ -18,13 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models import checkpoint, guards
-from models.callbacks import Progress, Reporter, StopRequested
-from models.data import Batch, normalize
-from models.factory import DataConfig, is_cnn
-from models.features import FeatureTap
+from common.reporter import Progress, Reporter, StopRequested
+from models.data.loader import Batch, normalize
 from models.methods import Distiller
-from models.oom import BatchSizeController
+from models.networks.factory import DataConfig, is_cnn
+from models.networks.features import FeatureTap
+from models.training import checkpoint, guards
+from models.training.oom import BatchSizeController
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -216,7 +216,7 @@ def train_stage(
         scheduler.load_state_dict(resume.scheduler)
     curve = list(resume.curve)
     seconds = resume.seconds
-    # Halves the batch on CUDA out-of-memory (models/oom.py); a halving before a restart is kept:
+    # Halves the batch on CUDA out-of-memory (models/training/oom.py); a halving before a restart is kept:
     # the resumed scheduler's base lr carries the scale.
     oom = BatchSizeController(None, reporter, plan.name)
     if resume.model is not None and plan.lr > 0:

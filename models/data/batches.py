@@ -1,0 +1,283 @@
+"""A job's data as the stages use it: its splits, transforms and data configs (`JobData`), served
+as batches from memory when the decoded dataset fits (`FastPath`, below: models/data/inmemory.py,
+decode once, augment on the device), else from the engine's multi-worker DataLoader
+(models/data/loader.py). Batches are (uint8 images B x 3 x S x S, labels, indices) either way.
+
+`FastPath` is also where the distill stage gets its teacher: when the job's `distill.teacher_cache`
+allows it and the features fit, the teacher is run once over `distill.teacher_views` views per
+image and the stage trains on exactly those views (models/training/teacher_cache.py).
+
+`disabled=True` (run_job's `data_path="loader"`, SPKD_DATA_PATH for the service) forces the
+DataLoader, for debugging or comparing the two paths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from common.reporter import Reporter
+from common.spec import JobSpec
+from models import methods
+from models.data import inmemory, loader
+from models.networks import factory
+from models.networks.bank import BANK, ModelKey
+from models.networks.factory import DataConfig
+from models.training import teacher_cache
+from models.training.engine import Runtime
+
+Loaders = tuple[Callable[[int], Iterable], Callable[[], Iterable]]
+
+
+@dataclass
+class JobData:
+    spec: JobSpec
+    image_size: int
+    student_cfg: DataConfig  # the student's normalisation and crop: every split's transform
+    teacher_cfg: DataConfig  # the teacher's normalisation (applied on the device)
+    train_set: loader.ImageDataset
+    val_set: loader.ImageDataset  # the report split
+    select_set: loader.ImageDataset | None  # the selection split; None: selection off
+    runtime: Runtime
+    fast: FastPath | None = None  # in-memory data path + teacher cache
+
+    @property
+    def selecting(self) -> bool:
+        """Whether choices (best epoch, weights, shipped student) are made on a selection split."""
+        return self.select_set is not None
+
+    @property
+    def choice_split(self) -> str:
+        """The split every epoch is scored on: selection, or the report split when selection is off."""
+        return "selection" if self.selecting else "report"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.train_set), self.spec.train.batch_size
+        return n // b if n >= b else math.ceil(n / b)
+
+    def cfg_for(self, stage: str) -> DataConfig:
+        """The data config of the model a training stage trains."""
+        return self.teacher_cfg if stage == "teacher_finetune" else self.student_cfg
+
+    def eval_batches(self, split: str) -> Callable[[], Iterable[loader.Batch]]:
+        """() -> batches of the `selection` or `report` split (eval transform, fixed order)."""
+        fast = self.fast.eval_batches(split) if self.fast is not None else None
+        if fast is not None:
+            return fast
+        dataset = self.select_set if split == "selection" and self.select_set is not None else self.val_set
+        return lambda: self._loader(dataset, training=False)
+
+    def loaders(self, stage: str | None = None) -> Loaders:
+        """(train_batches(epoch), val_batches()) for a training stage; val is the choice split.
+
+        `stage` "distill" may get the teacher cache's batches (the views it was built on)."""
+        fast = self.fast.loaders(stage) if self.fast is not None else None
+        train_batches = fast[0] if fast is not None else None  # decoded once, augmented on the device
+        if train_batches is None:
+
+            def train_batches(epoch: int):
+                return self._loader(self.train_set, training=True, epoch=epoch)
+
+        return train_batches, self.eval_batches(self.choice_split)
+
+    def _loader(self, dataset: loader.ImageDataset, training: bool, epoch: int = 0):
+        spec = self.spec
+        return loader.make_loader(
+            dataset,
+            spec.train.batch_size,
+            training=training,
+            seed=spec.train.seed,
+            epoch=epoch,
+            num_workers=loader.default_workers(spec.train.num_workers),
+            pin_memory=self.runtime.is_cuda,
+        )
+
+
+def open_data(
+    spec: JobSpec, scan: loader.DatasetScan, runtime: Runtime, reporter: Reporter, data_path: str = "auto"
+) -> JobData:
+    """The job's datasets; data configs read from the job's built models (models/networks/bank.py)."""
+    image_size = factory.job_image_size(spec)
+    student, _ = BANK.probe(ModelKey.of(spec, "student", scan.classes, image_size))
+    teacher, _ = BANK.probe(ModelKey.of(spec, "teacher", scan.classes, image_size))
+    student_cfg = factory.data_config(student, image_size)
+    teacher_cfg = factory.data_config(teacher, image_size)
+    train_set = loader.ImageDataset(scan.train, loader.make_transform(image_size, student_cfg, training=True))
+    eval_transform = loader.make_transform(image_size, student_cfg, training=False)
+    val_set = loader.ImageDataset(scan.val, eval_transform)
+    return JobData(
+        spec=spec,
+        image_size=image_size,
+        student_cfg=student_cfg,
+        teacher_cfg=teacher_cfg,
+        train_set=train_set,
+        val_set=val_set,
+        select_set=loader.ImageDataset(scan.select, eval_transform) if scan.select else None,
+        runtime=runtime,
+        fast=FastPath(
+            spec,
+            scan,
+            runtime.device,
+            image_size,
+            eval_transform,
+            reporter,
+            runtime.amp_dtype,
+            disabled=data_path == "loader",
+        ),
+    )
+
+
+# ------------------------------------------------------------------------- in memory
+@dataclass
+class FastPath:
+    """Per-run state: the decoded train/val stores (made on first use) and the teacher cache."""
+
+    spec: JobSpec
+    scan: loader.DatasetScan
+    device: torch.device
+    image_size: int
+    eval_transform: Any  # the pipeline's own eval transform (uint8 out): identical eval tensors
+    reporter: Reporter
+    amp_dtype: torch.dtype | None = None
+    train: inmemory.TrainSource | None = None
+    val: inmemory.EvalSource | None = None
+    select: inmemory.EvalSource | None = None  # the selection split, when the job has one
+    cache: teacher_cache.TeacherCache | None = None
+    disabled: bool = False
+    _tried: bool = field(default=False, repr=False)
+
+    # ------------------------------------------------------------------------------ batches
+    def loaders(self, stage: str | None) -> Loaders | None:
+        """(train_batches(epoch), val_batches()) from memory, or None: use the DataLoader."""
+        if not self._ready():
+            return None
+        train, val = self.train, self.val
+        assert train is not None and val is not None
+        cache = self.cache if stage == "distill" else None
+        train_batches = cache.epoch if cache is not None else train.epoch
+        return train_batches, val.epoch
+
+    def eval_batches(self, split: str) -> Callable[[], Iterable] | None:
+        """The `selection` or `report` split's batches from memory, or None: use the DataLoader."""
+        if not self._ready():
+            return None
+        source = self.select if split == "selection" else self.val
+        return source.epoch if source is not None else None
+
+    def _ready(self) -> bool:
+        if self.disabled:
+            return False
+        if not self._tried:
+            self._tried = True
+            self._build_sources()
+        return self.train is not None and self.val is not None
+
+    def _build_sources(self) -> None:
+        spec = self.spec
+        size, bs = self.image_size, spec.train.batch_size
+        n_train, n_val = len(self.scan.train), len(self.scan.val) + len(self.scan.select)
+        need = inmemory.image_store_bytes(n_train, inmemory.store_size_for(size))
+        need += inmemory.image_store_bytes(n_val, size)
+        plan = inmemory.plan_memory(need, self.device)
+        if plan.placement == "loader":
+            self.reporter.event("info", f"data: streaming from disk with a DataLoader ({plan.describe()})")
+            self.disabled = True
+            return
+        start = time.perf_counter()
+        workers = spec.train.num_workers or None
+        on_gpu = plan.placement == "gpu"
+        images, sizes = inmemory.decode_train_images(
+            [s.path for s in self.scan.train], inmemory.store_size_for(size), workers
+        )
+        labels = torch.tensor([s.label for s in self.scan.train])
+        store = inmemory.ImageStore(images, labels, self.device, on_gpu)
+        augment = inmemory.Augment(scale=loader.TRAIN_SCALE)
+        drop_last = n_train >= bs  # as the DataLoader: BN and SP need more than one sample
+        self.train = inmemory.TrainSource(store, sizes, size, bs, spec.train.seed, drop_last, augment)
+        self.val = self._eval_source(self.scan.val, workers, on_gpu)
+        if self.scan.select:
+            self.select = self._eval_source(self.scan.select, workers, on_gpu)
+        seconds = time.perf_counter() - start
+        self.reporter.event(
+            "info",
+            f"data: decoded {n_train + n_val} images once in {seconds:.1f}s, augmenting on {self.device} "
+            f"({plan.describe()})",
+            data_path=plan.placement,
+            decode_seconds=round(seconds, 3),
+        )
+
+    def _eval_source(self, samples: list[loader.Sample], workers: int | None, on_gpu: bool):
+        images = inmemory.decode_eval_images([s.path for s in samples], self.eval_transform, workers)
+        labels = torch.tensor([s.label for s in samples])
+        store = inmemory.ImageStore(images, labels, self.device, on_gpu)
+        return inmemory.EvalSource(store, self.spec.train.batch_size)
+
+    # ------------------------------------------------------------------------------ teacher
+    def teacher(self, live: Callable[[torch.Tensor, torch.Tensor], Any]) -> Callable:
+        """The distill stage's teacher: the cache when it is on and fits, else `live` itself."""
+        mode = self.spec.distill.teacher_cache
+        views, epochs = self.spec.distill.teacher_views, self.spec.train.epochs
+        if mode == "off" or not self._ready():
+            if mode == "on":
+                self.reporter.event("warning", "teacher cache needs the in-memory data path: live teacher")
+            return live
+        if mode == "auto" and views >= epochs:
+            self.reporter.event(
+                "info", f"teacher cache off: {views} views for {epochs} epochs would not save teacher passes"
+            )
+            return live
+        assert self.train is not None
+
+        def run_teacher(x: torch.Tensor):
+            return live(x, None)
+
+        shapes, logit_dim = teacher_cache.probe_teacher(run_teacher, self.train)
+        keep_features, keep_logits = methods.spec_needs(self.spec.distill)  # what the methods read
+        numel = (sum(int(torch.Size(s).numel()) for s in shapes) if keep_features else 0) + (
+            (logit_dim or 0) if keep_logits else 0
+        )
+        need = teacher_cache.cache_bytes(len(self.train.store), views, numel)
+        decision = teacher_cache.decide(mode, need, self.device)
+        if not decision.use:
+            self.reporter.event("info", decision.reason)
+            return live
+        start = time.perf_counter()
+        try:
+            self.cache = teacher_cache.TeacherCache.build(
+                self.train,
+                run_teacher,
+                views=views,
+                batch_size=self.spec.train.batch_size,
+                seed=self.spec.train.seed,
+                dtype=torch.float16 if self.amp_dtype == torch.float16 else torch.bfloat16,
+                placement=decision.placement or "host",
+                keep_logits=keep_logits,
+                keep_features=keep_features,
+            )
+        except torch.cuda.OutOfMemoryError:
+            failed = True  # handled below, outside the except block that pins the tensors
+        else:
+            failed = False
+        if failed:
+            self.cache = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.reporter.event("warning", "out of GPU memory while building the teacher cache: live teacher")
+            return live
+        seconds = time.perf_counter() - start
+        self.reporter.event(
+            "info",
+            f"{decision.reason}: teacher ran once over {views} views per image in {seconds:.1f}s",
+            teacher_cache=True,
+            views=views,
+            bytes=self.cache.nbytes,
+            placement=decision.placement,
+            seconds=round(seconds, 3),
+        )
+        return self.cache
