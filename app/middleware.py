@@ -8,7 +8,7 @@ so streamed bodies and responses pass through untouched.
   (POST /v1/datasets) are limited by SPKD_MAX_UPLOAD_BYTES, every other request by
   SPKD_MAX_BODY_BYTES.
 - `TextMiddleware`: query parameters and free-text headers (Idempotency-Key) with control or
-  bidirectional-control characters (models.spec.text_problem) are answered 422 naming the
+  bidirectional-control characters (common.spec.text_problem) are answered 422 naming the
   parameter, the same rule the JSON fields follow.
 
 Both read the settings from `app.state.settings` at each request.
@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl
 from starlette.exceptions import HTTPException
 
 from app.errors import clip, error_body
+from common.spec import text_problem
 from core.settings import Settings
-from models.spec import text_problem
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from cli import procs
+from common.reporter import Progress
+from common.spec import JobSpec
 from core import store
 from core.settings import Settings
-from models.callbacks import Progress
-from models.spec import JobSpec
 from tests.helpers import (
     Stack,
     children_of,
