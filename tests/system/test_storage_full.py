@@ -32,6 +32,7 @@ from tests.helpers import (
     Stack,
     dump,
     events,
+    output_dir,
     small_imagefolder,
     tiny_spec,
     wait_event,
@@ -218,8 +219,9 @@ def test_job_fails_storage_full_then_resumes(small_fs, stack_factory, redis_url:
         evs = events(r, keys, job_id)
         assert job["status"] == "succeeded", dump(evs)
         assert any(e["message"].startswith("resuming from checkpoint") for e in evs), dump(evs)
+        out = output_dir(st.settings, job)  # the attempt folder the record names
         for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]:
-            assert hashlib.sha256((art / job_id / a["name"]).read_bytes()).hexdigest() == a["sha256"]
+            assert hashlib.sha256((out / a["name"]).read_bytes()).hexdigest() == a["sha256"]
         # A succeeded job is not resumable: 409 with its status.
         again = c.post(f"/v1/jobs/{job_id}/resume")
         assert again.status_code == 409 and again.json()["error"]["status"] == "succeeded", again.text
