@@ -292,7 +292,8 @@ NETWORK_ERRNOS = frozenset(
 _ABS_PATH = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"`:,;()\[\]]+/)+([^\s/'\"`:,;()\[\]]*)")
 _MEMORY_HINT = (
     "lower train.batch_size, train.image_size or train.num_workers (or ask the operator for "
-    "SPKD_DATA_PATH=loader, which streams the images instead of holding them in memory)"
+    "SPKD_DATA_PATH=loader, which streams the images instead of holding them in memory, or, in a "
+    "container, for more shared memory: docker --shm-size)"
 )
 
 
@@ -422,6 +423,8 @@ def _memory_kind(exc: BaseException) -> str | None:
         text = _describe(exc).lower()
         if "defaultcpuallocator" in text or "can't allocate memory" in text:
             return "host"  # torch's CPU allocator: host RAM
+        if "dataloader worker" in text and ("signal: killed" in text or "shared memory" in text):
+            return "host"  # a loader process killed by the kernel's OOM killer, or out of /dev/shm
         if "out of memory" in text:
             return "gpu"  # CUDA (cuDNN/cuBLAS workspaces) and MPS say so in a plain RuntimeError
     return None

@@ -100,6 +100,7 @@ def test_a_missing_file_names_the_file_not_its_folder(tmp_path: Path) -> None:
             "gpu_out_of_memory",
         ),
         (_raise(RuntimeError("CUDA error: out of memory")), "gpu_out_of_memory"),
+        (_raise(RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed")), "host_out_of_memory"),
         (_raise(RuntimeError("boom")), "internal"),
         (_raise(KeyError("stage")), "internal"),
         (_raise(Interrupted("cancelled")), "internal"),

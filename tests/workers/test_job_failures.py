@@ -42,7 +42,7 @@ EXPECTED = {
 CASES = [(b, e) for b in BOUNDARIES for e in ("OSError", "RuntimeError", "MemoryError")]
 CASES += [("distill:before", e) for e in ("FileNotFoundError", "BaseException", "RuntimeErrorWhileOOM")]
 FINAL = ("succeeded", "failed", "cancelled")
-TABLE: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+TABLE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_exception_fails_the_job_once_and_the_worker_goes_on(
         alive = worker.running()
         error = job["error"] or {}
         row = (job["status"], error.get("code", "-"), str(job["attempts"]), str(alive))
-        TABLE[(boundary, exception)] = row
+        TABLE[(boundary, exception)] = (*row, "-")
         assert job["status"] == "failed", (job, service.logs())
         assert error["code"] == EXPECTED[exception], (error, service.logs())
         assert stage in error["message"] and "/srv/" not in error["message"], error  # no server paths
@@ -121,6 +121,7 @@ def test_exception_fails_the_job_once_and_the_worker_goes_on(
         assert finals[0]["data"].get("stage") == stage, finals
         assert alive and worker.pid == pid, f"the worker died on {boundary}:{exception}\n{service.logs()}"
         nxt = wait_final(c, follower, service)
+        TABLE[(boundary, exception)] = (*row, nxt["status"])
         assert nxt["status"] == "succeeded", (nxt, service.logs())
         assert worker.running(), service.logs()
 
@@ -153,13 +154,14 @@ def test_unreadable_job_record_fails_instead_of_staying_queued(
 
 def test_print_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     """The matrix of the cases above (run with them): boundary x exception -> status, code,
-    attempts, worker alive."""
+    attempts, worker alive, the next job's status."""
     width = max(len(b) for b in BOUNDARIES)
-    head = f"{'boundary':<{width}}  {'exception':<20}  {'status':<9}  {'code':<19}  attempts  worker alive"
+    head = f"{'boundary':<{width}}  {'exception':<20}  {'status':<9}  {'code':<19}  attempts  alive  next job"
     lines = [head]
     for boundary, exception in CASES:
-        status, code, attempts, alive = TABLE.get((boundary, exception), ("-", "-", "-", "-"))
-        lines.append(f"{boundary:<{width}}  {exception:<20}  {status:<9}  {code:<19}  {attempts:<8}  {alive}")
+        status, code, attempts, alive, nxt = TABLE.get((boundary, exception), ("-",) * 5)
+        cells = f"{status:<9}  {code:<19}  {attempts:<8}  {alive:<5}  {nxt}"
+        lines.append(f"{boundary:<{width}}  {exception:<20}  {cells}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert TABLE, "run the whole module: the table comes from the cases above"
