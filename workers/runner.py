@@ -341,8 +341,8 @@ def _classify(exc: BaseException, stage: str, job_id: str) -> tuple[str, str, st
         if _memory_kind(memory) == "gpu":
             return (
                 "gpu_out_of_memory",
-                f"the GPU ran out of memory {where}{seen}, even at the smallest batch the engine "
-                f"could halve to: lower train.batch_size or train.image_size, or pick a smaller "
+                f"the GPU ran out of memory {where}{seen} where the engine could not shrink the "
+                f"batch further: lower train.batch_size or train.image_size, or pick a smaller "
                 f"model, {resume}",
                 None,
             )
