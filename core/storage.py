@@ -292,8 +292,10 @@ def delete_dataset(
 
 def apply_retention(r: redis.Redis, keys: store.Keys, settings: Settings) -> list[str]:
     """SPKD_JOB_TTL_DAYS: delete jobs finished or paused longer ago than that (a status index's
-    score is when the job entered that status). SPKD_DATASET_TTL_DAYS: delete datasets uploaded
-    longer ago that no queued, running or paused job uses. Unset: keep forever. Returns the ids."""
+    score is when the job entered that status) whose weights no active job uses (`weights:
+    job:<id>`). SPKD_DATASET_TTL_DAYS: delete datasets uploaded longer ago that no queued, running
+    or paused job uses. Unset: keep forever. What is kept is retried at the next pass. Returns the
+    ids."""
     removed: list[str] = []
     t = time.time()
     if settings.job_ttl_days:
@@ -303,6 +305,8 @@ def apply_retention(r: redis.Redis, keys: store.Keys, settings: Settings) -> lis
                 try:
                     if delete_job(r, keys, settings, job_id) is not None:
                         removed.append(job_id)
+                except store.InUse as e:  # an active job trains from its weights: next sweep
+                    log.info("retention keeps job %s: used by %s", job_id, ", ".join(e.jobs))
                 except store.Conflict:  # resumed meanwhile
                     continue
     if settings.dataset_ttl_days:

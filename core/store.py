@@ -57,6 +57,15 @@ class Conflict(Exception):
     """A state change that is not allowed from the job's current status."""
 
 
+class InUse(Conflict):
+    """A delete refused while active jobs name the record (`dataset.id`, `weights: job:<id>`);
+    `jobs` lists their ids."""
+
+    def __init__(self, message: str, jobs: list[str]) -> None:
+        super().__init__(message)
+        self.jobs = jobs
+
+
 class CancelPending(Conflict):
     """A final status other than `cancelled` (or `paused`) for a job whose cancel was accepted:
     refused, so a 200 to POST .../cancel is always followed by `cancelled`."""
@@ -480,16 +489,30 @@ def delete_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None
     """Remove a finished job's records in one transaction: the job, its index entries, events,
     artifact index, lease and the idempotency keys that name it. Returns the removed job, or None
     when it does not exist (or, with `owner`, is someone else's). Raises Conflict while it is
-    queued, validating or running (cancel it first). Files are the caller's (core/storage.py)."""
+    queued, validating or running (cancel it first), InUse (a Conflict naming them) while an
+    active job's `weights: job:<id>` names it: the check and the delete are one transaction over
+    the owner's active-job indexes, as for datasets, so a job queued meanwhile makes it retry and
+    see that job. Files are the caller's (core/storage.py)."""
     jkey = keys.job(job_id)
+    job_owner = r.hget(jkey, "owner")
+    if job_owner is None or (owner is not None and job_owner != owner):
+        return None
+    watched = [jkey, keys.idem_of(job_id)] + [keys.jobs(job_owner, s) for s in ACTIVE]
 
     def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
         raw = pipe.hgetall(jkey)
-        if not raw or (owner is not None and raw.get("owner") != owner):
+        if not raw or raw.get("owner") != job_owner:
             return None
-        status, job_owner = raw.get("status", ""), raw.get("owner", "")
+        status = raw.get("status", "")
         if status in ACTIVE:
             raise Conflict(f"job {job_id} is {status}; cancel it first")
+        users = jobs_using_job(pipe, keys, job_owner, job_id)
+        if users:
+            raise InUse(
+                f"job {job_id} is used by active jobs: {', '.join(users)} (their weights name "
+                f"job:{job_id}); cancel them first, or delete it once they have ended",
+                users,
+            )
         idem = [k for k in pipe.smembers(keys.idem_of(job_id)) if _idem_names(pipe.get(k), job_id)]
         pipe.multi()
         pipe.delete(
@@ -502,7 +525,39 @@ def delete_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None
         pipe.zrem(keys.status(status), job_id)
         return _decode(raw)
 
-    return r.transaction(_tx, jkey, keys.idem_of(job_id), value_from_callable=True)
+    return r.transaction(_tx, *watched, value_from_callable=True)
+
+
+def references_of(spec: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """What a stored job spec names that the API can delete: ("dataset", id) for `dataset.id`,
+    ("job", id) for each `weights: job:<id>` (teacher, student)."""
+    spec = spec or {}
+    found = []
+    ds_id = (spec.get("dataset") or {}).get("id")
+    if ds_id:
+        found.append(("dataset", ds_id))
+    for role in ("teacher", "student"):
+        weights = str((spec.get(role) or {}).get("weights") or "")
+        if weights.startswith("job:"):
+            found.append(("job", weights[4:]))
+    return found
+
+
+def jobs_using(r: Any, keys: Keys, owner: str, kind: str, ref_id: str) -> list[str]:
+    """The owner's queued, validating or running jobs whose spec names (`kind`, `ref_id`) (see
+    references_of). `r` may be a pipeline in its WATCH phase (reads run at once)."""
+    ids = [job_id for status in ACTIVE for job_id in r.zrange(keys.jobs(owner, status), 0, -1)]
+    specs = [r.hget(keys.job(job_id), "spec") for job_id in ids]
+    return [
+        job_id
+        for job_id, spec in zip(ids, specs, strict=True)
+        if spec and (kind, ref_id) in references_of(json.loads(spec))
+    ]
+
+
+def jobs_using_job(r: Any, keys: Keys, owner: str, job_id: str) -> list[str]:
+    """The owner's active jobs whose teacher or student `weights` is `job:<job_id>`."""
+    return jobs_using(r, keys, owner, "job", job_id)
 
 
 def _idem_names(raw: str | None, job_id: str) -> bool:

@@ -10,13 +10,14 @@ import threading
 import time
 from typing import Any
 
+import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from core import storage, store
 from core.queue import TASK_NAME, enqueue
 from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
-from workers.runner import execute_job
+from workers.runner import execute_job, failure_error
 
 log = logging.getLogger("spkd.worker")
 KEYS = store.Keys(settings.redis_prefix)
@@ -30,9 +31,68 @@ def _redis() -> Any:
 
 @celery.task(name=TASK_NAME, bind=True)
 def run_job(self: Any, job_id: str) -> str:
-    outcome = execute_job(_redis(), KEYS, settings, job_id, WORKER_NAME, settings.device or None)
+    """Run one job in this pool process (workers.runner.execute_job ends every failure of the run
+    itself as a failed job). Nothing else escapes either: a task that raised would be acked and
+    forgotten by Celery, leaving a queued job that never runs. SystemExit and KeyboardInterrupt
+    (this process is being shut down) pass: the message is redelivered and the job resumes."""
+    try:
+        outcome = execute_job(_redis(), KEYS, settings, job_id, WORKER_NAME, settings.device or None)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # noqa: BLE001 - see the docstring
+        outcome = fail_unrun(job_id, e)
     log.info("job %s: %s", job_id, outcome)
     return outcome
+
+
+def fail_unrun(job_id: str, exc: BaseException) -> str:
+    """End a job that `execute_job` could not even start or wind up (its record unreadable, a bug
+    around the lease): `failed` with workers.runner.failure_error's code (`internal` for a bug),
+    unless it is final already or another attempt holds its lease. Redis unreachable: nothing to
+    write; a started job is requeued by the orphan sweep once Redis is back. Returns the outcome."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        log.warning("job %s: Redis unreachable (%s); left for recovery", job_id, exc)
+        return "redis_lost"
+    log.error("job %s: the worker could not run it", job_id, exc_info=exc)
+    try:
+        r = _redis()
+        if store.lease_held(r, KEYS, job_id):
+            return "busy"  # another attempt runs it: its outcome is the job's
+        status, stage = r.hmget(KEYS.job(job_id), "status", "stage")
+        if status not in store.ACTIVE:
+            return "skipped"  # final already (or gone): ended once, not twice
+        where = (stage or "validating") if status == store.RUNNING else status
+        error = failure_error(exc, where, job_id)
+        store.transition(
+            r,
+            KEYS,
+            job_id,
+            store.FAILED,
+            store.ACTIVE,
+            f"failed: {error['message']}",
+            {"stage": where},
+            error=error,
+        )
+    except store.CancelPending:
+        with contextlib.suppress(Exception):
+            store.transition(r, KEYS, job_id, store.CANCELLED, store.ACTIVE, "cancelled")
+        return "cancelled"
+    except store.Conflict:
+        return "skipped"
+    except Exception:  # noqa: BLE001 - the record may be what is broken; the failure is logged above
+        # transition() re-reads the job after writing: an undecodable record fails there, once written.
+        status = _status(job_id)
+        if status != store.FAILED:
+            log.exception("job %s: could not be marked failed (status %s)", job_id, status)
+            return "error"
+    return "failed"
+
+
+def _status(job_id: str) -> str | None:
+    try:
+        return _redis().hget(KEYS.job(job_id), "status")
+    except Exception:  # noqa: BLE001 - only for a log line
+        return None
 
 
 # ---------------------------------------------------------------- heartbeat (parent process only)

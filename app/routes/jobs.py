@@ -296,12 +296,15 @@ def pause_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     summary="Delete a job",
     description="Removes a finished or paused job: its record, events, artifacts (files and index) and "
     "the Idempotency-Keys that name it; its id is unknown (404) afterwards. A queued or running job is "
-    "a 409 `job_active` with its `status`: cancel it first.",
+    "a 409 `job_active` with its `status`: cancel it first. A job whose weights a queued or running job "
+    "uses (`weights: job:<id>`) is a 409 `job_in_use` with those job ids in `jobs`.",
 )
 def delete_job(ctx: Ctx, owner: Owner, job_id: str) -> Response:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     try:
         job = storage.delete_job(r, keys, settings, job_id, owner)
+    except store.InUse as e:
+        raise ApiError(409, "job_in_use", str(e), jobs=e.jobs) from e
     except store.Conflict as e:
         current = (store.get_job(r, keys, job_id) or {}).get("status")
         raise _conflict("job_active", str(e), current) from e

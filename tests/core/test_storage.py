@@ -108,6 +108,89 @@ def test_delete_dataset(client, settings: Settings, r, keys: store.Keys, small_z
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"  # finished jobs stay
 
 
+def _succeeded_job(client, settings: Settings, r, keys: store.Keys) -> str:
+    """A succeeded job with teacher and student weight files, as a finished run leaves them."""
+    job_id = _job(client, settings)
+    for status, before in ((store.RUNNING, store.QUEUED), (store.SUCCEEDED, store.RUNNING)):
+        store.transition(r, keys, job_id, status, [before])
+    out = storage.job_dir(settings, job_id)
+    out.mkdir(parents=True)
+    for name in ("teacher.safetensors", "student.safetensors"):
+        (out / name).write_bytes(b"weights")
+    store.set_artifacts(r, keys, job_id, [{"name": "teacher.safetensors", "size": 7, "sha256": "x"}])
+    return job_id
+
+
+def _job_on_weights(client, role: str, model: str, source: str) -> str:
+    spec = tiny_spec({"path": "hym"}, **{role: {"model": model, "weights": f"job:{source}"}})
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def test_delete_job_whose_weights_an_active_job_uses(client, settings: Settings, r, keys) -> None:
+    """Like a dataset in use: a job whose `weights: job:<id>` a queued or running job names is a 409
+    naming those jobs, and its files stay; once they ended it deletes."""
+    source = _succeeded_job(client, settings, r, keys)
+    by_teacher = _job_on_weights(client, "teacher", "test_efficientnet", source)
+    by_student = _job_on_weights(client, "student", "test_resnet", source)
+    other = _job(client, settings)  # active too, but names nothing of it
+
+    busy = client.delete(f"/v1/jobs/{source}")
+    assert busy.status_code == 409, busy.text
+    err = busy.json()["error"]
+    assert err["code"] == "job_in_use" and sorted(err["jobs"]) == sorted([by_teacher, by_student]), err
+    assert other not in err["message"] and by_teacher in err["message"]
+    assert client.get(f"/v1/jobs/{source}").status_code == 200
+    assert (storage.job_dir(settings, source) / "teacher.safetensors").is_file()
+    assert client.delete(f"/v1/jobs/{source}", headers=BOB).status_code == 404  # another key's: unknown
+
+    client.post(f"/v1/jobs/{by_teacher}/cancel")
+    still = client.delete(f"/v1/jobs/{source}")
+    assert still.status_code == 409 and still.json()["error"]["jobs"] == [by_student], still.text
+    client.post(f"/v1/jobs/{by_student}/cancel")
+    assert client.delete(f"/v1/jobs/{source}").status_code == 204
+    assert not storage.job_dir(settings, source).exists()
+    assert client.get(f"/v1/jobs/{other}").json()["status"] == "queued"  # untouched throughout
+
+
+def test_retention_keeps_a_job_whose_weights_are_in_use(client, settings: Settings, r, keys) -> None:
+    source = _succeeded_job(client, settings, r, keys)
+    user = _job_on_weights(client, "teacher", "test_efficientnet", source)
+    time.sleep(0.05)
+    tiny = settings.model_copy(update={"job_ttl_days": 0.01 / 86400})
+    assert storage.apply_retention(r, keys, tiny) == []
+    assert client.get(f"/v1/jobs/{source}").status_code == 200
+    assert (storage.job_dir(settings, source) / "teacher.safetensors").is_file()
+    client.post(f"/v1/jobs/{user}/cancel")
+    time.sleep(0.05)
+    assert sorted(storage.apply_retention(r, keys, tiny)) == sorted([source, user])
+
+
+def test_delete_and_a_new_user_of_the_job_cannot_interleave(
+    client, settings: Settings, r, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check and the delete are one transaction over the owner's active-job indexes: a job
+    queued between the check and the delete makes the delete retry and see it (store.delete_job
+    with a job queued from inside its WATCH phase, the worst moment)."""
+    source = _succeeded_job(client, settings, r, keys)
+    owner = store.owner_of(KEY_A)
+    spec = tiny_spec({"path": "hym"}, teacher={"model": "test_efficientnet", "weights": f"job:{source}"})
+    queued: list[str] = []
+    real_using = store.jobs_using_job
+
+    def using_then_a_new_job_arrives(pipe, keys_, owner_, job_id):
+        found = real_using(pipe, keys_, owner_, job_id)
+        if not queued:  # a second client queues a user right after the check read the indexes
+            queued.append(store.create_job(store.connect(settings.redis_url), keys, owner, spec)["id"])
+        return found
+
+    monkeypatch.setattr(store, "jobs_using_job", using_then_a_new_job_arrives)
+    with pytest.raises(store.InUse) as e:
+        store.delete_job(r, keys, source, owner)
+    assert e.value.jobs == queued and client.get(f"/v1/jobs/{source}").status_code == 200
+
+
 def test_resume_refusals(client, settings: Settings, r, keys: store.Keys) -> None:
     job_id = _job(client, settings)
     queued = client.post(f"/v1/jobs/{job_id}/resume")
