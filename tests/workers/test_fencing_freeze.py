@@ -92,6 +92,21 @@ def _objects(bucket: tuple[SeaweedS3, str] | None, job_id: str, stale: str | Non
         token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
+def _wait_cleaned_up(out: Path, job: dict, bucket, job_id: str, timeout: float) -> None:
+    """The attempt that succeeded removes the other attempts' folders, its own checkpoints and the
+    published checkpoints right after its final status: wait for that, so the snapshots that follow
+    see only what the stale attempt does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        local_done = {p.name for p in out.iterdir()} == {job["output"]}
+        remote_done = bucket is None or not bucket[0].keys(f"{bucket[1]}/jobs/{job_id}/checkpoints/")
+        if local_done and remote_done:
+            return
+        time.sleep(0.1)
+    left = sorted(out.iterdir())
+    raise AssertionError(f"the succeeded attempt did not clean up within {timeout} s: {left}")
+
+
 def _snapshot(r, keys, job_id: str, out: Path, stale: str | None, bucket) -> dict:
     return {
         "job": r.hgetall(keys.job(job_id)),
@@ -227,6 +242,7 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str, r
             if name == "export":
                 job = wait_final(r, keys, job_id, 300)
                 assert job["status"] == "succeeded", dump(events(r, keys, job_id)) + st.logs()
+                _wait_cleaned_up(out, job, bucket, job_id, 60)
             else:
                 ev = wait_event(r, keys, job_id, lambda e: e["kind"] == "dataset", 150, cursor)
                 job = store.get_job(r, keys, job_id)
