@@ -47,6 +47,7 @@ POOL_SIZE = 4  # catch-up reads and wake-ups; the reader has its own connection
 POLL_S = 1.0  # status/progress of the followed jobs, read once per this, for all of them
 BATCH = 500  # entries per stream per XREAD, and per page of a catch-up XRANGE
 KEEPALIVE_S = 15.0  # a comment on a quiet stream, so clients and proxies see it is alive
+STOP_WAIT_S = 1.0  # how long stop() waits for the reader after each cancel
 MAX_BACKLOG = 2000  # frames waiting for a slow client; past it the stream ends (it resumes)
 RETRY_MS = 2000  # the reconnect delay every stream announces, and repeats with an error
 STREAM_RETRY_AFTER_S = 5  # Retry-After of the 429 once a key holds its maximum of streams
@@ -189,6 +190,9 @@ class Live:
         self._reader_id: int | None = None
         self._blocked = self._unblocking = False  # the reader waits in XREAD; a wake-up is on its way
         self._task: asyncio.Task[None] | None = None
+        # Set by stop(): the reader loops end on it. A cancel alone can be swallowed by a library
+        # await (redis-py's client_id) and then turned into TimeoutError by asyncio.timeout.
+        self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -204,10 +208,17 @@ class Live:
                 error_frame("server_stopping", "this API process is stopping; reconnect with Last-Event-ID")
             )
         self._jobs.clear()
-        if self._task is not None:
+        self._stopping = True
+        self._wake.set()
+        for _ in range(3):  # bounded: shutdown must never hang on the reader
+            if self._task is None or self._task.done():
+                break
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=STOP_WAIT_S)
+        else:
+            log.warning(
+                "live events: the reader did not stop within %.0f s; closing its connections", 3 * STOP_WAIT_S
+            )
         await self._reader.aclose(close_connection_pool=True)
         await self._pool.aclose(close_connection_pool=True)
 
@@ -368,7 +379,7 @@ class Live:
     async def _run(self) -> None:
         delay = _BACKOFF_S[0]
         down = False
-        while True:
+        while not self._stopping:
             try:
                 self._reader_id = None
                 self._reader_id = await self._reader.client_id()
@@ -379,6 +390,8 @@ class Live:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis gone or anything else: streams end cleanly
+                if self._stopping:
+                    return
                 if not down:
                     log.warning(
                         "live events: reading the job store failed (%s: %s); open streams end with a "
@@ -406,7 +419,7 @@ class Live:
     async def _read_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_poll = 0.0
-        while True:
+        while not self._stopping:
             streams = {j.key: j.cursor for j in self._jobs.values() if j.cursor is not None}
             if not streams:
                 self._wake.clear()
