@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from core import store
-from tests.helpers import KEY_A, SPKD, Stack, small_imagefolder, tiny_spec, wait_final
+from tests.helpers import KEY_A, SPKD, Stack, output_dir, small_imagefolder, tiny_spec, wait_final
 
 
 def _old(path: Path, files: dict[str, bytes], age_s: float = 3600) -> Path:
@@ -50,8 +50,9 @@ def test_worker_sweeps_at_start_and_applies_retention(stack_factory, redis_url: 
     st.wait_ready()
     with st.client() as c:
         job_id = c.post("/v1/jobs", json=tiny_spec({"path": "hym"})).json()["id"]
-        assert wait_final(r, keys, job_id, 300)["status"] == "succeeded"
-        assert (art / job_id / "student.safetensors").is_file()
+        job = wait_final(r, keys, job_id, 300)
+        assert job["status"] == "succeeded"
+        assert (output_dir(st.settings, job) / "student.safetensors").is_file()  # its attempt folder
         # Finished ttl_s ago -> the next pass of the worker's sweeper deletes records and files.
         assert _wait_gone([art / job_id], 120) == [], st.logs()
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
