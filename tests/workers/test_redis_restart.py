@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import store
+from core import references, store
 from tests.helpers import (
     PrivateRedis,
     Stack,
@@ -32,12 +32,20 @@ pytestmark = pytest.mark.slow
 DOWN_S = 6.0
 
 
-def _probe(c: httpx.Client, job_id: str) -> list[tuple[str, int, str | None]]:
-    """One round of every kind of request while Redis is down."""
+def _valid_zip(photos: Path) -> bytes:
+    """A dataset zip the upload accepts (real photos, two classes), so its only way to fail is
+    saving the record: a zip refused for its content would answer 422 without touching Redis."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("a/x.jpg", b"x")
-    zip_body = {"content": buf.getvalue(), "headers": {"Content-Type": "application/zip"}}
+        for cls in ("ants", "bees"):
+            for p in sorted((photos / "train" / cls).iterdir())[:2]:
+                zf.write(p, f"{cls}/{p.name}")
+    return buf.getvalue()
+
+
+def _probe(c: httpx.Client, job_id: str, zip_bytes: bytes) -> list[tuple[str, int, str | None]]:
+    """One round of every kind of request while Redis is down."""
+    zip_body = {"content": zip_bytes, "headers": {"Content-Type": "application/zip"}}
     calls = [
         ("GET /v1/jobs", lambda: c.get("/v1/jobs")),
         ("GET job", lambda: c.get(f"/v1/jobs/{job_id}")),
@@ -62,6 +70,7 @@ def test_redis_killed_and_restarted(private_redis: PrivateRedis, stack_factory) 
     # A lease longer than the outage: the running job should ride it out without a restart.
     st: Stack = stack_factory(private_redis.url, lease_ttl_s=20.0)
     small_imagefolder(Path(st.settings.data_root) / "hym", per_class=6)
+    zip_bytes = _valid_zip(Path(st.settings.data_root) / "hym")
     r, keys = store.connect(private_redis.url), store.Keys(st.settings.redis_prefix)
     st.start_api()
     st.start_worker("w1")
@@ -81,7 +90,7 @@ def test_redis_killed_and_restarted(private_redis: PrivateRedis, stack_factory) 
         seen: list[tuple[str, int, str | None]] = []
         t_down = time.monotonic()
         while time.monotonic() - t_down < DOWN_S:
-            seen += _probe(c, ids[0])
+            seen += _probe(c, ids[0], zip_bytes)
         private_redis.start()
         codes = Counter((name, code) for name, code, _ in seen)
         print("while Redis was down:", dict(codes))
@@ -95,6 +104,9 @@ def test_redis_killed_and_restarted(private_redis: PrivateRedis, stack_factory) 
             time.sleep(0.5)
         listed = {j["id"] for j in c.get("/v1/jobs", params={"limit": 100}).json()["data"]}
         assert listed == set(ids), listed
+        # Uploads refused for want of Redis left neither a record nor files behind.
+        assert c.get("/v1/datasets").json()["data"] == []
+        assert sorted(p.name for p in references.datasets_dir(st.settings).iterdir()) == []
 
         finals = {}
         deadline = time.monotonic() + 240
