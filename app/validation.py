@@ -212,6 +212,9 @@ class Validator:
             new["created_at"] = record["created_at"]
         else:
             new = {**record, "status": FAILED, "error": error}
+            # The zip goes before the status says `failed`: whoever sees the final status must find
+            # nothing left of the upload (a crash here ends `validation_interrupted`, also failed).
+            pending_zip(self.settings, ds_id).unlink(missing_ok=True)
 
         def _tx(pipe: redis.client.Pipeline) -> bool:
             raw = pipe.get(self.keys.dataset(ds_id))
