@@ -10,6 +10,10 @@ import tempfile
 
 import typer
 
+# Seconds `spkd serve` waits on SIGTERM for open requests before it cuts them: live-event streams
+# never end by themselves, and compose's stop_grace_period (SIGKILL after) is longer than this.
+SERVE_GRACE_S = 10
+
 
 def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; keys are required off loopback"),
@@ -28,7 +32,13 @@ def serve(
     import uvicorn
 
     uvicorn.run(
-        "app.main:app", host=host, port=port, workers=workers, log_level=log_level, proxy_headers=True
+        "app.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=True,
+        timeout_graceful_shutdown=SERVE_GRACE_S,
     )
 
 
