@@ -28,7 +28,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -573,7 +573,16 @@ def _origin(uri: str) -> tuple[str, str, int, str] | None:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         return None
+    if _climbs(parts.path):
+        return None
     return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path.rstrip("/")
+
+
+def _climbs(path: str) -> bool:
+    """True when the path has a dot segment ('.' or '..', RFC 3986 §5.2.4), percent-encoded or with a
+    ';' parameter: the server or a proxy resolves it, so the prefix check would pass a path that
+    leaves the allowed one (`/mlflow/../admin`)."""
+    return any(seg.split(";")[0] in (".", "..") for seg in unquote(path).split("/"))
 
 
 def tracking_uri_allowed(settings: Settings, uri: str) -> bool:

@@ -280,6 +280,15 @@ ALLOWED_MLFLOW = "https://mlflow.internal:5000,http://10.0.0.7/mlflow"
         ("https://attacker.example/https://mlflow.internal:5000", False),
         ("http://10.0.0.7/mlflowx", False),  # a path prefix ends at a segment
         ("http://10.0.0.7/", False),
+        # Dot segments climb out of the allowed path on the server (it or a proxy normalises them).
+        ("http://10.0.0.7/mlflow/../admin", False),
+        ("http://10.0.0.7/mlflow/%2e%2e/admin", False),
+        ("http://10.0.0.7/mlflow/%2E%2e/%2e%2E/x", False),
+        ("http://10.0.0.7/mlflow/./../x", False),
+        ("http://10.0.0.7/mlflow/..%2fadmin", False),  # an encoded '/' hides a segment
+        ("http://10.0.0.7/mlflow/a/..", False),
+        ("http://10.0.0.7/mlflow/..;/admin", False),  # a path parameter: '..' to Tomcat-style proxies
+        ("http://10.0.0.7/mlflow/..runs", True),  # a name that starts with dots is no dot segment
     ],
 )
 def test_a_job_names_only_mlflow_servers_the_operator_allows(
