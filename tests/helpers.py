@@ -17,7 +17,8 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,6 +277,20 @@ def make_stack(tmp: Path, url: str, **over: object) -> Stack:
     # settings_env covers the common fields; pass the test's own overrides through as well.
     extra = {f"SPKD_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in over.items()}
     return Stack(settings=s, log_dir=logs, extra_env=extra)
+
+
+@contextmanager
+def running(st: Stack) -> Iterator[Stack]:
+    """A module fixture's stack: its logs printed when starting it or a test fails, its processes
+    stopped and its Redis keys deleted at the end."""
+    try:
+        yield st
+    except Exception:
+        print(st.logs())
+        raise
+    finally:
+        st.stop()
+        store.delete_prefix(store.connect(st.settings.redis_url), st.settings.redis_prefix)
 
 
 @dataclass

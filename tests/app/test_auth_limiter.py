@@ -16,9 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.auth import AuthLimiter, client_key
-from core import store
 from core.settings import Settings
-from tests.helpers import KEY_A, KEY_B, Stack, make_stack
+from tests.helpers import KEY_A, KEY_B, Stack, make_stack, running
 
 LIMIT = 20
 WRONG = 120  # wrong keys in the burst
@@ -32,16 +31,10 @@ def api(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[St
     st = make_stack(
         tmp_path_factory.mktemp("authlimit"), redis_url, auth_fail_limit=LIMIT, auth_fail_window_s=600
     )
-    try:
+    with running(st):
         st.start_api()
         st.wait_api()
         yield st
-    except Exception:
-        print(st.logs())
-        raise
-    finally:
-        st.stop()
-        store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
 def _burst(url: str, keys: list[str]) -> list[tuple[str, int, str]]:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from core.settings import Settings
-from tests.helpers import KEY_A, Stack, tiny_spec
+from tests.helpers import KEY_A, Stack, running, tiny_spec
 
 LIMIT = 100_000  # SPKD_MAX_BODY_BYTES in these tests
 UPLOAD_LIMIT = 2_000_000  # SPKD_MAX_UPLOAD_BYTES
@@ -28,22 +28,15 @@ BIG = 50_000_000  # what the client would send
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, redis_url: str):
-    from core import store
     from tests.helpers import make_stack
 
     st = make_stack(
         tmp_path_factory.mktemp("limit"), redis_url, max_body_bytes=LIMIT, max_upload_bytes=UPLOAD_LIMIT
     )
-    try:
+    with running(st):
         st.start_api()
         st.wait_api()
         yield st
-    except Exception:
-        print(st.logs())
-        raise
-    finally:
-        st.stop()
-        store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
 def _send_until_answered(s: socket.socket, pieces: Iterator[bytes], seconds: float) -> tuple[int, bytes]:

@@ -23,7 +23,7 @@ from app.main import create_app
 from cli import procs
 from core import store, webhook_outbox, webhook_security, webhook_store
 from core.settings import Settings
-from tests.helpers import KEY_A, KEY_B, ROOT, SPKD, Stack, make_settings, make_stack, tiny_spec
+from tests.helpers import KEY_A, KEY_B, ROOT, SPKD, Stack, make_settings, make_stack, running, tiny_spec
 from tests.receiver import FAST, HANG, Receiver, finished, register, verify_standard_webhook, wait_log
 from workers.webhooks import Sender
 
@@ -35,7 +35,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     """The API and one worker that only runs the webhook sender (its job queue gets nothing)."""
     st = make_stack(tmp_path_factory.mktemp("wh"), redis_url, **FAST)
     (st.settings.data_root / "hym").mkdir(parents=True)
-    try:
+    with running(st):
         st.start_api()
         args = [SPKD, "worker", "--name", "whw", "--queue", f"{st.settings.queue}-idle", "--no-preload"]
         st.workers["whw"] = procs.spawn("worker", args, st.log_dir / "worker.log", env=st.env, cwd=st.log_dir)
@@ -43,12 +43,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         r, keys = store.connect(redis_url), store.Keys(st.settings.redis_prefix)
         procs.wait_until(lambda: store.live_workers(r, keys, 5), 60, "the worker", list(st.workers.values()))
         yield st
-    except Exception:
-        print(st.logs())
-        raise
-    finally:
-        st.stop()
-        store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
 def cancelled_job(c: httpx.Client) -> str:

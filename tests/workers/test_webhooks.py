@@ -11,8 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from core import store
-from tests.helpers import Stack, make_stack, small_imagefolder, tiny_spec
+from tests.helpers import Stack, make_stack, running, small_imagefolder, tiny_spec
 from tests.receiver import FAST, HANG, Receiver, finished, register, wait_log
 
 pytestmark = pytest.mark.slow
@@ -22,17 +21,11 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
     st = make_stack(tmp_path_factory.mktemp("whe2e"), redis_url, **FAST)
     small_imagefolder(st.settings.data_root / "hym", per_class=4)
-    try:
+    with running(st):
         st.start_api()
         st.start_worker("w1")
         st.wait_ready()
         yield st
-    except Exception:
-        print(st.logs())
-        raise
-    finally:
-        st.stop()
-        store.delete_prefix(store.connect(redis_url), st.settings.redis_prefix)
 
 
 def wait_final(c: httpx.Client, job_id: str, timeout: float) -> dict:
