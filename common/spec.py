@@ -317,6 +317,21 @@ class TrainSpec(_Strict):
     )
 
 
+class ExportSpec(_Strict):
+    """What the export stage ships besides the fp32 models (models/results/deploy.py)."""
+
+    int8: bool = Field(
+        default=True,
+        description="also write student.int8.onnx: onnxruntime post-training static quantisation "
+        "(QDQ, per-channel weights, calibrated on training images)",
+    )
+    int8_max_drop: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=1.0,
+        description="accuracy points the int8 model may lose against fp32 on the report split; past "
+        "it the model is still written, and the report and a warning event say not to use it",
+    )
+
+
 TRACKING_URI_MAX = 2000
 INTEGRATIONS_MAX = 4
 
@@ -429,6 +444,7 @@ class JobSpec(_Strict):
     baseline: bool = Field(
         default=True, description="also fine-tune the student without SP to report the gain"
     )
+    export: ExportSpec = ExportSpec()
     integrations: list[MlflowIntegration] = Field(
         default_factory=list,
         max_length=INTEGRATIONS_MAX,

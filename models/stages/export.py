@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from models.results import export
-from models.results.report import write_report
+from models.results import deploy, export
+from models.results.report import deploy_card_lines, write_report
 from models.stages.common import finished_student, finished_teacher
 from models.training import guards
 from models.training.engine import Runtime
@@ -64,11 +64,16 @@ def run_stage(run: Run) -> None:
         ),
     )
     folders = _hub_folders(run, out, shipped, teacher)
+    measured = {"teacher": teacher, "student": finished_student(run, shipped)}
+    if shipped != "baseline" and "baseline" in results:
+        measured["baseline"] = finished_student(run, "baseline")
+    deployed = deploy.measure_job(run, out, measured)  # costs side by side, student.int8.onnx
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
-    metrics = build_metrics(run)
+    metrics = {**build_metrics(run), "deploy": deployed}
     export.write_json(out / "metrics.json", metrics)
     for folder, (title, role) in folders.items():
-        export.write_model_card(folder, title, _card_lines(run, role, metrics))
+        lines = _card_lines(run, role, metrics) + deploy_card_lines(metrics, role)
+        export.write_model_card(folder, title, lines)
     write_report(out)  # report.html + curves.png from metrics.json
     _publish(run, out)
 
