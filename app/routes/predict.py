@@ -37,12 +37,13 @@ def _check_job(ctx: Ctx, owner: str, job_id: str) -> tuple[dict[str, Any], dict[
     """The caller's finished job and its registered ONNX file, or the 404 / 409 that says why not."""
     job = own_job(ctx, owner, job_id)
     if job["status"] != store.SUCCEEDED:
-        raise ApiError(
+        err = ApiError(
             409,
             "job_not_finished",
             f"job {job_id} is {job['status']}: only a succeeded job has a model to predict with",
-            status=job["status"],
         )
+        err.extra["status"] = job["status"]  # `status` is also ApiError's HTTP status argument
+        raise err
     onnx = store.get_artifact(ctx.redis, ctx.keys, job_id, "student.onnx")
     config = store.get_artifact(ctx.redis, ctx.keys, job_id, "student/config.json")
     if onnx is None or config is None:

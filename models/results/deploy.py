@@ -426,11 +426,24 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
         "student_vs_teacher": summarise(rows),
         "int8": int8,
     }
-    if block["student_vs_teacher"]:
-        run.reporter.event("info", block["student_vs_teacher"]["headline"], **block["student_vs_teacher"])
-    if int8 is not None and int8.get("usable") is False and "error" not in int8:
-        run.reporter.event("warning", int8_warning(int8), file=INT8_FILE, drop_points=int8["drop_points"])
+    for kind, message, data in events(block):
+        run.reporter.event(kind, message, **data)
     return block
+
+
+def events(block: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The events a deploy block is announced with: the headline (`info`), and a `warning` that says
+    not to use an int8 model that lost more than allowed (a failed quantisation warned already)."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    summary = block.get("student_vs_teacher")
+    if summary:
+        out.append(("info", summary["headline"], dict(summary)))
+    int8 = block.get("int8")
+    if isinstance(int8, dict) and int8.get("usable") is False and "error" not in int8:
+        out.append(
+            ("warning", int8_warning(int8), {"file": int8["file"], "drop_points": int8["drop_points"]})
+        )
+    return out
 
 
 def _precision(runtime: Runtime) -> str:
