@@ -391,11 +391,14 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
             weights = out / folders[role] / WEIGHTS_FILE
             row["weights_file"] = f"{folders[role]}/{WEIGHTS_FILE}"
             row["weights_bytes"] = weights.stat().st_size
+            row["onnx_file"] = STUDENT_ONNX if role == "student" else None  # others: measured only
+            if role != "student" and not _export_for_measuring(run, model, size, Path(tmp) / f"{role}.onnx"):
+                row["onnx_bytes"] = None  # no latency either; the job goes on
+                rows[role] = row
+                continue
             if role != "student":
                 onnx_files[role] = Path(tmp) / f"{role}.onnx"
-                export.export_onnx(model, size, onnx_files[role])
             row["onnx_bytes"] = onnx_files[role].stat().st_size
-            row["onnx_file"] = STUDENT_ONNX if role == "student" else None  # others: measured only
             rows[role] = row
         rows["student"]["trained"] = shipped
         if "baseline" in results and "baseline" not in models:
@@ -413,10 +416,16 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
     gpu = None
     if run.runtime.is_cuda:
         batch = spec.train.batch_size
-        throughput = gpu_throughput(models, size, batch, run.runtime)
+        gpu = {"device": str(run.runtime.device), "batch": batch, "precision": _precision(run.runtime)}
+        try:
+            throughput = gpu_throughput(models, size, batch, run.runtime)
+        except torch.cuda.OutOfMemoryError as exc:  # a measurement, not a reason to fail the job
+            torch.cuda.empty_cache()
+            gpu["error"] = f"out of GPU memory at batch {batch}: {str(exc)[:200]}"
+            run.reporter.event("warning", f"no GPU throughput measured: {gpu['error']}")
+            throughput = {}
         for role, value in throughput.items():
             rows[role]["gpu_images_per_s"] = value
-        gpu = {"device": str(run.runtime.device), "batch": batch, "precision": _precision(run.runtime)}
     block = {
         "image_size": size,
         "flops_counter": FLOPS_COUNTER,
@@ -444,6 +453,23 @@ def events(block: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             ("warning", int8_warning(int8), {"file": int8["file"], "drop_points": int8["drop_points"]})
         )
     return out
+
+
+def _export_for_measuring(run: Run, model: torch.nn.Module, size: int, path: Path) -> bool:
+    """Export a model that is only measured (the teacher, the baseline) to ONNX; False, with an
+    `info` event, when neither exporter can (the row then has no ONNX size or latency). A full
+    disk still fails the job, as for the shipped student's export."""
+    try:
+        export.export_onnx(model, size, path)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a model the exporters cannot translate: not measured
+        if export.disk_full(exc):
+            raise
+        run.reporter.event(
+            "info",
+            f"{path.stem}: no ONNX latency measured, the export failed ({type(exc).__name__}: {exc})"[:500],
+        )
+        return False
 
 
 def _precision(runtime: Runtime) -> str:
@@ -489,6 +515,8 @@ def _int8(run: Run, out: Path) -> dict[str, Any]:
             spec.train.seed,
         )
     except Exception as exc:  # noqa: BLE001 - int8 is an extra: the job ships its fp32 models anyway
+        if export.disk_full(exc):  # the fp32 artifacts would not fit either: fail as the export does
+            raise
         (out / INT8_FILE).unlink(missing_ok=True)
         message = f"no {INT8_FILE}: onnxruntime's quantisation failed ({type(exc).__name__}: {exc})"[:500]
         run.reporter.event("warning", message)
