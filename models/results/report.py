@@ -362,8 +362,8 @@ def deploy_card_lines(metrics: dict[str, Any], role: str) -> list[str]:
         lat = row.get("latency_ms") or {}
         lines.append(
             f"- Cost at {deploy.get('image_size')} px: {fmt_count(row['params'])} parameters, "
-            f"{row['flops'] / 1e9:.3f} GFLOPs ({row['macs'] / 1e9:.3f} GMACs) per image, ONNX "
-            f"{row['onnx_bytes'] / 1e6:.2f} MB; CPU latency p50 {_ms(lat.get('p50'))} ms, p95 "
+            f"{_g(row.get('flops'))} GFLOPs ({_g(row.get('macs'))} GMACs) per image, ONNX "
+            f"{_bytes_mb(row.get('onnx_bytes'))} MB; CPU latency p50 {_ms(lat.get('p50'))} ms, p95 "
             f"{_ms(lat.get('p95'))} ms (onnxruntime, batch 1, "
             f"{(deploy.get('cpu') or {}).get('threads')} thread)"
         )

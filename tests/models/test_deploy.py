@@ -171,6 +171,23 @@ def test_an_int8_model_past_its_allowance_is_marked_do_not_use(hym_run) -> None:
     assert "do not use student.int8.onnx" in card
 
 
+def test_a_teacher_the_exporters_cannot_translate_is_shown_without_onnx(hym_run) -> None:
+    """measure_job leaves a model it could not export with `onnx_bytes: None` and no latency (an
+    `info` event, the job goes on): the headline is dropped, and the report, the text table and
+    that model's card say n/a instead of failing the export stage."""
+    _, metrics, _, _, _ = hym_run
+    d = metrics["deploy"]
+    teacher = {k: v for k, v in d["models"]["teacher"].items() if k != "latency_ms"}
+    rows = {**d["models"], "teacher": {**teacher, "onnx_bytes": None}}
+    assert deploy.summarise(rows) is None
+    block = {**d, "models": rows, "student_vs_teacher": deploy.summarise(rows)}
+    assert not [e for e in deploy.events(block) if e[0] == "info"]  # no headline without a teacher latency
+    card = "\n".join(report.deploy_card_lines({**metrics, "deploy": block}, "teacher"))
+    assert "ONNX n/a MB; CPU latency p50 n/a ms" in card
+    assert "teacher" in report.deploy_text(block) and "n/a" in report.deploy_text(block)
+    assert "<h2>Deploy: what each model costs</h2>" in report.render_html({**metrics, "deploy": block}, b"")
+
+
 def test_report_and_model_cards_show_the_costs(hym_run) -> None:
     out, metrics, _, _, _ = hym_run
     d = metrics["deploy"]
