@@ -134,6 +134,11 @@ class DatasetSpec(_Strict):
         description="share of train held out (stratified, seeded) to choose the best epoch, the weights "
         "and the shipped student when the dataset has no test/ split; 0: no selection, last epoch ships",
     )
+    ship_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.5,
+        description="share of the selection split (stratified, seeded) that only decides which student "
+        "ships; the rest picks best epochs and weights. 0: the whole selection split does both",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:

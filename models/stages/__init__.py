@@ -65,13 +65,14 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         planned=_always,
         body=evaluate.run_stage,
+        produces=("soup.safetensors",),
         needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors"),
     ),
     Stage(
         "export",
         planned=_always,
         body=export.run_stage,
-        needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors"),
+        needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors", "soup.safetensors"),
     ),
 )
 

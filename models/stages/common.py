@@ -50,6 +50,30 @@ def finished_student(run: Run, which: str) -> torch.nn.Module:
     return run.kept[which]
 
 
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of same-architecture state_dicts ("model soups", Wortsman et al., ICML
+    2022, the uniform soup): every floating tensor, BN running means and variances included, is
+    averaged in float64 and cast back; integer tensors (BN num_batches_tracked) get the floor of
+    the mean. Raises ValueError for no states or mismatched keys."""
+    if not states or any(s.keys() != states[0].keys() for s in states):
+        raise ValueError("average_state_dicts needs state_dicts with the same keys")
+    out = {}
+    for key, first in states[0].items():
+        stacked = torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
+        mean = stacked.mean(0)
+        out[key] = (mean if first.is_floating_point() else mean.floor()).to(first.dtype)
+    return out
+
+
+def student_soup(run: Run) -> torch.nn.Module:
+    """The weight average of the finished baseline and distilled students (both started from the
+    same weights, so their average sits in the same basin; see average_state_dicts)."""
+    model, _ = BANK.copy(_key(run, "student"))
+    states = [finished_student(run, w).state_dict() for w in ("baseline", "distilled")]
+    model.load_state_dict(average_state_dicts(states))
+    return prepare(model, run.runtime)
+
+
 def finished_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """`build_teacher`, once per run for evaluate and export."""
     if "teacher" not in run.kept:

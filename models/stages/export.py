@@ -32,8 +32,8 @@ def run_stage(run: Run) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     shipped = results["shipped"]["student"]
-    for which in ("distilled", "baseline"):
-        if which not in results:
+    for which in ("distilled", "baseline", "soup"):
+        if which not in results or (which == "soup" and shipped != "soup"):  # the soup: only when it ships
             continue
         student = finished_student(run, which)
         guards.require_finite_weights(student, f"{which} student")  # never export NaN weights
@@ -83,8 +83,8 @@ def _hub_folders(run: Run, out: Path, shipped: str, teacher: torch.nn.Module) ->
     own name (`baseline/` or `distilled/`), `teacher/`. Returns {folder: (card title, role)}."""
     spec, results = run.spec, run.state.results
     folders: dict[Path, tuple[str, str]] = {}
-    for which in ("distilled", "baseline"):
-        if which in results:
+    for which in ("distilled", "baseline", "soup"):
+        if which in results and (which != "soup" or shipped == "soup"):
             folder = out / ("student" if which == shipped else which)
             export.save_hub_folder(
                 finished_student(run, which), folder, run.scan.classes, run.data.student_cfg
@@ -102,6 +102,8 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
         "distilled": f"fine-tuned with cross-entropy plus Similarity-Preserving KD (Tung & Mori, ICCV 2019) "
         f"from the fine-tuned teacher `{spec.teacher.model}`",
         "baseline": "fine-tuned alone (cross-entropy), the comparison run of a distillation job",
+        "soup": "the weight average of the distilled student and the student fine-tuned alone "
+        "(a uniform model soup, Wortsman et al., ICML 2022)",
         "teacher": "the teacher, fine-tuned on this data",
     }[role]
     sizes = metrics["protocol"]["sizes"]
@@ -168,10 +170,14 @@ def build_metrics(run: Run) -> dict[str, Any]:
         "teacher": results.get("teacher", {"val_acc": None}),
         "baseline": baseline,
         "distilled": distilled,
+        "soup": results.get("soup"),
         "gain": gain,
         "comparison": results.get("comparison"),
         "shipped": results["shipped"]["student"],
         "shipped_reason": results["shipped"]["reason"],
+        "ship_evidence": results["shipped"].get("evidence"),
+        "ship_rule": results["shipped"].get("rule"),
+        "old_rule_shipped": results["shipped"].get("old_rule"),
         "distill_weights": results.get("distill_weights"),
         "protocol": {
             "train": run.scan.roles["train"],
