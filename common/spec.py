@@ -178,10 +178,22 @@ class RkdOptions(_Strict):
     )
 
 
+class DistOptions(_Strict):
+    """DIST (Huang et al., NeurIPS 2022): Pearson-correlation relations of the softened logits."""
+
+    beta: Annotated[float, Field(ge=0, le=1e3)] = Field(
+        default=1.0, description="weight of the inter-class relation loss (per image, across classes)"
+    )
+    gamma: Annotated[float, Field(ge=0, le=1e3)] = Field(
+        default=1.0, description="weight of the intra-class relation loss (per class, across the batch)"
+    )
+    tau: Annotated[float, Field(gt=0, le=100)] = Field(default=1.0, description="softmax temperature")
+
+
 # The distillation methods a job adds under `distill.methods`, by their registry name in
 # models/methods/, with the options each takes. `sp` and `kd` have their own fields above.
-METHOD_OPTIONS: dict[str, type[_Strict]] = {"rkd": RkdOptions}
-MethodOptions = RkdOptions  # the union of METHOD_OPTIONS' values (one member so far)
+METHOD_OPTIONS: dict[str, type[_Strict]] = {"rkd": RkdOptions, "dist": DistOptions}
+MethodOptions = RkdOptions | DistOptions  # the union of METHOD_OPTIONS' values
 FIELD_METHODS = {"sp": "distill.sp_weight", "kd": "distill.kd_weight"}
 
 
@@ -222,6 +234,11 @@ class DistillSpec(_Strict):
         "candidates searched on the selection split (with sp_weight's, when that is a list too)",
     )
     temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
+    kd_standardize: bool = Field(
+        default=False,
+        description="KD on Z-scored logits (Sun et al., CVPR 2024: logit standardisation), teacher and "
+        "student alike, so the student matches the logits' relations, not their scale",
+    )
     methods: Annotated[dict[str, MethodOptions], BeforeValidator(_check_methods)] = Field(
         default_factory=dict,
         description="more distillation methods, added to SP/KD, by name with their options: "
