@@ -62,10 +62,25 @@ Weights = Annotated[str, AfterValidator(_check_weights)]
 class FinetuneSpec(_Strict):
     """Fine-tune the teacher on the target set before distillation."""
 
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 15
+    epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=15,
+        description="epochs of fine-tuning; 'auto': until the selection accuracy has not improved for "
+        "`patience` epochs (at most `max_epochs`), keeping the best epoch",
+    )
     lr: Annotated[float | None, Field(gt=0, le=10)] = Field(
         default=None, description="learning rate; default: train.lr"
     )
+    patience: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="epochs: auto: stop after this many epochs without a better selection accuracy"
+    )
+    max_epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=30, description="epochs: auto: at most this many epochs (the learning-rate schedule's length)"
+    )
+
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs the schedule spans: `epochs`, or `max_epochs` for auto."""
+        return self.max_epochs if self.epochs == "auto" else self.epochs
 
 
 class TeacherSpec(_Strict):

@@ -43,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
         "teacher_finetune",
         planned=lambda spec: spec.teacher.finetune is not None,
         body=teacher.run_stage,
-        epochs=lambda spec: spec.teacher.finetune.epochs,
+        epochs=lambda spec: spec.teacher.finetune.planned_epochs,
         produces=("teacher.safetensors", "teacher_finetune.best.safetensors"),
     ),
     Stage(

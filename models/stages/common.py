@@ -98,6 +98,15 @@ def best_row(curve: list[dict]) -> dict:
     return max(curve, key=lambda r: (r["val_acc"], r["epoch"]))
 
 
+def stalled(curve: list[dict], patience: int) -> bool:
+    """True when the last `patience` epochs brought no strictly higher accuracy than the best
+    before them (early stopping on the choice split's `val_acc`)."""
+    if len(curve) <= patience:
+        return False
+    before = max(r["val_acc"] for r in curve[:-patience])
+    return max(r["val_acc"] for r in curve[-patience:]) <= before
+
+
 def _best_file(run: Run, stage: str) -> Path:
     return run.ckpt_file(f"{stage}.best.safetensors")
 
@@ -127,13 +136,17 @@ def train(
     distiller: Distiller,
     epochs: int,
     lr: float,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Run one training stage with resume and checkpoints; leave `model` at its best epoch.
 
     With a selection split every epoch is scored on it and the best epoch's weights (ties: the later
     epoch) are kept in checkpoints/<stage>.best.safetensors before the epoch's checkpoint is saved,
     so a resumed run chooses exactly as an uninterrupted one. Without one the last epoch is kept.
-    Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"}.
+    `patience`: stop once the selection accuracy has not improved for that many epochs (the
+    schedule still spans `epochs`); None: train every epoch.
+    Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"
+    (trained)}.
     """
     train_batches, val_batches = run.data.loaders(stage)
     resume = _resume(run, stage)
@@ -166,8 +179,17 @@ def train(
         val_batches=val_batches,
         steps_per_epoch=run.data.steps_per_epoch,
         eval_split=run.data.choice_split,
+        stop=None if patience is None else lambda curve: stalled(curve, patience),
     )
     curve, _ = train_stage(plan, run.runtime, run.reporter, run.clock, on_epoch_end, resume)
+    if len(curve) < epochs:
+        run.reporter.event(
+            "info",
+            f"{stage}: stopped after epoch {len(curve)}: no better selection accuracy for {patience} epochs",
+            stage=stage,
+            epochs=len(curve),
+        )
+    epochs = len(curve)
     if not run.selecting:
         return {"best_epoch": curve[-1]["epoch"], "select_acc": None, "select_loss": None, "epochs": epochs}
     best = best_row(curve)
