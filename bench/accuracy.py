@@ -65,11 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, 32 px, 1 epoch")
     p.add_argument(
-        "--teacher-image-size",
-        default=None,
-        help="teacher.image_size of every job (a number or 'auto'); default: the spec's default",
-    )
-    p.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -111,9 +106,6 @@ def job_spec(
     teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
         teacher = {"model": args.teacher, "weights": str(teacher_file)}
-    if getattr(args, "teacher_image_size", None) is not None:
-        size = args.teacher_image_size
-        teacher["image_size"] = size if size == "auto" else int(size)
     return JobSpec.model_validate(
         {
             "teacher": teacher,
