@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, 32 px, 1 epoch")
     p.add_argument(
+        "--ship-fraction",
+        type=float,
+        default=0.5,
+        help="dataset.ship_fraction of every job: the new rule decides on that share of the selection "
+        "split (0: both rules are the old one)",
+    )
+    p.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -110,7 +117,7 @@ def job_spec(
         {
             "teacher": teacher,
             "student": {"model": args.student, "weights": args.weights},
-            "dataset": {"path": str(args.data)},
+            "dataset": {"path": str(args.data), "ship_fraction": getattr(args, "ship_fraction", 0.5)},
             "distill": {"layers": "auto", **(distill or {})},
             "train": {
                 "epochs": args.epochs,

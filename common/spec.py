@@ -150,9 +150,11 @@ class DatasetSpec(_Strict):
         "and the shipped student when the dataset has no test/ split; 0: no selection, last epoch ships",
     )
     ship_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
-        default=0.5,
+        default=0.0,
         description="share of the selection split (stratified, seeded) that only decides which student "
-        "ships; the rest picks best epochs and weights. 0: the whole selection split does both",
+        "ships, by evidence (models/results/ship.py), among the baseline, the distilled student and their "
+        "weight average; the rest picks best epochs and weights. 0 (default): the whole selection split "
+        "does both and the distilled student ships when its selection accuracy is strictly higher",
     )
 
     @model_validator(mode="after")

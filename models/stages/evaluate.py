@@ -1,7 +1,8 @@
 """evaluate: score the students (the baseline, the distilled one and their weight average, the
 "soup") and the teacher on the report split, compare the students (models/results/stats.py), and
-decide which student ships: on the selection split's ship part (models/results/ship.py), never on
-the report split nor on the images that picked the best epochs."""
+decide which student ships, never on the report split: with a ship part (dataset.ship_fraction > 0)
+by evidence on it (models/results/ship.py), images that picked no best epoch; without one by the old
+rule on the selection split (`distilled_wins`)."""
 
 from __future__ import annotations
 

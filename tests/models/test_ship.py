@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from common.reporter import RecordingReporter
 from models.data import loader
@@ -137,14 +138,50 @@ def test_soup_averages_every_tensor_bn_statistics_included():
         average_state_dicts([sa, {k: v for k, v in sb.items() if k != bn[0]}])
 
 
-def test_ship_fraction_zero_keeps_the_old_rule(color_dataset, tmp_path):
-    spec = tiny_job_spec(
-        dataset={"ship_fraction": 0}, teacher={"finetune": {"epochs": 1}}, train={"epochs": 1}
-    )
-    reporter = RecordingReporter()
-    metrics = run_job(spec, color_dataset, tmp_path, reporter)
+def test_the_default_keeps_the_old_rule(color_dataset, tmp_path):
+    """dataset.ship_fraction 0 (the default until a bench favours the new rule, README): the whole
+    selection split picks the epochs and decides; the soup is scored but never ships."""
+    spec = tiny_job_spec(teacher={"finetune": {"epochs": 1}}, train={"epochs": 1})
+    assert spec.dataset.ship_fraction == 0
+    metrics = run_job(spec, color_dataset, tmp_path, RecordingReporter())
     assert metrics["protocol"]["sizes"] == {"train": 44, "selection": 4, "report": 20}
     assert metrics["ship_rule"] == "selection" and metrics["ship_evidence"] is None
     d, b = metrics["distilled"], metrics["baseline"]
     assert metrics["shipped"] == ("distilled" if d["select_acc"] > b["select_acc"] else "baseline")
-    assert metrics["soup"]["val_acc"] is not None  # scored on the report split all the same
+    assert metrics["soup"]["val_acc"] is not None and not (tmp_path / "soup.safetensors").exists()
+
+
+def test_ship_part_decides_end_to_end(color_dataset, tmp_path):
+    """ship_fraction 0.5: the pick part chose the epochs, the ship part decided, by the evidence
+    rule, among three candidates; what ships is exported as student.*."""
+    spec = tiny_job_spec(dataset={"selection_fraction": 0.25, "ship_fraction": 0.5})
+    reporter = RecordingReporter()
+    metrics = run_job(spec, color_dataset, tmp_path, reporter)
+    sizes = metrics["protocol"]["sizes"]
+    assert sizes["selection"] == sizes["selection_pick"] + sizes["selection_ship"]
+    assert (
+        sizes["selection_ship"] == 6
+        and "0.5 of it decides the shipped student" in metrics["protocol"]["selection"]
+    )
+    assert metrics["ship_rule"] == "ship_part"
+    evidence = metrics["ship_evidence"]
+    assert set(evidence) == {"baseline", "distilled", "soup"} and evidence["baseline"]["n"] == 6
+    for w in ("distilled", "soup"):
+        e = evidence[w]
+        assert e["passes"] == (e["acc"] >= evidence["baseline"]["acc"] and e["loss_ci95"][1] < 0)
+        assert metrics[w]["ship_acc"] == e["acc"] and metrics[w]["ship_loss"] == pytest.approx(e["loss"])
+    passing = [w for w in ("distilled", "soup") if evidence[w]["passes"]]
+    want = min(passing, key=lambda w: evidence[w]["loss"]) if passing else "baseline"
+    assert metrics["shipped"] == want and metrics["shipped_reason"] in [m for _, m, _ in reporter.events]
+    assert metrics["soup"]["of"] == ["baseline", "distilled"] and 0 <= metrics["soup"]["val_acc"] <= 1
+    old = metrics["old_rule_shipped"]
+    assert old["student"] == (
+        "distilled" if old["selection_acc"]["distilled"] > old["selection_acc"]["baseline"] else "baseline"
+    )
+    shipped = load_file(str(tmp_path / "student.safetensors"))
+    other = load_file(str(tmp_path / f"{want}.safetensors"))
+    assert all(torch.equal(shipped[k], other[k]) for k in other)
+    # every epoch was scored on the pick part only: its size is the curves' denominator
+    n_pick = sizes["selection_pick"]
+    for curve in metrics["curves"].values():
+        assert all(abs(r["val_acc"] * n_pick - round(r["val_acc"] * n_pick)) < 1e-6 for r in curve)
