@@ -5,8 +5,9 @@ so streamed bodies and responses pass through untouched.
   JSON error shape (app/errors.py) before the route reads it: at once by its Content-Length, or,
   for a chunked body, as soon as the bytes counted so far pass the limit (the route is then told
   the body failed, so an upload in progress deletes what it wrote). Dataset uploads
-  (POST /v1/datasets) are limited by SPKD_MAX_UPLOAD_BYTES, every other request by
-  SPKD_MAX_BODY_BYTES.
+  (POST /v1/datasets) are limited by SPKD_MAX_UPLOAD_BYTES, predict requests (POST
+  /v1/jobs/{id}/predict) by SPKD_PREDICT_MAX_IMAGES x SPKD_PREDICT_MAX_IMAGE_BYTES, every other
+  request by SPKD_MAX_BODY_BYTES.
 - `TextMiddleware`: query parameters and free-text headers (Idempotency-Key) with control or
   bidirectional-control characters (common.spec.text_problem) are answered 422 naming the
   parameter, the same rule the JSON fields follow.
@@ -17,6 +18,7 @@ Both read the settings from `app.state.settings` at each request.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -34,6 +36,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_ROUTE = ("POST", "/v1/datasets")
+PREDICT_ROUTE = re.compile(r"/v1/jobs/[^/]+/predict/?")  # app/routes/predict.py: images
+MULTIPART_ALLOWANCE = 1024**2  # part headers and boundaries around a predict request's images
 # Headers whose value is stored and shown back as text (others are parsed or compared).
 TEXT_HEADERS = (b"idempotency-key",)
 
@@ -59,6 +63,14 @@ def body_limit(settings: Settings, method: str, path: str) -> tuple[int, str, st
     if (method, path.rstrip("/")) == UPLOAD_ROUTE:
         cap = settings.max_upload_bytes
         return cap, "upload_too_large", f"upload is larger than the {cap} byte limit (SPKD_MAX_UPLOAD_BYTES)"
+    if method == "POST" and PREDICT_ROUTE.fullmatch(path):
+        cap = settings.predict_max_images * settings.predict_max_image_bytes + MULTIPART_ALLOWANCE
+        why = (
+            f"the request body is larger than {cap} bytes: at most SPKD_PREDICT_MAX_IMAGES "
+            f"({settings.predict_max_images}) images of SPKD_PREDICT_MAX_IMAGE_BYTES "
+            f"({settings.predict_max_image_bytes}) each"
+        )
+        return cap, "payload_too_large", why
     cap = settings.max_body_bytes
     why = f"the request body is larger than the {cap} byte limit (SPKD_MAX_BODY_BYTES)"
     return cap, "payload_too_large", why

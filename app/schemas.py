@@ -297,3 +297,54 @@ class Ready(BaseModel):
     redis: bool
     workers: int
     detail: str | None = None
+
+
+class LabelScore(BaseModel):
+    label: str = Field(examples=["bees"])
+    index: int = Field(description="the class index (position in the job's class list)", examples=[1])
+    probability: float = Field(ge=0, le=1, examples=[0.93])
+
+
+class ImagePrediction(BaseModel):
+    file: str = Field(description="the uploaded file's name", examples=["photo.jpg"])
+    top: list[LabelScore] = Field(description="the top_k classes, most probable first")
+
+
+class PredictModel(BaseModel):
+    architecture: str = Field(
+        description="timm model name of the shipped student", examples=["tf_efficientnet_lite0"]
+    )
+    trained: str | None = Field(
+        description="which student shipped: distilled or baseline (metrics.json `shipped`)",
+        examples=["distilled"],
+    )
+    file: str = Field(examples=["student.onnx"])
+    image_size: int = Field(examples=[224])
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "job_id": JOB_ID_EXAMPLE,
+                "model": {
+                    "architecture": "tf_efficientnet_lite0",
+                    "trained": "distilled",
+                    "file": "student.onnx",
+                    "image_size": 224,
+                },
+                "predictions": [
+                    {
+                        "file": "photo.jpg",
+                        "top": [
+                            {"label": "bees", "index": 1, "probability": 0.93},
+                            {"label": "ants", "index": 0, "probability": 0.07},
+                        ],
+                    }
+                ],
+            }
+        }
+    )
+    job_id: str
+    model: PredictModel
+    predictions: list[ImagePrediction]

@@ -6,8 +6,17 @@ alone) and distils with `sp_weight: auto` (the default job). Every other variant
 starts from that job's fine-tuned teacher (`teacher.weights: <its teacher.safetensors>`, no
 fine-tuning) and trains only the distilled student, with the same seed: same student
 initialisation, same data order, same selection split. Accuracies are on the report split (val/,
-or test/ when the dataset has one); "shipped" is what the job would ship (the baseline when it
-beats the distilled student on the selection split).
+or test/ when the dataset has one); "shipped" is what the job ships for `auto` (the default job,
+models/results/ship.py: the baseline unless the distilled student or the soup earns it on the ship
+part), and what the old rule would ship for the other variants (they train no baseline of their own).
+
+The shipping rules, per seed (the default job): what the OLD rule (a strictly higher accuracy on
+the whole selection split, at the kept epochs) and the NEW rule (the job's own decision) ship,
+and which of the two students is better on the report split. The rule-accuracy count says how
+often each rule shipped a student at least as good on the report split as the other student (a
+tie on the report split counts as right), and the mean report accuracy of what each rule ships.
+Both rules judge the same two trained students (best epochs picked on the pick part); the old
+rule's own protocol also picked the epochs on the images it judged on, which only adds to its bias.
 
 Variants (`--variants`): `baseline`, `auto` (the default job), `auto@0.1` (auto with another SP
 share), `sp:3000` (a fixed weight), `search:300/1000/3000` (the list search), `layers:blocks.6`
@@ -56,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny models, 32 px, 1 epoch")
     p.add_argument(
+        "--ship-fraction",
+        type=float,
+        default=0.5,
+        help="dataset.ship_fraction of every job: the new rule decides on that share of the selection "
+        "split (0: both rules are the old one)",
+    )
+    p.add_argument(
         "--merge",
         type=Path,
         nargs="+",
@@ -101,7 +117,7 @@ def job_spec(
         {
             "teacher": teacher,
             "student": {"model": args.student, "weights": args.weights},
-            "dataset": {"path": str(args.data)},
+            "dataset": {"path": str(args.data), "ship_fraction": getattr(args, "ship_fraction", 0.5)},
             "distill": {"layers": "auto", **(distill or {})},
             "train": {
                 "epochs": args.epochs,
@@ -145,6 +161,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         "report_n": base["protocol"]["sizes"]["report"],
         "variants": {"baseline": {"acc": baseline["val_acc"], "shipped": baseline["val_acc"]}},
         "seconds": {"auto": seconds},
+        "rules": rules(base),
     }
     for name in args.variants:
         if name == "baseline":
@@ -158,13 +175,71 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
                 args, spec, args.out / f"seed{seed}" / _slug(name), settings.get("share")
             )
         d = metrics["distilled"]
-        ships_baseline = d.get("select_acc") is not None and not distilled_wins(baseline, d)
+        if name == "auto":
+            shipped = metrics[metrics["shipped"]]["val_acc"]
+        else:  # no baseline of its own: the old rule against the seed's baseline
+            ships_baseline = d.get("select_acc") is not None and not distilled_wins(baseline, d)
+            shipped = baseline["val_acc"] if ships_baseline else d["val_acc"]
         row["variants"][name] = {
             "acc": d["val_acc"],
-            "shipped": baseline["val_acc"] if ships_baseline else d["val_acc"],
+            "shipped": shipped,
             "sp_weight": (metrics.get("distill_weights") or {}).get("sp", {}).get("weight"),
         }
     return row
+
+
+def rules(metrics: dict) -> dict:
+    """What the old and the new rule ship for one default job, and the report split's verdict:
+    {"old", "new", "report" ({student: report accuracy}), "report_better" (of baseline and
+    distilled; "tie" when equal), "old_right", "new_right" (the shipped student's report accuracy
+    >= the other student's)}."""
+    report = {w: metrics[w]["val_acc"] for w in ("baseline", "distilled", "soup") if metrics.get(w)}
+    old = (metrics.get("old_rule_shipped") or {}).get("student") or metrics["shipped"]
+    new = metrics["shipped"]
+    b, d = report["baseline"], report["distilled"]
+    better = "tie" if b == d else ("distilled" if d > b else "baseline")
+    best = max(b, d)
+    return {
+        "old": old,
+        "new": new,
+        "report": report,
+        "report_better": better,
+        "old_right": report[old] >= best,
+        "new_right": report[new] >= best,
+    }
+
+
+def rules_table(rows: list[dict]) -> str:
+    """Per seed: report accuracies, what each rule ships, the report-better student; then the
+    rule-accuracy counts and the mean report accuracy of what each rule ships."""
+    lines = [
+        "| seed | baseline | distilled | soup | report-better | old rule ships | new rule ships |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        x = r["rules"]
+        soup = x["report"].get("soup")
+        lines.append(
+            f"| {r['seed']} | {100 * x['report']['baseline']:.2f} | {100 * x['report']['distilled']:.2f} | "
+            f"{'n/a' if soup is None else f'{100 * soup:.2f}'} | {x['report_better']} | "
+            f"{x['old']}{_wrong(x['old_right'])} | {x['new']}{_wrong(x['new_right'])} |"
+        )
+    n = len(rows)
+    old_ok = sum(r["rules"]["old_right"] for r in rows)
+    new_ok = sum(r["rules"]["new_right"] for r in rows)
+    old_acc = [100 * r["rules"]["report"][r["rules"]["old"]] for r in rows]
+    new_acc = [100 * r["rules"]["report"][r["rules"]["new"]] for r in rows]
+    lines += [
+        "",
+        f"Rule accuracy (shipped a student at least as good on the report split as the other): "
+        f"old rule {old_ok}/{n}, new rule {new_ok}/{n}",
+        f"Report accuracy of what ships, mean +- std: old rule {_ms(old_acc)}, new rule {_ms(new_acc)}",
+    ]
+    return "\n".join(lines)
+
+
+def _wrong(right: bool) -> str:
+    return "" if right else " (wrong)"
 
 
 def _slug(name: str) -> str:
@@ -211,6 +286,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         per = ", ".join(f"{d:+.2f}" for d in s[n]["diff"])
         ship = ", ".join(f"{a - b:+.2f}" for a, b in zip(s[n]["shipped"], s["baseline"]["acc"], strict=True))
         lines.append(f"- {n}: distilled {per} ({_ms(s[n]['diff'])}); shipped {ship}")
+    if all("rules" in r for r in rows):
+        lines += ["", "Shipping rules (the default job of each seed):", "", rules_table(rows)]
     return "\n".join(lines)
 
 

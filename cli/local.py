@@ -127,6 +127,10 @@ def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     )
     for line in gain_lines(metrics):
         console.print(line, markup=False)
+    if isinstance(metrics.get("deploy"), dict):  # what each model costs (models/results/deploy.py)
+        from models.results.report import deploy_text
+
+        console.print(deploy_text(metrics["deploy"]), markup=False, soft_wrap=True)
     names = [f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir() if p.name != "checkpoints"]
     console.print(f"artifacts in {out}: " + ", ".join(sorted(n for n in names if not n.startswith("."))))
 

@@ -23,6 +23,7 @@ Torch-free and numpy-free: the API image imports it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -30,8 +31,9 @@ ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 WHITE = (255, 255, 255, 255)
 
 
-def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode `path` to a loaded 8-bit RGB image following the module's policy.
+def load_rgb(path: str | Path | BinaryIO, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode `path` (a file name, or an open binary file such as an upload) to a loaded 8-bit RGB
+    image following the module's policy.
 
     `draft` (width, height) lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that stays at
     least that large, for speed; other formats ignore it. The file is closed on return.
@@ -41,7 +43,9 @@ def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Im
     return open_rgb(path, draft)[0]
 
 
-def open_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def open_rgb(
+    path: str | Path | BinaryIO, draft: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """`load_rgb` plus the image's full-resolution (height, width), upright (EXIF applied), as
     before any JPEG draft reduction: the in-memory path samples crops in those coordinates."""
     with Image.open(path) as img:

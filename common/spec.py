@@ -62,10 +62,25 @@ Weights = Annotated[str, AfterValidator(_check_weights)]
 class FinetuneSpec(_Strict):
     """Fine-tune the teacher on the target set before distillation."""
 
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 15
+    epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=15,
+        description="epochs of fine-tuning; 'auto': until the selection accuracy has not improved for "
+        "`patience` epochs (at most `max_epochs`), keeping the best epoch",
+    )
     lr: Annotated[float | None, Field(gt=0, le=10)] = Field(
         default=None, description="learning rate; default: train.lr"
     )
+    patience: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="epochs: auto: stop after this many epochs without a better selection accuracy"
+    )
+    max_epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=30, description="epochs: auto: at most this many epochs (the learning-rate schedule's length)"
+    )
+
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs the schedule spans: `epochs`, or `max_epochs` for auto."""
+        return self.max_epochs if self.epochs == "auto" else self.epochs
 
 
 class TeacherSpec(_Strict):
@@ -134,6 +149,13 @@ class DatasetSpec(_Strict):
         description="share of train held out (stratified, seeded) to choose the best epoch, the weights "
         "and the shipped student when the dataset has no test/ split; 0: no selection, last epoch ships",
     )
+    ship_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0,
+        description="share of the selection split (stratified, seeded) that only decides which student "
+        "ships, by evidence (models/results/ship.py), among the baseline, the distilled student and their "
+        "weight average; the rest picks best epochs and weights. 0 (default): the whole selection split "
+        "does both and the distilled student ships when its selection accuracy is strictly higher",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -173,10 +195,22 @@ class RkdOptions(_Strict):
     )
 
 
+class DistOptions(_Strict):
+    """DIST (Huang et al., NeurIPS 2022): Pearson-correlation relations of the softened logits."""
+
+    beta: Annotated[float, Field(ge=0, le=1e3)] = Field(
+        default=1.0, description="weight of the inter-class relation loss (per image, across classes)"
+    )
+    gamma: Annotated[float, Field(ge=0, le=1e3)] = Field(
+        default=1.0, description="weight of the intra-class relation loss (per class, across the batch)"
+    )
+    tau: Annotated[float, Field(gt=0, le=100)] = Field(default=1.0, description="softmax temperature")
+
+
 # The distillation methods a job adds under `distill.methods`, by their registry name in
 # models/methods/, with the options each takes. `sp` and `kd` have their own fields above.
-METHOD_OPTIONS: dict[str, type[_Strict]] = {"rkd": RkdOptions}
-MethodOptions = RkdOptions  # the union of METHOD_OPTIONS' values (one member so far)
+METHOD_OPTIONS: dict[str, type[_Strict]] = {"rkd": RkdOptions, "dist": DistOptions}
+MethodOptions = RkdOptions | DistOptions  # the union of METHOD_OPTIONS' values
 FIELD_METHODS = {"sp": "distill.sp_weight", "kd": "distill.kd_weight"}
 
 
@@ -217,6 +251,11 @@ class DistillSpec(_Strict):
         "candidates searched on the selection split (with sp_weight's, when that is a list too)",
     )
     temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
+    kd_standardize: bool = Field(
+        default=False,
+        description="KD on Z-scored logits (Sun et al., CVPR 2024: logit standardisation), teacher and "
+        "student alike, so the student matches the logits' relations, not their scale",
+    )
     methods: Annotated[dict[str, MethodOptions], BeforeValidator(_check_methods)] = Field(
         default_factory=dict,
         description="more distillation methods, added to SP/KD, by name with their options: "
@@ -314,6 +353,21 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     num_workers: Annotated[int | None, Field(ge=0, le=64)] = Field(
         default=None, description="data loader processes; None: chosen from the host's cores"
+    )
+
+
+class ExportSpec(_Strict):
+    """What the export stage ships besides the fp32 models (models/results/deploy.py)."""
+
+    int8: bool = Field(
+        default=True,
+        description="also write student.int8.onnx: onnxruntime post-training static quantisation "
+        "(QDQ, per-channel weights, calibrated on training images)",
+    )
+    int8_max_drop: Annotated[float, Field(ge=0, le=100)] = Field(
+        default=1.0,
+        description="accuracy points the int8 model may lose against fp32 on the report split; past "
+        "it the model is still written, and the report and a warning event say not to use it",
     )
 
 
@@ -429,6 +483,7 @@ class JobSpec(_Strict):
     baseline: bool = Field(
         default=True, description="also fine-tune the student without SP to report the gain"
     )
+    export: ExportSpec = ExportSpec()
     integrations: list[MlflowIntegration] = Field(
         default_factory=list,
         max_length=INTEGRATIONS_MAX,

@@ -94,6 +94,22 @@ class Settings(BaseSettings):
         "besides SPKD_MLFLOW_TRACKING_URI; empty: that one only",
     )
 
+    # Predictions with a job's shipped student inside the API (app/routes/predict.py, onnxruntime).
+    predict_max_images: int = Field(
+        default=16, ge=1, le=256, description="images one predict request may send"
+    )
+    predict_max_image_bytes: int = Field(
+        default=10 * 1024**2, ge=1, description="largest image file of a predict request (413 past it)"
+    )
+    predict_cache_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=0,
+        description="loaded student models an API process keeps, counted by their ONNX file sizes (LRU)",
+    )
+    predict_concurrency: int = Field(
+        default=2, ge=1, description="predict requests one API process works on at once; past it 429"
+    )
+
     # Webhooks (app/routes/webhooks.py, workers/webhooks.py).
     webhooks_allow_private: bool = Field(
         default=False,

@@ -516,3 +516,90 @@ def tiny_job_spec(**overrides: object) -> JobSpec:
             {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
         )
     return JobSpec.model_validate(spec)
+
+
+# ---------------------------------------------------------------- finished jobs (predict)
+
+
+def onnx_classifier(folder: Path, labels: tuple[str, ...] = ("red", "blue"), image_size: int = 32) -> Path:
+    """A finished job's model files without training: `student.onnx` (a real ONNX graph: mean of each
+    colour channel -> a linear layer; "red" scores the red channel, "blue" the blue one) and
+    `student/config.json` in timm's hub layout (bilinear, crop_pct 0.875, mean/std 0.5). Built with
+    onnx.helper, no torch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = len(labels)
+    w = np.zeros((3, n), dtype=np.float32)
+    for i, label in enumerate(labels):
+        w[{"red": 0, "green": 1, "blue": 2}.get(label, i % 3), i] = 4.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
+            helper.make_node("Gemm", ["pooled", "w", "b"], ["logits"]),
+        ],
+        "colour",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n])],
+        initializer=[
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.zeros(n, dtype=np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "student.onnx"))
+    (folder / "student").mkdir(exist_ok=True)
+    config = {
+        "architecture": "colour_probe",
+        "num_classes": n,
+        "label_names": list(labels),
+        "pretrained_cfg": {
+            "input_size": [3, image_size, image_size],
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
+    }
+    (folder / "student" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def finished_job(
+    r: redis.Redis,
+    ks: store.Keys,
+    settings: Settings,
+    files: Path,
+    key: str = KEY_A,
+    output: str = "attempt-00000001",
+    metrics: dict | None = None,
+    upload: Callable[[str, Path, list[dict]], None] | None = None,
+) -> dict:
+    """A job record that succeeded with the files of folder `files` as its artifacts, as the worker
+    leaves one (workers/runner.py): copied into its attempt folder `output` under the artifact root,
+    registered with their sha256 in the same transition. `upload(job_id, folder, artifacts)` puts
+    them in a bucket instead and removes the local copy (SPKD_STORAGE_URL)."""
+    from workers.runner import collect_artifacts
+
+    job = store.create_job(r, ks, store.owner_of(key), tiny_spec({"path": "x"}))
+    dest = attempts.output_dir(Path(settings.artifact_root).resolve() / job["id"], output)
+    shutil.copytree(files, dest)
+    artifacts = collect_artifacts(dest)
+    if upload is not None:
+        upload(job["id"], dest, artifacts)
+        shutil.rmtree(dest.parent)
+    store.transition(
+        r,
+        ks,
+        job["id"],
+        store.SUCCEEDED,
+        [store.QUEUED],
+        artifacts=artifacts,
+        output=output,
+        metrics=metrics or {},
+    )
+    return store.get_job(r, ks, job["id"])

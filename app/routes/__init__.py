@@ -5,7 +5,7 @@ A new endpoint goes into the router of its resource, or a new module here added 
 (docs/architecture.md#an-endpoint).
 """
 
-from app.routes import artifacts, datasets, events, jobs, models, ops, webhooks
+from app.routes import artifacts, datasets, events, jobs, models, ops, predict, webhooks
 
 ROUTERS = [
     jobs.router,
@@ -15,4 +15,5 @@ ROUTERS = [
     models.router,
     ops.router,
     webhooks.router,
+    predict.router,
 ]

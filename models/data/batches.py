@@ -42,9 +42,10 @@ class JobData:
     teacher_cfg: DataConfig  # the teacher's normalisation (applied on the device)
     train_set: loader.ImageDataset
     val_set: loader.ImageDataset  # the report split
-    select_set: loader.ImageDataset | None  # the selection split; None: selection off
+    select_set: loader.ImageDataset | None  # the selection split (its pick part); None: selection off
     runtime: Runtime
     fast: FastPath | None = None  # in-memory data path + teacher cache
+    ship_set: loader.ImageDataset | None = None  # the selection split's ship part; None: none carved
 
     @property
     def selecting(self) -> bool:
@@ -66,11 +67,12 @@ class JobData:
         return self.teacher_cfg if stage == "teacher_finetune" else self.student_cfg
 
     def eval_batches(self, split: str) -> Callable[[], Iterable[loader.Batch]]:
-        """() -> batches of the `selection` or `report` split (eval transform, fixed order)."""
+        """() -> batches of the `selection`, `ship` or `report` split (eval transform, fixed order);
+        `ship` is the report split when no ship part was carved (callers check `ship_set`)."""
         fast = self.fast.eval_batches(split) if self.fast is not None else None
         if fast is not None:
             return fast
-        dataset = self.select_set if split == "selection" and self.select_set is not None else self.val_set
+        dataset = {"selection": self.select_set, "ship": self.ship_set}.get(split) or self.val_set
         return lambda: self._loader(dataset, training=False)
 
     def loaders(self, stage: str | None = None) -> Loaders:
@@ -119,6 +121,7 @@ def open_data(
         train_set=train_set,
         val_set=val_set,
         select_set=loader.ImageDataset(scan.select, eval_transform) if scan.select else None,
+        ship_set=loader.ImageDataset(scan.ship, eval_transform) if scan.ship else None,
         runtime=runtime,
         fast=FastPath(
             spec,
@@ -148,6 +151,7 @@ class FastPath:
     train: inmemory.TrainSource | None = None
     val: inmemory.EvalSource | None = None
     select: inmemory.EvalSource | None = None  # the selection split, when the job has one
+    ship: inmemory.EvalSource | None = None  # the selection split's ship part, when carved
     cache: teacher_cache.TeacherCache | None = None
     disabled: bool = False
     _tried: bool = field(default=False, repr=False)
@@ -164,10 +168,10 @@ class FastPath:
         return train_batches, val.epoch
 
     def eval_batches(self, split: str) -> Callable[[], Iterable] | None:
-        """The `selection` or `report` split's batches from memory, or None: use the DataLoader."""
+        """The `selection`, `ship` or `report` split's batches from memory, or None: use the DataLoader."""
         if not self._ready():
             return None
-        source = self.select if split == "selection" else self.val
+        source = {"selection": self.select, "ship": self.ship}.get(split, self.val)
         return source.epoch if source is not None else None
 
     def _ready(self) -> bool:
@@ -181,7 +185,10 @@ class FastPath:
     def _build_sources(self) -> None:
         spec = self.spec
         size, bs = self.image_size, spec.train.batch_size
-        n_train, n_val = len(self.scan.train), len(self.scan.val) + len(self.scan.select)
+        n_train, n_val = (
+            len(self.scan.train),
+            len(self.scan.val) + len(self.scan.select) + len(self.scan.ship),
+        )
         need = inmemory.image_store_bytes(n_train, inmemory.store_size_for(size))
         need += inmemory.image_store_bytes(n_val, size)
         plan = inmemory.plan_memory(need, self.device)
@@ -203,6 +210,8 @@ class FastPath:
         self.val = self._eval_source(self.scan.val, workers, on_gpu)
         if self.scan.select:
             self.select = self._eval_source(self.scan.select, workers, on_gpu)
+        if self.scan.ship:
+            self.ship = self._eval_source(self.scan.ship, workers, on_gpu)
         seconds = time.perf_counter() - start
         self.reporter.event(
             "info",

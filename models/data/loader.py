@@ -48,17 +48,28 @@ class DatasetScan:
         default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
     )
     layout: str = "split"  # common.scan: "split" (split folders) or "flat" (class folders)
+    # the part of the selection split held out of every other choice to decide which student ships
+    # (`with_ship_part`); disjoint from `select`, which then only picks epochs and weights
+    ship: list[Sample] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {class: images}}; "selection" only when there is a selection split."""
         splits = [("train", self.train), ("val", self.val)] + (
-            [("selection", self.select)] if self.select else []
+            [("selection", self.select + self.ship)] if self.select else []
         )
         return {split: count_per_class(samples, self.classes) for split, samples in splits}
 
     def sizes(self) -> dict[str, int]:
-        """Images per role: train, selection, report."""
-        return {"train": len(self.train), "selection": len(self.select), "report": len(self.val)}
+        """Images per role: train, selection (both of its parts), report; with a ship part also
+        `selection_pick` (best epochs, weights) and `selection_ship` (the shipped student)."""
+        out = {
+            "train": len(self.train),
+            "selection": len(self.select) + len(self.ship),
+            "report": len(self.val),
+        }
+        if self.ship:
+            out |= {"selection_pick": len(self.select), "selection_ship": len(self.ship)}
+        return out
 
     def summary(self) -> dict:
         return {
@@ -140,6 +151,36 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
         keep += [s for s in members if s.path not in chosen]
     roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
     return dataclasses.replace(scan, train=keep, select=select, roles=roles)
+
+
+def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan:
+    """The scan with its selection split cut in two disjoint parts: `select` keeps picking every
+    student's best epoch (and the SP/KD weights), `ship` (a stratified, seeded `fraction` of it:
+    floor(n x fraction) images of each class, so a class with one selection image stays in `select`)
+    only decides which student ships. A choice judged on the images that made it is biased towards
+    whichever student got luckier on them (a winner's curse); the ship part never fed a choice.
+
+    fraction 0, no selection split, or no image left for a part: the scan as it is (the whole
+    selection split picks epochs and decides). Depends only on (seed, class, file list).
+    """
+    if not scan.select or fraction <= 0 or scan.ship:
+        return scan
+    keep: list[Sample] = []
+    ship: list[Sample] = []
+    for label in range(len(scan.classes)):
+        members = [s for s in scan.select if s.label == label]
+        order = list(members)
+        random.Random(f"ship:{seed}:{scan.classes[label]}").shuffle(order)
+        chosen = {s.path for s in order[: int(len(order) * fraction)]}
+        ship += [s for s in members if s.path in chosen]
+        keep += [s for s in members if s.path not in chosen]
+    if not ship or not keep:
+        return scan
+    roles = {
+        **scan.roles,
+        "selection": f"{scan.roles['selection']}; {fraction:g} of it decides the shipped student",
+    }
+    return dataclasses.replace(scan, select=keep, ship=ship, roles=roles)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -1,6 +1,6 @@
 """Distillation methods behind one base, found by name (models/methods/base.py).
 
-Importing the package registers every method in it (`sp`, `kd`, `rkd`). `from_spec` is the one
+Importing the package registers every method in it (`sp`, `kd`, `rkd`, `dist`). `from_spec` is the one
 place a job spec's `distill` section becomes methods: `sp_weight`/`layers` configure `sp`,
 `kd_weight`/`temperature` configure `kd` (the spec's original fields), and each entry of
 `distill.methods` ({name: options}) is the registered method of that name built with its options.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from models.methods import kd, rkd, sp  # noqa: F401  (registers the methods)
+from models.methods import dist, kd, rkd, sp  # noqa: F401  (registers the methods)
 from models.methods.base import AUTO, POOLED, Method, Outputs, create, get, known, register, unregister
 from models.methods.distiller import Distiller, TeacherFn, needs, tap_names, tap_pairs
 
@@ -55,7 +55,7 @@ def from_spec(
         pairs, layer_weights = [], []
     out: list[Method] = [
         sp.SP(pairs, layer_weights, sp_weight, sp_ref_batch),
-        kd.KD(kd_weight, distill.temperature),
+        kd.KD(kd_weight, distill.temperature, distill.kd_standardize),
     ]
     for name, options in distill.methods.items():
         out.append(create(name, options.model_dump()))

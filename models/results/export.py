@@ -90,7 +90,7 @@ def _export_onnx(model: torch.nn.Module, image_size: int, tmp: Path) -> str:
             program.save(str(tmp))
         exporter = "dynamo"
     except Exception as exc:  # an op the new exporter cannot translate yet
-        if _disk_full(exc):  # not the exporter's fault: the other one would fail the same way
+        if disk_full(exc):  # not the exporter's fault: the other one would fail the same way
             raise
         log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
         with warnings.catch_warnings():
@@ -109,7 +109,8 @@ def _export_onnx(model: torch.nn.Module, image_size: int, tmp: Path) -> str:
     return exporter
 
 
-def _disk_full(exc: BaseException | None) -> bool:
+def disk_full(exc: BaseException | None) -> bool:
+    """True when `exc` or an exception it was raised from is ENOSPC / EDQUOT (a full disk)."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True

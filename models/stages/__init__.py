@@ -43,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
         "teacher_finetune",
         planned=lambda spec: spec.teacher.finetune is not None,
         body=teacher.run_stage,
-        epochs=lambda spec: spec.teacher.finetune.epochs,
+        epochs=lambda spec: spec.teacher.finetune.planned_epochs,
         produces=("teacher.safetensors", "teacher_finetune.best.safetensors"),
     ),
     Stage(
@@ -65,13 +65,14 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         planned=_always,
         body=evaluate.run_stage,
+        produces=("soup.safetensors",),
         needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors"),
     ),
     Stage(
         "export",
         planned=_always,
         body=export.run_stage,
-        needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors"),
+        needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors", "soup.safetensors"),
     ),
 )
 

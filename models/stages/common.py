@@ -50,6 +50,30 @@ def finished_student(run: Run, which: str) -> torch.nn.Module:
     return run.kept[which]
 
 
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of same-architecture state_dicts ("model soups", Wortsman et al., ICML
+    2022, the uniform soup): every floating tensor, BN running means and variances included, is
+    averaged in float64 and cast back; integer tensors (BN num_batches_tracked) get the floor of
+    the mean. Raises ValueError for no states or mismatched keys."""
+    if not states or any(s.keys() != states[0].keys() for s in states):
+        raise ValueError("average_state_dicts needs state_dicts with the same keys")
+    out = {}
+    for key, first in states[0].items():
+        stacked = torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
+        mean = stacked.mean(0)
+        out[key] = (mean if first.is_floating_point() else mean.floor()).to(first.dtype)
+    return out
+
+
+def student_soup(run: Run) -> torch.nn.Module:
+    """The weight average of the finished baseline and distilled students (both started from the
+    same weights, so their average sits in the same basin; see average_state_dicts)."""
+    model, _ = BANK.copy(_key(run, "student"))
+    states = [finished_student(run, w).state_dict() for w in ("baseline", "distilled")]
+    model.load_state_dict(average_state_dicts(states))
+    return prepare(model, run.runtime)
+
+
 def finished_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """`build_teacher`, once per run for evaluate and export."""
     if "teacher" not in run.kept:
@@ -72,6 +96,15 @@ def plain(model: torch.nn.Module) -> Distiller:
 def best_row(curve: list[dict]) -> dict:
     """The epoch with the highest selection accuracy; ties go to the later epoch."""
     return max(curve, key=lambda r: (r["val_acc"], r["epoch"]))
+
+
+def stalled(curve: list[dict], patience: int) -> bool:
+    """True when the last `patience` epochs brought no strictly higher accuracy than the best
+    before them (early stopping on the choice split's `val_acc`)."""
+    if len(curve) <= patience:
+        return False
+    before = max(r["val_acc"] for r in curve[:-patience])
+    return max(r["val_acc"] for r in curve[-patience:]) <= before
 
 
 def _best_file(run: Run, stage: str) -> Path:
@@ -103,13 +136,17 @@ def train(
     distiller: Distiller,
     epochs: int,
     lr: float,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Run one training stage with resume and checkpoints; leave `model` at its best epoch.
 
     With a selection split every epoch is scored on it and the best epoch's weights (ties: the later
     epoch) are kept in checkpoints/<stage>.best.safetensors before the epoch's checkpoint is saved,
     so a resumed run chooses exactly as an uninterrupted one. Without one the last epoch is kept.
-    Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"}.
+    `patience`: stop once the selection accuracy has not improved for that many epochs (the
+    schedule still spans `epochs`); None: train every epoch.
+    Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"
+    (trained)}.
     """
     train_batches, val_batches = run.data.loaders(stage)
     resume = _resume(run, stage)
@@ -142,8 +179,17 @@ def train(
         val_batches=val_batches,
         steps_per_epoch=run.data.steps_per_epoch,
         eval_split=run.data.choice_split,
+        stop=None if patience is None else lambda curve: stalled(curve, patience),
     )
     curve, _ = train_stage(plan, run.runtime, run.reporter, run.clock, on_epoch_end, resume)
+    if len(curve) < epochs:
+        run.reporter.event(
+            "info",
+            f"{stage}: stopped after epoch {len(curve)}: no better selection accuracy for {patience} epochs",
+            stage=stage,
+            epochs=len(curve),
+        )
+    epochs = len(curve)
     if not run.selecting:
         return {"best_epoch": curve[-1]["epoch"], "select_acc": None, "select_loss": None, "epochs": epochs}
     best = best_row(curve)

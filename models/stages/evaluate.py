@@ -1,6 +1,8 @@
-"""evaluate: score the students and the teacher on the report split, compare the students
-(models/results/stats.py), and decide which student ships (chosen on the selection split, never
-the report)."""
+"""evaluate: score the students (the baseline, the distilled one and their weight average, the
+"soup") and the teacher on the report split, compare the students (models/results/stats.py), and
+decide which student ships, never on the report split: with a ship part (dataset.ship_fraction > 0)
+by evidence on it (models/results/ship.py), images that picked no best epoch; without one by the old
+rule on the selection split (`distilled_wins`)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from typing import Any
 import torch
 
 from models.networks.factory import DataConfig
-from models.results import stats
-from models.stages.common import finished_student, finished_teacher
+from models.results import ship, stats
+from models.stages.common import finished_student, finished_teacher, student_soup
 from models.training import guards
 from models.training.engine import Normalizer
 from models.training.run import Run
@@ -24,7 +26,11 @@ def run_stage(run: Run) -> float:
     results = run.state.results
     report = run.data.eval_batches("report")
     preds = {}
-    for which in ("distilled", "baseline"):
+    if "baseline" in results:  # the third candidate, free: the average of the two students' weights
+        results["soup"] = {"of": ["baseline", "distilled"]}
+        run.kept["soup"] = student_soup(run)
+        run.save_stage_weights(run.kept["soup"], "soup.safetensors")
+    for which in ("distilled", "baseline", "soup"):
         if which not in results:
             continue
         p = predict(run, finished_student(run, which), run.data.student_cfg, report())
@@ -59,11 +65,13 @@ def run_stage(run: Run) -> float:
 
 @torch.no_grad()
 def predict(run: Run, model: torch.nn.Module, cfg: DataConfig, batches) -> dict[str, Any]:
-    """Per-image predictions on a split: labels, preds, accuracy, mean CE loss (fp32)."""
+    """Per-image predictions on a split: labels, preds, per-image CE `losses` (nats), accuracy,
+    mean CE loss (fp32)."""
     model.eval()
     norm = Normalizer(cfg, run.runtime, model)
     labels: list[int] = []
     preds: list[int] = []
+    losses: list[float] = []
     loss = 0.0
     with torch.inference_mode():
         for images, y, _ in batches:
@@ -71,11 +79,12 @@ def predict(run: Run, model: torch.nn.Module, cfg: DataConfig, batches) -> dict[
             with run.runtime.autocast():
                 logits = model(norm(images))
             loss += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            losses += torch.nn.functional.cross_entropy(logits.float(), y, reduction="none").tolist()
             labels += y.tolist()
             preds += logits.argmax(1).tolist()
     n = max(1, len(labels))
     acc = sum(int(a == b) for a, b in zip(labels, preds, strict=True)) / n
-    return {"labels": labels, "preds": preds, "acc": acc, "loss": loss / n}
+    return {"labels": labels, "preds": preds, "losses": losses, "acc": acc, "loss": loss / n}
 
 
 def _per_class(run: Run, p: dict[str, Any]) -> dict[str, float | None]:
@@ -87,21 +96,46 @@ def _per_class(run: Run, p: dict[str, Any]) -> dict[str, float | None]:
 
 
 def distilled_wins(baseline: dict[str, Any], distilled: dict[str, Any]) -> bool:
-    """True when the distilled student beats the student fine-tuned alone on the selection split:
-    a strictly higher accuracy. A tie ships the baseline: distillation has to show it helps. On a
-    small selection split (hymenoptera: 24 images) ties are common and carry no evidence; measured
-    over 6 seeds x {auto, search} there, 4 of the 5 tied distilled students were worse on the report split."""
+    """The OLD rule, kept for the bench's comparison and for jobs without a ship part
+    (dataset.ship_fraction 0): True when the distilled student has a strictly higher accuracy on
+    the selection split that also picked both students' best epochs. A tie ships the baseline.
+    Biased towards whichever student was luckier on those images (a winner's curse): prefer
+    models/results/ship.py `decide` on the ship part."""
     return distilled["select_acc"] > baseline["select_acc"]
 
 
 def _ship(run: Run) -> dict[str, Any]:
-    """The distilled student ships when it beats the baseline on the selection split (distilled_wins)."""
+    """The shipped student: the baseline unless the evidence on the ship part is real
+    (models/results/ship.py); without a ship part, the old rule on the selection split."""
     results = run.state.results
     d, b = results["distilled"], results.get("baseline")
     if b is None:
         return {"student": "distilled", "reason": "no baseline was trained"}
     if not run.selecting:
         return {"student": "distilled", "reason": "no selection split (selection_fraction 0)"}
+    if run.data.ship_set is None:
+        return _old_rule(run, d, b)
+    batches = run.data.eval_batches("ship")
+    names = ("baseline", "distilled", "soup")
+    on_ship = {w: predict(run, finished_student(run, w), run.data.student_cfg, batches()) for w in names}
+    decided = ship.decide(on_ship, seed=run.spec.train.seed)
+    # what the old rule would have shipped: a strictly higher accuracy on the whole selection split
+    # (both parts), at the epochs the pick part chose (bench/accuracy.py compares the rules)
+    n_pick, n_ship = len(run.data.select_set or ()), len(run.data.ship_set)
+    whole = {
+        w: (results[w]["select_acc"] * n_pick + on_ship[w]["acc"] * n_ship) / (n_pick + n_ship)
+        for w in ("baseline", "distilled")
+    }
+    old = "distilled" if whole["distilled"] > whole["baseline"] else "baseline"
+    for w in names:
+        results[w]["ship_acc"] = on_ship[w]["acc"]
+        results[w]["ship_loss"] = on_ship[w]["loss"]
+    level = "info" if decided["student"] != "baseline" else "warning"
+    run.reporter.event(level, decided["reason"], shipped=decided["student"])
+    return {**decided, "rule": "ship_part", "old_rule": {"student": old, "selection_acc": whole}}
+
+
+def _old_rule(run: Run, d: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     acc = f"{100 * d['select_acc']:.1f}% vs {100 * b['select_acc']:.1f}% for the student fine-tuned alone"
     if not distilled_wins(b, d):
         reason = (
@@ -109,7 +143,7 @@ def _ship(run: Run) -> dict[str, Any]:
             f"({acc}): student.* is the baseline"
         )
         run.reporter.event("warning", reason, shipped="baseline")
-        return {"student": "baseline", "reason": reason}
+        return {"student": "baseline", "reason": reason, "rule": "selection"}
     reason = f"the distilled student beat the student fine-tuned alone on the selection split ({acc})"
     run.reporter.event("info", reason, shipped="distilled")
-    return {"student": "distilled", "reason": reason}
+    return {"student": "distilled", "reason": reason, "rule": "selection"}

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from models.results import export
-from models.results.report import write_report
+from models.results import deploy, export
+from models.results.report import deploy_card_lines, write_report
 from models.stages.common import finished_student, finished_teacher
 from models.training import guards
 from models.training.engine import Runtime
@@ -32,8 +32,8 @@ def run_stage(run: Run) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     shipped = results["shipped"]["student"]
-    for which in ("distilled", "baseline"):
-        if which not in results:
+    for which in ("distilled", "baseline", "soup"):
+        if which not in results or (which == "soup" and shipped != "soup"):  # the soup: only when it ships
             continue
         student = finished_student(run, which)
         guards.require_finite_weights(student, f"{which} student")  # never export NaN weights
@@ -64,11 +64,16 @@ def run_stage(run: Run) -> None:
         ),
     )
     folders = _hub_folders(run, out, shipped, teacher)
+    measured = {"teacher": teacher, "student": finished_student(run, shipped)}
+    if shipped != "baseline" and "baseline" in results:
+        measured["baseline"] = finished_student(run, "baseline")
+    deployed = deploy.measure_job(run, out, measured)  # costs side by side, student.int8.onnx
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
-    metrics = build_metrics(run)
+    metrics = {**build_metrics(run), "deploy": deployed}
     export.write_json(out / "metrics.json", metrics)
     for folder, (title, role) in folders.items():
-        export.write_model_card(folder, title, _card_lines(run, role, metrics))
+        lines = _card_lines(run, role, metrics) + deploy_card_lines(metrics, role)
+        export.write_model_card(folder, title, lines)
     write_report(out)  # report.html + curves.png from metrics.json
     _publish(run, out)
 
@@ -78,8 +83,8 @@ def _hub_folders(run: Run, out: Path, shipped: str, teacher: torch.nn.Module) ->
     own name (`baseline/` or `distilled/`), `teacher/`. Returns {folder: (card title, role)}."""
     spec, results = run.spec, run.state.results
     folders: dict[Path, tuple[str, str]] = {}
-    for which in ("distilled", "baseline"):
-        if which in results:
+    for which in ("distilled", "baseline", "soup"):
+        if which in results and (which != "soup" or shipped == "soup"):
             folder = out / ("student" if which == shipped else which)
             export.save_hub_folder(
                 finished_student(run, which), folder, run.scan.classes, run.data.student_cfg
@@ -97,6 +102,8 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
         "distilled": f"fine-tuned with cross-entropy plus Similarity-Preserving KD (Tung & Mori, ICCV 2019) "
         f"from the fine-tuned teacher `{spec.teacher.model}`",
         "baseline": "fine-tuned alone (cross-entropy), the comparison run of a distillation job",
+        "soup": "the weight average of the distilled student and the student fine-tuned alone "
+        "(a uniform model soup, Wortsman et al., ICML 2022)",
         "teacher": "the teacher, fine-tuned on this data",
     }[role]
     sizes = metrics["protocol"]["sizes"]
@@ -163,10 +170,14 @@ def build_metrics(run: Run) -> dict[str, Any]:
         "teacher": results.get("teacher", {"val_acc": None}),
         "baseline": baseline,
         "distilled": distilled,
+        "soup": results.get("soup"),
         "gain": gain,
         "comparison": results.get("comparison"),
         "shipped": results["shipped"]["student"],
         "shipped_reason": results["shipped"]["reason"],
+        "ship_evidence": results["shipped"].get("evidence"),
+        "ship_rule": results["shipped"].get("rule"),
+        "old_rule_shipped": results["shipped"].get("old_rule"),
         "distill_weights": results.get("distill_weights"),
         "protocol": {
             "train": run.scan.roles["train"],

@@ -161,6 +161,7 @@ class StagePlan:
     val_batches: Callable[[], Iterable[Batch]]
     steps_per_epoch: int
     eval_split: str = "val"  # what val_batches is: "selection" or "report" (named in every row)
+    stop: Callable[[list[dict]], bool] | None = None  # curve -> stop now (early stopping); None: never
 
 
 @dataclass
@@ -222,6 +223,8 @@ def train_stage(
     if resume.model is not None and plan.lr > 0:
         oom.lr_scale = scheduler.base_lrs[0] / plan.lr
     clock.done_steps += resume.epoch * plan.steps_per_epoch
+    if plan.stop is not None and curve and plan.stop(curve):  # stopped, then interrupted before the end
+        return curve, seconds
     for epoch in range(resume.epoch, plan.epochs):
         checkpoint.seed_everything(plan.seed, plan.name, epoch)
         start = time.perf_counter()
@@ -254,6 +257,8 @@ def train_stage(
                 "seconds": seconds,
             }
         )
+        if plan.stop is not None and plan.stop(curve):
+            break
     return curve, seconds
 
 

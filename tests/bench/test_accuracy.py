@@ -54,6 +54,17 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         assert fixed["distill_weights"]["sp"]["weight"] == 3000.0
         searched = json.loads((seed_dir / "search_300_1000_3000" / "metrics.json").read_text())
         assert searched["distill_weights"]["sp"]["mode"] == "search"
+        # what the old and the new rule ship, judged on the report split
+        rules = row["rules"]
+        assert rules["new"] == auto["shipped"] and rules["old"] == auto["old_rule_shipped"]["student"]
+        assert rules["report"] == {w: auto[w]["val_acc"] for w in ("baseline", "distilled", "soup")}
+        b, d = rules["report"]["baseline"], rules["report"]["distilled"]
+        assert rules["report_better"] == ("tie" if b == d else "distilled" if d > b else "baseline")
+        assert rules["new_right"] == (rules["report"][rules["new"]] >= max(b, d))
+        assert row["variants"]["auto"]["shipped"] == auto[auto["shipped"]]["val_acc"]
+    assert "Shipping rules" in printed and "| seed | baseline | distilled | soup |" in printed
+    right = sum(r["rules"]["new_right"] for r in result["rows"])
+    assert f"new rule {right}/2" in printed
     summary = result["summary"]
     assert set(summary) == set(variants)
     for name in variants:

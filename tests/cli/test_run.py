@@ -37,6 +37,10 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     assert f"95 % CI {cmp['ci95_points'][0]:+.1f} to {cmp['ci95_points'][1]:+.1f}" in result.stdout
     assert "McNemar p =" in result.stdout and cmp["verdict"] in result.stdout
     assert f"shipped as student.*: the {metrics['shipped']} student" in result.stdout
+    # what each model costs, measured side by side, and the int8 student: the deploy table
+    assert metrics["deploy"]["student_vs_teacher"]["headline"] in result.stdout
+    assert "p50 ms" in result.stdout and "student int8" in result.stdout
+    assert (tmp_path / "out" / "student.int8.onnx").is_file()
     assert {"student.safetensors", "student.json", "student.onnx"} <= {
         p.name for p in (tmp_path / "out").iterdir()
     }

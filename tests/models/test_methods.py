@@ -161,8 +161,11 @@ def test_spec_validates_method_names_and_options():
     spec = tiny_job_spec(distill={"methods": {"rkd": None}})
     assert spec.distill.methods["rkd"].distance_weight == 25.0 and spec.distill.uses_teacher
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec  # round-trips (stored specs)
+    both = tiny_job_spec(distill={"methods": {"rkd": None, "dist": {"tau": 2}}})
+    assert JobSpec.model_validate_json(both.model_dump_json()) == both
+    assert both.distill.methods["dist"].tau == 2.0 and both.distill.methods["rkd"].angle_weight == 50.0
     for bad, words in (
-        ({"fitnets": {}}, ["unknown distillation method 'fitnets'", "known methods: rkd", "sp", "kd"]),
+        ({"fitnets": {}}, ["unknown distillation method 'fitnets'", "known methods: dist, rkd", "sp", "kd"]),
         ({"sp": {}}, ["distill.sp_weight"]),
         ({"rkd": {"angle_weight": -1}}, ["rkd.angle_weight"]),
         ({"rkd": {"typo": 1}}, ["rkd.typo"]),
