@@ -359,10 +359,16 @@ class TrainSpec(_Strict):
 class ExportSpec(_Strict):
     """What the export stage ships besides the fp32 models (models/results/deploy.py)."""
 
+    measure: bool = Field(
+        default=True,
+        description="measure what the teacher, the baseline and the shipped student cost (parameters, "
+        "FLOPs, ONNX sizes, onnxruntime latency: metrics.json `deploy`, the report, the model cards) and "
+        "write student.int8.onnx; false skips all of it (seconds to minutes of the export stage)",
+    )
     int8: bool = Field(
         default=True,
         description="also write student.int8.onnx: onnxruntime post-training static quantisation "
-        "(QDQ, per-channel weights, calibrated on training images)",
+        "(QDQ, per-channel weights, calibrated on training images); needs `measure`",
     )
     int8_max_drop: Annotated[float, Field(ge=0, le=100)] = Field(
         default=1.0,

@@ -115,6 +115,9 @@ def tiny_spec(dataset: dict, **over: object) -> dict:
         "dataset": dataset,
         "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},
         "baseline": False,
+        # The deploy measurements (teacher ONNX export, latency timing, int8) cost ~4 s a job;
+        # tests/models/test_deploy.py and the end-to-end tests run them, the service tests need not.
+        "export": {"measure": False},
     }
     spec.update(over)
     return spec
@@ -510,6 +513,7 @@ def tiny_job_spec(**overrides: object) -> JobSpec:
         "distill": {"layers": "auto"},
         "train": {"epochs": 2, "batch_size": 16, "image_size": 32, "lr": 0.05, "num_workers": 0},
         "baseline": True,
+        "export": {"measure": False},  # as tiny_spec: test_deploy.py measures
     }
     for key, value in overrides.items():
         spec[key] = (

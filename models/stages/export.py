@@ -67,7 +67,8 @@ def run_stage(run: Run) -> None:
     measured = {"teacher": teacher, "student": finished_student(run, shipped)}
     if shipped != "baseline" and "baseline" in results:
         measured["baseline"] = finished_student(run, "baseline")
-    deployed = deploy.measure_job(run, out, measured)  # costs side by side, student.int8.onnx
+    # Costs side by side and student.int8.onnx; `export.measure: false` skips both.
+    deployed = deploy.measure_job(run, out, measured) if spec.export.measure else None
     run.state.timing["export"] = round(time.perf_counter() - start, 3)
     metrics = {**build_metrics(run), "deploy": deployed}
     export.write_json(out / "metrics.json", metrics)

@@ -92,6 +92,10 @@ def test_metrics_json_contract(vit_run):
     assert set(metrics["timing"]) == {"teacher_finetune", "baseline", "distill", "evaluate", "export"}
     assert metrics["spec"] == spec.model_dump(mode="json")
     assert metrics["device"] == "cpu"
+    # export.measure: false (the tiny spec's): no deploy block, no int8 model, no measuring leftovers
+    assert spec.export.measure is False and metrics["deploy"] is None
+    assert not (out / "student.int8.onnx").exists() and not list(out.glob(".deploy-*"))
+    assert (out / "student.onnx").is_file()  # the fp32 model ships regardless
 
 
 def test_artifacts_load_back(vit_run, color_dataset):
