@@ -1,6 +1,6 @@
 """Files on the shared volumes: storage-full errors, leftovers, and removing a job's or dataset's files.
 
-Torch-free; the API and the workers both use it. Layout (see core/store.py for the Redis side):
+Torch-free; the API and the workers both use it. Layout (see core/store/ for the Redis side):
 
     <data root>/datasets/<ds id>/            an uploaded dataset (record: P:dataset:<ds id>)
     <data root>/datasets/.upload-*, .extract-*   an upload in flight (tempfile names)

@@ -1,193 +1,52 @@
-"""The Redis job store: jobs, events, artifacts, datasets, idempotency keys, leases, heartbeats.
+"""Jobs: create, read, list, update, move between statuses (every index and the webhook outbox in
+the same transaction), cancel, pause, resume, delete; the cancel/pause flags a worker polls.
 
-Torch-free and Celery-free: the API and the workers both import it. Every function takes a redis
-client (decode_responses=True) and a key prefix, so tests run against the real Redis under their
-own prefix. Keys (P = SPKD_REDIS_PREFIX):
-
-    P:job:<id>                 hash: the job (JSON-encoded fields where structured)
-    P:jobs:<owner>             zset, all scores 0, members = job ids (time-sortable): newest first
-    P:jobs:<owner>:<status>    the same, per status (status filter without scanning)
-    P:status:<status>          zset of job ids per status, all owners (metrics, recovery)
-    P:events:<id>              stream of events (XADD / XRANGE / XREAD BLOCK for SSE)
-    P:artifacts:<id>           hash name -> {"name", "size", "sha256"}
-    P:dataset:<id>             string: the dataset JSON;  P:datasets:<owner> zset like jobs
-    P:idem:<owner>:<key>       string: {"body": sha256, "job_id"} with a TTL
-    P:idem-of:<job id>         set of the P:idem keys naming that job (removed with the job)
-    P:store_id                 string: this namespace's random id (core/storage.py folder markers)
-    P:lease:<id>               string: token of the worker running the job (SET NX PX, renewed)
-                               (its fencing token is the job hash's `fence` field, see Lease)
-    P:workers                  zset worker name -> last heartbeat (unix seconds); P:worker:<name> info
-"""
+A job is the hash P:job:<id> (encoded by keys._encode); its ids are also in P:jobs:<owner>,
+P:jobs:<owner>:<status> and P:status:<status>, which every status change keeps in step."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import socket
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from common.reporter import Fenced
-from core import jsonsafe, webhook_outbox
-
-QUEUED, VALIDATING, RUNNING, PAUSED = "queued", "validating", "running", "paused"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, VALIDATING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
-ACTIVE = (QUEUED, VALIDATING, RUNNING)
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
-# No worker runs it and none will until someone acts (resume): retention counts these from the
-# moment they entered the status, and the orphan sweep never touches them.
-AT_REST = (PAUSED, *FINAL)
-DATASET_USERS = (*ACTIVE, PAUSED)  # jobs whose dataset cannot be deleted under them
-EVENTS_MAXLEN = 10_000  # a bound on one job's log; epoch/stage events are far fewer
-
-_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-
-# JSON-encoded hash fields of a job.
-_JSON_FIELDS = ("spec", "progress", "metrics", "error", "warnings")
-
-
-class Conflict(Exception):
-    """A state change that is not allowed from the job's current status."""
-
-
-class InUse(Conflict):
-    """A delete refused while active jobs name the record (`dataset.id`, `weights: job:<id>`);
-    `jobs` lists their ids."""
-
-    def __init__(self, message: str, jobs: list[str]) -> None:
-        super().__init__(message)
-        self.jobs = jobs
-
-
-class CancelPending(Conflict):
-    """A final status other than `cancelled` (or `paused`) for a job whose cancel was accepted:
-    refused, so a 200 to POST .../cancel is always followed by `cancelled`."""
-
-
-class NotPausable(Conflict):
-    """A pause refused: `code` says why (`job_finished`, `job_paused`, `cancel_pending`) and
-    `status` is the job's status when it was refused."""
-
-    def __init__(self, message: str, code: str, status: str) -> None:
-        super().__init__(message)
-        self.code, self.status = code, status
-
-
-def new_id(kind: str) -> str:
-    """`job_` / `ds_` + 10 chars of milliseconds + 10 random: unique and lexically time-ordered."""
-    ms = int(time.time() * 1000)
-    stamp = "".join(_CROCKFORD[(ms >> (5 * i)) & 31] for i in reversed(range(10)))
-    rand = "".join(secrets.choice(_CROCKFORD) for _ in range(10))
-    return f"{kind}_{stamp}{rand}"
-
-
-def owner_of(api_key: str) -> str:
-    """The stored owner: a hash of the key, never the key itself."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
-
-
-def now() -> float:
-    return time.time()
-
-
-@dataclass(frozen=True)
-class Keys:
-    prefix: str
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def jobs(self, owner: str, status: str | None = None) -> str:
-        return f"{self.prefix}:jobs:{owner}" + (f":{status}" if status else "")
-
-    def status(self, status: str) -> str:
-        return f"{self.prefix}:status:{status}"
-
-    def events(self, job_id: str) -> str:
-        return f"{self.prefix}:events:{job_id}"
-
-    def artifacts(self, job_id: str) -> str:
-        return f"{self.prefix}:artifacts:{job_id}"
-
-    def dataset(self, ds_id: str) -> str:
-        return f"{self.prefix}:dataset:{ds_id}"
-
-    def datasets(self, owner: str) -> str:
-        return f"{self.prefix}:datasets:{owner}"
-
-    def idem(self, owner: str, key: str) -> str:
-        return f"{self.prefix}:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
-
-    def idem_of(self, job_id: str) -> str:
-        return f"{self.prefix}:idem-of:{job_id}"
-
-    def lease(self, job_id: str) -> str:
-        return f"{self.prefix}:lease:{job_id}"
-
-    def store_id(self) -> str:
-        return f"{self.prefix}:store_id"
-
-    def workers(self) -> str:
-        return f"{self.prefix}:workers"
-
-    def worker(self, name: str) -> str:
-        return f"{self.prefix}:worker:{name}"
-
-
-# ---------------------------------------------------------------- clients
-
-
-_clients: dict[tuple[int, str], redis.Redis] = {}
-
-
-def connect(url: str, **kwargs: Any) -> redis.Redis:
-    """One client per process and URL: a forked worker child never reuses its parent's sockets."""
-    key = (os.getpid(), url)
-    if key not in _clients:
-        opts = {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 10}
-        opts.update(kwargs)
-        _clients[key] = redis.Redis.from_url(url, **opts)
-    return _clients[key]
-
-
-# ---------------------------------------------------------------- jobs
-
-
-def _encode(fields: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for k, v in fields.items():
-        if k in _JSON_FIELDS:
-            out[k] = jsonsafe.dumps(v)
-        elif v is None:
-            out[k] = ""
-        else:
-            out[k] = str(v)
-    return out
-
-
-def _decode(raw: dict[str, str]) -> dict[str, Any]:
-    job: dict[str, Any] = dict(raw)
-    for k in _JSON_FIELDS:
-        job[k] = json.loads(raw[k]) if raw.get(k) else None
-    times = ("created_at", "updated_at", "started_at", "finished_at", "cancel_requested_at")
-    for k in (*times, "pause_requested_at", "paused_at"):
-        job[k] = float(raw[k]) if raw.get(k) else None
-    job["attempts"] = int(raw.get("attempts") or 0)
-    job["cancel_requested"] = raw.get("cancel_requested") == "1"
-    job["pause_requested"] = raw.get("pause_requested") == "1"
-    return job
+from core import webhook_outbox
+from core.store.artifacts import _write_artifacts
+from core.store.events import _xadd
+from core.store.idempotency import _idem_names
+from core.store.keys import (
+    ACTIVE,
+    AT_REST,
+    CANCELLED,
+    FAILED,
+    FINAL,
+    PAUSED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    SUCCEEDED,
+    VALIDATING,
+    CancelPending,
+    Conflict,
+    InUse,
+    Keys,
+    NotPausable,
+    _decode,
+    _encode,
+    _flat,
+    new_id,
+    now,
+)
+from core.store.leases import _if_job_exists, fenced
 
 
 def create_job(
     r: redis.Redis, keys: Keys, owner: str, spec: dict[str, Any], job_id: str | None = None
 ) -> dict[str, Any]:
+    """Store a new `queued` job (indexes and its first event in one transaction); returns it."""
     job_id = job_id or new_id("job")
     t = now()
     fields = {
@@ -217,24 +76,6 @@ def get_job(r: redis.Redis, keys: Keys, job_id: str, owner: str | None = None) -
     if not raw or (owner is not None and raw.get("owner") != owner):
         return None
     return _decode(raw)
-
-
-# Runs the commands (a JSON list of [command, key, args...]) only while the job's hash exists.
-_IF_JOB_EXISTS = """
-if redis.call('exists', KEYS[1]) == 0 then return false end
-local out
-for _, cmd in ipairs(cjson.decode(ARGV[1])) do out = redis.call(unpack(cmd)) end
-return out
-"""
-
-
-def _if_job_exists(r: redis.Redis, keys: Keys, job_id: str, *commands: list[Any]) -> Any:
-    """Run Redis commands atomically, only while the job exists; None when it does not.
-
-    The one gate for writes from outside a status transition (progress, events, attempts,
-    artifacts): a late write of a dying worker never recreates a deleted job."""
-    body = json.dumps([[str(a) for a in c] for c in commands], ensure_ascii=False)
-    return r.register_script(_IF_JOB_EXISTS)(keys=[keys.job(job_id)], args=[body])
 
 
 def update_job(r: redis.Redis, keys: Keys, job_id: str, fence: int | None = None, **fields: Any) -> None:
@@ -560,11 +401,8 @@ def jobs_using_job(r: Any, keys: Keys, owner: str, job_id: str) -> list[str]:
     return jobs_using(r, keys, owner, "job", job_id)
 
 
-def _idem_names(raw: str | None, job_id: str) -> bool:
-    return bool(raw) and json.loads(raw).get("job_id") == job_id
-
-
 def cancel_requested(r: redis.Redis, keys: Keys, job_id: str) -> bool:
+    """Whether a cancel was accepted for the job (False when it does not exist)."""
     return r.hget(keys.job(job_id), "cancel_requested") == "1"
 
 
@@ -575,6 +413,7 @@ def stop_flags(r: redis.Redis, keys: Keys, job_id: str) -> tuple[bool, bool]:
 
 
 def count_by_status(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The number of jobs per status, all owners."""
     pipe = r.pipeline(transaction=False)
     for s in STATUSES:
         pipe.zcard(keys.status(s))
@@ -582,413 +421,5 @@ def count_by_status(r: redis.Redis, keys: Keys) -> dict[str, int]:
 
 
 def job_ids_with_status(r: redis.Redis, keys: Keys, status: str) -> list[str]:
+    """The ids of every job in `status`, all owners, in the order they entered it."""
     return r.zrange(keys.status(status), 0, -1)
-
-
-# ---------------------------------------------------------------- events
-
-
-def _entry(kind: str, message: str, data: dict[str, Any], fence: int | None = None) -> dict[str, str]:
-    """A stream entry; a runner's entries also name the attempt (fencing token) that wrote them."""
-    data_json = jsonsafe.dumps(data, default=str)
-    entry = {"kind": kind, "message": message, "ts": f"{now():.3f}", "data": data_json}
-    if fence is not None:
-        entry["attempt"] = str(fence)
-    return entry
-
-
-def _xadd(
-    r: Any, keys: Keys, job_id: str, kind: str, message: str, data: dict[str, Any], fence: int | None = None
-) -> Any:
-    entry = _entry(kind, message, data, fence)
-    return r.xadd(keys.events(job_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
-
-
-def add_event(
-    r: redis.Redis, keys: Keys, job_id: str, kind: str, message: str, fence: int | None = None, **data: Any
-) -> str | None:
-    """Append an event; with `fence` (a runner's event) only while that token is current, else
-    Fenced. Without: nothing is written (None) when the job does not exist, so a deleted job's log
-    is never recreated."""
-    entry = _entry(kind, message, data, fence)
-    if fence is None:
-        command = ["XADD", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *_flat(entry)]
-        return _if_job_exists(r, keys, job_id, command)
-    xadd = ("xadd", keys.events(job_id), "MAXLEN", "~", EVENTS_MAXLEN, "*", *_flat(entry))
-    return fenced(r, keys, job_id, fence, [xadd])[0]
-
-
-def _event(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    event = {
-        "id": entry_id,
-        "ts": float(fields.get("ts", 0)),
-        "kind": fields.get("kind", ""),
-        "message": fields.get("message", ""),
-        "data": json.loads(fields.get("data") or "{}"),
-    }
-    if fields.get("attempt"):
-        event["attempt"] = int(fields["attempt"])  # the runner attempt that wrote it
-    return event
-
-
-def list_events(
-    r: redis.Redis, keys: Keys, job_id: str, after: str | None = None, limit: int = 1000
-) -> list[dict[str, Any]]:
-    lo = f"({after}" if after else "-"
-    return [_event(i, f) for i, f in r.xrange(keys.events(job_id), lo, "+", count=limit)]
-
-
-async def aread_events(ar: Any, keys: Keys, job_id: str, after: str, block_ms: int) -> list[dict[str, Any]]:
-    """Async XREAD BLOCK for the SSE stream (`ar` is a redis.asyncio client)."""
-    # BLOCK 0 means "forever" to Redis: a non-blocking read must send no BLOCK at all.
-    res = await ar.xread({keys.events(job_id): after or "0-0"}, count=500, block=block_ms or None)
-    return [_event(i, f) for _, entries in (res or []) for i, f in entries]
-
-
-async def aget_job_fields(ar: Any, keys: Keys, job_id: str, *names: str) -> list[str | None]:
-    return await ar.hmget(keys.job(job_id), *names)
-
-
-# ---------------------------------------------------------------- artifacts
-
-
-def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:
-    pipe.delete(keys.artifacts(job_id))
-    if artifacts:
-        pipe.hset(keys.artifacts(job_id), mapping={a["name"]: jsonsafe.dumps(a) for a in artifacts})
-
-
-def set_artifacts(
-    r: redis.Redis, keys: Keys, job_id: str, artifacts: list[dict[str, Any]], fence: int | None = None
-) -> None:
-    """Replace the job's artifact registry; with `fence` only while that token is current."""
-    if fence is not None:
-        ops: list[tuple[Any, ...]] = [("del", keys.artifacts(job_id))]
-        if artifacts:
-            ops.append(
-                ("hset", keys.artifacts(job_id), *_flat({a["name"]: jsonsafe.dumps(a) for a in artifacts}))
-            )
-        fenced(r, keys, job_id, fence, ops)
-        return
-    commands: list[list[Any]] = [["DEL", keys.artifacts(job_id)]]
-    if artifacts:
-        flat = [x for a in artifacts for x in (a["name"], jsonsafe.dumps(a))]
-        commands.append(["HSET", keys.artifacts(job_id), *flat])
-    _if_job_exists(r, keys, job_id, *commands)  # never recreates a deleted job's index
-
-
-def list_artifacts(r: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
-    return sorted(
-        (json.loads(v) for v in r.hgetall(keys.artifacts(job_id)).values()), key=lambda a: a["name"]
-    )
-
-
-def get_artifact(r: redis.Redis, keys: Keys, job_id: str, name: str) -> dict[str, Any] | None:
-    raw = r.hget(keys.artifacts(job_id), name)
-    return json.loads(raw) if raw else None
-
-
-# ---------------------------------------------------------------- datasets
-
-
-def save_dataset(r: redis.Redis, keys: Keys, dataset: dict[str, Any]) -> None:
-    pipe = r.pipeline(transaction=True)
-    pipe.set(keys.dataset(dataset["id"]), jsonsafe.dumps(dataset))
-    pipe.zadd(keys.datasets(dataset["owner"]), {dataset["id"]: 0})
-    pipe.execute()
-
-
-def get_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = None) -> dict[str, Any] | None:
-    raw = r.get(keys.dataset(ds_id))
-    if not raw:
-        return None
-    ds = json.loads(raw)
-    return ds if owner is None or ds.get("owner") == owner else None
-
-
-def list_datasets(
-    r: redis.Redis, keys: Keys, owner: str, limit: int = 50, after: str | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
-    hi = f"({after}" if after else "+"
-    ids = r.zrevrangebylex(keys.datasets(owner), hi, "-", start=0, num=limit + 1)
-    page, more = ids[:limit], len(ids) > limit
-    raws = r.mget([keys.dataset(i) for i in page]) if page else []
-    return [json.loads(x) for x in raws if x], (page[-1] if more and page else None)
-
-
-def jobs_using_dataset(r: Any, keys: Keys, owner: str, ds_id: str) -> list[str]:
-    """The owner's queued, validating, running or paused jobs (a paused one goes on from its
-    checkpoint on the same data) whose spec names `dataset.id` = ds_id."""
-    ids = [job_id for status in DATASET_USERS for job_id in r.zrange(keys.jobs(owner, status), 0, -1)]
-    specs = [r.hget(keys.job(job_id), "spec") for job_id in ids]
-    return [
-        job_id
-        for job_id, spec in zip(ids, specs, strict=True)
-        if spec and (json.loads(spec).get("dataset") or {}).get("id") == ds_id
-    ]
-
-
-def delete_dataset(r: redis.Redis, keys: Keys, ds_id: str, owner: str | None = None) -> dict[str, Any] | None:
-    """Remove a dataset's record. Returns it, or None when it does not exist (or, with `owner`, is
-    someone else's). Raises Conflict naming the jobs while a queued, running or paused job uses
-    it; the check and the delete are one transaction over the owner's indexes of those statuses,
-    so a job queued meanwhile makes it retry and see that job. The folder is the caller's
-    (core/storage.py)."""
-    ds = get_dataset(r, keys, ds_id, owner)
-    if ds is None:
-        return None
-    watched = [keys.dataset(ds_id)] + [keys.jobs(ds["owner"], s) for s in DATASET_USERS]
-
-    def _tx(pipe: redis.client.Pipeline) -> dict[str, Any] | None:
-        if not pipe.exists(keys.dataset(ds_id)):
-            return None
-        users = jobs_using_dataset(pipe, keys, ds["owner"], ds_id)
-        if users:
-            names = ", ".join(users)
-            raise Conflict(
-                f"dataset {ds_id} is used by queued, running or paused jobs: {names}; cancel them first"
-            )
-        pipe.multi()
-        pipe.delete(keys.dataset(ds_id))
-        pipe.zrem(keys.datasets(ds["owner"]), ds_id)
-        return ds
-
-    return r.transaction(_tx, *watched, value_from_callable=True)
-
-
-# ---------------------------------------------------------------- idempotency
-
-
-def body_hash(body: Any) -> str:
-    return hashlib.sha256(jsonsafe.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def claim_idempotency_key(
-    r: redis.Redis, keys: Keys, owner: str, key: str, body_sha: str, job_id: str, ttl_s: int
-) -> dict[str, str] | None:
-    """Atomically bind (owner, key) to this body and job id. Returns None when claimed, or the
-    earlier binding {"body", "job_id"} when the key was used before."""
-    record = jsonsafe.dumps({"body": body_sha, "job_id": job_id})
-    if r.set(keys.idem(owner, key), record, nx=True, ex=ttl_s):
-        # The reverse index: deleting the job also forgets the key (a retry then makes a new job).
-        pipe = r.pipeline(transaction=True)
-        pipe.sadd(keys.idem_of(job_id), keys.idem(owner, key))
-        pipe.expire(keys.idem_of(job_id), ttl_s)
-        pipe.execute()
-        return None
-    raw = r.get(keys.idem(owner, key))
-    return json.loads(raw) if raw else None
-
-
-# ---------------------------------------------------------------- leases
-
-
-# Fencing. Every attempt at a job takes a token, HINCRBY job.fence, in the same script that sets
-# its lease: tokens only grow, and the newest attempt holds the largest. A runner's writes run in
-# _FENCED: one script that compares the job's token with the writer's and then does the writes,
-# so nothing can slip in between (a deleted job has no token: its late writes are refused too).
-_ACQUIRE = """
-if redis.call('exists', KEYS[2]) == 0 then return 0 end
-if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-redis.call('hdel', KEYS[2], 'requeued_at')
-return redis.call('hincrby', KEYS[2], 'fence', 1)
-"""
-_FENCED = """
-if redis.call('hget', KEYS[1], 'fence') ~= ARGV[1] then return false end
-local out = {}
-for i, op in ipairs(cjson.decode(ARGV[2])) do
-  local args = {}
-  for j = 3, #op do args[#args + 1] = op[j] end
-  out[i] = redis.call(op[1], KEYS[op[2]], unpack(args))
-end
-return out
-"""
-
-
-def _flat(mapping: dict[str, Any]) -> list[str]:
-    return [str(x) for kv in mapping.items() for x in kv]
-
-
-def fenced(r: redis.Redis, keys: Keys, job_id: str, fence: int, ops: list[tuple[Any, ...]]) -> list[Any]:
-    """Run `ops` ((command, key, *args), ...) atomically, only while `fence` is the job's current
-    token; returns each command's reply. Raises Fenced (nothing written) otherwise."""
-    key_list = [keys.job(job_id)]
-    encoded = []
-    for cmd, key, *args in ops:
-        if key not in key_list:
-            key_list.append(key)
-        encoded.append([cmd, key_list.index(key) + 1, *(str(a) for a in args)])
-    out = r.eval(_FENCED, len(key_list), *key_list, str(fence), json.dumps(encoded))
-    if out is None:
-        raise Fenced(f"job {job_id}: attempt {fence} is no longer current")
-    return out
-
-
-def check_fence(r: redis.Redis, keys: Keys, job_id: str, fence: int) -> None:
-    """Raise Fenced unless `fence` is the job's current token (a read: for publishing files)."""
-    if r.hget(keys.job(job_id), "fence") != str(fence):
-        raise Fenced(f"job {job_id}: attempt {fence} is no longer current")
-
-
-_RENEW = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
-)
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
-class Lease:
-    """The right to run one job: SET NX PX with a random token, renewed by its holder, so a
-    redelivered message never runs a job that another worker is still running.
-
-    Acquiring it also takes the attempt's fencing token (`fence`, the job's counter incremented in
-    the same script): a holder frozen past its TTL and then thawed still believes it runs the job,
-    so the lease alone cannot stop it; its writes carry its `fence` and are refused once a newer
-    attempt took one (store.fenced, transition(fence=...))."""
-
-    def __init__(self, r: redis.Redis, keys: Keys, job_id: str, ttl_s: float, holder: str = "") -> None:
-        self.r, self.key, self.ttl_ms = r, keys.lease(job_id), int(ttl_s * 1000)
-        self.job_key = keys.job(job_id)
-        # "<host>:<pid>:<random>": lets a worker on the same host see that the holder is dead.
-        self.token = f"{holder or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
-        self.fence: int | None = None  # this attempt's fencing token, once acquired
-
-    def acquire(self) -> bool:
-        """Set the lease if free and the job exists; then `fence` is this attempt's token."""
-        fence = int(self.r.eval(_ACQUIRE, 2, self.key, self.job_key, self.token, self.ttl_ms))
-        if fence:
-            self.fence = fence
-        return bool(fence)
-
-    def holder(self) -> str | None:
-        return self.r.get(self.key)
-
-    def take_over_dead_local_holder(self) -> bool:
-        """Acquire a lease whose holder was a process on this host that no longer exists (a job
-        process killed mid-run): no need to wait for the TTL. Compare-and-delete, then acquire."""
-        held = self.holder()
-        if not held or held.count(":") < 2:
-            return False
-        host, pid, _ = held.rsplit(":", 2)
-        if host != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
-            return False
-        self.r.eval(_RELEASE, 1, self.key, held)
-        return self.acquire()
-
-    def renew(self) -> bool:
-        return bool(self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
-
-    def release(self) -> None:
-        self.r.eval(_RELEASE, 1, self.key, self.token)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lease_held(r: redis.Redis, keys: Keys, job_id: str) -> bool:
-    return bool(r.exists(keys.lease(job_id)))
-
-
-_CLAIM_ORPHAN = """
-if redis.call('exists', KEYS[1]) == 1 then return 0 end
-local status = redis.call('hget', KEYS[2], 'status')
-if status ~= 'validating' and status ~= 'running' then return 0 end
-local at = tonumber(redis.call('hget', KEYS[2], 'requeued_at') or '') or 0
-if tonumber(ARGV[1]) - at < tonumber(ARGV[2]) then return 0 end
-redis.call('hset', KEYS[2], 'requeued_at', ARGV[1], 'updated_at', ARGV[1])
-redis.call('xadd', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-return 1
-"""
-
-
-def claim_orphan(r: redis.Redis, keys: Keys, job_id: str, grace_s: float, message: str) -> bool:
-    """Mark an active job whose lease is gone as requeued (and log `message`), in one script: a
-    worker that takes the lease meanwhile is never told its job was lost. False when it has a
-    lease, is not active any more, or was requeued less than `grace_s` ago."""
-    t = now()
-    entry = {"kind": "info", "message": message, "ts": f"{t:.3f}", "data": "{}"}
-    args = [repr(t), grace_s, EVENTS_MAXLEN, *_flat(entry)]
-    keys_ = [keys.lease(job_id), keys.job(job_id), keys.events(job_id)]
-    return bool(r.eval(_CLAIM_ORPHAN, 3, *keys_, *args))
-
-
-# ---------------------------------------------------------------- worker heartbeats
-
-
-def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:
-    pipe = r.pipeline(transaction=False)
-    pipe.zadd(keys.workers(), {name: now()})
-    pipe.set(keys.worker(name), jsonsafe.dumps(info), ex=max(1, int(ttl_s)))
-    pipe.execute()
-
-
-def remove_worker(r: redis.Redis, keys: Keys, name: str) -> None:
-    r.zrem(keys.workers(), name)
-    r.delete(keys.worker(name))
-
-
-def live_workers(r: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
-    cutoff = now() - ttl_s
-    r.zremrangebyscore(keys.workers(), "-inf", cutoff)  # forget the dead
-    names = r.zrangebyscore(keys.workers(), cutoff, "+inf")
-    infos = r.mget([keys.worker(n) for n in names]) if names else []
-    return [dict(json.loads(i) if i else {}, name=n) for n, i in zip(names, infos, strict=True)]
-
-
-def delete_prefix(r: redis.Redis, prefix: str) -> int:
-    """Remove every key under `prefix:` (tests clean up after themselves)."""
-    n = 0
-    for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-        n += r.delete(key)
-    return n
-
-
-# ---------------------------------------------------------------- ops histograms (Prometheus)
-# Recorded by workers when a job ends, read by the API's /metrics from any process.
-DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
-MEMORY_BUCKETS = tuple(float(2**g) * 2**30 for g in range(0, 9))  # 1 GiB .. 256 GiB
-
-
-def _observe(pipe: Any, keys: Keys, name: str, label: str, value: float, buckets: tuple[float, ...]) -> None:
-    key = f"{keys.prefix}:metrics:{name}"
-    for b in buckets:
-        if value <= b:
-            pipe.hincrby(key, f"{label}|{b:g}", 1)
-    pipe.hincrby(key, f"{label}|+Inf", 1)
-    pipe.hincrbyfloat(key, f"{label}|sum", value)
-
-
-def observe_finished_job(r: redis.Redis, keys: Keys, job_id: str) -> None:
-    """Record a finished job in the ops histograms: its run time by final status, each stage's
-    seconds (from metrics.json's `timing`) and its GPU memory peak. Best effort: a job record that
-    lacks a field skips that histogram."""
-    job = get_job(r, keys, job_id)
-    if job is None or job["status"] not in FINAL or not job.get("started_at") or not job.get("finished_at"):
-        return
-    pipe = r.pipeline(transaction=False)
-    duration = max(0.0, job["finished_at"] - job["started_at"])
-    _observe(pipe, keys, "job_duration_seconds", job["status"], duration, DURATION_BUCKETS)
-    metrics = job.get("metrics") or {}
-    for stage, seconds in (metrics.get("timing") or {}).items():
-        if isinstance(seconds, int | float):
-            _observe(pipe, keys, "stage_duration_seconds", stage, float(seconds), DURATION_BUCKETS)
-    peak = metrics.get("gpu_memory_peak_bytes")
-    if isinstance(peak, int | float):
-        _observe(pipe, keys, "job_gpu_memory_peak_bytes", "", float(peak), MEMORY_BUCKETS)
-    pipe.execute()
-
-
-def read_histogram(r: redis.Redis, keys: Keys, name: str) -> dict[str, dict[str, float]]:
-    """{label: {"<bucket bound>"|"+Inf"|"sum": value}} of one ops histogram (cumulative buckets)."""
-    out: dict[str, dict[str, float]] = {}
-    for field, value in r.hgetall(f"{keys.prefix}:metrics:{name}").items():
-        label, _, bound = field.rpartition("|")
-        out.setdefault(label, {})[bound] = float(value)
-    return out
