@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import client, demo, local, server
+from cli import demo, files, jobs, local, server
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -16,7 +16,7 @@ app = typer.Typer(
     help="spkd: distil a big pretrained image model into a small one for your own data (SP-KD).",
 )
 
-for module in (local, server, client, demo):
+for module in (local, server, jobs, files, demo):
     module.register(app)
 
 if __name__ == "__main__":

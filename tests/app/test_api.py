@@ -39,7 +39,7 @@ def test_api_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "import app.main, cli.client\n"
+        "import app.main, cli.client, cli.files, cli.jobs\n"
         "c = TestClient(app.main.app)\n"
         "assert c.get('/healthz').status_code == 200\n"
         "assert c.get('/openapi.json').status_code == 200\n"
