@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from common.reporter import RecordingReporter
+from models.data import augment
 from models.data import inmemory as fd
 from models.training.oom import BatchSizeController, FakeMemoryLimit, split_batch
 
@@ -15,7 +16,7 @@ from models.training.oom import BatchSizeController, FakeMemoryLimit, split_batc
 def _step(model, optimizer):
     def run(batch: fd.Batch) -> int:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(fd.normalize(batch.images, (0.5,) * 3, (0.5,) * 3))
+        logits = model(augment.normalize(batch.images, (0.5,) * 3, (0.5,) * 3))
         F.cross_entropy(logits, batch.labels).backward()
         optimizer.step()
         return batch.images.shape[0]
