@@ -1,6 +1,6 @@
 """Datasets: scan an ImageFolder (common/scan.py decides classes, splits and rejections, the same
-rules as the upload), split off val by seed when the tree has none, and serve augmented views as
-UN-normalised uint8 batches.
+rules as the upload), give its splits the job's roles (train, selection, report: `DatasetScan`),
+and serve augmented views as UN-normalised uint8 batches.
 
 Batches are (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens on the
 device, per model (teacher and student may use different mean/std), so both see the same view,
@@ -32,40 +32,43 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class DatasetScan:
-    """A job's data in its three roles, disjoint: `train` (gradient steps), `select` (every
-    choice: best epoch, weights, the shipped student) and `val`, the report split (the accuracies
-    shown). common.scan decides classes, folders and rejections; with a test/ split, test/ is the
-    report split and val/ the selection split; otherwise val/ (or a seeded share of train, `split`
-    "seeded") is reported and `with_selection` carves the selection split out of train."""
+    """A job's data in its three roles (docs/architecture.md#5-data-roles-the-honest-protocol),
+    disjoint: `train` (gradient steps), `selection` (every choice: best epoch, weights, the
+    shipped student) and `report` (the accuracies shown). common.scan decides classes, folders and
+    rejections; with a test/ split, test/ is reported and val/ selects; otherwise val/ (or a
+    seeded share of train, `report_from` "seeded") is reported and `with_selection` carves the
+    selection split out of train."""
 
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]  # the report split: val/, or test/ when the dataset has one
+    report: list[Sample]  # test/ when the dataset has one, else val/, else a seeded share of train
     rejected: list[dict[str, str]] = field(default_factory=list)
-    split: str = "folders"  # "folders": the report split is a folder; "seeded": held out of train here
-    select: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
+    report_from: str = "folders"  # "folders": the report split is a folder; "seeded": held out here
+    selection: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
     roles: dict[str, str] = field(
         default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
     )
     layout: str = "split"  # common.scan: "split" (split folders) or "flat" (class folders)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}}; "selection" only when there is a selection split."""
-        splits = [("train", self.train), ("val", self.val)] + (
-            [("selection", self.select)] if self.select else []
+        """{split: {class: images}}: "train", "val" (the report split, under the key metrics.json
+        and the dataset event have always used) and "selection" when there is a selection split."""
+        splits = [("train", self.train), ("val", self.report)] + (
+            [("selection", self.selection)] if self.selection else []
         )
         return {split: count_per_class(samples, self.classes) for split, samples in splits}
 
     def sizes(self) -> dict[str, int]:
         """Images per role: train, selection, report."""
-        return {"train": len(self.train), "selection": len(self.select), "report": len(self.val)}
+        return {"train": len(self.train), "selection": len(self.selection), "report": len(self.report)}
 
     def summary(self) -> dict:
+        """The dataset block of metrics.json and of the `dataset` event."""
         return {
             "classes": self.classes,
             "counts": self.counts(),
             "rejected": self.rejected,
-            "split": self.split,
+            "split": self.report_from,
             "layout": self.layout,
             "roles": self.roles,
             "sizes": self.sizes(),
@@ -89,31 +92,32 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
     """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
-    val/ selects; else val/ is reported, or a seeded share of train when the tree has no val/."""
+    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
+    val/."""
     found = scan_tree(root)
     roles = {"train": "train/", "selection": "none", "report": "val/"}
-    train, select, split = found.train, [], "folders"
+    train, selection, report_from = found.train, [], "folders"
     if "test" in found.folders:
-        val = found.test
+        report = found.test
         roles["report"] = "test/"
         if "val" in found.folders:
-            select, roles["selection"] = found.val, "val/"
+            selection, roles["selection"] = found.val, "val/"
     elif "val" in found.folders:
-        val = found.val
+        report = found.val
     else:
-        train, val = seeded_split(found.train, found.classes, val_fraction, seed)
-        split, roles["report"] = "seeded", f"seeded {val_fraction:g} of the images"
-    if not val:
+        train, report = seeded_split(found.train, found.classes, val_fraction, seed)
+        report_from, roles["report"] = "seeded", f"seeded {val_fraction:g} of the images"
+    if not report:
         raise SpkdError(
             "empty_split", "the report split has no usable image (every class has one image)", "dataset"
         )
     return DatasetScan(
         classes=found.classes,
         train=train,
-        val=val,
+        report=report,
         rejected=found.rejected,
-        split=split,
-        select=select,
+        report_from=report_from,
+        selection=selection,
         roles=roles,
         layout=found.layout,
     )
@@ -126,20 +130,20 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
 
     The carving depends only on (seed, class, file list): the same seed gives the same split.
     """
-    if scan.select or fraction <= 0:
+    if scan.selection or fraction <= 0:
         return scan
     keep: list[Sample] = []
-    select: list[Sample] = []
+    selection: list[Sample] = []
     for label in range(len(scan.classes)):
         members = [s for s in scan.train if s.label == label]
         order = list(members)
         random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
         n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
         chosen = {s.path for s in order[:n]}
-        select += [s for s in members if s.path in chosen]
+        selection += [s for s in members if s.path in chosen]
         keep += [s for s in members if s.path not in chosen]
     roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
-    return dataclasses.replace(scan, train=keep, select=select, roles=roles)
+    return dataclasses.replace(scan, train=keep, selection=selection, roles=roles)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -308,7 +308,7 @@ def engine_view(root: Path) -> dict:
         counts["test"] = counts.pop("val")
         if "selection" in counts:
             counts["val"] = counts.pop("selection")
-    if scan.split == "seeded":
+    if scan.report_from == "seeded":
         counts["train"] = {c: counts["train"][c] + counts["val"][c] for c in scan.classes}
         del counts["val"]
     if scan.layout == "flat":

@@ -71,12 +71,12 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
         images = torch.stack(
             [
                 loader.make_transform(32, _Cfg(card), training=False)(loader.load_rgb(s.path))
-                for s in scan.select
+                for s in scan.selection
             ]
         )
         with torch.no_grad():
             preds = model((images.float() / 255 - cfg_mean) / cfg_std).argmax(1)
-        acc = (preds == torch.tensor([s.label for s in scan.select])).float().mean().item()
+        acc = (preds == torch.tensor([s.label for s in scan.selection])).float().mean().item()
         assert acc == pytest.approx(metrics[name]["select_acc"])
 
 
