@@ -1,7 +1,8 @@
 """A per-job report that opens without the server: report.html (self-contained) and curves.png.
 
 Reads only out_dir/metrics.json (the engine's contract), so it can be rerun on any finished job.
-Imports nothing of ours and keeps matplotlib inside the function: `models` stays cheap to import.
+Imports only the torch-free common/ and keeps matplotlib inside the function: `models` stays cheap
+to import.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common import spec as common_spec
+
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
 
-# One colour per stage, same order as common.spec.STAGES; colour-blind friendly (Okabe-Ito).
-STAGE_COLOURS = {
-    "teacher_finetune": "#0072B2",
-    "baseline": "#D55E00",
-    "distill": "#009E73",
-    "evaluate": "#CC79A7",
-    "export": "#E69F00",
-}
-FALLBACK_COLOUR = "#555555"
+# Colour-blind friendly (Okabe-Ito), given to the stages by their place in common.spec.STAGES.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+FALLBACK_COLOUR = "#555555"  # a stage name outside common.spec.STAGES (metrics.json of another version)
+
+
+def stage_colour(stage: str) -> str:
+    """The line colour of a stage: PALETTE by the stage's place in common.spec.STAGES (distinct
+    while there are no more stages than colours), FALLBACK_COLOUR for a name not in the list."""
+    stages = common_spec.STAGES
+    return PALETTE[stages.index(stage) % len(PALETTE)] if stage in stages else FALLBACK_COLOUR
 
 
 def write_report(out_dir: Path) -> list[Path]:
@@ -63,7 +67,7 @@ def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     ax_loss, ax_acc = fig.subplots(1, 2)
     plotted = False
     for stage, rows in curves.items():
-        colour = STAGE_COLOURS.get(stage, FALLBACK_COLOUR)
+        colour = stage_colour(stage)
         epochs = [r.get("epoch") for r in rows]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
             for split, style in (("train", "--"), ("val", "-")):
@@ -102,11 +106,6 @@ def _is_number(v: Any) -> bool:
 
 def _pct(v: Any) -> str:
     return f"{100 * v:.1f}%" if _is_number(v) else "n/a"
-
-
-def _acc(metrics: dict[str, Any], who: str) -> Any:
-    block = metrics.get(who)
-    return block.get("val_acc") if isinstance(block, dict) else None
 
 
 def _e(v: Any) -> str:
