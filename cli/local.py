@@ -149,7 +149,6 @@ class BarReporter:
         self._task = None
         self._key: tuple[str, int] | None = None
         self._stop = False
-        self._last_draw = 0.0
 
     def __enter__(self):
         self.bar.start()

@@ -43,6 +43,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from common.errors import SpkdError
+from common.files import sha256_file
 from core.settings import Settings
 
 log = logging.getLogger("spkd.blobs")
@@ -65,14 +66,6 @@ class Blob:
     key: str
     size: int
     mtime: float = 0.0  # unix seconds of the last write
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class BlobStore(Protocol):
@@ -418,15 +411,6 @@ class S3Blobs:
             yield from body.iter_chunks(CHUNK)
         finally:
             body.close()
-
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (tests and first start of a private server)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self._call(f"create bucket {self.bucket}", lambda: self.client.create_bucket(Bucket=self.bucket))
 
 
 def remote(settings: Settings) -> S3Blobs | None:

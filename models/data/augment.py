@@ -1,7 +1,7 @@
 """The device augmentation of the in-memory data path (models/data/inmemory.py): timm's training
 crop (RandomResizedCrop + horizontal flip) and colour jitter, their parameters drawn for a whole
-batch on a CPU generator, applied to the uint8 batch in one `grid_sample` on its device; and the
-per-model normalisation.
+batch on a CPU generator, applied to the uint8 batch in one `grid_sample` on its device. The
+per-model normalisation is models/data/loader.py `normalize`, the one every data path uses.
 
 Crop boxes are fractions of the ORIGINAL image geometry (torchvision's distribution: scale, aspect
 ratio, 10 tries then a centre fallback). A view is fully described by (box, flip, jitter) and
@@ -12,7 +12,6 @@ those parameters and reproduce exactly the view whose teacher features it comput
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,13 +129,3 @@ def crop_resize(
     if jitter is not None:
         out = color_jitter(out, jitter)
     return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def normalize(
-    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
-) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (x/255 - mean)/std, per model, on x's device."""
-    m = to_device(torch.tensor(mean).view(1, -1, 1, 1) * 255.0, x.device)
-    s = to_device(torch.tensor(std).view(1, -1, 1, 1) * 255.0, x.device)
-    out = (x.float() - m) / s
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out

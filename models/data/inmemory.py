@@ -39,6 +39,7 @@ from PIL import Image
 
 from common import decode
 from models.data.augment import crop_resize, sample_crop_params, sample_jitter, to_device
+from models.data.loader import Batch
 
 Placement = Literal["gpu", "host", "loader"]
 
@@ -150,7 +151,8 @@ def decode_eval_images(
     transform: Callable[[Image.Image], torch.Tensor],
     workers: int | None = None,
 ) -> torch.Tensor:
-    """Apply a uint8-producing eval transform (see `eval_transform`) once per image, in threads."""
+    """Apply a uint8-producing eval transform (models/data/loader.py `make_transform`) once per
+    image, in threads."""
     first: list[torch.Tensor | None] = [None] * len(paths)
 
     def work(i: int) -> None:
@@ -171,41 +173,7 @@ def _run_parallel(work: Callable[[int], None], n: int, workers: int | None) -> N
         list(pool.map(work, range(n)))
 
 
-def eval_transform(
-    image_size: int,
-    crop_pct: float | None = None,
-    interpolation: str = "bicubic",
-    crop_mode: str | None = None,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's own eval transform (resize + centre crop), stopping at a uint8 (3, S, S) tensor."""
-    from timm.data.transforms_factory import transforms_imagenet_eval
-
-    return transforms_imagenet_eval(
-        img_size=image_size,
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,
-        interpolation=interpolation,
-        use_prefetcher=True,  # stop before ToTensor/Normalize: uint8 out, normalised on device
-    )
-
-
 # ---------------------------------------------------------------------------- batch sources
-
-
-@dataclass
-class Batch:
-    """What a batch source yields: uint8 images on the device, labels, dataset indices, view."""
-
-    images: torch.Tensor  # (B, 3, S, S) uint8, on the training device
-    labels: torch.Tensor  # (B,) int64, on the training device
-    indices: torch.Tensor  # (B,) int64, CPU: positions in the dataset
-    boxes: torch.Tensor | None = None  # (B, 4) crop boxes, CPU (train only)
-    flips: torch.Tensor | None = None  # (B,) bool, CPU (train only)
-    jitter: torch.Tensor | None = None  # (B, 3) colour factors, CPU (train only)
-
-    def __iter__(self):
-        """Unpacks as the engine's (images, labels, indices) triple."""
-        return iter((self.images, self.labels, self.indices))
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -365,48 +333,3 @@ class EvalSource:
             idx = torch.arange(start, min(n, start + self.batch_size))
             labels = to_device(self.store.labels_cpu[idx], self.store.device)
             yield Batch(self.store.gather(idx), labels, idx)
-
-
-def build_train_source(
-    paths: Sequence[str | Path],
-    labels: Sequence[int],
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    seed: int = 0,
-    workers: int | None = None,
-    gpu_budget: int | None = None,
-    host_budget: int | None = None,
-    drop_last: bool = False,
-    augment: Augment | None = None,
-) -> tuple[TrainSource | None, MemoryPlan]:
-    """Decode once into memory; None (with the plan saying 'loader') when it does not fit."""
-    size = store_size_for(image_size)
-    plan = plan_memory(image_store_bytes(len(paths), size), device, gpu_budget, host_budget)
-    if plan.placement == "loader":
-        return None, plan
-    images, sizes = decode_train_images(paths, size, workers)
-    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
-    return TrainSource(store, sizes, image_size, batch_size, seed, drop_last, augment), plan
-
-
-def build_eval_source(
-    paths: Sequence[str | Path],
-    labels: Sequence[int],
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    crop_pct: float | None = None,
-    interpolation: str = "bicubic",
-    crop_mode: str | None = None,
-    workers: int | None = None,
-    gpu_budget: int | None = None,
-    host_budget: int | None = None,
-) -> tuple[EvalSource | None, MemoryPlan]:
-    plan = plan_memory(image_store_bytes(len(paths), image_size), device, gpu_budget, host_budget)
-    if plan.placement == "loader":
-        return None, plan
-    transform = eval_transform(image_size, crop_pct, interpolation, crop_mode)
-    images = decode_eval_images(paths, transform, workers)
-    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
-    return EvalSource(store, batch_size), plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +23,27 @@ from common import decode
 from common.errors import SpkdError
 from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
-__all__ = ["DatasetScan", "Sample", "check_image", "load_rgb", "scan_dataset"]
+__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize", "scan_dataset"]
 
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+@dataclass
+class Batch:
+    """What every batch source yields (the DataLoader below, the in-memory sources of
+    models/data/inmemory.py, the teacher cache): uint8 images, labels, dataset indices and, for an
+    augmented in-memory view, the crop that made it. Unpacks as (images, labels, indices)."""
+
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64, CPU: positions in the dataset
+    boxes: torch.Tensor | None = None  # (B, 4) crop boxes, CPU (in-memory train views only)
+    flips: torch.Tensor | None = None  # (B,) bool, CPU (in-memory train views only)
+    jitter: torch.Tensor | None = None  # (B, 3) colour factors, CPU (in-memory train views only)
+
+    def __iter__(self):
+        """Unpacks as the engine's (images, labels, indices) triple."""
+        return iter((self.images, self.labels, self.indices))
 
 
 @dataclass
@@ -200,7 +216,7 @@ def make_loader(
 ) -> Iterable[Batch]:
     """A loader whose shuffle and augmentation depend only on (seed, epoch): resumable exactly."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.utils.data.DataLoader(
+    data = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=training,
@@ -210,6 +226,20 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+    return _Batches(data)
+
+
+class _Batches:
+    """A DataLoader's [images, labels, indices] lists (collated, pinned) as `Batch`es."""
+
+    def __init__(self, data: torch.utils.data.DataLoader) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (Batch(images, labels, indices) for images, labels, indices in self.data)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

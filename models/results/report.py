@@ -11,11 +11,11 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from common import spec as common_spec
+from common.files import atomic_write
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
@@ -38,21 +38,11 @@ def write_report(out_dir: Path) -> list[Path]:
     metrics = json.loads((out_dir / "metrics.json").read_text())
     png = render_curves_png(metrics.get("curves") or {})
     curves_path = out_dir / CURVES_NAME
-    _write_atomic(curves_path, png)
+    atomic_write(curves_path, lambda tmp: Path(tmp).write_bytes(png))
     report_path = out_dir / REPORT_NAME
-    _write_atomic(report_path, render_html(metrics, png).encode("utf-8"))
+    page = render_html(metrics, png).encode("utf-8")
+    atomic_write(report_path, lambda tmp: Path(tmp).write_bytes(page))
     return [report_path, curves_path]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Whole file or none: a failed write (a full disk) leaves neither a truncated file nor its
-    temporary (`.<name>.tmp`, which the sweep would also recognise)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:

