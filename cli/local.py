@@ -53,15 +53,18 @@ def run(
 
 
 def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
-    """--data wins; else dataset.path as given, then relative to the YAML file's folder."""
+    """--data wins; else dataset.path as given, then relative to the YAML file's folder. A spec
+    naming another source (dataset.id, hf, torchvision: a server resolves those) exits 2, saying so."""
     if data is not None:
         return data
     if spec.dataset.path is None:
-        what = (
-            "dataset.hf is loaded by a server's workers"
-            if spec.dataset.hf
-            else ("dataset.id names an uploaded dataset on a server")
-        )
+        ds = spec.dataset
+        if ds.id is not None:
+            what = "dataset.id names an uploaded dataset on a server"
+        elif ds.hf is not None:
+            what = "dataset.hf is loaded by a server's workers"
+        else:
+            what = "dataset.torchvision is downloaded by a server's workers"
         console.print(f"[red]{what}; locally use dataset.path or --data[/]")
         raise typer.Exit(2)
     given = Path(spec.dataset.path).expanduser()

@@ -1,4 +1,5 @@
-"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/pause/resume/download, demo.
+"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/pause/resume/delete/
+download/datasets (a server over HTTP), demo.
 
 Each command group lives in its own module and imports its heavy dependencies (torch, celery,
 uvicorn) inside the command, so `spkd submit` starts fast and never loads torch.

@@ -108,8 +108,9 @@ TORCHVISION_DATASETS = (
 
 
 class DatasetSpec(_Strict):
-    """Exactly one of `id` (an uploaded dataset), `path` (a folder under the server's data root) or
-    `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)."""
+    """Exactly one of four sources: `id` (an uploaded dataset), `path` (a folder under the server's
+    data root), `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)
+    or `torchvision` (a torchvision classification dataset the workers download)."""
 
     id: str | None = Field(default=None, pattern=r"^ds_[A-Za-z0-9_-]{1,64}$")
     path: str | None = None

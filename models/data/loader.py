@@ -2,9 +2,9 @@
 rules as the upload), give its splits the job's roles (train, selection, report: `DatasetScan`),
 and serve augmented views as UN-normalised uint8 batches.
 
-Batches are (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens on the
-device, per model (teacher and student may use different mean/std), so both see the same view,
-and any other iterable of such triples (a GPU-side data path, a cache) can replace the loader.
+A `Batch` unpacks as (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens
+on the device, per model (teacher and student may use different mean/std), so both see the same
+view, and any other source of Batches (the in-memory path, the teacher cache) can replace the loader.
 """
 
 from __future__ import annotations
