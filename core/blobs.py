@@ -157,7 +157,13 @@ class LocalBlobs:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(key)
-        _atomic_download(dest, lambda tmp: shutil.copyfile(src, tmp), self.sha256(key), key)
+        expected = self.sha256(key)
+
+        def fetch(tmp: str) -> str | None:
+            shutil.copyfile(src, tmp)
+            return expected
+
+        _atomic_download(dest, fetch, key)
 
     def list(self, prefix: str) -> list[Blob]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""  # S3: a prefix, not a folder
@@ -204,13 +210,16 @@ class LocalBlobs:
                 yield chunk
 
 
-def _atomic_download(dest: Path, fetch: Callable[[str], None], expected: str | None, key: str) -> None:
+def _atomic_download(dest: Path, fetch: Callable[[str], str | None], key: str) -> None:
+    """`fetch(tmp)` writes the object `key` to the temporary `tmp` beside `dest` and returns its
+    recorded sha256 (None: not recorded); the file replaces `dest` only when it matches. Raises
+    StorageUnavailable on a mismatch; nothing is left behind when it fails."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)
     try:
-        fetch(tmp)
+        expected = fetch(tmp)
         if expected is not None and sha256_file(Path(tmp)) != expected:
             raise StorageUnavailable(f"get {key}: the object's content does not match its sha256")
         os.replace(tmp, dest)
@@ -324,18 +333,7 @@ class S3Blobs:
                     out.write(chunk)
             return res.get("Metadata", {}).get(SHA_META)
 
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            expected = self._call(f"get {key}", lambda: fetch(tmp))
-            if expected is not None and sha256_file(Path(tmp)) != expected:
-                raise StorageUnavailable(f"get {key}: the object's content does not match its sha256")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _atomic_download(dest, lambda tmp: self._call(f"get {key}", lambda: fetch(tmp)), key)
 
     def list(self, prefix: str) -> list[Blob]:
         out: list[Blob] = []

@@ -3,6 +3,8 @@ the dashboard: names in run order, titles, and which spec fields plan them."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter
 
 from app.deps import Owner
@@ -22,16 +24,4 @@ router = APIRouter()
 )
 def list_stages(owner: Owner) -> StageList:
     """Every stage a job can have; a job runs those its spec plans (`planned_by`), in this order."""
-    return StageList(
-        data=[
-            StageOut(
-                name=info.name,
-                title=info.title,
-                trains=info.trains,
-                planned_by=info.planned_by,
-                epochs_from=info.epochs_from,
-                result=info.result,
-            )
-            for info in STAGE_INFO
-        ]
-    )
+    return StageList(data=[StageOut(**asdict(info), trains=info.trains) for info in STAGE_INFO])
