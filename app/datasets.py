@@ -44,10 +44,6 @@ MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImpl
 # ---------------------------------------------------------------- streaming the body to disk
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _MultipartFile:
     """Feeds a multipart body through python-multipart and writes the first file part to `out`."""
 

@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core import blobs, storage
+from common.files import storage_full
+from core import blobs
 
 log = logging.getLogger("spkd.api")
 
@@ -152,13 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        if _storage_full(exc):  # a disk full is the operator's to fix, not a bug: say so
+        if storage_full(exc) is not None:  # a disk full is the operator's to fix, not a bug: say so
             log.warning("storage full: %s", exc)
             body = error_body("storage_full", "the server's storage is full; free space, then retry")
             return JSONResponse(body, status_code=507)
         log.exception("unhandled error")
         return JSONResponse(error_body("internal", "internal server error"), status_code=500)
-
-
-def _storage_full(exc: BaseException) -> bool:
-    return storage.storage_full(exc) is not None

@@ -13,14 +13,13 @@ So a process uses at most 1 + POOL_SIZE Redis connections for streaming, whateve
 clients. The number of open streams per API key is capped per process
 (`SPKD_MAX_STREAMS_PER_KEY`: past it `open` raises a 429 `too_many_streams`). Any failure ends
 the affected streams with an `error` event and a `retry:` hint (never a cut body): the client
-reconnects with Last-Event-ID and misses nothing.
+reconnects with Last-Event-ID and misses nothing. The messages themselves are app/sse.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -35,9 +34,18 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import ApiError, error_body
-from app.schemas import Event, ProgressOut
-from core import jsonsafe, store
+from app.errors import ApiError
+from app.sse import (
+    RETRY_MS,
+    Frame,
+    end_frame,
+    entry_order,
+    error_frame,
+    event_frame,
+    progress_frame,
+    store_down_frame,
+)
+from core import store
 from core.settings import Settings
 
 log = logging.getLogger("spkd.api")
@@ -49,72 +57,8 @@ BATCH = 500  # entries per stream per XREAD, and per page of a catch-up XRANGE
 KEEPALIVE_S = 15.0  # a comment on a quiet stream, so clients and proxies see it is alive
 STOP_WAIT_S = 1.0  # how long stop() waits for the reader after each cancel
 MAX_BACKLOG = 2000  # frames waiting for a slow client; past it the stream ends (it resumes)
-RETRY_MS = 2000  # the reconnect delay every stream announces, and repeats with an error
 STREAM_RETRY_AFTER_S = 5  # Retry-After of the 429 once a key holds its maximum of streams
 _BACKOFF_S = (0.5, 5.0)  # the reader's wait after a failure, doubled up to the maximum
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One SSE message, formatted once for every subscriber. `event_id`: a log entry (skipped by a
-    stream whose cursor is already past it); `progress`: the raw progress it shows (skipped when
-    unchanged); `last`: the stream ends after it (`end`, `error`)."""
-
-    text: str
-    event_id: str | None = None
-    progress: str | None = None
-    last: bool = False
-
-
-def sse(event: str, data: Any, event_id: str | None = None, retry_ms: int | None = None) -> str:
-    """One SSE message: `event:` + one `data:` line of JSON (+ `id:`, `retry:` when given)."""
-    head = f"id: {event_id}\n" if event_id else ""
-    if retry_ms is not None:
-        head += f"retry: {retry_ms}\n"
-    return f"{head}event: {event}\ndata: {jsonsafe.dumps(data, default=str)}\n\n"
-
-
-def error_frame(code: str, message: str) -> Frame:
-    """The last message of a stream that failed: `retry:` (when to reconnect) and an `error` event
-    shaped like every API error ({"error": {code, message, field}})."""
-    return Frame(sse("error", error_body(code, message), retry_ms=RETRY_MS), last=True)
-
-
-def _event_frame(entry_id: str, fields: dict[str, str]) -> Frame | None:
-    """A log entry as an SSE message; None (logged) for one that does not decode, which is
-    skipped instead of failing every stream of its job."""
-    try:
-        e = Event.from_store(store._event(entry_id, fields))  # the store's own entry decoding
-    except (ValueError, TypeError) as exc:
-        log.warning("event %s does not decode (%s); not streamed", entry_id, exc)
-        return None
-    return Frame(sse(e.kind, e.model_dump(mode="json"), e.id), event_id=e.id)
-
-
-def _progress_frame(raw: str) -> Frame | None:
-    """A job's progress field as an SSE `progress` message; None (logged) when it does not decode."""
-    try:
-        body = ProgressOut.model_validate(json.loads(raw)).model_dump(mode="json")
-    except (ValueError, TypeError) as exc:
-        log.warning("job progress does not decode (%s); not streamed", exc)
-        return None
-    return Frame(sse("progress", body), progress=raw)
-
-
-def _end_frame(status: str) -> Frame:
-    return Frame(sse("end", {"status": status}), last=True)
-
-
-def _sid(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _store_down(exc: BaseException) -> Frame:
-    return error_frame(
-        "store_unavailable",
-        f"the job store (Redis) did not answer ({type(exc).__name__}); reconnect with Last-Event-ID",
-    )
 
 
 @dataclass(eq=False)
@@ -289,7 +233,7 @@ class Live:
             log.info(
                 "event stream of %s: job store unavailable (%s: %s)", sub.job_id, type(exc).__name__, exc
             )
-            yield _store_down(exc).text
+            yield store_down_frame(exc).text
         except Exception as exc:  # noqa: BLE001 - whatever it is, the client gets a last message
             log.warning("event stream of %s failed: %s: %s", sub.job_id, type(exc).__name__, exc)
             yield error_frame(
@@ -302,7 +246,7 @@ class Live:
         """The frame's text unless the stream already sent it (an event at or before its cursor,
         the same progress again); moves the cursor."""
         if frame.event_id is not None:
-            if _sid(frame.event_id) <= _sid(sub.last):
+            if entry_order(frame.event_id) <= entry_order(sub.last):
                 return None
             sub.last = frame.event_id
         if frame.progress is not None:
@@ -351,7 +295,7 @@ class Live:
         while True:
             texts = []
             for entry_id, fields in page:
-                frame = _event_frame(entry_id, fields)
+                frame = event_frame(entry_id, fields)
                 if frame and (text := self._accept(sub, frame)):
                     texts.append(text)
             if texts:
@@ -359,11 +303,11 @@ class Live:
             if len(page) < BATCH:
                 break
             page = await self._pool.xrange(job.key, f"({sub.last}", "+", count=BATCH)
-        frame = _progress_frame(progress) if progress else None
+        frame = progress_frame(progress) if progress else None
         if frame and (text := self._accept(sub, frame)):
             yield text
         if status in store.FINAL:
-            sub.frames.append(_end_frame(status))  # after whatever the reader handed it already
+            sub.frames.append(end_frame(status))  # after whatever the reader handed it already
 
     async def _wake_reader(self) -> None:
         """A job was added: let the reader's XREAD include it now rather than after its block
@@ -401,7 +345,7 @@ class Live:
                     )
                 down = True
                 frame = (
-                    _store_down(exc)
+                    store_down_frame(exc)
                     if isinstance(exc, (redis.RedisError, OSError))
                     else error_frame(
                         "stream_failed", "the event stream failed on the server; reconnect with Last-Event-ID"
@@ -452,9 +396,9 @@ class Live:
                 continue
             job = found[1]
             for entry_id, fields in entries:
-                if frame := _event_frame(entry_id, fields):
+                if frame := event_frame(entry_id, fields):
                     job.push(frame)
-            if job.cursor is None or _sid(entries[-1][0]) > _sid(job.cursor):
+            if job.cursor is None or entry_order(entries[-1][0]) > entry_order(job.cursor):
                 job.cursor = entries[-1][0]
 
     async def _poll(self) -> None:
@@ -482,10 +426,10 @@ class Live:
                         break
             if progress and progress != job.progress:
                 job.progress = progress
-                if frame := _progress_frame(progress):
+                if frame := progress_frame(progress):
                     job.push(frame)
             if status in store.FINAL:
-                job.push(_end_frame(status))
+                job.push(end_frame(status))
                 self._drop(job_id, job)
 
     def _drop(self, job_id: str, job: _Job) -> None:

@@ -288,6 +288,54 @@ class ModelList(BaseModel):
     weight_files: list[WeightFile]
 
 
+class StageOut(BaseModel):
+    name: str = Field(description="the `stage` of a job's record, progress and events", examples=["distill"])
+    title: str = Field(description="how the dashboard names it", examples=["Distillation"])
+    trains: bool = Field(description="runs epochs: `epoch_end` events, a curve and an accuracy per epoch")
+    planned_by: str | None = Field(
+        description="the job spec field that turns it on (off when null or false); null: every job runs it",
+        examples=["baseline"],
+    )
+    epochs_from: str | None = Field(
+        description="the job spec field holding its epochs; null: no training steps",
+        examples=["train.epochs"],
+    )
+    result: str | None = Field(
+        description="the block of a job's `metrics` its accuracy goes to (teacher, baseline, distilled)",
+        examples=["distilled"],
+    )
+
+
+class StageList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "object": "list",
+                "data": [
+                    {
+                        "name": "baseline",
+                        "title": "Baseline student",
+                        "trains": True,
+                        "planned_by": "baseline",
+                        "epochs_from": "train.epochs",
+                        "result": "baseline",
+                    },
+                    {
+                        "name": "export",
+                        "title": "Export",
+                        "trains": False,
+                        "planned_by": None,
+                        "epochs_from": None,
+                        "result": None,
+                    },
+                ],
+            }
+        }
+    )
+    object: Literal["list"] = "list"
+    data: list[StageOut] = Field(description="every stage a job can have, in the order a job runs them")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 

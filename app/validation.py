@@ -29,6 +29,7 @@ import redis
 from app import datasets
 from app.errors import ApiError
 from common.errors import SpkdError
+from common.files import storage_full
 from core import bucket, references, storage, store
 from core.settings import Settings
 
@@ -65,7 +66,7 @@ def validating_record(
 
 def _unexpected(ds_id: str, e: Exception) -> dict[str, str]:
     """The `error` of a validation that failed for a reason other than the zip's content."""
-    if storage.storage_full(e) is not None:
+    if storage_full(e) is not None:
         msg = "the dataset storage (SPKD_DATA_ROOT) is full: free space, then upload again"
         return {"code": "storage_full", "message": msg}
     if isinstance(e, SpkdError):  # storage_unavailable: the bucket did not take it (core/blobs.py)

@@ -81,6 +81,7 @@ def measure(folder: Path, threads: int) -> dict:
 
     from models.networks.factory import create_kwargs
     from models.results import deploy, export
+    from models.results.latency import cpu_latency
 
     metrics = json.loads((folder / "metrics.json").read_text())
     size = int(metrics["image_size"])
@@ -120,7 +121,7 @@ def measure(folder: Path, threads: int) -> dict:
         int8 = copy.deepcopy(old.get("int8"))
         if (folder / deploy.INT8_FILE).is_file():
             onnx["student_int8"] = folder / deploy.INT8_FILE
-        latency = deploy.cpu_latency(onnx, size, threads=threads)
+        latency = cpu_latency(onnx, size, threads=threads)
     for role, row in rows.items():
         row["latency_ms"] = latency[role]
     if isinstance(int8, dict) and "student_int8" in latency:
@@ -146,7 +147,8 @@ def int8_agreement(folder: Path, paths: list[Path], labels: list[int]) -> dict |
 
     from common.decode import load_rgb
     from common.preprocess import EvalConfig, eval_batch
-    from models.results.deploy import onnx_predict, onnx_session
+    from models.results.deploy import onnx_predict
+    from models.results.latency import onnx_session
 
     cfg = EvalConfig.from_hub_config(json.loads((folder / "student" / "config.json").read_text()))
     batches = [eval_batch([load_rgb(p) for p in paths[i : i + 32]], cfg) for i in range(0, len(paths), 32)]
@@ -271,7 +273,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from models.results.report import deploy_text
+    from models.results.deploy_report import deploy_text
 
     folder = job_folder(args.job)
     metrics = json.loads((folder / "metrics.json").read_text())

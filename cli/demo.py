@@ -140,12 +140,13 @@ def api_ready(http: Any) -> bool:
 def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
     """POST /v1/datasets with a zip of the folder; returns the dataset description."""
     from cli import client
+    from cli.files import wait_dataset_ready, zip_folder
 
-    archive = client.zip_folder(folder, tmp / f"{folder.name}.zip")
+    archive = zip_folder(folder, tmp / f"{folder.name}.zip")
     with archive.open("rb") as fh:
         files = {"file": (archive.name, fh, "application/zip")}
         ds = client._check(http.post("/v1/datasets", files=files, data={"name": folder.name}, timeout=600))
-    return client.wait_dataset_ready(http, ds, timeout_s=3600)  # a large zip is validated in the background
+    return wait_dataset_ready(http, ds, timeout_s=3600)  # a large zip is validated in the background
 
 
 def summary(metrics: dict) -> list[str]:
@@ -211,7 +212,7 @@ def build_spec(dataset: dict, opts: dict) -> dict:
 
 def run_demo(opts: dict) -> Path:
     """Start the stack, run one job through the REST API, download it. Returns the output folder."""
-    from cli import client
+    from cli import client, files
 
     workdir = Path(opts["workdir"]).resolve()
     group = start_group(workdir)
@@ -272,7 +273,7 @@ def run_demo(opts: dict) -> Path:
             say(f"job {job_id} succeeded in {time.monotonic() - t0:.0f}s; downloading its artifacts")
         out = Path(opts["out"]).resolve()
         try:
-            client.download(job_id, names=None, out=out, url=base, key=key)
+            files.download(job_id, names=None, out=out, url=base, key=key)
         except typer.Exit as exc:
             raise DemoError(f"downloading the artifacts of {job_id} failed") from exc
         report(out / job_id)

@@ -53,15 +53,18 @@ def run(
 
 
 def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
-    """--data wins; else dataset.path as given, then relative to the YAML file's folder."""
+    """--data wins; else dataset.path as given, then relative to the YAML file's folder. A spec
+    naming another source (dataset.id, hf, torchvision: a server resolves those) exits 2, saying so."""
     if data is not None:
         return data
     if spec.dataset.path is None:
-        what = (
-            "dataset.hf is loaded by a server's workers"
-            if spec.dataset.hf
-            else ("dataset.id names an uploaded dataset on a server")
-        )
+        ds = spec.dataset
+        if ds.id is not None:
+            what = "dataset.id names an uploaded dataset on a server"
+        elif ds.hf is not None:
+            what = "dataset.hf is loaded by a server's workers"
+        else:
+            what = "dataset.torchvision is downloaded by a server's workers"
         console.print(f"[red]{what}; locally use dataset.path or --data[/]")
         raise typer.Exit(2)
     given = Path(spec.dataset.path).expanduser()
@@ -128,7 +131,7 @@ def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     for line in gain_lines(metrics):
         console.print(line, markup=False)
     if isinstance(metrics.get("deploy"), dict):  # what each model costs (models/results/deploy.py)
-        from models.results.report import deploy_text
+        from models.results.deploy_report import deploy_text
 
         console.print(deploy_text(metrics["deploy"]), markup=False, soft_wrap=True)
     names = [f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir() if p.name != "checkpoints"]
@@ -153,7 +156,6 @@ class BarReporter:
         self._task = None
         self._key: tuple[str, int] | None = None
         self._stop = False
-        self._last_draw = 0.0
 
     def __enter__(self):
         self.bar.start()

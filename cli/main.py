@@ -1,5 +1,5 @@
-"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/pause/resume/download,
-predict, demo.
+"""`spkd`: serve, worker, run (local, in-process), submit/status/events/cancel/pause/resume/delete/
+download/datasets (a server over HTTP), predict, demo.
 
 Each command group lives in its own module and imports its heavy dependencies (torch, celery,
 uvicorn) inside the command, so `spkd submit` starts fast and never loads torch.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import client, demo, local, predict, server
+from cli import demo, files, jobs, local, predict, server
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -17,7 +17,7 @@ app = typer.Typer(
     help="spkd: distil a big pretrained image model into a small one for your own data (SP-KD).",
 )
 
-for module in (local, server, client, demo, predict):
+for module in (local, server, jobs, files, demo, predict):
     module.register(app)
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,7 +29,6 @@ WEIGHT_KEYWORDS = ("hub", "none", "package")
 JOB_WEIGHTS = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
-STAGES = ("teacher_finetune", "baseline", "distill", "evaluate", "export")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
@@ -123,8 +123,9 @@ TORCHVISION_DATASETS = (
 
 
 class DatasetSpec(_Strict):
-    """Exactly one of `id` (an uploaded dataset), `path` (a folder under the server's data root) or
-    `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)."""
+    """Exactly one of four sources: `id` (an uploaded dataset), `path` (a folder under the server's
+    data root), `hf` (a Hugging Face dataset name, or a `save_to_disk` folder under the data root)
+    or `torchvision` (a torchvision classification dataset the workers download)."""
 
     id: str | None = Field(default=None, pattern=r"^ds_[A-Za-z0-9_-]{1,64}$")
     path: str | None = None
@@ -502,6 +503,68 @@ class JobSpec(_Strict):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a job spec is a YAML mapping with teacher, student and dataset")
         return cls.model_validate(data)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of a job as the API, the dashboard and the report describe it. The engine's
+    registry (models/stages/__init__.py) takes each stage's plan and epochs from here and adds its
+    body and files; a test checks the two lists agree (docs/architecture.md#a-stage)."""
+
+    name: str  # the `stage` of events, progress and the job record
+    title: str  # how people read it (the dashboard)
+    planned_by: str | None = None  # the spec field that turns it on (off when None or false); None: always
+    epochs_from: str | None = None  # the spec field holding its epochs; None: no training steps
+    result: str | None = None  # the metrics block whose accuracy it yields (teacher, baseline, distilled)
+
+    @property
+    def trains(self) -> bool:
+        """A training stage: it runs epochs and reports a selection accuracy at each epoch's end."""
+        return self.epochs_from is not None
+
+    def planned(self, spec: JobSpec) -> bool:
+        """Does this job run the stage?"""
+        return self.planned_by is None or bool(_field(spec, self.planned_by))
+
+    def epochs(self, spec: JobSpec) -> int:
+        """The stage's epochs in this job (0 for a stage without training steps); for `epochs: auto`
+        (teacher.finetune) the most it may train, its section's `planned_epochs`."""
+        if not self.epochs_from:
+            return 0
+        parent, _, leaf = self.epochs_from.rpartition(".")
+        section = _field(spec, parent) if parent else spec
+        if section is None:
+            return 0
+        planned = getattr(section, f"planned_{leaf}", None)
+        return int(planned if planned is not None else getattr(section, leaf) or 0)
+
+
+def _field(spec: JobSpec, dotted: str) -> object:
+    """spec.<dotted> ("teacher.finetune.epochs"), or None where a part along the way is None."""
+    value: object = spec
+    for part in dotted.split("."):
+        value = getattr(value, part) if value is not None else None
+    return value
+
+
+# Every stage, in run order: the one list of them (the engine's registry, the API's GET /v1/stages,
+# the dashboard and the report's colours all follow it).
+STAGE_INFO: tuple[StageInfo, ...] = (
+    StageInfo(
+        "teacher_finetune",
+        "Teacher fine-tune",
+        planned_by="teacher.finetune",
+        epochs_from="teacher.finetune.epochs",
+        result="teacher",
+    ),
+    StageInfo(
+        "baseline", "Baseline student", planned_by="baseline", epochs_from="train.epochs", result="baseline"
+    ),
+    StageInfo("distill", "Distillation", epochs_from="train.epochs", result="distilled"),
+    StageInfo("evaluate", "Evaluation"),
+    StageInfo("export", "Export"),
+)
+STAGES = tuple(stage.name for stage in STAGE_INFO)
 
 
 EXAMPLE_SPEC = {

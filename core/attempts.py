@@ -10,7 +10,7 @@ decides which folder is current.
 frozen past its lease and thaws after another took the job over can still finish a rename or flush
 a file that it began before its fencing check, but only inside its own folder: no attempt ever
 writes a name another attempt reads. The job record's `output` field (the folder's name, written
-with the final status in one fenced transaction, core/store.py) is what says which files are the
+with the final status in one fenced transaction, core/store/jobs.py) is what says which files are the
 job's artifacts; a stale attempt cannot write that record, so its folder is never current.
 
 A new attempt starts from the newest earlier attempt that has a checkpoint (`open_attempt`): its

@@ -43,6 +43,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from common.errors import SpkdError
+from common.files import sha256_file
 from core.settings import Settings
 
 log = logging.getLogger("spkd.blobs")
@@ -65,14 +66,6 @@ class Blob:
     key: str
     size: int
     mtime: float = 0.0  # unix seconds of the last write
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class BlobStore(Protocol):
@@ -164,7 +157,13 @@ class LocalBlobs:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(key)
-        _atomic_download(dest, lambda tmp: shutil.copyfile(src, tmp), self.sha256(key), key)
+        expected = self.sha256(key)
+
+        def fetch(tmp: str) -> str | None:
+            shutil.copyfile(src, tmp)
+            return expected
+
+        _atomic_download(dest, fetch, key)
 
     def list(self, prefix: str) -> list[Blob]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""  # S3: a prefix, not a folder
@@ -211,13 +210,16 @@ class LocalBlobs:
                 yield chunk
 
 
-def _atomic_download(dest: Path, fetch: Callable[[str], None], expected: str | None, key: str) -> None:
+def _atomic_download(dest: Path, fetch: Callable[[str], str | None], key: str) -> None:
+    """`fetch(tmp)` writes the object `key` to the temporary `tmp` beside `dest` and returns its
+    recorded sha256 (None: not recorded); the file replaces `dest` only when it matches. Raises
+    StorageUnavailable on a mismatch; nothing is left behind when it fails."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     os.close(fd)
     try:
-        fetch(tmp)
+        expected = fetch(tmp)
         if expected is not None and sha256_file(Path(tmp)) != expected:
             raise StorageUnavailable(f"get {key}: the object's content does not match its sha256")
         os.replace(tmp, dest)
@@ -331,18 +333,7 @@ class S3Blobs:
                     out.write(chunk)
             return res.get("Metadata", {}).get(SHA_META)
 
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            expected = self._call(f"get {key}", lambda: fetch(tmp))
-            if expected is not None and sha256_file(Path(tmp)) != expected:
-                raise StorageUnavailable(f"get {key}: the object's content does not match its sha256")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _atomic_download(dest, lambda tmp: self._call(f"get {key}", lambda: fetch(tmp)), key)
 
     def list(self, prefix: str) -> list[Blob]:
         out: list[Blob] = []
@@ -418,15 +409,6 @@ class S3Blobs:
             yield from body.iter_chunks(CHUNK)
         finally:
             body.close()
-
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (tests and first start of a private server)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self._call(f"create bucket {self.bucket}", lambda: self.client.create_bucket(Bucket=self.bucket))
 
 
 def remote(settings: Settings) -> S3Blobs | None:

@@ -31,8 +31,9 @@ from typing import IO, Any, TypeVar
 
 import redis
 
+from common.files import sha256_file
 from core import attempts, store
-from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote, sha256_file
+from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote
 from core.settings import Settings
 
 log = logging.getLogger("spkd.bucket")
@@ -260,10 +261,8 @@ class CheckpointPublisher:
         self.blobs, self.job_id, self.attempt = blobs, job_id, attempt
         self.folder = Path(attempt_dir) / attempts.CHECKPOINTS
         self._sent: dict[str, tuple[int, int]] = {}
-        self.last_seconds = 0.0
 
     def __call__(self) -> int:
-        t0 = time.monotonic()
         folder = self.folder
         if not (folder / LAST).is_file():
             return 0
@@ -282,7 +281,6 @@ class CheckpointPublisher:
             self.blobs.put_file(f"{checkpoint_prefix(self.job_id)}{attempts.name(self.attempt)}/{name}", p)
             self._sent[name] = stamp
             sent += 1
-        self.last_seconds = time.monotonic() - t0
         return sent
 
 

@@ -1,13 +1,13 @@
-"""Files on the shared volumes: storage-full errors, leftovers, and removing a job's or dataset's files.
+"""Files on the shared volumes: leftovers, and removing a job's or dataset's files.
 
-Torch-free; the API and the workers both use it. Layout (see core/store.py for the Redis side):
+Torch-free; the API and the workers both use it. Layout (see core/store/ for the Redis side):
 
     <data root>/datasets/<ds id>/            an uploaded dataset (record: P:dataset:<ds id>)
     <data root>/datasets/.upload-*, .extract-*   an upload in flight (tempfile names)
     <artifact root>/<job id>/                a job's outputs (record: P:job:<job id>)
     <artifact root>/<job id>/attempt-<n>/    what attempt n wrote (core/attempts.py); the record's
                                              `output` names the one whose files are the artifacts
-    <artifact root>/<job id>/**/.<name>.*, *.tmp   a file being written (atomic_write, ONNX export)
+    <artifact root>/<job id>/**/.<name>.*, *.tmp   a file being written (files.atomic_write, ONNX export)
     <either root>/.deleting-*                a folder being removed (renamed out of sight first)
 
 Leftovers come from killed processes (an API restarted mid-upload, a job process killed mid-write)
@@ -20,7 +20,6 @@ make every folder look orphaned.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -33,32 +32,17 @@ from pathlib import Path
 
 import redis
 
+from common.files import storage_full as storage_full  # workers/runner.py asks storage.storage_full
 from core import attempts, blobs, bucket, references, store
 from core.settings import Settings
 
 log = logging.getLogger("spkd.storage")
 
-STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DELETING = ".deleting-"
 UPLOAD_TEMPORARIES = (".upload-", ".extract-", DELETING)
 JOB_DIR = re.compile(r"^job_[0-9a-z]{20}$")
 DATASET_DIR = re.compile(r"^ds_[0-9a-z]{20}$")
 MARKER = ".spkd-store"
-
-
-# ---------------------------------------------------------------- storage full
-
-
-def storage_full(exc: BaseException | None) -> OSError | None:
-    """The ENOSPC ("no space left on device") or EDQUOT ("disk quota exceeded") OSError in `exc`
-    or the exceptions it was raised from, else None."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 # ---------------------------------------------------------------- paths

@@ -120,7 +120,7 @@ step "uploading a small dataset (3 digit classes from scikit-learn)"
 "$py" - "$work" <<'PY'
 import shutil, sys
 from pathlib import Path
-from cli.client import zip_folder
+from cli.files import zip_folder
 from cli.demo import write_digits_imagefolder
 work = Path(sys.argv[1])
 # 40 scans per digit (32 train, 8 val) keep the job short.

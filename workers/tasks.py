@@ -17,7 +17,8 @@ from core import storage, store
 from core.queue import TASK_NAME, enqueue
 from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
-from workers.runner import execute_job, failure_error
+from workers.failures import failure_error
+from workers.runner import execute_job
 
 log = logging.getLogger("spkd.worker")
 KEYS = store.Keys(settings.redis_prefix)
@@ -47,7 +48,7 @@ def run_job(self: Any, job_id: str) -> str:
 
 def fail_unrun(job_id: str, exc: BaseException) -> str:
     """End a job that `execute_job` could not even start or wind up (its record unreadable, a bug
-    around the lease): `failed` with workers.runner.failure_error's code (`internal` for a bug),
+    around the lease): `failed` with workers.failures.failure_error's code (`internal` for a bug),
     unless it is final already or another attempt holds its lease. Redis unreachable: nothing to
     write; a started job is requeued by the orphan sweep once Redis is back. Returns the outcome."""
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):

@@ -1,4 +1,5 @@
-"""The web dashboard: GET / and its static files (plain HTML/CSS/JS shipped in the package).
+"""The web dashboard: GET / and its static files (plain HTML, CSS and native ES modules under
+static/js/, main.js first, shipped in the package).
 
 No build step and no CDN, so it works offline. The page talks only to the v1 REST API of the same
 origin with the user's API key; this module serves files and nothing else (no auth needed to load

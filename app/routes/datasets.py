@@ -24,6 +24,7 @@ from app.schemas import (
     Dataset,
     DatasetList,
 )
+from common.files import storage_full
 from core import references, storage, store
 
 log = logging.getLogger("spkd.api")
@@ -93,7 +94,7 @@ async def upload_dataset(
                 return Dataset.from_store(record)
             res = await anyio.to_thread.run_sync(datasets.extract_dataset, zip_path, root / ds_id, settings)
     except OSError as e:
-        if storage.storage_full(e) is None:
+        if storage_full(e) is None:
             raise
         raise _storage_full("the dataset storage (SPKD_DATA_ROOT)") from e
     record = datasets.dataset_record(ds_id, owner, label, res, settings)

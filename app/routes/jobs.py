@@ -255,9 +255,7 @@ def cancel_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
         job = store.request_cancel(r, keys, job_id)
     except store.Conflict as e:
         current = own_job(ctx, owner, job_id)["status"]
-        err = ApiError(409, "job_finished", f"job {job_id} already {current}; nothing to cancel")
-        err.extra["status"] = current  # `status` is also ApiError's HTTP status argument
-        raise err from e
+        raise _conflict("job_finished", f"job {job_id} already {current}; nothing to cancel", current) from e
     if before["status"] == store.QUEUED and job["status"] == store.CANCELLED:
         revoke(ctx.celery, job_id)
     return Job.from_store(job)

@@ -16,9 +16,9 @@ from app.deps import AppContext, Ctx, Owner
 from app.errors import ApiError, not_found
 from app.openapi import error_responses
 from core import webhook_security, webhook_store
-from core.webhook_outbox import DEFAULT_EVENTS
+from core.webhook_outbox import DEFAULT_EVENTS, EVENT_TYPES
 
-EventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.stage_finished"]
+EventType = Literal[EVENT_TYPES]  # the outbox's event types, one list (a tuple subscripts Literal)
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -39,7 +39,7 @@ class WebhookIn(BaseModel):
     events: list[EventType] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS),
         min_length=1,
-        max_length=4,
+        max_length=len(EVENT_TYPES),
         description="event types to receive; default: the three final ones",
     )
 

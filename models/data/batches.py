@@ -41,8 +41,8 @@ class JobData:
     student_cfg: DataConfig  # the student's normalisation and crop: every split's transform
     teacher_cfg: DataConfig  # the teacher's normalisation (applied on the device)
     train_set: loader.ImageDataset
-    val_set: loader.ImageDataset  # the report split
-    select_set: loader.ImageDataset | None  # the selection split (its pick part); None: selection off
+    report_set: loader.ImageDataset
+    selection_set: loader.ImageDataset | None  # the selection split (its pick part); None: selection off
     runtime: Runtime
     fast: FastPath | None = None  # in-memory data path + teacher cache
     ship_set: loader.ImageDataset | None = None  # the selection split's ship part; None: none carved
@@ -50,7 +50,7 @@ class JobData:
     @property
     def selecting(self) -> bool:
         """Whether choices (best epoch, weights, shipped student) are made on a selection split."""
-        return self.select_set is not None
+        return self.selection_set is not None
 
     @property
     def choice_split(self) -> str:
@@ -72,11 +72,11 @@ class JobData:
         fast = self.fast.eval_batches(split) if self.fast is not None else None
         if fast is not None:
             return fast
-        dataset = {"selection": self.select_set, "ship": self.ship_set}.get(split) or self.val_set
+        dataset = {"selection": self.selection_set, "ship": self.ship_set}.get(split) or self.report_set
         return lambda: self._loader(dataset, training=False)
 
     def loaders(self, stage: str | None = None) -> Loaders:
-        """(train_batches(epoch), val_batches()) for a training stage; val is the choice split.
+        """(train_batches(epoch), eval_batches()) for a training stage; eval is the choice split.
 
         `stage` "distill" may get the teacher cache's batches (the views it was built on)."""
         fast = self.fast.loaders(stage) if self.fast is not None else None
@@ -112,15 +112,15 @@ def open_data(
     teacher_cfg = factory.data_config(teacher, image_size)
     train_set = loader.ImageDataset(scan.train, loader.make_transform(image_size, student_cfg, training=True))
     eval_transform = loader.make_transform(image_size, student_cfg, training=False)
-    val_set = loader.ImageDataset(scan.val, eval_transform)
+    report_set = loader.ImageDataset(scan.report, eval_transform)
     return JobData(
         spec=spec,
         image_size=image_size,
         student_cfg=student_cfg,
         teacher_cfg=teacher_cfg,
         train_set=train_set,
-        val_set=val_set,
-        select_set=loader.ImageDataset(scan.select, eval_transform) if scan.select else None,
+        report_set=report_set,
+        selection_set=loader.ImageDataset(scan.selection, eval_transform) if scan.selection else None,
         ship_set=loader.ImageDataset(scan.ship, eval_transform) if scan.ship else None,
         runtime=runtime,
         fast=FastPath(
@@ -139,7 +139,8 @@ def open_data(
 # ------------------------------------------------------------------------- in memory
 @dataclass
 class FastPath:
-    """Per-run state: the decoded train/val stores (made on first use) and the teacher cache."""
+    """Per-run state: the decoded train, report and selection stores (made on first use) and the
+    teacher cache."""
 
     spec: JobSpec
     scan: loader.DatasetScan
@@ -149,8 +150,8 @@ class FastPath:
     reporter: Reporter
     amp_dtype: torch.dtype | None = None
     train: inmemory.TrainSource | None = None
-    val: inmemory.EvalSource | None = None
-    select: inmemory.EvalSource | None = None  # the selection split, when the job has one
+    report: inmemory.EvalSource | None = None
+    selection: inmemory.EvalSource | None = None  # the selection split (its pick part), when the job has one
     ship: inmemory.EvalSource | None = None  # the selection split's ship part, when carved
     cache: teacher_cache.TeacherCache | None = None
     disabled: bool = False
@@ -158,20 +159,21 @@ class FastPath:
 
     # ------------------------------------------------------------------------------ batches
     def loaders(self, stage: str | None) -> Loaders | None:
-        """(train_batches(epoch), val_batches()) from memory, or None: use the DataLoader."""
+        """(train_batches(epoch), eval_batches()) from memory, or None: use the DataLoader. The
+        eval batches are the report split's: JobData.loaders asks for the choice split itself."""
         if not self._ready():
             return None
-        train, val = self.train, self.val
-        assert train is not None and val is not None
+        train, report = self.train, self.report
+        assert train is not None and report is not None
         cache = self.cache if stage == "distill" else None
         train_batches = cache.epoch if cache is not None else train.epoch
-        return train_batches, val.epoch
+        return train_batches, report.epoch
 
     def eval_batches(self, split: str) -> Callable[[], Iterable] | None:
         """The `selection`, `ship` or `report` split's batches from memory, or None: use the DataLoader."""
         if not self._ready():
             return None
-        source = {"selection": self.select, "ship": self.ship}.get(split, self.val)
+        source = {"selection": self.selection, "ship": self.ship}.get(split, self.report)
         return source.epoch if source is not None else None
 
     def _ready(self) -> bool:
@@ -180,17 +182,15 @@ class FastPath:
         if not self._tried:
             self._tried = True
             self._build_sources()
-        return self.train is not None and self.val is not None
+        return self.train is not None and self.report is not None
 
     def _build_sources(self) -> None:
         spec = self.spec
         size, bs = self.image_size, spec.train.batch_size
-        n_train, n_val = (
-            len(self.scan.train),
-            len(self.scan.val) + len(self.scan.select) + len(self.scan.ship),
-        )
+        n_train = len(self.scan.train)
+        n_eval = len(self.scan.report) + len(self.scan.selection) + len(self.scan.ship)
         need = inmemory.image_store_bytes(n_train, inmemory.store_size_for(size))
-        need += inmemory.image_store_bytes(n_val, size)
+        need += inmemory.image_store_bytes(n_eval, size)
         plan = inmemory.plan_memory(need, self.device)
         if plan.placement == "loader":
             self.reporter.event("info", f"data: streaming from disk with a DataLoader ({plan.describe()})")
@@ -207,15 +207,15 @@ class FastPath:
         augment = inmemory.Augment(scale=loader.TRAIN_SCALE)
         drop_last = n_train >= bs  # as the DataLoader: BN and SP need more than one sample
         self.train = inmemory.TrainSource(store, sizes, size, bs, spec.train.seed, drop_last, augment)
-        self.val = self._eval_source(self.scan.val, workers, on_gpu)
-        if self.scan.select:
-            self.select = self._eval_source(self.scan.select, workers, on_gpu)
+        self.report = self._eval_source(self.scan.report, workers, on_gpu)
+        if self.scan.selection:
+            self.selection = self._eval_source(self.scan.selection, workers, on_gpu)
         if self.scan.ship:
             self.ship = self._eval_source(self.scan.ship, workers, on_gpu)
         seconds = time.perf_counter() - start
         self.reporter.event(
             "info",
-            f"data: decoded {n_train + n_val} images once in {seconds:.1f}s, augmenting on {self.device} "
+            f"data: decoded {n_train + n_eval} images once in {seconds:.1f}s, augmenting on {self.device} "
             f"({plan.describe()})",
             data_path=plan.placement,
             decode_seconds=round(seconds, 3),

@@ -19,7 +19,7 @@ Resize + CenterCrop run once at decode time and the uint8 result is kept.
 
 A crop is fully described by (box, flip), and applying it is deterministic, so the teacher cache
 (models/training/teacher_cache.py) can store those parameters and reproduce exactly the view whose teacher
-features it computed.
+features it computed. The crop, flip and colour jitter themselves are models/data/augment.py's.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from common import decode
+from models.data.augment import crop_resize, sample_crop_params, sample_jitter, to_device
+from models.data.loader import Batch
 
 Placement = Literal["gpu", "host", "loader"]
 
@@ -150,7 +151,8 @@ def decode_eval_images(
     transform: Callable[[Image.Image], torch.Tensor],
     workers: int | None = None,
 ) -> torch.Tensor:
-    """Apply a uint8-producing eval transform (see `eval_transform`) once per image, in threads."""
+    """Apply a uint8-producing eval transform (models/data/loader.py `make_transform`) once per
+    image, in threads."""
     first: list[torch.Tensor | None] = [None] * len(paths)
 
     def work(i: int) -> None:
@@ -171,168 +173,7 @@ def _run_parallel(work: Callable[[int], None], n: int, workers: int | None) -> N
         list(pool.map(work, range(n)))
 
 
-def eval_transform(
-    image_size: int,
-    crop_pct: float | None = None,
-    interpolation: str = "bicubic",
-    crop_mode: str | None = None,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's own eval transform (resize + centre crop), stopping at a uint8 (3, S, S) tensor."""
-    from timm.data.transforms_factory import transforms_imagenet_eval
-
-    return transforms_imagenet_eval(
-        img_size=image_size,
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,
-        interpolation=interpolation,
-        use_prefetcher=True,  # stop before ToTensor/Normalize: uint8 out, normalised on device
-    )
-
-
-# ---------------------------------------------------------------------------- device augmentation
-
-
-def sample_crop_params(
-    sizes: torch.Tensor,
-    generator: torch.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_p: float = 0.5,
-    attempts: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop + flip parameters for a batch, vectorised, on the CPU generator.
-
-    sizes: (B, 2) original (h, w). Returns boxes (B, 4) = (x0, y0, x1, y1) as fractions of the
-    original width/height, and flips (B,) bool. Same distribution as torchvision: integer boxes,
-    log-uniform aspect ratio, first of `attempts` tries that fits, else a ratio-clamped centre crop.
-    """
-    b = sizes.shape[0]
-    h = sizes[:, 0:1].double()
-    w = sizes[:, 1:2].double()
-    area = h * w
-    target = area * torch.empty((b, attempts), dtype=torch.float64).uniform_(*scale, generator=generator)
-    log_r = torch.empty((b, attempts), dtype=torch.float64).uniform_(
-        math.log(ratio[0]), math.log(ratio[1]), generator=generator
-    )
-    aspect = torch.exp(log_r)
-    cw = torch.round(torch.sqrt(target * aspect))
-    ch = torch.round(torch.sqrt(target / aspect))
-    ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-    # Offsets for every try; uniform over the valid integer range like torch.randint.
-    u_y = torch.rand((b, attempts), dtype=torch.float64, generator=generator)
-    u_x = torch.rand((b, attempts), dtype=torch.float64, generator=generator)
-    top = torch.floor(u_y * (h - ch + 1).clamp(min=1))
-    left = torch.floor(u_x * (w - cw + 1).clamp(min=1))
-
-    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first valid try (0 if none)
-    any_ok = ok.any(dim=1)
-    cw_s, ch_s = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
-    top_s, left_s = top.gather(1, first)[:, 0], left.gather(1, first)[:, 0]
-
-    # Fallback (torchvision): whole image, aspect clamped into `ratio`, centred.
-    h1, w1 = h[:, 0], w[:, 0]
-    in_ratio = w1 / h1
-    fb_w = torch.where(in_ratio > ratio[1], torch.round(h1 * ratio[1]), w1)
-    fb_h = torch.where(in_ratio < ratio[0], torch.round(w1 / ratio[0]), h1)
-    fb_top = torch.floor((h1 - fb_h) / 2)
-    fb_left = torch.floor((w1 - fb_w) / 2)
-    cw_s = torch.where(any_ok, cw_s, fb_w)
-    ch_s = torch.where(any_ok, ch_s, fb_h)
-    top_s = torch.where(any_ok, top_s, fb_top)
-    left_s = torch.where(any_ok, left_s, fb_left)
-
-    boxes = torch.stack([left_s / w1, top_s / h1, (left_s + cw_s) / w1, (top_s + ch_s) / h1], dim=1)
-    flips = torch.rand(b, generator=generator) < flip_p
-    return boxes.float(), flips
-
-
-def sample_jitter(b: int, generator: torch.Generator, strength: float = 0.4) -> torch.Tensor:
-    """(B, 3) brightness, contrast, saturation factors, uniform in [1-s, 1+s] (timm's default 0.4)."""
-    return 1.0 + strength * (2.0 * torch.rand((b, 3), generator=generator) - 1.0)
-
-
-# ITU-R 601 luma, as torchvision's rgb_to_grayscale.
-_LUMA = torch.tensor((0.2989, 0.587, 0.114)).view(1, 3, 1, 1)
-
-
-def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Small CPU -> GPU copies without a stream sync (a blocking .to() waits for the GPU queue)."""
-    return t.to(device=device, dtype=dtype, non_blocking=True)
-
-
-def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """torchvision's brightness -> contrast -> saturation blends on float 0..255 images, batched."""
-    f = to_device(factors, x.device, x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
-    luma = to_device(_LUMA, x.device, x.dtype)
-    x = (x * f[0]).clamp_(0, 255)
-    gray_mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
-    x = (f[1] * x + (1 - f[1]) * gray_mean).clamp_(0, 255)
-    gray = (x * luma).sum(1, keepdim=True)
-    return (f[2] * x + (1 - f[2]) * gray).clamp_(0, 255)
-
-
-def center_params(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole image, unflipped (used for a deterministic train-set pass)."""
-    return torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(b, 1), torch.zeros(b, dtype=torch.bool)
-
-
-def crop_resize(
-    images: torch.Tensor,
-    boxes: torch.Tensor,
-    flips: torch.Tensor,
-    out_size: int,
-    jitter: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Crop each image to its box, resize to out_size, flip, colour-jitter; uint8 in and out.
-
-    One affine grid_sample for the whole batch. align_corners=False maps the box edges (fractions
-    of the image) to pixel edges, as a crop-then-resize does. Deterministic for given inputs, which
-    is what lets the teacher cache reproduce a view bit for bit.
-    """
-    b = images.shape[0]
-    device = images.device
-    boxes = to_device(boxes, device, torch.float32)
-    sign = 1.0 - 2.0 * to_device(flips, device, torch.float32)  # -1 mirrors x
-    x0, y0, x1, y1 = boxes.unbind(1)
-    theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
-    theta[:, 0, 0] = (x1 - x0) * sign
-    theta[:, 0, 2] = x0 + x1 - 1.0
-    theta[:, 1, 1] = y1 - y0
-    theta[:, 1, 2] = y0 + y1 - 1.0
-    grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
-    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if jitter is not None:
-        out = color_jitter(out, jitter)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def normalize(
-    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
-) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (x/255 - mean)/std, per model, on x's device."""
-    m = to_device(torch.tensor(mean).view(1, -1, 1, 1) * 255.0, x.device)
-    s = to_device(torch.tensor(std).view(1, -1, 1, 1) * 255.0, x.device)
-    out = (x.float() - m) / s
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
 # ---------------------------------------------------------------------------- batch sources
-
-
-@dataclass
-class Batch:
-    """What a batch source yields: uint8 images on the device, labels, dataset indices, view."""
-
-    images: torch.Tensor  # (B, 3, S, S) uint8, on the training device
-    labels: torch.Tensor  # (B,) int64, on the training device
-    indices: torch.Tensor  # (B,) int64, CPU: positions in the dataset
-    boxes: torch.Tensor | None = None  # (B, 4) crop boxes, CPU (train only)
-    flips: torch.Tensor | None = None  # (B,) bool, CPU (train only)
-    jitter: torch.Tensor | None = None  # (B, 3) colour factors, CPU (train only)
-
-    def __iter__(self):
-        """Unpacks as the engine's (images, labels, indices) triple."""
-        return iter((self.images, self.labels, self.indices))
 
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -492,48 +333,3 @@ class EvalSource:
             idx = torch.arange(start, min(n, start + self.batch_size))
             labels = to_device(self.store.labels_cpu[idx], self.store.device)
             yield Batch(self.store.gather(idx), labels, idx)
-
-
-def build_train_source(
-    paths: Sequence[str | Path],
-    labels: Sequence[int],
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    seed: int = 0,
-    workers: int | None = None,
-    gpu_budget: int | None = None,
-    host_budget: int | None = None,
-    drop_last: bool = False,
-    augment: Augment | None = None,
-) -> tuple[TrainSource | None, MemoryPlan]:
-    """Decode once into memory; None (with the plan saying 'loader') when it does not fit."""
-    size = store_size_for(image_size)
-    plan = plan_memory(image_store_bytes(len(paths), size), device, gpu_budget, host_budget)
-    if plan.placement == "loader":
-        return None, plan
-    images, sizes = decode_train_images(paths, size, workers)
-    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
-    return TrainSource(store, sizes, image_size, batch_size, seed, drop_last, augment), plan
-
-
-def build_eval_source(
-    paths: Sequence[str | Path],
-    labels: Sequence[int],
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    crop_pct: float | None = None,
-    interpolation: str = "bicubic",
-    crop_mode: str | None = None,
-    workers: int | None = None,
-    gpu_budget: int | None = None,
-    host_budget: int | None = None,
-) -> tuple[EvalSource | None, MemoryPlan]:
-    plan = plan_memory(image_store_bytes(len(paths), image_size), device, gpu_budget, host_budget)
-    if plan.placement == "loader":
-        return None, plan
-    transform = eval_transform(image_size, crop_pct, interpolation, crop_mode)
-    images = decode_eval_images(paths, transform, workers)
-    store = ImageStore(images, torch.as_tensor(list(labels)), device, on_gpu=plan.placement == "gpu")
-    return EvalSource(store, batch_size), plan

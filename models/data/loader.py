@@ -1,10 +1,10 @@
 """Datasets: scan an ImageFolder (common/scan.py decides classes, splits and rejections, the same
-rules as the upload), split off val by seed when the tree has none, and serve augmented views as
-UN-normalised uint8 batches.
+rules as the upload), give its splits the job's roles (train, selection, report: `DatasetScan`),
+and serve augmented views as UN-normalised uint8 batches.
 
-Batches are (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens on the
-device, per model (teacher and student may use different mean/std), so both see the same view,
-and any other iterable of such triples (a GPU-side data path, a cache) can replace the loader.
+A `Batch` unpacks as (images uint8 B x 3 x S x S, labels, sample indices). Normalisation happens
+on the device, per model (teacher and student may use different mean/std), so both see the same
+view, and any other source of Batches (the in-memory path, the teacher cache) can replace the loader.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,39 +23,58 @@ from common import decode
 from common.errors import SpkdError
 from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
-__all__ = ["DatasetScan", "Sample", "check_image", "load_rgb", "scan_dataset"]
+__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize", "scan_dataset"]
 
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+@dataclass
+class Batch:
+    """What every batch source yields (the DataLoader below, the in-memory sources of
+    models/data/inmemory.py, the teacher cache): uint8 images, labels, dataset indices and, for an
+    augmented in-memory view, the crop that made it. Unpacks as (images, labels, indices)."""
+
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64, CPU: positions in the dataset
+    boxes: torch.Tensor | None = None  # (B, 4) crop boxes, CPU (in-memory train views only)
+    flips: torch.Tensor | None = None  # (B,) bool, CPU (in-memory train views only)
+    jitter: torch.Tensor | None = None  # (B, 3) colour factors, CPU (in-memory train views only)
+
+    def __iter__(self):
+        """Unpacks as the engine's (images, labels, indices) triple."""
+        return iter((self.images, self.labels, self.indices))
 
 
 @dataclass
 class DatasetScan:
-    """A job's data in its three roles, disjoint: `train` (gradient steps), `select` (every
-    choice: best epoch, weights, the shipped student) and `val`, the report split (the accuracies
-    shown). common.scan decides classes, folders and rejections; with a test/ split, test/ is the
-    report split and val/ the selection split; otherwise val/ (or a seeded share of train, `split`
-    "seeded") is reported and `with_selection` carves the selection split out of train."""
+    """A job's data in its three roles (docs/architecture.md#5-data-roles-the-honest-protocol),
+    disjoint: `train` (gradient steps), `selection` (every choice: best epoch, weights, the
+    shipped student) and `report` (the accuracies shown). common.scan decides classes, folders and
+    rejections; with a test/ split, test/ is reported and val/ selects; otherwise val/ (or a
+    seeded share of train, `report_from` "seeded") is reported and `with_selection` carves the
+    selection split out of train."""
 
     classes: list[str]
     train: list[Sample]
-    val: list[Sample]  # the report split: val/, or test/ when the dataset has one
+    report: list[Sample]  # test/ when the dataset has one, else val/, else a seeded share of train
     rejected: list[dict[str, str]] = field(default_factory=list)
-    split: str = "folders"  # "folders": the report split is a folder; "seeded": held out of train here
-    select: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
+    report_from: str = "folders"  # "folders": the report split is a folder; "seeded": held out here
+    selection: list[Sample] = field(default_factory=list)  # empty: no selection, last epoch ships
     roles: dict[str, str] = field(
         default_factory=lambda: {"train": "train/", "selection": "none", "report": "val/"}
     )
     layout: str = "split"  # common.scan: "split" (split folders) or "flat" (class folders)
     # the part of the selection split held out of every other choice to decide which student ships
-    # (`with_ship_part`); disjoint from `select`, which then only picks epochs and weights
+    # (`with_ship_part`); disjoint from `selection`, which then only picks epochs and weights
     ship: list[Sample] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}}; "selection" only when there is a selection split."""
-        splits = [("train", self.train), ("val", self.val)] + (
-            [("selection", self.select + self.ship)] if self.select else []
+        """{split: {class: images}}: "train", "val" (the report split, under the key metrics.json
+        and the dataset event have always used) and "selection" (both of its parts) when there is a
+        selection split."""
+        splits = [("train", self.train), ("val", self.report)] + (
+            [("selection", self.selection + self.ship)] if self.selection else []
         )
         return {split: count_per_class(samples, self.classes) for split, samples in splits}
 
@@ -64,19 +83,20 @@ class DatasetScan:
         `selection_pick` (best epochs, weights) and `selection_ship` (the shipped student)."""
         out = {
             "train": len(self.train),
-            "selection": len(self.select) + len(self.ship),
-            "report": len(self.val),
+            "selection": len(self.selection) + len(self.ship),
+            "report": len(self.report),
         }
         if self.ship:
-            out |= {"selection_pick": len(self.select), "selection_ship": len(self.ship)}
+            out |= {"selection_pick": len(self.selection), "selection_ship": len(self.ship)}
         return out
 
     def summary(self) -> dict:
+        """The dataset block of metrics.json and of the `dataset` event."""
         return {
             "classes": self.classes,
             "counts": self.counts(),
             "rejected": self.rejected,
-            "split": self.split,
+            "split": self.report_from,
             "layout": self.layout,
             "roles": self.roles,
             "sizes": self.sizes(),
@@ -100,31 +120,32 @@ def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Datase
 
 def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
     """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
-    val/ selects; else val/ is reported, or a seeded share of train when the tree has no val/."""
+    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
+    val/."""
     found = scan_tree(root)
     roles = {"train": "train/", "selection": "none", "report": "val/"}
-    train, select, split = found.train, [], "folders"
+    train, selection, report_from = found.train, [], "folders"
     if "test" in found.folders:
-        val = found.test
+        report = found.test
         roles["report"] = "test/"
         if "val" in found.folders:
-            select, roles["selection"] = found.val, "val/"
+            selection, roles["selection"] = found.val, "val/"
     elif "val" in found.folders:
-        val = found.val
+        report = found.val
     else:
-        train, val = seeded_split(found.train, found.classes, val_fraction, seed)
-        split, roles["report"] = "seeded", f"seeded {val_fraction:g} of the images"
-    if not val:
+        train, report = seeded_split(found.train, found.classes, val_fraction, seed)
+        report_from, roles["report"] = "seeded", f"seeded {val_fraction:g} of the images"
+    if not report:
         raise SpkdError(
             "empty_split", "the report split has no usable image (every class has one image)", "dataset"
         )
     return DatasetScan(
         classes=found.classes,
         train=train,
-        val=val,
+        report=report,
         rejected=found.rejected,
-        split=split,
-        select=select,
+        report_from=report_from,
+        selection=selection,
         roles=roles,
         layout=found.layout,
     )
@@ -137,38 +158,38 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
 
     The carving depends only on (seed, class, file list): the same seed gives the same split.
     """
-    if scan.select or fraction <= 0:
+    if scan.selection or fraction <= 0:
         return scan
     keep: list[Sample] = []
-    select: list[Sample] = []
+    selection: list[Sample] = []
     for label in range(len(scan.classes)):
         members = [s for s in scan.train if s.label == label]
         order = list(members)
         random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
         n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
         chosen = {s.path for s in order[:n]}
-        select += [s for s in members if s.path in chosen]
+        selection += [s for s in members if s.path in chosen]
         keep += [s for s in members if s.path not in chosen]
     roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
-    return dataclasses.replace(scan, train=keep, select=select, roles=roles)
+    return dataclasses.replace(scan, train=keep, selection=selection, roles=roles)
 
 
 def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan:
-    """The scan with its selection split cut in two disjoint parts: `select` keeps picking every
+    """The scan with its selection split cut in two disjoint parts: `selection` keeps picking every
     student's best epoch (and the SP/KD weights), `ship` (a stratified, seeded `fraction` of it:
-    floor(n x fraction) images of each class, so a class with one selection image stays in `select`)
+    floor(n x fraction) images of each class, so a class with one selection image stays in `selection`)
     only decides which student ships. A choice judged on the images that made it is biased towards
     whichever student got luckier on them (a winner's curse); the ship part never fed a choice.
 
     fraction 0, no selection split, or no image left for a part: the scan as it is (the whole
     selection split picks epochs and decides). Depends only on (seed, class, file list).
     """
-    if not scan.select or fraction <= 0 or scan.ship:
+    if not scan.selection or fraction <= 0 or scan.ship:
         return scan
     keep: list[Sample] = []
     ship: list[Sample] = []
     for label in range(len(scan.classes)):
-        members = [s for s in scan.select if s.label == label]
+        members = [s for s in scan.selection if s.label == label]
         order = list(members)
         random.Random(f"ship:{seed}:{scan.classes[label]}").shuffle(order)
         chosen = {s.path for s in order[: int(len(order) * fraction)]}
@@ -180,7 +201,7 @@ def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
         **scan.roles,
         "selection": f"{scan.roles['selection']}; {fraction:g} of it decides the shipped student",
     }
-    return dataclasses.replace(scan, select=keep, ship=ship, roles=roles)
+    return dataclasses.replace(scan, selection=keep, ship=ship, roles=roles)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -237,7 +258,7 @@ def make_loader(
 ) -> Iterable[Batch]:
     """A loader whose shuffle and augmentation depend only on (seed, epoch): resumable exactly."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.utils.data.DataLoader(
+    data = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=training,
@@ -247,6 +268,20 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+    return _Batches(data)
+
+
+class _Batches:
+    """A DataLoader's [images, labels, indices] lists (collated, pinned) as `Batch`es."""
+
+    def __init__(self, data: torch.utils.data.DataLoader) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (Batch(images, labels, indices) for images, labels, indices in self.data)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -123,9 +123,6 @@ class Distiller(nn.Module):
     def sp_ref_batch(self, value: int | None) -> None:
         self._get("sp").ref_batch = value
 
-    def sp_weight_at(self, batch: int) -> float:
-        return self._get("sp").weight_at(batch)
-
     @property
     def kd_weight(self) -> float:
         return self._get("kd").weight

@@ -20,6 +20,8 @@ Computed in fp32 with autocast off, like SP.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -86,12 +88,7 @@ def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
     Inputs (b, ...) flattened to (b, d); widths may differ. Raises ValueError on a b mismatch.
     """
-    _same_batch(f_s, f_t)
-    with full_precision(f_s.device):
-        s = distance_potential(_embeddings(f_s))
-        with torch.no_grad():
-            t = distance_potential(_embeddings(f_t)).to(s.dtype)
-        return F.smooth_l1_loss(s, t, reduction="mean")
+    return _relational_loss(distance_potential, f_s, f_t)
 
 
 def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -99,11 +96,19 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
     Memory: a few (b, b, b) tensors (b = 256: 64 MiB each in fp32).
     """
+    return _relational_loss(angle_potential, f_s, f_t)
+
+
+def _relational_loss(
+    potential: Callable[[torch.Tensor], torch.Tensor], f_s: torch.Tensor, f_t: torch.Tensor
+) -> torch.Tensor:
+    """Eq. (6) over a potential: mean Huber(potential(s), potential(t)), in fp32 or wider, with no
+    gradient through the teacher's side."""
     _same_batch(f_s, f_t)
     with full_precision(f_s.device):
-        s = angle_potential(_embeddings(f_s))
+        s = potential(_embeddings(f_s))
         with torch.no_grad():
-            t = angle_potential(_embeddings(f_t)).to(s.dtype)
+            t = potential(_embeddings(f_t)).to(s.dtype)
         return F.smooth_l1_loss(s, t, reduction="mean")
 
 

@@ -276,14 +276,3 @@ def package_state_dict(name: str, model: torch.nn.Module, field: str) -> dict[st
             )
         mapped[dst_key] = src_val
     return mapped
-
-
-def package_imagenet_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full ImageNet model (head included), for checking the checkpoint on ImageNet classes."""
-    state = package_state_dict(name, model, "model")
-    legacy = read_state_dict(package_file(name, "model"), "weights")
-    heads = head_prefixes(model)
-    head_keys = [k for k in model.state_dict() if k.startswith(heads)]
-    for key, src in zip(sorted(head_keys), ("_fc.bias", "_fc.weight"), strict=True):
-        state[key] = legacy[src]
-    return state

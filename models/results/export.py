@@ -3,7 +3,6 @@ an ONNX export of the student (normalised float input N x 3 x S x S, dynamic bat
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import warnings
@@ -14,14 +13,14 @@ from typing import Any
 import torch
 
 from common.errors import SpkdError
+from common.files import atomic_write, storage_full
 from models.networks.factory import DataConfig, create_kwargs
-from models.training.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 def save_weights(model: torch.nn.Module, path: Path, guard: Callable[[], None] | None = None) -> None:
-    """Write the model's state dict as safetensors, atomically (`guard`: see atomic_write)."""
+    """Write the model's state dict as safetensors, atomically (`guard`: see common.files.atomic_write)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -90,7 +89,7 @@ def _export_onnx(model: torch.nn.Module, image_size: int, tmp: Path) -> str:
             program.save(str(tmp))
         exporter = "dynamo"
     except Exception as exc:  # an op the new exporter cannot translate yet
-        if disk_full(exc):  # not the exporter's fault: the other one would fail the same way
+        if storage_full(exc) is not None:  # not the exporter's fault: the other one would fail the same way
             raise
         log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
         with warnings.catch_warnings():
@@ -107,15 +106,6 @@ def _export_onnx(model: torch.nn.Module, image_size: int, tmp: Path) -> str:
             )
         exporter = "torchscript"
     return exporter
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """True when `exc` or an exception it was raised from is ENOSPC / EDQUOT (a full disk)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # ------------------------------------------------------------------ timm's hub layout

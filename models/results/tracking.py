@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
 
@@ -60,20 +60,6 @@ def numeric_fields(data: dict[str, Any]) -> dict[str, float]:
         if math.isfinite(value):
             out[key] = float(value)
     return out
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with any user:password replaced by `***` (safe for events and logs)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def redact_text(text: str, secrets: Iterable[str]) -> str:

@@ -1,10 +1,11 @@
-"""The stages of a job, declared once, in order (docs/architecture.md#a-stage).
+"""The stages of a job, in order (docs/architecture.md#a-stage).
 
-Each stage is one module with a `run_stage(run) -> float | None` body (the accuracy its
-`stage_finished` event reports, or None) and one `Stage` entry below saying when a job plans it,
-how many epochs it trains, and which weight files it leaves in the attempt's checkpoint folder.
-`common.spec.STAGES` (torch-free, for the API) lists the same names in the same order; a test
-compares them. models/pipeline.py runs the planned ones in this order.
+`common.spec.STAGE_INFO` (torch-free: the API and the dashboard read it too) is the one list of
+stages: names, order, when a job plans each and how many epochs it trains. This registry adds what
+only the engine knows: each stage's body, a `run_stage(run) -> float | None` function (the accuracy
+its `stage_finished` event reports, or None), and the weight files it leaves in the attempt's
+checkpoint folder. A test checks that every stage of the list has its entry here, in order.
+models/pipeline.py runs the planned ones in this order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.spec import JobSpec
+from common.spec import STAGE_INFO, JobSpec, StageInfo
 from models.stages import baseline, distill, evaluate, export, teacher
 from models.training.run import Run
 
@@ -34,44 +35,44 @@ class Stage:
         return self.epochs is not None
 
 
-def _always(_spec: JobSpec) -> bool:
-    return True
+_INFO = {info.name: info for info in STAGE_INFO}
+
+
+def _stage(
+    name: str,
+    body: Callable[[Run], float | None],
+    produces: tuple[str, ...] = (),
+    needs: tuple[str, ...] = (),
+) -> Stage:
+    """The registry entry of the stage `name` of common.spec.STAGE_INFO: its plan and epochs from
+    there, its body and files from here."""
+    info: StageInfo = _INFO[name]
+    epochs = info.epochs if info.trains else None
+    return Stage(name, planned=info.planned, body=body, epochs=epochs, produces=produces, needs=needs)
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage(
+    _stage(
         "teacher_finetune",
-        planned=lambda spec: spec.teacher.finetune is not None,
-        body=teacher.run_stage,
-        epochs=lambda spec: spec.teacher.finetune.planned_epochs,
+        teacher.run_stage,
         produces=("teacher.safetensors", "teacher_finetune.best.safetensors"),
     ),
-    Stage(
-        "baseline",
-        planned=lambda spec: bool(spec.baseline),
-        body=baseline.run_stage,
-        epochs=lambda spec: spec.train.epochs,
-        produces=("baseline.safetensors", "baseline.best.safetensors"),
-    ),
-    Stage(
+    _stage("baseline", baseline.run_stage, produces=("baseline.safetensors", "baseline.best.safetensors")),
+    _stage(
         "distill",
-        planned=_always,
-        body=distill.run_stage,
-        epochs=lambda spec: spec.train.epochs,
+        distill.run_stage,
         produces=("distilled.safetensors", "distill.best.safetensors"),
         needs=("teacher.safetensors",),
     ),
-    Stage(
+    _stage(
         "evaluate",
-        planned=_always,
-        body=evaluate.run_stage,
+        evaluate.run_stage,
         produces=("soup.safetensors",),
         needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors"),
     ),
-    Stage(
+    _stage(
         "export",
-        planned=_always,
-        body=export.run_stage,
+        export.run_stage,
         needs=("distilled.safetensors", "baseline.safetensors", "teacher.safetensors", "soup.safetensors"),
     ),
 )

@@ -1,5 +1,6 @@
-"""distill: the student trained with cross-entropy plus SP (Tung & Mori, ICCV 2019) and optional KD
-from the frozen teacher; its SP/KD weights are given, measured (`auto`) or searched first."""
+"""distill: the student trained with cross-entropy plus SP (Tung & Mori, ICCV 2019), optional KD and
+the methods under `distill.methods` (models/methods/), from the frozen teacher; its SP/KD weights
+are given, measured (`auto`) or searched first."""
 
 from __future__ import annotations
 

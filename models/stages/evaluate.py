@@ -121,7 +121,7 @@ def _ship(run: Run) -> dict[str, Any]:
     decided = ship.decide(on_ship, seed=run.spec.train.seed)
     # what the old rule would have shipped: a strictly higher accuracy on the whole selection split
     # (both parts), at the epochs the pick part chose (bench/accuracy.py compares the rules)
-    n_pick, n_ship = len(run.data.select_set or ()), len(run.data.ship_set)
+    n_pick, n_ship = len(run.data.selection_set or ()), len(run.data.ship_set)
     whole = {
         w: (results[w]["select_acc"] * n_pick + on_ship[w]["acc"] * n_ship) / (n_pick + n_ship)
         for w in ("baseline", "distilled")

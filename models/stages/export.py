@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from models.results import deploy, export
-from models.results.report import deploy_card_lines, write_report
+from models.results.deploy_report import deploy_card_lines
+from models.results.report import write_report
 from models.stages.common import finished_student, finished_teacher
 from models.training import guards
 from models.training.engine import Runtime

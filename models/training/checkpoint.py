@@ -1,6 +1,6 @@
 """Epoch-end checkpoints: everything needed to resume a run and finish with identical weights.
 
-One file, last.pt, written atomically (temp file + os.replace) so a kill at any moment leaves
+One file, last.pt, written atomically (common.files.atomic_write) so a kill at any moment leaves
 either the previous or the new checkpoint. It holds only tensors and plain Python values, so it
 loads back with torch.load(weights_only=True).
 
@@ -11,16 +11,15 @@ the engine itself knows nothing of attempts.
 
 from __future__ import annotations
 
-import errno
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from common.files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -29,53 +28,6 @@ LAST = "last.pt"
 def checkpoint_dir(out_dir: Path) -> Path:
     """The run's checkpoint folder: last.pt and the stages' weight files."""
     return Path(out_dir) / CHECKPOINT_DIR
-
-
-def atomic_write(path: Path, write, guard: Callable[[], None] | None = None) -> None:
-    """Call write(tmp_path), then move it over `path` in one step. Nothing is left behind when it
-    fails; a full disk raises OSError(ENOSPC) whatever the writer raised (torch.save says
-    RuntimeError "unexpected pos", safetensors SafetensorError), so callers can name it.
-
-    `guard` runs between the write and the rename (it raises to keep the file unpublished): the
-    fencing check of a service job, as close to the rename as it can be.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        try:
-            write(tmp)
-        except Exception as exc:
-            if not isinstance(exc, OSError) and _no_space_left(path.parent, exc):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-            raise
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should be readable like any file
-        if guard is not None:
-            guard()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _no_space_left(folder: Path, exc: BaseException) -> bool:
-    """After a failed write: did it fail because the file system is full? (Checked before the
-    partial temporary is removed, so a write that ran out of space leaves ~0 bytes free.)"""
-    if "os error 28" in str(exc) or "No space left" in str(exc):
-        return True
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 64 * 1024
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save(out_dir: Path, payload: dict[str, Any], guard: Callable[[], None] | None = None) -> Path:

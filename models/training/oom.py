@@ -5,10 +5,6 @@ out-of-memory, the controller frees what the failed step held, halves the batch 
 learning rate by the same factor (linear scaling rule), emits a `warning` event saying so, and
 retries the same images in chunks of the new size. Batch sources read `controller.batch_size`
 so later batches come at the new size directly.
-
-`FakeMemoryLimit` is a real forward hook that raises the same `torch.cuda.OutOfMemoryError` when
-a model sees a batch larger than a limit: it lets CPU tests drive this path through a real
-training step, and lets an operator reproduce a GPU-memory problem on any machine.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ def is_oom(exc: BaseException) -> bool:
 def split_batch(batch: T, size: int) -> list[T]:
     """Chunks of at most `size` along dim 0 of every tensor sharing the batch's leading dim.
 
-    Works on tensors, tuples/lists, dicts and dataclasses (e.g. inmemory.Batch) of them.
+    Works on tensors, tuples/lists, dicts and dataclasses (e.g. models.data.loader.Batch) of them.
     """
     n = _leading(batch)
     if n is None or n <= size:
@@ -93,7 +89,6 @@ class BatchSizeController:
         self.stage = stage
         self.min_batch_size = min_batch_size  # SP needs at least two images
         self.on_change = on_change  # e.g. tell the batch source
-        self.halvings = 0
 
     def halve(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
         """Halve the batch, scale every lr (and the scheduler's base lrs) by 1/2, say so."""
@@ -113,7 +108,6 @@ class BatchSizeController:
                 group["initial_lr"] *= factor
         if scheduler is not None and hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        self.halvings += 1
         if self.on_change is not None:
             self.on_change(new)
         self.reporter.event(
@@ -179,26 +173,3 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class FakeMemoryLimit:
-    """Forward pre-hook raising torch.cuda.OutOfMemoryError for batches above `max_batch`."""
-
-    def __init__(self, module: torch.nn.Module, max_batch: int):
-        self.max_batch = max_batch
-        self.triggered = 0
-        # The first leaf (the stem): every path through the model runs it, whether it is called
-        # as model(x) or through forward_features / forward_intermediates (feature taps).
-        first = next((m for m in module.modules() if not any(m.children())), module)
-        self._handle = first.register_forward_pre_hook(self._check)
-
-    def _check(self, _module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.shape[0] > self.max_batch:
-            self.triggered += 1
-            raise torch.cuda.OutOfMemoryError(
-                f"CUDA out of memory (simulated limit: batch {x.shape[0]} > {self.max_batch})"
-            )
-
-    def remove(self) -> None:
-        self._handle.remove()

@@ -106,7 +106,7 @@ def open_run(
     scan = loader.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
     scan = loader.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
     scan = loader.with_ship_part(scan, spec.dataset.ship_fraction, spec.train.seed)
-    if spec.distill.searching and not scan.select:
+    if spec.distill.searching and not scan.selection:
         field = "sp_weight" if isinstance(spec.distill.sp_weight, list) else "kd_weight"
         raise SpkdError(
             "search_needs_selection",

@@ -23,17 +23,16 @@ from typing import Literal
 
 import torch
 
+from models.data.augment import center_params, to_device
 from models.data.inmemory import (
     GPU_DATA_FRACTION,
-    Batch,
     TrainSource,
     Views,
-    center_params,
     epoch_generator,
     gpu_free_bytes,
     host_available_bytes,
-    to_device,
 )
+from models.data.loader import Batch
 
 # uint8 (B, 3, S, S) on the device -> (logits or None, features per method tap pair); the engine's
 # live teacher with its own normalisation in front.

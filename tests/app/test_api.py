@@ -1,5 +1,5 @@
 """The API in-process (TestClient) against the real Redis: auth, errors, jobs, pagination,
-idempotency, cancel, events, artifacts, models, readiness, metrics, OpenAPI."""
+idempotency, cancel, events, artifacts, models, stages, readiness, metrics, OpenAPI."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_api_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "import app.main, cli.client\n"
+        "import app.main, cli.client, cli.files, cli.jobs\n"
         "c = TestClient(app.main.app)\n"
         "assert c.get('/healthz').status_code == 200\n"
         "assert c.get('/openapi.json').status_code == 200\n"
@@ -261,6 +261,28 @@ def test_models_endpoint(client, settings: Settings) -> None:
     assert client.get("/v1/models").json()["total"] > 1000
 
 
+def test_stages_endpoint_lists_the_one_stage_list(client) -> None:
+    """GET /v1/stages is common.spec's stage list in run order, with what the dashboard needs to
+    name the stages and plan a job's progress; it needs a key like every /v1 route."""
+    from common.spec import STAGES
+
+    page = client.get("/v1/stages").json()
+    assert [s["name"] for s in page["data"]] == list(STAGES)
+    by_name = {s["name"]: s for s in page["data"]}
+    assert by_name["teacher_finetune"] == {
+        "name": "teacher_finetune",
+        "title": "Teacher fine-tune",
+        "trains": True,
+        "planned_by": "teacher.finetune",
+        "epochs_from": "teacher.finetune.epochs",
+        "result": "teacher",
+    }
+    assert by_name["export"]["trains"] is False and by_name["export"]["planned_by"] is None
+    assert all(s["title"] for s in page["data"])
+    anon = client.get("/v1/stages", headers={"Authorization": ""})
+    assert anon.status_code == 401 and anon.json()["error"]["code"] == "unauthorized"
+
+
 def test_readyz_follows_worker_heartbeats(client, r, keys, settings: Settings) -> None:
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503 and not_ready.json()["workers"] == 0
@@ -308,6 +330,7 @@ def test_openapi_documents_every_endpoint(client) -> None:
         ("get", "/v1/jobs/{job_id}/artifacts"),
         ("get", "/v1/jobs/{job_id}/artifacts/{name}"),
         ("get", "/v1/models"),
+        ("get", "/v1/stages"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
@@ -315,7 +338,7 @@ def test_openapi_documents_every_endpoint(client) -> None:
     assert expected <= {(m, p) for p, ops in paths.items() for m in ops}
     assert paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["examples"]
     schemas = doc["components"]["schemas"]
-    for name in ("Job", "Dataset", "Event", "Artifact", "ModelList", "ErrorResponse"):
+    for name in ("Job", "Dataset", "Event", "Artifact", "ModelList", "StageList", "ErrorResponse"):
         assert "example" in schemas[name], name
 
 

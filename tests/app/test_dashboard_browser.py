@@ -146,6 +146,13 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
                 assert svg.count() == 1, (stage, metric)
                 assert svg.locator("polyline.val").count() == 1
                 assert "epoch" in svg.get_attribute("aria-label")
+        # Stages in run order, under the titles GET /v1/stages gives them.
+        captions = page.locator("#curves figcaption").evaluate_all("cs => cs.map(c => c.textContent)")
+        assert captions == [
+            f"{title} – {metric}"
+            for title in ("Teacher fine-tune", "Baseline student", "Distillation")
+            for metric in ("loss", "accuracy")
+        ], captions
         for who in ("teacher", "baseline", "distilled"):
             assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
         gain = page.locator("#acc-gain").inner_text()  # the gain's error bars and what shipped

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli.client import zip_folder
+from cli.files import zip_folder
 from common.errors import SpkdError
 from core.settings import Settings
 from models.data import loader
@@ -308,7 +308,7 @@ def engine_view(root: Path) -> dict:
         counts["test"] = counts.pop("val")
         if "selection" in counts:
             counts["val"] = counts.pop("selection")
-    if scan.split == "seeded":
+    if scan.report_from == "seeded":
         counts["train"] = {c: counts["train"][c] + counts["val"][c] for c in scan.classes}
         del counts["val"]
     if scan.layout == "flat":
@@ -343,7 +343,7 @@ def test_zip_and_path_agree_on_every_layout(client, settings: Settings, tmp_path
         by_zip, folder = upload_view(client, zip_tree(tree, utf8_flag=flag), settings)
         # The job on the uploaded copy sees what the record says, to the file.
         by_job = engine_view(folder) if folder else by_zip
-        # `spkd datasets upload FOLDER` zips with cli.client.zip_folder.
+        # `spkd datasets upload FOLDER` zips with cli.files.zip_folder.
         by_cli, _ = upload_view(client, zip_folder(tree, tmp_path / name / "cli.zip").read_bytes(), settings)
         ok = by_path == by_zip == by_job == by_cli
         rows.append(f"| {name} | {short(by_zip)} | {short(by_path)} | {'yes' if ok else 'NO'} |")

@@ -73,3 +73,21 @@ def test_engine_errors_name_code_and_field(color_dataset, tmp_path):
     assert (
         "unknown_model" in result.stdout and "student.model" in result.stdout and "resnet18" in result.stdout
     )
+
+
+def test_a_source_only_a_server_reads_is_named_as_it_is(tmp_path):
+    """`spkd run` reads a folder; a spec naming another dataset source says which one it named."""
+    base = (
+        "teacher: {model: test_resnet, weights: none}\nstudent: {model: test_efficientnet, weights: none}\n"
+    )
+    for source, said in (
+        ("{id: ds_abc}", "dataset.id names an uploaded dataset on a server"),
+        ("{hf: beans}", "dataset.hf is loaded by a server's workers"),
+        ("{torchvision: CIFAR10}", "dataset.torchvision is downloaded by a server's workers"),
+    ):
+        (tmp_path / "job.yaml").write_text(f"{base}dataset: {source}\n")
+        result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert said in " ".join(result.stdout.split()), (source, result.stdout)
+        assert "locally use dataset.path or --data" in " ".join(result.stdout.split())
+        assert not (tmp_path / "out").exists()

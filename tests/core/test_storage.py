@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from core import storage, store
 from core.settings import Settings
+from core.store import jobs as store_jobs
 from tests.helpers import KEY_A, KEY_B, make_settings, tiny_spec
 from workers.reporter import Monitor, RedisReporter
 
@@ -177,7 +178,7 @@ def test_delete_and_a_new_user_of_the_job_cannot_interleave(
     owner = store.owner_of(KEY_A)
     spec = tiny_spec({"path": "hym"}, teacher={"model": "test_efficientnet", "weights": f"job:{source}"})
     queued: list[str] = []
-    real_using = store.jobs_using_job
+    real_using = store_jobs.jobs_using_job
 
     def using_then_a_new_job_arrives(pipe, keys_, owner_, job_id):
         found = real_using(pipe, keys_, owner_, job_id)
@@ -185,7 +186,8 @@ def test_delete_and_a_new_user_of_the_job_cannot_interleave(
             queued.append(store.create_job(store.connect(settings.redis_url), keys, owner, spec)["id"])
         return found
 
-    monkeypatch.setattr(store, "jobs_using_job", using_then_a_new_job_arrives)
+    # delete_job looks the name up in its own module, core/store/jobs.py
+    monkeypatch.setattr(store_jobs, "jobs_using_job", using_then_a_new_job_arrives)
     with pytest.raises(store.InUse) as e:
         store.delete_job(r, keys, source, owner)
     assert e.value.jobs == queued and client.get(f"/v1/jobs/{source}").status_code == 200

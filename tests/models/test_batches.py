@@ -28,7 +28,7 @@ def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3, dis
     scan = loader.DatasetScan(
         classes=["ants", "bees"],
         train=[loader.Sample(str(p), label) for p, label in zip(*train_images, strict=True)],
-        val=[loader.Sample(str(p), label) for p, label in zip(*val_images, strict=True)],
+        report=[loader.Sample(str(p), label) for p, label in zip(*val_images, strict=True)],
     )
     teacher = timm.create_model("test_resnet", pretrained=False, num_classes=2)
     cfg = factory.data_config(teacher, 32)

@@ -18,7 +18,6 @@ import torch
 from common.errors import SpkdError
 from common.reporter import RecordingReporter
 from common.spec import JobSpec
-from models.data import inmemory as fd
 from models.methods import Distiller
 from models.networks import factory, weights
 from models.networks.features import FeatureTap
@@ -26,6 +25,7 @@ from models.pipeline import run_job, validate_job
 from models.results import export
 from models.training import engine
 from tests.helpers import make_folder, tiny_job_spec
+from tests.models.helpers import eval_source, train_source
 
 # SP at 1e6 x a layer weight of 1e6 on a learning rate of 1: the loss is ~1e12 at step 1 and the
 # weights are NaN by step 2 (a user typing 1e6 for a weight they meant as 1e-6 gets the same)
@@ -124,8 +124,8 @@ def test_an_epoch_without_any_step_is_an_error_not_a_zero_loss(color_dataset):
     paths = sorted(str(p) for p in (color_dataset / "train").rglob("*.jpg"))
     labels = [0 if "/blue/" in p else 1 for p in paths]
     runtime = engine.pick_runtime("fp32", "cpu")
-    train, _ = fd.build_train_source(paths, labels, 32, 1, runtime.device, workers=1)
-    val, _ = fd.build_eval_source(paths[:4], labels[:4], 32, 2, runtime.device, workers=1)
+    train, _ = train_source(paths, labels, 32, 1, runtime.device, workers=1)
+    val, _ = eval_source(paths[:4], labels[:4], 32, 2, runtime.device, workers=1)
     model = engine.prepare(timm.create_model("test_resnet", pretrained=False, num_classes=2), runtime)
     plan = engine.StagePlan(
         name="baseline",

@@ -22,7 +22,7 @@ from common.spec import JobSpec
 from models.data.loader import make_transform
 from models.networks.factory import DataConfig
 from models.pipeline import run_job
-from models.results import deploy, report
+from models.results import deploy, deploy_report, latency, report
 from models.training.engine import Normalizer, Runtime
 from tests.helpers import HYMENOPTERA, finished_job, small_imagefolder
 
@@ -87,7 +87,7 @@ def test_the_deploy_block_is_measured_and_consistent(hym_run) -> None:
         assert row["weights_bytes"] == (out / folder / "model.safetensors").stat().st_size
         assert row["onnx_bytes"] > 0 and row["accuracy"] == accuracy[role]
         lat = row["latency_ms"]
-        assert 0 < lat["p50"] <= lat["p95"] and lat["runs"] >= deploy.MIN_RUNS, (role, lat)
+        assert 0 < lat["p50"] <= lat["p95"] and lat["runs"] >= latency.MIN_RUNS, (role, lat)
         assert row["model"] == (spec.teacher.model if role == "teacher" else spec.student.model)
     assert rows["student"]["onnx_file"] == "student.onnx"
     assert rows["student"]["onnx_bytes"] == (out / "student.onnx").stat().st_size
@@ -158,16 +158,16 @@ def test_an_int8_model_past_its_allowance_is_marked_do_not_use(hym_run) -> None:
     drop, usable = deploy.int8_verdict(0.9, 0.85, 1.0)
     assert (drop, usable) == (5.0, False) and deploy.int8_verdict(0.9, 0.895, 1.0) == (0.5, True)
     bad = {**metrics["deploy"]["int8"], "drop_points": drop, "usable": usable, "max_drop_points": 1.0}
-    bad["headline"] = "int8 student: 85.0% (-5.0 points vs fp32); " + report.int8_warning(bad)
+    bad["headline"] = "int8 student: 85.0% (-5.0 points vs fp32); " + deploy_report.int8_warning(bad)
     block = {**metrics["deploy"], "int8": bad}
     warnings = [e for e in deploy.events(block) if e[0] == "warning"]
     assert warnings == [
-        ("warning", report.int8_warning(bad), {"file": "student.int8.onnx", "drop_points": 5.0})
+        ("warning", deploy_report.int8_warning(bad), {"file": "student.int8.onnx", "drop_points": 5.0})
     ]
     assert "do not use student.int8.onnx" in warnings[0][1] and "5.0 points" in warnings[0][1]
     page = report.render_html({**metrics, "deploy": block}, b"")
     assert "Do not use the int8 model:" in page and "student int8 (DO NOT USE)" in page
-    card = "\n".join(report.deploy_card_lines({**metrics, "deploy": block}, metrics["shipped"]))
+    card = "\n".join(deploy_report.deploy_card_lines({**metrics, "deploy": block}, metrics["shipped"]))
     assert "do not use student.int8.onnx" in card
 
 
@@ -182,9 +182,9 @@ def test_a_teacher_the_exporters_cannot_translate_is_shown_without_onnx(hym_run)
     assert deploy.summarise(rows) is None
     block = {**d, "models": rows, "student_vs_teacher": deploy.summarise(rows)}
     assert not [e for e in deploy.events(block) if e[0] == "info"]  # no headline without a teacher latency
-    card = "\n".join(report.deploy_card_lines({**metrics, "deploy": block}, "teacher"))
+    card = "\n".join(deploy_report.deploy_card_lines({**metrics, "deploy": block}, "teacher"))
     assert "ONNX n/a MB; CPU latency p50 n/a ms" in card
-    assert "teacher" in report.deploy_text(block) and "n/a" in report.deploy_text(block)
+    assert "teacher" in deploy_report.deploy_text(block) and "n/a" in deploy_report.deploy_text(block)
     assert "<h2>Deploy: what each model costs</h2>" in report.render_html({**metrics, "deploy": block}, b"")
 
 
@@ -194,7 +194,7 @@ def test_report_and_model_cards_show_the_costs(hym_run) -> None:
     page = (out / "report.html").read_text()
     assert "<h2>Deploy: what each model costs</h2>" in page
     assert d["student_vs_teacher"]["headline"] in page
-    for row in report.deploy_rows(d):
+    for row in deploy_report.deploy_rows(d):
         assert f"<td>{row['p50']:.2f}</td>" in page and f"<td>{row['onnx_bytes'] / 1e6:.2f}</td>" in page
     assert page.count("data:image/png;base64,") == 2  # the curves and accuracy against latency
     card = (out / "student" / "README.md").read_text()
@@ -202,7 +202,7 @@ def test_report_and_model_cards_show_the_costs(hym_run) -> None:
     assert "student.int8.onnx" in card and d["int8"]["headline"] in card
     teacher_card = (out / "teacher" / "README.md").read_text()
     assert f"CPU latency p50 {d['models']['teacher']['latency_ms']['p50']:.2f} ms" in teacher_card
-    table = report.deploy_text(d)
+    table = deploy_report.deploy_text(d)
     assert table.splitlines()[0].split()[:3] == ["model", "acc", "params"] and "student int8" in table
 
 
@@ -213,7 +213,7 @@ def test_int8_off_and_no_baseline(hym_run, tmp_path: Path) -> None:
     d = metrics["deploy"]
     assert d["int8"] is None and not (tmp_path / "out" / "student.int8.onnx").exists()
     assert set(d["models"]) == {"teacher", "student"} and d["models"]["student"]["trained"] == "distilled"
-    assert "student int8" not in report.deploy_text(d)
+    assert "student int8" not in deploy_report.deploy_text(d)
     assert "export.int8: false" in (tmp_path / "out" / "report.html").read_text()
 
 

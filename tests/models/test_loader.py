@@ -93,11 +93,11 @@ def test_seeded_split_is_deterministic_and_stratified(tmp_path):
     first = loader._scan(tmp_path.resolve(), 0.2, seed=7)
     again = loader._scan(tmp_path.resolve(), 0.2, seed=7)
     other = loader._scan(tmp_path.resolve(), 0.2, seed=8)
-    assert first.split == "seeded"
-    assert [s.path for s in first.val] == [s.path for s in again.val]
-    assert [s.path for s in first.val] != [s.path for s in other.val]
+    assert first.report_from == "seeded"
+    assert [s.path for s in first.report] == [s.path for s in again.report]
+    assert [s.path for s in first.report] != [s.path for s in other.report]
     assert first.counts()["val"] == {"a": 4, "b": 2}
-    assert not {s.path for s in first.val} & {s.path for s in first.train}
+    assert not {s.path for s in first.report} & {s.path for s in first.train}
 
 
 def test_hymenoptera_scan_keeps_everything_that_decodes():
@@ -118,7 +118,7 @@ def test_loader_yields_uint8_batches_with_indices(color_dataset):
     images, labels, indices = batches[0]
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert labels.dtype == torch.int64 and indices.shape == (16,)
-    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(len(ds)))
+    assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(ds)))
     norm = loader.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
     assert norm.min() >= -1 and norm.max() <= 1
 
@@ -153,18 +153,18 @@ def test_selection_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path)
     chosen = loader.with_selection(scan, 0.1, seed=0)
     assert chosen.counts()["selection"] == {"a": 3, "b": 1, "c": 1}  # at least one image per class
     assert chosen.counts()["train"] == {"a": 27, "b": 7, "c": 1}
-    assert chosen.val == scan.val  # the report split is untouched
-    train, select = {s.path for s in chosen.train}, {s.path for s in chosen.select}
-    assert not train & select and train | select == {s.path for s in scan.train}
+    assert chosen.report == scan.report  # the report split is untouched
+    train, selection = {s.path for s in chosen.train}, {s.path for s in chosen.selection}
+    assert not train & selection and train | selection == {s.path for s in scan.train}
     assert chosen.sizes() == {"train": 35, "selection": 5, "report": 15}
     assert chosen.summary()["roles"]["selection"].startswith("0.1 of train/")
     again = loader.with_selection(scan, 0.1, seed=0)
-    assert [s.path for s in again.select] == [s.path for s in chosen.select]
-    assert [s.path for s in loader.with_selection(scan, 0.1, seed=1).select] != [
-        s.path for s in chosen.select
+    assert [s.path for s in again.selection] == [s.path for s in chosen.selection]
+    assert [s.path for s in loader.with_selection(scan, 0.1, seed=1).selection] != [
+        s.path for s in chosen.selection
     ]
     off = loader.with_selection(scan, 0.0, seed=0)
-    assert off.select == [] and off.train == scan.train and "selection" not in off.counts()
+    assert off.selection == [] and off.train == scan.train and "selection" not in off.counts()
 
 
 def test_test_split_is_reported_and_val_selects(tmp_path):
@@ -173,5 +173,5 @@ def test_test_split_is_reported_and_val_selects(tmp_path):
     make_folder(tmp_path / "test", {"a": 4, "b": 4}, seed=4)
     scan = loader.with_selection(loader._scan(tmp_path.resolve(), 0.2, seed=0), 0.1, seed=0)
     assert scan.roles == {"train": "train/", "selection": "val/", "report": "test/"}
-    assert all("/test/" in s.path for s in scan.val) and all("/val/" in s.path for s in scan.select)
+    assert all("/test/" in s.path for s in scan.report) and all("/val/" in s.path for s in scan.selection)
     assert scan.sizes() == {"train": 12, "selection": 5, "report": 8}  # nothing carved from train

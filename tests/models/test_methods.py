@@ -16,13 +16,13 @@ from common.errors import SpkdError
 from common.reporter import RecordingReporter
 from common.spec import METHOD_OPTIONS, JobSpec
 from models import methods
-from models.data import inmemory as fd
 from models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
 from models.networks import factory
 from models.networks.features import FeatureTap
 from models.pipeline import run_job
 from models.training import checkpoint, engine
 from tests.helpers import tiny_job_spec
+from tests.models.helpers import eval_source, train_source
 
 
 # ------------------------------------------------------------------- RKD, written out in float64
@@ -224,8 +224,8 @@ def sources(color_dataset):
     paths = sorted(str(p) for p in (color_dataset / "train").rglob("*.jpg"))
     labels = [0 if "/blue/" in p else 1 for p in paths]
     device = torch.device("cpu")
-    train, _ = fd.build_train_source(paths, labels, 32, 8, device, workers=1)
-    val, _ = fd.build_eval_source(paths[:8], labels[:8], 32, 8, device, workers=1)
+    train, _ = train_source(paths, labels, 32, 8, device, workers=1)
+    val, _ = eval_source(paths[:8], labels[:8], 32, 8, device, workers=1)
     return train, val
 
 

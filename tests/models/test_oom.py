@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from common.reporter import RecordingReporter
-from models.data import inmemory as fd
-from models.training.oom import BatchSizeController, FakeMemoryLimit, split_batch
+from models.data.loader import Batch
+from models.training.oom import BatchSizeController, split_batch
+from tests.models.helpers import FakeMemoryLimit, eval_source, normalize, train_source
 
 
 def _step(model, optimizer):
-    def run(batch: fd.Batch) -> int:
+    def run(batch: Batch) -> int:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(fd.normalize(batch.images, (0.5,) * 3, (0.5,) * 3))
+        logits = model(normalize(batch.images, (0.5,) * 3, (0.5,) * 3))
         F.cross_entropy(logits, batch.labels).backward()
         optimizer.step()
         return batch.images.shape[0]
@@ -25,7 +26,7 @@ def _step(model, optimizer):
 
 def test_oom_halves_batch_scales_lr_warns_and_retries(train_images):
     paths, labels = train_images
-    source, _ = fd.build_train_source(paths, labels, 32, 8, torch.device("cpu"), workers=2)
+    source, _ = train_source(paths, labels, 32, 8, torch.device("cpu"), workers=2)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=2).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.08, momentum=0.9)
@@ -100,8 +101,8 @@ def test_engine_stage_survives_oom_by_halving(train_images):
 
     paths, labels = train_images
     runtime = engine.pick_runtime("fp32", "cpu")
-    train, _ = fd.build_train_source(paths, labels, 32, 8, runtime.device, workers=2, drop_last=True)
-    val, _ = fd.build_eval_source(paths[:4], labels[:4], 32, 2, runtime.device, workers=2)
+    train, _ = train_source(paths, labels, 32, 8, runtime.device, workers=2, drop_last=True)
+    val, _ = eval_source(paths[:4], labels[:4], 32, 2, runtime.device, workers=2)
     torch.manual_seed(0)
     model = engine.prepare(timm.create_model("test_resnet", pretrained=False, num_classes=2), runtime)
     plan = engine.StagePlan(

@@ -19,8 +19,9 @@ from models.networks.features import AUTO, FeatureTap
 from models.pipeline import best_row, run_job
 from models.training import autoweight
 from models.training.engine import pick_runtime
-from models.training.oom import BatchSizeController, FakeMemoryLimit
+from models.training.oom import BatchSizeController
 from tests.helpers import make_folder, tiny_job_spec
+from tests.models.helpers import FakeMemoryLimit
 
 
 def _events(reporter, kind):
@@ -71,12 +72,12 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
         images = torch.stack(
             [
                 loader.make_transform(32, _Cfg(card), training=False)(loader.load_rgb(s.path))
-                for s in scan.select
+                for s in scan.selection
             ]
         )
         with torch.no_grad():
             preds = model((images.float() / 255 - cfg_mean) / cfg_std).argmax(1)
-        acc = (preds == torch.tensor([s.label for s in scan.select])).float().mean().item()
+        acc = (preds == torch.tensor([s.label for s in scan.selection])).float().mean().item()
         assert acc == pytest.approx(metrics[name]["select_acc"])
 
 
@@ -253,7 +254,7 @@ def test_measure_matches_a_direct_computation_and_leaves_the_student_unchanged()
 def test_sp_weight_follows_the_batch_when_out_of_memory_halves_it():
     student, teacher = _tiny_pair()
     distiller = Distiller(
-        FeatureTap(student, [AUTO]), _teacher_fn(teacher), [SP(weight=300.0, ref_batch=8), KD(0.0, 4.0)]
+        FeatureTap(student, [AUTO]), _teacher_fn(teacher), [sp := SP(weight=300.0, ref_batch=8), KD(0.0, 4.0)]
     )
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen)
@@ -276,7 +277,7 @@ def test_sp_weight_follows_the_batch_when_out_of_memory_halves_it():
     assert controller.run((images, labels, idx), step, optimizer) == [4, 4] and limit.triggered == 1
     for b, weighted, raw in seen:
         assert b == 4 and weighted == pytest.approx(300.0 * 4 / 8 * raw, rel=1e-4)
-    assert distiller.sp_weight_at(8) == 300.0 and distiller.sp_weight_at(2) == 75.0
+    assert sp.weight_at(8) == 300.0 and sp.weight_at(2) == 75.0
 
 
 def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):

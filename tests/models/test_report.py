@@ -120,3 +120,15 @@ def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
     assert "62.5%" in page and page.count("n/a") >= 3
     assert "1 min 15.5 s" in page and "No epochs recorded." in page
     assert _png_size(tmp_path / "curves.png")[0] > 0
+
+
+def test_a_stage_added_to_the_stage_list_gets_its_own_colour(monkeypatch: pytest.MonkeyPatch):
+    """The report's colours follow common.spec.STAGES, the one list of stages: a new stage there is
+    drawn in a colour of its own, not the fallback for names the list does not know."""
+    from common import spec
+    from models.results import report
+
+    monkeypatch.setattr(spec, "STAGES", (*spec.STAGES, "int8"))
+    colours = [report.stage_colour(name) for name in spec.STAGES]
+    assert len(set(colours)) == len(colours) and report.FALLBACK_COLOUR not in colours
+    assert report.stage_colour("not_a_stage") == report.FALLBACK_COLOUR

@@ -105,10 +105,11 @@ def test_loss_interval_matches_a_float64_bootstrap():
 def test_ship_part_is_stratified_seeded_and_disjoint(color_dataset):
     scan = loader.with_selection(loader.scan_dataset(color_dataset, 0.2, 0), 0.25, 0)
     split = loader.with_ship_part(scan, 0.5, 0)
-    assert {s.path for s in split.select} | {s.path for s in split.ship} == {s.path for s in scan.select}
-    assert not {s.path for s in split.select} & {s.path for s in split.ship}
+    parts = {s.path for s in split.selection} | {s.path for s in split.ship}
+    assert parts == {s.path for s in scan.selection}
+    assert not {s.path for s in split.selection} & {s.path for s in split.ship}
     for label in range(len(scan.classes)):
-        n = sum(s.label == label for s in scan.select)
+        n = sum(s.label == label for s in scan.selection)
         assert sum(s.label == label for s in split.ship) == n // 2
     again = loader.with_ship_part(scan, 0.5, 0)
     assert [s.path for s in again.ship] == [s.path for s in split.ship]

@@ -13,7 +13,7 @@ from common.reporter import RecordingReporter
 from models.networks import factory, weights
 from models.networks.bank import ModelBank, ModelKey
 from models.pipeline import run_job, validate_job
-from models.results.report import STAGE_COLOURS
+from models.results.report import FALLBACK_COLOUR, stage_colour
 from models.stages import STAGES, planned
 from models.training import checkpoint
 from tests.helpers import make_folder, tiny_job_spec
@@ -21,7 +21,24 @@ from tests.helpers import make_folder, tiny_job_spec
 
 def test_registry_is_the_api_stage_list_in_order():
     assert tuple(s.name for s in STAGES) == spec.STAGES
-    assert set(STAGE_COLOURS) == set(spec.STAGES)  # the report draws every stage in its own colour
+    colours = [stage_colour(name) for name in spec.STAGES]  # the report draws every stage in its own colour
+    assert len(set(colours)) == len(colours) and FALLBACK_COLOUR not in colours
+
+
+def test_registry_plans_and_counts_epochs_as_the_stage_list_says():
+    """The registry's plan and epochs are common.spec.STAGE_INFO's, which the dashboard reads too."""
+    jobs = [
+        tiny_job_spec(),
+        tiny_job_spec(teacher={"finetune": None}, baseline=False),
+        tiny_job_spec(teacher={"finetune": {"epochs": 3}}, train={"epochs": 5}),
+    ]
+    for job in jobs:
+        for stage, info in zip(STAGES, spec.STAGE_INFO, strict=True):
+            assert stage.planned(job) == info.planned(job), (stage.name, job)
+            assert stage.trains == info.trains, stage.name
+            if stage.trains and stage.planned(job):
+                assert stage.epochs(job) == info.epochs(job) > 0, stage.name
+    assert STAGES[0].epochs(jobs[2]) == 3 and STAGES[1].epochs(jobs[2]) == 5
 
 
 def test_planned_stages_follow_the_spec():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import timm
 import torch
 
-from models.data import inmemory as fd
 from models.methods import Distiller
 from models.methods.kd import KD
 from models.methods.sp import SP
 from models.networks.features import FeatureTap
 from models.training import teacher_cache as tc
+from tests.models.helpers import normalize, train_source
 
 CPU = torch.device("cpu")
 T_MEAN, T_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -28,7 +28,7 @@ def _live(teacher_tap):
     """The live teacher as the cache builder sees it: uint8 view -> (logits, features)."""
 
     def run(x: torch.Tensor):
-        out = teacher_tap(fd.normalize(x, T_MEAN, T_STD))
+        out = teacher_tap(normalize(x, T_MEAN, T_STD))
         return out.logits, out.features
 
     return run
@@ -36,7 +36,7 @@ def _live(teacher_tap):
 
 def _source(train_images, batch_size=5):
     paths, labels = train_images
-    source, _ = fd.build_train_source(paths, labels, 64, batch_size, CPU, seed=1, workers=2)
+    source, _ = train_source(paths, labels, 64, batch_size, CPU, seed=1, workers=2)
     return source
 
 
@@ -84,7 +84,7 @@ def test_cached_distillation_loss_equals_live_loss(train_images):
         uncached = Distiller(student_tap, live_fn, [SP(weight=3000.0), KD(1.0, 4.0)])
         cached = Distiller(student_tap, cache, [SP(weight=3000.0), KD(1.0, 4.0)])
         for batch in cache.epoch(1):
-            x_s = fd.normalize(batch.images, S_MEAN, S_STD)
+            x_s = normalize(batch.images, S_MEAN, S_STD)
             with torch.no_grad():
                 _, ref = uncached(x_s, batch.images, batch.labels, batch.indices)
                 _, got = cached(x_s, None, batch.labels, batch.indices)

@@ -131,6 +131,17 @@ def test_package_checkpoints_map_every_tensor(n):
     assert torch.equal(model.bn2.running_var, legacy["_bn1.running_var"])  # the last BN before the head
 
 
+def _package_imagenet_state_dict(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The package's full ImageNet model (head included), to check the checkpoint on ImageNet
+    classes: the body mapped as a job maps it (weights.package_state_dict), plus the _fc head."""
+    state = weights.package_state_dict(name, model, "model")
+    legacy = weights.read_state_dict(weights.package_file(name, "model"), "weights")
+    head_keys = [k for k in model.state_dict() if k.startswith(weights.head_prefixes(model))]
+    for key, src in zip(sorted(head_keys), ("_fc.bias", "_fc.weight"), strict=True):
+        state[key] = legacy[src]
+    return state
+
+
 def test_lite0_package_is_imagenet_loaded_right():
     """On the ant photos of hymenoptera/val, ImageNet class 310 ('ant') is top-1 for >= 80%."""
     from timm.data import create_transform
@@ -139,7 +150,7 @@ def test_lite0_package_is_imagenet_loaded_right():
     from models.networks.factory import data_config
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
-    model.load_state_dict(weights.package_imagenet_state_dict("tf_efficientnet_lite0", model))
+    model.load_state_dict(_package_imagenet_state_dict("tf_efficientnet_lite0", model))
     model.eval()
     cfg = data_config(model)
     tf = create_transform(

@@ -223,7 +223,7 @@ def test_other_sources_refuse_what_they_cannot_use(client, settings) -> None:
 
 
 def test_torchvision_split_table_matches_torchvision(tmp_path: Path) -> None:
-    """core.references.TORCHVISION_SPLITS (the API cannot import torchvision) says what torchvision
+    """core.source_checks.TORCHVISION_SPLITS (the API cannot import torchvision) says what torchvision
     itself accepts: each listed split passes its argument check (the constructor then fails for the
     missing files, download off), an unlisted one is a ValueError; one-set datasets take no split."""
     import inspect
@@ -231,7 +231,7 @@ def test_torchvision_split_table_matches_torchvision(tmp_path: Path) -> None:
     import torchvision.datasets as tvd
 
     from common.spec import TORCHVISION_DATASETS
-    from core.references import TORCHVISION_SPLITS
+    from core.source_checks import TORCHVISION_SPLITS
 
     assert sorted(TORCHVISION_SPLITS) == sorted(TORCHVISION_DATASETS)
     for name, splits in TORCHVISION_SPLITS.items():

@@ -1,4 +1,4 @@
-"""The code and message a job fails with, for each kind of exception (workers.runner.failure_error),
+"""The code and message a job fails with, for each kind of exception (workers.failures.failure_error),
 in-process on real exceptions: raised by the OS where one can be provoked here (a missing file, a
 refused connection), constructed with their errno otherwise. The worker-side path (a real worker
 process, every stage boundary) is tests/workers/test_job_failures.py."""
@@ -14,7 +14,7 @@ import torch
 
 from cli import procs
 from common.errors import SpkdError
-from workers.runner import failure_error
+from workers.failures import failure_error
 
 
 def raised(make) -> BaseException:

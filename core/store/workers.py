@@ -1,0 +1,36 @@
+"""Worker heartbeats: P:workers (name -> last heartbeat, unix seconds) and P:worker:<name> (what the
+worker says about itself, expiring with its heartbeat)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from core import jsonsafe
+from core.store.keys import Keys, now
+
+
+def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:
+    """Record that worker `name` is alive now, with its `info` (kept for `ttl_s` seconds)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.zadd(keys.workers(), {name: now()})
+    pipe.set(keys.worker(name), jsonsafe.dumps(info), ex=max(1, int(ttl_s)))
+    pipe.execute()
+
+
+def remove_worker(r: redis.Redis, keys: Keys, name: str) -> None:
+    """Forget a worker (it shuts down)."""
+    r.zrem(keys.workers(), name)
+    r.delete(keys.worker(name))
+
+
+def live_workers(r: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
+    """Workers heard from within `ttl_s` seconds, each its info plus `name`; drops the
+    others from the index."""
+    cutoff = now() - ttl_s
+    r.zremrangebyscore(keys.workers(), "-inf", cutoff)  # forget the dead
+    names = r.zrangebyscore(keys.workers(), cutoff, "+inf")
+    infos = r.mget([keys.worker(n) for n in names]) if names else []
+    return [dict(json.loads(i) if i else {}, name=n) for n, i in zip(names, infos, strict=True)]
