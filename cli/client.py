@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from enum import IntEnum
 from typing import Any
 
 import httpx
@@ -24,13 +25,45 @@ UrlOpt = typer.Option(None, "--url", help="server URL (default: $SPKD_URL or htt
 KeyOpt = typer.Option(None, "--key", help="API key (default: $SPKD_API_KEY)")
 
 
+class ExitCode(IntEnum):
+    """What a `spkd` command's exit status says (README: the command line). A script can tell a
+    mistake in its own call from a missing resource, a refused key and a server in trouble."""
+
+    OK = 0
+    NOT_DONE = 1  # a followed job ended failed/cancelled; a request its state refuses (409, 429)
+    USAGE = 2  # a bad command line, or a spec/file the server refuses (400, 413, 422): fix the input
+    NOT_FOUND = 3  # no such job, dataset or artifact for this key (404)
+    AUTH = 4  # no key, a wrong key, or not allowed (401, 403)
+    SERVER = 5  # the API unreachable, unavailable or failing (5xx): retry later or tell the operator
+
+
+def exit_code_for(status: int) -> ExitCode:
+    """The exit status for an HTTP error answer."""
+    if status in (401, 403):
+        return ExitCode.AUTH
+    if status == 404:
+        return ExitCode.NOT_FOUND
+    if status >= 500:
+        return ExitCode.SERVER
+    if status in (409, 429):
+        return ExitCode.NOT_DONE
+    return ExitCode.USAGE
+
+
 class ClientError(Exception):
-    pass
+    """A command's failure, printed as one line; `exit_code` is the process's exit status."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.NOT_DONE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Unreachable(ClientError, httpx.TransportError):
     """The API did not answer (refused, timed out, name unknown). A ClientError, so every command
     prints it as one line; a TransportError too, so the event stream still reconnects on it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.SERVER)
 
 
 class _Client(httpx.Client):
@@ -61,12 +94,13 @@ def make_client(url: str | None, key: str | None, timeout: float = 30.0) -> http
 def _check(resp: httpx.Response) -> Any:
     if resp.status_code < 400:
         return resp.json() if "json" in resp.headers.get("content-type", "") else resp
+    code = exit_code_for(resp.status_code)
     try:
         err = resp.json()["error"]
         where = f" ({err['field']})" if err.get("field") else ""
-        raise ClientError(f"{resp.status_code} {err['code']}{where}: {err['message']}")
+        raise ClientError(f"{resp.status_code} {err['code']}{where}: {err['message']}", code)
     except (ValueError, KeyError, TypeError):
-        raise ClientError(f"{resp.status_code}: {resp.text[:500]}") from None
+        raise ClientError(f"{resp.status_code}: {resp.text[:500]}", code) from None
 
 
 def _id_column() -> Column:
@@ -76,7 +110,16 @@ def _id_column() -> Column:
 
 def _fail(e: Exception) -> None:
     console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(1)
+    raise typer.Exit(getattr(e, "exit_code", ExitCode.NOT_DONE))
+
+
+def print_json(value: Any) -> None:
+    """`--json`: the API's own JSON on stdout, for scripts (messages go to stderr)."""
+    print(json.dumps(value, indent=2))
+
+
+JobArg = typer.Argument(..., metavar="JOB", help="a job id (job_...)")
+JsonOpt = typer.Option(False, "--json", help="print the API's JSON instead of a table")
 
 
 # ---------------------------------------------------------------- SSE
@@ -141,7 +184,7 @@ def iter_sse(
         # an error instead of reconnecting forever; any event received resets the count.
         failures += 1
         if failures > max_reconnects:
-            raise ClientError(f"event stream failed {failures} times in a row: {reason}")
+            raise ClientError(f"event stream failed {failures} times in a row: {reason}", ExitCode.SERVER)
         console.print(f"[yellow]event stream interrupted ({reason}); reconnecting[/yellow]")
         backoff = min(backoff_s * 2.0 ** (failures - 1), 10.0)
         time.sleep(min(wait_s, 30.0) if wait_s is not None else backoff)

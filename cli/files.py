@@ -19,26 +19,62 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import ClientError, KeyOpt, UrlOpt, _check, _fail, _id_column, console, make_client
+from cli.client import (
+    ClientError,
+    ExitCode,
+    JobArg,
+    JsonOpt,
+    KeyOpt,
+    UrlOpt,
+    _check,
+    _fail,
+    _id_column,
+    console,
+    make_client,
+    print_json,
+)
+
+
+def _selected(arts: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The artifacts `names` asks for: a file by its name, or a model folder (`student`, `teacher`,
+    `baseline`, `distilled`, `tensorboard`...) as every file under it; all of them for no names.
+    ClientError (not found) naming what matched nothing, with the folders there are."""
+    if not names:
+        return arts
+
+    def matches(name: str, a: dict[str, Any]) -> bool:
+        return a["name"] == name or a["name"].startswith(name.rstrip("/") + "/")
+
+    missing = [n for n in names if not any(matches(n, a) for a in arts)]
+    if missing:
+        folders = sorted({a["name"].split("/", 1)[0] for a in arts if "/" in a["name"]})
+        raise ClientError(
+            f"no artifact or folder named {', '.join(missing)}; folders: {', '.join(folders) or '-'} "
+            "(`spkd download JOB` with no names fetches all)",
+            ExitCode.NOT_FOUND,
+        )
+    return [a for a in arts if any(matches(n, a) for n in names)]
 
 
 def download(
-    job_id: str = typer.Argument(...),
-    names: list[str] = typer.Argument(None, help="artifact names (default: all)"),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="folder to write into"),
+    job_id: str = JobArg,
+    names: list[str] = typer.Argument(
+        None, metavar="[NAME]...", help="artifact files or folders, e.g. student (default: all)"
+    ),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="folder to write into (OUT/JOB/NAME)"),
+    as_json: bool = typer.Option(False, "--json", help="print what was written as JSON"),
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
-    """Download a job's artifacts (checked against their sha256)."""
+    """Download a job's artifacts, or whole folders of them (`spkd download JOB student` for the
+    shipped student's folder), each file checked against its sha256."""
     import hashlib
 
+    written: list[dict[str, Any]] = []
     with make_client(url, key, timeout=300) as client:
         try:
             arts = _check(client.get(f"/v1/jobs/{job_id}/artifacts"))["data"]
-            wanted = [a for a in arts if not names or a["name"] in names]
-            missing = set(names or []) - {a["name"] for a in wanted}
-            if missing:
-                raise ClientError(f"no artifact named {', '.join(sorted(missing))}")
+            wanted = _selected(arts, names or [])
             out.mkdir(parents=True, exist_ok=True)
             for a in wanted:
                 dest = out / job_id / a["name"]
@@ -56,10 +92,13 @@ def download(
                             f.write(chunk)
                             h.update(chunk)
                 if h.hexdigest() != a["sha256"]:
-                    raise ClientError(f"{a['name']}: sha256 mismatch after download")
+                    raise ClientError(f"{a['name']}: sha256 mismatch after download", ExitCode.SERVER)
                 console.print(f"{dest}  {a['size']} bytes  sha256 ok")
+                written.append({**{k: a[k] for k in ("name", "size", "sha256")}, "path": str(dest)})
         except ClientError as e:
             _fail(e)
+    if as_json:
+        print_json(written)
 
 
 datasets_app = typer.Typer(help="Upload, list and delete datasets.", no_args_is_help=True)
@@ -67,7 +106,9 @@ datasets_app = typer.Typer(help="Upload, list and delete datasets.", no_args_is_
 
 @datasets_app.command("upload")
 def datasets_upload(
-    source: Path = typer.Argument(..., exists=True, help="an ImageFolder directory or a .zip of one"),
+    source: Path = typer.Argument(
+        ..., exists=True, metavar="SOURCE", help="an ImageFolder directory or a .zip of one"
+    ),
     name: str | None = typer.Option(None, help="a label (default: the folder name)"),
     wait: float = typer.Option(
         3600.0, help="seconds to wait for a large upload's background validation to end"
@@ -108,23 +149,29 @@ def wait_dataset_ready(
     deadline = time.monotonic() + timeout_s
     while ds.get("status", "ready") == "validating":
         if time.monotonic() > deadline:
-            raise ClientError(f"dataset {ds['id']} still validating after {timeout_s:.0f} s")
+            waited = f"dataset {ds['id']} still validating after {timeout_s:.0f} s"
+            raise ClientError(waited, ExitCode.NOT_DONE)
         time.sleep(poll_s)
         ds = _check(client.get(f"/v1/datasets/{ds['id']}"))
     if ds.get("status") == "failed":
         err = ds.get("error") or {}
-        raise ClientError(f"dataset {ds['id']} failed validation: {err.get('code')}: {err.get('message')}")
+        raise ClientError(
+            f"dataset {ds['id']} failed validation: {err.get('code')}: {err.get('message')}", ExitCode.USAGE
+        )
     return ds
 
 
 @datasets_app.command("list")
-def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+def datasets_list(as_json: bool = JsonOpt, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """List your datasets."""
     with make_client(url, key) as client:
         try:
             page = _check(client.get("/v1/datasets"))
         except ClientError as e:
             _fail(e)
+    if as_json:
+        print_json(page)
+        return
     table = Table(_id_column(), "name", "layout", "classes", "images", "rejected")
     for d in page["data"]:
         table.add_row(
@@ -140,7 +187,9 @@ def datasets_list(url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
 
 @datasets_app.command("delete")
 def datasets_delete(
-    ds_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt
+    ds_id: str = typer.Argument(..., metavar="DATASET", help="a dataset id (ds_...)"),
+    url: str | None = UrlOpt,
+    key: str | None = KeyOpt,
 ) -> None:
     """Delete a dataset and its files (refused while a queued or running job uses it)."""
     with make_client(url, key) as client:

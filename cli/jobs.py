@@ -15,6 +15,9 @@ from rich.table import Table
 
 from cli.client import (
     ClientError,
+    ExitCode,
+    JobArg,
+    JsonOpt,
     KeyOpt,
     UrlOpt,
     _check,
@@ -24,6 +27,7 @@ from cli.client import (
     follow,
     iter_sse,
     make_client,
+    print_json,
 )
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -31,7 +35,9 @@ STATUSES = ("queued", "validating", "running", "paused", *FINAL)
 
 
 def submit(
-    spec_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec (YAML or JSON)"),
+    spec_file: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, metavar="SPEC", help="job spec (YAML or JSON)"
+    ),
     wait: bool = typer.Option(False, "--wait", help="follow the job to the end with a progress bar"),
     idempotency_key: str | None = typer.Option(None, help="makes a retried submit create one job"),
     url: str | None = UrlOpt,
@@ -52,7 +58,7 @@ def submit(
         except ClientError as e:
             _fail(e)
     _print_outcome(job)
-    raise typer.Exit(0 if status == "succeeded" else 2)
+    raise typer.Exit(ExitCode.OK if status == "succeeded" else ExitCode.NOT_DONE)
 
 
 def _print_outcome(job: dict) -> None:
@@ -74,12 +80,12 @@ def _print_outcome(job: dict) -> None:
 
 
 def status(
-    job_id: str | None = typer.Argument(None, help="a job id; omit to list recent jobs"),
+    job_id: str | None = typer.Argument(None, metavar="[JOB]", help="a job id; omit to list recent jobs"),
     filter_status: str | None = typer.Option(
         None, "--status", help=f"list only jobs with this status ({', '.join(STATUSES)})"
     ),
     limit: int = typer.Option(20, help="jobs to list"),
-    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+    as_json: bool = JsonOpt,
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
@@ -89,7 +95,7 @@ def status(
             if job_id:
                 job = _check(client.get(f"/v1/jobs/{job_id}"))
                 if as_json:
-                    print(json.dumps(job, indent=2))
+                    print_json(job)
                     return
                 _show_job(job)
                 return
@@ -98,7 +104,7 @@ def status(
         except ClientError as e:
             _fail(e)
     if as_json:
-        print(json.dumps(page, indent=2))
+        print_json(page)
         return
     table = Table(_id_column(), "status", "stage", "teacher -> student", "created")
     for j in page["data"]:
@@ -133,12 +139,12 @@ def _show_job(job: dict) -> None:
 
 
 def events(
-    job_id: str = typer.Argument(...),
+    job_id: str = JobArg,
     follow_stream: bool = typer.Option(False, "--follow", "-f", help="stream new events until the job ends"),
     url: str | None = UrlOpt,
     key: str | None = KeyOpt,
 ) -> None:
-    """Print a job's event log (JSON lines)."""
+    """Print a job's event log, one JSON object a line (so no --json: it is JSON already)."""
     with make_client(url, key) as client:
         try:
             if follow_stream:
@@ -159,7 +165,7 @@ def events(
             _fail(e)
 
 
-def cancel(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+def cancel(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Cancel a job (queued: never starts; running: stops within a training step)."""
     with make_client(url, key) as client:
         try:
@@ -169,7 +175,7 @@ def cancel(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str
     console.print(f"{job['id']}: {job['status']}{_requests(job)}")
 
 
-def pause(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+def pause(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Pause a job (queued: does not start; running: stops at its next training step and frees its
     worker); `spkd resume` continues it from its last checkpoint."""
     with make_client(url, key) as client:
@@ -180,7 +186,7 @@ def pause(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str 
     console.print(f"{job['id']}: {job['status']}{_requests(job)}")
 
 
-def delete(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+def delete(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Delete a finished or paused job: its record, events and artifacts (a queued or running one:
     cancel first)."""
     with make_client(url, key) as client:
@@ -191,7 +197,7 @@ def delete(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str
     console.print(f"{job_id}: deleted")
 
 
-def resume(job_id: str = typer.Argument(...), url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+def resume(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Resume a paused, failed or cancelled job from its last checkpoint (a new attempt)."""
     with make_client(url, key) as client:
         try:

@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
-    job: Path = typer.Argument(..., exists=True, dir_okay=False, help="job spec YAML (README: The job spec)"),
+    job: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, metavar="SPEC", help="job spec YAML (README: The job spec)"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (artifacts, checkpoints)"),
     data: Path | None = typer.Option(
         None, "--data", help="dataset folder; default: dataset.path, relative to the YAML file or here"

@@ -14,8 +14,34 @@ from cli import demo, files, jobs, local, predict, server
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
-    help="spkd: distil a big pretrained image model into a small one for your own data (SP-KD).",
+    # Click's plain help: no metavar for flags, paragraphs re-wrapped to the terminal.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="spkd: distil a big pretrained image model into a small one for your own data (SP-KD). "
+    "Exit status: 0 done, 1 a job or request that did not go through, 2 a usage error or refused "
+    "input, 3 not found, 4 a key refused, 5 the server unreachable or failing.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"spkd {version('spkd')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("spkd (not installed: run from a checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: bool = typer.Option(
+        False, "--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """spkd: distil a big pretrained image model into a small one for your own data (SP-KD)."""
+
 
 for module in (local, server, jobs, files, demo, predict):
     module.register(app)

@@ -152,7 +152,7 @@ def test_cli_upload_waits_for_ready_and_prints_the_failure(stack: Stack, tmp_pat
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04" + b"\x00" * 4096)
     out = subprocess.run([*base, str(bad)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.returncode == 2, out.stdout + out.stderr
     assert "failed validation: invalid_archive" in out.stdout + out.stderr
 
 

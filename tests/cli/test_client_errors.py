@@ -1,5 +1,5 @@
 """The client commands against an API that is not there: one line that says what to check, exit
-code 1, never a traceback (real `spkd` processes, a loopback port nothing listens on)."""
+code 5 (the server), never a traceback (real `spkd` processes, a loopback port nothing listens on)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,6 @@ def test_an_unreachable_api_is_one_clear_line(args: list[str], tmp_path: Path) -
     env = {**os.environ, "SPKD_URL": url, "SPKD_API_KEY": "k" * 32, "COLUMNS": "200"}
     out = subprocess.run([*SPKD, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     text = out.stdout + out.stderr
-    assert out.returncode == 1, text
+    assert out.returncode == 5, text
     assert "Traceback" not in text and len(text.strip().splitlines()) <= 3, text
     assert f"cannot reach the spkd API at {url}" in text and "SPKD_URL" in text, text

@@ -60,9 +60,9 @@ def test_pause_and_resume_from_the_cli(service: Service, tmp_path: Path) -> None
         assert f"{job_id}: running (pause requested)" in _text(paused), _text(paused)
         wait_event(r, keys, job_id, lambda e: e["data"].get("status") == "paused", 120, first["id"])
 
-        # `submit --wait` stops following at the pause (exit 2: not succeeded) and names the way on.
+        # `submit --wait` stops following at the pause (not succeeded) and names the way on.
         out, err = follower.communicate(timeout=60)
-        assert follower.returncode == 2, out + err
+        assert follower.returncode == 1, out + err  # ExitCode.NOT_DONE: the followed job paused
         assert f"paused: `spkd resume {job_id}`" in err, err
     finally:
         if follower.poll() is None:

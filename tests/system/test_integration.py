@@ -238,7 +238,7 @@ def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_
     assert dl.returncode == 0 and "sha256 ok" in dl.stderr, dl.stderr
     assert json.loads((tmp_path / job_id / "student.json").read_text())["num_classes"] == 2
     bad = subprocess.run([spkd, "status", "job_nope"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "job_not_found" in bad.stderr
+    assert bad.returncode == 3 and "job_not_found" in bad.stderr
 
     folder = small_imagefolder(tmp_path / "mini", per_class=2)
     up = subprocess.run(

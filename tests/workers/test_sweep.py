@@ -80,4 +80,4 @@ def test_cli_delete_and_resume(stack_factory, redis_url: str, tmp_path: Path) ->
         assert done.returncode == 0, done.stderr
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
         missing = spkd("datasets", "delete", "ds_nope")
-        assert missing.returncode == 1 and "404 dataset_not_found" in missing.stderr, missing.stderr
+        assert missing.returncode == 3 and "404 dataset_not_found" in missing.stderr, missing.stderr
