@@ -19,9 +19,14 @@ from cli.client import ClientError, KeyOpt, UrlOpt, _check, _fail, make_client
 
 
 def predict(
-    job_id: str = typer.Argument(..., help="a succeeded job's id"),
+    job_id: str = typer.Argument(..., metavar="JOB", help="a succeeded job's id"),
     images: list[Path] = typer.Argument(
-        ..., exists=True, dir_okay=False, readable=True, help="image files (up to SPKD_PREDICT_MAX_IMAGES)"
+        ...,
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        metavar="IMAGE...",
+        help="image files (up to SPKD_PREDICT_MAX_IMAGES)",
     ),
     top_k: int = typer.Option(3, "--top-k", min=1, max=100, help="classes shown per image"),
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),

@@ -28,7 +28,7 @@ SPKD = [sys.executable, "-m", "cli.main"]
 COMMANDS = [
     [], ["run"], ["serve"], ["worker"], ["submit"], ["status"], ["events"], ["cancel"], ["pause"],
     ["resume"], ["delete"], ["download"], ["demo"], ["datasets"], ["datasets", "upload"],
-    ["datasets", "list"], ["datasets", "delete"],
+    ["datasets", "list"], ["datasets", "delete"], ["predict"],
 ]  # fmt: skip
 
 

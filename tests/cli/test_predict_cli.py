@@ -47,13 +47,13 @@ def test_spkd_predict_prints_labels_and_clear_errors(stack_factory, redis_url: s
     body = json.loads(raw.stdout)
     assert [t["label"] for t in body["predictions"][0]["top"]] == ["red", "blue"]
 
-    for args, key, expected in (
-        ((job["id"], str(text)), KEY_A, "422 not_an_image (images[0]): 'notes.txt' is not an image"),
-        ((job["id"], str(red)), KEY_B, f"404 job_not_found: no job '{job['id']}' for this API key"),
-        (("job_missing", str(red)), KEY_A, "404 job_not_found"),
+    for args, key, expected, code in (
+        ((job["id"], str(text)), KEY_A, "422 not_an_image (images[0]): 'notes.txt' is not an image", 2),
+        ((job["id"], str(red)), KEY_B, f"404 job_not_found: no job '{job['id']}' for this API key", 3),
+        (("job_missing", str(red)), KEY_A, "404 job_not_found", 3),
     ):
         bad = _spkd("predict", *args, url=st.url, key=key)
-        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert bad.returncode == code, bad.stdout + bad.stderr  # cli.client.ExitCode: usage, not found
         assert expected in " ".join((bad.stdout + bad.stderr).split()), bad.stderr
         assert "Traceback" not in bad.stderr
     missing = _spkd("predict", job["id"], str(tmp_path / "nope.png"), url=st.url)
