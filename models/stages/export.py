@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,11 @@ def build_metrics(run: Run) -> dict[str, Any]:
     distilled = results["distilled"]
     gain = distilled["val_acc"] - baseline["val_acc"] if baseline else None
     return {
+        "job": {
+            "id": run.job_id,
+            "name": run.spec.name,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
         "teacher": results.get("teacher", {"val_acc": None}),
         "baseline": baseline,
         "distilled": distilled,

@@ -93,6 +93,8 @@ def test_metrics_json_contract(vit_run):
     assert set(metrics["timing"]) == {"teacher_finetune", "baseline", "distill", "evaluate", "export"}
     assert metrics["spec"] == spec.model_dump(mode="json")
     assert metrics["device"] == "cpu"
+    job = metrics["job"]  # the report's header: no service job id in process, the spec's name, a UTC time
+    assert job["id"] is None and job["name"] == spec.name and job["exported_at"].endswith("+00:00")
     # export.measure: false (the tiny spec's): no deploy block, no int8 model, no measuring leftovers
     assert spec.export.measure is False and metrics["deploy"] is None
     assert not (out / "student.int8.onnx").exists() and not list(out.glob(".deploy-*"))
