@@ -34,6 +34,7 @@ def run_job(
     reporter: Reporter,
     device: str | None = None,
     data_path: str = "auto",
+    job_id: str | None = None,
 ) -> dict:
     """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json.
 
@@ -41,7 +42,8 @@ def run_job(
     attempt its own out_dir, seeded from the previous attempt: core/attempts.py). `data_path`:
     `auto` decodes a dataset that fits into memory once,
     `loader` always streams with a DataLoader (SPKD_DATA_PATH for the service). Raises whatever the
-    reporter raises (StopRequested, Fenced) unchanged.
+    reporter raises (StopRequested, Fenced) unchanged. `job_id`: the service's id of the job, kept
+    in metrics.json's `job` block (the report's header); None for a job run in process.
     """
     out_dir = Path(out_dir)
     try:
@@ -50,7 +52,7 @@ def run_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
-        run = open_run(spec, Path(data_dir), out_dir, reporter, device, epochs, data_path)
+        run = open_run(spec, Path(data_dir), out_dir, reporter, device, epochs, data_path, job_id)
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)

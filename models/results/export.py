@@ -134,10 +134,30 @@ def save_hub_folder(model: torch.nn.Module, folder: Path, class_names: list[str]
         safe_serialization=True,
         data_config=data_config,
     )
+    _own_pretrained_cfg(folder / "config.json")
 
 
-def write_model_card(folder: Path, title: str, lines: list[str]) -> None:
-    """README.md of a hub folder: a front matter the hub reads, then the given Markdown lines."""
-    front = ["---", "library_name: timm", "license: other", "tags: [image-classification, timm, spkd]", "---"]
-    text = "\n".join([*front, "", f"# {title}", "", *lines, ""])
+# Keys of timm's pretrained_cfg that describe the checkpoint timm downloaded, not these weights.
+_SOURCE_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "paper_ids", "paper_name", "notes")
+
+
+def _own_pretrained_cfg(path: Path) -> None:
+    """config.json's pretrained_cfg describes these weights, not the checkpoint they came from:
+    `tag: spkd` (not e.g. in1k), `license: other` as the model card (models/results/card.py), and
+    no download address of the original weights. What `timm.create_model("local-dir:...")` reads
+    (architecture args, input size, mean, std, crop, num_classes, label names) stays."""
+    from models.results.card import LICENSE
+
+    config = json.loads(path.read_text())
+    pre = config.get("pretrained_cfg") or {}
+    for key in _SOURCE_KEYS:
+        pre.pop(key, None)
+    pre["tag"] = "spkd"
+    pre["license"] = LICENSE
+    config["pretrained_cfg"] = pre
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def write_model_card(folder: Path, text: str) -> None:
+    """README.md of a hub folder (the text from `models.results.card.render`), atomically."""
     atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(text))

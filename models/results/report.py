@@ -21,9 +21,11 @@ from models.results.fmt import is_number as _is_number
 from models.results.fmt import pct as _pct
 from models.results.fmt import short as _fmt
 from models.results.fmt import signed as _num
+from models.results.report_tables import confusion_table, counts_table, header_section, report_title
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"
+CURVES_ALT = "Cross-entropy, distillation terms and accuracy per epoch for each stage"
 
 # Colour-blind friendly (Okabe-Ito), given to the stages by their place in common.spec.STAGES.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -51,39 +53,52 @@ def write_report(out_dir: Path) -> list[Path]:
 
 
 def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
-    """Loss and accuracy per epoch, one line colour per stage (solid: val, dashed: train)."""
+    """Three panels per epoch, one line colour per stage: the cross-entropy (dashed: training, solid:
+    the eval split's), the distillation terms as weighted into the training loss (one line style per
+    term), and the accuracy. CE sits apart from the distillation terms, so a distilled student's
+    total loss is never read against a CE-only one."""
     # The OO API (no pyplot): no global state, safe in a worker thread, always the Agg backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(13, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    plotted = False
+    ax_ce, ax_kd, ax_acc = fig.subplots(1, 3)
+    styles = ("-", "--", ":", "-.")
     for stage, rows in curves.items():
         colour = stage_colour(stage)
         epochs = [r.get("epoch") for r in rows]
-        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            for split, style in (("train", "--"), ("val", "-")):
-                xs, ys = _points(epochs, [r.get(f"{split}_{key}") for r in rows])
-                if xs:
-                    ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=f"{stage} {split}")
-                    plotted = True
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="loss")
-    # Stages' losses can differ by orders of magnitude (SP terms scale with sp_weight): log scale then.
-    lo, hi = ax_loss.dataLim.y0, ax_loss.dataLim.y1
-    if plotted and lo > 0 and hi / lo > 100:
-        ax_loss.set_yscale("log")
-        ax_loss.set_ylabel("loss (log scale)")
+        terms = loss_columns(rows)
+        ce_key = "ce" if "ce" in terms else "train_loss"  # older metrics.json: only the total
+        series = [
+            (ax_ce, ce_key, "--", f"{stage} train"),
+            (ax_ce, "val_loss", "-", f"{stage} eval"),
+            (ax_acc, "train_acc", "--", f"{stage} train"),
+            (ax_acc, "val_acc", "-", f"{stage} eval"),
+        ]
+        distill_terms = [t for t in terms if t != "ce"]
+        series += [(ax_kd, t, styles[i % len(styles)], f"{stage} {t}") for i, t in enumerate(distill_terms)]
+        for ax, key, style, label in series:
+            xs, ys = _points(epochs, [r.get(key) for r in rows])
+            if xs:
+                ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=label)
+    ax_ce.set(title="Cross-entropy", xlabel="epoch", ylabel="CE loss")
+    ax_kd.set(title="Distillation terms (weighted, training)", xlabel="epoch", ylabel="loss term")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc):
+    # SP terms can span orders of magnitude over a search's candidates: log scale then.
+    lo, hi = ax_kd.dataLim.y0, ax_kd.dataLim.y1
+    if ax_kd.lines and lo > 0 and hi / lo > 100:
+        ax_kd.set_yscale("log")
+        ax_kd.set_ylabel("loss term (log scale)")
+    for ax in (ax_ce, ax_kd, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if plotted:
+        if ax.lines:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+            empty = "no distillation terms" if ax is ax_kd and curves else "no epochs recorded"
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -98,20 +113,18 @@ def _points(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
 def render_html(metrics: dict[str, Any], curves_png: bytes) -> str:
     """The whole report as one HTML string: no external CSS, JS, fonts or images."""
     spec = metrics.get("spec") or {}
-    title = "spkd report"
-    if isinstance(spec, dict) and spec.get("teacher") and spec.get("student"):
-        title = f"spkd: {spec['teacher'].get('model')} \u2192 {spec['student'].get('model')}"
+    title = report_title(metrics)
     img = base64.b64encode(curves_png).decode("ascii")
+    classes = (metrics.get("dataset") or {}).get("classes") or []
     sections = [
-        f"<h1>{_e(title)}</h1>",
-        f"<p>Device: <code>{_e(metrics.get('device', 'unknown'))}</code></p>",
+        header_section(metrics),
         _accuracy_section(metrics),
         _protocol_section(metrics),
-        _gain_section(metrics.get("comparison")),
+        _gain_section(metrics.get("comparison"), classes),
         deploy_section(metrics.get("deploy")),
         _weights_section(metrics.get("distill_weights"), _spec_methods(spec)),
         "<section><h2>Curves</h2>"
-        f'<img src="data:image/png;base64,{img}" alt="Loss and accuracy per epoch for each stage" '
+        f'<img src="data:image/png;base64,{img}" alt="{CURVES_ALT}" '
         'style="max-width:100%;height:auto"></section>',
         _epochs_section(metrics.get("curves") or {}),
         _timing_section(metrics.get("timing") or {}),
@@ -175,7 +188,7 @@ def _protocol_section(metrics: dict[str, Any]) -> str:
     )
 
 
-def _gain_section(cmp: Any) -> str:
+def _gain_section(cmp: Any, classes: list[str]) -> str:
     if not isinstance(cmp, dict):
         return ""
     low, high = cmp.get("ci95_points") or [None, None]
@@ -202,11 +215,8 @@ def _gain_section(cmp: Any) -> str:
             f"</tr></thead><tbody>{rows}</tbody></table>"
         )
     for who, matrix in (cmp.get("confusion") or {}).items():
-        rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in matrix)
-        parts.append(
-            f"<h3>Confusion matrix, {_e(who)} (rows: true class, columns: predicted)</h3>"
-            f"<table><tbody>{rows}</tbody></table>"
-        )
+        if isinstance(matrix, list) and all(isinstance(row, list) for row in matrix):
+            parts.append(confusion_table(who, matrix, classes))
     return "".join(parts) + "</section>"
 
 
@@ -290,11 +300,38 @@ def loss_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
+COLUMN_LABELS = {
+    "train_acc": "train acc",
+    "val_acc": "eval acc",
+    "eval_split": "eval split",
+    "train_loss": "train loss, total",
+    "val_loss": "eval loss (CE)",
+    "ce": "CE (train)",
+    "images_per_sec": "images/s",
+}
+
+
+def _column_label(column: str, terms: list[str]) -> str:
+    """A column's header: the loss total says it is the sum of the terms beside it, each
+    distillation term says it is weighted (the terms add up to the total)."""
+    if column == "train_loss" and len(terms) > 1:
+        return f"train loss, total ({' + '.join(terms)})"
+    if column in terms and column != "ce":
+        return f"{column} (train, weighted)"
+    return COLUMN_LABELS.get(column, column)
+
+
 def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
-    parts = ["<section><h2>Epochs</h2>"]
+    parts = [
+        "<section><h2>Epochs</h2><p>Losses by term: CE is the cross-entropy on the labels; each "
+        "distillation term is the one the training loss adds, after its weight. The eval columns are "
+        "on the split named in <em>eval split</em> (the selection split when there is one).</p>"
+    ]
     for stage, rows in curves.items():
-        cols = [*EPOCH_COLUMNS, *loss_columns(rows), "images_per_sec"]
-        head = "".join(f"<th scope='col'>{_e(c)}</th>" for c in cols)
+        terms = loss_columns(rows)
+        cols = ["epoch", "train_acc", "val_acc", "eval_split", "train_loss", *terms, "val_loss"]
+        cols.append("images_per_sec")
+        head = "".join(f"<th scope='col' title='{_e(c)}'>{_e(_column_label(c, terms))}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
         parts.append(
             f"<h3>{_e(stage)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -323,8 +360,8 @@ def _dataset_section(dataset: dict[str, Any]) -> str:
     counts = dataset.get("counts") or {}
     rejected = dataset.get("rejected") or []
     parts = [f"<section><h2>Dataset</h2><p>{len(classes)} classes: {_e(', '.join(map(str, classes)))}</p>"]
-    if counts:
-        parts.append("<h3>Images</h3><pre>" + _e(json.dumps(counts, indent=2, sort_keys=True)) + "</pre>")
+    if isinstance(counts, dict):
+        parts.append(counts_table(counts, classes))
     parts.append(f"<h3>Rejected files ({len(rejected)})</h3>")
     if rejected:
         rows = "".join(
@@ -351,4 +388,7 @@ thead th{background:#f0f0f0}
 pre{background:#f6f6f6;padding:.75rem;overflow-x:auto}
 h1{font-size:1.5rem}
 .warn{background:#fff3cd;border-left:4px solid #D55E00;padding:.5rem}
+table.confusion td{text-align:right;min-width:2.5rem}
+table.confusion td.diag{outline:2px solid #1a1a1a;outline-offset:-2px}
+table.header th{background:#f0f0f0}
 """

@@ -451,7 +451,7 @@ def run_tracked(
     tracked.start()
     status = "FAILED"
     try:
-        metrics = run_job(spec, data_dir, out_dir, tracked, **kwargs)
+        metrics = run_job(spec, data_dir, out_dir, tracked, job_id=job_id, **kwargs)
         status = "FINISHED"
         return metrics
     except StopRequested:

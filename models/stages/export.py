@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.results import card as hub_card
 from models.results import deploy, export
 from models.results.deploy_report import deploy_card_lines
 from models.results.report import write_report
@@ -75,7 +77,17 @@ def run_stage(run: Run) -> None:
     export.write_json(out / "metrics.json", metrics)
     for folder, (title, role) in folders.items():
         lines = _card_lines(run, role, metrics) + deploy_card_lines(metrics, role)
-        export.write_model_card(folder, title, lines)
+        name, weights = _model_of(run, role)
+        lines += ["", *hub_card.usage_lines(), "", *hub_card.license_lines(name, weights)]
+        lines += ["", *hub_card.citation_lines(), "", *_spec_lines(run)]
+        front = hub_card.front_matter(
+            model_name=name,
+            weights=weights,
+            role=role,
+            spec=metrics["spec"],
+            accuracy=(run.state.results.get(role) or {}).get("val_acc"),
+        )
+        export.write_model_card(folder, hub_card.render(front, title, lines))
     write_report(out)  # report.html + curves.png from metrics.json
     _publish(run, out)
 
@@ -113,6 +125,7 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
     lines = [
         f"`{spec.teacher.model if role == 'teacher' else spec.student.model}`, {how}.",
         "",
+        f"- Started from: {hub_card.origin(*_model_of(run, role))}",
         f"- Classes ({len(run.scan.classes)}): {', '.join(run.scan.classes)}",
         f"- Data: {sizes['train']} training, {sizes['selection']} selection and {sizes['report']} report "
         f"images (report split: {metrics['protocol']['report']})",
@@ -126,23 +139,19 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
             f"(95 % CI {low:+.2f} to {high:+.2f}; McNemar p = {cmp['mcnemar']['p_value']:.3g}): "
             f"{cmp['verdict']}"
         )
-    lines += [
-        f"- Shipped student: {metrics['shipped']} ({metrics['shipped_reason']})",
-        "",
-        "```python",
-        "import timm",
-        "",
-        'model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder',
-        'labels = model.pretrained_cfg["label_names"]',
-        "```",
-        "",
-        "The job spec:",
-        "",
-        "```json",
-        json.dumps(spec.model_dump(mode="json"), indent=2),
-        "```",
-    ]
+    lines.append(f"- Shipped student: {metrics['shipped']} ({metrics['shipped_reason']})")
     return lines
+
+
+def _model_of(run: Run, role: str) -> tuple[str, str]:
+    """(timm model name, the spec's `weights`) of the teacher or of a student."""
+    side = run.spec.teacher if role == "teacher" else run.spec.student
+    return side.model, side.weights
+
+
+def _spec_lines(run: Run) -> list[str]:
+    """The job spec, as JSON, at the end of the card."""
+    return ["## The job spec", "", "```json", json.dumps(run.spec.model_dump(mode="json"), indent=2), "```"]
 
 
 def _publish(run: Run, staged: Path) -> None:
@@ -169,6 +178,11 @@ def build_metrics(run: Run) -> dict[str, Any]:
     distilled = results["distilled"]
     gain = distilled["val_acc"] - baseline["val_acc"] if baseline else None
     return {
+        "job": {
+            "id": run.job_id,
+            "name": run.spec.name,
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
         "teacher": results.get("teacher", {"val_acc": None}),
         "baseline": baseline,
         "distilled": distilled,

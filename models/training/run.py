@@ -62,6 +62,7 @@ class Run:
     data: JobData
     clock: Clock
     kept: dict[str, Any] = field(default_factory=dict)  # finished models evaluate and export share
+    job_id: str | None = None  # the service's job id (metrics.json `job`), None in process
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +99,7 @@ def open_run(
     device: str | None,
     epochs: dict[str, int],
     data_path: str = "auto",
+    job_id: str | None = None,
 ) -> Run:
     """Scan, report the dataset, pick the device, open the data, adopt/load the checkpoint.
 
@@ -122,7 +124,7 @@ def open_run(
     state = load_state(spec, out_dir, reporter)
     steps = job_data.steps_per_epoch
     clock = Clock(total_steps=sum(e * steps for s, e in epochs.items() if s not in state.completed))
-    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock)
+    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, job_id=job_id)
 
 
 def _report_dataset(scan: loader.DatasetScan, reporter: Reporter) -> None:

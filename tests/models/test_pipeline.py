@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from common.errors import SpkdError
@@ -92,6 +93,8 @@ def test_metrics_json_contract(vit_run):
     assert set(metrics["timing"]) == {"teacher_finetune", "baseline", "distill", "evaluate", "export"}
     assert metrics["spec"] == spec.model_dump(mode="json")
     assert metrics["device"] == "cpu"
+    job = metrics["job"]  # the report's header: no service job id in process, the spec's name, a UTC time
+    assert job["id"] is None and job["name"] == spec.name and job["exported_at"].endswith("+00:00")
     # export.measure: false (the tiny spec's): no deploy block, no int8 model, no measuring leftovers
     assert spec.export.measure is False and metrics["deploy"] is None
     assert not (out / "student.int8.onnx").exists() and not list(out.glob(".deploy-*"))
@@ -244,10 +247,10 @@ def test_every_model_is_a_timm_hub_folder(vit_run):
     out, metrics, _, spec = vit_run
     shipped = metrics["shipped"]
     other = "baseline" if shipped == "distilled" else "distilled"
-    for folder, model_name, weights in (
-        ("student", spec.student.model, "student.safetensors"),
-        (other, spec.student.model, f"{other}.safetensors"),
-        ("teacher", spec.teacher.model, "teacher.safetensors"),
+    for folder, role, model_name, weights in (
+        ("student", shipped, spec.student.model, "student.safetensors"),
+        (other, other, spec.student.model, f"{other}.safetensors"),
+        ("teacher", "teacher", spec.teacher.model, "teacher.safetensors"),
     ):
         root = out / folder
         cfg = json.loads((root / "config.json").read_text())
@@ -258,6 +261,7 @@ def test_every_model_is_a_timm_hub_folder(vit_run):
         assert pre["interpolation"] == card["interpolation"] and pre["crop_pct"] == card["crop_pct"]
         readme = (root / "README.md").read_text()
         assert readme.startswith("---\nlibrary_name: timm") and model_name in readme
+        _check_hub_card(readme, cfg, metrics[role]["val_acc"])
         hub = timm.create_model(f"local-dir:{root}", pretrained=True).eval()
         flat = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
         flat.load_state_dict(load_file(str(out / weights)))
@@ -265,3 +269,44 @@ def test_every_model_is_a_timm_hub_folder(vit_run):
         with torch.inference_mode():
             assert torch.equal(hub(x), flat.eval()(x)), folder
     assert "95 % CI" in (out / "student" / "README.md").read_text()  # the gain's interval
+
+
+def _check_hub_card(readme: str, config: dict, report_acc: float) -> None:
+    """The hub's own parser reads the front matter: pipeline tag, library, the report split's
+    accuracy in model-index, a licence that agrees with config.json, no claim of a base model or a
+    hub dataset (this job starts from no weights, on a local folder), the SP citation."""
+    data = ModelCard(readme).data
+    assert data.pipeline_tag == "image-classification" and data.library_name == "timm"
+    assert data.metrics == ["accuracy"] and data.base_model is None and data.datasets is None
+    (result,) = data.eval_results
+    assert result.task_type == "image-classification" and result.dataset_split == "report"
+    assert result.metric_type == "accuracy" and result.metric_value == report_acc
+    pre = config["pretrained_cfg"]
+    assert data.license == pre["license"] == "other" and pre["tag"] == "spkd"
+    assert "hf_hub_id" not in pre and "url" not in pre  # not the original checkpoint's address
+    assert "Similarity-Preserving Knowledge Distillation" in readme and "@inproceedings" in readme
+
+
+def card_snippet(readme: str) -> str:
+    """The python block under the model card's "## Use it"."""
+    match = re.search(r"## Use it\n.*?```python\n(.*?)```", readme, re.S)
+    assert match, "the model card has no python block under '## Use it'"
+    return match.group(1)
+
+
+def test_model_card_snippet_classifies_an_image(vit_run, tmp_path, color_dataset):
+    """The card's snippet, run as written inside a copy of student/ on a real image: a label of the
+    job and a probability; the same top-1 as the eval transform of the engine's own data config."""
+    out, _, _, _ = vit_run
+    folder = tmp_path / "student"
+    shutil.copytree(out / "student", folder)
+    snippet = card_snippet((folder / "README.md").read_text())
+    assert "create_transform" in snippet and "resolve_data_config" in snippet
+    red = next((color_dataset / "val" / "red").glob("*.jpg"))
+    shutil.copy(red, folder / "image.jpg")
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=folder, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    label, prob = result.stdout.split()
+    assert label in ("blue", "red") and 0.5 <= float(prob) <= 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -93,6 +94,56 @@ def test_report_from_a_real_run(engine_run: Path):
         assert html.escape(r["path"]) in page and html.escape(r["reason"]) in page
     # The spec is there to reproduce the run.
     assert "test_resnet" in page and "test_efficientnet" in page and "sp_weight" in page
+    _check_header(page, metrics)
+    _check_confusion(page, metrics)
+    _check_loss_terms(page, metrics["curves"])
+    _check_counts(page, metrics["dataset"])
+
+
+def _check_header(page: str, metrics: dict) -> None:
+    """Which job, on what, when: no service id in process (no Job row), the dataset, the UTC time."""
+    header = re.search(r"<table class='header'>(.*?)</table>", page, re.S).group(1)
+    assert "<th scope='row'>Job</th>" not in header and metrics["job"]["id"] is None
+    assert html.escape(f"path {metrics['spec']['dataset']['path']}") in header
+    assert metrics["job"]["exported_at"] in header and "test_resnet \u2192 test_efficientnet" in header
+
+
+def _check_confusion(page: str, metrics: dict) -> None:
+    """Each matrix a table with the class names on both axes and the matrix's counts in order."""
+    classes = metrics["dataset"]["classes"]
+    matrices = metrics["comparison"]["confusion"]
+    tables = re.findall(r"<table class='confusion'>(.*?)</table>", page, re.S)
+    assert len(tables) == len(matrices) >= 2
+    for table, matrix in zip(tables, matrices.values(), strict=True):
+        assert re.findall(r"<th scope='col'>([^<]*)</th>", table)[1:] == classes
+        assert re.findall(r"<th scope='row'>([^<]*)</th>", table) == classes
+        assert [int(v) for v in re.findall(r"<td[^>]*>(\d+)</td>", table)] == [v for r in matrix for v in r]
+
+
+def _check_loss_terms(page: str, curves: dict) -> None:
+    """The distill stage's table has CE and each distillation term apart, and they add up to the
+    total the header says they make."""
+    rows = curves["distill"]
+    terms = [k for k in ("ce", "sp", "kd") if k in rows[0]]
+    assert "ce" in terms and "sp" in terms
+    for row in rows:
+        assert sum(row[t] for t in terms) == pytest.approx(row["train_loss"], rel=1e-4)
+    distill = page.split("<h3>distill</h3>", 1)[1].split("</table>", 1)[0]
+    assert f"train loss, total ({' + '.join(terms)})" in distill
+    assert "CE (train)" in distill and "sp (train, weighted)" in distill
+    baseline = page.split("<h3>baseline</h3>", 1)[1].split("</table>", 1)[0]
+    assert "CE (train)" in baseline and "weighted" not in baseline
+
+
+def _check_counts(page: str, dataset: dict) -> None:
+    """Images per class and split as a table (no JSON dump), one column per split."""
+    table = re.search(r"<table class='counts'>(.*?)</table>", page, re.S).group(1)
+    splits = list(dataset["counts"])
+    assert re.findall(r"<th scope='col'>([^<]*)</th>", table) == ["Class", *splits]
+    for name in dataset["classes"]:
+        row = re.search(rf"<th scope='row'>{name}</th>(.*?)</tr>", table).group(1)
+        assert re.findall(r"<td>(\d+)</td>", row) == [str(dataset["counts"][s][name]) for s in splits]
+    assert '"train": {' not in page
 
 
 def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
@@ -111,11 +162,15 @@ def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
         "timing": {"distill": 75.5},
         "spec": {"teacher": {"model": "t"}, "student": {"model": "s"}},
         "device": "cpu",
+        "job": {"id": "job_<x>", "name": None, "exported_at": "2026-12-03T15:00:00+00:00"},
+        "comparison": {"confusion": {"baseline": [[1, 2], [0, 3]]}},
     }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     write_report(tmp_path)
     page = (tmp_path / "report.html").read_text()
-    assert "<img src=x" not in page
+    assert "<img src=x" not in page and "<x>" not in page and "job_&lt;x&gt;" in page
+    assert "<th scope='row'>a&lt;b&gt;</th><td>3</td>" in page  # the counts table, escaped
+    assert "<th scope='col'>a&lt;b&gt;</th>" in page  # the confusion matrix's column
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "not an image &amp; broken" in page
     assert "62.5%" in page and page.count("n/a") >= 3
     assert "1 min 15.5 s" in page and "No epochs recorded." in page

@@ -164,6 +164,7 @@ def test_tensorboard_resume_does_not_draw_steps_twice(color_dataset, tmp_path):
         run_tracked(spec, color_dataset, tmp_path, RecordingReporter(stop_after_steps=5), "job_resume")
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 1
     metrics = run_tracked(spec, color_dataset, tmp_path, RecordingReporter(), "job_resume")
+    assert metrics["job"]["id"] == "job_resume"  # the service's job id reaches the report's header
     # a second file in each resumed folder: the resumed process's, starting with a purge
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 2
     steps = _series(_accumulator(tmp_path / "tensorboard" / "baseline" / "steps"), "loss")
