@@ -4,12 +4,22 @@ tests' job)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from common.spec import JobSpec
 from tests.helpers import ROOT
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_is_an_example_and_the_readme_runs_it() -> None:
+    assert ROOT / "examples" / "hymenoptera.yaml" in EXAMPLES
+    readme = (ROOT / "README.md").read_text()
+    runs = re.findall(r"^(?:\.venv/bin/)?spkd run (\S+)", readme, re.MULTILINE)
+    assert runs and all((ROOT / r).is_file() for r in runs), runs
+    assert "examples/hymenoptera.yaml" in runs
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
