@@ -1,6 +1,6 @@
 """Dataset uploads: stream to disk with a size cap, check the zip, extract it as it is (atomically),
 then scan it with common/scan.py, the engine's own scanner: the layouts, classes and rejected files
-a job on the dataset will use (README.md, "Datasets").
+a job on the dataset will use (docs/datasets.md).
 
 The archive is refused as a whole when it is unsafe (absolute paths, `..`, too many files, too
 large once uncompressed); single bad files are skipped and listed with a reason. Symlink members

@@ -1,4 +1,4 @@
-"""The FastAPI app: the v1 REST API over the Redis job store (README, The REST API). Never imports
+"""The FastAPI app: the v1 REST API over the Redis job store (docs/api.md). Never imports
 torch.
 
 `create_app(settings)` builds an app from the routers in `app/routes/` (one per resource);

@@ -1,4 +1,4 @@
-"""Background validation of large uploads (README.md, "Datasets"): the route stores the zip beside
+"""Background validation of large uploads (docs/datasets.md): the route stores the zip beside
 the uploads, saves the record `status: validating` and answers 202; a thread pool in the API
 process extracts and scans it (app.datasets, the same code as a synchronous upload) and saves the
 record `ready` (classes, counts, rejected) or `failed` with `error: {code, message}`.

@@ -24,7 +24,7 @@ share), `sp:3000` (a fixed weight), `search:300/1000/3000` (the list search), `l
 
     # GPU host: 224 px, 15 epochs, 3 seeds
     python bench/accuracy.py --data ../shared/data/caltech101_22 --out runs/acc-caltech
-    # CPU at reduced size (see the README's protocol section for the measured table)
+    # CPU at reduced size (see docs/protocol.md for the measured tables)
     python bench/accuracy.py --data ../shared/data/hymenoptera --image-size 128 --epochs 4 --batch-size 32
 
 `--tiny` runs the same code on the CPU in about a minute (tiny timm models, 32 px, 1 epoch), so CI

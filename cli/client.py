@@ -26,7 +26,7 @@ KeyOpt = typer.Option(None, "--key", help="API key (default: $SPKD_API_KEY)")
 
 
 class ExitCode(IntEnum):
-    """What a `spkd` command's exit status says (README: the command line). A script can tell a
+    """What a `spkd` command's exit status says (docs/api.md: the command line). A script can tell a
     mistake in its own call from a missing resource, a refused key and a server in trouble."""
 
     OK = 0

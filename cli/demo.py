@@ -365,7 +365,8 @@ def register(app: typer.Typer) -> None:
             0, help="data loader processes (0: in the worker, best on few cores)"
         ),
         # Jobs default to `auto` (SP starts at 2x the cross-entropy); on this short schedule the
-        # paper's 3000 starts ~20x CE and cost 2.3-5.6 points in each of 3 seeds (README).
+        # paper's 3000 starts ~20x CE and cost 2.3-5.6 points in each of 3 seeds (docs/protocol.md,
+        # the demo's figures).
         sp_weight: str = typer.Option(
             "auto", help="gamma: weight of the SP loss, 'auto' (the job default) or a number"
         ),

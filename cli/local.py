@@ -22,7 +22,11 @@ def register(app: typer.Typer) -> None:
 
 def run(
     job: Path = typer.Argument(
-        ..., exists=True, dir_okay=False, metavar="SPEC", help="job spec YAML (README: The job spec)"
+        ...,
+        exists=True,
+        dir_okay=False,
+        metavar="SPEC",
+        help="job spec YAML (docs/job-spec.md; e.g. examples/hymenoptera.yaml)",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (artifacts, checkpoints)"),
     data: Path | None = typer.Option(

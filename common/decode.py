@@ -4,7 +4,7 @@ Upload validation and the engine's scan (common/scan.py), the DataLoader path (m
 the in-memory path and hence the teacher cache (models/data/inmemory.py), evaluation and the README's
 load snippet all decode through here, so one file gives the same 8-bit RGB pixels everywhere.
 
-Policy (also in README.md, "Datasets"):
+Policy (also in docs/datasets.md):
 
 - file type by content (Pillow), never by extension; multi-frame files (GIF, TIFF): the first frame;
 - EXIF orientation applied (a phone photo stored sideways is turned upright);

@@ -5,7 +5,7 @@ The upload (app/datasets.py, after extracting the zip as it is) and the engine
 (models/data/loader.py `scan_dataset`) both call `scan_tree`, so one tree gives the same classes, counts
 and rejected list whether it arrives as a zip or as `dataset.path`. Torch-free: the API imports it.
 
-The rules (README.md, "Datasets", states them for users):
+The rules (docs/datasets.md states them for users):
 
 1. Ignored silently: names starting with `.` (`.DS_Store`, `.git/`, AppleDouble `._x`),
    `__MACOSX/`, `Thumbs.db`, `desktop.ini`.

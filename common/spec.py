@@ -1,7 +1,7 @@
 """The job spec: one pydantic schema for REST (JSON) and `spkd run` (YAML). Torch-free.
 
 Every field has a sensible default and a bound, unknown fields are rejected, so a typo is a
-clear 422 / CLI error instead of a silently ignored setting (README, The job spec).
+clear 422 / CLI error instead of a silently ignored setting (docs/job-spec.md).
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     summary="Upload a dataset (zip of an ImageFolder)",
     description="`multipart/form-data` with the zip in a `file` part (and an optional `name` field), or "
     "the zip as the raw body (`Content-Type: application/zip`, name in `?name=`). Layouts: `class/x.jpg`, "
-    "or `train/class/x.jpg` with `val/` and/or `test/` beside it, inside any wrapping folder (README, "
-    "Datasets). The zip is scanned by the engine's own scanner: files left out are listed with a reason. "
+    "or `train/class/x.jpg` with `val/` and/or `test/` beside it, inside any wrapping folder "
+    "(docs/datasets.md). The zip is scanned by the engine's own scanner: files left out are listed "
+    "with a reason. "
     "A zip larger than SPKD_UPLOAD_SYNC_MAX_BYTES answers 202 with `status: validating` and a Location; "
     "poll it until `ready` or `failed` (`error: {code, message}`).",
     openapi_extra={

@@ -1,4 +1,4 @@
-"""Datasets named by `dataset.hf` (README.md, "Datasets"): a Hugging Face image-classification
+"""Datasets named by `dataset.hf` (docs/datasets.md): a Hugging Face image-classification
 dataset, or one saved with `Dataset.save_to_disk` / `DatasetDict.save_to_disk` under the data root,
 turned once per host into an ImageFolder that common/scan.py reads like any other folder.
 

@@ -420,7 +420,8 @@ def test_layouts_decide_what_people_mean(tmp_path: Path) -> None:
 
 
 def test_readme_upload_example_works(client, tmp_path: Path) -> None:
-    """README: `(cd ../shared/data && zip -qr /tmp/hymenoptera.zip hymenoptera)`, then upload."""
+    """README and docs/api.md: `(cd ../shared/data && zip -qr /tmp/hymenoptera.zip hymenoptera)`,
+    then upload."""
     out = tmp_path / "hymenoptera.zip"
     subprocess.run(["zip", "-qr", str(out), "hymenoptera"], cwd=HYMENOPTERA.parent, check=True)
     resp = client.post("/v1/datasets", files={"file": ("h.zip", out.read_bytes(), "application/zip")})

@@ -1,5 +1,5 @@
 """The engine end to end on tiny models: stages, events, metrics.json, artifacts that load back,
-the ONNX export under onnxruntime, the README's loading snippet, validation errors."""
+the ONNX export under onnxruntime, the README's loading snippets (timm and ONNX), validation errors."""
 
 from __future__ import annotations
 
@@ -140,13 +140,13 @@ def test_onnx_matches_torch(vit_run):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
 
-def readme_snippet() -> str:
-    """The python block right after the `<!-- load-student -->` marker in README.md."""
+def readme_snippet(marker: str = "load-student") -> str:
+    """The python block right after the `<!-- load-student -->` (or another) marker in README.md."""
     readme = (ROOT / "README.md").read_text()
-    assert "<!-- load-student -->" in readme, "README.md lost its load-student marker"
-    text = readme.split("<!-- load-student -->", 1)[1]
+    assert f"<!-- {marker} -->" in readme, f"README.md lost its {marker} marker"
+    text = readme.split(f"<!-- {marker} -->", 1)[1]
     match = re.search(r"```python\n(.*?)```", text, re.S)
-    assert match, "README.md: no python block after the load-student marker"
+    assert match, f"README.md: no python block after the {marker} marker"
     return match.group(1)
 
 
@@ -159,7 +159,7 @@ def _stage_files(snippet: str, cwd: Path, out: Path, photo: Path) -> None:
     folders = [cwd] + [cwd / lit for lit in literals if "/" in lit and not Path(lit).suffix]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("student.json", "student.safetensors"):
+        for name in ("student.json", "student.safetensors", "student.onnx"):
             shutil.copy(out / name, folder / name)
     shutil.copytree(out / "student", cwd / "student", dirs_exist_ok=True)  # timm's hub layout
     for lit in literals:
@@ -179,6 +179,29 @@ def test_readme_snippet_classifies_an_image(vit_run, tmp_path, color_dataset):
     assert result.returncode == 0, result.stderr
     label, prob = result.stdout.split()
     assert label in ("blue", "red") and 0.5 <= float(prob) <= 1.0
+
+
+def test_readme_onnx_snippet_classifies_an_image_as_timm_does(vit_run, tmp_path, color_dataset):
+    """The README's onnxruntime snippet, run as it is in a folder laid out like a job's artifacts:
+    complete (no names it does not define), torch-free preprocessing (resize, centre crop,
+    normalise), and the same label and probability as the timm snippet on the same photo."""
+    out, _, _, _ = vit_run
+    red = next((color_dataset / "val" / "red").glob("*.jpg"))
+    printed = []
+    for marker in ("load-onnx", "load-student"):
+        snippet = readme_snippet(marker)
+        cwd = tmp_path / marker
+        _stage_files(snippet, cwd, out, red)
+        result = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=cwd, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        printed.append(result.stdout.split())
+    (onnx_label, onnx_prob), (timm_label, timm_prob) = printed
+    onnx_snippet = readme_snippet("load-onnx")
+    assert "import torch" not in onnx_snippet and "import timm" not in onnx_snippet
+    assert onnx_label == timm_label and onnx_label in ("blue", "red")
+    assert float(onnx_prob) == pytest.approx(float(timm_prob), abs=2e-3)
 
 
 # ----------------------------------------------------------------------------------- validation
