@@ -160,6 +160,7 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert page.locator("#p-stream").inner_text() in ("live", "ended")
         assert page.locator("#events li").count() >= 5
         assert page.locator("#job-cancel").is_hidden()
+        assert page.locator("#p-stage").inner_text() == "finished"  # not the last stage it ran
 
         # Every artifact is offered; downloading one gives the server's bytes.
         page.wait_for_selector("#artifacts button[data-artifact='student.json']")

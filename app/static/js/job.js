@@ -6,7 +6,7 @@ import { loadArtifacts } from './artifacts.js';
 import { mergeCurves, resetCurves } from './charts.js';
 import { route } from './route.js';
 import { followEvents } from './sse.js';
-import { loadStages, overallFraction, stageResult, stageTitle } from './stages.js';
+import { loadStages, overallFraction, stageTitle } from './stages.js';
 import { $, accOf, announce, duration, el, every, newStream, num, pct, toDate } from './util.js';
 
 const FINAL = new Set(['succeeded', 'failed', 'cancelled']);
@@ -100,7 +100,7 @@ function renderJob(job) {
     const v = accOf(m, who);
     if (typeof v === 'number') $(`#acc-${who}`).textContent = pct(v);
   }
-  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.` + gainDetail(m);
+  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline (report split).` + gainDetail(m);
 }
 
 // The gain's error bars and which student shipped (metrics.comparison / metrics.shipped).
@@ -117,7 +117,9 @@ function gainDetail(m) {
 
 function renderProgress(p, job) {
   const stage = p.stage || (job && job.stage);
-  if (stage) $('#p-stage').textContent = stageTitle(stage);
+  // A job that ended reads as such, not as the last stage it ran.
+  if (job && FINAL.has(job.status)) $('#p-stage').textContent = job.status === 'succeeded' ? 'finished' : job.status;
+  else if (stage) $('#p-stage').textContent = stageTitle(stage);
   if (p.epoch) $('#p-epoch').textContent = `${p.epoch} / ${p.epochs || '?'}`;
   if (p.step) $('#p-step').textContent = `${p.step} / ${p.steps || '?'}`;
   if (typeof p.images_per_sec === 'number') $('#p-ips').textContent = num(p.images_per_sec);
@@ -143,11 +145,9 @@ function onEvent(type, ev) {
   if (kind === 'epoch_end') {
     mergeCurves({ [data.stage]: [data] });
     renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, shown.job);
-    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, validation accuracy ${pct(data.val_acc)}.`);
+    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, selection-split accuracy ${pct(data.val_acc)}.`);
   } else if (kind === 'stage_started') {
     renderProgress({ stage: data.stage }, shown.job);
-  } else if (kind === 'stage_finished' && stageResult(data.stage) && typeof data.val_acc === 'number') {
-    $(`#acc-${stageResult(data.stage)}`).textContent = pct(data.val_acc);
   } else if (kind === 'status' || kind === 'end') {
     // The stream says the status changed: show it now, then fetch the full job (metrics, error).
     if (shown.job && data.status) { shown.job.status = data.status; renderJob(shown.job); }
