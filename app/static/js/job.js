@@ -1,9 +1,11 @@
-/* One job's page: status and actions (pause, resume, cancel), progress, accuracies, curves, events
+/* One job's page: status and actions (pause, resume, cancel), once it succeeded its result first
+ * (result.js), progress, accuracies, curves, events
  * (live), artifacts once it is finished. Polled every 2 s until final, and followed live. */
 
 import { api } from './api.js';
-import { loadArtifacts } from './artifacts.js';
+import { artifactPath, download, loadArtifacts } from './artifacts.js';
 import { mergeCurves, resetCurves } from './charts.js';
+import { renderResult, resetResult } from './result.js';
 import { route } from './route.js';
 import { followEvents } from './sse.js';
 import { loadStages, overallFraction, stageTitle } from './stages.js';
@@ -20,6 +22,14 @@ export function initJob() {
   $('#job-cancel').addEventListener('click', onCancel);
   $('#job-pause').addEventListener('click', () => onPauseResume('pause'));
   $('#job-resume').addEventListener('click', () => onPauseResume('resume'));
+  // The shipped student's hub folder as one zip, and the report, fetched with the key.
+  $('#res-zip').addEventListener('click', downloader('student', '?format=zip', 'student.zip'));
+  $('#res-report').addEventListener('click', downloader('report.html', '', 'report.html'));
+}
+
+// A click handler that saves the shown job's artifact `name` (+ `query`) as `<job id>-<file>`.
+function downloader(name, query, file) {
+  return (e) => { if (shown.job) download(artifactPath(shown.job.id, name, query), `${shown.job.id}-${file}`, e.currentTarget); };
 }
 
 export function enterJob(id) {
@@ -30,11 +40,12 @@ export function enterJob(id) {
   $('#job-failure').hidden = true; $('#job-cancel').hidden = true;
   $('#job-pause').hidden = true; $('#job-resume').hidden = true;
   $('#events').replaceChildren();
-  $('#artifacts').replaceChildren(el('li', { class: 'help', text: 'None yet.' }));
+  $('#artifacts').replaceChildren(el('p', { class: 'help', text: 'None yet.' }));
   ['#p-stage', '#p-epoch', '#p-step', '#p-ips', '#p-eta', '#p-stream'].forEach((s) => { $(s).textContent = '–'; });
   ['teacher', 'baseline', 'distilled'].forEach((w) => { $(`#acc-${w}`).textContent = '–'; });
   $('#acc-gain').textContent = '';
   $('#job-progress').value = 0;
+  resetResult();
   resetCurves();
   refreshJob(id).then(() => {
     const ctl = newStream();
@@ -88,6 +99,7 @@ function renderJob(job) {
   pause.textContent = pause.disabled ? 'Pausing…' : 'Pause job';
   $('#job-resume').hidden = job.status !== 'paused';
   renderProgress(job.progress || {}, job);
+  renderResult(job);
   const failed = job.status === 'failed' && job.error;
   $('#job-failure').hidden = !failed;
   if (failed) {
@@ -100,19 +112,7 @@ function renderJob(job) {
     const v = accOf(m, who);
     if (typeof v === 'number') $(`#acc-${who}`).textContent = pct(v);
   }
-  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline (report split).` + gainDetail(m);
-}
-
-// The gain's error bars and which student shipped (metrics.comparison / metrics.shipped).
-function gainDetail(m) {
-  const c = m.comparison;
-  let text = '';
-  if (c && Array.isArray(c.ci95_points) && c.mcnemar) {
-    const [lo, hi] = c.ci95_points.map((v) => (v >= 0 ? '+' : '') + v.toFixed(1));
-    text += ` 95 % CI ${lo} to ${hi} points, McNemar p = ${Number(c.mcnemar.p_value).toPrecision(3)}: ${c.verdict}.`;
-  }
-  if (m.shipped) text += ` Shipped as student.*: the ${m.shipped} student.`;
-  return text;
+  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Distilled minus baseline: ${(100 * m.gain).toFixed(1)} points on the report split.`;
 }
 
 function renderProgress(p, job) {
