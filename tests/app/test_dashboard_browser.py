@@ -2,9 +2,9 @@
 
 One scenario, in the order a person would use it: sign in, upload a zip and create a job from the
 form, watch it move and draw its curves, read its result (the shipped student, its accuracy, size
-and speed), download the student as a zip and the report, download an
+and speed), download the student as a zip and the report, try the model on a photo, download an
 artifact, pause a second job, resume it and cancel it; then the same page on a phone-sized screen
-and with the keyboard alone. Any console error fails the test.
+and with the keyboard alone. Any console error fails the test (but the one 422 the test provokes).
 Screenshots go to the test's tmp_path.
 """
 
@@ -156,7 +156,7 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         ], captions
         for who in ("teacher", "baseline", "distilled"):
             assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
-        _check_result(page, base, key, job_id, tmp_path)
+        _check_result(page, base, key, job_id, tmp_path, console)
         assert page.locator("#p-stream").inner_text() in ("live", "ended")
         assert page.locator("#events li").count() >= 5
         assert page.locator("#job-cancel").is_hidden()
@@ -310,9 +310,9 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
     assert not console.errors, console.errors
 
 
-def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path) -> None:
+def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path, console: Console) -> None:
     """The finished job's page leads with its result, as the API's metrics say it; the shipped
-    student downloads as a zip, the report as a file."""
+    student downloads as a zip, the report as a file; the drop zone answers what predict answers."""
     auth = {"Authorization": f"Bearer {key}"}
     metrics = httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()["metrics"]
     page.wait_for_selector("#result:not([hidden])")
@@ -336,6 +336,43 @@ def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path) -
     saved = tmp_path / "report.html"
     dl.value.save_as(saved)
     assert "<html" in saved.read_text()[:300].lower()
+
+    # Try it: a real bee photo through the file input shows what predict answers for it directly.
+    page.wait_for_selector("#try:not([hidden])")
+    bee = sorted((HYMENOPTERA / "val/bees").glob("*.jpg"))[0]
+    direct = httpx.post(
+        f"{base}/v1/jobs/{job_id}/predict?top_k=3",
+        headers=auth,
+        files=[("images", (bee.name, bee.read_bytes(), "image/jpeg"))],
+        timeout=60,
+    ).json()
+    page.get_by_label("Images to classify").set_input_files(bee)
+    item = page.locator(f"#try-results > li[data-file='{bee.name}']")
+    item.wait_for()
+    assert item.locator(".topk .label").first.inner_text() == direct["predictions"][0]["top"][0]["label"]
+    top = direct["predictions"][0]["top"]
+    assert item.locator(".topk > li").count() == len(top)
+    assert f"{100 * top[0]['probability']:.1f}%" in item.locator(".topk > li").first.inner_text()
+    page.screenshot(path=tmp_path / "screenshots" / "04-job-result.png", full_page=True)
+    # The same photo dropped on the zone (a DataTransfer, as a drag from the desktop brings).
+    dropped = page.evaluate_handle(
+        """([name, bytes]) => { const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], name, { type: 'image/jpeg' })); return dt; }""",
+        ["dropped.jpg", list(bee.read_bytes())],
+    )
+    page.locator("#drop").dispatch_event("drop", {"dataTransfer": dropped})
+    item = page.locator("#try-results > li[data-file='dropped.jpg']")
+    item.wait_for()
+    assert item.locator(".topk .label").first.inner_text() == top[0]["label"]
+    # Not an image: the API's 422 is shown plainly (and is the only console error it causes).
+    before = len(console.errors)
+    page.get_by_label("Images to classify").set_input_files(
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
+    )
+    page.wait_for_selector("#try-error:has-text('not_an_image')")
+    page.locator("#try").screenshot(path=tmp_path / "screenshots" / "04-job-try-error.png")
+    assert all(" 422 " in e for e in console.errors[before:]), console.errors[before:]
+    del console.errors[before:]
 
 
 def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any]:

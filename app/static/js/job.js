@@ -1,10 +1,11 @@
 /* One job's page: status and actions (pause, resume, cancel), once it succeeded its result first
- * (result.js), progress, accuracies, curves, events
+ * (result.js) and a drop zone to try the model (predict.js), progress, accuracies, curves, events
  * (live), artifacts once it is finished. Polled every 2 s until final, and followed live. */
 
 import { api } from './api.js';
 import { artifactPath, download, loadArtifacts } from './artifacts.js';
 import { mergeCurves, resetCurves } from './charts.js';
+import { hidePredict, initPredict, showPredict } from './predict.js';
 import { renderResult, resetResult } from './result.js';
 import { route } from './route.js';
 import { followEvents } from './sse.js';
@@ -25,6 +26,7 @@ export function initJob() {
   // The shipped student's hub folder as one zip, and the report, fetched with the key.
   $('#res-zip').addEventListener('click', downloader('student', '?format=zip', 'student.zip'));
   $('#res-report').addEventListener('click', downloader('report.html', '', 'report.html'));
+  initPredict();
 }
 
 // A click handler that saves the shown job's artifact `name` (+ `query`) as `<job id>-<file>`.
@@ -45,7 +47,7 @@ export function enterJob(id) {
   ['teacher', 'baseline', 'distilled'].forEach((w) => { $(`#acc-${w}`).textContent = '–'; });
   $('#acc-gain').textContent = '';
   $('#job-progress').value = 0;
-  resetResult();
+  resetResult(); hidePredict();
   resetCurves();
   refreshJob(id).then(() => {
     const ctl = newStream();
@@ -74,7 +76,7 @@ async function refreshJob(id) {
   // Artifacts and final curves once, when the job is first seen finished.
   if (FINAL.has(job.status) && !shown.loadedFinal) {
     shown.loadedFinal = true;
-    loadArtifacts(id);
+    loadArtifacts(id).then((names) => { if (job.status === 'succeeded') showPredict(id, names); });
     if (job.metrics && job.metrics.curves) mergeCurves(job.metrics.curves);
   }
 }
