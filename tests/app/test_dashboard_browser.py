@@ -1,9 +1,10 @@
 """The dashboard in a real headless Chromium against a real API, Redis and `spkd worker`.
 
 One scenario, in the order a person would use it: sign in, upload a zip and create a job from the
-form, watch it move and draw its curves, download an artifact, pause a second job, resume it and
-cancel it; then the same page on a phone-sized screen and with the keyboard alone. Any console
-error fails the test.
+form, watch it move and draw its curves, read its result (the shipped student, its accuracy, size
+and speed), download the student as a zip and the report, try the model on a photo, download an
+artifact, pause a second job, resume it and cancel it; then the same page on a phone-sized screen
+and with the keyboard alone. Any console error fails the test (but the one 422 the test provokes).
 Screenshots go to the test's tmp_path.
 """
 
@@ -155,16 +156,20 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         ], captions
         for who in ("teacher", "baseline", "distilled"):
             assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
-        gain = page.locator("#acc-gain").inner_text()  # the gain's error bars and what shipped
-        assert "95 % CI" in gain and "McNemar p" in gain and "Shipped as student.*" in gain, gain
+        _check_result(page, base, key, job_id, tmp_path, console)
         assert page.locator("#p-stream").inner_text() in ("live", "ended")
         assert page.locator("#events li").count() >= 5
         assert page.locator("#job-cancel").is_hidden()
 
-        # Every artifact is offered; downloading one gives the server's bytes.
+        # Every artifact is offered, grouped, folders collapsed; downloading one gives the server's bytes.
         page.wait_for_selector("#artifacts button[data-artifact='student.json']")
         names = page.locator("#artifacts button").evaluate_all("bs => bs.map(b => b.dataset.artifact)")
         assert {"student.safetensors", "student.json", "metrics.json"} <= set(names)
+        groups = page.locator("#artifacts .art-group h3").evaluate_all("hs => hs.map(h => h.textContent)")
+        assert groups == ["Models", "Reports", "Logs (TensorBoard)"], groups
+        folders = page.locator("#artifacts details")
+        assert folders.count() >= 2 and not any(folders.evaluate_all("ds => ds.map(d => d.open)"))
+        assert page.locator("#artifacts button[data-artifact^='tensorboard/']").first.is_hidden()
         with page.expect_download() as dl:
             page.locator("#artifacts button[data-artifact='student.json']").click()
         saved = tmp_path / "student.json"
@@ -303,6 +308,71 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         browser.close()
 
     assert not console.errors, console.errors
+
+
+def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path, console: Console) -> None:
+    """The finished job's page leads with its result, as the API's metrics say it; the shipped
+    student downloads as a zip, the report as a file; the drop zone answers what predict answers."""
+    auth = {"Authorization": f"Bearer {key}"}
+    metrics = httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth, timeout=30).json()["metrics"]
+    page.wait_for_selector("#result:not([hidden])")
+    shipped = metrics["shipped"]
+    assert f"the {shipped} student" in page.locator("#res-shipped").inner_text()
+    assert page.locator("#res-acc").inner_text() == f"{100 * metrics[shipped]['val_acc']:.1f}%"
+    verdict = page.locator("#res-verdict").inner_text()
+    assert "95 % CI" in verdict and metrics["comparison"]["verdict"] in verdict, verdict
+    assert page.locator("#p-stage").inner_text() == "finished"
+    summary = (metrics.get("deploy") or {}).get("student_vs_teacher")  # the form leaves measure on
+    if summary:
+        assert summary["headline"].lower() in page.locator("#res-headline").inner_text().lower()
+        assert page.locator("#res-deploy-table tbody tr").count() >= 2
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the shipped student (zip)").click()
+    saved = tmp_path / "student.zip"
+    dl.value.save_as(saved)
+    assert "student/model.safetensors" in zipfile.ZipFile(saved).namelist()
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the report (report.html)").click()
+    saved = tmp_path / "report.html"
+    dl.value.save_as(saved)
+    assert "<html" in saved.read_text()[:300].lower()
+
+    # Try it: a real bee photo through the file input shows what predict answers for it directly.
+    page.wait_for_selector("#try:not([hidden])")
+    bee = sorted((HYMENOPTERA / "val/bees").glob("*.jpg"))[0]
+    direct = httpx.post(
+        f"{base}/v1/jobs/{job_id}/predict?top_k=3",
+        headers=auth,
+        files=[("images", (bee.name, bee.read_bytes(), "image/jpeg"))],
+        timeout=60,
+    ).json()
+    page.get_by_label("Images to classify").set_input_files(bee)
+    item = page.locator(f"#try-results > li[data-file='{bee.name}']")
+    item.wait_for()
+    assert item.locator(".topk .label").first.inner_text() == direct["predictions"][0]["top"][0]["label"]
+    top = direct["predictions"][0]["top"]
+    assert item.locator(".topk > li").count() == len(top)
+    assert f"{100 * top[0]['probability']:.1f}%" in item.locator(".topk > li").first.inner_text()
+    page.screenshot(path=tmp_path / "screenshots" / "04-job-result.png", full_page=True)
+    # The same photo dropped on the zone (a DataTransfer, as a drag from the desktop brings).
+    dropped = page.evaluate_handle(
+        """([name, bytes]) => { const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], name, { type: 'image/jpeg' })); return dt; }""",
+        ["dropped.jpg", list(bee.read_bytes())],
+    )
+    page.locator("#drop").dispatch_event("drop", {"dataTransfer": dropped})
+    item = page.locator("#try-results > li[data-file='dropped.jpg']")
+    item.wait_for()
+    assert item.locator(".topk .label").first.inner_text() == top[0]["label"]
+    # Not an image: the API's 422 is shown plainly (and is the only console error it causes).
+    before = len(console.errors)
+    page.get_by_label("Images to classify").set_input_files(
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}]
+    )
+    page.wait_for_selector("#try-error:has-text('not_an_image')")
+    page.locator("#try").screenshot(path=tmp_path / "screenshots" / "04-job-try-error.png")
+    assert all(" 422 " in e for e in console.errors[before:]), console.errors[before:]
+    del console.errors[before:]
 
 
 def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ export class ApiError extends Error {
     const err = (body && body.error) || {};
     super(err.message || (status ? `HTTP ${status}` : 'network error'));
     this.status = status; this.code = err.code || null; this.field = err.field || null;
+    this.retryAfter = null;  // seconds, from a 429's or 503's Retry-After header
   }
 }
 
@@ -36,7 +37,9 @@ export async function api(method, path, { body, headers = {}, raw = false } = {}
   if (!res.ok) {
     let data = null;
     try { data = await res.json(); } catch (e) { /* not JSON: keep the status */ }
-    throw new ApiError(res.status, data);
+    const err = new ApiError(res.status, data);
+    err.retryAfter = res.headers.get('Retry-After');
+    throw err;
   }
   if (raw) return res;
   return res.status === 204 ? null : res.json();

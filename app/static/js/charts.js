@@ -47,7 +47,7 @@ function chart(stage, metric, rows) {
   const y = (v) => T + (1 - (v - lo) / (hi - lo || 1)) * (H - T - B);
   const last = rows[rows.length - 1];
   const title = `${stageTitle(stage)}: ${isAcc ? 'accuracy' : 'loss'} over ${rows.length} epoch(s); ` +
-    `last epoch train ${fmtv(last[keys[0]], isAcc)}, validation ${fmtv(last[keys[1]], isAcc)}`;
+    `last epoch train ${fmtv(last[keys[0]], isAcc)}, selection split ${fmtv(last[keys[1]], isAcc)}`;
   const s = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': title, 'data-stage': stage, 'data-metric': metric });
   s.append(svg('title', {}, title));
   for (let i = 0; i <= 4; i++) {
@@ -65,11 +65,11 @@ function chart(stage, metric, rows) {
     const pts = rows.filter((r) => typeof r[k] === 'number' && isFinite(r[k])).map((r) => [x(r.epoch), y(r[k])]);
     if (!pts.length) return;
     s.append(svg('polyline', { class: `${i ? 'val' : 'train'} ${cls}`, points: pts.map((p) => p.join(',')).join(' ') }));
-    // Markers too, so a single epoch shows: filled for validation, hollow for training.
+    // Markers too, so a single epoch shows: filled for the selection split, hollow for training.
     pts.forEach(([px, py]) => s.append(svg('circle', { class: `${cls}${i ? '' : ' hollow'}`, cx: px, cy: py, r: 3 })));
   });
   const legend = el('div', { class: 'legend', 'aria-hidden': 'true' },
-    el('span', {}, el('span', { class: `swatch ${cls}` }), 'validation'),
+    el('span', {}, el('span', { class: `swatch ${cls}` }), 'selection split'),
     el('span', {}, el('span', { class: `swatch dashed ${cls}` }), 'training (dashed)'));
   return el('figure', {}, el('figcaption', { text: `${stageTitle(stage)} – ${isAcc ? 'accuracy' : 'loss'}` }), s, legend);
 }

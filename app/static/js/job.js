@@ -1,12 +1,15 @@
-/* One job's page: status and actions (pause, resume, cancel), progress, accuracies, curves, events
+/* One job's page: status and actions (pause, resume, cancel), once it succeeded its result first
+ * (result.js) and a drop zone to try the model (predict.js), progress, accuracies, curves, events
  * (live), artifacts once it is finished. Polled every 2 s until final, and followed live. */
 
 import { api } from './api.js';
-import { loadArtifacts } from './artifacts.js';
+import { artifactPath, download, loadArtifacts } from './artifacts.js';
 import { mergeCurves, resetCurves } from './charts.js';
+import { hidePredict, initPredict, showPredict } from './predict.js';
+import { renderResult, resetResult } from './result.js';
 import { route } from './route.js';
 import { followEvents } from './sse.js';
-import { loadStages, overallFraction, stageResult, stageTitle } from './stages.js';
+import { loadStages, overallFraction, stageTitle } from './stages.js';
 import { $, accOf, announce, duration, el, every, newStream, num, pct, toDate } from './util.js';
 
 const FINAL = new Set(['succeeded', 'failed', 'cancelled']);
@@ -20,6 +23,15 @@ export function initJob() {
   $('#job-cancel').addEventListener('click', onCancel);
   $('#job-pause').addEventListener('click', () => onPauseResume('pause'));
   $('#job-resume').addEventListener('click', () => onPauseResume('resume'));
+  // The shipped student's hub folder as one zip, and the report, fetched with the key.
+  $('#res-zip').addEventListener('click', downloader('student', '?format=zip', 'student.zip'));
+  $('#res-report').addEventListener('click', downloader('report.html', '', 'report.html'));
+  initPredict();
+}
+
+// A click handler that saves the shown job's artifact `name` (+ `query`) as `<job id>-<file>`.
+function downloader(name, query, file) {
+  return (e) => { if (shown.job) download(artifactPath(shown.job.id, name, query), `${shown.job.id}-${file}`, e.currentTarget); };
 }
 
 export function enterJob(id) {
@@ -30,11 +42,12 @@ export function enterJob(id) {
   $('#job-failure').hidden = true; $('#job-cancel').hidden = true;
   $('#job-pause').hidden = true; $('#job-resume').hidden = true;
   $('#events').replaceChildren();
-  $('#artifacts').replaceChildren(el('li', { class: 'help', text: 'None yet.' }));
+  $('#artifacts').replaceChildren(el('p', { class: 'help', text: 'None yet.' }));
   ['#p-stage', '#p-epoch', '#p-step', '#p-ips', '#p-eta', '#p-stream'].forEach((s) => { $(s).textContent = '–'; });
   ['teacher', 'baseline', 'distilled'].forEach((w) => { $(`#acc-${w}`).textContent = '–'; });
   $('#acc-gain').textContent = '';
   $('#job-progress').value = 0;
+  resetResult(); hidePredict();
   resetCurves();
   refreshJob(id).then(() => {
     const ctl = newStream();
@@ -63,7 +76,7 @@ async function refreshJob(id) {
   // Artifacts and final curves once, when the job is first seen finished.
   if (FINAL.has(job.status) && !shown.loadedFinal) {
     shown.loadedFinal = true;
-    loadArtifacts(id);
+    loadArtifacts(id).then((names) => { if (job.status === 'succeeded') showPredict(id, names); });
     if (job.metrics && job.metrics.curves) mergeCurves(job.metrics.curves);
   }
 }
@@ -88,6 +101,7 @@ function renderJob(job) {
   pause.textContent = pause.disabled ? 'Pausing…' : 'Pause job';
   $('#job-resume').hidden = job.status !== 'paused';
   renderProgress(job.progress || {}, job);
+  renderResult(job);
   const failed = job.status === 'failed' && job.error;
   $('#job-failure').hidden = !failed;
   if (failed) {
@@ -100,24 +114,14 @@ function renderJob(job) {
     const v = accOf(m, who);
     if (typeof v === 'number') $(`#acc-${who}`).textContent = pct(v);
   }
-  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Gain from distillation: ${(100 * m.gain).toFixed(1)} points over the baseline.` + gainDetail(m);
-}
-
-// The gain's error bars and which student shipped (metrics.comparison / metrics.shipped).
-function gainDetail(m) {
-  const c = m.comparison;
-  let text = '';
-  if (c && Array.isArray(c.ci95_points) && c.mcnemar) {
-    const [lo, hi] = c.ci95_points.map((v) => (v >= 0 ? '+' : '') + v.toFixed(1));
-    text += ` 95 % CI ${lo} to ${hi} points, McNemar p = ${Number(c.mcnemar.p_value).toPrecision(3)}: ${c.verdict}.`;
-  }
-  if (m.shipped) text += ` Shipped as student.*: the ${m.shipped} student.`;
-  return text;
+  if (typeof m.gain === 'number') $('#acc-gain').textContent = `Distilled minus baseline: ${(100 * m.gain).toFixed(1)} points on the report split.`;
 }
 
 function renderProgress(p, job) {
   const stage = p.stage || (job && job.stage);
-  if (stage) $('#p-stage').textContent = stageTitle(stage);
+  // A job that ended reads as such, not as the last stage it ran.
+  if (job && FINAL.has(job.status)) $('#p-stage').textContent = job.status === 'succeeded' ? 'finished' : job.status;
+  else if (stage) $('#p-stage').textContent = stageTitle(stage);
   if (p.epoch) $('#p-epoch').textContent = `${p.epoch} / ${p.epochs || '?'}`;
   if (p.step) $('#p-step').textContent = `${p.step} / ${p.steps || '?'}`;
   if (typeof p.images_per_sec === 'number') $('#p-ips').textContent = num(p.images_per_sec);
@@ -143,11 +147,9 @@ function onEvent(type, ev) {
   if (kind === 'epoch_end') {
     mergeCurves({ [data.stage]: [data] });
     renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, shown.job);
-    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, validation accuracy ${pct(data.val_acc)}.`);
+    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, selection-split accuracy ${pct(data.val_acc)}.`);
   } else if (kind === 'stage_started') {
     renderProgress({ stage: data.stage }, shown.job);
-  } else if (kind === 'stage_finished' && stageResult(data.stage) && typeof data.val_acc === 'number') {
-    $(`#acc-${stageResult(data.stage)}`).textContent = pct(data.val_acc);
   } else if (kind === 'status' || kind === 'end') {
     // The stream says the status changed: show it now, then fetch the full job (metrics, error).
     if (shown.job && data.status) { shown.job.status = data.status; renderJob(shown.job); }

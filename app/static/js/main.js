@@ -4,7 +4,8 @@
  *   api.js       fetch with the key, errors (ApiError), 401 -> sign out
  *   stages.js    the stage list from GET /v1/stages: titles, order, a job's overall progress
  *   jobs.js      the jobs list            job.js       one job (sse.js: its live events,
- *   newjob.js    the new-job form                      charts.js: curves, artifacts.js: downloads)
+ *   newjob.js    the new-job form                      charts.js: curves, artifacts.js: downloads,
+ *                                                      result.js: what shipped, predict.js: try it)
  *   datasets.js  dataset choice and upload
  *   util.js      DOM and format helpers, the view's timers    route.js  the view on screen
  */

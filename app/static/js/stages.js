@@ -19,8 +19,6 @@ export function loadStages() {
 
 export function stageOrder() { return list.map((s) => s.name); }
 export function stageTitle(name) { const s = list.find((x) => x.name === name); return (s && s.title) || name; }
-// Which accuracy card (teacher, baseline, distilled) a finished stage fills, or null.
-export function stageResult(name) { const s = list.find((x) => x.name === name); return (s && s.result) || null; }
 
 // spec.<dotted> of a job's spec (as the API returns it), undefined where a part is missing.
 function field(spec, dotted) {
