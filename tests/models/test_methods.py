@@ -354,5 +354,6 @@ def test_job_with_rkd_trains_and_reports_rkd(color_dataset, tmp_path, teacher_ca
     if teacher_cache == "on":
         assert any(d.get("teacher_cache") for k, _, d in reporter.events if k == "info")
     report = (tmp_path / "out" / "report.html").read_text()
-    assert "<th scope='col'>rkd_distance</th>" in report and "<th scope='col'>rkd_angle</th>" in report
+    for term in ("rkd_distance", "rkd_angle"):  # each term its own column, named and weighted
+        assert f"<th scope='col' title='{term}'>{term} (train, weighted)</th>" in report, term
     assert "Method <code>rkd</code>: distance_weight 25, angle_weight 50 (given)." in report
