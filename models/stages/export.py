@@ -44,7 +44,7 @@ def run_stage(run: Run) -> None:
             spec.student.model,
             run.scan.classes,
             run.data.student_cfg,
-            val_acc=results[which]["val_acc"],
+            report_acc=results[which]["report_acc"],
             trained=which,
         )
         names = [which, "student"] if which == shipped else [which]
@@ -63,7 +63,7 @@ def run_stage(run: Run) -> None:
             spec.teacher.model,
             run.scan.classes,
             run.data.teacher_cfg,
-            val_acc=results.get("teacher", {}).get("val_acc"),
+            report_acc=results.get("teacher", {}).get("report_acc"),
         ),
     )
     folders = _hub_folders(run, out, shipped, teacher)
@@ -85,7 +85,7 @@ def run_stage(run: Run) -> None:
             weights=weights,
             role=role,
             spec=metrics["spec"],
-            accuracy=(run.state.results.get(role) or {}).get("val_acc"),
+            accuracy=(run.state.results.get(role) or {}).get("report_acc"),
         )
         export.write_model_card(folder, hub_card.render(front, title, lines))
     write_report(out)  # report.html + curves.png from metrics.json
@@ -121,7 +121,7 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
         "teacher": "the teacher, fine-tuned on this data",
     }[role]
     sizes = metrics["protocol"]["sizes"]
-    acc = (results.get(role) or {}).get("val_acc")
+    acc = (results.get(role) or {}).get("report_acc")
     lines = [
         f"`{spec.teacher.model if role == 'teacher' else spec.student.model}`, {how}.",
         "",
@@ -176,14 +176,14 @@ def build_metrics(run: Run) -> dict[str, Any]:
     results = run.state.results
     baseline = results.get("baseline")
     distilled = results["distilled"]
-    gain = distilled["val_acc"] - baseline["val_acc"] if baseline else None
+    gain = distilled["report_acc"] - baseline["report_acc"] if baseline else None
     return {
         "job": {
             "id": run.job_id,
             "name": run.spec.name,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
-        "teacher": results.get("teacher", {"val_acc": None}),
+        "teacher": results.get("teacher", {"report_acc": None}),
         "baseline": baseline,
         "distilled": distilled,
         "soup": results.get("soup"),

@@ -318,7 +318,7 @@ def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path, c
     page.wait_for_selector("#result:not([hidden])")
     shipped = metrics["shipped"]
     assert f"the {shipped} student" in page.locator("#res-shipped").inner_text()
-    assert page.locator("#res-acc").inner_text() == f"{100 * metrics[shipped]['val_acc']:.1f}%"
+    assert page.locator("#res-acc").inner_text() == f"{100 * metrics[shipped]['report_acc']:.1f}%"
     verdict = page.locator("#res-verdict").inner_text()
     assert "95 % CI" in verdict and metrics["comparison"]["verdict"] in verdict, verdict
     assert page.locator("#p-stage").inner_text() == "finished"

@@ -56,7 +56,7 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
     for stage, block in (("teacher_finetune", "teacher"), ("baseline", "baseline"), ("distill", "distilled")):
         best = best_row(metrics["curves"][stage])
         assert metrics[block]["best_epoch"] == best["epoch"]
-        assert metrics[block]["select_acc"] == best["val_acc"]
+        assert metrics[block]["select_acc"] == best["selection_acc"]
     kept = [d["stage"] for _, d in _events(reporter, "best_epoch")]
     assert kept == ["teacher_finetune", "baseline", "distill"]
     # the exported weights are that epoch's: they score the recorded selection accuracy again
