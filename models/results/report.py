@@ -188,13 +188,15 @@ def _protocol_section(metrics: dict[str, Any]) -> str:
     if not isinstance(p, dict):
         return ""
     sizes = p.get("sizes") or {}
+    note = p.get("selection_note")  # few selection images (models/data/evidence.py)
+    warn = f"<p class='warn'><strong>Warning:</strong> {_e(note)}</p>" if note else ""
     return (
         "<section><h2>Protocol</h2><ul>"
         f"<li>Trained on <code>{_e(p.get('train'))}</code> ({_e(sizes.get('train'))} images).</li>"
         f"<li>Chosen on the selection split <code>{_e(p.get('selection'))}</code> "
         f"({_e(sizes.get('selection'))} images): best epochs, the SP/KD weights, the shipped student.</li>"
         f"<li>Reported on <code>{_e(p.get('report'))}</code> ({_e(sizes.get('report'))} images): "
-        "no choice is made on it.</li></ul></section>"
+        f"no choice is made on it.</li></ul>{warn}</section>"
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.data import evidence
 from models.results import card as hub_card
 from models.results import deploy, export
 from models.results.deploy_report import deploy_card_lines
@@ -200,6 +201,7 @@ def build_metrics(run: Run) -> dict[str, Any]:
             "selection": run.scan.roles["selection"],
             "report": run.scan.roles["report"],
             "sizes": run.scan.sizes(),
+            "selection_note": evidence.thin_selection(run.scan, run.spec.dataset.selection_fraction),
         },
         "curves": run.state.curves,
         "dataset": run.scan.summary(),

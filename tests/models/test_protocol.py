@@ -187,12 +187,14 @@ def test_test_folder_is_the_report_split(tmp_path):
     make_folder(root / "test", {"blue": 5, "red": 5}, seed=3)
     spec = tiny_job_spec(teacher={"finetune": {"epochs": 1}}, train={"epochs": 1})
     metrics = run_job(spec, root, tmp_path / "out", RecordingReporter())
+    note = metrics["protocol"].pop("selection_note")  # 6 selection images: too few to choose on
     assert metrics["protocol"] == {
         "train": "train/",
         "selection": "val/",
         "report": "test/",
         "sizes": {"train": 32, "selection": 6, "report": 10},
     }
+    assert "6 images, 3 of them of class 'blue'" in note and "add images to val/" in note
     assert metrics["comparison"]["n"] == 10
 
 
