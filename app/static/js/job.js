@@ -145,7 +145,7 @@ function onEvent(type, ev) {
   if (kind === 'progress') { renderProgress(data, shown.job); return; }
   addEventLine(kind, ev.message || '', ev.created_at);
   if (kind === 'epoch_end') {
-    mergeCurves({ [data.stage]: [data] });
+    mergeCurves({ [data.stage]: [ev.data || data] });  // the row only: every other number in it is a loss term
     renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, shown.job);
     announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, ${rowSplit(data)}-split accuracy ${pct(rowEval(data, 'acc'))}.`);
   } else if (kind === 'stage_started') {
