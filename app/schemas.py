@@ -150,8 +150,15 @@ class Event(BaseModel):
                 "id": "1764280000000-0",
                 "created_at": "2025-11-27T21:46:40Z",
                 "kind": "epoch_end",
-                "message": "distill epoch 3/15: val_acc 0.912",
-                "data": {"stage": "distill", "epoch": 3, "epochs": 15, "val_acc": 0.912},
+                "message": "distill epoch 3/15: train loss 0.4120, selection acc 0.9120, 812.0 img/s",
+                "data": {
+                    "stage": "distill",
+                    "epoch": 3,
+                    "epochs": 15,
+                    "selection_acc": 0.912,
+                    "selection_loss": 0.301,
+                    "eval_split": "selection",
+                },
             }
         }
     )

@@ -157,9 +157,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     row = {
         "seed": seed,
         "device": base["device"],
-        "teacher": base["teacher"]["val_acc"],
+        "teacher": base["teacher"]["report_acc"],
         "report_n": base["protocol"]["sizes"]["report"],
-        "variants": {"baseline": {"acc": baseline["val_acc"], "shipped": baseline["val_acc"]}},
+        "variants": {"baseline": {"acc": baseline["report_acc"], "shipped": baseline["report_acc"]}},
         "seconds": {"auto": seconds},
         "rules": rules(base),
     }
@@ -176,12 +176,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             )
         d = metrics["distilled"]
         if name == "auto":
-            shipped = metrics[metrics["shipped"]]["val_acc"]
+            shipped = metrics[metrics["shipped"]]["report_acc"]
         else:  # no baseline of its own: the old rule against the seed's baseline
             ships_baseline = d.get("select_acc") is not None and not distilled_wins(baseline, d)
-            shipped = baseline["val_acc"] if ships_baseline else d["val_acc"]
+            shipped = baseline["report_acc"] if ships_baseline else d["report_acc"]
         row["variants"][name] = {
-            "acc": d["val_acc"],
+            "acc": d["report_acc"],
             "shipped": shipped,
             "sp_weight": (metrics.get("distill_weights") or {}).get("sp", {}).get("weight"),
         }
@@ -193,7 +193,7 @@ def rules(metrics: dict) -> dict:
     {"old", "new", "report" ({student: report accuracy}), "report_better" (of baseline and
     distilled; "tie" when equal), "old_right", "new_right" (the shipped student's report accuracy
     >= the other student's)}."""
-    report = {w: metrics[w]["val_acc"] for w in ("baseline", "distilled", "soup") if metrics.get(w)}
+    report = {w: metrics[w]["report_acc"] for w in ("baseline", "distilled", "soup") if metrics.get(w)}
     old = (metrics.get("old_rule_shipped") or {}).get("student") or metrics["shipped"]
     new = metrics["shipped"]
     b, d = report["baseline"], report["distilled"]

@@ -67,8 +67,8 @@ def one_run(args: argparse.Namespace, seed: int, cache: str, device: str | None)
         "seed": seed,
         "cache": cache,
         "cache_used": used,
-        "val_acc": metrics["distilled"]["val_acc"],
-        "teacher_acc": metrics["teacher"]["val_acc"],
+        "report_acc": metrics["distilled"]["report_acc"],
+        "teacher_report_acc": metrics["teacher"]["report_acc"],
         "distill_s": metrics["timing"].get("distill"),
         "wall_s": round(time.perf_counter() - start, 1),
     }
@@ -77,7 +77,7 @@ def one_run(args: argparse.Namespace, seed: int, cache: str, device: str | None)
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cache in ("off", "on"):
-        accs = [r["val_acc"] for r in runs if r["cache"] == cache]
+        accs = [r["report_acc"] for r in runs if r["cache"] == cache]
         out[cache] = {
             "accs": accs,
             "mean": statistics.mean(accs),

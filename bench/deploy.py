@@ -91,9 +91,9 @@ def measure(folder: Path, threads: int) -> dict:
     if shipped != "baseline" and (folder / "baseline").is_dir():
         roles["baseline"] = "baseline"
     acc = {
-        "teacher": (metrics.get("teacher") or {}).get("val_acc"),
-        "student": metrics[shipped]["val_acc"],
-        "baseline": (metrics.get("baseline") or {}).get("val_acc"),
+        "teacher": (metrics.get("teacher") or {}).get("report_acc"),
+        "student": metrics[shipped]["report_acc"],
+        "baseline": (metrics.get("baseline") or {}).get("report_acc"),
     }
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="spkd-deploy-bench-") as tmp:

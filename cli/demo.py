@@ -24,6 +24,7 @@ from typing import Any
 import typer
 
 from cli import procs
+from common.metric_names import report_acc
 
 DEFAULT_TEACHER = "tf_efficientnet_lite2"
 DEFAULT_STUDENT = "tf_efficientnet_lite0"
@@ -150,11 +151,11 @@ def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
 
 
 def summary(metrics: dict) -> list[str]:
-    """The accuracy lines of metrics.json (fractions shown as percentages)."""
+    """The report-split accuracy lines of metrics.json (fractions shown as percentages)."""
 
     def pct(block: Any) -> str:
-        acc = block.get("val_acc") if isinstance(block, dict) else None
-        return f"{100 * acc:6.2f} %" if isinstance(acc, int | float) else "     n/a"
+        acc = report_acc(block)
+        return f"{100 * acc:6.2f} %" if acc is not None else "     n/a"
 
     lines = [
         f"  teacher (fine-tuned)     {pct(metrics.get('teacher'))}",
@@ -322,7 +323,7 @@ def prepare_dataset(http: Any, opts: dict, workdir: Path) -> dict:
 def report(out: Path) -> None:
     metrics_path = out / "metrics.json"
     if metrics_path.exists():
-        typer.echo("\nvalidation accuracy:")
+        typer.echo("\naccuracy on the report split (images no choice was made on):")
         for line in summary(json.loads(metrics_path.read_text())):
             typer.echo(line)
     typer.echo(f"\nfiles in {out}:")

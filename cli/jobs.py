@@ -29,6 +29,7 @@ from cli.client import (
     make_client,
     print_json,
 )
+from common.metric_names import report_acc
 
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "validating", "running", "paused", *FINAL)
@@ -69,9 +70,10 @@ def _print_outcome(job: dict) -> None:
         )
     elif job.get("metrics"):
         m = job["metrics"]
+        distilled, baseline = report_acc(m.get("distilled")), report_acc(m.get("baseline"))
         console.print(
-            f"[green]{job['status']}[/green]: distilled val_acc {m.get('distilled', {}).get('val_acc')}, "
-            f"baseline {(m.get('baseline') or {}).get('val_acc')}, gain {m.get('gain')}"
+            f"[green]{job['status']}[/green]: report-split accuracy: distilled {distilled}, "
+            f"baseline {baseline}, gain {m.get('gain')}"
         )
     elif job["status"] == "paused":
         console.print(f"paused: `spkd resume {job['id']}` continues it from its last checkpoint")

@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from common.metric_names import report_acc
+
 
 def register(app: typer.Typer) -> None:
     """Add `spkd run` to the `spkd` app."""
@@ -128,10 +130,11 @@ def gain_lines(metrics: dict[str, Any]) -> list[str]:
 
 def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     def pct(block) -> str:
-        return "-" if not block or block.get("val_acc") is None else f"{100 * block['val_acc']:.2f}%"
+        acc = report_acc(block)
+        return "-" if acc is None else f"{100 * acc:.2f}%"
 
     console.print(
-        f"teacher {pct(metrics['teacher'])}  baseline {pct(metrics['baseline'])}  "
+        f"report-split accuracy: teacher {pct(metrics['teacher'])}  baseline {pct(metrics['baseline'])}  "
         f"distilled {pct(metrics['distilled'])}"
     )
     for line in gain_lines(metrics):

@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from common.metric_names import report_acc
+
 log = logging.getLogger("spkd.webhooks")
 
 OUTBOX_MAXLEN = 100_000  # a bound if no sender runs for a long time; entries are deleted once fanned out
@@ -36,17 +38,12 @@ def owner_hooks_key(prefix: str, owner: str) -> str:
 
 
 def metrics_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The accuracies, the gain and the stage times of a job's metrics.json (no curves, no spec):
-    a webhook body stays a few hundred bytes."""
+    """The report-split accuracies, the gain and the stage times of a job's metrics.json (no curves,
+    no spec): a webhook body stays a few hundred bytes. Old jobs' `val_acc` is read as report_acc."""
     if not metrics:
         return None
-
-    def acc(role: str) -> float | None:
-        part = metrics.get(role)
-        return part.get("val_acc") if isinstance(part, dict) else None
-
     return {
-        "val_acc": {role: acc(role) for role in ("teacher", "baseline", "distilled")},
+        "report_acc": {role: report_acc(metrics.get(role)) for role in ("teacher", "baseline", "distilled")},
         "gain": metrics.get("gain"),
         "timing_s": metrics.get("timing"),
     }
@@ -80,10 +77,15 @@ def add_for_transition(
     _xadd(pipe, prefix, kind, job_id, owner, data)
 
 
+# the stage_finished fields a webhook carries (the accuracy under the name of the split it is on)
+_STAGE_RESULT = ("stage", "seconds", "eval_split", "selection_acc", "report_acc")
+
+
 def add_stage_finished(r: Any, prefix: str, job_id: str, stage_data: dict[str, Any]) -> None:
-    """Queue `job.stage_finished` (stage name, seconds, val_acc) for the job's owner, if the owner
-    has a webhook. The stage event itself is already in the job's log; a Redis error here is
-    logged and the notification skipped (training must not stop for it)."""
+    """Queue `job.stage_finished` (stage name, seconds, the stage's accuracy under its split's name:
+    `selection_acc` for a training stage, `report_acc` for evaluate, and `eval_split`) for the
+    job's owner, if the owner has a webhook. The stage event itself is already in the job's log; a
+    Redis error here is logged and the notification skipped (training must not stop for it)."""
     try:
         _add_stage_finished(r, prefix, job_id, stage_data)
     except redis.RedisError as e:
@@ -96,7 +98,7 @@ def _add_stage_finished(r: Any, prefix: str, job_id: str, stage_data: dict[str, 
         return
     data: dict[str, Any] = {"id": job_id, "status": "running", "stage": stage_data.get("stage")}
     data.update(error=None, metrics=None)
-    data["stage_result"] = {k: v for k, v in stage_data.items() if k in ("stage", "seconds", "val_acc")}
+    data["stage_result"] = {k: v for k, v in stage_data.items() if k in _STAGE_RESULT}
     _xadd(r, prefix, STAGE_FINISHED, job_id, owner, data)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.metric_names import split_key
 from common.reporter import Reporter, StopRequested
 from common.spec import JobSpec
 from models import stages
@@ -69,16 +70,17 @@ def _run_stage(run: Run, stage: stages.Stage) -> None:
     name = stage.name
     run.reporter.event("stage_started", f"{name} started", stage=name)
     start = time.perf_counter()
-    val_acc = stage.body(run)  # training stages: the best epoch's selection accuracy
+    acc = stage.body(run)  # training stages: the best epoch's selection accuracy; evaluate: report
     seconds = run.state.timing.get(name, 0.0) if stage.trains else time.perf_counter() - start
     run.state.timing[name] = round(seconds, 3)
     run.state.completed.append(name)
     run.state.current = None
     run.save()
     finished = {"stage": name, "seconds": round(seconds, 3)}
-    if val_acc is not None:
-        finished["val_acc"] = val_acc
-        finished["eval_split"] = run.data.choice_split if stage.trains else "report"
+    if acc is not None:
+        split = run.data.choice_split if stage.trains else "report"
+        finished[split_key(split, "acc")] = acc
+        finished["eval_split"] = split
     run.reporter.event("stage_finished", f"{name} finished in {seconds:.1f}s", **finished)
     if run.runtime.is_cuda:
         torch.cuda.empty_cache()

@@ -269,9 +269,9 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
     size = run.data.image_size
     shipped = results["shipped"]["student"]
     accuracy = {
-        "teacher": (results.get("teacher") or {}).get("val_acc"),
-        "student": results[shipped]["val_acc"],
-        "baseline": (results.get("baseline") or {}).get("val_acc"),
+        "teacher": (results.get("teacher") or {}).get("report_acc"),
+        "student": results[shipped]["report_acc"],
+        "baseline": (results.get("baseline") or {}).get("report_acc"),
     }
     names = {"teacher": spec.teacher.model, "student": spec.student.model, "baseline": spec.student.model}
     folders = {"teacher": "teacher", "student": "student", "baseline": "baseline"}

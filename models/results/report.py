@@ -15,6 +15,7 @@ from typing import Any
 
 from common import spec as common_spec
 from common.files import atomic_write
+from common.metric_names import OLD_ACC, OLD_LOSS, report_acc, row_acc, row_loss, split_key
 from models.results.deploy_report import deploy_section
 from models.results.fmt import esc as _e
 from models.results.fmt import is_number as _is_number
@@ -71,16 +72,20 @@ def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
         epochs = [r.get("epoch") for r in rows]
         terms = loss_columns(rows)
         ce_key = "ce" if "ce" in terms else "train_loss"  # older metrics.json: only the total
+        split = _eval_split(rows)
         series = [
-            (ax_ce, ce_key, "--", f"{stage} train"),
-            (ax_ce, "val_loss", "-", f"{stage} eval"),
-            (ax_acc, "train_acc", "--", f"{stage} train"),
-            (ax_acc, "val_acc", "-", f"{stage} eval"),
+            (ax_ce, lambda r, k=ce_key: r.get(k), "--", f"{stage} train"),
+            (ax_ce, row_loss, "-", f"{stage} {split}"),
+            (ax_acc, lambda r: r.get("train_acc"), "--", f"{stage} train"),
+            (ax_acc, row_acc, "-", f"{stage} {split}"),
         ]
         distill_terms = [t for t in terms if t != "ce"]
-        series += [(ax_kd, t, styles[i % len(styles)], f"{stage} {t}") for i, t in enumerate(distill_terms)]
-        for ax, key, style, label in series:
-            xs, ys = _points(epochs, [r.get(key) for r in rows])
+        series += [
+            (ax_kd, lambda r, t=t: r.get(t), styles[i % len(styles)], f"{stage} {t}")
+            for i, t in enumerate(distill_terms)
+        ]
+        for ax, value, style, label in series:
+            xs, ys = _points(epochs, [value(r) for r in rows])
             if xs:
                 ax.plot(xs, ys, style, color=colour, marker="o", ms=3, label=label)
     ax_ce.set(title="Cross-entropy", xlabel="epoch", ylabel="CE loss")
@@ -102,6 +107,11 @@ def render_curves_png(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _eval_split(rows: list[dict[str, Any]]) -> str:
+    """The split a stage's epochs were scored on (`selection`, or `report` without one)."""
+    return next((r["eval_split"] for r in rows if isinstance(r.get("eval_split"), str)), "selection")
 
 
 def _points(xs: list[Any], ys: list[Any]) -> tuple[list[float], list[float]]:
@@ -152,7 +162,7 @@ def _accuracy_section(metrics: dict[str, Any]) -> str:
         epoch = block.get("best_epoch")
         chosen = f"epoch {epoch} of {block.get('epochs')}" if epoch is not None else "n/a"
         body += (
-            f"<tr><th scope='row'>{_e(name)}</th><td>{_pct(block.get('val_acc'))}</td>"
+            f"<tr><th scope='row'>{_e(name)}</th><td>{_pct(report_acc(block))}</td>"
             f"<td>{_pct(block.get('select_acc'))}</td><td>{_e(chosen)}</td></tr>"
         )
     gain = metrics.get("gain")
@@ -178,13 +188,15 @@ def _protocol_section(metrics: dict[str, Any]) -> str:
     if not isinstance(p, dict):
         return ""
     sizes = p.get("sizes") or {}
+    note = p.get("selection_note")  # few selection images (models/data/evidence.py)
+    warn = f"<p class='warn'><strong>Warning:</strong> {_e(note)}</p>" if note else ""
     return (
         "<section><h2>Protocol</h2><ul>"
         f"<li>Trained on <code>{_e(p.get('train'))}</code> ({_e(sizes.get('train'))} images).</li>"
         f"<li>Chosen on the selection split <code>{_e(p.get('selection'))}</code> "
         f"({_e(sizes.get('selection'))} images): best epochs, the SP/KD weights, the shipped student.</li>"
         f"<li>Reported on <code>{_e(p.get('report'))}</code> ({_e(sizes.get('report'))} images): "
-        "no choice is made on it.</li></ul></section>"
+        f"no choice is made on it.</li></ul>{warn}</section>"
     )
 
 
@@ -282,7 +294,9 @@ def _weights_section(w: Any, extra: dict[str, Any] | None = None) -> str:
     return f"<section><h2>Distillation weights</h2><ul>{body}</ul></section>"
 
 
-EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "eval_split"]
+# the eval columns under each split's name, and under the old one (jobs stored before the rename)
+EVAL_COLUMNS = [split_key(s, w) for s in ("selection", "report", "val") for w in ("loss", "acc")]
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", *EVAL_COLUMNS, "eval_split"]
 NOT_A_LOSS = {"stage", "epochs", "seconds", "images_per_sec", "lr"}
 
 
@@ -302,9 +316,13 @@ def loss_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 COLUMN_LABELS = {
     "train_acc": "train acc",
+    "selection_acc": "selection acc",
+    "report_acc": "report acc",
     "val_acc": "eval acc",
     "eval_split": "eval split",
     "train_loss": "train loss, total",
+    "selection_loss": "selection loss (CE)",
+    "report_loss": "report loss (CE)",
     "val_loss": "eval loss (CE)",
     "ce": "CE (train)",
     "images_per_sec": "images/s",
@@ -329,7 +347,11 @@ def _epochs_section(curves: dict[str, list[dict[str, Any]]]) -> str:
     ]
     for stage, rows in curves.items():
         terms = loss_columns(rows)
-        cols = ["epoch", "train_acc", "val_acc", "eval_split", "train_loss", *terms, "val_loss"]
+        split = _eval_split(rows)
+        acc, loss = (split_key(split, w) for w in ("acc", "loss"))
+        if not any(acc in r for r in rows):  # stored before the rename
+            acc, loss = OLD_ACC, OLD_LOSS
+        cols = ["epoch", "train_acc", acc, "eval_split", "train_loss", *terms, loss]
         cols.append("images_per_sec")
         head = "".join(f"<th scope='col' title='{_e(c)}'>{_e(_column_label(c, terms))}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)

@@ -146,9 +146,12 @@ class TensorBoardTracker:
     """Event files under `<log_dir>/<stage>/` (x = epoch) and `<log_dir>/<stage>/steps/` (x = step).
 
     Per epoch: every numeric field of `epoch_end` under its own name (`train_loss`, `ce`, `sp`,
-    `kd`, `val_acc`, `images_per_sec`, ...) plus `lr` (the last step's). Per step, thinned to
-    STEP_POINTS_PER_EPOCH points an epoch: `loss` and `lr`. Numeric `stage_finished` fields (final
-    accuracy, seconds) go to `summary/<field>` at step 0.
+    `kd`, `selection_acc`, `selection_loss`, `images_per_sec`, ...: each accuracy and eval loss
+    named by its split, docs/artifacts.md#names-every-number-names-its-split) plus `lr` (the last
+    step's). Per step, thinned to STEP_POINTS_PER_EPOCH points an epoch: `loss` and `lr`. Numeric
+    `stage_finished` fields go to `summary/<field>` at step 0 (`summary/selection_acc` for a
+    training stage's chosen epoch, `summary/report_acc` for evaluate's shipped student,
+    `summary/seconds`).
 
     Resume: a resumed stage reopens its writers with `purge_step` at the first epoch (step) it
     writes again, so TensorBoard hides what the dead process had logged past the checkpoint
@@ -279,8 +282,9 @@ class MlflowTracker:
     params (flattened, `integrations` left out). Per `epoch_end`: every numeric field as
     `<stage>/<field>` at step = epoch, plus `<stage>/lr`. Per `stage_finished`: its numeric fields
     as `<stage>/final_<field>`. close("FINISHED"): the accuracies of metrics.json as
-    `<model>_val_acc` and `gain`, every output file and folder (model folders, weights, ONNX,
-    metrics.json, report) as artifacts, then the run's end status.
+    `<model>_<field>` (`distilled_report_acc`, `baseline_select_acc`, ...) and `gain`, every output
+    file and folder (model folders, weights, ONNX, metrics.json, report) as artifacts, then the
+    run's end status.
     """
 
     name = "mlflow"

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from common.metric_names import row_acc, row_loss
 from models.methods import Distiller
 from models.networks.bank import BANK, ModelKey
 from models.networks.features import FeatureTap
@@ -95,16 +96,16 @@ def plain(model: torch.nn.Module) -> Distiller:
 
 def best_row(curve: list[dict]) -> dict:
     """The epoch with the highest selection accuracy; ties go to the later epoch."""
-    return max(curve, key=lambda r: (r["val_acc"], r["epoch"]))
+    return max(curve, key=lambda r: (row_acc(r), r["epoch"]))
 
 
 def stalled(curve: list[dict], patience: int) -> bool:
     """True when the last `patience` epochs brought no strictly higher accuracy than the best
-    before them (early stopping on the choice split's `val_acc`)."""
+    before them (early stopping on the accuracy of the split every epoch is scored on)."""
     if len(curve) <= patience:
         return False
-    before = max(r["val_acc"] for r in curve[:-patience])
-    return max(r["val_acc"] for r in curve[-patience:]) <= before
+    before = max(row_acc(r) for r in curve[:-patience])
+    return max(row_acc(r) for r in curve[-patience:]) <= before
 
 
 def _best_file(run: Run, stage: str) -> Path:
@@ -196,15 +197,14 @@ def train(
     load_weights(model, _best_file(run, stage))
     run.reporter.event(
         "best_epoch",
-        f"{stage}: keeping epoch {best['epoch']} of {epochs} "
-        f"(selection accuracy {100 * best['val_acc']:.1f}%)",
+        f"{stage}: keeping epoch {best['epoch']} of {epochs} (selection accuracy {100 * row_acc(best):.1f}%)",
         stage=stage,
         epoch=best["epoch"],
-        select_acc=best["val_acc"],
+        select_acc=row_acc(best),
     )
     return {
         "best_epoch": best["epoch"],
-        "select_acc": best["val_acc"],
-        "select_loss": best["val_loss"],
+        "select_acc": row_acc(best),
+        "select_loss": row_loss(best),
         "epochs": epochs,
     }

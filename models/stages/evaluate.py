@@ -34,21 +34,21 @@ def run_stage(run: Run) -> float:
         if which not in results:
             continue
         p = predict(run, finished_student(run, which), run.data.student_cfg, report())
-        guards.check_value(p["loss"], "evaluate", None, f"{which}_val_loss")
+        guards.check_value(p["loss"], "evaluate", None, f"{which}_report_loss")
         preds[which] = p
         results[which] = {
             **results[which],
-            "val_acc": p["acc"],
-            "val_loss": p["loss"],
+            "report_acc": p["acc"],
+            "report_loss": p["loss"],
             "per_class_acc": _per_class(run, p),
         }
     teacher, head = finished_teacher(run)
     if head:
         t = predict(run, teacher, run.data.teacher_cfg, report())
-        guards.check_value(t["loss"], "evaluate", None, "teacher_val_loss")
-        results["teacher"] = {**results.get("teacher", {}), "val_acc": t["acc"], "val_loss": t["loss"]}
+        guards.check_value(t["loss"], "evaluate", None, "teacher_report_loss")
+        results["teacher"] = {**results.get("teacher", {}), "report_acc": t["acc"], "report_loss": t["loss"]}
     else:
-        results.setdefault("teacher", {"val_acc": None})
+        results.setdefault("teacher", {"report_acc": None})
     if "baseline" in preds:
         cmp = stats.compare(
             preds["baseline"]["labels"],
@@ -60,7 +60,7 @@ def run_stage(run: Run) -> float:
         results["comparison"] = cmp
         run.reporter.event("gain", stats.summary_line(cmp), **{k: cmp[k] for k in _GAIN_KEYS})
     results["shipped"] = _ship(run)
-    return results[results["shipped"]["student"]]["val_acc"]
+    return results[results["shipped"]["student"]]["report_acc"]
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.data import evidence
 from models.results import card as hub_card
 from models.results import deploy, export
 from models.results.deploy_report import deploy_card_lines
@@ -44,7 +45,7 @@ def run_stage(run: Run) -> None:
             spec.student.model,
             run.scan.classes,
             run.data.student_cfg,
-            val_acc=results[which]["val_acc"],
+            report_acc=results[which]["report_acc"],
             trained=which,
         )
         names = [which, "student"] if which == shipped else [which]
@@ -63,7 +64,7 @@ def run_stage(run: Run) -> None:
             spec.teacher.model,
             run.scan.classes,
             run.data.teacher_cfg,
-            val_acc=results.get("teacher", {}).get("val_acc"),
+            report_acc=results.get("teacher", {}).get("report_acc"),
         ),
     )
     folders = _hub_folders(run, out, shipped, teacher)
@@ -85,7 +86,7 @@ def run_stage(run: Run) -> None:
             weights=weights,
             role=role,
             spec=metrics["spec"],
-            accuracy=(run.state.results.get(role) or {}).get("val_acc"),
+            accuracy=(run.state.results.get(role) or {}).get("report_acc"),
         )
         export.write_model_card(folder, hub_card.render(front, title, lines))
     write_report(out)  # report.html + curves.png from metrics.json
@@ -121,7 +122,7 @@ def _card_lines(run: Run, role: str, metrics: dict[str, Any]) -> list[str]:
         "teacher": "the teacher, fine-tuned on this data",
     }[role]
     sizes = metrics["protocol"]["sizes"]
-    acc = (results.get(role) or {}).get("val_acc")
+    acc = (results.get(role) or {}).get("report_acc")
     lines = [
         f"`{spec.teacher.model if role == 'teacher' else spec.student.model}`, {how}.",
         "",
@@ -176,14 +177,14 @@ def build_metrics(run: Run) -> dict[str, Any]:
     results = run.state.results
     baseline = results.get("baseline")
     distilled = results["distilled"]
-    gain = distilled["val_acc"] - baseline["val_acc"] if baseline else None
+    gain = distilled["report_acc"] - baseline["report_acc"] if baseline else None
     return {
         "job": {
             "id": run.job_id,
             "name": run.spec.name,
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
-        "teacher": results.get("teacher", {"val_acc": None}),
+        "teacher": results.get("teacher", {"report_acc": None}),
         "baseline": baseline,
         "distilled": distilled,
         "soup": results.get("soup"),
@@ -200,6 +201,7 @@ def build_metrics(run: Run) -> dict[str, Any]:
             "selection": run.scan.roles["selection"],
             "report": run.scan.roles["report"],
             "sizes": run.scan.sizes(),
+            "selection_note": evidence.thin_selection(run.scan, run.spec.dataset.selection_fraction),
         },
         "curves": run.state.curves,
         "dataset": run.scan.summary(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from common.metric_names import row_acc
 from models import methods
 from models.networks.features import FeatureTap, layer_pairs
 from models.stages.common import best_row, build_student
@@ -101,6 +102,6 @@ def _score(run: Run, teacher_fn, pair: Pair, sp_ref_batch: int, rung: int, epoch
         "kd_weight": kd_w,
         "rung": rung,
         "epochs": epochs,
-        "select_acc": best_row(curve)["val_acc"],
+        "select_acc": row_acc(best_row(curve)),
         "seconds": seconds,
     }

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.metric_names import row_acc, split_key
 from common.reporter import Progress, Reporter, StopRequested
 from models.data.loader import Batch, normalize
 from models.methods import Distiller
@@ -160,7 +161,7 @@ class StagePlan:
     train_batches: Callable[[int], Iterable[Batch]]  # epoch -> batches (any iterable of triples)
     val_batches: Callable[[], Iterable[Batch]]
     steps_per_epoch: int
-    eval_split: str = "val"  # what val_batches is: "selection" or "report" (named in every row)
+    eval_split: str = "selection"  # what val_batches is: "selection" or "report" (names every row's keys)
     stop: Callable[[list[dict]], bool] | None = None  # curve -> stop now (early stopping); None: never
 
 
@@ -230,7 +231,8 @@ def train_stage(
         start = time.perf_counter()
         train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every, oom)
         val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
-        guards.check_value(val["loss"], plan.name, epoch + 1, "val_loss", plan.lr)  # NaN weights
+        eval_loss = split_key(plan.eval_split, "loss")
+        guards.check_value(val["loss"], plan.name, epoch + 1, eval_loss, plan.lr)  # NaN weights
         elapsed = time.perf_counter() - start
         seconds += elapsed
         row = {
@@ -238,8 +240,8 @@ def train_stage(
             "epoch": epoch + 1,
             "epochs": plan.epochs,
             **train,
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
+            split_key(plan.eval_split, "loss"): val["loss"],
+            split_key(plan.eval_split, "acc"): val["acc"],
             "eval_split": plan.eval_split,
             "seconds": round(elapsed, 3),
         }
@@ -265,7 +267,7 @@ def train_stage(
 def _epoch_message(row: dict) -> str:
     return (
         f"{row['stage']} epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
-        f"val acc {row['val_acc']:.4f}, {row['images_per_sec']:.1f} img/s"
+        f"{row['eval_split']} acc {row_acc(row):.4f}, {row['images_per_sec']:.1f} img/s"
     )
 
 

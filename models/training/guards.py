@@ -73,8 +73,9 @@ def non_finite_error(
 
 TERM_NAMES = {
     GRADIENT: "the gradient norm",
-    "val_loss": "the validation loss",
-    "teacher_val_loss": "the teacher's validation loss",
+    "selection_loss": "the selection-split loss",
+    "report_loss": "the report-split loss",
+    "teacher_report_loss": "the teacher's report-split loss",
 }
 
 

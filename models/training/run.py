@@ -19,7 +19,7 @@ import torch
 from common.errors import SpkdError
 from common.reporter import Reporter, ensure_current
 from common.spec import JobSpec
-from models.data import loader
+from models.data import evidence, loader
 from models.data.batches import JobData, open_data
 from models.results import export
 from models.training import checkpoint, validation
@@ -117,6 +117,8 @@ def open_run(
             f"distill.{field}",
         )
     _report_dataset(scan, reporter)
+    if note := evidence.thin_selection(scan, spec.dataset.selection_fraction):
+        reporter.event("warning", note, sizes=scan.sizes(), counts=scan.counts().get("selection"))
     runtime = pick_runtime(spec.train.precision, device)
     if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
         reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))

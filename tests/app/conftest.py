@@ -18,4 +18,5 @@ def live_stack(service: Service) -> dict[str, Any]:
         "api_key": KEY_A,
         "artifact_root": service.settings.artifact_root,
         "logs": service.logs,
+        "settings": service.settings,
     }

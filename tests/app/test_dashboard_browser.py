@@ -10,6 +10,7 @@ Screenshots go to the test's tmp_path.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import zipfile
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.helpers import HYMENOPTERA
 
@@ -141,22 +143,11 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert len(set(fractions)) >= 3 and fractions == sorted(fractions), seen["fractions"]
         assert len(set(seen["epochs"])) >= 3, seen["epochs"]  # e.g. "1 / 1", "1 / 3", "2 / 3"...
         assert seen["curve_counts"] and seen["curve_counts"][0] < 6, seen  # drawn live, before the end
-        for stage in ("teacher_finetune", "baseline", "distill"):
-            for metric in ("loss", "acc"):
-                svg = page.locator(f"#curves svg[data-stage='{stage}'][data-metric='{metric}']")
-                assert svg.count() == 1, (stage, metric)
-                assert svg.locator("polyline.val").count() == 1
-                assert "epoch" in svg.get_attribute("aria-label")
-        # Stages in run order, under the titles GET /v1/stages gives them.
-        captions = page.locator("#curves figcaption").evaluate_all("cs => cs.map(c => c.textContent)")
-        assert captions == [
-            f"{title} – {metric}"
-            for title in ("Teacher fine-tune", "Baseline student", "Distillation")
-            for metric in ("loss", "accuracy")
-        ], captions
+        _check_shared_axes(page)
         for who in ("teacher", "baseline", "distilled"):
             assert re.fullmatch(r"\d+\.\d%", page.locator(f"#acc-{who}").inner_text()), who
         _check_result(page, base, key, job_id, tmp_path, console)
+        _check_old_format(page, live_stack, job_id, console)
         assert page.locator("#p-stream").inner_text() in ("live", "ended")
         assert page.locator("#events li").count() >= 5
         assert page.locator("#job-cancel").is_hidden()
@@ -245,7 +236,7 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert page.locator("#jobs-table thead").evaluate("e => e.getBoundingClientRect().height") <= 1
         page.screenshot(path=shots / "08-phone-jobs.png", full_page=True)
         page.goto(f"{base}/#/jobs/{job_id}")
-        page.wait_for_selector("#curves svg[data-stage='distill']")
+        page.wait_for_selector("#curves polyline[data-stage='distill']")
         _fits(page, 375)
         page.screenshot(path=shots / "09-phone-job.png", full_page=True)
         phone.close()
@@ -318,7 +309,7 @@ def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path, c
     page.wait_for_selector("#result:not([hidden])")
     shipped = metrics["shipped"]
     assert f"the {shipped} student" in page.locator("#res-shipped").inner_text()
-    assert page.locator("#res-acc").inner_text() == f"{100 * metrics[shipped]['val_acc']:.1f}%"
+    assert page.locator("#res-acc").inner_text() == f"{100 * metrics[shipped]['report_acc']:.1f}%"
     verdict = page.locator("#res-verdict").inner_text()
     assert "95 % CI" in verdict and metrics["comparison"]["verdict"] in verdict, verdict
     assert page.locator("#p-stage").inner_text() == "finished"
@@ -375,6 +366,88 @@ def _check_result(page: Any, base: str, key: str, job_id: str, tmp_path: Path, c
     del console.errors[before:]
 
 
+STAGES = (
+    ("teacher_finetune", "Teacher fine-tune"),
+    ("baseline", "Baseline student"),
+    ("distill", "Distillation"),
+)
+
+
+def _check_shared_axes(page: Any) -> None:
+    """Every stage on the same axes, the split named: one accuracy chart (the selection split of
+    teacher, baseline and distilled student), one CE chart (each stage's CE, training and
+    selection split), and the distillation terms apart (only the distill stage has them, never CE)."""
+    charts = page.locator("#curves svg[data-metric]")
+    assert charts.evaluate_all("ss => ss.map(s => s.dataset.metric)") == ["acc", "ce", "distill"]
+    captions = page.locator("#curves figcaption").evaluate_all("cs => cs.map(c => c.textContent)")
+    assert captions == [
+        "Accuracy on the selection split",
+        "Cross-entropy of each stage",
+        "Distillation terms (training, weighted)",
+    ], captions
+
+    def lines(metric: str, kind: str = "") -> list[list[str | None]]:
+        sel = f"#curves svg[data-metric='{metric}'] polyline{'.' + kind if kind else ''}"
+        return page.locator(sel).evaluate_all("ps => ps.map(p => [p.dataset.stage, p.dataset.term || null])")
+
+    stages = [s for s, _ in STAGES]
+    assert [s for s, _ in lines("acc", "val")] == stages  # one accuracy chart, every stage on it
+    assert lines("acc", "train") == []
+    assert [s for s, _ in lines("ce", "val")] == stages and [s for s, _ in lines("ce", "train")] == stages
+    terms = lines("distill")
+    assert {s for s, _ in terms} == {"distill"} and "sp" in {t for _, t in terms}, terms
+    assert "ce" not in {t for _, t in terms}
+    acc = page.locator("#curves svg[data-metric='acc']")
+    label = acc.get_attribute("aria-label")
+    assert "selection split" in label and "same axes" in label and "epoch" in label, label
+    legend = acc.locator("xpath=..").locator(".legend li").evaluate_all("ls => ls.map(l => l.textContent)")
+    assert legend == [f"{title}, selection split" for _, title in STAGES], legend
+    ce = page.locator("#curves svg[data-metric='ce']").locator("xpath=..").locator(".legend li")
+    ce_legend = ce.evaluate_all("ls => ls.map(l => l.textContent)")
+    assert ce_legend == [
+        f"{title}, {part}" for _, title in STAGES for part in ("selection split", "training")
+    ]
+    # the distinct colours of the stages, the same in every chart
+    colours = page.locator("#curves svg[data-metric='acc'] polyline").evaluate_all(
+        "ps => ps.map(p => p.getAttribute('stroke'))"
+    )
+    assert len(set(colours)) == 3, colours
+
+
+def _check_old_format(page: Any, live_stack: dict[str, Any], job_id: str, console: Console) -> None:
+    """A job stored before every number named its split (`val_acc` in the model blocks and the
+    curves) still shows its accuracies and curves: its metrics are rewritten so in Redis, the job
+    opened in a second tab, and it must read exactly as on `page`."""
+    shown = {w: page.locator(f"#acc-{w}").inner_text() for w in ("teacher", "baseline", "distilled")}
+    shown["res"] = page.locator("#res-acc").inner_text()
+    settings = live_stack["settings"]
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    key = f"{settings.redis_prefix}:job:{job_id}"
+    new = r.hget(key, "metrics")
+    metrics = json.loads(new)
+    for block in (metrics[w] for w in ("teacher", "baseline", "distilled", "soup") if metrics.get(w)):
+        block["val_acc"], block["val_loss"] = block.pop("report_acc"), block.pop("report_loss", None)
+    for rows in metrics["curves"].values():
+        for row in rows:
+            row["val_acc"], row["val_loss"] = row.pop("selection_acc"), row.pop("selection_loss")
+            del row["eval_split"]
+    r.hset(key, "metrics", json.dumps(metrics))
+    old = console.watch(page.context.new_page())
+    try:
+        _sign_in(old, live_stack["url"], live_stack["api_key"])
+        old.goto(f"{live_stack['url']}/#/jobs/{job_id}")
+        old.wait_for_selector("#curves polyline[data-stage='distill']")
+        _until(old, "document.querySelector('#res-acc').textContent !== '–'", 20)
+        again = {w: old.locator(f"#acc-{w}").inner_text() for w in ("teacher", "baseline", "distilled")}
+        again["res"] = old.locator("#res-acc").inner_text()
+        assert again == shown, (again, shown)
+        assert old.locator("#curves svg[data-metric='acc'] polyline.val").count() == 3
+        assert old.locator("#curves svg[data-metric='ce'] polyline.val").count() == 3
+    finally:
+        r.hset(key, "metrics", new)
+        old.close()
+
+
 def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any]:
     """Sample what the job page shows while the job runs: overall progress, epoch, curve count.
     Takes one screenshot mid-run, once a curve is drawn."""
@@ -382,7 +455,7 @@ def _watch_until_final(page: Any, shot: Path, timeout_s: float) -> dict[str, Any
         status: document.querySelector('#job-status').textContent,
         fraction: document.querySelector('#job-progress').value,
         epoch: document.querySelector('#p-epoch').textContent,
-        curves: document.querySelectorAll('#curves svg').length})"""
+        curves: document.querySelectorAll('#curves polyline.val').length})"""
     seen: dict[str, Any] = {"fractions": [], "epochs": [], "curve_counts": [], "status": None}
     deadline, shot_taken = time.monotonic() + timeout_s, False
     while time.monotonic() < deadline:

@@ -241,7 +241,7 @@ def test_student_larger_than_teacher_runs_with_a_warning(
     ]
     assert len(warnings) == 1, dump(evs)
     assert any("larger than the teacher" in w for w in job["warnings"])
-    assert json.loads(json.dumps(job["metrics"]))["distilled"]["val_acc"] is not None
+    assert json.loads(json.dumps(job["metrics"]))["distilled"]["report_acc"] is not None
     assert os.path.isfile(output_dir(settings, job) / "student.onnx")
 
 

@@ -45,8 +45,8 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         assert list(row["variants"]) == variants
         seed_dir = tmp_path / "runs" / f"seed{row['seed']}"
         auto = json.loads((seed_dir / "auto" / "metrics.json").read_text())
-        assert row["variants"]["auto"]["acc"] == auto["distilled"]["val_acc"]
-        assert row["variants"]["baseline"]["acc"] == auto["baseline"]["val_acc"]
+        assert row["variants"]["auto"]["acc"] == auto["distilled"]["report_acc"]
+        assert row["variants"]["baseline"]["acc"] == auto["baseline"]["report_acc"]
         fixed = json.loads((seed_dir / "sp_3000" / "metrics.json").read_text())
         # every variant distils from the seed's fine-tuned teacher, as it is
         assert fixed["spec"]["teacher"]["weights"] == str(seed_dir / "auto" / "teacher.safetensors")
@@ -57,11 +57,11 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         # what the old and the new rule ship, judged on the report split
         rules = row["rules"]
         assert rules["new"] == auto["shipped"] and rules["old"] == auto["old_rule_shipped"]["student"]
-        assert rules["report"] == {w: auto[w]["val_acc"] for w in ("baseline", "distilled", "soup")}
+        assert rules["report"] == {w: auto[w]["report_acc"] for w in ("baseline", "distilled", "soup")}
         b, d = rules["report"]["baseline"], rules["report"]["distilled"]
         assert rules["report_better"] == ("tie" if b == d else "distilled" if d > b else "baseline")
         assert rules["new_right"] == (rules["report"][rules["new"]] >= max(b, d))
-        assert row["variants"]["auto"]["shipped"] == auto[auto["shipped"]]["val_acc"]
+        assert row["variants"]["auto"]["shipped"] == auto[auto["shipped"]]["report_acc"]
     assert "Shipping rules" in printed and "| seed | baseline | distilled | soup |" in printed
     right = sum(r["rules"]["new_right"] for r in result["rows"])
     assert f"new rule {right}/2" in printed

@@ -132,7 +132,7 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     for name in ("student.safetensors", "student.json", "metrics.json"):
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["distilled"]["val_acc"] <= 1.0
+    assert 0.0 <= metrics["distilled"]["report_acc"] <= 1.0
     assert sorted(metrics["dataset"]["classes"]) == [str(d) for d in range(10)]
     counts = metrics["dataset"]["counts"]  # --per-class 30, 20% val; 10% of train selects
     assert sum(counts["train"].values()) + sum(counts["selection"].values()) == 10 * 24

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,11 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     result = _spkd("run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out"), cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "distill epoch 1/1" in result.stdout and "distilled" in result.stdout
+    # every number names its split: the epoch lines the selection split's, the summary the report's
+    assert re.search(r"distill epoch 1/1: train loss [\d.]+, selection acc [\d.]+,", result.stdout), (
+        result.stdout
+    )
+    assert "report-split accuracy: teacher " in result.stdout and "val acc" not in result.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["baseline"] is not None and metrics["gain"] is not None
     # the gain with its error bars, and what shipped, in the printed summary

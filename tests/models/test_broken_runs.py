@@ -147,7 +147,7 @@ def test_an_epoch_without_any_step_is_an_error_not_a_zero_loss(color_dataset):
 
 def test_nan_metrics_are_never_written_as_bare_nan(tmp_path):
     with pytest.raises(SpkdError) as err:
-        export.write_json(tmp_path / "metrics.json", {"distilled": {"val_loss": float("nan")}})
+        export.write_json(tmp_path / "metrics.json", {"distilled": {"report_loss": float("nan")}})
     assert err.value.code == "non_finite_metrics"
     assert not (tmp_path / "metrics.json").exists()
 
@@ -179,7 +179,9 @@ def _earlier_job_teacher(folder: Path, classes: list[str]) -> Path:
     path = folder / "job_earlier" / "teacher.safetensors"
     export.save_weights(model, path)
     cfg = factory.data_config(model, 32)
-    export.write_json(path.with_suffix(".json"), export.model_card("test_resnet", classes, cfg, val_acc=0.9))
+    export.write_json(
+        path.with_suffix(".json"), export.model_card("test_resnet", classes, cfg, report_acc=0.9)
+    )
     return path
 
 

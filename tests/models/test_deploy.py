@@ -75,8 +75,8 @@ def test_the_deploy_block_is_measured_and_consistent(hym_run) -> None:
         measured = {"teacher": "teacher", "student": "student"}
     else:
         measured = {"teacher": "teacher", "student": "student", "baseline": "baseline"}
-    accuracy = {"teacher": metrics["teacher"]["val_acc"], "student": metrics[shipped]["val_acc"]}
-    accuracy["baseline"] = metrics["baseline"]["val_acc"]
+    accuracy = {"teacher": metrics["teacher"]["report_acc"], "student": metrics[shipped]["report_acc"]}
+    accuracy["baseline"] = metrics["baseline"]["report_acc"]
     for role, folder in measured.items():
         row = rows[role]
         model = timm.create_model(f"local-dir:{out / folder}", pretrained=True).eval()
@@ -132,7 +132,7 @@ def test_the_int8_student_and_its_price(hym_run) -> None:
     assert block["comparison"]["n"] == n
     assert block["accuracy"] == pytest.approx(float(np.mean(preds["student.int8.onnx"] == labels)))
     assert block["fp32_accuracy"] == pytest.approx(float(np.mean(preds["student.onnx"] == labels)))
-    assert abs(block["fp32_accuracy"] - metrics[metrics["shipped"]]["val_acc"]) <= 1 / n + 1e-9  # torch
+    assert abs(block["fp32_accuracy"] - metrics[metrics["shipped"]]["report_acc"]) <= 1 / n + 1e-9  # torch
     agree = float(np.mean(preds["student.onnx"] == preds["student.int8.onnx"]))
     assert block["agreement"] == pytest.approx(agree, abs=1e-6)
     assert block["drop_points"] == round(100 * (block["fp32_accuracy"] - block["accuracy"]), 4)

@@ -60,13 +60,17 @@ def test_stages_and_events(vit_run):
             "epochs",
             "train_loss",
             "train_acc",
-            "val_loss",
-            "val_acc",
+            "selection_loss",
+            "selection_acc",
             "ce",
             "images_per_sec",
             "seconds",
         }
         assert keys <= d.keys()
+        assert not {"val_acc", "val_loss"} & d.keys()  # every number names its split
+        assert d["eval_split"] == "selection"
+    lines = [m for kind, m, _ in reporter.events if kind == "epoch_end"]  # what the CLI prints
+    assert all(", selection acc 0." in m or ", selection acc 1." in m for m in lines), lines
     distill = [d for d in ends if d["stage"] == "distill"]
     assert all(d["sp"] > 0 and d["kd"] > 0 for d in distill)
     # a fine-tuning stage has no distillation term at all (not a term stuck at 0)
@@ -86,8 +90,10 @@ def test_metrics_json_contract(vit_run):
     for key in ("teacher", "baseline", "distilled", "gain", "curves", "dataset", "timing", "spec", "device"):
         assert key in metrics
     for block in ("teacher", "baseline", "distilled"):
-        assert 0.0 <= metrics[block]["val_acc"] <= 1.0
-    assert metrics["gain"] == pytest.approx(metrics["distilled"]["val_acc"] - metrics["baseline"]["val_acc"])
+        assert 0.0 <= metrics[block]["report_acc"] <= 1.0
+    assert metrics["gain"] == pytest.approx(
+        metrics["distilled"]["report_acc"] - metrics["baseline"]["report_acc"]
+    )
     assert set(metrics["curves"]) == {"teacher_finetune", "baseline", "distill"}
     assert metrics["dataset"]["classes"] == ["blue", "red"]
     assert set(metrics["timing"]) == {"teacher_finetune", "baseline", "distill", "evaluate", "export"}
@@ -284,7 +290,7 @@ def test_every_model_is_a_timm_hub_folder(vit_run):
         assert pre["interpolation"] == card["interpolation"] and pre["crop_pct"] == card["crop_pct"]
         readme = (root / "README.md").read_text()
         assert readme.startswith("---\nlibrary_name: timm") and model_name in readme
-        _check_hub_card(readme, cfg, metrics[role]["val_acc"])
+        _check_hub_card(readme, cfg, metrics[role]["report_acc"])
         hub = timm.create_model(f"local-dir:{root}", pretrained=True).eval()
         flat = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
         flat.load_state_dict(load_file(str(out / weights)))

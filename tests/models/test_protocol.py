@@ -56,7 +56,7 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
     for stage, block in (("teacher_finetune", "teacher"), ("baseline", "baseline"), ("distill", "distilled")):
         best = best_row(metrics["curves"][stage])
         assert metrics[block]["best_epoch"] == best["epoch"]
-        assert metrics[block]["select_acc"] == best["val_acc"]
+        assert metrics[block]["select_acc"] == best["selection_acc"]
     kept = [d["stage"] for _, d in _events(reporter, "best_epoch")]
     assert kept == ["teacher_finetune", "baseline", "distill"]
     # the exported weights are that epoch's: they score the recorded selection accuracy again
@@ -187,12 +187,14 @@ def test_test_folder_is_the_report_split(tmp_path):
     make_folder(root / "test", {"blue": 5, "red": 5}, seed=3)
     spec = tiny_job_spec(teacher={"finetune": {"epochs": 1}}, train={"epochs": 1})
     metrics = run_job(spec, root, tmp_path / "out", RecordingReporter())
+    note = metrics["protocol"].pop("selection_note")  # 6 selection images: too few to choose on
     assert metrics["protocol"] == {
         "train": "train/",
         "selection": "val/",
         "report": "test/",
         "sizes": {"train": 32, "selection": 6, "report": 10},
     }
+    assert "6 images, 3 of them of class 'blue'" in note and "add images to val/" in note
     assert metrics["comparison"]["n"] == 10
 
 

@@ -78,7 +78,7 @@ def test_report_from_a_real_run(engine_run: Path):
 
     # The accuracy table shows the run's own numbers.
     for who in ("teacher", "baseline", "distilled"):
-        acc = (metrics.get(who) or {}).get("val_acc")
+        acc = (metrics.get(who) or {}).get("report_acc")
         if acc is not None:
             assert f"{100 * acc:.1f}%" in page, who
     # Every stage with curves gets its epoch table, every timed stage its row.
@@ -133,6 +133,9 @@ def _check_loss_terms(page: str, curves: dict) -> None:
     assert "CE (train)" in distill and "sp (train, weighted)" in distill
     baseline = page.split("<h3>baseline</h3>", 1)[1].split("</table>", 1)[0]
     assert "CE (train)" in baseline and "weighted" not in baseline
+    # the eval columns name their split (the rows' own keys), never a bare "val"
+    for table in (distill, baseline):
+        assert "selection acc" in table and "selection loss (CE)" in table and "eval acc" not in table
 
 
 def _check_counts(page: str, dataset: dict) -> None:
@@ -147,7 +150,8 @@ def _check_counts(page: str, dataset: dict) -> None:
 
 
 def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
-    """A file name from a user upload must not inject markup; absent stages read 'n/a'."""
+    """A file name from a user upload must not inject markup; absent stages read 'n/a'. The model
+    blocks are in the old format (`val_acc`, before every number named its split): still read."""
     metrics = {
         "teacher": {"val_acc": None},
         "baseline": None,

@@ -149,7 +149,7 @@ def test_the_default_keeps_the_old_rule(color_dataset, tmp_path):
     assert metrics["ship_rule"] == "selection" and metrics["ship_evidence"] is None
     d, b = metrics["distilled"], metrics["baseline"]
     assert metrics["shipped"] == ("distilled" if d["select_acc"] > b["select_acc"] else "baseline")
-    assert metrics["soup"]["val_acc"] is not None and not (tmp_path / "soup.safetensors").exists()
+    assert metrics["soup"]["report_acc"] is not None and not (tmp_path / "soup.safetensors").exists()
 
 
 def test_ship_part_decides_end_to_end(color_dataset, tmp_path):
@@ -174,7 +174,7 @@ def test_ship_part_decides_end_to_end(color_dataset, tmp_path):
     passing = [w for w in ("distilled", "soup") if evidence[w]["passes"]]
     want = min(passing, key=lambda w: evidence[w]["loss"]) if passing else "baseline"
     assert metrics["shipped"] == want and metrics["shipped_reason"] in [m for _, m, _ in reporter.events]
-    assert metrics["soup"]["of"] == ["baseline", "distilled"] and 0 <= metrics["soup"]["val_acc"] <= 1
+    assert metrics["soup"]["of"] == ["baseline", "distilled"] and 0 <= metrics["soup"]["report_acc"] <= 1
     old = metrics["old_rule_shipped"]
     assert old["student"] == (
         "distilled" if old["selection_acc"]["distilled"] > old["selection_acc"]["baseline"] else "baseline"
@@ -185,4 +185,6 @@ def test_ship_part_decides_end_to_end(color_dataset, tmp_path):
     # every epoch was scored on the pick part only: its size is the curves' denominator
     n_pick = sizes["selection_pick"]
     for curve in metrics["curves"].values():
-        assert all(abs(r["val_acc"] * n_pick - round(r["val_acc"] * n_pick)) < 1e-6 for r in curve)
+        assert all(
+            abs(r["selection_acc"] * n_pick - round(r["selection_acc"] * n_pick)) < 1e-6 for r in curve
+        )

@@ -14,7 +14,7 @@ from tests.helpers import tiny_job_spec
 
 
 def _curve(accs: list[float]) -> list[dict]:
-    return [{"epoch": i + 1, "val_acc": a} for i, a in enumerate(accs)]
+    return [{"epoch": i + 1, "selection_acc": a, "eval_split": "selection"} for i, a in enumerate(accs)]
 
 
 @pytest.mark.parametrize(

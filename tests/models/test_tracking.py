@@ -137,7 +137,9 @@ def test_tensorboard_scalars_match_metrics_curves(tracked_job):
             k for k, v in curve[0].items() if isinstance(v, float | int) and k not in ("epoch", "epochs")
         }
         assert numeric <= tags, f"{stage}: {numeric - tags} missing"
-        assert {"lr", "summary/val_acc", "summary/seconds"} <= tags
+        # every accuracy and eval loss names its split: the epochs' selection split, no old `val_*`
+        assert {"lr", "selection_acc", "selection_loss", "summary/selection_acc", "summary/seconds"} <= tags
+        assert not {t for t in tags if "val_" in t}, tags
         for key in numeric:
             got = _series(acc, key)
             assert [s for s, _ in got] == [row["epoch"] for row in curve]
@@ -148,6 +150,10 @@ def test_tensorboard_scalars_match_metrics_curves(tracked_job):
         per_epoch = metrics["protocol"]["sizes"]["train"] // 16
         assert [s for s, _ in losses] == list(range(1, per_epoch * len(curve) + 1))
         assert all(v > 0 for _, v in losses)
+    # evaluate scores the shipped student on the report split, and its summary tag says so
+    evaluate = _accumulator(out / "tensorboard" / "evaluate")
+    [(_, shipped_acc)] = _series(evaluate, "summary/report_acc")
+    assert shipped_acc == pytest.approx(metrics[metrics["shipped"]]["report_acc"])
     # the event files are registered job artifacts (downloadable like any result)
     tb = [a["name"] for a in job["artifacts"] if a["name"].startswith("tensorboard/")]
     assert any(n.startswith("tensorboard/distill/events.out.tfevents.") for n in tb)
@@ -169,8 +175,10 @@ def test_tensorboard_resume_does_not_draw_steps_twice(color_dataset, tmp_path):
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 2
     steps = _series(_accumulator(tmp_path / "tensorboard" / "baseline" / "steps"), "loss")
     assert [s for s, _ in steps] == [1, 2, 3, 4]
-    epochs = _series(_accumulator(tmp_path / "tensorboard" / "baseline"), "val_acc")
-    assert epochs == [(row["epoch"], pytest.approx(row["val_acc"])) for row in metrics["curves"]["baseline"]]
+    epochs = _series(_accumulator(tmp_path / "tensorboard" / "baseline"), "selection_acc")
+    assert epochs == [
+        (row["epoch"], pytest.approx(row["selection_acc"])) for row in metrics["curves"]["baseline"]
+    ]
 
 
 # ---------------------------------------------------------------------------------------- MLflow
@@ -196,12 +204,13 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tracked_job, mlflow_server,
     assert params["distill.sp_weight"] == "auto" and params["train.epochs"] == "2"  # the spec's defaults
     assert not any(k.startswith("integrations") for k in params)
     for stage, curve in metrics["curves"].items():
-        for key in ("train_loss", "val_acc", "images_per_sec", *(["sp"] if stage == "distill" else [])):
+        for key in ("train_loss", "selection_acc", "images_per_sec", *(["sp"] if stage == "distill" else [])):
             history = client.get_metric_history(run.info.run_id, f"{stage}/{key}")
             got = sorted((m.step, m.value) for m in history)
             assert got == [(row["epoch"], pytest.approx(row[key])) for row in curve]
         assert client.get_metric_history(run.info.run_id, f"{stage}/lr")
-    assert run.data.metrics["distilled_val_acc"] == pytest.approx(metrics["distilled"]["val_acc"])
+    assert run.data.metrics["distilled_report_acc"] == pytest.approx(metrics["distilled"]["report_acc"])
+    assert not {k for k in run.data.metrics if "val_" in k}, run.data.metrics
     assert run.data.metrics["gain"] == pytest.approx(metrics["gain"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "student.safetensors", "student.onnx", "teacher.safetensors"} <= names
@@ -302,7 +311,9 @@ def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
         return Progress("baseline", epoch, 2, i, 2, 10.0, None, loss=0.5, extra={"lr": 0.1})
 
     def epoch_end(epoch: int) -> None:
-        tracked.event("epoch_end", f"epoch {epoch}", stage="baseline", epoch=epoch, epochs=2, val_acc=0.5)
+        tracked.event(
+            "epoch_end", f"epoch {epoch}", stage="baseline", epoch=epoch, epochs=2, selection_acc=0.5
+        )
 
     tracked.progress(step(1, 1))
     tracked.progress(step(1, 2))

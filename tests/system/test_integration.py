@@ -89,7 +89,7 @@ def test_job_end_to_end(service: Service, dataset_id: str, tmp_path: Path) -> No
 
         job = c.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "succeeded" and job["error"] is None
-        assert 0.0 <= job["metrics"]["distilled"]["val_acc"] <= 1.0
+        assert 0.0 <= job["metrics"]["distilled"]["report_acc"] <= 1.0
 
         # The JSON event log holds the same entries, resumable with ?after=.
         log = c.get(f"/v1/jobs/{job_id}/events").json()["data"]

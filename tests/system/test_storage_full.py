@@ -76,7 +76,11 @@ def _write_paths(out: Path) -> dict:
 def test_every_write_path_fails_clean_on_a_full_disk(small_fs, path: str) -> None:
     out = small_fs("art", 2 << 20)
     # What write_report reads.
-    curves = {"distill": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5}]}
+    curves = {
+        "distill": [
+            {"epoch": 1, "train_loss": 1.0, "selection_loss": 1.0, "train_acc": 0.5, "selection_acc": 0.5}
+        ]
+    }
     (out / "metrics.json").write_text(json.dumps({"curves": curves}))
     (out / "checkpoints").mkdir()
     fill(out)

@@ -58,7 +58,7 @@ def test_job_events_reach_webhooks_through_a_real_worker(stack: Stack) -> None:
         done = by_type["job.succeeded"]["data"]
         assert done["id"] == ran and done["status"] == "succeeded" and done["error"] is None
         assert done["stage"] == job["stage"]
-        assert done["metrics"]["val_acc"]["distilled"] == job["metrics"]["distilled"]["val_acc"]
+        assert done["metrics"]["report_acc"]["distilled"] == job["metrics"]["distilled"]["report_acc"]
         assert set(done["metrics"]["timing_s"]) == set(job["metrics"]["timing"])
 
         log = wait_log(c, hook["id"], finished, 30)
@@ -73,6 +73,13 @@ def test_job_events_reach_webhooks_through_a_real_worker(stack: Stack) -> None:
         got_stages = stages.wait_for(len(stage_names), 30)
         assert all(g.verified and g.json["type"] == "job.stage_finished" for g in got_stages)
         assert sorted(g.json["data"]["stage"] for g in got_stages) == sorted(stage_names)
+        # each stage's accuracy under its split's name: the chosen epoch's selection accuracy, then
+        # evaluate's report accuracy of the shipped student
+        results = {g.json["data"]["stage"]: g.json["data"]["stage_result"] for g in got_stages}
+        assert results["distill"]["eval_split"] == "selection" and "selection_acc" in results["distill"]
+        shipped = job["metrics"][job["metrics"]["shipped"]]["report_acc"]
+        assert results["evaluate"]["report_acc"] == shipped and results["evaluate"]["eval_split"] == "report"
+        assert not any("val_acc" in r for r in results.values())
 
         # The receiver that never answers: each event tried FAST["webhook_max_attempts"] times, then
         # given up; both jobs kept their status and the other webhooks were served meanwhile.

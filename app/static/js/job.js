@@ -10,7 +10,7 @@ import { renderResult, resetResult } from './result.js';
 import { route } from './route.js';
 import { followEvents } from './sse.js';
 import { loadStages, overallFraction, stageTitle } from './stages.js';
-import { $, accOf, announce, duration, el, every, newStream, num, pct, toDate } from './util.js';
+import { $, accOf, announce, duration, el, every, newStream, num, pct, rowEval, rowSplit, toDate } from './util.js';
 
 const FINAL = new Set(['succeeded', 'failed', 'cancelled']);
 // A job one can pause: it has not stopped, and no worker has yet stopped it on request.
@@ -145,9 +145,9 @@ function onEvent(type, ev) {
   if (kind === 'progress') { renderProgress(data, shown.job); return; }
   addEventLine(kind, ev.message || '', ev.created_at);
   if (kind === 'epoch_end') {
-    mergeCurves({ [data.stage]: [data] });
+    mergeCurves({ [data.stage]: [ev.data || data] });  // the row only: every other number in it is a loss term
     renderProgress({ stage: data.stage, epoch: data.epoch, epochs: data.epochs, images_per_sec: data.images_per_sec, epoch_done: true }, shown.job);
-    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, selection-split accuracy ${pct(data.val_acc)}.`);
+    announce(`${stageTitle(data.stage)}: epoch ${data.epoch} of ${data.epochs} done, ${rowSplit(data)}-split accuracy ${pct(rowEval(data, 'acc'))}.`);
   } else if (kind === 'stage_started') {
     renderProgress({ stage: data.stage }, shown.job);
   } else if (kind === 'status' || kind === 'end') {

@@ -3,7 +3,7 @@
  * and, when the job measured them (metrics.deploy; null with export.measure: false), size and speed
  * against the teacher and the int8 model's accuracy, with the plain warning when it is not usable. */
 
-import { $, el, num, pct } from './util.js';
+import { $, el, num, pct, reportAcc } from './util.js';
 
 const signed = (v) => `${v >= 0 ? '+' : ''}${v.toFixed(1)}`;
 
@@ -22,7 +22,7 @@ export function renderResult(job) {
   $('#res-shipped').textContent = `Shipped: the ${m.shipped} student, as student.* (student.onnx, student/).`;
   $('#res-reason').textContent = m.shipped_reason ? `Why: ${m.shipped_reason}.` : '';
   const shipped = m[m.shipped] || {};
-  $('#res-acc').textContent = pct(shipped.val_acc);
+  $('#res-acc').textContent = pct(reportAcc(shipped));
   const c = m.comparison;
   if (c && typeof c.gain_points === 'number') {
     const [lo, hi] = c.ci95_points || [];

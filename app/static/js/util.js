@@ -48,10 +48,18 @@ export function randomId() {
 }
 export function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
 
-// The metrics block's selection-or-report accuracy of `who` (teacher, baseline, distilled).
-export function accOf(metrics, who) {
-  const m = metrics && metrics[who];
-  return m && typeof m === 'object' ? m.val_acc : null;
+// The report-split accuracy of `who` (teacher, baseline, distilled) in a job's metrics. Jobs stored
+// before every number named its split call it `val_acc`: read as the fallback (docs/artifacts.md#names-every-number-names-its-split).
+export function accOf(metrics, who) { return reportAcc(metrics && metrics[who]); }
+export function reportAcc(block) {
+  if (!block || typeof block !== 'object') return null;
+  return typeof block.report_acc === 'number' ? block.report_acc : (typeof block.val_acc === 'number' ? block.val_acc : null);
+}
+// An epoch row's accuracy and CE loss on the split it was scored on (`eval_split`); old rows: val_*.
+export function rowSplit(row) { return row.eval_split || 'selection'; }
+export function rowEval(row, what) {
+  const v = row[`${rowSplit(row)}_${what}`];
+  return typeof v === 'number' ? v : row[`val_${what}`];
 }
 
 // ---------- the view on screen: its timers and its event stream ----------
