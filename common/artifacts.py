@@ -8,8 +8,9 @@ A job stores each model once, as a folder in timm's hub layout (models/results/e
 Jobs exported before that (the old layout) also hold flat copies: `<name>.safetensors` with a JSON
 model card `<name>.json` (`class_names`, ...) beside it, and the oldest ones only those.
 `role_weights_names` and `class_names_beside` read both layouts, the hub folder first, so such a
-job still serves as `weights: job:<id>` and its head's classes are still checked. Torch-free: the
-API, the workers and the engine all use it.
+job still serves as `weights: job:<id>` and its head's classes are still checked; `legacy_files`
+lets `spkd download JOB student` fetch its flat copies. Torch-free: the resolver
+(core/references.py), the workers, the engine and the CLI all use it.
 """
 
 from __future__ import annotations
