@@ -195,7 +195,7 @@ class Artifact(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "name": "student.safetensors",
+                "name": "student/model.safetensors",
                 "size": 13584112,
                 "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
             }

@@ -3,7 +3,7 @@ ImageFolder, each variant distilled from the same fine-tuned teacher of its seed
 
 Per seed, one full spkd job fine-tunes the teacher, trains the baseline (the student fine-tuned
 alone) and distils with `sp_weight: auto` (the default job). Every other variant is a job that
-starts from that job's fine-tuned teacher (`teacher.weights: <its teacher.safetensors>`, no
+starts from that job's fine-tuned teacher (`teacher.weights: <its teacher/model.safetensors>`, no
 fine-tuning) and trains only the distilled student, with the same seed: same student
 initialisation, same data order, same selection split. Accuracies are on the report split (val/,
 or test/ when the dataset has one); "shipped" is what the job ships for `auto` (the default job,
@@ -170,7 +170,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             metrics = base
         else:
             settings = parse_variant(name)
-            spec = job_spec(args, seed, base_dir / "teacher.safetensors", settings.get("distill"))
+            spec = job_spec(args, seed, base_dir / "teacher" / "model.safetensors", settings.get("distill"))
             metrics, row["seconds"][name] = _run(
                 args, spec, args.out / f"seed{seed}" / _slug(name), settings.get("share")
             )

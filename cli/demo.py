@@ -173,7 +173,7 @@ def summary(metrics: dict) -> list[str]:
             f"{cmp['verdict']}"
         )
     if metrics.get("shipped"):
-        lines.append(f"  shipped as student.*     the {metrics['shipped']} student")
+        lines.append(f"  shipped as student/      the {metrics['shipped']} student (and student.onnx)")
     return lines
 
 

@@ -33,17 +33,25 @@ from cli.client import (
     make_client,
     print_json,
 )
+from common import artifacts
 
 
 def _selected(arts: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """The artifacts `names` asks for: a file by its name, or a model folder (`student`, `teacher`,
-    `baseline`, `distilled`, `tensorboard`...) as every file under it; all of them for no names.
-    ClientError (not found) naming what matched nothing, with the folders there are."""
+    `baseline`, `distilled`, `tensorboard`...) as every file under it; all of them for no names. A
+    job in the old layout without that folder gives its flat copies (`student.safetensors`,
+    `student.json`; common/artifacts.py). ClientError (not found) naming what matched nothing,
+    with the folders there are."""
     if not names:
         return arts
 
-    def matches(name: str, a: dict[str, Any]) -> bool:
+    def under(name: str, a: dict[str, Any]) -> bool:
         return a["name"] == name or a["name"].startswith(name.rstrip("/") + "/")
+
+    def matches(name: str, a: dict[str, Any]) -> bool:
+        if any(under(name, b) for b in arts):
+            return under(name, a)
+        return a["name"] in artifacts.legacy_files(name.rstrip("/"))
 
     missing = [n for n in names if not any(matches(n, a) for a in arts)]
     if missing:

@@ -124,7 +124,7 @@ def gain_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(summary_line(metrics["comparison"]))
     if metrics.get("shipped"):
         shipped, reason = metrics["shipped"], metrics.get("shipped_reason")
-        lines.append(f"shipped as student.*: the {shipped} student ({reason})")
+        lines.append(f"shipped as student/ and student.onnx: the {shipped} student ({reason})")
     return lines
 
 

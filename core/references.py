@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
+from common import artifacts
 from common.errors import SpkdError
 from common.spec import WEIGHT_KEYWORDS, JobSpec
 from core import attempts, store
@@ -43,7 +44,8 @@ from core.source_checks import (
     check_torchvision_split,
 )
 
-ROLE_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+# A role's weights in a job's hub folders; a job in the old layout: common/artifacts.py.
+ROLE_FILES = {role: artifacts.weights_name(role) for role in artifacts.MODEL_ROLES}
 UPLOADS_DIRNAME = "datasets"
 
 
@@ -318,7 +320,9 @@ def resolve_job_weights(
     owner: str,
     require_finished: bool = True,
 ) -> Path | None:
-    """`job:<id>` -> that job's fine-tuned file of the same model (the same role first).
+    """`job:<id>` -> that job's fine-tuned file of the same model (the same role first): its hub
+    folder's `<role>/model.safetensors`, or `<role>.safetensors` of a job in the old layout
+    (common/artifacts.py).
 
     Only the owner's jobs: another key's job (in any status) answers like a missing one,
     `weights_job_not_found`. `weights_job_not_finished` for the owner's unfinished job (at submit,
@@ -343,10 +347,10 @@ def resolve_job_weights(
         raise SpkdError("weights_job_not_finished", f"job {job_id!r} is {status}, not succeeded", field)
     # The attempt folder the record names (core/attempts.py), or the job folder of an older job.
     job_dir = attempts.output_dir(artifact_dir(settings) / job_id, other.get("output"))
-    for candidate in candidates:
-        path = job_dir / ROLE_FILES[candidate]
+    for name in (n for c in candidates for n in artifacts.role_weights_names(c)):  # hub folder, then flat
+        path = job_dir / name
         if settings.storage_url:  # in the bucket (core/bucket.py): registered is enough here,
-            if store.get_artifact(r, keys, job_id, ROLE_FILES[candidate]) is not None:
+            if store.get_artifact(r, keys, job_id, name) is not None:
                 return path  # the worker fetches it to this path (workers/runner.py)
             continue
         try:

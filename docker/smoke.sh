@@ -156,11 +156,11 @@ if [ "$status" != succeeded ]; then
 fi
 
 listing=$(curl -sf "${auth[@]}" "$api/v1/jobs/$job_id/artifacts")
-want=$("$py" -c 'import json,sys; print(next(a["sha256"] for a in json.load(sys.stdin)["data"] if a["name"] == "student.safetensors"))' <<<"$listing")
-curl -sf "${auth[@]}" -o "$work/student.safetensors" "$api/v1/jobs/$job_id/artifacts/student.safetensors"
+want=$("$py" -c 'import json,sys; print(next(a["sha256"] for a in json.load(sys.stdin)["data"] if a["name"] == "student/model.safetensors"))' <<<"$listing")
+curl -sf "${auth[@]}" -o "$work/student.safetensors" "$api/v1/jobs/$job_id/artifacts/student/model.safetensors"
 got=$(sha256sum "$work/student.safetensors" | cut -d' ' -f1)
 [ "$got" = "$want" ] || { step "checksum mismatch: $got != $want"; exit 1; }
-step "downloaded student.safetensors ($(stat -c %s "$work/student.safetensors") bytes, sha256 ok)"
+step "downloaded student/model.safetensors ($(stat -c %s "$work/student.safetensors") bytes, sha256 ok)"
 "$py" - "$work/student.safetensors" <<'PY'
 import sys
 from safetensors.torch import load_file

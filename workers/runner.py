@@ -6,6 +6,7 @@ can also call it in-process. torch is imported only inside the engine call, in t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 import redis
 
+from common import artifacts
 from common.errors import SpkdError
 from common.reporter import Fenced, StopRequested
 from common.spec import JobSpec
@@ -354,22 +356,27 @@ def _validate_and_run(
 
 
 def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
-    """`weights: job:<id>` resolved to `<artifact root>/<id>/[<attempt folder>/]<file>`: with a
-    bucket, that file may be on another host; fetched from the bucket (sha256-checked) when it is
-    not here."""
+    """`weights: job:<id>` resolved to `<artifact root>/<id>/[<attempt folder>/]<artifact>` (a hub
+    folder's `teacher/model.safetensors`, or an old layout's `teacher.safetensors`): with a bucket,
+    that file may be on another host; fetched from the bucket (sha256-checked) when it is not here,
+    with the JSON that names its classes (common/artifacts.py) when the job has one."""
     root = references.artifact_dir(settings)
     for role in references.ROLE_FILES:
         path = Path(getattr(spec, role).weights)
         if not path.is_absolute() or not path.is_relative_to(root) or path.is_file():
             continue
-        job_id, *output, file_name = path.relative_to(root).parts
-        if len(output) > 1:
-            continue
+        job_id, *rest = path.relative_to(root).parts
+        output = rest[0] if len(rest) > 1 and attempts.number(rest[0]) is not None else None
+        name = "/".join(rest[1:] if output else rest)
         try:
-            remote.get_file(bucket.artifact_key(job_id, file_name, output[0] if output else None), path)
+            remote.get_file(bucket.artifact_key(job_id, name, output), path)
         except FileNotFoundError:
-            msg = f"job {job_id!r} has no {file_name} left in the object storage"
+            msg = f"job {job_id!r} has no {name} left in the object storage"
             raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
+        sidecar = artifacts.sidecar_name(name)
+        # the class check reads it (models/training/validation.py); absent: not checked
+        with contextlib.suppress(FileNotFoundError):
+            remote.get_file(bucket.artifact_key(job_id, sidecar, output), path.with_name(Path(sidecar).name))
 
 
 def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:

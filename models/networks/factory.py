@@ -16,7 +16,7 @@ from common.errors import SpkdError
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What a model expects of its input; saved in student.json / teacher.json to rebuild it."""
+    """What a model expects of its input; saved in each model folder's config.json."""
 
     input_size: tuple[int, int, int]
     mean: tuple[float, float, float]
@@ -58,7 +58,7 @@ def create(
 
 
 def create_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
-    """Extra timm.create_model arguments for this image size (saved in student.json too)."""
+    """Extra timm.create_model arguments for this image size (config.json's model_args carry them)."""
     cfg = timm.models.get_pretrained_cfg(name)
     if image_size and cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size)[-1] != image_size:
         return {"img_size": image_size}

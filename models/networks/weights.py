@@ -8,13 +8,13 @@ another shape is dropped and the fresh head from timm.create_model is kept.
 from __future__ import annotations
 
 import importlib
-import json
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from common import artifacts
 from common.errors import SpkdError
 from models.networks import factory
 
@@ -87,20 +87,13 @@ def _build(
 def sidecar_class_names(weights: str) -> list[str] | None:
     """The class names a weight file's head was trained on, from the JSON beside it, if any.
 
-    `x.safetensors` -> `x.json` with a `class_names` list: the model card every job exports
-    (`teacher.json`, `student.json`), so `job:<id>` weights always have one. None when absent.
+    A hub folder's `model.safetensors` -> its `config.json` `label_names` (every job exports its
+    models so, so `job:<id>` weights always have one); `x.safetensors` -> `x.json` `class_names`
+    (the old layout's model cards). common/artifacts.py reads both. None when absent.
     """
     if weights in ("hub", "none", "package") or weights.startswith("job:"):
         return None
-    path = Path(weights).with_suffix(".json")
-    try:
-        card = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    names = card.get("class_names") if isinstance(card, dict) else None
-    if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        return list(names)
-    return None
+    return artifacts.class_names_beside(Path(weights))
 
 
 def _from_hub(name: str, num_classes: int, field: str, image_size: int | None) -> torch.nn.Module:

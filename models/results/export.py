@@ -1,5 +1,7 @@
-"""Artifacts: weights as safetensors, a JSON config that rebuilds the model with timm alone, and
-an ONNX export of the student (normalised float input N x 3 x S x S, dynamic batch)."""
+"""Artifacts: each model as a folder in timm's hub layout (`save_hub_folder`: model.safetensors and a
+config.json that rebuilds it with timm alone, plus its model card), an ONNX export of the student
+(normalised float input N x 3 x S x S, dynamic batch), strict JSON; and the safetensors writer the
+checkpoints use (`save_weights`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from common.errors import SpkdError
 from common.files import atomic_write, storage_full
-from models.networks.factory import DataConfig, create_kwargs
+from models.networks.factory import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +27,6 @@ def save_weights(model: torch.nn.Module, path: Path, guard: Callable[[], None] |
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), guard)
-
-
-def model_card(name: str, class_names: list[str], cfg: DataConfig, **extra: Any) -> dict[str, Any]:
-    """Everything `timm.create_model` and a preprocessing pipeline need to use the weights."""
-    return {
-        "model": name,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        **cfg.as_dict(),
-        "input_size": list(cfg.input_size),
-        "mean": list(cfg.mean),
-        "std": list(cfg.std),
-        "library": "timm",
-        "create_kwargs": create_kwargs(name, cfg.input_size[-1]),  # e.g. img_size for a ViT
-        **extra,
-    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
-"""export: the artifacts of a job (weights, model cards, ONNX, timm hub folders, metrics.json,
-report) staged in the attempt's folder and moved into out_dir together (models/results/export.py writes
-each file; models/results/report.py renders the report from metrics.json)."""
+"""export: the artifacts of a job (each model once, as a folder in timm's hub layout with its model
+card; the shipped student's ONNX; metrics.json; the report) staged in the attempt's folder and moved
+into out_dir together (models/results/export.py writes each file; models/results/report.py renders
+the report from metrics.json; common/artifacts.py names them)."""
 
 from __future__ import annotations
 
@@ -41,32 +42,11 @@ def run_stage(run: Run) -> None:
             continue
         student = finished_student(run, which)
         guards.require_finite_weights(student, f"{which} student")  # never export NaN weights
-        card = export.model_card(
-            spec.student.model,
-            run.scan.classes,
-            run.data.student_cfg,
-            report_acc=results[which]["report_acc"],
-            trained=which,
-        )
-        names = [which, "student"] if which == shipped else [which]
-        for name in names:
-            export.save_weights(student, out / f"{name}.safetensors")
-            export.write_json(out / f"{name}.json", card)
         if which == shipped:
             exporter = export.export_onnx(student, run.data.image_size, out / "student.onnx")
             run.reporter.event("info", f"exported student.onnx ({exporter} exporter, the {which} student)")
     teacher, _ = finished_teacher(run)
     guards.require_finite_weights(teacher, "teacher")  # never export NaN weights
-    export.save_weights(teacher, out / "teacher.safetensors")
-    export.write_json(
-        out / "teacher.json",
-        export.model_card(
-            spec.teacher.model,
-            run.scan.classes,
-            run.data.teacher_cfg,
-            report_acc=results.get("teacher", {}).get("report_acc"),
-        ),
-    )
     folders = _hub_folders(run, out, shipped, teacher)
     measured = {"teacher": teacher, "student": finished_student(run, shipped)}
     if shipped != "baseline" and "baseline" in results:

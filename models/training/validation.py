@@ -8,7 +8,7 @@
   or a CNN whose pooling leaves nothing at a tiny size, fails here with `model_input_mismatch`
   instead of after a whole training stage with a raw AssertionError.
 - `check_reused_heads`: a head loaded from weights is used by class index, so the names it was
-  trained on (the weight file's sidecar JSON, e.g. an earlier job's `teacher.json`) must be the
+  trained on (the JSON beside the weight file, e.g. an earlier job's `teacher/config.json`) must be the
   dataset's classes, in the same order.
 - `precision_note`: says when the requested precision is not what runs (fp16 on a CPU).
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common import artifacts
 from common.errors import SpkdError
 from common.spec import JobSpec
 from models.data import loader
@@ -190,9 +191,11 @@ def unnamed_head_warning(teacher_weights: str, head_loaded: bool, teacher_finetu
 
 
 def _describe(w: str) -> str:
-    """A weight file as a person knows it: its folder (a job id for job: weights) and name."""
+    """A weight file as a person knows it: its folder (a job id or attempt folder for job: weights)
+    and name; for a hub folder's `model.safetensors`, the folder above it too."""
     path = Path(w)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    names = [path.parent.parent.name] if path.name == artifacts.WEIGHTS_FILE else []
+    return "/".join(n for n in [*names, path.parent.name, path.name] if n)
 
 
 def precision_note(requested: str, amp_dtype: torch.dtype | None, device: torch.device) -> str | None:

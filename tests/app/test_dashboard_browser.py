@@ -153,20 +153,21 @@ def _scenario(live_stack: dict[str, Any], tmp_path: Path) -> None:
         assert page.locator("#job-cancel").is_hidden()
 
         # Every artifact is offered, grouped, folders collapsed; downloading one gives the server's bytes.
-        page.wait_for_selector("#artifacts button[data-artifact='student.json']")
+        page.wait_for_selector("#artifacts button[data-artifact='student.onnx']")
         names = page.locator("#artifacts button").evaluate_all("bs => bs.map(b => b.dataset.artifact)")
-        assert {"student.safetensors", "student.json", "metrics.json"} <= set(names)
+        assert {"student/model.safetensors", "student.onnx", "metrics.json"} <= set(names)
+        assert not [n for n in names if "/" not in n and n.endswith(".safetensors")], names  # each model once
         groups = page.locator("#artifacts .art-group h3").evaluate_all("hs => hs.map(h => h.textContent)")
         assert groups == ["Models", "Reports", "Logs (TensorBoard)"], groups
         folders = page.locator("#artifacts details")
         assert folders.count() >= 2 and not any(folders.evaluate_all("ds => ds.map(d => d.open)"))
         assert page.locator("#artifacts button[data-artifact^='tensorboard/']").first.is_hidden()
         with page.expect_download() as dl:
-            page.locator("#artifacts button[data-artifact='student.json']").click()
-        saved = tmp_path / "student.json"
+            page.locator("#artifacts button[data-artifact='metrics.json']").click()
+        saved = tmp_path / "metrics.json"
         dl.value.save_as(saved)
         # After success the job folder holds only its current attempt's folder (core/attempts.py).
-        [served] = (live_stack["artifact_root"] / job_id).glob("attempt-*/student.json")
+        [served] = (live_stack["artifact_root"] / job_id).glob("attempt-*/metrics.json")
         assert saved.read_bytes() == served.read_bytes()
         page.screenshot(path=shots / "04-job-succeeded.png", full_page=True)
 

@@ -49,7 +49,7 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         assert row["variants"]["baseline"]["acc"] == auto["baseline"]["report_acc"]
         fixed = json.loads((seed_dir / "sp_3000" / "metrics.json").read_text())
         # every variant distils from the seed's fine-tuned teacher, as it is
-        assert fixed["spec"]["teacher"]["weights"] == str(seed_dir / "auto" / "teacher.safetensors")
+        assert fixed["spec"]["teacher"]["weights"] == str(seed_dir / "auto" / "teacher" / "model.safetensors")
         assert fixed["spec"]["teacher"]["finetune"] is None
         assert fixed["distill_weights"]["sp"]["weight"] == 3000.0
         searched = json.loads((seed_dir / "search_300_1000_3000" / "metrics.json").read_text())

@@ -169,3 +169,24 @@ def test_download_a_model_folder_by_its_name(api: Stack, finished_job: str, tmp_
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*")), (
         "a refused download wrote files"
     )
+
+
+def test_download_a_model_of_a_job_in_the_old_layout(api: Stack, tmp_path: Path) -> None:
+    """A job exported before the model folders were the one format has only flat copies:
+    `spkd download JOB student` fetches `student.safetensors` and `student.json` (common/artifacts.py)."""
+    s = api.settings
+    r, keys = store.connect(s.redis_url), store.Keys(s.redis_prefix)
+    job_id = store.create_job(r, keys, store.owner_of(KEY_A), tiny_spec({"path": "x"}))["id"]
+    store.transition(r, keys, job_id, store.RUNNING, [store.QUEUED])
+    out = s.artifact_root / job_id
+    out.mkdir(parents=True)
+    (out / "student.safetensors").write_bytes(os.urandom(2048))
+    (out / "student.json").write_text('{"class_names": ["a", "b"]}')
+    (out / "teacher.safetensors").write_bytes(os.urandom(1024))
+    store.transition(r, keys, job_id, store.SUCCEEDED, [store.RUNNING], artifacts=collect_artifacts(out))
+    res = spkd("download", job_id, "student", "-o", str(tmp_path), url=api.url)
+    assert res.returncode == 0, res.stderr
+    got = sorted(p.name for p in (tmp_path / job_id).rglob("*") if p.is_file())
+    assert got == ["student.json", "student.safetensors"], got
+    want = (out / "student.safetensors").read_bytes()
+    assert (tmp_path / job_id / "student.safetensors").read_bytes() == want

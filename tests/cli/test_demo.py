@@ -129,7 +129,7 @@ def test_demo_end_to_end_with_tiny_models(tmp_path):
     job_dirs = list((tmp_path / "out").iterdir())
     assert len(job_dirs) == 1
     out = job_dirs[0]
-    for name in ("student.safetensors", "student.json", "metrics.json"):
+    for name in ("student/model.safetensors", "student/config.json", "metrics.json"):
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["distilled"]["report_acc"] <= 1.0

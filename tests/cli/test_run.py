@@ -42,14 +42,14 @@ def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     cmp = metrics["comparison"]
     assert f"95 % CI {cmp['ci95_points'][0]:+.1f} to {cmp['ci95_points'][1]:+.1f}" in result.stdout
     assert "McNemar p =" in result.stdout and cmp["verdict"] in result.stdout
-    assert f"shipped as student.*: the {metrics['shipped']} student" in result.stdout
+    assert f"shipped as student/ and student.onnx: the {metrics['shipped']} student" in result.stdout
     # what each model costs, measured side by side, and the int8 student: the deploy table
     assert metrics["deploy"]["student_vs_teacher"]["headline"] in result.stdout
     assert "p50 ms" in result.stdout and "student int8" in result.stdout
     assert (tmp_path / "out" / "student.int8.onnx").is_file()
-    assert {"student.safetensors", "student.json", "student.onnx"} <= {
-        p.name for p in (tmp_path / "out").iterdir()
-    }
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"student", "teacher", "student.onnx"} <= names and not [n for n in names if ".safetensors" in n]
+    assert (tmp_path / "out" / "student" / "model.safetensors").is_file()
     listed = " ".join(result.stdout.split("artifacts in", 1)[1].split())  # rich wraps long lines
     assert "student/" in listed and "teacher/" in listed and "tensorboard/" in listed, listed
     assert "checkpoints" not in listed, listed

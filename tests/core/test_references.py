@@ -46,8 +46,12 @@ def _zip(classes: tuple[str, ...]) -> bytes:
     return buf.getvalue()
 
 
-def _finished_job(r, keys, settings: Settings, owner: str, status: str, files: bool = True) -> str:
-    """A job of `owner` in `status` with teacher/student weight files in its artifact folder."""
+def _finished_job(
+    r, keys, settings: Settings, owner: str, status: str, files: bool = True, layout: str = "hub"
+) -> str:
+    """A job of `owner` in `status` with teacher/student weight files in its artifact folder: in
+    their hub folders (`teacher/model.safetensors`), or `layout="flat"` as jobs exported before
+    those were the one format (`teacher.safetensors`), or "both" (hub folders and flat copies)."""
     spec = tiny_spec({"path": "shared"}, baseline=False)
     jid = store.create_job(r, keys, owner, JobSpec.model_validate(spec).model_dump(mode="json"))["id"]
     if status != store.QUEUED:
@@ -59,8 +63,12 @@ def _finished_job(r, keys, settings: Settings, owner: str, status: str, files: b
     if files:
         out = Path(settings.artifact_root) / jid
         out.mkdir(parents=True)
-        for name in ("teacher.safetensors", "student.safetensors"):
-            (out / name).write_bytes(b"weights of " + owner.encode())
+        for role in ("teacher", "student"):
+            if layout in ("hub", "both"):
+                (out / role).mkdir()
+                (out / role / "model.safetensors").write_bytes(b"weights of " + owner.encode())
+            if layout in ("flat", "both"):
+                (out / f"{role}.safetensors").write_bytes(b"weights of " + owner.encode())
     return jid
 
 
@@ -104,13 +112,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str):
         ids = {
             "a_ds": ds_a.json()["id"],
             "b_ds": ds_b.json()["id"],
-            "a_job": _finished_job(r, keys, s, ALICE, store.SUCCEEDED),
+            "a_job": _finished_job(r, keys, s, ALICE, store.SUCCEEDED, layout="both"),
             "a_running": _finished_job(r, keys, s, ALICE, store.RUNNING, files=False),
             "a_failed": _finished_job(r, keys, s, ALICE, store.FAILED),
             "b_job": _finished_job(r, keys, s, BOB, store.SUCCEEDED),
             "b_running": _finished_job(r, keys, s, BOB, store.RUNNING, files=False),
             "b_failed": _finished_job(r, keys, s, BOB, store.FAILED),
             "b_linked": _finished_job(r, keys, s, BOB, store.SUCCEEDED, files=False),
+            "b_flat": _finished_job(r, keys, s, BOB, store.SUCCEEDED, layout="flat"),
+            "b_both": _finished_job(r, keys, s, BOB, store.SUCCEEDED, layout="both"),
             "missing_job": "job_01zzzzzzzzzzzzzzzzzz",
             "missing_ds": "ds_01zzzzzzzzzzzzzzzzzz",
             "data": str(data),
@@ -128,11 +138,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, redis_url: str):
         (data / "sneaky" / "train" / "alicesecreta").symlink_to(
             uploads / ids["a_ds"] / "train" / "alicesecreta"
         )
-        (weights / "link_alice.safetensors").symlink_to(arts / ids["a_job"] / "teacher.safetensors")
+        (weights / "link_alice.safetensors").symlink_to(arts / ids["a_job"] / "teacher" / "model.safetensors")
         (weights / "link_out.safetensors").symlink_to(outside / "w.safetensors")
-        (arts / ids["b_linked"]).mkdir()
-        (arts / ids["b_linked"] / "teacher.safetensors").symlink_to(
-            arts / ids["a_job"] / "teacher.safetensors"
+        (arts / ids["b_linked"] / "teacher").mkdir(parents=True)
+        (arts / ids["b_linked"] / "teacher" / "model.safetensors").symlink_to(
+            arts / ids["a_job"] / "teacher" / "model.safetensors"
         )
         # A dataset record of Bob's whose folder is Alice's upload (a symlink in the uploads area).
         fake = "ds_01bobsfakeeeeeeeeeee"
@@ -182,11 +192,11 @@ MATRIX = [
     ("dataset.id", "own record, folder symlinked to other", {D: "{b_fake_ds}"}, "dataset_not_found", None),
     # weights, relative path: a file under a weight root, never in uploads or artifacts.
     ("weights relative", "own admin file", {T: "base.safetensors"}, OK, OK),
-    ("weights relative", "own artifact by path", {T: "artifacts/{b_job}/teacher.safetensors"}, WNA, None),
-    ("weights relative", "other artifact", {T: "artifacts/{a_job}/teacher.safetensors"}, WNA, None),
-    ("weights relative", "other, artifact-root relative", {T: "{a_job}/teacher.safetensors"}, WNA, None),
+    ("weights relative", "own by path", {T: "artifacts/{b_job}/teacher/model.safetensors"}, WNA, None),
+    ("weights relative", "other artifact", {T: "artifacts/{a_job}/teacher/model.safetensors"}, WNA, None),
+    ("weights relative", "other, root-relative", {T: "{a_job}/teacher/model.safetensors"}, WNA, None),
     ("weights relative", "other, in an upload", {T: "data/datasets/{a_ds}/planted.safetensors"}, WNA, None),
-    ("weights relative", "missing", {T: "artifacts/{missing_job}/teacher.safetensors"}, WNA, None),
+    ("weights relative", "missing", {T: "artifacts/{missing_job}/teacher/model.safetensors"}, WNA, None),
     ("weights relative", "escape ..", {T: "../outside/w.safetensors"}, WNA, None),
     ("weights relative", "escape .. to artifacts", {T: "../srv/artifacts/{a_job}/student.pth"}, WNA, None),
     ("weights relative", "symlink to other artifact", {T: "link_alice.safetensors"}, WNA, None),
@@ -194,9 +204,9 @@ MATRIX = [
     ("weights relative", "NUL byte", {T: "base\x00.safetensors"}, WNA, None),
     # weights, absolute path.
     ("weights absolute", "own admin file", {S: "{weights}/base.safetensors"}, OK, OK),
-    ("weights absolute", "own artifact", {S: "{arts}/{b_job}/student.safetensors"}, WNA, None),
-    ("weights absolute", "other artifact", {S: "{arts}/{a_job}/student.safetensors"}, WNA, None),
-    ("weights absolute", "missing", {S: "{arts}/{missing_job}/student.safetensors"}, WNA, None),
+    ("weights absolute", "own artifact", {S: "{arts}/{b_job}/student/model.safetensors"}, WNA, None),
+    ("weights absolute", "other artifact", {S: "{arts}/{a_job}/student/model.safetensors"}, WNA, None),
+    ("weights absolute", "missing", {S: "{arts}/{missing_job}/student/model.safetensors"}, WNA, None),
     ("weights absolute", "escape ..", {S: "{weights}/../artifacts/{a_job}/student.safetensors"}, WNA, None),
     ("weights absolute", "outside", {S: "{outside}/w.safetensors"}, WNA, None),
     ("weights absolute", "symlink to other artifact", {S: "{weights}/link_alice.safetensors"}, WNA, None),
@@ -211,6 +221,7 @@ MATRIX = [
     ("job:", "escape ..", {T: "job:../{a_job}"}, "invalid_request", "spec"),
     ("job:", "absolute", {T: "job:{arts}/{a_job}"}, "invalid_request", "spec"),
     ("job:", "own, file symlinked to other's", {T: "job:{b_linked}"}, "weights_job_not_found", None),
+    ("job:", "own, old layout (flat files)", {T: "job:{b_flat}"}, OK, OK),
 ]  # fmt: skip
 
 
@@ -297,8 +308,8 @@ def test_another_keys_answers_exactly_like_missing(world: World, case: tuple) ->
 REFUSED_AT_RUN = [
     ("dataset.path", {"dataset.path": "datasets/{a_ds}"}, "dataset_path_not_allowed"),
     ("dataset.id", {"dataset.id": "{a_ds}"}, "dataset_not_found"),
-    ("weights relative", {T: "artifacts/{a_job}/teacher.safetensors"}, "weights_not_allowed"),
-    ("weights absolute", {S: "{arts}/{a_job}/student.safetensors"}, "weights_not_allowed"),
+    ("weights relative", {T: "artifacts/{a_job}/teacher/model.safetensors"}, "weights_not_allowed"),
+    ("weights absolute", {S: "{arts}/{a_job}/student/model.safetensors"}, "weights_not_allowed"),
     ("job:", {T: "job:{a_job}"}, "weights_job_not_found"),
 ]
 
@@ -322,3 +333,20 @@ def test_models_endpoint_lists_no_private_files(world: World) -> None:
     assert os.path.join(world.ids["weights"], "base.safetensors") in files
     for f in files:
         assert world.ids["a_job"] not in f and world.ids["b_job"] not in f and "planted" not in f, files
+
+
+@pytest.mark.parametrize(
+    ("job", "want"),
+    [
+        ("b_job", "teacher/model.safetensors"),
+        ("b_flat", "teacher.safetensors"),
+        ("b_both", "teacher/model.safetensors"),
+    ],
+)
+def test_job_weights_read_the_hub_folder_then_the_old_flat_file(world: World, job: str, want: str) -> None:
+    """`job:<id>` takes the job's hub folder (`teacher/model.safetensors`); a job stored in the old
+    layout (flat `teacher.safetensors` only) still serves; with both, the hub folder wins."""
+    model = tiny_spec({"path": "shared"})["teacher"]["model"]
+    r, keys, settings = world.r, world.keys, world.settings
+    got = references.resolve_job_weights(r, keys, settings, "teacher", model, world.ids[job], BOB)
+    assert got == (Path(world.ids["arts"]) / world.ids[job] / want).resolve()

@@ -116,9 +116,10 @@ def _succeeded_job(client, settings: Settings, r, keys: store.Keys) -> str:
         store.transition(r, keys, job_id, status, [before])
     out = storage.job_dir(settings, job_id)
     out.mkdir(parents=True)
-    for name in ("teacher.safetensors", "student.safetensors"):
-        (out / name).write_bytes(b"weights")
-    store.set_artifacts(r, keys, job_id, [{"name": "teacher.safetensors", "size": 7, "sha256": "x"}])
+    for role in ("teacher", "student"):
+        (out / role).mkdir()
+        (out / role / "model.safetensors").write_bytes(b"weights")
+    store.set_artifacts(r, keys, job_id, [{"name": "teacher/model.safetensors", "size": 7, "sha256": "x"}])
     return job_id
 
 
@@ -143,7 +144,7 @@ def test_delete_job_whose_weights_an_active_job_uses(client, settings: Settings,
     assert err["code"] == "job_in_use" and sorted(err["jobs"]) == sorted([by_teacher, by_student]), err
     assert other not in err["message"] and by_teacher in err["message"]
     assert client.get(f"/v1/jobs/{source}").status_code == 200
-    assert (storage.job_dir(settings, source) / "teacher.safetensors").is_file()
+    assert (storage.job_dir(settings, source) / "teacher" / "model.safetensors").is_file()
     assert client.delete(f"/v1/jobs/{source}", headers=BOB).status_code == 404  # another key's: unknown
 
     client.post(f"/v1/jobs/{by_teacher}/cancel")
@@ -162,7 +163,7 @@ def test_retention_keeps_a_job_whose_weights_are_in_use(client, settings: Settin
     tiny = settings.model_copy(update={"job_ttl_days": 0.01 / 86400})
     assert storage.apply_retention(r, keys, tiny) == []
     assert client.get(f"/v1/jobs/{source}").status_code == 200
-    assert (storage.job_dir(settings, source) / "teacher.safetensors").is_file()
+    assert (storage.job_dir(settings, source) / "teacher" / "model.safetensors").is_file()
     client.post(f"/v1/jobs/{user}/cancel")
     time.sleep(0.05)
     assert sorted(storage.apply_retention(r, keys, tiny)) == sorted([source, user])

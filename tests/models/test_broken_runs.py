@@ -70,7 +70,7 @@ def test_exploding_loss_fails_with_non_finite_loss(color_dataset, tmp_path, monk
     assert "distill.sp_weight (now 1e+06)" in e.message and "train.lr (now 1)" in e.message
     assert e.field in ("train.lr", "distill.sp_weight")
     # nothing exported, no epoch-end checkpoint of NaN weights, no NaN reported as progress
-    assert not (tmp_path / "out" / "student.safetensors").exists()
+    assert not (tmp_path / "out" / "student").exists()
     assert not (tmp_path / "out" / "metrics.json").exists()
     assert not [d for kind, _, d in reporter.events if kind in ("checkpoint", "epoch_end")]
     assert all(math.isfinite(v) for v in _progress_losses(reporter))
@@ -173,22 +173,27 @@ def test_a_teacher_that_cannot_take_the_size_is_named(color_dataset):
     assert err.value.code == "model_input_mismatch" and "teacher test_vit" in err.value.message
 
 
-def _earlier_job_teacher(folder: Path, classes: list[str]) -> Path:
-    """What a job's export stage writes for its teacher: weights + the model card beside them."""
+def _earlier_job_teacher(folder: Path, classes: list[str], layout: str = "hub") -> Path:
+    """What a job's export stage writes for its teacher: its hub folder (`teacher/model.safetensors`,
+    `config.json` with label_names); `layout="flat"`: the old layout's `teacher.safetensors` with the
+    model card `teacher.json` (class_names) beside it. Returns the weight file."""
     model = timm.create_model("test_resnet", pretrained=False, num_classes=len(classes))
+    cfg = factory.data_config(model, 32)
+    if layout == "hub":
+        export.save_hub_folder(model, folder / "job_earlier" / "teacher", classes, cfg)
+        return folder / "job_earlier" / "teacher" / "model.safetensors"
     path = folder / "job_earlier" / "teacher.safetensors"
     export.save_weights(model, path)
-    cfg = factory.data_config(model, 32)
-    export.write_json(
-        path.with_suffix(".json"), export.model_card("test_resnet", classes, cfg, report_acc=0.9)
-    )
+    export.write_json(path.with_suffix(".json"), {"model": "test_resnet", "class_names": list(classes)})
     return path
 
 
+@pytest.mark.parametrize("layout", ["hub", "flat"])
 @pytest.mark.parametrize("earlier", [["cat", "dog", "fox"], ["cat", "dog"], ["red", "blue"]])
-def test_reused_teacher_head_on_other_classes_names_both_lists(color_dataset, tmp_path, earlier):
-    """3 classes, 2 other names (same count: was silently reused by index), same names reordered."""
-    path = _earlier_job_teacher(tmp_path, earlier)
+def test_reused_teacher_head_on_other_classes_names_both_lists(color_dataset, tmp_path, earlier, layout):
+    """3 classes, 2 other names (same count: was silently reused by index), same names reordered;
+    read from a job's hub folder and from the old layout's flat file and card alike."""
+    path = _earlier_job_teacher(tmp_path, earlier, layout)
     spec = tiny_job_spec(teacher={"weights": str(path), "finetune": None})
     with pytest.raises(SpkdError) as err:
         validate_job(spec, color_dataset)
@@ -266,16 +271,16 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
             p.fill_(float("nan"))
     # The distilled student's stage weights, as the distill stage leaves them for evaluate and export.
     export.save_weights(student, checkpoint.checkpoint_dir(out) / "distilled.safetensors")
-    before = (out / "student.safetensors").read_bytes()
+    before = (out / "student" / "model.safetensors").read_bytes()
     with pytest.raises(SpkdError) as err:
         run_job(spec, data, out, RecordingReporter())
     assert err.value.code == code, err.value
     assert resume_at in err.value.message or "distilled student" in err.value.message
-    assert (out / "student.safetensors").read_bytes() == before  # the exported file was not replaced
+    assert (out / "student" / "model.safetensors").read_bytes() == before  # not replaced
 
 
 def test_a_head_without_class_names_is_reused_with_a_warning(color_dataset, tmp_path):
-    path = _earlier_job_teacher(tmp_path, ["blue", "red"])
+    path = _earlier_job_teacher(tmp_path, ["blue", "red"], "flat")
     path.with_suffix(".json").unlink()  # a bare weight file: nothing says what its outputs mean
     found = validate_job(tiny_job_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
     assert any("no JSON with class_names" in w and "by class index" in w for w in found), found

@@ -51,12 +51,12 @@ def test_resume_gives_identical_weights(color_dataset, tmp_path, reference, stop
         run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, stopper)
     saved = checkpoint.load(tmp_path)
     assert saved["current"]["stage"] == stage and saved["current"]["epoch"] == epoch
-    assert not (tmp_path / "student.safetensors").exists()  # no results from a stopped run
+    assert not (tmp_path / "student").exists()  # no results from a stopped run
 
     resumed = RecordingReporter()
     run_job(tiny_job_spec(**SPEC), color_dataset, tmp_path, resumed)
     assert any(kind == "info" and "resuming" in msg for kind, msg, _ in resumed.events)
-    for name in ("student.safetensors", "teacher.safetensors"):
+    for name in ("student/model.safetensors", "teacher/model.safetensors"):
         got, want = _tensors(tmp_path / name), _tensors(reference / name)
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want), f"{name} differs after resume"
@@ -149,13 +149,13 @@ def test_each_attempt_writes_its_own_folder(color_dataset, tmp_path, reference):
     assert adopted == 1
     linked = second / "checkpoints" / "last.pt"
     run_job(tiny_job_spec(**SPEC), color_dataset, second, RecordingReporter())
-    for name in ("student.safetensors", "teacher.safetensors"):
+    for name in ("student/model.safetensors", "teacher/model.safetensors"):
         got, want = _tensors(second / name), _tensors(reference / name)
         assert all(torch.equal(got[k], want[k]) for k in want), f"{name} differs after the takeover"
     before = {p: p.read_bytes() for p in second.rglob("*") if p.is_file()}
 
     checkpoint.save(first, {"late": torch.zeros(3)})  # the stale attempt's late write, in its folder
-    (first / "student.safetensors").write_bytes(b"stale")  # and a late publish
+    (first / "student.onnx").write_bytes(b"stale")  # and a late publish
     assert {p: p.read_bytes() for p in second.rglob("*") if p.is_file()} == before
     assert linked.is_file() and checkpoint.load(second)["completed"][-1] == "export"
     third, adopted = attempts.open_attempt(tmp_path, 3)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from common.errors import SpkdError
 from common.reporter import RecordingReporter
+from models.networks import factory
 from models.pipeline import run_job, validate_job
 from tests.helpers import HYMENOPTERA, make_folder, tiny_job_spec
 
@@ -108,24 +109,19 @@ def test_metrics_json_contract(vit_run):
 
 
 def test_artifacts_load_back(vit_run, color_dataset):
-    out, metrics, _, _ = vit_run
-    for name in ("student", "teacher"):
-        card = json.loads((out / f"{name}.json").read_text())
-        for key in (
-            "model",
-            "num_classes",
-            "class_names",
-            "input_size",
-            "mean",
-            "std",
-            "interpolation",
-            "crop_pct",
-            "crop_mode",
-        ):
-            assert key in card
-        model = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
-        model.load_state_dict(load_file(str(out / f"{name}.safetensors")))
-    assert card["model"] == "test_resnet"
+    """Each model once, as its hub folder: no flat weight copies or JSON cards beside them; the
+    folder's config.json rebuilds the architecture (a ViT at the job's size too) for its weights."""
+    out, _, _, spec = vit_run
+    assert not list(out.glob("*.safetensors")) and not (out / "student.json").exists()
+    for name, model_name in (("student", spec.student.model), ("teacher", spec.teacher.model)):
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert cfg["architecture"] == model_name and cfg["label_names"] == ["blue", "red"]
+        pre = cfg["pretrained_cfg"]
+        for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+            assert key in pre
+        assert pre["input_size"][-1] == spec.train.image_size
+        model = timm.create_model(model_name, **cfg["model_args"])
+        model.load_state_dict(load_file(str(out / name / "model.safetensors")))
     assert (out / "report.html").is_file() and (out / "curves.png").is_file()
 
 
@@ -133,11 +129,9 @@ def test_onnx_matches_torch(vit_run):
     import onnxruntime as ort
 
     out, _, _, _ = vit_run
-    card = json.loads((out / "student.json").read_text())
-    model = timm.create_model(card["model"], num_classes=2, **card["create_kwargs"]).eval()
-    model.load_state_dict(load_file(str(out / "student.safetensors")))
+    model = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True).eval()  # the shipped one
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
-    size = card["input_size"][-1]
+    size = model.pretrained_cfg["input_size"][-1]
     for batch in (1, 5):  # dynamic batch axis
         x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
         (got,) = session.run(None, {session.get_inputs()[0].name: x})
@@ -165,8 +159,7 @@ def _stage_files(snippet: str, cwd: Path, out: Path, photo: Path) -> None:
     folders = [cwd] + [cwd / lit for lit in literals if "/" in lit and not Path(lit).suffix]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("student.json", "student.safetensors", "student.onnx"):
-            shutil.copy(out / name, folder / name)
+        shutil.copy(out / "student.onnx", folder / "student.onnx")
     shutil.copytree(out / "student", cwd / "student", dirs_exist_ok=True)  # timm's hub layout
     for lit in literals:
         if lit.lower().endswith(IMAGE_SUFFIXES):
@@ -272,31 +265,32 @@ def test_hymenoptera_validates_with_package_weights():
 
 def test_every_model_is_a_timm_hub_folder(vit_run):
     """student/ (shipped), the other student, teacher/: timm's own layout, loaded by timm alone
-    with identical outputs to the exported weights, label names and training preprocessing in it."""
+    with identical outputs to the weights rebuilt the engine's way (models/networks/factory.py),
+    label names and the training preprocessing (the engine's data config) in it."""
     out, metrics, _, spec = vit_run
     shipped = metrics["shipped"]
     other = "baseline" if shipped == "distilled" else "distilled"
-    for folder, role, model_name, weights in (
-        ("student", shipped, spec.student.model, "student.safetensors"),
-        (other, other, spec.student.model, f"{other}.safetensors"),
-        ("teacher", "teacher", spec.teacher.model, "teacher.safetensors"),
+    size = spec.train.image_size
+    for folder, role, model_name in (
+        ("student", shipped, spec.student.model),
+        (other, other, spec.student.model),
+        ("teacher", "teacher", spec.teacher.model),
     ):
         root = out / folder
         cfg = json.loads((root / "config.json").read_text())
         assert cfg["architecture"] == model_name and cfg["label_names"] == ["blue", "red"]
-        card = json.loads((out / weights.replace(".safetensors", ".json")).read_text())
-        pre = cfg["pretrained_cfg"]
-        assert pre["input_size"] == card["input_size"] and pre["mean"] == card["mean"]
-        assert pre["interpolation"] == card["interpolation"] and pre["crop_pct"] == card["crop_pct"]
+        engine = factory.create(model_name, 2, image_size=size)
+        engine.load_state_dict(load_file(str(root / "model.safetensors")))
+        want, pre = factory.data_config(engine, size), cfg["pretrained_cfg"]
+        assert pre["input_size"] == list(want.input_size) and pre["mean"] == list(want.mean)
+        assert pre["interpolation"] == want.interpolation and pre["crop_pct"] == want.crop_pct
         readme = (root / "README.md").read_text()
         assert readme.startswith("---\nlibrary_name: timm") and model_name in readme
         _check_hub_card(readme, cfg, metrics[role]["report_acc"])
         hub = timm.create_model(f"local-dir:{root}", pretrained=True).eval()
-        flat = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
-        flat.load_state_dict(load_file(str(out / weights)))
-        x = torch.randn(2, *card["input_size"])
+        x = torch.randn(2, *want.input_size)
         with torch.inference_mode():
-            assert torch.equal(hub(x), flat.eval()(x)), folder
+            assert torch.equal(hub(x), engine.eval()(x)), folder
     assert "95 % CI" in (out / "student" / "README.md").read_text()  # the gain's interval
 
 

@@ -62,9 +62,11 @@ def test_best_epochs_are_kept_and_scored_on_selection(default_run, color_dataset
     # the exported weights are that epoch's: they score the recorded selection accuracy again
     scan = loader.with_selection(loader.scan_dataset(color_dataset, 0.2, 0), 0.1, 0)
     for name in ("distilled", "baseline"):
-        card = json.loads((out / f"{name}.json").read_text())
-        model = timm.create_model(card["model"], num_classes=card["num_classes"]).eval()
-        model.load_state_dict(load_file(str(out / f"{name}.safetensors")))
+        folder = out / ("student" if name == metrics["shipped"] else name)  # each model's hub folder
+        config = json.loads((folder / "config.json").read_text())
+        card = config["pretrained_cfg"]
+        model = timm.create_model(config["architecture"], num_classes=config["num_classes"]).eval()
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
         cfg_mean, cfg_std = (
             torch.tensor(card["mean"]).view(1, 3, 1, 1),
             torch.tensor(card["std"]).view(1, 3, 1, 1),
@@ -116,9 +118,9 @@ def test_ship_and_gain_statistics(default_run):
         else "distilled"
     )
     assert metrics["shipped"] == want
-    shipped = load_file(str(out / "student.safetensors"))
-    other = load_file(str(out / f"{want}.safetensors"))
-    assert all(torch.equal(shipped[k], other[k]) for k in other)
+    # each model stored once: the shipped student as student/, its card says which it is
+    assert f"({want} student, spkd)" in (out / "student" / "README.md").read_text()
+    assert not (out / want).exists() and (out / ({"distilled", "baseline"} - {want}).pop()).is_dir()
     cmp = metrics["comparison"]
     assert cmp["n"] == 20 and cmp["gain_points"] == pytest.approx(100 * metrics["gain"], abs=1e-3)
     assert cmp["verdict"] in ("better", "no detectable difference", "worse")
@@ -142,13 +144,9 @@ def test_baseline_ships_when_distillation_loses(color_dataset, tmp_path):
     assert metrics["distill_weights"]["sp"] == {"mode": "given", "weight": 1e6, "ref_batch": 16}
     assert metrics["baseline"]["select_acc"] > metrics["distilled"]["select_acc"]
     assert metrics["shipped"] == "baseline"
-    student, baseline = (
-        load_file(str(tmp_path / "student.safetensors")),
-        load_file(str(tmp_path / "baseline.safetensors")),
-    )
-    assert all(torch.equal(student[k], baseline[k]) for k in baseline)
-    assert json.loads((tmp_path / "student.json").read_text())["trained"] == "baseline"
-    assert (tmp_path / "distilled.safetensors").is_file() and (tmp_path / "distilled.json").is_file()
+    assert "(baseline student, spkd)" in (tmp_path / "student" / "README.md").read_text()
+    assert not (tmp_path / "baseline").exists() and (tmp_path / "distilled" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "student.json").exists()
     assert any("student.* is the baseline" in msg for msg, _ in _events(reporter, "warning"))
     assert "the baseline student" in (tmp_path / "report.html").read_text()
 

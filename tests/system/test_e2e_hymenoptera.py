@@ -60,10 +60,10 @@ def test_lite2_to_lite0_on_hymenoptera(tmp_path):
     assert saved["distilled"]["report_acc"] == metrics["distilled"]["report_acc"]
     models = {}
     for name in ("student", "teacher"):
-        card = json.loads((tmp_path / f"{name}.json").read_text())
-        assert card["class_names"] == ["ants", "bees"] and card["mean"] == [0.5, 0.5, 0.5]
-        model = timm.create_model(card["model"], num_classes=card["num_classes"], **card["create_kwargs"])
-        model.load_state_dict(load_file(str(tmp_path / f"{name}.safetensors")))
+        card = json.loads((tmp_path / name / "config.json").read_text())
+        assert card["label_names"] == ["ants", "bees"] and card["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
+        model = timm.create_model(card["architecture"], **card["model_args"])
+        model.load_state_dict(load_file(str(tmp_path / name / "model.safetensors")))
         models[name] = model.eval()
     assert models["student"].default_cfg["architecture"] == "tf_efficientnet_lite0"
     session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])

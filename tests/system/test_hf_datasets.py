@@ -74,8 +74,8 @@ def test_job_on_a_saved_hf_dataset_trains_with_its_class_names(service: Service)
         job_id = resp.json()["id"]
         job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
-        cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()
-        assert cfg["class_names"] == CLASSES
+        cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student/config.json").json()
+        assert cfg["label_names"] == CLASSES
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_job_on_a_torchvision_dataset_trains(service: Service) -> None:
         job_id = resp.json()["id"]
         job = wait_job_over_http(c, job_id, 300, service.logs)
         assert job["status"] == "succeeded", (job["error"], service.logs())
-        assert c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()["class_names"] == ["0", "1"]
+        assert c.get(f"/v1/jobs/{job_id}/artifacts/student/config.json").json()["label_names"] == ["0", "1"]
         assert job["metrics"]["dataset"]["roles"]["report"] == "test/"  # its own test split is reported
 
 

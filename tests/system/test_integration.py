@@ -98,22 +98,22 @@ def test_job_end_to_end(service: Service, dataset_id: str, tmp_path: Path) -> No
         assert tail == log[2:]
 
         arts = {a["name"]: a for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
-        assert {"student.safetensors", "student.json", "metrics.json"} <= set(arts)
+        assert {"student/model.safetensors", "student/config.json", "metrics.json"} <= set(arts)
         assert not any(n.startswith("checkpoints") for n in arts)
-        dl = c.get(f"/v1/jobs/{job_id}/artifacts/student.safetensors")
-        assert dl.status_code == 200 and len(dl.content) == arts["student.safetensors"]["size"]
+        dl = c.get(f"/v1/jobs/{job_id}/artifacts/student/model.safetensors")
+        assert dl.status_code == 200 and len(dl.content) == arts["student/model.safetensors"]["size"]
         import hashlib
 
-        assert hashlib.sha256(dl.content).hexdigest() == arts["student.safetensors"]["sha256"]
-        cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student.json").json()
+        assert hashlib.sha256(dl.content).hexdigest() == arts["student/model.safetensors"]["sha256"]
+        cfg = c.get(f"/v1/jobs/{job_id}/artifacts/student/config.json").json()
 
         # Another key sees none of it.
         with service.client(KEY_B) as other:
             assert other.get(f"/v1/jobs/{job_id}").status_code == 404
-            assert other.get(f"/v1/jobs/{job_id}/artifacts/student.safetensors").status_code == 404
+            assert other.get(f"/v1/jobs/{job_id}/artifacts/student/model.safetensors").status_code == 404
 
     (tmp_path / "student.safetensors").write_bytes(dl.content)
-    model = timm.create_model(cfg["model"], pretrained=False, num_classes=cfg["num_classes"])
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg["num_classes"])
     model.load_state_dict(load_file(tmp_path / "student.safetensors"))
     model.eval()
     with torch.no_grad():
@@ -229,14 +229,14 @@ def test_cli_submit_wait_status_download(service: Service, dataset_id: str, tmp_
     )
     assert json.loads(st.stdout)["status"] == "succeeded"
     dl = subprocess.run(
-        [spkd, "download", job_id, "student.json", "-o", str(tmp_path)],
+        [spkd, "download", job_id, "student/config.json", "-o", str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert dl.returncode == 0 and "sha256 ok" in dl.stderr, dl.stderr
-    assert json.loads((tmp_path / job_id / "student.json").read_text())["num_classes"] == 2
+    assert json.loads((tmp_path / job_id / "student" / "config.json").read_text())["num_classes"] == 2
     bad = subprocess.run([spkd, "status", "job_nope"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 3 and "job_not_found" in bad.stderr
 

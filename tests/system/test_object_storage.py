@@ -69,7 +69,7 @@ def test_upload_train_download_delete_through_the_bucket(
 
     arts = c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     names = {a["name"] for a in arts}
-    assert {"student.safetensors", "metrics.json", "student.onnx"} <= names
+    assert {"student/model.safetensors", "metrics.json", "student.onnx"} <= names
     in_bucket = set(s3_server.keys(f"{prefix}/jobs/{job_id}/"))
     # Under the attempt's own prefix (core/attempts.py); checkpoints dropped after success.
     [attempt] = {k.removeprefix(f"{prefix}/jobs/{job_id}/").split("/")[0] for k in in_bucket}
@@ -103,7 +103,9 @@ def test_upload_train_download_delete_through_the_bucket(
     second = wait_job_over_http(c, res.json()["id"], 300, st.logs)
     assert second["status"] == "succeeded", (second, st.logs())
     # fetched from the bucket into the attempt folder the first job's record names
-    assert (worker_host / "artifacts" / job_id / attempt / "student.safetensors").is_file()
+    # with the config.json that names its classes (the reused-head check reads it)
+    fetched = worker_host / "artifacts" / job_id / attempt / "student"
+    assert (fetched / "model.safetensors").is_file() and (fetched / "config.json").is_file()
     assert c.delete(f"/v1/jobs/{second['id']}").status_code == 204
 
     assert c.delete(f"/v1/jobs/{job_id}").status_code == 204

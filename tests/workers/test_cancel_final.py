@@ -102,7 +102,7 @@ def test_cancel_after_the_last_training_step(stack_factory, redis_url: str, stag
             assert job["status"] == "cancelled", (job, dump(events(r, keys, jid)), st.logs())
             assert c.get(f"/v1/jobs/{jid}").json()["status"] == "cancelled"
             assert c.get(f"/v1/jobs/{jid}/artifacts").json()["data"] == []
-            for name in ("student.safetensors", "student.onnx", "metrics.json"):
+            for name in ("student/model.safetensors", "student.onnx", "metrics.json"):
                 assert c.get(f"/v1/jobs/{jid}/artifacts/{name}").status_code == 404
             assert c.post(f"/v1/jobs/{jid}/cancel").status_code == 200  # idempotent, still cancelled
             return

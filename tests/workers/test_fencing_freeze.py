@@ -305,7 +305,7 @@ def test_frozen_runner_is_fenced_at_every_point(stack_factory, redis_url: str, r
     left = {p.name for p in out.iterdir()}
     assert job["output"] in left and left - {job["output"]} <= stale_folders, left
     arts = store.list_artifacts(r, keys, job_id)
-    assert {a["name"] for a in arts} >= {"student.safetensors", "student.onnx", "metrics.json"}
+    assert {a["name"] for a in arts} >= {"student/model.safetensors", "student.onnx", "metrics.json"}
     for a in arts:
         data = (out / job["output"] / a["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == a["sha256"] and len(data) == a["size"], a["name"]

@@ -259,6 +259,6 @@ def test_pause_in_each_training_stage_then_resume(stack_factory, redis_url: str)
         starts = [e for e in evs if e["kind"] == "status" and e["data"]["status"] == "validating"]
         assert len(starts) == 4, dump(evs)
         assert not any("worker was lost" in e["message"] for e in evs), dump(evs)
-        assert {"student.safetensors", "metrics.json"} <= {
+        assert {"student/model.safetensors", "metrics.json"} <= {
             a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
         }

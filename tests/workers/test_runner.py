@@ -15,7 +15,7 @@ import pytest
 from common.errors import SpkdError
 from common.reporter import Progress
 from common.spec import JobSpec
-from core import references, store
+from core import attempts, blobs, bucket, references, store
 from core.settings import Settings
 from workers import runner
 from workers.reporter import Monitor, RedisReporter
@@ -129,6 +129,31 @@ def test_too_many_attempts_fails_the_job(r, keys, settings: Settings) -> None:
     assert store.get_job(r, keys, jid)["error"]["code"] == "worker_lost"
 
 
+@pytest.mark.parametrize(
+    ("name", "sidecar"),
+    [("teacher/model.safetensors", "teacher/config.json"), ("teacher.safetensors", "teacher.json")],
+    ids=["hub folder", "old flat layout"],
+)
+def test_job_weights_come_from_the_bucket_with_the_json_naming_their_classes(
+    settings: Settings, tmp_path: Path, name: str, sidecar: str
+) -> None:
+    """`weights: job:<id>` on a host that never had that job's files (a bucket, core/bucket.py):
+    the weights the resolver named are fetched into the attempt folder, with the JSON beside them
+    that the reused-head class check reads; a job's hub folder and the old flat layout alike."""
+    remote = blobs.LocalBlobs(tmp_path / "bucket")
+    job_id, output = "job_01earlierjobbbbbbbbbb", attempts.name(1)
+    for artifact, data in ((name, b"weights"), (sidecar, b'{"label_names": ["a"], "class_names": ["a"]}')):
+        src = tmp_path / "made" / artifact
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data)
+        remote.put_file(bucket.artifact_key(job_id, artifact, output), src)
+    here = references.artifact_dir(settings) / job_id / output
+    spec = JobSpec.model_validate(base_spec(teacher={"model": "test_vit", "weights": str(here / name)}))
+    runner._fetch_job_weights(remote, settings, spec)
+    assert (here / name).read_bytes() == b"weights"
+    assert (here / sidecar).read_bytes().startswith(b'{"label_names"')
+
+
 def test_resolve_job_weights(r, keys, settings: Settings) -> None:
     earlier = store.create_job(r, keys, "o", base_spec(teacher={"model": "test_vit", "weights": "none"}))[
         "id"
@@ -139,10 +164,10 @@ def test_resolve_job_weights(r, keys, settings: Settings) -> None:
     assert e.value.code == "weights_job_not_finished" and e.value.field == "teacher.weights"
     store.transition(r, keys, earlier, store.SUCCEEDED, [store.QUEUED])
     out = Path(settings.artifact_root).resolve() / earlier
-    out.mkdir(parents=True)
-    (out / "teacher.safetensors").write_bytes(b"w")
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "model.safetensors").write_bytes(b"w")
     resolved = references.resolve_weights(r, keys, settings, spec, "o")
-    assert resolved.teacher.weights == str(out / "teacher.safetensors")
+    assert resolved.teacher.weights == str(out / "teacher" / "model.safetensors")
     with pytest.raises(SpkdError) as e:
         references.resolve_weights(r, keys, settings, spec, "another-owner")
     assert e.value.code == "weights_job_not_found"

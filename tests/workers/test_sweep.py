@@ -52,7 +52,7 @@ def test_worker_sweeps_at_start_and_applies_retention(stack_factory, redis_url: 
         job_id = c.post("/v1/jobs", json=tiny_spec({"path": "hym"})).json()["id"]
         job = wait_final(r, keys, job_id, 300)
         assert job["status"] == "succeeded"
-        assert (output_dir(st.settings, job) / "student.safetensors").is_file()  # its attempt folder
+        assert (output_dir(st.settings, job) / "student" / "model.safetensors").is_file()  # attempt folder
         # Finished ttl_s ago -> the next pass of the worker's sweeper deletes records and files.
         assert _wait_gone([art / job_id], 120) == [], st.logs()
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404

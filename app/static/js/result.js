@@ -19,7 +19,7 @@ export function renderResult(job) {
   const m = job.metrics || {};
   if (job.status !== 'succeeded' || !m.shipped) return;
   $('#result').hidden = false;
-  $('#res-shipped').textContent = `Shipped: the ${m.shipped} student, as student.* (student.onnx, student/).`;
+  $('#res-shipped').textContent = `Shipped: the ${m.shipped} student, as student/ (timm's hub layout) and student.onnx.`;
   $('#res-reason').textContent = m.shipped_reason ? `Why: ${m.shipped_reason}.` : '';
   const shipped = m[m.shipped] || {};
   $('#res-acc').textContent = pct(reportAcc(shipped));
