@@ -87,6 +87,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     from common.errors import SpkdError
     from common.reporter import StopRequested
     from core.settings import Settings
+    from models.pipeline import validate_job
     from models.results.tracking import run_tracked
 
     reporter = BarReporter(console)
@@ -94,8 +95,9 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     try:
         with reporter:
             settings = Settings()
+            valid = validate_job(spec, data_dir)
             metrics = run_tracked(
-                spec, data_dir, out, reporter, out.name, settings, device=device, data_path=settings.data_path
+                valid, out, reporter, out.name, settings, device=device, data_path=settings.data_path
             )
     except SpkdError as exc:
         console.print(

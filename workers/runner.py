@@ -412,9 +412,9 @@ def _run_on(
     from models.pipeline import validate_job  # torch: only in the job's process
     from models.results.tracking import run_tracked
 
-    warnings = validate_job(spec, data_dir)
-    # run_job logs each warning as an event itself; here they only go on the job record.
-    store.update_job(r, keys, job_id, fence=fence, warnings=list(warnings))
+    valid = validate_job(spec, data_dir)  # the one validation: the engine runs what it returns
+    # run_valid logs each warning as an event itself; here they only go on the job record.
+    store.update_job(r, keys, job_id, fence=fence, warnings=list(valid.warnings))
     if monitor.stop_requested:
         raise StopRequested()
     store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running", fence=fence)
@@ -437,8 +437,7 @@ def _run_on(
         _warn_if_gpu_missing(reporter)
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
     metrics = run_tracked(
-        spec,
-        data_dir,
+        valid,
         out_dir,
         reporter,
         job_id,

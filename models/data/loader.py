@@ -104,24 +104,14 @@ class DatasetScan:
 
 
 # ----------------------------------------------------------------------------------- scanning
-_SCAN_CACHE: dict[tuple, DatasetScan] = {}
-
-
 def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetScan:
-    """Scan once per process (validation and the run share it); raise SpkdError if unusable."""
+    """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
+    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
+    val/. A job's validation scans its dataset once (models/training/validation.py `ValidJob`).
+    Raises SpkdError `dataset_not_found` (no such folder), or common.scan's refusals."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise SpkdError("dataset_not_found", f"dataset folder {str(root)!r} does not exist", "dataset")
-    key = (str(root), root.stat().st_mtime_ns, val_fraction, seed)
-    if key not in _SCAN_CACHE:
-        _SCAN_CACHE[key] = _scan(root, val_fraction, seed)
-    return _SCAN_CACHE[key]
-
-
-def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
-    """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
-    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
-    val/."""
     found = scan_tree(root)
     roles = {"train": "train/", "selection": "none", "report": "val/"}
     train, selection, report_from = found.train, [], "folders"

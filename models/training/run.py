@@ -92,8 +92,7 @@ class Run:
 
 
 def open_run(
-    spec: JobSpec,
-    data_dir: Path,
+    valid: validation.ValidJob,
     out_dir: Path,
     reporter: Reporter,
     device: str | None,
@@ -101,12 +100,13 @@ def open_run(
     data_path: str = "auto",
     job_id: str | None = None,
 ) -> Run:
-    """Scan, report the dataset, pick the device, open the data, adopt/load the checkpoint.
+    """Split the validated job's scan into its roles, report the dataset, pick the device, open
+    the data, adopt/load the checkpoint.
 
     `epochs`: the planned training stages' epochs (the whole-run ETA counts those not done yet).
     """
-    scan = loader.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
-    scan = loader.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
+    spec = valid.spec
+    scan = loader.with_selection(valid.scan, spec.dataset.selection_fraction, spec.train.seed)
     scan = loader.with_ship_part(scan, spec.dataset.ship_fraction, spec.train.seed)
     if spec.distill.searching and not scan.selection:
         field = "sp_weight" if isinstance(spec.distill.sp_weight, list) else "kd_weight"

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from common.reporter import RecordingReporter, StopRequested
 from common.spec import JobSpec
 from core import store
+from models.pipeline import validate_job
 from models.results.tracking import run_tracked
 from tests.helpers import make_settings, output_dir, tiny_job_spec
 from workers import runner
@@ -161,9 +162,10 @@ def test_tensorboard_resume_does_not_draw_steps_twice(color_dataset, tmp_path):
     # 44 training images (4 go to the selection split) at batch 16: 2 steps an epoch. Teacher 1
     # epoch + baseline epoch 1 + 1 step of epoch 2, then stop.
     with pytest.raises(StopRequested):
-        run_tracked(spec, color_dataset, tmp_path, RecordingReporter(stop_after_steps=5), "job_resume")
+        stopping = RecordingReporter(stop_after_steps=5)
+        run_tracked(validate_job(spec, color_dataset), tmp_path, stopping, "job_resume")
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 1
-    metrics = run_tracked(spec, color_dataset, tmp_path, RecordingReporter(), "job_resume")
+    metrics = run_tracked(validate_job(spec, color_dataset), tmp_path, RecordingReporter(), "job_resume")
     assert metrics["job"]["id"] == "job_resume"  # the service's job id reaches the report's header
     # a second file in each resumed folder: the resumed process's, starting with a purge
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 2
