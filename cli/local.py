@@ -98,7 +98,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
             valid = validate_job(spec, data_dir)
             metrics = run_tracked(
                 valid, out, reporter, out.name, settings, device=device, data_path=settings.data_path
-            )
+            ).metrics
     except SpkdError as exc:
         console.print(
             f"[red]error[/red] {exc.code}" + (f" ({exc.field})" if exc.field else "") + f": {exc.message}"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ from models.stages.search import search_rungs
 from models.training.run import Run, cleanup_checkpoints, open_run
 from models.training.validation import ValidJob, validate_job
 
-__all__ = ["ValidJob", "best_row", "run_job", "run_valid", "search_rungs", "validate_job"]
+__all__ = ["Finished", "ValidJob", "best_row", "run_job", "run_valid", "search_rungs", "validate_job"]
 
 
 def run_job(
@@ -37,14 +39,23 @@ def run_job(
     data_path: str = "auto",
     job_id: str | None = None,
 ) -> dict:
-    """`validate_job`, then `run_valid`: for callers with no step of their own between the two
-    (tests, benches). Raises what either raises."""
+    """`validate_job`, then `run_valid`; returns the metrics dict. For callers with no step of
+    their own between the two (tests, benches). Raises what either raises."""
     try:
         valid = validate_job(spec, data_dir)
     except BaseException:
         BANK.clear()  # the models validation built
         raise
-    return run_valid(valid, out_dir, reporter, device, data_path, job_id)
+    return run_valid(valid, out_dir, reporter, device, data_path, job_id).metrics
+
+
+@dataclass
+class Finished:
+    """What a finished run leaves: metrics.json's dict, and the manifest of the files it published
+    ({"name" relative to out_dir, "size" in bytes, "sha256"}; checkpoints are not results)."""
+
+    metrics: dict[str, Any]
+    artifacts: list[dict[str, Any]]
 
 
 def run_valid(
@@ -54,8 +65,9 @@ def run_valid(
     device: str | None = None,
     data_path: str = "auto",
     job_id: str | None = None,
-) -> dict:
-    """Run (or resume) a validated job; returns the metrics dict also written to out_dir/metrics.json.
+) -> Finished:
+    """Run (or resume) a validated job; returns its metrics (out_dir/metrics.json) and the manifest
+    of the files it published, which a service registers as the job's artifacts.
 
     Its validation warnings become `warning` events first. A run resumes from
     out_dir/checkpoints/last.pt when there is one (a service job gives each attempt its own
@@ -80,7 +92,7 @@ def run_valid(
         cleanup_checkpoints(run, [name for s in stages.STAGES for name in s.produces])
     finally:
         BANK.clear()  # the job's models: a job process runs one job
-    return json.loads((out_dir / "metrics.json").read_text())
+    return Finished(json.loads((out_dir / "metrics.json").read_text()), list(run.state.artifacts))
 
 
 def _run_stage(run: Run, stage: stages.Stage) -> None:

@@ -7,7 +7,6 @@ can also call it in-process. torch is imported only inside the engine call, in t
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import sys
@@ -26,25 +25,7 @@ from workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")
 
-# ---------------------------------------------------------------- artifacts
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def collect_artifacts(out_dir: Path) -> list[dict[str, Any]]:
-    """Every result file (checkpoints/ are for resuming, not results)."""
-    arts = []
-    for p in sorted(out_dir.rglob("*")):
-        rel = p.relative_to(out_dir)
-        if p.is_file() and rel.parts[0] != "checkpoints" and not p.name.startswith("."):
-            arts.append({"name": rel.as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)})
-    return arts
+# ---------------------------------------------------------------- memory
 
 
 def free_memory() -> None:
@@ -436,7 +417,7 @@ def _run_on(
     if device is None or device.startswith("cuda"):
         _warn_if_gpu_missing(reporter)
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
-    metrics = run_tracked(
+    finished = run_tracked(
         valid,
         out_dir,
         reporter,
@@ -445,7 +426,7 @@ def _run_on(
         device=device,
         data_path=settings.data_path,
     )
-    artifacts = collect_artifacts(out_dir)
+    artifacts = finished.artifacts  # the engine's manifest of what it published
     if remote is not None:  # uploaded before they are registered: a partial upload never is
         bucket.upload_artifacts(remote, job_id, out_dir, artifacts, reporter.ensure_current)
     # Registry and final status in one fenced transaction: a stale attempt registers nothing.
@@ -460,7 +441,7 @@ def _run_on(
             {"artifacts": [a["name"] for a in artifacts]},
             fence=fence,
             artifacts=artifacts,
-            metrics=metrics,
+            metrics=finished.metrics,
             output=out_dir.name,
         )
     except store.CancelPending:

@@ -15,14 +15,16 @@ throughput), so a new field shows up without a change here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from common import files
 from common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
@@ -427,12 +429,13 @@ def run_tracked(
     job_id: str,
     settings: Any = None,
     **kwargs: Any,
-) -> dict:
+) -> Any:
     """`models.pipeline.run_valid` of a validated job (models.pipeline.ValidJob) with TensorBoard
     files in `<out_dir>/tensorboard/` and, when configured, an MLflow run; kwargs go to run_valid.
 
     `settings` (core.settings.Settings, read by attribute so the engine does not import the
-    service) gives `mlflow_tracking_uri` and `mlflow_experiment`. Returns run_valid's metrics; its
+    service) gives `mlflow_tracking_uri` and `mlflow_experiment`. Returns run_valid's
+    models.pipeline.Finished, its manifest with the TensorBoard files added (closed by then); its
     exceptions (SpkdError, StopRequested, ...) pass through after the trackers are closed with
     the outcome (FAILED, KILLED).
     """
@@ -451,9 +454,8 @@ def run_tracked(
     tracked.start()
     status = "FAILED"
     try:
-        metrics = run_valid(valid, out_dir, tracked, job_id=job_id, **kwargs)
+        finished = run_valid(valid, out_dir, tracked, job_id=job_id, **kwargs)
         status = "FINISHED"
-        return metrics
     except StopRequested:
         status = "KILLED"
         raise
@@ -465,3 +467,6 @@ def run_tracked(
     finally:
         if status != "FENCED":
             tracked.close(status)
+    board = files.manifest(out_dir / "tensorboard", "tensorboard/")  # complete once closed
+    artifacts = sorted(finished.artifacts + board, key=lambda a: PurePosixPath(a["name"]).parts)
+    return dataclasses.replace(finished, artifacts=artifacts)

@@ -38,6 +38,8 @@ class RunState:
     curves: dict[str, list] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     current: dict[str, Any] | None = None
+    # what the export stage published: {"name", "size", "sha256"} per file (common.files.manifest)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class RunState:
             "curves": self.curves,
             "timing": self.timing,
             "current": self.current,
+            "artifacts": self.artifacts,
         }
 
 
@@ -165,6 +168,7 @@ def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter) -> RunState:
         curves=dict(saved["curves"]),
         timing=dict(saved["timing"]),
         current=saved["current"],
+        artifacts=list(saved.get("artifacts", [])),  # absent in checkpoints saved before export
     )
     where = state.current and f"{state.current['stage']} epoch {state.current['epoch']}"
     reporter.event(
