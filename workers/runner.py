@@ -18,7 +18,7 @@ import redis
 from common.errors import SpkdError
 from common.reporter import Fenced, StopRequested
 from common.spec import JobSpec
-from core import attempts, blobs, bucket, references, storage, store
+from core import attempts, blobs, bucket, references, sources, storage, store
 from core.settings import Settings
 from workers.failures import failure_error
 from workers.reporter import Monitor, RedisReporter
@@ -211,27 +211,6 @@ def _quietly(job_id: str, what: str, step: Any) -> None:
         log.exception("job %s: %s failed", job_id, what)
 
 
-def hub_imagefolder(ds: Any, settings: Settings) -> Path:
-    """`dataset.hf` -> its ImageFolder (models/data/hub.py) under $HF_HOME/spkd-imagefolders, where
-    the `datasets` library keeps its own downloads too (a volume in docker-compose.yml)."""
-    from models.data import hub  # imports `datasets` lazily: only jobs that name one need it
-
-    local = references.resolve_hf_local(settings, ds.hf)
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    return hub.materialise(
-        ds.hf, local, home / "spkd-imagefolders", ds.revision, ds.split, ds.image_column, ds.label_column
-    )
-
-
-def torchvision_imagefolder(ds: Any) -> Path:
-    """`dataset.torchvision` -> its ImageFolder (models/data/hub.py) under $TORCH_HOME/spkd-imagefolders;
-    the archives torchvision downloads stay under $TORCH_HOME/spkd-downloads (a volume)."""
-    from models.data import hub
-
-    home = Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")
-    return hub.materialise_torchvision(ds.torchvision, home, ds.split)
-
-
 def _observe(r: redis.Redis, keys: store.Keys, job_id: str) -> None:
     try:
         store.observe_finished_job(r, keys, job_id)
@@ -319,19 +298,15 @@ def _validate_and_run(
     owner = job["owner"]
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
-    data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
-    if spec.dataset.hf is not None:  # a named dataset: its ImageFolder, built once per host
-        data_dir = hub_imagefolder(spec.dataset, settings)
-    elif spec.dataset.torchvision is not None:
-        data_dir = torchvision_imagefolder(spec.dataset)
+    located, spec = references.resolve_spec(r, keys, settings, spec, owner)
     remote = blobs.remote(settings)
     if remote is not None:
         _fetch_job_weights(remote, settings, spec)
-    if remote is not None and spec.dataset.id is not None:  # the upload is in the bucket
-        data_dir, held = _fetch_dataset(remote, settings, spec.dataset.id)
-        with held:  # a shared lock: the host's dataset cache keeps this copy while the job runs
-            return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
-    return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
+    from models.data import hub  # the engine's ImageFolder builders (imports `datasets` lazily)
+
+    where = sources.Located(r, keys, settings, owner)
+    with sources.materialise(where, spec.dataset, located, remote, hub) as data_dir:
+        return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
 
 
 def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
@@ -351,14 +326,6 @@ def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpe
         except FileNotFoundError:
             msg = f"job {job_id!r} has no {file_name} left in the object storage"
             raise SpkdError("weights_job_not_found", msg, f"{role}.weights") from None
-
-
-def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:
-    try:
-        return bucket.fetch_dataset(remote, settings, ds_id)
-    except FileNotFoundError:  # no complete upload in the bucket (deleted meanwhile)
-        msg = f"dataset {ds_id!r} is not in the object storage"
-        raise SpkdError("dataset_not_found", msg, "dataset.id") from None
 
 
 def _warn_if_gpu_missing(reporter: RedisReporter) -> None:
