@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,16 +150,11 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
     """
     if scan.selection or fraction <= 0:
         return scan
-    keep: list[Sample] = []
-    selection: list[Sample] = []
-    for label in range(len(scan.classes)):
-        members = [s for s in scan.train if s.label == label]
-        order = list(members)
-        random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
-        n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
-        chosen = {s.path for s in order[:n]}
-        selection += [s for s in members if s.path in chosen]
-        keep += [s for s in members if s.path not in chosen]
+
+    def share(n: int) -> int:  # at least one, never all: a class keeps a training image
+        return min(max(1, int(round(n * fraction))), n - 1) if n > 1 else 0
+
+    keep, selection = _stratified_draw(scan.train, scan.classes, share, f"select:{seed}")
     roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
     return dataclasses.replace(scan, train=keep, selection=selection, roles=roles)
 
@@ -176,15 +171,7 @@ def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
     """
     if not scan.selection or fraction <= 0 or scan.ship:
         return scan
-    keep: list[Sample] = []
-    ship: list[Sample] = []
-    for label in range(len(scan.classes)):
-        members = [s for s in scan.selection if s.label == label]
-        order = list(members)
-        random.Random(f"ship:{seed}:{scan.classes[label]}").shuffle(order)
-        chosen = {s.path for s in order[: int(len(order) * fraction)]}
-        ship += [s for s in members if s.path in chosen]
-        keep += [s for s in members if s.path not in chosen]
+    keep, ship = _stratified_draw(scan.selection, scan.classes, lambda n: int(n * fraction), f"ship:{seed}")
     if not ship or not keep:
         return scan
     roles = {
@@ -192,6 +179,24 @@ def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
         "selection": f"{scan.roles['selection']}; {fraction:g} of it decides the shipped student",
     }
     return dataclasses.replace(scan, selection=keep, ship=ship, roles=roles)
+
+
+def _stratified_draw(
+    samples: list[Sample], classes: list[str], count: Callable[[int], int], salt: str
+) -> tuple[list[Sample], list[Sample]]:
+    """(kept, drawn): per class, `count(n)` of its n samples drawn after a shuffle seeded by
+    `salt` and the class name, so the draw depends only on (salt, class, file list). Both lists
+    keep the samples' order (class by class)."""
+    keep: list[Sample] = []
+    drawn: list[Sample] = []
+    for label, name in enumerate(classes):
+        members = [s for s in samples if s.label == label]
+        order = list(members)
+        random.Random(f"{salt}:{name}").shuffle(order)
+        chosen = {s.path for s in order[: count(len(order))]}
+        drawn += [s for s in members if s.path in chosen]
+        keep += [s for s in members if s.path not in chosen]
+    return keep, drawn
 
 
 # ------------------------------------------------------------------------------------ loading
