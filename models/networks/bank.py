@@ -9,7 +9,8 @@ Seeding: a model is built right after `checkpoint.seed_everything(seed, "init", 
 head is random), and `copy` leaves every RNG exactly as that seeded build did, so what a stage
 draws next does not depend on whether the model was built now or earlier in the process.
 
-Only the latest job's models are kept (one entry per role); `run_job` clears the bank when it ends.
+Only the latest job's models are kept (one entry per role); `run_valid` (models/pipeline.py) clears
+the bank when it ends.
 """
 
 from __future__ import annotations
