@@ -23,7 +23,7 @@ from common import decode
 from common.errors import SpkdError
 from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
-__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize", "scan_dataset"]
+__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize_batch", "scan_dataset"]
 
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
@@ -279,6 +279,6 @@ class _Batches:
         return (Batch(images, labels, indices) for images, labels, indices in self.data)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 B x 3 x H x W on the device -> float, normalised with one model's mean/std."""
     return (images.float().div_(255.0) - mean) / std

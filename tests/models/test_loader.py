@@ -118,7 +118,7 @@ def test_loader_yields_uint8_batches_with_indices(color_dataset):
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert labels.dtype == torch.int64 and indices.shape == (16,)
     assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(ds)))
-    norm = loader.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
+    norm = loader.normalize_batch(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
     assert norm.min() >= -1 and norm.max() <= 1
 
 
