@@ -21,7 +21,6 @@ import torch
 from common.reporter import Reporter, StopRequested
 from common.spec import JobSpec
 from models import stages
-from models.networks.bank import BANK
 from models.stages.common import best_row
 from models.stages.search import search_rungs
 from models.training.run import Run, cleanup_checkpoints, open_run
@@ -41,11 +40,7 @@ def run_job(
 ) -> dict:
     """`validate_job`, then `run_valid`; returns the metrics dict. For callers with no step of
     their own between the two (tests, benches). Raises what either raises."""
-    try:
-        valid = validate_job(spec, data_dir)
-    except BaseException:
-        BANK.clear()  # the models validation built
-        raise
+    valid = validate_job(spec, data_dir)
     return run_valid(valid, out_dir, reporter, device, data_path, job_id).metrics
 
 
@@ -91,7 +86,7 @@ def run_valid(
                 _run_stage(run, stage)
         cleanup_checkpoints(run, [name for s in stages.STAGES for name in s.produces])
     finally:
-        BANK.clear()  # the job's models: a job process runs one job
+        valid.models.clear()  # the job's models: its memory goes back now, not with the ValidJob
     return Finished(json.loads((out_dir / "metrics.json").read_text()), list(run.state.artifacts))
 
 

@@ -21,6 +21,7 @@ from common.reporter import Reporter, ensure_current
 from common.spec import JobSpec
 from models.data import loader
 from models.data.batches import JobData, open_data
+from models.networks.bank import ModelBank
 from models.results import export
 from models.training import checkpoint, validation
 from models.training.engine import Clock, Runtime, pick_runtime
@@ -64,6 +65,7 @@ class Run:
     state: RunState
     data: JobData
     clock: Clock
+    models: ModelBank  # the job's built teacher and student (validation built them)
     kept: dict[str, Any] = field(default_factory=dict)  # finished models evaluate and export share
     job_id: str | None = None  # the service's job id (metrics.json `job`), None in process
 
@@ -123,11 +125,11 @@ def open_run(
     runtime = pick_runtime(spec.train.precision, device)
     if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
         reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
-    job_data = open_data(spec, scan, runtime, reporter, data_path)
+    job_data = open_data(spec, scan, valid.models, runtime, reporter, data_path)
     state = load_state(spec, out_dir, reporter)
     steps = job_data.steps_per_epoch
     clock = Clock(total_steps=sum(e * steps for s, e in epochs.items() if s not in state.completed))
-    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, job_id=job_id)
+    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, valid.models, job_id=job_id)
 
 
 def _report_dataset(scan: loader.DatasetScan, reporter: Reporter) -> None:

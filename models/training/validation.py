@@ -25,7 +25,7 @@ from common.errors import SpkdError
 from common.spec import JobSpec
 from models.data import loader
 from models.networks import factory, weights
-from models.networks.bank import BANK, ModelKey
+from models.networks.bank import ModelBank, ModelKey
 from models.networks.features import FeatureTap, check_layers, layer_pairs
 from models.training import guards
 
@@ -39,15 +39,17 @@ class ValidJob:
     data_dir: Path
     scan: loader.DatasetScan  # the dataset as scanned (before the selection and ship splits)
     warnings: list[str]  # what a person should know but need not fix
+    models: ModelBank  # the job's teacher and student as validation built them, for the stages
 
 
 def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
     """Check a job before any training: raises SpkdError for what a person must fix, returns the
     job with its dataset scan and its warnings.
 
-    Both models are built at the job's image size (once: models/networks/bank.py, where the stages
-    find them again) and run once on it.
+    Both models are built at the job's image size (once: into the job's own ModelBank, where the
+    stages find them again) and run once on it.
     """
+    models = ModelBank()
     factory.check_model_name(spec.teacher.model, "teacher.model")
     factory.check_model_name(spec.student.model, "student.model")
     scan = loader.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
@@ -55,8 +57,8 @@ def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
     finetuned = spec.teacher.finetune is not None
     found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
     size = factory.job_image_size(spec)
-    teacher, teacher_head = _built("teacher", spec, scan.classes, size)
-    student, _ = _built("student", spec, scan.classes, size)
+    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, size)
+    student, _ = _built(models, "student", spec, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
@@ -86,17 +88,19 @@ def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
             found.append(f"{role}: the package weights fit tf_{name} best (TF 'same' padding)")
     if len(scan.rejected):
         found.append(f"{len(scan.rejected)} file(s) in the dataset were skipped: see the dataset report")
-    return ValidJob(spec, Path(data_dir), scan, found)
+    return ValidJob(spec, Path(data_dir), scan, found, models)
 
 
-def _built(role: str, spec: JobSpec, classes: list[str], size: int) -> tuple[torch.nn.Module, bool]:
+def _built(
+    models: ModelBank, role: str, spec: JobSpec, classes: list[str], size: int
+) -> tuple[torch.nn.Module, bool]:
     """The job's `role` model with its file/package weights (hub weights: not downloaded here)."""
     name, w = getattr(spec, role).model, getattr(spec, role).weights
     if w == "hub" and not weights.has_hub_weights(name):
         raise SpkdError(
             "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
         )
-    return BANK.probe(ModelKey.of(spec, role, classes, size))
+    return models.probe(ModelKey.of(spec, role, classes, size))
 
 
 def probe_model(
