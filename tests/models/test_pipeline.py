@@ -345,7 +345,7 @@ def test_the_run_uses_the_validated_scan(color_dataset, tmp_path):
     first = next(p for p in sorted(data.rglob("*.jpg")))
     shutil.copy(first, first.with_name("late.jpg"))
     reporter = RecordingReporter()
-    metrics = run_valid(valid, tmp_path / "out", reporter)
+    metrics = run_valid(valid, tmp_path / "out", reporter).metrics
     event = next(d for kind, _, d in reporter.events if kind == "dataset")
     scanned = len(valid.scan.train) + len(valid.scan.report) + len(valid.scan.selection)
     assert sum(event["sizes"][role] for role in ("train", "selection", "report")) == scanned
