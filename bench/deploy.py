@@ -176,8 +176,8 @@ def predict_bench(
     import redis
     from service import KEY, pct, procs, sandbox, service_env, start_service
 
+    from common.files import manifest
     from core import store
-    from workers.runner import collect_artifacts
 
     if not paths:
         from PIL import Image
@@ -197,7 +197,7 @@ def predict_bench(
         dest = tmp / "artifacts" / job["id"] / "attempt-00000001"
         shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", ".*"))
         store.transition(
-            r, keys, job["id"], store.SUCCEEDED, [store.QUEUED], artifacts=collect_artifacts(dest),
+            r, keys, job["id"], store.SUCCEEDED, [store.QUEUED], artifacts=manifest(dest),
             output=dest.name, metrics=json.loads((folder / "metrics.json").read_text()),
         )  # fmt: skip
         group = procs.Group(tmp / "logs", cwd=ROOT, grace_s=10)

@@ -167,24 +167,26 @@ def events(
             _fail(e)
 
 
-def cancel(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
-    """Cancel a job (queued: never starts; running: stops within a training step)."""
+def _post_action(job_id: str, action: str, url: str | None, key: str | None) -> dict:
+    """POST /v1/jobs/{job_id}/{action} (cancel, pause, resume): the job record the API answers.
+    Exits with the refusal's code (cli/client.py `_fail`) when the API or the connection refuses."""
     with make_client(url, key) as client:
         try:
-            job = _check(client.post(f"/v1/jobs/{job_id}/cancel"))
+            return _check(client.post(f"/v1/jobs/{job_id}/{action}"))
         except ClientError as e:
             _fail(e)
+
+
+def cancel(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
+    """Cancel a job (queued: never starts; running: stops within a training step)."""
+    job = _post_action(job_id, "cancel", url, key)
     console.print(f"{job['id']}: {job['status']}{_requests(job)}")
 
 
 def pause(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Pause a job (queued: does not start; running: stops at its next training step and frees its
     worker); `spkd resume` continues it from its last checkpoint."""
-    with make_client(url, key) as client:
-        try:
-            job = _check(client.post(f"/v1/jobs/{job_id}/pause"))
-        except ClientError as e:
-            _fail(e)
+    job = _post_action(job_id, "pause", url, key)
     console.print(f"{job['id']}: {job['status']}{_requests(job)}")
 
 
@@ -201,11 +203,7 @@ def delete(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = Key
 
 def resume(job_id: str = JobArg, url: str | None = UrlOpt, key: str | None = KeyOpt) -> None:
     """Resume a paused, failed or cancelled job from its last checkpoint (a new attempt)."""
-    with make_client(url, key) as client:
-        try:
-            job = _check(client.post(f"/v1/jobs/{job_id}/resume"))
-        except ClientError as e:
-            _fail(e)
+    job = _post_action(job_id, "resume", url, key)
     console.print(f"{job['id']}: {job['status']} (resumes from its last checkpoint)")
 
 

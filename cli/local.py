@@ -89,6 +89,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     from common.errors import SpkdError
     from common.reporter import StopRequested
     from core.settings import Settings
+    from models.pipeline import validate_job
     from models.results.tracking import run_tracked
 
     reporter = BarReporter(console)
@@ -96,9 +97,10 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
     try:
         with reporter:
             settings = Settings()
+            valid = validate_job(spec, data_dir)
             metrics = run_tracked(
-                spec, data_dir, out, reporter, out.name, settings, device=device, data_path=settings.data_path
-            )
+                valid, out, reporter, out.name, settings, device=device, data_path=settings.data_path
+            ).metrics
     except SpkdError as exc:
         console.print(
             f"[red]error[/red] {exc.code}" + (f" ({exc.field})" if exc.field else "") + f": {exc.message}"

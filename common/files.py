@@ -1,6 +1,6 @@
 """Files the service and the engine write and check alike: a whole-file-or-nothing write
-(`atomic_write`), a file's sha256 (`sha256_file`), and whether an error means the disk is full
-(`storage_full`). Torch-free."""
+(`atomic_write`), a file's sha256 (`sha256_file`), the manifest of a folder of results
+(`manifest`), and whether an error means the disk is full (`storage_full`). Torch-free."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 20
 # "No space left on device" and "disk quota exceeded": the operator's to fix, not a bug.
@@ -24,6 +25,21 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest(folder: Path, prefix: str = "") -> list[dict[str, Any]]:
+    """{"name", "size" (bytes), "sha256"} of every file under `folder`, in path order; `name` is its
+    POSIX path relative to `folder`, after `prefix` (e.g. "tensorboard/"). Hidden files (the
+    temporaries of `atomic_write`) and the `checkpoints/` folder (for resuming, not a result) are
+    left out. Raises OSError when a file is unreadable."""
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.parts[0] != "checkpoints" and not path.name.startswith("."):
+            name = prefix + rel.as_posix()
+            found.append({"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return found
 
 
 def storage_full(exc: BaseException | None) -> OSError | None:

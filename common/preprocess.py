@@ -119,8 +119,9 @@ def eval_pixels(img: Image.Image, cfg: EvalConfig) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def normalize(pixels: np.ndarray, cfg: EvalConfig) -> np.ndarray:
-    """uint8 (..., 3, H, W) -> float32 `(x / 255 - mean) / std`, in float32 like the engine."""
+def normalize_pixels(pixels: np.ndarray, cfg: EvalConfig) -> np.ndarray:
+    """uint8 (..., 3, H, W) numpy pixels -> float32 `(x / 255 - mean) / std` on the CPU, as the
+    engine's `models.data.loader.normalize_batch` does to a torch batch on the device."""
     mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
     return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
@@ -128,4 +129,4 @@ def normalize(pixels: np.ndarray, cfg: EvalConfig) -> np.ndarray:
 
 def eval_batch(images: Sequence[Image.Image], cfg: EvalConfig) -> np.ndarray:
     """N RGB images -> the model's float32 input N x 3 x S x S, as evaluation prepares it."""
-    return normalize(np.stack([eval_pixels(img, cfg) for img in images]), cfg)
+    return normalize_pixels(np.stack([eval_pixels(img, cfg) for img in images]), cfg)

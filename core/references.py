@@ -13,11 +13,9 @@ check, and compared by file identity as well as by name, so another name for the
 case-insensitive filesystem, a bind mount) is caught too. Another key's upload or job answers
 exactly like one that does not exist: the same code, message shape and field.
 
-What a dataset source must be is checked here too, as far as it can be known without decoding an
-image (resolve_dataset, with the checks of core/source_checks.py): a `dataset.hf` folder must be a
-`save_to_disk` dataset with the split and columns the spec names, a torchvision split must exist,
-and a field the source does not read is refused. The worker's scan (common/scan.py) judges the
-images themselves.
+What a dataset source must be (an upload, a `dataset.hf` folder, a torchvision split...) is
+checked by its module in core/sources/ (`resolve_spec` calls `sources.locate`), on the area rules
+kept here (`resolve_dataset_path`). The worker's scan (common/scan.py) judges the images themselves.
 
 Every refusal is a `common.errors.SpkdError(code, message, field)`; the API turns it into a 422.
 """
@@ -25,7 +23,6 @@ Every refusal is a `common.errors.SpkdError(code, message, field)`; the API turn
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -35,14 +32,8 @@ import redis
 from common import artifacts
 from common.errors import SpkdError
 from common.spec import WEIGHT_KEYWORDS, JobSpec
-from core import attempts, store
+from core import attempts, sources, store
 from core.settings import Settings
-from core.source_checks import (
-    check_image_folder,
-    check_saved_dataset,
-    check_source_fields,
-    check_torchvision_split,
-)
 
 # A role's weights in a job's hub folders; a job in the old layout: common/artifacts.py.
 ROLE_FILES = {role: artifacts.weights_name(role) for role in artifacts.MODEL_ROLES}
@@ -128,10 +119,6 @@ def _path_refused(raw: str) -> SpkdError:
     )
 
 
-def _dataset_missing(ds_id: str) -> SpkdError:
-    return SpkdError("dataset_not_found", f"no dataset {ds_id!r} for this API key", "dataset.id")
-
-
 def _links_stay_out(folder: Path, settings: Settings) -> bool:
     """The engine follows symlinked split and class folders (depth 1 and 2) while scanning (deeper
     ones and symlinked files it skips); each such link must stay in the data root and out of the
@@ -173,101 +160,6 @@ def resolve_dataset_path(settings: Settings, raw: str) -> Path:
     if not _links_stay_out(full, settings):
         raise _path_refused(raw)
     return full
-
-
-def _check_ready(record: dict[str, Any] | None, ds_id: str) -> None:
-    """A large upload is usable once its background validation ended `ready` (app.validation):
-    `dataset_not_ready` (API: 409, retry later) while validating, `dataset_failed` (422) after."""
-    status = (record or {}).get("status", "ready")  # records older than the status field are ready
-    if status == "validating":
-        msg = f"dataset {ds_id!r} is still being validated: submit the job once its status is 'ready'"
-        raise SpkdError("dataset_not_ready", msg, "dataset.id")
-    if status == "failed":
-        err = (record or {}).get("error") or {}
-        msg = (
-            f"dataset {ds_id!r} failed validation ({err.get('code')}: {err.get('message')}): upload it again"
-        )
-        raise SpkdError("dataset_failed", msg, "dataset.id")
-
-
-def resolve_dataset_id(r: redis.Redis, keys: store.Keys, settings: Settings, ds_id: str, owner: str) -> Path:
-    """`dataset.id` -> the upload's folder, only for its owner. Another key's dataset, a missing
-    record, a missing folder or a folder that is not the upload's own (a symlink) all raise the
-    same SpkdError `dataset_not_found`."""
-    record = store.get_dataset(r, keys, ds_id, owner)
-    _check_ready(record, ds_id)
-    if settings.storage_url:  # the upload lives in the bucket (core/bucket.py): the record is enough
-        if record is None:
-            raise _dataset_missing(ds_id)
-        return uploads_dir(settings) / ds_id  # the worker fetches it into its cache
-    uploads = uploads_dir(settings)
-    folder = uploads / ds_id
-    try:
-        ok = record is not None and folder.is_dir() and folder.resolve() == folder
-    except (OSError, ValueError):
-        ok = False
-    if not ok:
-        raise _dataset_missing(ds_id)
-    return folder
-
-
-def resolve_dataset(r: redis.Redis, keys: store.Keys, settings: Settings, spec: JobSpec, owner: str) -> Path:
-    """The folder the job trains on (by id or path; see the two functions above). Whatever can be
-    known about the source without reading its images is checked here, at submission (and again
-    by the worker): the fields that apply to it, a saved dataset's layout and columns, a
-    torchvision dataset's split, a folder that cannot hold classes. Raises SpkdError."""
-    ds = spec.dataset
-    check_source_fields(ds)
-    if ds.id is not None:
-        return resolve_dataset_id(r, keys, settings, ds.id, owner)
-    if ds.hf is not None:
-        local = resolve_hf_local(settings, ds.hf)
-        if local is None:
-            return Path(settings.data_root).resolve()  # a hub name: the worker downloads it
-        check_saved_dataset(local, ds.hf, ds.split, ds.image_column, ds.label_column)
-        return local
-    if ds.torchvision is not None:
-        check_torchvision_allowed(settings, ds.torchvision)
-        check_torchvision_split(ds.torchvision, ds.split)
-        return Path(settings.data_root).resolve()  # the worker downloads it (models/data/hub.py)
-    folder = resolve_dataset_path(settings, ds.path or "")
-    check_image_folder(folder, ds.path or "")
-    return folder
-
-
-def check_torchvision_allowed(settings: Settings, name: str) -> None:
-    """`dataset.torchvision` downloads (FakeData excepted): refused up front with
-    `hub_datasets_disabled` on a server without internet (SPKD_HUB_DATASETS=false)."""
-    if name != "FakeData" and not settings.hub_datasets:
-        msg = (
-            f"dataset.torchvision {name!r} is downloaded by the worker, and this server does not "
-            "download datasets (SPKD_HUB_DATASETS=false); upload it as a zip or name a folder instead"
-        )
-        raise SpkdError("hub_datasets_disabled", msg, "dataset.torchvision")
-
-
-HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
-
-
-def resolve_hf_local(settings: Settings, name: str) -> Path | None:
-    """`dataset.hf` -> a `save_to_disk` folder under the data root (the `dataset.path` rules), or
-    None for a Hugging Face hub name (the worker downloads it; models/data/hub.py). A folder of that
-    name under the data root wins over the hub. Raises SpkdError `hub_datasets_disabled`
-    (SPKD_HUB_DATASETS=false and no such folder), `dataset_path_not_allowed`, `invalid_dataset_name`."""
-    try:
-        return resolve_dataset_path(settings, name)
-    except SpkdError as e:
-        if e.code != "dataset_not_found":
-            raise SpkdError(e.code, e.message.replace("dataset.path", "dataset.hf"), "dataset.hf") from e
-    if not settings.hub_datasets:
-        msg = (
-            f"dataset.hf {name!r} is not a saved dataset under the server's data root, and this server "
-            "does not download datasets (SPKD_HUB_DATASETS=false)"
-        )
-        raise SpkdError("hub_datasets_disabled", msg, "dataset.hf")
-    if not HUB_NAME.fullmatch(name):
-        raise SpkdError("invalid_dataset_name", f"{name!r} is not a Hugging Face dataset name", "dataset.hf")
-    return None
 
 
 # ---------------------------------------------------------------- weights
@@ -465,9 +357,10 @@ def resolve_spec(
     spec: JobSpec,
     owner: str,
     require_finished: bool = True,
-) -> tuple[Path, JobSpec]:
-    """Every reference of a spec: (dataset folder, spec with resolved weight paths). The MLflow
-    servers it names are checked too (check_integrations)."""
+) -> tuple[Path | None, JobSpec]:
+    """Every reference of a spec: (dataset folder, or None for one the worker builds: core/sources/;
+    spec with resolved weight paths). The MLflow servers it names are checked too
+    (check_integrations). Raises SpkdError."""
     check_integrations(settings, spec)
-    data_dir = resolve_dataset(r, keys, settings, spec, owner)
+    data_dir = sources.locate(sources.Located(r, keys, settings, owner), spec.dataset)
     return data_dir, resolve_weights(r, keys, settings, spec, owner, require_finished)

@@ -3,7 +3,7 @@
 `Dataset.save_to_disk` wrote, a `dataset.path` that is not such a folder. Torch-free, and reads
 nothing but the source's own JSON files and folder listing.
 
-core/references.py `resolve_dataset` runs these at submission (and the worker again at run time,
+core/sources/ (one module per source kind) runs these at submission (and the worker again at run time,
 since files can change in between); the worker's scan (common/scan.py) judges the images. Every
 refusal is a `common.errors.SpkdError(code, message, field)`.
 """

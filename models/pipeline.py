@@ -1,4 +1,5 @@
-"""The engine's entry points: validate a job, then run its planned stages in order.
+"""The engine's entry points: validate a job (`validate_job`), then run its planned stages in
+order (`run_valid`; `run_job` does both).
 
 Stages are declared once, in models/stages/ (docs/architecture.md#a-stage); this module is the
 loop over them: skip what a resumed run finished, report each stage, checkpoint after each.
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,13 +22,12 @@ from common.metric_names import split_key
 from common.reporter import Reporter, StopRequested
 from common.spec import JobSpec
 from models import stages
-from models.networks.bank import BANK
 from models.stages.common import best_row
 from models.stages.search import search_rungs
 from models.training.run import Run, cleanup_checkpoints, open_run
-from models.training.validation import validate_job
+from models.training.validation import ValidJob, validate_job
 
-__all__ = ["best_row", "run_job", "search_rungs", "validate_job"]
+__all__ = ["Finished", "ValidJob", "best_row", "run_job", "run_valid", "search_rungs", "validate_job"]
 
 
 def run_job(
@@ -37,30 +39,56 @@ def run_job(
     data_path: str = "auto",
     job_id: str | None = None,
 ) -> dict:
-    """Run (or resume) the job; returns the metrics dict also written to out_dir/metrics.json.
+    """`validate_job`, then `run_valid`; returns the metrics dict. For callers with no step of
+    their own between the two (tests, benches). Raises what either raises."""
+    valid = validate_job(spec, data_dir)
+    return run_valid(valid, out_dir, reporter, device, data_path, job_id).metrics
 
-    A run resumes from out_dir/checkpoints/last.pt when there is one (a service job gives each
-    attempt its own out_dir, seeded from the previous attempt: core/attempts.py). `data_path`:
-    `auto` decodes a dataset that fits into memory once,
-    `loader` always streams with a DataLoader (SPKD_DATA_PATH for the service). Raises whatever the
-    reporter raises (StopRequested, Fenced) unchanged. `job_id`: the service's id of the job, kept
-    in metrics.json's `job` block (the report's header); None for a job run in process.
+
+@dataclass
+class Finished:
+    """What a finished run leaves: metrics.json's dict, and the manifest of the files it published
+    ({"name" relative to out_dir, "size" in bytes, "sha256"}; checkpoints are not results)."""
+
+    metrics: dict[str, Any]
+    artifacts: list[dict[str, Any]]
+
+
+def run_valid(
+    valid: ValidJob,
+    out_dir: Path,
+    reporter: Reporter,
+    device: str | None = None,
+    data_path: str = "auto",
+    job_id: str | None = None,
+) -> Finished:
+    """Run (or resume) a validated job; returns its metrics (out_dir/metrics.json) and the manifest
+    of the files it published, which a service registers as the job's artifacts.
+
+    Its validation warnings become `warning` events first. A run resumes from
+    out_dir/checkpoints/last.pt when there is one (a service job gives each attempt its own
+    out_dir, seeded from the previous attempt: core/attempts.py). `data_path`: `auto` decodes a
+    dataset that fits into memory once, `loader` always streams with a DataLoader (SPKD_DATA_PATH
+    for the service). Raises whatever the reporter raises (StopRequested, Fenced) unchanged.
+    `job_id`: the service's id of the job, kept in metrics.json's `job` block (the report's
+    header); None for a job run in process.
     """
     out_dir = Path(out_dir)
+    spec = valid.spec
     try:
-        for warning in validate_job(spec, data_dir):
+        for warning in valid.warnings:
             reporter.event("warning", warning)
         out_dir.mkdir(parents=True, exist_ok=True)
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
-        run = open_run(spec, Path(data_dir), out_dir, reporter, device, epochs, data_path, job_id)
+        run = open_run(valid, out_dir, reporter, device, epochs, data_path, job_id)
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)
         cleanup_checkpoints(run, [name for s in stages.STAGES for name in s.produces])
     finally:
-        BANK.clear()  # the job's models: a job process runs one job
-    return json.loads((out_dir / "metrics.json").read_text())
+        valid.models.clear()  # the job's models: its memory goes back now, not with the ValidJob
+    return Finished(json.loads((out_dir / "metrics.json").read_text()), list(run.state.artifacts))
 
 
 def _run_stage(run: Run, stage: stages.Stage) -> None:

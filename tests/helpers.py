@@ -587,12 +587,12 @@ def finished_job(
     leaves one (workers/runner.py): copied into its attempt folder `output` under the artifact root,
     registered with their sha256 in the same transition. `upload(job_id, folder, artifacts)` puts
     them in a bucket instead and removes the local copy (SPKD_STORAGE_URL)."""
-    from workers.runner import collect_artifacts
+    from common.files import manifest
 
     job = store.create_job(r, ks, store.owner_of(key), tiny_spec({"path": "x"}))
     dest = attempts.output_dir(Path(settings.artifact_root).resolve() / job["id"], output)
     shutil.copytree(files, dest)
-    artifacts = collect_artifacts(dest)
+    artifacts = manifest(dest)
     if upload is not None:
         upload(job["id"], dest, artifacts)
         shutil.rmtree(dest.parent)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import os
 import sys
@@ -21,32 +20,14 @@ from common import artifacts
 from common.errors import SpkdError
 from common.reporter import Fenced, StopRequested
 from common.spec import JobSpec
-from core import attempts, blobs, bucket, references, storage, store
+from core import attempts, blobs, bucket, references, sources, storage, store
 from core.settings import Settings
 from workers.failures import failure_error
 from workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")
 
-# ---------------------------------------------------------------- artifacts
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def collect_artifacts(out_dir: Path) -> list[dict[str, Any]]:
-    """Every result file (checkpoints/ are for resuming, not results)."""
-    arts = []
-    for p in sorted(out_dir.rglob("*")):
-        rel = p.relative_to(out_dir)
-        if p.is_file() and rel.parts[0] != "checkpoints" and not p.name.startswith("."):
-            arts.append({"name": rel.as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)})
-    return arts
+# ---------------------------------------------------------------- memory
 
 
 def free_memory() -> None:
@@ -232,27 +213,6 @@ def _quietly(job_id: str, what: str, step: Any) -> None:
         log.exception("job %s: %s failed", job_id, what)
 
 
-def hub_imagefolder(ds: Any, settings: Settings) -> Path:
-    """`dataset.hf` -> its ImageFolder (models/data/hub.py) under $HF_HOME/spkd-imagefolders, where
-    the `datasets` library keeps its own downloads too (a volume in docker-compose.yml)."""
-    from models.data import hub  # imports `datasets` lazily: only jobs that name one need it
-
-    local = references.resolve_hf_local(settings, ds.hf)
-    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    return hub.materialise(
-        ds.hf, local, home / "spkd-imagefolders", ds.revision, ds.split, ds.image_column, ds.label_column
-    )
-
-
-def torchvision_imagefolder(ds: Any) -> Path:
-    """`dataset.torchvision` -> its ImageFolder (models/data/hub.py) under $TORCH_HOME/spkd-imagefolders;
-    the archives torchvision downloads stay under $TORCH_HOME/spkd-downloads (a volume)."""
-    from models.data import hub
-
-    home = Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")
-    return hub.materialise_torchvision(ds.torchvision, home, ds.split)
-
-
 def _observe(r: redis.Redis, keys: store.Keys, job_id: str) -> None:
     try:
         store.observe_finished_job(r, keys, job_id)
@@ -340,19 +300,15 @@ def _validate_and_run(
     owner = job["owner"]
     spec = JobSpec.model_validate(job["spec"])
     # Again at run time, with the API's rules: files can change between submit and now.
-    data_dir, spec = references.resolve_spec(r, keys, settings, spec, owner)
-    if spec.dataset.hf is not None:  # a named dataset: its ImageFolder, built once per host
-        data_dir = hub_imagefolder(spec.dataset, settings)
-    elif spec.dataset.torchvision is not None:
-        data_dir = torchvision_imagefolder(spec.dataset)
+    located, spec = references.resolve_spec(r, keys, settings, spec, owner)
     remote = blobs.remote(settings)
     if remote is not None:
         _fetch_job_weights(remote, settings, spec)
-    if remote is not None and spec.dataset.id is not None:  # the upload is in the bucket
-        data_dir, held = _fetch_dataset(remote, settings, spec.dataset.id)
-        with held:  # a shared lock: the host's dataset cache keeps this copy while the job runs
-            return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
-    return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
+    from models.data import hub  # the engine's ImageFolder builders (imports `datasets` lazily)
+
+    where = sources.Located(r, keys, settings, owner)
+    with sources.materialise(where, spec.dataset, located, remote, hub) as data_dir:
+        return _run_on(r, keys, settings, job, monitor, device, spec, data_dir, remote)
 
 
 def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpec) -> None:
@@ -377,14 +333,6 @@ def _fetch_job_weights(remote: blobs.BlobStore, settings: Settings, spec: JobSpe
         # the class check reads it (models/training/validation.py); absent: not checked
         with contextlib.suppress(FileNotFoundError):
             remote.get_file(bucket.artifact_key(job_id, sidecar, output), path.with_name(Path(sidecar).name))
-
-
-def _fetch_dataset(remote: blobs.BlobStore, settings: Settings, ds_id: str) -> tuple[Path, Any]:
-    try:
-        return bucket.fetch_dataset(remote, settings, ds_id)
-    except FileNotFoundError:  # no complete upload in the bucket (deleted meanwhile)
-        msg = f"dataset {ds_id!r} is not in the object storage"
-        raise SpkdError("dataset_not_found", msg, "dataset.id") from None
 
 
 def _warn_if_gpu_missing(reporter: RedisReporter) -> None:
@@ -419,9 +367,9 @@ def _run_on(
     from models.pipeline import validate_job  # torch: only in the job's process
     from models.results.tracking import run_tracked
 
-    warnings = validate_job(spec, data_dir)
-    # run_job logs each warning as an event itself; here they only go on the job record.
-    store.update_job(r, keys, job_id, fence=fence, warnings=list(warnings))
+    valid = validate_job(spec, data_dir)  # the one validation: the engine runs what it returns
+    # run_valid logs each warning as an event itself; here they only go on the job record.
+    store.update_job(r, keys, job_id, fence=fence, warnings=list(valid.warnings))
     if monitor.stop_requested:
         raise StopRequested()
     store.transition(r, keys, job_id, store.RUNNING, [store.VALIDATING], "running", fence=fence)
@@ -443,9 +391,8 @@ def _run_on(
     if device is None or device.startswith("cuda"):
         _warn_if_gpu_missing(reporter)
     # The engine publishes every file only after a fencing check (reporter.ensure_current).
-    metrics = run_tracked(
-        spec,
-        data_dir,
+    finished = run_tracked(
+        valid,
         out_dir,
         reporter,
         job_id,
@@ -453,7 +400,7 @@ def _run_on(
         device=device,
         data_path=settings.data_path,
     )
-    artifacts = collect_artifacts(out_dir)
+    artifacts = finished.artifacts  # the engine's manifest of what it published
     if remote is not None:  # uploaded before they are registered: a partial upload never is
         bucket.upload_artifacts(remote, job_id, out_dir, artifacts, reporter.ensure_current)
     # Registry and final status in one fenced transaction: a stale attempt registers nothing.
@@ -468,7 +415,7 @@ def _run_on(
             {"artifacts": [a["name"] for a in artifacts]},
             fence=fence,
             artifacts=artifacts,
-            metrics=metrics,
+            metrics=finished.metrics,
             output=out_dir.name,
         )
     except store.CancelPending:

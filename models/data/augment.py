@@ -1,7 +1,7 @@
 """The device augmentation of the in-memory data path (models/data/inmemory.py): timm's training
 crop (RandomResizedCrop + horizontal flip) and colour jitter, their parameters drawn for a whole
 batch on a CPU generator, applied to the uint8 batch in one `grid_sample` on its device. The
-per-model normalisation is models/data/loader.py `normalize`, the one every data path uses.
+per-model normalisation is models/data/loader.py `normalize_batch`, the one every data path uses.
 
 Crop boxes are fractions of the ORIGINAL image geometry (torchvision's distribution: scale, aspect
 ratio, 10 tries then a centre fallback). A view is fully described by (box, flip, jitter) and

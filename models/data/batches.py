@@ -26,7 +26,7 @@ from common.spec import JobSpec
 from models import methods
 from models.data import inmemory, loader
 from models.networks import factory
-from models.networks.bank import BANK, ModelKey
+from models.networks.bank import ModelBank, ModelKey
 from models.networks.factory import DataConfig
 from models.training import teacher_cache
 from models.training.engine import Runtime
@@ -102,12 +102,17 @@ class JobData:
 
 
 def open_data(
-    spec: JobSpec, scan: loader.DatasetScan, runtime: Runtime, reporter: Reporter, data_path: str = "auto"
+    spec: JobSpec,
+    scan: loader.DatasetScan,
+    models: ModelBank,
+    runtime: Runtime,
+    reporter: Reporter,
+    data_path: str = "auto",
 ) -> JobData:
-    """The job's datasets; data configs read from the job's built models (models/networks/bank.py)."""
+    """The job's datasets; data configs read from the job's built `models`."""
     image_size = factory.job_image_size(spec)
-    student, _ = BANK.probe(ModelKey.of(spec, "student", scan.classes, image_size))
-    teacher, _ = BANK.probe(ModelKey.of(spec, "teacher", scan.classes, image_size))
+    student, _ = models.probe(ModelKey.of(spec, "student", scan.classes, image_size))
+    teacher, _ = models.probe(ModelKey.of(spec, "teacher", scan.classes, image_size))
     student_cfg = factory.data_config(student, image_size)
     teacher_cfg = factory.data_config(teacher, image_size)
     train_set = loader.ImageDataset(scan.train, loader.make_transform(image_size, student_cfg, training=True))

@@ -14,7 +14,6 @@ The `datasets` library is imported here only (the worker extra); the API never i
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -27,6 +26,7 @@ from typing import Any
 
 from common import scan
 from common.errors import SpkdError
+from common.files import STORAGE_FULL_ERRNOS
 
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation"}
 SPLIT_NAMES |= {"val": "validation", "test": "test", "testing": "test"}
@@ -74,9 +74,7 @@ def _load(source: str, local: Path | None, revision: str | None, split: str | No
 
 def _passes(exc: BaseException) -> bool:
     """Errors that are not the dataset's: out of memory, a full disk (the runner names them)."""
-    return isinstance(exc, MemoryError) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    )
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS)
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from common import decode
 from common.errors import SpkdError
 from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
-__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize", "scan_dataset"]
+__all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize_batch", "scan_dataset"]
 
 TRAIN_SCALE = (0.25, 1.0)  # random-resized-crop area: gentler than ImageNet's 0.08 for fine-tuning
 
@@ -104,24 +104,14 @@ class DatasetScan:
 
 
 # ----------------------------------------------------------------------------------- scanning
-_SCAN_CACHE: dict[tuple, DatasetScan] = {}
-
-
 def scan_dataset(root: Path, val_fraction: float = 0.2, seed: int = 0) -> DatasetScan:
-    """Scan once per process (validation and the run share it); raise SpkdError if unusable."""
+    """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
+    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
+    val/. A job's validation scans its dataset once (models/training/validation.py `ValidJob`).
+    Raises SpkdError `dataset_not_found` (no such folder), or common.scan's refusals."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise SpkdError("dataset_not_found", f"dataset folder {str(root)!r} does not exist", "dataset")
-    key = (str(root), root.stat().st_mtime_ns, val_fraction, seed)
-    if key not in _SCAN_CACHE:
-        _SCAN_CACHE[key] = _scan(root, val_fraction, seed)
-    return _SCAN_CACHE[key]
-
-
-def _scan(root: Path, val_fraction: float, seed: int) -> DatasetScan:
-    """common.scan's verdict on the tree, in the job's roles: test/ (when present) is reported and
-    val/ selects; else val/ is reported, or a seeded `val_fraction` of train when the tree has no
-    val/."""
     found = scan_tree(root)
     roles = {"train": "train/", "selection": "none", "report": "val/"}
     train, selection, report_from = found.train, [], "folders"
@@ -160,16 +150,11 @@ def with_selection(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
     """
     if scan.selection or fraction <= 0:
         return scan
-    keep: list[Sample] = []
-    selection: list[Sample] = []
-    for label in range(len(scan.classes)):
-        members = [s for s in scan.train if s.label == label]
-        order = list(members)
-        random.Random(f"select:{seed}:{scan.classes[label]}").shuffle(order)
-        n = min(max(1, int(round(len(order) * fraction))), len(order) - 1) if len(order) > 1 else 0
-        chosen = {s.path for s in order[:n]}
-        selection += [s for s in members if s.path in chosen]
-        keep += [s for s in members if s.path not in chosen]
+
+    def share(n: int) -> int:  # at least one, never all: a class keeps a training image
+        return min(max(1, int(round(n * fraction))), n - 1) if n > 1 else 0
+
+    keep, selection = _stratified_draw(scan.train, scan.classes, share, f"select:{seed}")
     roles = {**scan.roles, "selection": f"{fraction:g} of train/ (stratified, seed {seed})"}
     return dataclasses.replace(scan, train=keep, selection=selection, roles=roles)
 
@@ -186,15 +171,7 @@ def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
     """
     if not scan.selection or fraction <= 0 or scan.ship:
         return scan
-    keep: list[Sample] = []
-    ship: list[Sample] = []
-    for label in range(len(scan.classes)):
-        members = [s for s in scan.selection if s.label == label]
-        order = list(members)
-        random.Random(f"ship:{seed}:{scan.classes[label]}").shuffle(order)
-        chosen = {s.path for s in order[: int(len(order) * fraction)]}
-        ship += [s for s in members if s.path in chosen]
-        keep += [s for s in members if s.path not in chosen]
+    keep, ship = _stratified_draw(scan.selection, scan.classes, lambda n: int(n * fraction), f"ship:{seed}")
     if not ship or not keep:
         return scan
     roles = {
@@ -202,6 +179,24 @@ def with_ship_part(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan
         "selection": f"{scan.roles['selection']}; {fraction:g} of it decides the shipped student",
     }
     return dataclasses.replace(scan, selection=keep, ship=ship, roles=roles)
+
+
+def _stratified_draw(
+    samples: list[Sample], classes: list[str], count: Callable[[int], int], salt: str
+) -> tuple[list[Sample], list[Sample]]:
+    """(kept, drawn): per class, `count(n)` of its n samples drawn after a shuffle seeded by
+    `salt` and the class name, so the draw depends only on (salt, class, file list). Both lists
+    keep the samples' order (class by class)."""
+    keep: list[Sample] = []
+    drawn: list[Sample] = []
+    for label, name in enumerate(classes):
+        members = [s for s in samples if s.label == label]
+        order = list(members)
+        random.Random(f"{salt}:{name}").shuffle(order)
+        chosen = {s.path for s in order[: count(len(order))]}
+        drawn += [s for s in members if s.path in chosen]
+        keep += [s for s in members if s.path not in chosen]
+    return keep, drawn
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -284,6 +279,6 @@ class _Batches:
         return (Batch(images, labels, indices) for images, labels, indices in self.data)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 B x 3 x H x W on the device -> float, normalised with one model's mean/std."""
     return (images.float().div_(255.0) - mean) / std

@@ -1,6 +1,6 @@
 """One built model per role and job: validation, the data configs and every stage share it.
 
-timm builds (and weight files load) once per process for a job's teacher and student; a stage
+timm builds (and weight files load) once per job for its teacher and student; a stage
 that trains or changes a model gets a deep copy of the built one (`ModelBank.copy`), so the
 baseline and the distilled student start from the same initial weights as separate modules, and
 the built model itself never changes.
@@ -9,7 +9,8 @@ Seeding: a model is built right after `checkpoint.seed_everything(seed, "init", 
 head is random), and `copy` leaves every RNG exactly as that seeded build did, so what a stage
 draws next does not depend on whether the model was built now or earlier in the process.
 
-Only the latest job's models are kept (one entry per role); `run_job` clears the bank when it ends.
+Each job has its own bank: validation creates it (models/training/validation.py `ValidJob.models`)
+and the run holds it (`Run.models`); `run_valid` (models/pipeline.py) clears it when the run ends.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Built:
 
 
 class ModelBank:
-    """Built models by role, for the latest job: `initial` (shared, read-only), `copy` (to train),
+    """Built models by role, for one job: `initial` (shared, read-only), `copy` (to train),
     `probe` (for checks and data configs: never downloads)."""
 
     def __init__(self) -> None:
@@ -127,6 +128,3 @@ class ModelBank:
         """Forget every model (the job is over)."""
         self._built.clear()
         self._skeletons.clear()
-
-
-BANK = ModelBank()  # the process's bank: a job process runs one job (tests run many, one at a time)

@@ -386,7 +386,7 @@ def _int8(run: Run, out: Path) -> dict[str, Any]:
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def norm(images: torch.Tensor) -> np.ndarray:
-        return loader.normalize(images.to("cpu"), mean, std).numpy()
+        return loader.normalize_batch(images.to("cpu"), mean, std).numpy()
 
     picks = random.Random(spec.train.seed).sample(
         run.scan.train, min(CALIBRATION_IMAGES, len(run.scan.train))

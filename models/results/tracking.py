@@ -3,7 +3,7 @@
 The engine only knows the `Reporter` protocol, so tracking is a Reporter wrapper:
 `TrackingReporter(inner, trackers)` forwards every call to the inner reporter (Redis, the CLI's
 progress bar, a test recorder) and feeds the same events to each tracker. `run_tracked` is the
-one call the worker and `spkd run` make instead of `run_job`: it builds the trackers for a job,
+one call the worker and `spkd run` make instead of `run_valid`: it builds the trackers for a job,
 runs it, and closes them with the job's outcome.
 
 A tracker never fails a job: an exception inside one is reported once as a `warning` event and
@@ -15,14 +15,16 @@ throughput), so a new field shows up without a change here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from common import files
 from common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
@@ -425,24 +427,25 @@ def _secrets(uri: str) -> list[str]:
 
 
 def run_tracked(
-    spec: Any,
-    data_dir: Path,
+    valid: Any,
     out_dir: Path,
     reporter: Reporter,
     job_id: str,
     settings: Any = None,
     **kwargs: Any,
-) -> dict:
-    """`models.pipeline.run_job` with TensorBoard files in `<out_dir>/tensorboard/` and, when
-    configured, an MLflow run; kwargs go to run_job.
+) -> Any:
+    """`models.pipeline.run_valid` of a validated job (models.pipeline.ValidJob) with TensorBoard
+    files in `<out_dir>/tensorboard/` and, when configured, an MLflow run; kwargs go to run_valid.
 
     `settings` (core.settings.Settings, read by attribute so the engine does not import the
-    service) gives `mlflow_tracking_uri` and `mlflow_experiment`. Returns run_job's metrics; its
+    service) gives `mlflow_tracking_uri` and `mlflow_experiment`. Returns run_valid's
+    models.pipeline.Finished, its manifest with the TensorBoard files added (closed by then); its
     exceptions (SpkdError, StopRequested, ...) pass through after the trackers are closed with
     the outcome (FAILED, KILLED).
     """
-    from models.pipeline import run_job
+    from models.pipeline import run_valid
 
+    spec = valid.spec
     out_dir = Path(out_dir)
     uri = getattr(settings, "mlflow_tracking_uri", "") or ""
     targets, warnings = mlflow_targets(spec, uri, getattr(settings, "mlflow_experiment", "spkd"))
@@ -455,9 +458,8 @@ def run_tracked(
     tracked.start()
     status = "FAILED"
     try:
-        metrics = run_job(spec, data_dir, out_dir, tracked, job_id=job_id, **kwargs)
+        finished = run_valid(valid, out_dir, tracked, job_id=job_id, **kwargs)
         status = "FINISHED"
-        return metrics
     except StopRequested:
         status = "KILLED"
         raise
@@ -469,3 +471,6 @@ def run_tracked(
     finally:
         if status != "FENCED":
             tracked.close(status)
+    board = files.manifest(out_dir / "tensorboard", "tensorboard/")  # complete once closed
+    artifacts = sorted(finished.artifacts + board, key=lambda a: PurePosixPath(a["name"]).parts)
+    return dataclasses.replace(finished, artifacts=artifacts)

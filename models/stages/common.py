@@ -10,7 +10,7 @@ import torch
 
 from common.metric_names import row_acc, row_loss
 from models.methods import Distiller
-from models.networks.bank import BANK, ModelKey
+from models.networks.bank import ModelKey
 from models.networks.features import FeatureTap
 from models.results import export
 from models.training import checkpoint
@@ -26,14 +26,14 @@ def _key(run: Run, role: str) -> ModelKey:
 def build_student(run: Run) -> torch.nn.Module:
     """A new copy of the job's initial student on the device: the baseline, the distilled student
     and every search candidate start from the same weights (and the same new head)."""
-    model, _ = BANK.copy(_key(run, "student"))
+    model, _ = run.models.copy(_key(run, "student"))
     return prepare(model, run.runtime)
 
 
 def build_teacher(run: Run) -> tuple[torch.nn.Module, bool]:
     """(teacher, head knows the classes) as the later stages use it: a copy of the job's initial
     teacher, with the fine-tuned weights once teacher_finetune has run."""
-    model, head = BANK.copy(_key(run, "teacher"))
+    model, head = run.models.copy(_key(run, "teacher"))
     finetuned = run.ckpt_file("teacher.safetensors")
     if "teacher_finetune" in run.state.completed and finetuned.is_file():
         load_weights(model, finetuned)
@@ -45,7 +45,7 @@ def finished_student(run: Run, which: str) -> torch.nn.Module:
     """The `distilled` or `baseline` student as its stage left it (its best epoch); loaded once per
     run and shared by evaluate and export."""
     if which not in run.kept:
-        model, _ = BANK.copy(_key(run, "student"))
+        model, _ = run.models.copy(_key(run, "student"))
         load_weights(model, run.ckpt_file(f"{which}.safetensors"))
         run.kept[which] = prepare(model, run.runtime)
     return run.kept[which]
@@ -69,7 +69,7 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 def student_soup(run: Run) -> torch.nn.Module:
     """The weight average of the finished baseline and distilled students (both started from the
     same weights, so their average sits in the same basin; see average_state_dicts)."""
-    model, _ = BANK.copy(_key(run, "student"))
+    model, _ = run.models.copy(_key(run, "student"))
     states = [finished_student(run, w).state_dict() for w in ("baseline", "distilled")]
     model.load_state_dict(average_state_dicts(states))
     return prepare(model, run.runtime)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from common import files
 from models.data import evidence
 from models.results import card as hub_card
 from models.results import deploy, export
@@ -27,7 +28,8 @@ from models.training.run import Run
 
 
 def run_stage(run: Run) -> None:
-    """Write every artifact into the attempt's staging folder, then publish them into out_dir.
+    """Write every artifact into the attempt's staging folder, note their manifest in the run's
+    state (`RunState.artifacts`), then publish them into out_dir.
 
     Raises SpkdError `non_finite_weights` (a NaN model is never exported) and whatever the fencing
     check raises (nothing is published then)."""
@@ -70,6 +72,9 @@ def run_stage(run: Run) -> None:
         )
         export.write_model_card(folder, hub_card.render(front, title, lines))
     write_report(out)  # report.html + curves.png from metrics.json
+    # The manifest the service registers: hashed here, where the files were written (checkpointed
+    # with the stage, so a resumed run that skips export still has it).
+    run.state.artifacts = files.manifest(out)
     _publish(run, out)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from common.metric_names import row_acc, split_key
 from common.reporter import Progress, Reporter, StopRequested
-from models.data.loader import Batch, normalize
+from models.data.loader import Batch, normalize_batch
 from models.methods import Distiller
 from models.networks.factory import DataConfig, is_cnn
 from models.networks.features import FeatureTap
@@ -76,7 +76,7 @@ class Normalizer:
         self.channels_last = runtime.channels_last and is_cnn(model)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images, self.mean, self.std)
+        x = normalize_batch(images, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

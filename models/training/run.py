@@ -21,6 +21,7 @@ from common.reporter import Reporter, ensure_current
 from common.spec import JobSpec
 from models.data import evidence, loader
 from models.data.batches import JobData, open_data
+from models.networks.bank import ModelBank
 from models.results import export
 from models.training import checkpoint, validation
 from models.training.engine import Clock, Runtime, pick_runtime
@@ -38,6 +39,8 @@ class RunState:
     curves: dict[str, list] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     current: dict[str, Any] | None = None
+    # what the export stage published: {"name", "size", "sha256"} per file (common.files.manifest)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class RunState:
             "curves": self.curves,
             "timing": self.timing,
             "current": self.current,
+            "artifacts": self.artifacts,
         }
 
 
@@ -61,6 +65,7 @@ class Run:
     state: RunState
     data: JobData
     clock: Clock
+    models: ModelBank  # the job's built teacher and student (validation built them)
     kept: dict[str, Any] = field(default_factory=dict)  # finished models evaluate and export share
     job_id: str | None = None  # the service's job id (metrics.json `job`), None in process
 
@@ -92,8 +97,7 @@ class Run:
 
 
 def open_run(
-    spec: JobSpec,
-    data_dir: Path,
+    valid: validation.ValidJob,
     out_dir: Path,
     reporter: Reporter,
     device: str | None,
@@ -101,12 +105,13 @@ def open_run(
     data_path: str = "auto",
     job_id: str | None = None,
 ) -> Run:
-    """Scan, report the dataset, pick the device, open the data, adopt/load the checkpoint.
+    """Split the validated job's scan into its roles, report the dataset, pick the device, open
+    the data, adopt/load the checkpoint.
 
     `epochs`: the planned training stages' epochs (the whole-run ETA counts those not done yet).
     """
-    scan = loader.scan_dataset(data_dir, spec.dataset.val_fraction, spec.train.seed)
-    scan = loader.with_selection(scan, spec.dataset.selection_fraction, spec.train.seed)
+    spec = valid.spec
+    scan = loader.with_selection(valid.scan, spec.dataset.selection_fraction, spec.train.seed)
     scan = loader.with_ship_part(scan, spec.dataset.ship_fraction, spec.train.seed)
     if spec.distill.searching and not scan.selection:
         field = "sp_weight" if isinstance(spec.distill.sp_weight, list) else "kd_weight"
@@ -122,11 +127,11 @@ def open_run(
     runtime = pick_runtime(spec.train.precision, device)
     if note := validation.precision_note(spec.train.precision, runtime.amp_dtype, runtime.device):
         reporter.event("warning", note, requested=spec.train.precision, device=str(runtime.device))
-    job_data = open_data(spec, scan, runtime, reporter, data_path)
+    job_data = open_data(spec, scan, valid.models, runtime, reporter, data_path)
     state = load_state(spec, out_dir, reporter)
     steps = job_data.steps_per_epoch
     clock = Clock(total_steps=sum(e * steps for s, e in epochs.items() if s not in state.completed))
-    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, job_id=job_id)
+    return Run(spec, scan, out_dir, reporter, runtime, state, job_data, clock, valid.models, job_id=job_id)
 
 
 def _report_dataset(scan: loader.DatasetScan, reporter: Reporter) -> None:
@@ -167,6 +172,7 @@ def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter) -> RunState:
         curves=dict(saved["curves"]),
         timing=dict(saved["timing"]),
         current=saved["current"],
+        artifacts=list(saved.get("artifacts", [])),  # absent in checkpoints saved before export
     )
     where = state.current and f"{state.current['stage']} epoch {state.current['epoch']}"
     reporter.event(

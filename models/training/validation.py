@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,19 +26,31 @@ from common.errors import SpkdError
 from common.spec import JobSpec
 from models.data import loader
 from models.networks import factory, weights
-from models.networks.bank import BANK, ModelKey
+from models.networks.bank import ModelBank, ModelKey
 from models.networks.features import FeatureTap, check_layers, layer_pairs
 from models.training import guards
 
 
-def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
-    """Check a job before any training; returns warnings, raises SpkdError.
+@dataclass(frozen=True)
+class ValidJob:
+    """A job that passed `validate_job`, with what validation read: the engine runs only these
+    (models/pipeline.py `run_valid`), so a job is validated and its dataset scanned once."""
 
-    Both models are built at the job's image size (once: models/networks/bank.py) and run once on it;
-    a second call for the same spec, data and weight files returns the first call's warnings.
+    spec: JobSpec
+    data_dir: Path
+    scan: loader.DatasetScan  # the dataset as scanned (before the selection and ship splits)
+    warnings: list[str]  # what a person should know but need not fix
+    models: ModelBank  # the job's teacher and student as validation built them, for the stages
+
+
+def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
+    """Check a job before any training: raises SpkdError for what a person must fix, returns the
+    job with its dataset scan and its warnings.
+
+    Both models are built at the job's image size (once: into the job's own ModelBank, where the
+    stages find them again) and run once on it.
     """
-    if (found := cached(spec, data_dir)) is not None:
-        return found
+    models = ModelBank()
     factory.check_model_name(spec.teacher.model, "teacher.model")
     factory.check_model_name(spec.student.model, "student.model")
     scan = loader.scan_dataset(Path(data_dir), spec.dataset.val_fraction, spec.train.seed)
@@ -45,8 +58,8 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
     finetuned = spec.teacher.finetune is not None
     found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
     size = factory.job_image_size(spec)
-    teacher, teacher_head = _built("teacher", spec, scan.classes, size)
-    student, _ = _built("student", spec, scan.classes, size)
+    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, size)
+    student, _ = _built(models, "student", spec, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
@@ -76,17 +89,19 @@ def validate_job(spec: JobSpec, data_dir: Path) -> list[str]:
             found.append(f"{role}: the package weights fit tf_{name} best (TF 'same' padding)")
     if len(scan.rejected):
         found.append(f"{len(scan.rejected)} file(s) in the dataset were skipped: see the dataset report")
-    return remember(spec, data_dir, found)
+    return ValidJob(spec, Path(data_dir), scan, found, models)
 
 
-def _built(role: str, spec: JobSpec, classes: list[str], size: int) -> tuple[torch.nn.Module, bool]:
+def _built(
+    models: ModelBank, role: str, spec: JobSpec, classes: list[str], size: int
+) -> tuple[torch.nn.Module, bool]:
     """The job's `role` model with its file/package weights (hub weights: not downloaded here)."""
     name, w = getattr(spec, role).model, getattr(spec, role).weights
     if w == "hub" and not weights.has_hub_weights(name):
         raise SpkdError(
             "no_pretrained_weights", f"timm has no pretrained weights for {name!r}", f"{role}.weights"
         )
-    return BANK.probe(ModelKey.of(spec, role, classes, size))
+    return models.probe(ModelKey.of(spec, role, classes, size))
 
 
 def probe_model(
@@ -209,35 +224,3 @@ def precision_note(requested: str, amp_dtype: torch.dtype | None, device: torch.
     elif requested == "bf16" and device.type == "cuda":
         why = " (this GPU has no bf16; fp32 is the safe fallback, fp16 can overflow)"
     return f"train.precision {requested} was requested, but this run uses {runs} on {device}{why}"
-
-
-# ------------------------------------------------------------------ one validation per job
-_LAST: tuple[str, list[str]] | None = None  # the worker validates, then run_job does again
-
-
-def _key(spec, data_dir: Path) -> str:
-    """The spec, the data folder and the weight files' sizes and times: what validation read."""
-    import json
-
-    parts = [json.dumps(spec.model_dump(mode="json"), sort_keys=True), str(Path(data_dir).resolve())]
-    for p in [Path(data_dir), *(Path(w) for w in (spec.teacher.weights, spec.student.weights))]:
-        try:
-            st = p.stat()
-            parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
-        except OSError:
-            parts.append(f"{p}:-")
-    return "\n".join(parts)
-
-
-def cached(spec, data_dir: Path) -> list[str] | None:
-    """The warnings of the last successful validation of exactly this job, or None."""
-    if _LAST is not None and _LAST[0] == _key(spec, data_dir):
-        return list(_LAST[1])
-    return None
-
-
-def remember(spec, data_dir: Path, found: list[str]) -> list[str]:
-    """Keep `found` as the outcome of validating this job (only the latest job is kept)."""
-    global _LAST
-    _LAST = (_key(spec, data_dir), list(found))
-    return found

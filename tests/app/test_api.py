@@ -220,9 +220,9 @@ def test_artifacts_listing_and_download(client, r, keys, settings: Settings, dat
     out.mkdir(parents=True)
     (out / "student.safetensors").write_bytes(b"x" * 5000)
     (out / "secret.txt").write_text("not registered")
-    from workers.runner import collect_artifacts
+    from common.files import manifest
 
-    arts = collect_artifacts(out)
+    arts = manifest(out)
     store.set_artifacts(r, keys, job_id, [a for a in arts if a["name"] != "secret.txt"])
     listed = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
     assert [a["name"] for a in listed] == ["student.safetensors"] and listed[0]["size"] == 5000
@@ -240,9 +240,9 @@ def test_artifacts_in_folders_download(client, r, keys, settings: Settings, data
     nested = out / "tensorboard" / "distill" / "steps" / "events.out.tfevents.1.host.2.0"
     nested.parent.mkdir(parents=True)
     nested.write_bytes(b"tb" * 100)
-    from workers.runner import collect_artifacts
+    from common.files import manifest
 
-    store.set_artifacts(r, keys, job_id, collect_artifacts(out))
+    store.set_artifacts(r, keys, job_id, manifest(out))
     name = "tensorboard/distill/steps/events.out.tfevents.1.host.2.0"
     assert [a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]] == [name]
     for path in (name, name.replace("/", "%2F")):

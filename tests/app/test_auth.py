@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.auth import AuthLimiter
+from common.files import manifest
 from core import store
 from core.settings import Settings
 from tests.helpers import KEY_A, KEY_B, tiny_spec
-from workers.runner import collect_artifacts
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}", "/static/{name:path}"}
 BOB = {"Authorization": f"Bearer {KEY_B}"}
@@ -67,7 +67,7 @@ def test_cross_key_isolation_everywhere(client, r, keys, settings: Settings) -> 
     out = Path(settings.artifact_root) / jid
     out.mkdir(parents=True)
     (out / "student.safetensors").write_bytes(b"w" * 100)
-    store.set_artifacts(r, keys, jid, collect_artifacts(out))
+    store.set_artifacts(r, keys, jid, manifest(out))
     assert client.get(f"/v1/jobs/{jid}/artifacts/student.safetensors").status_code == 200
 
     # Bob: every read, the stream, the downloads and the cancel answer 404 (no existence oracle).

@@ -298,7 +298,6 @@ def engine_view(root: Path) -> dict:
     """What a job on `root` uses, in the upload record's shape: roles mapped back to folders
     (test/ is the report split and val/ the selection split), a seeded val split put back
     together (the upload cannot know the job's seed)."""
-    loader._SCAN_CACHE.clear()
     try:
         scan = loader.scan_dataset(root)
     except SpkdError as e:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from common.files import manifest
 from core import store
 from tests.app.test_auth import _zip_two_classes
 from tests.helpers import KEY_A, Stack
-from workers.runner import collect_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def _seed(st: Stack) -> None:
     out = st.settings.artifact_root / jid
     out.mkdir(parents=True)
     (out / "metrics.json").write_text("{}")
-    store.transition(r, keys, jid, store.SUCCEEDED, [store.RUNNING], artifacts=collect_artifacts(out))
+    store.transition(r, keys, jid, store.SUCCEEDED, [store.RUNNING], artifacts=manifest(out))
 
 
 def test_openapi_fuzz(stack_factory, redis_url: str, tmp_path: Path) -> None:

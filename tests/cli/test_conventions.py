@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from cli.client import ExitCode
 from cli.main import app
+from common.files import manifest
 from core import store
 from tests.helpers import KEY_A, ROOT, PrivateRedis, Stack, make_stack, running, tiny_spec
-from workers.runner import collect_artifacts
 
 SPKD = [sys.executable, "-m", "cli.main"]
 # Every command and group, for the help checks.
@@ -78,7 +78,7 @@ def finished_job(api: Stack) -> str:
     (out / "student" / "model.safetensors").write_bytes(os.urandom(4096))
     (out / "student" / "README.md").write_text("# a student\n")
     (out / "metrics.json").write_text('{"gain": 0.01}')
-    store.transition(r, keys, job_id, store.SUCCEEDED, [store.RUNNING], artifacts=collect_artifacts(out))
+    store.transition(r, keys, job_id, store.SUCCEEDED, [store.RUNNING], artifacts=manifest(out))
     return job_id
 
 
@@ -183,7 +183,7 @@ def test_download_a_model_of_a_job_in_the_old_layout(api: Stack, tmp_path: Path)
     (out / "student.safetensors").write_bytes(os.urandom(2048))
     (out / "student.json").write_text('{"class_names": ["a", "b"]}')
     (out / "teacher.safetensors").write_bytes(os.urandom(1024))
-    store.transition(r, keys, job_id, store.SUCCEEDED, [store.RUNNING], artifacts=collect_artifacts(out))
+    store.transition(r, keys, job_id, store.SUCCEEDED, [store.RUNNING], artifacts=manifest(out))
     res = spkd("download", job_id, "student", "-o", str(tmp_path), url=api.url)
     assert res.returncode == 0, res.stderr
     got = sorted(p.name for p in (tmp_path / job_id).rglob("*") if p.is_file())

@@ -18,8 +18,9 @@ from models.networks.factory import DataConfig
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The engine's normalisation (models.data.loader.normalize) with a model's mean/std as numbers."""
-    return loader.normalize(images, torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1))
+    """The engine's normalisation (models.data.loader.normalize_batch) with a model's mean/std as numbers."""
+    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return loader.normalize_batch(images, mean_t, std_t)
 
 
 def train_source(

@@ -205,7 +205,7 @@ def test_reused_teacher_head_on_other_classes_names_both_lists(color_dataset, tm
 def test_reused_head_on_other_classes_is_replaced_when_fine_tuned(color_dataset, tmp_path):
     path = _earlier_job_teacher(tmp_path, ["cat", "dog"])
     spec = tiny_job_spec(teacher={"weights": str(path), "finetune": {"epochs": 1}})
-    found = validate_job(spec, color_dataset)
+    found = validate_job(spec, color_dataset).warnings
     assert any("['cat', 'dog']" in w and "new head" in w for w in found)
     _, head = weights.build("test_resnet", str(path), 2, "teacher", 32, ["blue", "red"])
     assert head is False  # the body only: the head's outputs meant cat and dog
@@ -214,7 +214,7 @@ def test_reused_head_on_other_classes_is_replaced_when_fine_tuned(color_dataset,
     # the same names in the same order: the head is reused as it is, KD allowed, no warning
     same = _earlier_job_teacher(tmp_path / "same", ["blue", "red"])
     spec = tiny_job_spec(teacher={"weights": str(same), "finetune": None}, distill={"kd_weight": 1.0})
-    assert not [w for w in validate_job(spec, color_dataset) if "class" in w]
+    assert not [w for w in validate_job(spec, color_dataset).warnings if "class" in w]
 
 
 def test_weights_holding_nan_are_refused_at_validation(color_dataset, tmp_path):
@@ -282,7 +282,8 @@ def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, 
 def test_a_head_without_class_names_is_reused_with_a_warning(color_dataset, tmp_path):
     path = _earlier_job_teacher(tmp_path, ["blue", "red"], "flat")
     path.with_suffix(".json").unlink()  # a bare weight file: nothing says what its outputs mean
-    found = validate_job(tiny_job_spec(teacher={"weights": str(path), "finetune": None}), color_dataset)
+    spec = tiny_job_spec(teacher={"weights": str(path), "finetune": None})
+    found = validate_job(spec, color_dataset).warnings
     assert any("no JSON with class_names" in w and "by class index" in w for w in found), found
 
 

@@ -59,7 +59,6 @@ def test_decompression_bomb_guard(tmp_path, monkeypatch):
     make_folder(tmp_path / "a", {"x": 2})
     make_folder(tmp_path / "b", {"y": 2})
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # our 40x40 photos now count as "huge"
-    loader._SCAN_CACHE.clear()
     with pytest.raises(SpkdError) as err:
         loader.scan_dataset(tmp_path)
     assert err.value.code == "empty_class"
@@ -90,9 +89,9 @@ def test_missing_folder(tmp_path):
 
 def test_seeded_split_is_deterministic_and_stratified(tmp_path):
     make_folder(tmp_path, {"a": 20, "b": 10})
-    first = loader._scan(tmp_path.resolve(), 0.2, seed=7)
-    again = loader._scan(tmp_path.resolve(), 0.2, seed=7)
-    other = loader._scan(tmp_path.resolve(), 0.2, seed=8)
+    first = loader.scan_dataset(tmp_path, 0.2, seed=7)
+    again = loader.scan_dataset(tmp_path, 0.2, seed=7)
+    other = loader.scan_dataset(tmp_path, 0.2, seed=8)
     assert first.report_from == "seeded"
     assert [s.path for s in first.report] == [s.path for s in again.report]
     assert [s.path for s in first.report] != [s.path for s in other.report]
@@ -119,7 +118,7 @@ def test_loader_yields_uint8_batches_with_indices(color_dataset):
     assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert labels.dtype == torch.int64 and indices.shape == (16,)
     assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(ds)))
-    norm = loader.normalize(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
+    norm = loader.normalize_batch(images, torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))
     assert norm.min() >= -1 and norm.max() <= 1
 
 
@@ -149,7 +148,7 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
 def test_selection_is_carved_from_train_stratified_seeded_and_disjoint(tmp_path):
     make_folder(tmp_path / "train", {"a": 30, "b": 8, "c": 2})
     make_folder(tmp_path / "val", {"a": 5, "b": 5, "c": 5}, seed=3)
-    scan = loader._scan(tmp_path.resolve(), 0.2, seed=0)
+    scan = loader.scan_dataset(tmp_path, 0.2, seed=0)
     chosen = loader.with_selection(scan, 0.1, seed=0)
     assert chosen.counts()["selection"] == {"a": 3, "b": 1, "c": 1}  # at least one image per class
     assert chosen.counts()["train"] == {"a": 27, "b": 7, "c": 1}
@@ -171,7 +170,19 @@ def test_test_split_is_reported_and_val_selects(tmp_path):
     make_folder(tmp_path / "train", {"a": 6, "b": 6})
     make_folder(tmp_path / "val", {"a": 2, "b": 3}, seed=3)
     make_folder(tmp_path / "test", {"a": 4, "b": 4}, seed=4)
-    scan = loader.with_selection(loader._scan(tmp_path.resolve(), 0.2, seed=0), 0.1, seed=0)
+    scan = loader.with_selection(loader.scan_dataset(tmp_path, 0.2, seed=0), 0.1, seed=0)
     assert scan.roles == {"train": "train/", "selection": "val/", "report": "test/"}
     assert all("/test/" in s.path for s in scan.report) and all("/val/" in s.path for s in scan.selection)
     assert scan.sizes() == {"train": 12, "selection": 5, "report": 8}  # nothing carved from train
+
+
+def test_a_second_scan_sees_images_added_inside_a_class_folder(tmp_path):
+    """No scan is kept between calls: an image added to a class folder (the root's mtime does not
+    change) is in the next scan. A per-process scan cache keyed on the root once hid it."""
+    make_folder(tmp_path / "train", {"cats": 4, "dogs": 4})
+    make_folder(tmp_path / "val", {"cats": 2, "dogs": 2}, seed=3)
+    before = loader.scan_dataset(tmp_path)
+    cats = tmp_path / "train" / "cats"
+    (cats / "extra.jpg").write_bytes((cats / "cats_000.jpg").read_bytes())
+    after = loader.scan_dataset(tmp_path)
+    assert len(after.train) == len(before.train) + 1

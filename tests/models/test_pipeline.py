@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from common.errors import SpkdError
 from common.reporter import RecordingReporter
 from models.networks import factory
-from models.pipeline import run_job, validate_job
+from models.pipeline import run_job, run_valid, validate_job
 from tests.helpers import HYMENOPTERA, make_folder, tiny_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,7 +248,7 @@ def test_warnings_for_larger_student_and_unfinetuned_teacher(color_dataset):
     spec = tiny_job_spec(
         teacher={"model": "test_efficientnet", "finetune": None}, student={"model": "test_resnet"}
     )
-    found = validate_job(spec, color_dataset)
+    found = validate_job(spec, color_dataset).warnings
     assert any("larger than the teacher" in w for w in found)
     assert any("not fine-tuned" in w for w in found)
 
@@ -260,7 +260,7 @@ def test_hymenoptera_validates_with_package_weights():
     )
     # SOURCE.md beside train/ and val/ is listed as skipped (common/scan.py), nothing else warns
     skipped = "1 file(s) in the dataset were skipped: see the dataset report"
-    assert validate_job(spec, HYMENOPTERA) == [skipped]
+    assert validate_job(spec, HYMENOPTERA).warnings == [skipped]
 
 
 def test_every_model_is_a_timm_hub_folder(vit_run):
@@ -333,3 +333,20 @@ def test_model_card_snippet_classifies_an_image(vit_run, tmp_path, color_dataset
     assert result.returncode == 0, result.stderr
     label, prob = result.stdout.split()
     assert label in ("blue", "red") and 0.5 <= float(prob) <= 1.0
+
+
+def test_the_run_uses_the_validated_scan(color_dataset, tmp_path):
+    """run_valid trains on the dataset as validation scanned it (one scan per job): an image that
+    appears after validation is in neither the dataset event nor metrics.json."""
+    data = tmp_path / "data"
+    shutil.copytree(color_dataset, data)
+    spec = tiny_job_spec(train={"epochs": 1})
+    valid = validate_job(spec, data)
+    first = next(p for p in sorted(data.rglob("*.jpg")))
+    shutil.copy(first, first.with_name("late.jpg"))
+    reporter = RecordingReporter()
+    metrics = run_valid(valid, tmp_path / "out", reporter).metrics
+    event = next(d for kind, _, d in reporter.events if kind == "dataset")
+    scanned = len(valid.scan.train) + len(valid.scan.report) + len(valid.scan.selection)
+    assert sum(event["sizes"][role] for role in ("train", "selection", "report")) == scanned
+    assert metrics["dataset"]["sizes"] == event["sizes"]

@@ -12,7 +12,7 @@ from common import spec
 from common.reporter import RecordingReporter
 from models.networks import factory, weights
 from models.networks.bank import ModelBank, ModelKey
-from models.pipeline import run_job, validate_job
+from models.pipeline import run_valid, validate_job
 from models.results.report import FALLBACK_COLOUR, stage_colour
 from models.stages import STAGES, planned
 from models.training import checkpoint
@@ -70,9 +70,8 @@ def test_a_job_builds_each_model_once(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "data", {"a": 12, "b": 12})
     job = tiny_job_spec(distill={"sp_weight": [1.0, 10.0]}, train={"epochs": 2, "batch_size": 8})
     assert [s.name for s in planned(job)] == list(spec.STAGES)
-    validate_job(job, data)
     reporter = RecordingReporter()
-    run_job(job, data, tmp_path / "out", reporter)
+    run_valid(validate_job(job, data), tmp_path / "out", reporter)
     assert [d["stage"] for kind, _m, d in reporter.events if kind == "stage_finished"] == list(spec.STAGES)
     assert any(kind == "search" for kind, _m, _d in reporter.events)
     assert built == {"test_resnet": 1, "test_efficientnet": 1}

@@ -9,6 +9,7 @@ with the job's metrics.json. A server that is down must not fail a job, nor leak
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from common.reporter import RecordingReporter, StopRequested
 from common.spec import JobSpec
 from core import store
+from models.pipeline import validate_job
 from models.results.tracking import run_tracked
 from tests.helpers import make_settings, output_dir, tiny_job_spec
 from workers import runner
@@ -167,9 +169,12 @@ def test_tensorboard_resume_does_not_draw_steps_twice(color_dataset, tmp_path):
     # 44 training images (4 go to the selection split) at batch 16: 2 steps an epoch. Teacher 1
     # epoch + baseline epoch 1 + 1 step of epoch 2, then stop.
     with pytest.raises(StopRequested):
-        run_tracked(spec, color_dataset, tmp_path, RecordingReporter(stop_after_steps=5), "job_resume")
+        stopping = RecordingReporter(stop_after_steps=5)
+        run_tracked(validate_job(spec, color_dataset), tmp_path, stopping, "job_resume")
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 1
-    metrics = run_tracked(spec, color_dataset, tmp_path, RecordingReporter(), "job_resume")
+    metrics = run_tracked(
+        validate_job(spec, color_dataset), tmp_path, RecordingReporter(), "job_resume"
+    ).metrics
     assert metrics["job"]["id"] == "job_resume"  # the service's job id reaches the report's header
     # a second file in each resumed folder: the resumed process's, starting with a purge
     assert len(list((tmp_path / "tensorboard" / "baseline" / "steps").glob("events.*"))) == 2
@@ -335,3 +340,16 @@ def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
     assert [e[2]["epoch"] for e in inner.events if e[0] == "epoch_end"] == [1]
     steps = _series(_accumulator(log_dir / "baseline" / "steps"), "loss")
     assert [s for s, _ in steps] == [1, 2]
+
+
+def test_the_manifest_is_every_published_file(color_dataset, tmp_path):
+    """The engine's manifest (what the service registers) is exactly the files left in out_dir
+    but checkpoints/ and hidden temporaries, TensorBoard's included, with their sizes and sha256."""
+    finished = run_tracked(validate_job(tiny_job_spec(), color_dataset), tmp_path, RecordingReporter(), "m")
+    on_disk = {}
+    for path in tmp_path.rglob("*"):
+        rel = path.relative_to(tmp_path).as_posix()
+        if path.is_file() and not rel.startswith("checkpoints/") and not path.name.startswith("."):
+            on_disk[rel] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert {a["name"]: (a["size"], a["sha256"]) for a in finished.artifacts} == on_disk
+    assert "metrics.json" in on_disk and any(name.startswith("tensorboard/") for name in on_disk)

@@ -4,7 +4,7 @@ Put this folder first on the worker's PYTHONPATH and set SPKD_TEST_FAULTS=1: Pyt
 imports `sitecustomize` at start, and this one installs an import hook that, when the engine is
 imported (the worker parent preloads it before forking job processes), wraps
 
-- `models.pipeline.validate_job`: boundary `validating` (the runner calls it first, while the
+- `models.pipeline.validate_job`: boundary `validating` (the runner calls it, once, while the
   job's status is `validating`);
 - the body of every entry of `models.stages.STAGES`: boundaries `<stage>:before` and
   `<stage>:after` (inside the pipeline's loop, between its `stage_started` event and the stage's
@@ -79,7 +79,7 @@ def _patch_stages(module: ModuleType) -> None:
 def _patch_pipeline(module: ModuleType) -> None:
     original = module.validate_job
 
-    def validate_job(spec: Any, data_dir: Any) -> list[str]:
+    def validate_job(spec: Any, data_dir: Any) -> Any:
         fault(spec, "validating")
         return original(spec, data_dir)
 
