@@ -66,6 +66,17 @@ def _check_models(spec: JobSpec, settings: Settings) -> None:
             raise ApiError(422, "weights_unavailable", f"'hub' weights for {base}: {why}", f"{role}.weights")
 
 
+def _check_devices(spec: JobSpec, settings: Settings) -> None:
+    if spec.train.devices > settings.max_devices:
+        raise ApiError(
+            422,
+            "too_many_devices",
+            f"train.devices {spec.train.devices} is more than this service runs one job on "
+            f"(SPKD_MAX_DEVICES={settings.max_devices}): ask for at most {settings.max_devices}",
+            "train.devices",
+        )
+
+
 def _check_references(
     r: redis.Redis, keys: store.Keys, spec: JobSpec, owner: str, settings: Settings
 ) -> None:
@@ -112,6 +123,7 @@ def create_job(
 ) -> Job:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     _check_models(spec, settings)
+    _check_devices(spec, settings)
     _check_references(r, keys, spec, owner, settings)
     body = spec.model_dump(mode="json")
     job_id = store.new_id("job")

@@ -110,6 +110,18 @@ def test_create_validates_spec_models_and_dataset(client, data_folder: Path) -> 
     assert ok.headers["location"] == f"/v1/jobs/{ok.json()['id']}"
 
 
+def test_create_checks_train_devices(client, settings: Settings, data_folder: Path) -> None:
+    many = settings.max_devices + 1
+    big = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 2 * many, "devices": many}))
+    err = big.json()["error"]
+    assert big.status_code == 422 and err["code"] == "too_many_devices" and err["field"] == "train.devices"
+    assert f"SPKD_MAX_DEVICES={settings.max_devices}" in err["message"]
+    odd = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 9, "devices": 2}))
+    assert odd.status_code == 422 and "does not split into 2 equal shares" in odd.json()["error"]["message"]
+    ok = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2}))
+    assert ok.status_code == 201 and ok.json()["spec"]["train"]["devices"] == 2
+
+
 def test_idempotency_key(client, data_folder: Path) -> None:
     h = {"Idempotency-Key": "abc"}
     first = client.post("/v1/jobs", json=spec(), headers=h)
