@@ -21,6 +21,7 @@ from models import stages
 from models.networks.bank import BANK
 from models.stages.common import best_row
 from models.stages.search import search_rungs
+from models.training import distributed, ranks
 from models.training.run import Run, cleanup_checkpoints, open_run
 from models.training.validation import validate_job
 
@@ -46,6 +47,8 @@ def run_job(
     in metrics.json's `job` block (the report's header); None for a job run in process.
     """
     out_dir = Path(out_dir)
+    if spec.train.devices > 1 and distributed.active() is None:  # this process becomes rank 0
+        return ranks.run_ranks(run_job, spec, Path(data_dir), out_dir, reporter, device, data_path, job_id)
     try:
         for warning in validate_job(spec, data_dir):
             reporter.event("warning", warning)
@@ -53,9 +56,13 @@ def run_job(
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
         run = open_run(spec, Path(data_dir), out_dir, reporter, device, epochs, data_path, job_id)
+        if not ranks.leader():  # ranks 1..N-1 only train: rank 0 alone evaluates and exports
+            plan = plan[: max(i for i, s in enumerate(plan) if s.epochs is not None) + 1]
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)
+        if not ranks.leader():
+            return {}
         cleanup_checkpoints(run, [name for s in stages.STAGES for name in s.produces])
     finally:
         BANK.clear()  # the job's models: a job process runs one job

@@ -1,0 +1,66 @@
+"""One job on several ranks (train.devices, models/training/ranks.py): 2 gloo ranks on the CPU with
+the global batch b train exactly as 1 rank with batch b (a BatchNorm-free student: LayerNorm ViT),
+SP on the global batch, one rank reporting and writing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.reporter import RecordingReporter
+from models.pipeline import run_job
+from models.training import distributed
+from tests.helpers import tiny_job_spec
+
+
+def ddp_spec(devices: int, **over: object):
+    """A BatchNorm-free job (LayerNorm ViTs): ranks must not change what trains."""
+    return tiny_job_spec(
+        teacher={"model": "test_vit", "weights": "none", "finetune": {"epochs": 1}},
+        student={"model": "test_vit"},
+        distill={"layers": "auto", "sp_weight": 50.0, "kd_weight": 1.0},
+        train={"epochs": 2, "batch_size": 8, "devices": devices},
+        baseline=False,
+        **over,
+    )
+
+
+def _run(spec, data: Path, out: Path) -> tuple[dict, RecordingReporter, float]:
+    reporter = RecordingReporter()
+    start = time.perf_counter()
+    metrics = run_job(spec, data, out, reporter, device="cpu")
+    return metrics, reporter, time.perf_counter() - start
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_two_ranks_train_as_one_device(color_dataset, tmp_path):
+    one, rec1, s1 = _run(ddp_spec(1), color_dataset, tmp_path / "one")
+    two, rec2, s2 = _run(ddp_spec(2), color_dataset, tmp_path / "two")
+    curve1, curve2 = one["curves"]["distill"], two["curves"]["distill"]
+    for r1, r2 in zip(curve1, curve2, strict=True):
+        for key in ("train_loss", "ce", "sp", "kd", "val_loss", "val_acc"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), key
+    w1 = load_file(str(tmp_path / "one" / "student.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "student.safetensors"))
+    diff = _max_diff(w1, w2)
+    print(f"2 ranks vs 1: max abs weight difference {diff:.3g}; wall {s2:.1f}s vs {s1:.1f}s")
+    assert diff < 1e-4
+    # one rank reports: every epoch once, the ranks named once
+    ends = [d for kind, _, d in rec2.events if kind == "epoch_end"]
+    assert [(d["stage"], d["epoch"]) for d in ends] == [
+        ("teacher_finetune", 1),
+        ("distill", 1),
+        ("distill", 2),
+    ]
+    assert any(kind == "info" and d.get("devices") == 2 for kind, _, d in rec2.events)
+    assert distributed.active() is None  # the group is gone with the job
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["spec"]["train"]["devices"] == 2
