@@ -64,3 +64,29 @@ def test_two_ranks_train_as_one_device(color_dataset, tmp_path):
     assert any(kind == "info" and d.get("devices") == 2 for kind, _, d in rec2.events)
     assert distributed.active() is None  # the group is gone with the job
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["spec"]["train"]["devices"] == 2
+
+
+def test_a_stop_ends_every_rank_and_the_job_resumes_on_another_device_count(color_dataset, tmp_path):
+    """A cancel heard by rank 0 stops both ranks at the same step within seconds; the attempt's
+    checkpoint then resumes on one device and finishes as an uninterrupted 1-device run."""
+    from common.reporter import StopRequested
+
+    out = tmp_path / "out"
+    spec = ddp_spec(2)
+    # teacher_finetune (5 steps: 40 images / 8) and distill epoch 1 run; stop in distill epoch 2
+    stopper = RecordingReporter(stop_after_steps=12)
+    start = time.perf_counter()
+    with pytest.raises(StopRequested):
+        run_job(spec, color_dataset, out, stopper, device="cpu")
+    stopped_in = time.perf_counter() - start
+    assert distributed.active() is None
+    saved = [d for kind, _, d in stopper.events if kind == "checkpoint"]
+    assert saved[-1] == {"stage": "distill", "epoch": 1}
+    # the same job resumes on one device from the 2-rank checkpoint
+    resumed = RecordingReporter()
+    metrics = run_job(ddp_spec(1), color_dataset, out, resumed, device="cpu")
+    assert any("resuming from checkpoint (distill epoch 1)" in m for kind, m, _ in resumed.events)
+    ref, _, _ = _run(ddp_spec(1), color_dataset, tmp_path / "ref")
+    for r1, r2 in zip(ref["curves"]["distill"], metrics["curves"]["distill"], strict=True):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4), r1["epoch"]
+    print(f"a stop ended both ranks; the run took {stopped_in:.1f}s")
