@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="the device group one worker owns (`0,1,2,3`): it takes jobs of up to that many "
         "`train.devices`; empty: one device (SPKD_DEVICE)",
     )
+
+    @property
+    def worker_devices(self) -> int:
+        """How many devices this worker owns (SPKD_GPUS; one without): the most train.devices it takes."""
+        return len([g for g in self.gpus.split(",") if g.strip()]) or 1
+
     max_devices: int = Field(
         default=8,
         ge=1,
