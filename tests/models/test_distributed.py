@@ -90,3 +90,54 @@ def test_a_stop_ends_every_rank_and_the_job_resumes_on_another_device_count(colo
     for r1, r2 in zip(ref["curves"]["distill"], metrics["curves"]["distill"], strict=True):
         assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4), r1["epoch"]
     print(f"a stop ended both ranks; the run took {stopped_in:.1f}s")
+
+
+class KillsARank(RecordingReporter):
+    """Kills (SIGKILL) one of the job's other ranks at rank 0's `at`-th step."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.killed_at = at, None
+
+    def progress(self, progress) -> None:
+        super().progress(progress)
+        if len(self.progresses) == self.at:
+            import os
+            import signal
+
+            os.kill(_spawned_children()[0], signal.SIGKILL)
+            self.killed_at = time.perf_counter()
+
+
+def test_a_killed_rank_fails_the_attempt_without_hanging_and_it_resumes(color_dataset, tmp_path):
+    from common.errors import SpkdError
+
+    out = tmp_path / "out"
+    killer = KillsARank(at=8)  # in distill epoch 1 (teacher_finetune has 5 steps)
+    with pytest.raises(SpkdError) as failed:
+        run_job(ddp_spec(2), color_dataset, out, killer, device="cpu")
+    waited = time.perf_counter() - killer.killed_at
+    print(f"rank 0 failed {waited:.1f}s after rank 1 was killed: {failed.value}")
+    assert failed.value.code == "rank_failed" and "rank 1" in failed.value.message
+    assert waited < 30
+    assert distributed.active() is None
+    metrics = run_job(ddp_spec(2), color_dataset, out, RecordingReporter(), device="cpu")
+    assert [r["epoch"] for r in metrics["curves"]["distill"]] == [1, 2]
+
+
+def _spawned_children() -> list[int]:
+    """Pids of this process's children started by multiprocessing's spawn (the other ranks)."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"spawn_main" in cmd:
+            found.append(int(entry.name))
+    return sorted(found)
