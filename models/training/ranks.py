@@ -2,8 +2,9 @@
 group (models/training/distributed.py).
 
 The calling process is rank 0: it keeps the job's reporter (events, progress, the stop flag, the
-fencing token), its output folder and every write. Ranks 1..N-1 are spawned with
-torch.multiprocessing (spawn: CUDA and fork do not mix); each runs the same pipeline through the
+fencing token), its output folder and every write. Ranks 1..N-1 are fresh interpreters (as
+torchrun starts ranks: CUDA and fork do not mix, and a Celery pool process cannot be pickled for
+multiprocessing's spawn); each runs the same pipeline through the
 last training stage with a silent reporter and a private scratch folder seeded with the job's
 checkpoints (so a resumed job resumes on every rank, whatever N the last attempt had). Rank 0
 stops the others: a stop it hears is all-reduced at the next step, and when it leaves (done,
@@ -13,15 +14,19 @@ collectives, so rank 0 fails instead of waiting (gloo at once, else after the gr
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from common.errors import SpkdError
 from common.reporter import NullReporter, Reporter, StopRequested
@@ -76,20 +81,10 @@ def run_ranks(
         )
     port = free_port()
     scratch = Path(tempfile.mkdtemp(prefix="spkd-ranks-"))
-    shutil.rmtree(scratch)
-    args = (
-        run_job,
-        spec.model_dump_json(),
-        str(data_dir),
-        str(out_dir),
-        str(scratch),
-        device,
-        data_path,
-        world,
-        port,
-    )
-    others = mp.start_processes(_rank_main, args=args, nprocs=world - 1, join=False, start_method="spawn")
+    others = []
     try:
+        for rank in range(1, world):
+            others.append(_spawn_rank(rank, spec, data_dir, out_dir, scratch, device, data_path, port))
         init_rank(0, world, port, dev0, spec)
         reporter.event("info", f"training on {world} ranks ({backend_for(dev0)})", devices=world)
         try:
@@ -97,7 +92,7 @@ def run_ranks(
         except StopRequested:
             raise  # every rank stopped with it
         except Exception as e:
-            failed = _rank_error(others)  # a broken collective: name the rank that broke it
+            failed = _rank_error(others, scratch)  # a broken collective: name the rank that broke it
             if failed is None:
                 raise
             raise failed from e
@@ -113,27 +108,54 @@ def init_rank(rank: int, world: int, port: int, device: str, spec: JobSpec) -> N
     distributed.init(rank, world, port, backend_for(device), COLLECTIVE_TIMEOUT_S, spec.train.sync_batchnorm)
 
 
-def _rank_main(
-    i: int,
-    run_job: Callable[..., dict],
-    spec_json: str,
-    data_dir: str,
-    out_dir: str,
-    scratch: str,
+def _spawn_rank(
+    rank: int,
+    spec: JobSpec,
+    data_dir: Path,
+    out_dir: Path,
+    scratch: Path,
     device: str | None,
     data_path: str,
-    world: int,
     port: int,
-) -> None:
-    """Rank i+1: the same job with a silent reporter, writing only into its own scratch folder."""
-    rank = i + 1
-    spec = JobSpec.model_validate_json(spec_json)
-    mine = Path(scratch) / f"rank-{rank}"
-    _seed_scratch(Path(out_dir), mine)
-    dev = rank_device(device, rank)
-    init_rank(rank, world, port, dev, spec)
+) -> subprocess.Popen:
+    """Rank `rank` as a fresh interpreter (as torchrun starts its ranks: no fork of a process that
+    may hold CUDA, no pickling of a Celery pool process's state)."""
+    job = {
+        "rank": rank,
+        "world": spec.train.devices,
+        "spec": spec.model_dump(mode="json"),
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "scratch": str(scratch),
+        "device": device,
+        "data_path": data_path,
+        "port": port,
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = "from models.training.ranks import rank_main; rank_main()"
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], env=env)
+
+
+def rank_main() -> None:
+    """A spawned rank (argv[1]: its JSON job): the same job with a silent reporter, writing only
+    into its own scratch folder. Exits 0 when it ends or is stopped with the others; on an error it
+    leaves the error's last line in `<scratch>/rank-<n>.error` for rank 0 to report."""
+    from models.pipeline import run_job
+
+    job = json.loads(sys.argv[1])
+    rank, scratch = job["rank"], Path(job["scratch"])
     try:
-        run_job(spec, Path(data_dir), mine, NullReporter(), dev, data_path, None)
+        spec = JobSpec.model_validate(job["spec"])
+        mine = scratch / f"rank-{rank}"
+        _seed_scratch(Path(job["out_dir"]), mine)
+        dev = rank_device(job["device"], rank)
+        init_rank(rank, job["world"], job["port"], dev, spec)
+        run_job(spec, Path(job["data_dir"]), mine, NullReporter(), dev, job["data_path"], None)
+    except StopRequested:
+        pass
+    except BaseException as e:
+        (scratch / f"rank-{rank}.error").write_text(f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
         distributed.shutdown()
 
@@ -147,28 +169,34 @@ def _seed_scratch(out_dir: Path, mine: Path) -> None:
     mine.mkdir(parents=True, exist_ok=True)
 
 
-def _rank_error(others: Any) -> SpkdError | None:
+def _rank_error(others: list[subprocess.Popen], scratch: Path) -> SpkdError | None:
     """A rank that died or raised, as the error the job fails with (None: all are fine)."""
-    try:
-        others.join(timeout=2.0)
-    except mp.ProcessExitedException as e:
+    deadline = time.monotonic() + 5.0  # a broken collective reaches every rank within moments
+    while time.monotonic() < deadline and not any(p.poll() for p in others):
+        time.sleep(0.1)
+    for rank, p in enumerate(others, start=1):
+        code = p.poll()
+        if not code:
+            continue
+        error = scratch / f"rank-{rank}.error"
+        if error.is_file():
+            return SpkdError("rank_failed", f"rank {rank} of the job failed: {error.read_text()}")
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return SpkdError(
-            "rank_failed", f"rank {e.error_index + 1} of the job died ({e}); resume the job to continue"
+            "rank_failed", f"rank {rank} of the job died ({how}); the job resumes from its last checkpoint"
         )
-    except mp.ProcessRaisedException as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        return SpkdError("rank_failed", f"rank {e.error_index + 1} of the job failed: {last}")
     return None
 
 
-def _end(others: Any) -> None:
+def _end(others: list[subprocess.Popen]) -> None:
     """Wait a little for the other ranks to leave, then kill what is left."""
-    for p in others.processes:
-        p.join(JOIN_S if p.is_alive() else 0)
-    for p in others.processes:
-        if p.is_alive():
+    deadline = time.monotonic() + JOIN_S
+    for p in others:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             p.kill()
-            p.join(5)
+            p.wait(5)
 
 
 def leader() -> bool:

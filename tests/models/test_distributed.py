@@ -126,7 +126,7 @@ def test_a_killed_rank_fails_the_attempt_without_hanging_and_it_resumes(color_da
 
 
 def _spawned_children() -> list[int]:
-    """Pids of this process's children started by multiprocessing's spawn (the other ranks)."""
+    """Pids of this process's children that run the job's other ranks (models.training.ranks)."""
     import os
 
     found = []
@@ -138,6 +138,6 @@ def _spawned_children() -> list[int]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"spawn_main" in cmd:
+        if ppid == os.getpid() and b"rank_main" in cmd:
             found.append(int(entry.name))
     return sorted(found)

@@ -1,0 +1,37 @@
+"""A 2-rank job (train.devices: 2) through the real API and a real `spkd worker` that owns two
+devices (two gloo ranks on this CPU box): routed to that worker, trained on both ranks, reported
+once, finished with its artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core import store
+from tests.helpers import Stack, dump, epoch_ends, events, small_imagefolder, tiny_spec, wait_final
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_two_device_job_runs_on_a_two_device_worker(stack_factory, redis_url: str) -> None:
+    st: Stack = stack_factory(redis_url)
+    small_imagefolder(Path(st.settings.data_root) / "hym", per_class=6)
+    r, keys = store.connect(redis_url), store.Keys(st.settings.redis_prefix)
+    st.start_api()
+    st.start_worker("pair", env={"SPKD_GPUS": "0,1", "SPKD_DEVICE": "cpu"})
+    st.wait_ready()
+    spec = tiny_spec(
+        {"path": "hym"},
+        train={"epochs": 2, "batch_size": 4, "image_size": 32, "num_workers": 0, "devices": 2},
+    )
+    with st.client() as c:
+        job_id = c.post("/v1/jobs", json=spec).json()["id"]
+        job = wait_final(r, keys, job_id, 300)
+        evs = events(r, keys, job_id)
+        assert job["status"] == "succeeded", dump(evs) + st.logs()
+        assert not any(e["data"].get("code") == "no_worker_fits" for e in evs)  # the pair is live
+        assert any(e["kind"] == "info" and e["data"].get("devices") == 2 for e in evs), dump(evs)
+        assert epoch_ends(evs) == [("distill", 1), ("distill", 2)]  # one rank reports
+        names = {a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
+        assert {"student.safetensors", "metrics.json", "student.onnx"} <= names
