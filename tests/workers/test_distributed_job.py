@@ -1,5 +1,5 @@
 """A 2-rank job (train.devices: 2) through the real API and a real `spkd worker` that owns two
-devices (two gloo ranks on this CPU box): routed to that worker, trained on both ranks, reported
+devices (`--gpus 0,1`; two gloo ranks on this CPU box): routed to that worker, trained on both ranks, reported
 once, finished with its artifacts."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_a_two_device_job_runs_on_a_two_device_worker(stack_factory, redis_url: 
     small_imagefolder(Path(st.settings.data_root) / "hym", per_class=6)
     r, keys = store.connect(redis_url), store.Keys(st.settings.redis_prefix)
     st.start_api()
-    st.start_worker("pair", env={"SPKD_GPUS": "0,1", "SPKD_DEVICE": "cpu"})
+    st.start_worker("pair", env={"SPKD_DEVICE": "cpu"}, options=["--gpus", "0,1"])  # 2 gloo ranks here
     st.wait_ready()
     spec = tiny_spec(
         {"path": "hym"},
