@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,6 +131,7 @@ def _spawn_rank(
         "device": device,
         "data_path": data_path,
         "port": port,
+        "parent": os.getpid(),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     code = "from models.training.ranks import rank_main; rank_main()"
@@ -144,6 +146,7 @@ def rank_main() -> None:
 
     job = json.loads(sys.argv[1])
     rank, scratch = job["rank"], Path(job["scratch"])
+    _exit_with_parent(job["parent"])
     try:
         spec = JobSpec.model_validate(job["spec"])
         mine = scratch / f"rank-{rank}"
@@ -158,6 +161,27 @@ def rank_main() -> None:
         raise
     finally:
         distributed.shutdown()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Leave at once when rank 0 (the job process) is gone, e.g. killed -9 by the worker's hard
+    stop: a rank waiting outside a collective (decoding, joining the group) would otherwise
+    linger, holding its GPU, until the group's timeout."""
+
+    if sys.platform == "linux":  # the kernel's own signal when the parent dies
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # it died while this interpreter was starting
+        os._exit(1)
+    threading.Thread(target=watch, name="spkd-rank-parent", daemon=True).start()
 
 
 def _seed_scratch(out_dir: Path, mine: Path) -> None:

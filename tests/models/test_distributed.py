@@ -125,10 +125,12 @@ def test_a_killed_rank_fails_the_attempt_without_hanging_and_it_resumes(color_da
     assert [r["epoch"] for r in metrics["curves"]["distill"]] == [1, 2]
 
 
-def _spawned_children() -> list[int]:
-    """Pids of this process's children that run the job's other ranks (models.training.ranks)."""
+def _spawned_children(parent: int | None = None) -> list[int]:
+    """Pids of the children of `parent` (default: this process) that run a job's other ranks
+    (models.training.ranks)."""
     import os
 
+    parent = os.getpid() if parent is None else parent
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -138,6 +140,46 @@ def _spawned_children() -> list[int]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"rank_main" in cmd:
+        if ppid == parent and b"rank_main" in cmd:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+def test_the_other_ranks_leave_when_rank_0_is_killed(color_dataset, tmp_path):
+    """kill -9 of the job process (rank 0, as the worker's hard stop does): its ranks exit within
+    seconds instead of holding their devices until the group's timeout."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import sys; from pathlib import Path; from common.spec import JobSpec; "
+        "from common.reporter import NullReporter; from models.pipeline import run_job; "
+        "run_job(JobSpec.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "
+        "NullReporter(), device='cpu')"
+    )
+    args = [sys.executable, "-c", script, ddp_spec(2).model_dump_json(), str(color_dataset), str(tmp_path)]
+    job = subprocess.Popen(args, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (ranks := _spawned_children(job.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ranks, "rank 1 never started"
+        time.sleep(3)  # well inside the job
+    finally:
+        job.kill()
+        job.wait()
+    killed = time.monotonic()
+    while _running(ranks[0]) and time.monotonic() - killed < 30:
+        time.sleep(0.2)
+    left = time.monotonic() - killed
+    print(f"rank 1 left {left:.1f}s after rank 0 was killed")
+    assert not _running(ranks[0]) and left < 10
