@@ -18,12 +18,18 @@ from models.training import distributed
 from tests.helpers import tiny_job_spec
 
 
-def ddp_spec(devices: int, **over: object):
+def ddp_spec(devices: int, cache: str = "auto", **over: object):
     """A BatchNorm-free job (LayerNorm ViTs): ranks must not change what trains."""
     return tiny_job_spec(
         teacher={"model": "test_vit", "weights": "none", "finetune": {"epochs": 1}},
         student={"model": "test_vit"},
-        distill={"layers": "auto", "sp_weight": 50.0, "kd_weight": 1.0},
+        distill={
+            "layers": "auto",
+            "sp_weight": 50.0,
+            "kd_weight": 1.0,
+            "teacher_cache": cache,
+            "teacher_views": 2,
+        },
         train={"epochs": 2, "batch_size": 8, "devices": devices},
         baseline=False,
         **over,
@@ -64,6 +70,21 @@ def test_two_ranks_train_as_one_device(color_dataset, tmp_path):
     assert any(kind == "info" and d.get("devices") == 2 for kind, _, d in rec2.events)
     assert distributed.active() is None  # the group is gone with the job
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["spec"]["train"]["devices"] == 2
+
+
+def test_two_ranks_with_the_teacher_cache_train_as_one_device(color_dataset, tmp_path):
+    """Each rank builds the same cache (same seeded views) and looks up its share by index."""
+    one, rec1, _ = _run(ddp_spec(1, cache="on"), color_dataset, tmp_path / "one")
+    two, rec2, _ = _run(ddp_spec(2, cache="on"), color_dataset, tmp_path / "two")
+    for rec in (rec1, rec2):
+        assert any(d.get("teacher_cache") for kind, _, d in rec.events if kind == "info")
+    for r1, r2 in zip(one["curves"]["distill"], two["curves"]["distill"], strict=True):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4, abs=1e-5)
+    w1 = load_file(str(tmp_path / "one" / "student.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "student.safetensors"))
+    diff = _max_diff(w1, w2)
+    print(f"teacher cache, 2 ranks vs 1: max abs weight difference {diff:.3g}")
+    assert diff < 1e-4
 
 
 def test_a_stop_ends_every_rank_and_the_job_resumes_on_another_device_count(color_dataset, tmp_path):
