@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import datetime
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -144,19 +143,12 @@ class DDPTap:
         return Tapped(logits=logits, features=list(features))
 
 
-@contextmanager
-def student_ddp(distiller: nn.Module, device: torch.device, reporter: Reporter) -> Iterator[None]:
-    """The distiller's student behind DDP while the block runs, when this process is one rank of
-    several (`wrap_student`); nothing on one device."""
-    if _GROUP is None:
-        yield
-        return
-    if note := wrap_student(distiller, device, _GROUP):
+def wrap_for_stage(distiller: nn.Module, device: torch.device, reporter: Reporter) -> None:
+    """The distiller's student behind DDP for a training stage when this process is one rank of
+    several (`wrap_student`, a warning reported); nothing on one device. `unwrap_student` undoes
+    it after the stage (a stage that raises ends the job, distiller and all)."""
+    if _GROUP is not None and (note := wrap_student(distiller, device, _GROUP)):
         reporter.event("warning", note)
-    try:
-        yield
-    finally:
-        unwrap_student(distiller)
 
 
 def wrap_student(distiller: nn.Module, device: torch.device, group: Group) -> str | None:

@@ -225,41 +225,42 @@ def train_stage(
     clock.done_steps += resume.epoch * plan.steps_per_epoch
     if plan.stop is not None and curve and plan.stop(curve):  # stopped, then interrupted before the end
         return curve, seconds
-    with distributed.student_ddp(distiller, runtime.device, reporter):  # no-op on one device
-        for epoch in range(resume.epoch, plan.epochs):
-            checkpoint.seed_everything(plan.seed, plan.name, epoch)
-            start = time.perf_counter()
-            train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every, oom)
-            val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
-            guards.check_value(val["loss"], plan.name, epoch + 1, "val_loss", plan.lr)  # NaN weights
-            elapsed = time.perf_counter() - start
-            seconds += elapsed
-            row = {
-                "stage": plan.name,
+    distributed.wrap_for_stage(distiller, runtime.device, reporter)  # several ranks: DDP; one: nothing
+    for epoch in range(resume.epoch, plan.epochs):
+        checkpoint.seed_everything(plan.seed, plan.name, epoch)
+        start = time.perf_counter()
+        train = _train_epoch(plan, optimizer, scheduler, runtime, reporter, clock, epoch, sync_every, oom)
+        val = evaluate(model, plan.student_norm, plan.val_batches(), runtime)
+        guards.check_value(val["loss"], plan.name, epoch + 1, "val_loss", plan.lr)  # NaN weights
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        row = {
+            "stage": plan.name,
+            "epoch": epoch + 1,
+            "epochs": plan.epochs,
+            **train,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "eval_split": plan.eval_split,
+            "seconds": round(elapsed, 3),
+        }
+        curve.append(row)
+        reporter.event("epoch_end", _epoch_message(row), **row)
+        on_epoch_end(
+            {
                 "epoch": epoch + 1,
-                "epochs": plan.epochs,
-                **train,
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-                "eval_split": plan.eval_split,
-                "seconds": round(elapsed, 3),
+                "model": model.state_dict(),
+                "methods": distiller.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "curve": curve,
+                "seconds": seconds,
             }
-            curve.append(row)
-            reporter.event("epoch_end", _epoch_message(row), **row)
-            on_epoch_end(
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "methods": distiller.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                    "curve": curve,
-                    "seconds": seconds,
-                }
-            )
-            if plan.stop is not None and plan.stop(curve):
-                break
+        )
+        if plan.stop is not None and plan.stop(curve):
+            break
+    distributed.unwrap_student(distiller)
     return curve, seconds
 
 
