@@ -13,6 +13,9 @@ For each (teacher, student) pair, in one run on one device, at one image size an
               build is reported separately, and in an "incl. build" rate over all epochs)
 
 It prints images/s, the ratios c/a, c/b, d/b, d/s and peak GPU memory, and writes JSON (--json).
+`--devices N` instead runs only (c) on 1 and on N devices (one job over N ranks, train.devices) and
+prints the throughput of each, the speedup and the scaling efficiency, N-rate / (N x 1-rate); on the
+CPU the N ranks are gloo processes (CI keeps it working; those numbers are not results).
 `--compile both` measures (b) and (s) with and without torch.compile. `--tiny` runs tiny timm
 models on the CPU with a few steps, so CI keeps this script working (no timing targets there).
 
@@ -212,8 +215,10 @@ def engine_run(
     data_dir: Path,
     cache: str,
     data_path: str = "auto",
+    devices: int = 1,
 ) -> dict:
-    """run_job on JPEGs on disk; steady-state distill img/s from the engine's own epoch_end events."""
+    """run_job on JPEGs on disk; steady-state distill img/s from the engine's own epoch_end events
+    (with `devices` > 1: the job's global rate over all its ranks)."""
     from common.reporter import RecordingReporter
     from common.spec import JobSpec
     from models.pipeline import run_job
@@ -230,6 +235,7 @@ def engine_run(
                 "image_size": args.size,
                 "precision": "auto",
                 "num_workers": args.workers,
+                "devices": devices,
             },
             "baseline": False,
         }
@@ -268,7 +274,35 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
 
+def scaling_pair(teacher: str, student: str, args, device: torch.device, data_dir: Path) -> dict:
+    """--devices N: the engine (teacher cache off) on 1 device and on N; scaling efficiency is
+    throughput at N / (N x throughput at 1)."""
+    row: dict[str, Any] = {"teacher": teacher, "student": student, "devices": args.devices}
+    for n in (1, args.devices):
+        start = time.perf_counter()
+        row[f"c_{n}"] = engine_run(teacher, student, args, device, data_dir, "off", devices=n)
+        print(f"    {n} device(s): {row[f'c_{n}']['img_s']:.1f} img/s ({time.perf_counter() - start:.0f}s)")
+    one, many = row["c_1"]["img_s"], row[f"c_{args.devices}"]["img_s"]
+    row["speedup"] = ratio(many, one)
+    row["efficiency"] = ratio(many, args.devices * one)
+    return row
+
+
+def print_scaling(result: dict) -> None:
+    n = result["devices"]
+    print(f"\ndevice: {result['device']}  size {result['size']}  global batch {result['batch']}  devices {n}")
+    cols = ["1 device", f"{n} devices", "speedup", "efficiency"]
+    print(f"{'pair':<44}" + "".join(f"{c:>12}" for c in cols))
+    for row in result["rows"]:
+        pair = f"{row['teacher']} -> {row['student']}"
+        cells = [fmt(row["c_1"]["img_s"], 1), fmt(row[f"c_{n}"]["img_s"], 1)]
+        cells += [fmt(row["speedup"], 2), fmt(row["efficiency"], 2)]
+        print(f"{pair:<44}" + "".join(f"{c:>12}" for c in cells))
+
+
 def run_pair(teacher: str, student: str, args, device: torch.device, data_dir: Path) -> dict:
+    if args.devices > 1:
+        return scaling_pair(teacher, student, args, device, data_dir)
     row: dict[str, Any] = {"teacher": teacher, "student": student}
     row["a_naive"] = naive_loop(teacher, student, args, device)
     variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -365,6 +399,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--with-loader", action="store_true", help="also c through the DataLoader fallback")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder whose train photos to reuse")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="N > 1: only the engine, on 1 and on N devices (GPUs; gloo ranks on the CPU): "
+        "throughput and scaling efficiency",
+    )
     args = p.parse_args(argv)
     tiny = args.tiny
     defaults = {
@@ -405,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images,
         "epochs": args.epochs,
         "views": args.views,
+        "devices": args.devices,
         "rows": [],
     }
     with tempfile.TemporaryDirectory(prefix="spkd-bench-") as tmp:
@@ -412,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         for teacher, student in args.pair_list:
             print(f"... {teacher} -> {student}", flush=True)
             result["rows"].append(run_pair(teacher, student, args, device, data_dir))
-    print_table(result)
+    (print_scaling if args.devices > 1 else print_table)(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -57,6 +57,9 @@ def _multiprocess_metrics() -> None:
 
 def worker(
     gpu: str | None = typer.Option(None, help="GPU index for this worker (sets CUDA_VISIBLE_DEVICES)"),
+    gpus: str | None = typer.Option(
+        None, help="a group of GPUs for this worker (0,1,2,3): it takes jobs of up to that many train.devices"
+    ),
     queue: str | None = typer.Option(None, help="queue to consume (default: SPKD_QUEUE)"),
     name: str | None = typer.Option(None, help="worker name (default: host-pid)"),
     loglevel: str = typer.Option("INFO", help="Celery log level"),
@@ -68,16 +71,22 @@ def worker(
     fork do not mix), the child that runs a job owns its CUDA context and exits after it.
     """
     # Before anything imports torch: this process and its children see only this GPU.
+    if gpu is not None and gpus is not None:
+        raise typer.BadParameter("give --gpu (one device) or --gpus (a group), not both")
+    if gpus is not None:  # the job's ranks see these as cuda:0..N-1
+        gpu = ",".join(g.strip() for g in gpus.split(",") if g.strip())
+        os.environ["SPKD_GPUS"] = gpu
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     # torch.cuda.is_available() via NVML: answering it must not initialise CUDA in the parent.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     if queue:
         os.environ["SPKD_QUEUE"] = queue
-    node = name or f"spkd-{gpu if gpu is not None else 'cpu'}-{os.getpid()}"
+    node = name or f"spkd-{gpu.replace(',', '-') if gpu is not None else 'cpu'}-{os.getpid()}"
     os.environ["SPKD_WORKER_NAME"] = node
     if preload:
         _preload_engine()
+    from core.queue import worker_queues
     from workers.celery_app import celery, settings
 
     argv = [
@@ -85,7 +94,7 @@ def worker(
         "--pool=prefork",
         "--concurrency=1",
         "--max-tasks-per-child=1",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(worker_queues(settings.queue, settings.worker_devices))}",
         f"--hostname={node}@{socket.gethostname()}",
         f"--loglevel={loglevel}",
         "--without-gossip",

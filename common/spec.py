@@ -342,6 +342,9 @@ def _two_per_batch(value: object) -> object:
     return value
 
 
+MAX_DEVICES = 64  # one host's worth; SPKD_MAX_DEVICES sets what a service accepts
+
+
 class TrainSpec(_Strict):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 15
     batch_size: Annotated[int, Field(ge=2, le=4096), BeforeValidator(_two_per_batch)] = 64
@@ -355,6 +358,27 @@ class TrainSpec(_Strict):
     num_workers: Annotated[int | None, Field(ge=0, le=64)] = Field(
         default=None, description="data loader processes; None: chosen from the host's cores"
     )
+    devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)] = Field(
+        default=1,
+        description="devices (GPUs; gloo ranks on a CPU worker) one job trains on, data-parallel "
+        "with torch.distributed; batch_size stays the global batch and must split evenly, at least "
+        "2 images per device",
+    )
+    sync_batchnorm: bool = Field(
+        default=True,
+        description="with devices > 1 on GPUs: BatchNorm statistics over the global batch "
+        "(SyncBatchNorm), so a job trains as on one device; false: each device's own share",
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainSpec:
+        if self.batch_size % self.devices or self.batch_size // self.devices < 2:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into {self.devices} equal shares of at "
+                f"least 2 images: train.batch_size is the global batch over train.devices; use a "
+                f"multiple of {self.devices} that is at least {2 * self.devices}"
+            )
+        return self
 
 
 class ExportSpec(_Strict):

@@ -47,9 +47,27 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(celery: Celery, settings: Settings, job_id: str) -> None:
+def devices_queue(base: str, devices: int) -> str:
+    """The queue of jobs asking for `devices` (train.devices): `base` itself for one device (as
+    before), `<base>.devices.<n>` for more."""
+    return base if devices <= 1 else f"{base}.devices.{devices}"
+
+
+def worker_queues(base: str, devices: int) -> list[str]:
+    """What a worker owning `devices` consumes: every job size it fits, so a 4-GPU job never lands
+    on a 1-GPU worker and one-device jobs still run everywhere."""
+    return [devices_queue(base, n) for n in range(1, max(1, devices) + 1)]
+
+
+def job_devices(spec: dict[str, Any]) -> int:
+    """train.devices of a stored job spec (1 when absent: jobs stored before the field)."""
+    return int((spec.get("train") or {}).get("devices") or 1)
+
+
+def enqueue(celery: Celery, settings: Settings, job_id: str, devices: int = 1) -> None:
     # The job id is the task id, so a cancel can revoke the message by name (see revoke).
-    celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, task_id=job_id)
+    queue = devices_queue(settings.queue, devices)
+    celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
 
 
 def revoke(celery: Celery, job_id: str) -> None:

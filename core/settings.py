@@ -63,6 +63,23 @@ class Settings(BaseSettings):
     device: str = Field(
         default="", description="torch device jobs run on (cuda:1, cpu); empty: the first GPU, else the CPU"
     )
+    gpus: str = Field(
+        default="",
+        description="the device group one worker owns (`0,1,2,3`): it takes jobs of up to that many "
+        "`train.devices`; empty: one device (SPKD_DEVICE)",
+    )
+
+    @property
+    def worker_devices(self) -> int:
+        """How many devices this worker owns (SPKD_GPUS; one without): the most train.devices it takes."""
+        return len([g for g in self.gpus.split(",") if g.strip()]) or 1
+
+    max_devices: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="the most `train.devices` a job may ask for (the largest worker group you run)",
+    )
     data_path: Literal["auto", "loader"] = Field(
         default="auto",
         description="auto: decode a dataset that fits into memory once; loader: always a DataLoader",

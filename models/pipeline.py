@@ -24,6 +24,7 @@ from common.spec import JobSpec
 from models import stages
 from models.stages.common import best_row
 from models.stages.search import search_rungs
+from models.training import distributed, ranks
 from models.training.run import Run, cleanup_checkpoints, open_run
 from models.training.validation import ValidJob, validate_job
 
@@ -75,6 +76,16 @@ def run_valid(
     """
     out_dir = Path(out_dir)
     spec = valid.spec
+    if spec.train.devices > 1 and distributed.active() is None:  # this process becomes rank 0
+        return ranks.run_ranks(
+            lambda dev: run_valid(valid, out_dir, reporter, dev, data_path, job_id),
+            spec,
+            valid.data_dir,
+            out_dir,
+            reporter,
+            device,
+            data_path,
+        )
     try:
         for warning in valid.warnings:
             reporter.event("warning", warning)
@@ -82,9 +93,13 @@ def run_valid(
         plan = stages.planned(spec)
         epochs = {s.name: s.epochs(spec) for s in plan if s.epochs is not None}
         run = open_run(valid, out_dir, reporter, device, epochs, data_path, job_id)
+        if not ranks.leader():  # ranks 1..N-1 only train: rank 0 alone evaluates and exports
+            plan = plan[: max(i for i, s in enumerate(plan) if s.epochs is not None) + 1]
         for stage in plan:
             if stage.name not in run.state.completed:
                 _run_stage(run, stage)
+        if not ranks.leader():
+            return Finished({}, [])
         cleanup_checkpoints(run, [name for s in stages.STAGES for name in s.produces])
     finally:
         valid.models.clear()  # the job's models: its memory goes back now, not with the ValidJob

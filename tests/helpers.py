@@ -221,9 +221,12 @@ class Stack:
         args = [SPKD, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.api = self._spawn("api", args, "api")
 
-    def start_worker(self, name: str, env: dict[str, str] | None = None) -> procs.Proc:
-        """`env`: this worker's own SPKD_* variables (e.g. its own folders, as on another host)."""
-        args = [SPKD, "worker", "--name", name, "--loglevel", "INFO"]
+    def start_worker(
+        self, name: str, env: dict[str, str] | None = None, options: list[str] | None = None
+    ) -> procs.Proc:
+        """`env`: this worker's own SPKD_* variables (e.g. its own folders, as on another host);
+        `options`: more `spkd worker` options (`--gpus 0,1`)."""
+        args = [SPKD, "worker", "--name", name, "--loglevel", "INFO", *(options or [])]
         self.workers[name] = self._spawn(f"worker {name}", args, f"worker-{name}", env)
         return self.workers[name]
 

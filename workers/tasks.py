@@ -14,7 +14,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from core import storage, store
-from core.queue import TASK_NAME, enqueue
+from core.queue import TASK_NAME, enqueue, job_devices
 from workers import webhooks as webhook_sender
 from workers.celery_app import celery, settings
 from workers.failures import failure_error
@@ -111,6 +111,7 @@ class Heartbeat(threading.Thread):
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "devices": settings.worker_devices,
             "started_at": time.time(),
         }
 
@@ -174,7 +175,8 @@ def recover_orphans() -> list[str]:
             message = "its worker was lost; queued again to resume"
             if not store.claim_orphan(r, KEYS, job_id, REQUEUE_GRACE_S, message):
                 continue
-            enqueue(celery, settings, job_id)
+            job = store.get_job(r, KEYS, job_id) or {}
+            enqueue(celery, settings, job_id, job_devices(job.get("spec") or {}))
             requeued.append(job_id)
     if requeued:
         log.warning("requeued orphaned jobs: %s", ", ".join(requeued))

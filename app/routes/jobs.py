@@ -28,7 +28,7 @@ from app.schemas import (
 from common.errors import SpkdError
 from common.spec import EXAMPLE_SPEC, JobSpec
 from core import references, storage, store
-from core.queue import enqueue, revoke
+from core.queue import devices_queue, enqueue, job_devices, revoke
 from core.settings import Settings
 
 log = logging.getLogger("spkd.api")
@@ -64,6 +64,17 @@ def _check_models(spec: JobSpec, settings: Settings) -> None:
                 else "timm has no pretrained weights"
             )
             raise ApiError(422, "weights_unavailable", f"'hub' weights for {base}: {why}", f"{role}.weights")
+
+
+def _check_devices(spec: JobSpec, settings: Settings) -> None:
+    if spec.train.devices > settings.max_devices:
+        raise ApiError(
+            422,
+            "too_many_devices",
+            f"train.devices {spec.train.devices} is more than this service runs one job on "
+            f"(SPKD_MAX_DEVICES={settings.max_devices}): ask for at most {settings.max_devices}",
+            "train.devices",
+        )
 
 
 def _check_references(
@@ -112,6 +123,7 @@ def create_job(
 ) -> Job:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     _check_models(spec, settings)
+    _check_devices(spec, settings)
     _check_references(r, keys, spec, owner, settings)
     body = spec.model_dump(mode="json")
     job_id = store.new_id("job")
@@ -122,7 +134,7 @@ def create_job(
         if earlier is not None:
             return _replay(r, keys, owner, earlier, store.body_hash(body), response)
     job = store.create_job(r, keys, owner, body, job_id)
-    _enqueue_or_fail(ctx, job_id)
+    _enqueue_or_fail(ctx, job_id, spec.train.devices)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return Job.from_store(job)
 
@@ -140,12 +152,12 @@ def _check_resumable_references(
         raise err from e
 
 
-def _enqueue_or_fail(ctx: AppContext, job_id: str) -> None:
-    """Send the job to the workers; when the broker is down, fail the job (never queued forever)
-    and answer 503."""
+def _enqueue_or_fail(ctx: AppContext, job_id: str, devices: int = 1) -> None:
+    """Send the job to the workers that fit its `devices`; when the broker is down, fail the job
+    (never queued forever) and answer 503."""
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     try:
-        enqueue(ctx.celery, settings, job_id)
+        enqueue(ctx.celery, settings, job_id, devices)
     except Exception as e:  # noqa: BLE001 - broker down: do not leave a job queued forever
         log.warning("enqueue failed for %s: %s", job_id, e)
         store.transition(
@@ -160,6 +172,33 @@ def _enqueue_or_fail(ctx: AppContext, job_id: str) -> None:
         raise ApiError(
             503, "queue_unavailable", "the job queue is unreachable; retry", headers={"Retry-After": "5"}
         ) from e
+    _say_if_no_worker_fits(ctx, job_id, devices)
+
+
+def _say_if_no_worker_fits(ctx: AppContext, job_id: str, devices: int) -> None:
+    """A job that no live worker can take (too few devices in every group) says so in a `warning`
+    event instead of waiting silently; it still waits in its queue for such a worker."""
+    if devices <= 1:
+        return  # every worker takes one-device jobs
+    r, keys, settings = ctx.redis, ctx.keys, ctx.settings
+    live = [
+        w for w in store.live_workers(r, keys, settings.heartbeat_ttl_s) if w.get("queue") == settings.queue
+    ]
+    most = max((int(w.get("devices") or 1) for w in live), default=0)
+    if most >= devices:
+        return
+    store.add_event(
+        r,
+        keys,
+        job_id,
+        "warning",
+        f"no live worker has {devices} devices (the largest has {most}): the job waits in queue "
+        f"{devices_queue(settings.queue, devices)!r} until one starts (`spkd worker --gpus` with "
+        f"{devices} devices)",
+        code="no_worker_fits",
+        devices=devices,
+        largest=most,
+    )
 
 
 def _replay(
@@ -349,5 +388,5 @@ def resume_job(ctx: Ctx, owner: Owner, job_id: str) -> Job:
     except store.Conflict as e:  # resumed or changed by a concurrent request
         job = store.get_job(r, keys, job_id) or job
         raise refuse(str(e)) from e
-    _enqueue_or_fail(ctx, job_id)
+    _enqueue_or_fail(ctx, job_id, job_devices(job["spec"]))
     return Job.from_store(job)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.methods.base import Method, Outputs, at_least_fp32, full_precision, register
+from models.training import distributed
 
 
 def similarity(features: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,12 @@ class SP(Method):
     `ref_batch`: the batch size at which `weight` applies. SP is ~1/b by construction (b x SP is
     nearly flat in b), so at another batch size b (the out-of-memory handler's halves, a short last
     batch) the weight used is weight * b / ref_batch: SP keeps its share.
+
+    On several ranks (train.devices) each rank holds a share of the batch; SP gathers the features
+    of the global batch (with their gradients) and compares all its images, as on one device.
+    Measured (tests/models/test_distributed.py, 2 gloo ranks, global batch 8): per-rank Gram
+    matrices moved the first distill epoch's loss from 8.998 to 9.364 (+4 %), gathering matches
+    one device to float tolerance, so the `auto` weight, measured on the global batch, holds.
     """
 
     loss_names = ("sp",)
@@ -93,7 +100,12 @@ class SP(Method):
         return self.weight * batch / self.ref_batch
 
     def forward(self, student: Outputs, teacher: Outputs, batch: int) -> dict[str, torch.Tensor]:
-        return {"sp": self.weight_at(batch) * self.loss(student.features, teacher.features)}
+        feats_s, feats_t = student.features, teacher.features
+        if distributed.active() is not None:  # one rank's share: compare the global batch's images
+            feats_s = [distributed.gather_batch(f) for f in feats_s]
+            feats_t = [distributed.gather_batch(f) for f in feats_t]
+            batch = feats_s[0].shape[0]
+        return {"sp": self.weight_at(batch) * self.loss(feats_s, feats_t)}
 
     def raw(self, student: Outputs, teacher: Outputs) -> torch.Tensor | None:
         return self.loss(student.features, teacher.features) if self.pairs else None

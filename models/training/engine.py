@@ -24,7 +24,7 @@ from models.data.loader import Batch, normalize_batch
 from models.methods import Distiller
 from models.networks.factory import DataConfig, is_cnn
 from models.networks.features import FeatureTap
-from models.training import checkpoint, guards
+from models.training import checkpoint, distributed, guards
 from models.training.oom import BatchSizeController
 
 
@@ -226,6 +226,7 @@ def train_stage(
     clock.done_steps += resume.epoch * plan.steps_per_epoch
     if plan.stop is not None and curve and plan.stop(curve):  # stopped, then interrupted before the end
         return curve, seconds
+    distributed.wrap_for_stage(distiller, runtime.device, reporter)  # several ranks: DDP; one: nothing
     for epoch in range(resume.epoch, plan.epochs):
         checkpoint.seed_everything(plan.seed, plan.name, epoch)
         start = time.perf_counter()
@@ -261,6 +262,7 @@ def train_stage(
         )
         if plan.stop is not None and plan.stop(curve):
             break
+    distributed.unwrap_student(distiller)
     return curve, seconds
 
 
@@ -305,6 +307,8 @@ def _train_epoch(
     def params() -> Iterable[torch.nn.Parameter]:
         return itertools.chain(model.parameters(), distiller.parameters())
 
+    group = distributed.active()
+
     def one_step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         images, labels, indices = batch
         with runtime.autocast():
@@ -318,6 +322,8 @@ def _train_epoch(
             scaler.update()
         else:
             loss.backward()
+            if group is not None:  # DDP averaged the student's; the methods' parts are ours to
+                distributed.average_grads(distiller.parameters(), group.world)
             guard.observe(losses, params())
             optimizer.step()
         n = labels.shape[0]
@@ -332,17 +338,22 @@ def _train_epoch(
 
     step = 0
     for step, (images, labels, indices) in enumerate(plan.train_batches(epoch), start=1):
-        if reporter.should_stop():
+        stop = reporter.should_stop()
+        if group is not None:  # rank 0 hears the stop; every rank stops at the same step
+            stop = distributed.any_true(stop, dev)
+        if stop:
             raise StopRequested(f"stopped in {plan.name} epoch {epoch + 1} step {step}")
         images = images.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True)
         indices = indices.to(dev, non_blocking=True)
+        if group is not None:  # this rank's share of the global batch
+            images, labels, indices = (distributed.shard(t, group) for t in (images, labels, indices))
         # On CUDA out-of-memory: free, halve the batch, scale lr, warn, redo in chunks.
         guard.at(step)
         done = oom.run((images, labels, indices), one_step, optimizer, scheduler)
         scheduler.step()
         loss = done[-1][0]
-        seen += sum(n for _, n in done)
+        seen += sum(n for _, n in done) * (group.world if group is not None else 1)
         if not runtime.is_cuda or step % sync_every == 0 or step == plan.steps_per_epoch:
             guard.check()  # before the loss is reported anywhere
             loss_value = float(loss.detach())  # the one host sync of the step, throttled on GPUs
@@ -365,6 +376,9 @@ def _train_epoch(
         )
     guard.check()
     guards.check_steps_ran(step if seen else 0, plan.name, epoch + 1)
+    if group is not None:  # the epoch's sums over every rank's share: the global batch's numbers
+        for value in (*sums.values(), correct):
+            distributed.all_sum(value)
     seen = max(seen, 1)
     elapsed = max(time.perf_counter() - epoch_start, 1e-9)
     out = {"train_loss": float(sums.pop("loss")) / seen, "train_acc": float(correct) / seen}

@@ -5,6 +5,9 @@ out-of-memory, the controller frees what the failed step held, halves the batch 
 learning rate by the same factor (linear scaling rule), emits a `warning` event saying so, and
 retries the same images in chunks of the new size. Batch sources read `controller.batch_size`
 so later batches come at the new size directly.
+
+A job on several ranks (train.devices) does not halve: an out-of-memory there fails the attempt
+(halving on every rank together would need the ranks to agree before each step; not built yet).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from common.reporter import Reporter
+from models.training import distributed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -145,7 +149,9 @@ class BatchSizeController:
             try:
                 results.append(step(chunk))
             except Exception as exc:
-                if not is_oom(exc):
+                # One rank of several cannot halve alone (its chunks' DDP collectives would not
+                # match the others'): there the attempt fails and says so (gpu_out_of_memory).
+                if not is_oom(exc) or distributed.active() is not None:
                     raise
                 failed = True
             # Free outside the except block: the traceback holds the failed step's activations.

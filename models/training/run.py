@@ -151,7 +151,12 @@ def _report_dataset(scan: loader.DatasetScan, reporter: Reporter) -> None:
 
 
 def _spec_key(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    """The spec a checkpoint belongs to, less how many devices trained it (a job resumes on
+    another device count: the state is the same)."""
+    body = spec.model_dump(mode="json")
+    for name in ("devices", "sync_batchnorm"):
+        body["train"].pop(name, None)
+    return json.dumps(body, sort_keys=True)
 
 
 def load_state(spec: JobSpec, out_dir: Path, reporter: Reporter) -> RunState:

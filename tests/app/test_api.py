@@ -110,6 +110,38 @@ def test_create_validates_spec_models_and_dataset(client, data_folder: Path) -> 
     assert ok.headers["location"] == f"/v1/jobs/{ok.json()['id']}"
 
 
+def test_create_checks_train_devices(client, settings: Settings, data_folder: Path) -> None:
+    many = settings.max_devices + 1
+    big = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 2 * many, "devices": many}))
+    err = big.json()["error"]
+    assert big.status_code == 422 and err["code"] == "too_many_devices" and err["field"] == "train.devices"
+    assert f"SPKD_MAX_DEVICES={settings.max_devices}" in err["message"]
+    odd = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 9, "devices": 2}))
+    assert odd.status_code == 422 and "does not split into 2 equal shares" in odd.json()["error"]["message"]
+    ok = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2}))
+    assert ok.status_code == 201 and ok.json()["spec"]["train"]["devices"] == 2
+
+
+def test_a_job_goes_to_the_queue_of_its_device_count_and_says_when_no_worker_fits(
+    client, r, keys, settings: Settings, data_folder: Path
+) -> None:
+    def warnings(job_id: str) -> list[dict]:
+        log = client.get(f"/v1/jobs/{job_id}/events").json()
+        return [e for e in log["data"] if e["data"].get("code") == "no_worker_fits"]
+
+    broker = f"{settings.redis_prefix}:celery:"
+    store.heartbeat(r, keys, "one-gpu", {"queue": settings.queue, "devices": 1}, settings.heartbeat_ttl_s)
+    two = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2})).json()
+    assert r.llen(f"{broker}{settings.queue}.devices.2") == 1 and r.llen(f"{broker}{settings.queue}") == 0
+    said = warnings(two["id"])
+    assert len(said) == 1 and "no live worker has 2 devices (the largest has 1)" in said[0]["message"]
+    one = client.post("/v1/jobs", json=spec()).json()  # every worker takes one-device jobs
+    assert r.llen(f"{broker}{settings.queue}") == 1 and warnings(one["id"]) == []
+    store.heartbeat(r, keys, "two-gpus", {"queue": settings.queue, "devices": 2}, settings.heartbeat_ttl_s)
+    fits = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2})).json()
+    assert warnings(fits["id"]) == [] and r.llen(f"{broker}{settings.queue}.devices.2") == 2
+
+
 def test_idempotency_key(client, data_folder: Path) -> None:
     h = {"Idempotency-Key": "abc"}
     first = client.post("/v1/jobs", json=spec(), headers=h)

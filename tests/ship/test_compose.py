@@ -99,6 +99,14 @@ def test_flower_is_an_optional_profile(compose):
     assert flower["build"]["args"]["SPKD_EXTRAS"] == "flower"
 
 
+def test_a_multi_gpu_worker_is_an_optional_profile(compose):
+    group = compose["services"]["worker-gpus"]
+    assert group["profiles"] == ["multi-gpu"] and group["image"] == compose["services"]["worker"]["image"]
+    assert group["command"] == ["worker", "--gpus", "0,1,2,3"]
+    (devices,) = group["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["device_ids"] == ["0", "1", "2", "3"]
+
+
 def test_cpu_override_drops_the_gpu_reservation():
     cpu = load("docker-compose.cpu.yml")
     assert cpu["services"]["worker"]["deploy"]["__tag__"] == "!reset"
