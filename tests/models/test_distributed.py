@@ -53,10 +53,10 @@ def test_two_ranks_train_as_one_device(color_dataset, tmp_path):
     two, rec2, s2 = _run(ddp_spec(2), color_dataset, tmp_path / "two")
     curve1, curve2 = one["curves"]["distill"], two["curves"]["distill"]
     for r1, r2 in zip(curve1, curve2, strict=True):
-        for key in ("train_loss", "ce", "sp", "kd", "val_loss", "val_acc"):
+        for key in ("train_loss", "ce", "sp", "kd", "selection_loss", "selection_acc"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), key
-    w1 = load_file(str(tmp_path / "one" / "student.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "student.safetensors"))
+    w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     diff = _max_diff(w1, w2)
     print(f"2 ranks vs 1: max abs weight difference {diff:.3g}; wall {s2:.1f}s vs {s1:.1f}s")
     assert diff < 1e-4
@@ -80,8 +80,8 @@ def test_two_ranks_with_the_teacher_cache_train_as_one_device(color_dataset, tmp
         assert any(d.get("teacher_cache") for kind, _, d in rec.events if kind == "info")
     for r1, r2 in zip(one["curves"]["distill"], two["curves"]["distill"], strict=True):
         assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4, abs=1e-5)
-    w1 = load_file(str(tmp_path / "one" / "student.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "student.safetensors"))
+    w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     diff = _max_diff(w1, w2)
     print(f"teacher cache, 2 ranks vs 1: max abs weight difference {diff:.3g}")
     assert diff < 1e-4

@@ -44,7 +44,7 @@ def test_a_two_device_job_runs_on_a_two_device_worker(stack_factory, redis_url: 
         assert any(e["kind"] == "info" and e["data"].get("devices") == 2 for e in evs), dump(evs)
         assert epoch_ends(evs) == [("distill", 1), ("distill", 2)]  # one rank reports
         names = {a["name"] for a in c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
-        assert {"student.safetensors", "metrics.json", "student.onnx"} <= names
+        assert {"student/model.safetensors", "metrics.json", "student.onnx"} <= names
 
         # A cancel mid-distill ends the job `cancelled` within seconds, and no rank outlives it.
         long = tiny_spec(
