@@ -70,7 +70,7 @@ def test_cancel_running_and_queued_under_load(stack_factory, redis_url: str) -> 
 
         # Partial results of the cancelled job are not offered; checkpoints stay private.
         assert c.get(f"/v1/jobs/{running}/artifacts").json()["data"] == []
-        for name in ("student.safetensors", "checkpoints/last.pt", "metrics.json"):
+        for name in ("student/model.safetensors", "checkpoints/last.pt", "metrics.json"):
             assert c.get(f"/v1/jobs/{running}/artifacts/{name}").status_code == 404
         assert (Path(st.settings.artifact_root) / running).is_dir()  # there were files to leak
         for i in queued:  # a job cancelled while queued never started
