@@ -20,9 +20,9 @@ import redis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import ApiError
-from core.settings import Settings
-from core.store import Keys, owner_of
+from spkd.app.errors import ApiError
+from spkd.core.settings import Settings
+from spkd.core.store import Keys, owner_of
 
 OPEN_OWNER = "open"
 

@@ -28,11 +28,11 @@ from typing import Any, BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import ApiError
-from common import scan
-from common.spec import text_problem
-from core import bucket
-from core.settings import Settings
+from spkd.app.errors import ApiError
+from spkd.common import scan
+from spkd.common.spec import text_problem
+from spkd.core import bucket
+from spkd.core.settings import Settings
 
 SKIP_NAMES = scan.IGNORED_NAMES
 CHUNK = 1 << 20

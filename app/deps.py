@@ -16,10 +16,10 @@ import redis
 import redis.asyncio as aredis
 from fastapi import Depends, Request
 
-from app.auth import request_owner
-from app.errors import ApiError, not_found
-from core import store
-from core.settings import Settings
+from spkd.app.auth import request_owner
+from spkd.app.errors import ApiError, not_found
+from spkd.core import store
+from spkd.core.settings import Settings
 
 Owner = Annotated[str, Depends(request_owner)]
 

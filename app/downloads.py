@@ -11,9 +11,9 @@ from typing import Any
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from starlette.responses import Response
 
-from app.errors import not_found
-from core import attempts, blobs, bucket
-from core.settings import Settings
+from spkd.app.errors import not_found
+from spkd.core import attempts, blobs, bucket
+from spkd.core.settings import Settings
 
 
 def artifact_response(settings: Settings, job: dict[str, Any], name: str, meta: dict[str, Any]) -> Response:

@@ -16,8 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.files import storage_full
-from core import blobs
+from spkd.common.files import storage_full
+from spkd.core import blobs
 
 log = logging.getLogger("spkd.api")
 

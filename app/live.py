@@ -34,8 +34,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.errors import ApiError
-from app.sse import (
+from spkd.app.errors import ApiError
+from spkd.app.sse import (
     RETRY_MS,
     Frame,
     end_frame,
@@ -45,8 +45,8 @@ from app.sse import (
     progress_frame,
     store_down_frame,
 )
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.api")
 

@@ -2,7 +2,7 @@
 torch.
 
 `create_app(settings)` builds an app from the routers in `app/routes/` (one per resource);
-`app` (module level) is what `uvicorn app.main:app` serves.
+`app` (module level) is what `uvicorn spkd.app.main:app` serves.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import redis.asyncio as aredis
 from fastapi import FastAPI
 from PIL import Image
 
-from app import validation
-from app.auth import AuthLimiter, KeyRing
-from app.errors import install_error_handlers
-from app.live import Live
-from app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
-from app.middleware import BodyLimitMiddleware, TextMiddleware
-from app.routes import ROUTERS
-from core import storage, store
-from core.queue import make_celery, queue_depth
-from core.settings import Settings, get_settings
+from spkd.app import validation
+from spkd.app.auth import AuthLimiter, KeyRing
+from spkd.app.errors import install_error_handlers
+from spkd.app.live import Live
+from spkd.app.metrics import HISTOGRAMS, Metrics, MetricsMiddleware, StoreSnapshot
+from spkd.app.middleware import BodyLimitMiddleware, TextMiddleware
+from spkd.app.routes import ROUTERS
+from spkd.core import storage, store
+from spkd.core.queue import make_celery, queue_depth
+from spkd.core.settings import Settings, get_settings
 
 log = logging.getLogger("spkd.api")
 
@@ -96,7 +96,7 @@ def _sweep_at_start(r: redis.Redis, keys: store.Keys, settings: Settings) -> Non
 
 def _mount_dashboard(app: FastAPI) -> None:
     try:
-        from app.routes import dashboard
+        from spkd.app.routes import dashboard
     except ImportError:  # the dashboard is optional for the API
         return
     app.include_router(dashboard.router)

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from core import store
+from spkd.core import store
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -25,9 +25,9 @@ from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
 
-from app.errors import clip, error_body
-from common.spec import text_problem
-from core.settings import Settings
+from spkd.app.errors import clip, error_body
+from spkd.common.spec import text_problem
+from spkd.core.settings import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas import ErrorResponse
+from spkd.app.schemas import ErrorResponse
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

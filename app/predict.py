@@ -33,11 +33,11 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from app import downloads
-from app.errors import ApiError, clip
-from common.decode import load_rgb
-from common.preprocess import EvalConfig, eval_batch
-from core.settings import Settings
+from spkd.app import downloads
+from spkd.app.errors import ApiError, clip
+from spkd.common.decode import load_rgb
+from spkd.common.preprocess import EvalConfig, eval_batch
+from spkd.core.settings import Settings
 
 ONNX = "student.onnx"
 CONFIG = "student/config.json"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.spec import EXAMPLE_SPEC
+from spkd.common.spec import EXAMPLE_SPEC
 
 Status = Literal["queued", "validating", "running", "paused", "succeeded", "failed", "cancelled"]
 

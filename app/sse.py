@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import error_body
-from app.schemas import Event, ProgressOut
-from core import jsonsafe, store
+from spkd.app.errors import error_body
+from spkd.app.schemas import Event, ProgressOut
+from spkd.core import jsonsafe, store
 
 log = logging.getLogger("spkd.api")
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import redis
 
-from app import datasets
-from app.errors import ApiError
-from common.errors import SpkdError
-from common.files import storage_full
-from core import bucket, references, storage, store
-from core.settings import Settings
+from spkd.app import datasets
+from spkd.app.errors import ApiError
+from spkd.common.errors import SpkdError
+from spkd.common.files import storage_full
+from spkd.core import bucket, references, storage, store
+from spkd.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ def parse_variant(name: str) -> dict:
 def job_spec(
     args: argparse.Namespace, seed: int, teacher_file: Path | None = None, distill: dict | None = None
 ):
-    from common.spec import JobSpec
+    from spkd.common.spec import JobSpec
 
     teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
@@ -132,9 +132,9 @@ def job_spec(
 
 
 def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float]:
-    from common.reporter import NullReporter
-    from models.pipeline import run_job
-    from models.training import autoweight
+    from spkd.common.reporter import NullReporter
+    from spkd.models.pipeline import run_job
+    from spkd.models.training import autoweight
 
     default = autoweight.SP_SHARE
     if share is not None:
@@ -149,7 +149,7 @@ def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     """One seed: the default job, then every other variant from its fine-tuned teacher."""
-    from models.stages.evaluate import distilled_wins  # the job's own shipping rule
+    from spkd.models.stages.evaluate import distilled_wins  # the job's own shipping rule
 
     base_dir = args.out / f"seed{seed}" / "auto"
     base, seconds = _run(args, job_spec(args, seed), base_dir)

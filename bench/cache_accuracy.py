@@ -53,9 +53,9 @@ def spec_for(args: argparse.Namespace, seed: int, cache: str) -> dict[str, Any]:
 
 
 def one_run(args: argparse.Namespace, seed: int, cache: str, device: str | None) -> dict[str, Any]:
-    from common.reporter import RecordingReporter
-    from common.spec import JobSpec
-    from models.pipeline import run_job
+    from spkd.common.reporter import RecordingReporter
+    from spkd.common.spec import JobSpec
+    from spkd.models.pipeline import run_job
 
     spec = JobSpec.model_validate(spec_for(args, seed, cache))
     reporter = RecordingReporter()

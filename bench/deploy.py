@@ -42,8 +42,8 @@ def job_folder(arg: str) -> Path:
     path = Path(arg)
     if (path / "metrics.json").is_file():
         return path
-    from core import attempts, store
-    from core.settings import Settings
+    from spkd.core import attempts, store
+    from spkd.core.settings import Settings
 
     settings = Settings()
     job = store.get_job(store.connect(settings.redis_url), store.Keys(settings.redis_prefix), arg)
@@ -79,9 +79,9 @@ def measure(folder: Path, threads: int) -> dict:
     import timm
     import torch
 
-    from models.networks.factory import create_kwargs
-    from models.results import deploy, export
-    from models.results.latency import cpu_latency
+    from spkd.models.networks.factory import create_kwargs
+    from spkd.models.results import deploy, export
+    from spkd.models.results.latency import cpu_latency
 
     metrics = json.loads((folder / "metrics.json").read_text())
     size = int(metrics["image_size"])
@@ -145,10 +145,10 @@ def int8_agreement(folder: Path, paths: list[Path], labels: list[int]) -> dict |
         return None
     import numpy as np
 
-    from common.decode import load_rgb
-    from common.preprocess import EvalConfig, eval_batch
-    from models.results.deploy import onnx_predict
-    from models.results.latency import onnx_session
+    from spkd.common.decode import load_rgb
+    from spkd.common.preprocess import EvalConfig, eval_batch
+    from spkd.models.results.deploy import onnx_predict
+    from spkd.models.results.latency import onnx_session
 
     cfg = EvalConfig.from_hub_config(json.loads((folder / "student" / "config.json").read_text()))
     batches = [eval_batch([load_rgb(p) for p in paths[i : i + 32]], cfg) for i in range(0, len(paths), 32)]
@@ -176,8 +176,8 @@ def predict_bench(
     import redis
     from service import KEY, pct, procs, sandbox, service_env, start_service
 
-    from common.files import manifest
-    from core import store
+    from spkd.common.files import manifest
+    from spkd.core import store
 
     if not paths:
         from PIL import Image
@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from models.results.deploy_report import deploy_text
+    from spkd.models.results.deploy_report import deploy_text
 
     folder = job_folder(args.job)
     metrics = json.loads((folder / "metrics.json").read_text())

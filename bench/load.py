@@ -341,7 +341,7 @@ async def measure_other_key(
 
 
 def run_streams(a: argparse.Namespace) -> dict:
-    from core import store
+    from spkd.core import store
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 2 * a.streams + 1024))

@@ -18,7 +18,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cli import procs  # noqa: E402
+from spkd.cli import procs  # noqa: E402
 
 SPKD = str(Path(sys.executable).parent / "spkd")
 KEY = "bench-key"
@@ -35,7 +35,7 @@ def sandbox(name: str, redis_url: str) -> Iterator[tuple[Path, str]]:
     finally:
         import redis
 
-        from core import store
+        from spkd.core import store
 
         store.delete_prefix(redis.Redis.from_url(redis_url), prefix)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core import blobs, bucket  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from spkd.core import blobs, bucket  # noqa: E402
+from spkd.core.settings import Settings  # noqa: E402
 from tests.helpers import HYMENOPTERA, SeaweedS3  # noqa: E402
 
 

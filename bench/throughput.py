@@ -219,9 +219,9 @@ def engine_run(
 ) -> dict:
     """run_job on JPEGs on disk; steady-state distill img/s from the engine's own epoch_end events
     (with `devices` > 1: the job's global rate over all its ranks)."""
-    from common.reporter import RecordingReporter
-    from common.spec import JobSpec
-    from models.pipeline import run_job
+    from spkd.common.reporter import RecordingReporter
+    from spkd.common.spec import JobSpec
+    from spkd.models.pipeline import run_job
 
     spec = JobSpec.model_validate(
         {

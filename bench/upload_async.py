@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.service import KEY, SPKD, sandbox  # noqa: E402
-from cli import procs  # noqa: E402
+from spkd.cli import procs  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import typer
 
-from cli import procs
-from common.metric_names import report_acc
+from spkd.cli import procs
+from spkd.common.metric_names import report_acc
 
 DEFAULT_TEACHER = "tf_efficientnet_lite2"
 DEFAULT_STUDENT = "tf_efficientnet_lite0"
@@ -140,8 +140,8 @@ def api_ready(http: Any) -> bool:
 
 def upload_dataset(http: Any, folder: Path, tmp: Path) -> dict:
     """POST /v1/datasets with a zip of the folder; returns the dataset description."""
-    from cli import client
-    from cli.files import wait_dataset_ready, zip_folder
+    from spkd.cli import client
+    from spkd.cli.files import wait_dataset_ready, zip_folder
 
     archive = zip_folder(folder, tmp / f"{folder.name}.zip")
     with archive.open("rb") as fh:
@@ -213,7 +213,7 @@ def build_spec(dataset: dict, opts: dict) -> dict:
 
 def run_demo(opts: dict) -> Path:
     """Start the stack, run one job through the REST API, download it. Returns the output folder."""
-    from cli import client, files
+    from spkd.cli import client, files
 
     workdir = Path(opts["workdir"]).resolve()
     group = start_group(workdir)
@@ -247,7 +247,7 @@ def run_demo(opts: dict) -> Path:
             "SPKD_ARTIFACT_ROOT": str(workdir / "artifacts"),
             "PYTHONUNBUFFERED": "1",
         }
-        spkd = [sys.executable, "-m", "cli.main"]
+        spkd = [sys.executable, "-m", "spkd.cli.main"]
         say(f"starting the API on http://127.0.0.1:{port} and one worker (logs: {group.log_dir})")
         group.start("api", [*spkd, "serve", "--host", "127.0.0.1", "--port", str(port)], env)
         group.start("worker", [*spkd, "worker"], env)
@@ -380,7 +380,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a real distillation job end to end on this machine (Redis, API, worker, REST)."""
         opts = dict(locals())
-        from cli import client
+        from spkd.cli import client
 
         try:
             run_demo(opts)

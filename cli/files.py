@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import (
+from spkd.cli.client import (
     ClientError,
     ExitCode,
     JobArg,
@@ -33,7 +33,7 @@ from cli.client import (
     make_client,
     print_json,
 )
-from common import artifacts
+from spkd.common import artifacts
 
 
 def _selected(arts: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import (
+from spkd.cli.client import (
     ClientError,
     ExitCode,
     JobArg,
@@ -29,7 +29,7 @@ from cli.client import (
     make_client,
     print_json,
 )
-from common.metric_names import report_acc
+from spkd.common.metric_names import report_acc
 
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "validating", "running", "paused", *FINAL)

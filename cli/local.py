@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from common.metric_names import report_acc
+from spkd.common.metric_names import report_acc
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def run(
     from pydantic import ValidationError
     from rich.console import Console
 
-    from common.spec import JobSpec
+    from spkd.common.spec import JobSpec
 
     console = Console()
     try:
@@ -86,11 +86,11 @@ def resolve_dataset(spec, job: Path, data: Path | None, console) -> Path:
 
 
 def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) -> int:
-    from common.errors import SpkdError
-    from common.reporter import StopRequested
-    from core.settings import Settings
-    from models.pipeline import validate_job
-    from models.results.tracking import run_tracked
+    from spkd.common.errors import SpkdError
+    from spkd.common.reporter import StopRequested
+    from spkd.core.settings import Settings
+    from spkd.models.pipeline import validate_job
+    from spkd.models.results.tracking import run_tracked
 
     reporter = BarReporter(console)
     previous = signal.signal(signal.SIGINT, reporter.request_stop)
@@ -119,7 +119,7 @@ def _run_engine(spec, data_dir: Path, out: Path, device: str | None, console) ->
 
 def gain_lines(metrics: dict[str, Any]) -> list[str]:
     """The gain with its error bars and which student shipped, from metrics.json."""
-    from models.results.stats import summary_line
+    from spkd.models.results.stats import summary_line
 
     lines = []
     if isinstance(metrics.get("comparison"), dict):
@@ -142,7 +142,7 @@ def _summary(metrics: dict[str, Any], out: Path, console) -> None:
     for line in gain_lines(metrics):
         console.print(line, markup=False)
     if isinstance(metrics.get("deploy"), dict):  # what each model costs (models/results/deploy.py)
-        from models.results.deploy_report import deploy_text
+        from spkd.models.results.deploy_report import deploy_text
 
         console.print(deploy_text(metrics["deploy"]), markup=False, soft_wrap=True)
     names = [f"{p.name}/" if p.is_dir() else p.name for p in out.iterdir() if p.name != "checkpoints"]

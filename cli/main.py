@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo, files, jobs, local, predict, server
+from spkd.cli import demo, files, jobs, local, predict, server
 
 app = typer.Typer(
     no_args_is_help=True,

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import ClientError, KeyOpt, UrlOpt, _check, _fail, make_client
+from spkd.cli.client import ClientError, KeyOpt, UrlOpt, _check, _fail, make_client
 
 
 def predict(

@@ -23,8 +23,8 @@ def serve(
 ) -> None:
     """Start the REST API (FastAPI + uvicorn). Refuses to start without API keys unless
     SPKD_ALLOW_OPEN=true and the host is loopback."""
-    from app.auth import check_can_serve
-    from core.settings import get_settings
+    from spkd.app.auth import check_can_serve
+    from spkd.core.settings import get_settings
 
     check_can_serve(get_settings(), host)
     if workers > 1:
@@ -32,7 +32,7 @@ def serve(
     import uvicorn
 
     uvicorn.run(
-        "app.main:app",
+        "spkd.app.main:app",
         host=host,
         port=port,
         workers=workers,
@@ -46,7 +46,7 @@ def _multiprocess_metrics() -> None:
     """Several API processes: each writes its request metrics to a private, fresh folder that any
     of them reads at scrape time (prometheus_client multiprocess mode). Set before the processes
     start, since prometheus_client picks its storage when first imported."""
-    from app.metrics import MULTIPROC_ENV
+    from spkd.app.metrics import MULTIPROC_ENV
 
     if os.environ.get(MULTIPROC_ENV):
         return  # the operator chose the folder
@@ -86,8 +86,8 @@ def worker(
     os.environ["SPKD_WORKER_NAME"] = node
     if preload:
         _preload_engine()
-    from core.queue import worker_queues
-    from workers.celery_app import celery, settings
+    from spkd.core.queue import worker_queues
+    from spkd.workers.celery_app import celery, settings
 
     argv = [
         "worker",
@@ -111,7 +111,7 @@ def _preload_engine() -> None:
     try:
         import torch
 
-        import models.pipeline  # noqa: F401
+        import spkd.models.pipeline  # noqa: F401
     except ImportError:
         return
     if torch.cuda.is_initialized():

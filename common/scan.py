@@ -60,8 +60,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from common import decode
-from common.errors import SpkdError
+from spkd.common import decode
+from spkd.common.errors import SpkdError
 
 SPLIT_FOLDERS = {
     "train": ("train", "training"),

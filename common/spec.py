@@ -133,7 +133,7 @@ class DatasetSpec(_Strict):
     torchvision: str | None = Field(
         default=None,
         description="a torchvision classification dataset class that downloads, e.g. CIFAR10, Flowers102 "
-        "(one of common.spec.TORCHVISION_DATASETS); `split` picks one split",
+        "(one of spkd.common.spec.TORCHVISION_DATASETS); `split` picks one split",
         examples=["CIFAR10"],
     )
     split: str | None = Field(

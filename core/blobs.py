@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from common.errors import SpkdError
-from common.files import sha256_file
-from core.settings import Settings
+from spkd.common.errors import SpkdError
+from spkd.common.files import sha256_file
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.blobs")
 T = TypeVar("T")

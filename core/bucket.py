@@ -31,10 +31,10 @@ from typing import IO, Any, TypeVar
 
 import redis
 
-from common.files import sha256_file
-from core import attempts, store
-from core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote
-from core.settings import Settings
+from spkd.common.files import sha256_file
+from spkd.core import attempts, store
+from spkd.core.blobs import MANIFEST, BlobStore, StorageUnavailable, remote
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.bucket")
 USED = ".spkd-used"

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from core.settings import Settings
+from spkd.core.settings import Settings
 
 TASK_NAME = "spkd.run_job"
 log = logging.getLogger("spkd.api")

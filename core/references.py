@@ -29,11 +29,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
-from common import artifacts
-from common.errors import SpkdError
-from common.spec import WEIGHT_KEYWORDS, JobSpec
-from core import attempts, sources, store
-from core.settings import Settings
+from spkd.common import artifacts
+from spkd.common.errors import SpkdError
+from spkd.common.spec import WEIGHT_KEYWORDS, JobSpec
+from spkd.core import attempts, sources, store
+from spkd.core.settings import Settings
 
 # A role's weights in a job's hub folders; a job in the old layout: common/artifacts.py.
 ROLE_FILES = {role: artifacts.weights_name(role) for role in artifacts.MODEL_ROLES}

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common import scan
-from common.errors import SpkdError
+from spkd.common import scan
+from spkd.common.errors import SpkdError
 
 # The fields of `dataset` that only some sources read, with their defaults: set for another source
 # they would be ignored without a word.

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import redis
 
-from common.files import storage_full as storage_full  # workers/runner.py asks storage.storage_full
-from core import attempts, blobs, bucket, references, store
-from core.settings import Settings
+from spkd.common.files import storage_full as storage_full  # workers/runner.py asks storage.storage_full
+from spkd.core import attempts, blobs, bucket, references, store
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.storage")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from common.metric_names import report_acc
+from spkd.common.metric_names import report_acc
 
 log = logging.getLogger("spkd.webhooks")
 

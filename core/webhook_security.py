@@ -25,7 +25,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from common.spec import text_problem
+from spkd.common.spec import text_problem
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # the spec asks for 24 to 64

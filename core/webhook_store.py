@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from core import store
-from core.webhook_outbox import outbox_key, owner_hooks_key
+from spkd.core import store
+from spkd.core.webhook_outbox import outbox_key, owner_hooks_key
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SENDER_GROUP = "senders"

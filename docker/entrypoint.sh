@@ -20,8 +20,8 @@ sys.exit(0 if urllib.request.urlopen(url, timeout=4).status == 200 else 1)'
     worker)
       exec python3 -c '
 import socket, sys
-from core import store
-from core.settings import get_settings
+from spkd.core import store
+from spkd.core.settings import get_settings
 s = get_settings()
 live = store.live_workers(store.connect(s.redis_url), store.Keys(s.redis_prefix), s.heartbeat_ttl_s)
 sys.exit(0 if any(w.get("host") == socket.gethostname() for w in live) else 1)'
@@ -46,7 +46,7 @@ case "${1:-}" in
       echo "spkd-entrypoint: set SPKD_FLOWER_BASIC_AUTH=user:password (in spkd.env) to run Flower" >&2
       exit 2
     fi
-    exec celery -A workers.celery_app flower --port="${SPKD_FLOWER_PORT:-5555}" \
+    exec celery -A spkd.workers.celery_app flower --port="${SPKD_FLOWER_PORT:-5555}" \
       --basic-auth="$SPKD_FLOWER_BASIC_AUTH" "$@"
     ;;
   healthcheck)

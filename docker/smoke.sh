@@ -120,8 +120,8 @@ step "uploading a small dataset (3 digit classes from scikit-learn)"
 "$py" - "$work" <<'PY'
 import shutil, sys
 from pathlib import Path
-from cli.files import zip_folder
-from cli.demo import write_digits_imagefolder
+from spkd.cli.files import zip_folder
+from spkd.cli.demo import write_digits_imagefolder
 work = Path(sys.argv[1])
 # 40 scans per digit (32 train, 8 val) keep the job short.
 write_digits_imagefolder(work / "digits", size=32, per_class=40)

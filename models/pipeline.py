@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from common.metric_names import split_key
-from common.reporter import Reporter, StopRequested
-from common.spec import JobSpec
-from models import stages
-from models.stages.common import best_row
-from models.stages.search import search_rungs
-from models.training import distributed, ranks
-from models.training.run import Run, cleanup_checkpoints, open_run
-from models.training.validation import ValidJob, validate_job
+from spkd.common.metric_names import split_key
+from spkd.common.reporter import Reporter, StopRequested
+from spkd.common.spec import JobSpec
+from spkd.models import stages
+from spkd.models.stages.common import best_row
+from spkd.models.stages.search import search_rungs
+from spkd.models.training import distributed, ranks
+from spkd.models.training.run import Run, cleanup_checkpoints, open_run
+from spkd.models.training.validation import ValidJob, validate_job
 
 __all__ = ["Finished", "ValidJob", "best_row", "run_job", "run_valid", "search_rungs", "validate_job"]
 

@@ -43,7 +43,7 @@ apt_install() {
 }
 
 # What the environment is built from: a change to any of these rebuilds it.
-want=$(cat pyproject.toml "$constraints" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py "$constraints" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
 if [ -x "$venv/bin/spkd" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log ".venv is up to date"
   exit 0

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from cli import procs
-from core import store
-from core.settings import Settings
+from spkd.cli import procs
+from spkd.core import store
+from spkd.core.settings import Settings
 from tests.helpers import (
     KEY_A,
     REDIS_URL,
@@ -70,7 +70,7 @@ def client(settings: Settings) -> Iterator[object]:
     """The app in-process (TestClient), authenticated as KEY_A."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from spkd.app.main import create_app
 
     with TestClient(create_app(settings)) as c:
         c.headers["Authorization"] = f"Bearer {KEY_A}"

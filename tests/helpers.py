@@ -27,10 +27,10 @@ import numpy as np
 import redis
 from PIL import Image
 
-from cli import procs
-from common.spec import JobSpec
-from core import attempts, store
-from core.settings import Settings
+from spkd.cli import procs
+from spkd.common.spec import JobSpec
+from spkd.core import attempts, store
+from spkd.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -590,7 +590,7 @@ def finished_job(
     leaves one (workers/runner.py): copied into its attempt folder `output` under the artifact root,
     registered with their sha256 in the same transition. `upload(job_id, folder, artifacts)` puts
     them in a bucket instead and removes the local copy (SPKD_STORAGE_URL)."""
-    from common.files import manifest
+    from spkd.common.files import manifest
 
     job = store.create_job(r, ks, store.owner_of(key), tiny_spec({"path": "x"}))
     dest = attempts.output_dir(Path(settings.artifact_root).resolve() / job["id"], output)

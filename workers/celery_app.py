@@ -11,13 +11,13 @@ from __future__ import annotations
 from billiard.process import current_process
 from celery.signals import worker_process_init
 
-from core.queue import make_celery
-from core.settings import get_settings
+from spkd.core.queue import make_celery
+from spkd.core.settings import get_settings
 
 settings = get_settings()
 celery = make_celery(settings)
 celery.conf.update(
-    include=["workers.tasks"],
+    include=["spkd.workers.tasks"],
     worker_concurrency=1,
     worker_pool="prefork",
     worker_max_tasks_per_child=1,

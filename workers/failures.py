@@ -17,8 +17,8 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-from common.errors import SpkdError
-from core import storage
+from spkd.common.errors import SpkdError
+from spkd.core import storage
 
 log = logging.getLogger("spkd.worker")
 

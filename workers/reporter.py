@@ -16,8 +16,8 @@ from typing import Any
 
 import redis
 
-from common.reporter import Fenced, Progress
-from core import store, webhook_outbox
+from spkd.common.reporter import Fenced, Progress
+from spkd.core import store, webhook_outbox
 
 log = logging.getLogger("spkd.worker")
 # Redis unreachable (restart, network blip): worth waiting out, unlike a bug in a command.

@@ -16,14 +16,14 @@ from typing import Any
 
 import redis
 
-from common import artifacts
-from common.errors import SpkdError
-from common.reporter import Fenced, StopRequested
-from common.spec import JobSpec
-from core import attempts, blobs, bucket, references, sources, storage, store
-from core.settings import Settings
-from workers.failures import failure_error
-from workers.reporter import Monitor, RedisReporter
+from spkd.common import artifacts
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import Fenced, StopRequested
+from spkd.common.spec import JobSpec
+from spkd.core import attempts, blobs, bucket, references, sources, storage, store
+from spkd.core.settings import Settings
+from spkd.workers.failures import failure_error
+from spkd.workers.reporter import Monitor, RedisReporter
 
 log = logging.getLogger("spkd.worker")
 
@@ -304,7 +304,7 @@ def _validate_and_run(
     remote = blobs.remote(settings)
     if remote is not None:
         _fetch_job_weights(remote, settings, spec)
-    from models.data import hub  # the engine's ImageFolder builders (imports `datasets` lazily)
+    from spkd.models.data import hub  # the engine's ImageFolder builders (imports `datasets` lazily)
 
     where = sources.Located(r, keys, settings, owner)
     with sources.materialise(where, spec.dataset, located, remote, hub) as data_dir:
@@ -364,8 +364,8 @@ def _run_on(
 ) -> str:
     """Validate the dataset, run the engine, register the artifacts (uploaded first with a bucket)."""
     job_id, fence = job["id"], monitor.lease.fence
-    from models.pipeline import validate_job  # torch: only in the job's process
-    from models.results.tracking import run_tracked
+    from spkd.models.pipeline import validate_job  # torch: only in the job's process
+    from spkd.models.results.tracking import run_tracked
 
     valid = validate_job(spec, data_dir)  # the one validation: the engine runs what it returns
     # run_valid logs each warning as an event itself; here they only go on the job record.

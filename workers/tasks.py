@@ -13,12 +13,12 @@ from typing import Any
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from core import storage, store
-from core.queue import TASK_NAME, enqueue, job_devices
-from workers import webhooks as webhook_sender
-from workers.celery_app import celery, settings
-from workers.failures import failure_error
-from workers.runner import execute_job
+from spkd.core import storage, store
+from spkd.core.queue import TASK_NAME, enqueue, job_devices
+from spkd.workers import webhooks as webhook_sender
+from spkd.workers.celery_app import celery, settings
+from spkd.workers.failures import failure_error
+from spkd.workers.runner import execute_job
 
 log = logging.getLogger("spkd.worker")
 KEYS = store.Keys(settings.redis_prefix)

@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 import redis
 
-from core import store, webhook_security, webhook_store
-from core.settings import Settings
-from core.webhook_outbox import outbox_key
+from spkd.core import store, webhook_security, webhook_store
+from spkd.core.settings import Settings
+from spkd.core.webhook_outbox import outbox_key
 
 log = logging.getLogger("spkd.webhooks")
 

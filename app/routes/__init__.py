@@ -5,7 +5,7 @@ A new endpoint goes into the router of its resource, or a new module here added 
 (docs/architecture.md#an-endpoint).
 """
 
-from app.routes import artifacts, datasets, events, jobs, models, ops, predict, stages, webhooks
+from spkd.app.routes import artifacts, datasets, events, jobs, models, ops, predict, stages, webhooks
 
 ROUTERS = [
     jobs.router,

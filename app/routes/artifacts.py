@@ -14,20 +14,20 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from app import downloads
-from app.deps import (
+from spkd.app import downloads
+from spkd.app.deps import (
     ARTIFACT_NAME,
     Ctx,
     Owner,
     own_job,
 )
-from app.errors import ApiError, not_found
-from app.openapi import error_responses, links
-from app.schemas import (
+from spkd.app.errors import ApiError, not_found
+from spkd.app.openapi import error_responses, links
+from spkd.app.schemas import (
     ArtifactList,
 )
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.api")
 

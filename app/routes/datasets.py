@@ -11,21 +11,21 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from app import datasets
-from app.deps import (
+from spkd.app import datasets
+from spkd.app.deps import (
     DATASET_ID,
     Ctx,
     Owner,
     check_cursor,
 )
-from app.errors import ApiError, not_found
-from app.openapi import documented, error_responses, links
-from app.schemas import (
+from spkd.app.errors import ApiError, not_found
+from spkd.app.openapi import documented, error_responses, links
+from spkd.app.schemas import (
     Dataset,
     DatasetList,
 )
-from common.files import storage_full
-from core import references, storage, store
+from spkd.common.files import storage_full
+from spkd.core import references, storage, store
 
 log = logging.getLogger("spkd.api")
 

@@ -8,20 +8,20 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 
-from app.deps import (
+from spkd.app.deps import (
     STREAM_ID,
     Ctx,
     Owner,
     check_cursor,
     own_job,
 )
-from app.live import EventStreamResponse, Live
-from app.openapi import JOB_OPS, documented, error_responses, links
-from app.schemas import (
+from spkd.app.live import EventStreamResponse, Live
+from spkd.app.openapi import JOB_OPS, documented, error_responses, links
+from spkd.app.schemas import (
     Event,
     EventList,
 )
-from core import store
+from spkd.core import store
 
 log = logging.getLogger("spkd.api")
 

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Body, Header, Query, Response
 
-from app import catalog
-from app.deps import (
+from spkd.app import catalog
+from spkd.app.deps import (
     JOB_ID,
     AppContext,
     Ctx,
@@ -18,18 +18,18 @@ from app.deps import (
     check_cursor,
     own_job,
 )
-from app.errors import ApiError, not_found
-from app.openapi import documented, error_responses, job_links
-from app.schemas import (
+from spkd.app.errors import ApiError, not_found
+from spkd.app.openapi import documented, error_responses, job_links
+from spkd.app.schemas import (
     Job,
     JobList,
     Status,
 )
-from common.errors import SpkdError
-from common.spec import EXAMPLE_SPEC, JobSpec
-from core import references, storage, store
-from core.queue import devices_queue, enqueue, job_devices, revoke
-from core.settings import Settings
+from spkd.common.errors import SpkdError
+from spkd.common.spec import EXAMPLE_SPEC, JobSpec
+from spkd.core import references, storage, store
+from spkd.core.queue import devices_queue, enqueue, job_devices, revoke
+from spkd.core.settings import Settings
 
 log = logging.getLogger("spkd.api")
 

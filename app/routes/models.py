@@ -8,18 +8,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app import catalog
-from app.deps import (
+from spkd.app import catalog
+from spkd.app.deps import (
     Ctx,
     Owner,
 )
-from app.openapi import error_responses
-from app.schemas import (
+from spkd.app.openapi import error_responses
+from spkd.app.schemas import (
     ModelInfo,
     ModelList,
     WeightFile,
 )
-from core import references
+from spkd.core import references
 
 log = logging.getLogger("spkd.api")
 

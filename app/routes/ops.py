@@ -10,14 +10,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import (
+from spkd.app.deps import (
     Ctx,
 )
-from app.schemas import (
+from spkd.app.schemas import (
     Health,
     Ready,
 )
-from core import store
+from spkd.core import store
 
 log = logging.getLogger("spkd.api")
 

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.deps import Ctx, Owner, own_job
-from app.errors import ApiError
-from app.middleware import BodyTooLarge
-from app.openapi import error_responses
-from app.schemas import Prediction
-from core import store
+from spkd.app.deps import Ctx, Owner, own_job
+from spkd.app.errors import ApiError
+from spkd.app.middleware import BodyTooLarge
+from spkd.app.openapi import error_responses
+from spkd.app.schemas import Prediction
+from spkd.core import store
 
 router = APIRouter(prefix="/v1/jobs", tags=["predict"])
 
@@ -25,7 +25,7 @@ TOP_K_MAX = 100
 def _predictor(request: Request) -> Any:
     """The process's Predictor, made at the first predict request (onnxruntime and NumPy are only
     imported then: the API starts as fast as before)."""
-    from app.predict import Predictor
+    from spkd.app.predict import Predictor
 
     st = request.app.state
     if getattr(st, "predictor", None) is None:
@@ -93,7 +93,7 @@ async def predict(
     job_id: str,
     top_k: Annotated[int, Query(ge=1, le=TOP_K_MAX, description="classes returned per image")] = 5,
 ) -> Prediction:
-    from app import predict as pred
+    from spkd.app import predict as pred
 
     settings = ctx.settings
     job, onnx_meta = await anyio.to_thread.run_sync(_check_job, ctx, owner, job_id)
@@ -145,7 +145,7 @@ async def predict(
 async def _receive(request: Request, max_images: int) -> list[Any]:
     """The file parts of the multipart body, in order, as app.predict.Upload; ApiError 400
     `invalid_multipart` for a body that is not one, 422 `too_many_images` / `no_images`."""
-    from app.predict import Upload
+    from spkd.app.predict import Upload
 
     try:
         form = await request.form(max_files=max_images, max_fields=16, max_part_size=64 * 1024)

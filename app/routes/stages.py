@@ -7,10 +7,10 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from app.deps import Owner
-from app.openapi import error_responses
-from app.schemas import StageList, StageOut
-from common.spec import STAGE_INFO
+from spkd.app.deps import Owner
+from spkd.app.openapi import error_responses
+from spkd.app.schemas import StageList, StageOut
+from spkd.common.spec import STAGE_INFO
 
 router = APIRouter()
 

@@ -12,11 +12,11 @@ import anyio
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.deps import AppContext, Ctx, Owner
-from app.errors import ApiError, not_found
-from app.openapi import error_responses
-from core import webhook_security, webhook_store
-from core.webhook_outbox import DEFAULT_EVENTS, EVENT_TYPES
+from spkd.app.deps import AppContext, Ctx, Owner
+from spkd.app.errors import ApiError, not_found
+from spkd.app.openapi import error_responses
+from spkd.core import webhook_security, webhook_store
+from spkd.core.webhook_outbox import DEFAULT_EVENTS, EVENT_TYPES
 
 EventType = Literal[EVENT_TYPES]  # the outbox's event types, one list (a tuple subscripts Literal)
 

@@ -16,9 +16,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from core.source_checks import check_source_fields
-from core.sources import hf, path, torchvision, upload
-from core.sources.base import Builders, Located, Source
+from spkd.core.source_checks import check_source_fields
+from spkd.core.sources import hf, path, torchvision, upload
+from spkd.core.sources.base import Builders, Located, Source
 
 __all__ = ["SOURCES", "Builders", "Located", "Source", "locate", "materialise", "of"]
 

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 import redis
 
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from common.errors import SpkdError
-from core import references
-from core.settings import Settings
-from core.source_checks import check_saved_dataset
-from core.sources.base import Builders, Located, Source
+from spkd.common.errors import SpkdError
+from spkd.core import references
+from spkd.core.settings import Settings
+from spkd.core.source_checks import check_saved_dataset
+from spkd.core.sources.base import Builders, Located, Source
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
 

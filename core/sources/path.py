@@ -7,9 +7,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from core import references
-from core.source_checks import check_image_folder
-from core.sources.base import Builders, Located, Source
+from spkd.core import references
+from spkd.core.source_checks import check_image_folder
+from spkd.core.sources.base import Builders, Located, Source
 
 
 def locate(where: Located, ds: Any) -> Path:

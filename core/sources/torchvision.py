@@ -9,10 +9,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from common.errors import SpkdError
-from core.settings import Settings
-from core.source_checks import check_torchvision_split
-from core.sources.base import Builders, Located, Source
+from spkd.common.errors import SpkdError
+from spkd.core.settings import Settings
+from spkd.core.source_checks import check_torchvision_split
+from spkd.core.sources.base import Builders, Located, Source
 
 
 def check_allowed(settings: Settings, name: str) -> None:

@@ -10,9 +10,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from common.errors import SpkdError
-from core import bucket, references, store
-from core.sources.base import Builders, Located, Source
+from spkd.common.errors import SpkdError
+from spkd.core import bucket, references, store
+from spkd.core.sources.base import Builders, Located, Source
 
 
 def _missing(ds_id: str) -> SpkdError:

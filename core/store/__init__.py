@@ -2,7 +2,7 @@
 
 Torch-free and Celery-free: the API and the workers both import it. Every function takes a redis
 client (decode_responses=True) and a key prefix, so tests run against the real Redis under their
-own prefix. Callers use the package (`from core import store; store.transition(...)`); every name
+own prefix. Callers use the package (`from spkd.core import store; store.transition(...)`); every name
 below is re-exported here. One module per resource:
 
     keys.py         Keys (the layout below), job statuses, Conflict / InUse / CancelPending /
@@ -40,17 +40,17 @@ Keys (P = SPKD_REDIS_PREFIX):
 
 from __future__ import annotations
 
-from core.store.artifacts import get_artifact, list_artifacts, set_artifacts
-from core.store.datasets import (
+from spkd.core.store.artifacts import get_artifact, list_artifacts, set_artifacts
+from spkd.core.store.datasets import (
     delete_dataset,
     get_dataset,
     jobs_using_dataset,
     list_datasets,
     save_dataset,
 )
-from core.store.events import _event, add_event, aget_job_fields, aread_events, list_events
-from core.store.idempotency import body_hash, claim_idempotency_key
-from core.store.jobs import (
+from spkd.core.store.events import _event, add_event, aget_job_fields, aread_events, list_events
+from spkd.core.store.idempotency import body_hash, claim_idempotency_key
+from spkd.core.store.jobs import (
     bump_attempts,
     cancel_requested,
     count_by_status,
@@ -70,7 +70,7 @@ from core.store.jobs import (
     transition,
     update_job,
 )
-from core.store.keys import (
+from spkd.core.store.keys import (
     ACTIVE,
     AT_REST,
     CANCELLED,
@@ -95,9 +95,9 @@ from core.store.keys import (
     now,
     owner_of,
 )
-from core.store.leases import Lease, check_fence, claim_orphan, fenced, lease_held
-from core.store.metrics import DURATION_BUCKETS, MEMORY_BUCKETS, observe_finished_job, read_histogram
-from core.store.workers import heartbeat, live_workers, remove_worker
+from spkd.core.store.leases import Lease, check_fence, claim_orphan, fenced, lease_held
+from spkd.core.store.metrics import DURATION_BUCKETS, MEMORY_BUCKETS, observe_finished_job, read_histogram
+from spkd.core.store.workers import heartbeat, live_workers, remove_worker
 
 __all__ = [
     # keys.py

@@ -8,9 +8,9 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
-from core.store.keys import Keys, _flat
-from core.store.leases import _if_job_exists, fenced
+from spkd.core import jsonsafe
+from spkd.core.store.keys import Keys, _flat
+from spkd.core.store.leases import _if_job_exists, fenced
 
 
 def _write_artifacts(pipe: Any, keys: Keys, job_id: str, artifacts: list[dict[str, Any]]) -> None:

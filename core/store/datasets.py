@@ -9,8 +9,8 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
-from core.store.keys import DATASET_USERS, Conflict, Keys
+from spkd.core import jsonsafe
+from spkd.core.store.keys import DATASET_USERS, Conflict, Keys
 
 
 def save_dataset(r: redis.Redis, keys: Keys, dataset: dict[str, Any]) -> None:

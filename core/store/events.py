@@ -9,9 +9,9 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
-from core.store.keys import EVENTS_MAXLEN, Keys, _flat, now
-from core.store.leases import _if_job_exists, fenced
+from spkd.core import jsonsafe
+from spkd.core.store.keys import EVENTS_MAXLEN, Keys, _flat, now
+from spkd.core.store.leases import _if_job_exists, fenced
 
 
 def _entry(kind: str, message: str, data: dict[str, Any], fence: int | None = None) -> dict[str, str]:

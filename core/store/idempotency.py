@@ -9,8 +9,8 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
-from core.store.keys import Keys
+from spkd.core import jsonsafe
+from spkd.core.store.keys import Keys
 
 
 def body_hash(body: Any) -> str:

@@ -12,12 +12,12 @@ from typing import Any
 
 import redis
 
-from common.reporter import Fenced
-from core import webhook_outbox
-from core.store.artifacts import _write_artifacts
-from core.store.events import _xadd
-from core.store.idempotency import _idem_names
-from core.store.keys import (
+from spkd.common.reporter import Fenced
+from spkd.core import webhook_outbox
+from spkd.core.store.artifacts import _write_artifacts
+from spkd.core.store.events import _xadd
+from spkd.core.store.idempotency import _idem_names
+from spkd.core.store.keys import (
     ACTIVE,
     AT_REST,
     CANCELLED,
@@ -40,7 +40,7 @@ from core.store.keys import (
     new_id,
     now,
 )
-from core.store.leases import _if_job_exists, fenced
+from spkd.core.store.leases import _if_job_exists, fenced
 
 
 def create_job(

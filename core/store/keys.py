@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
+from spkd.core import jsonsafe
 
 QUEUED, VALIDATING, RUNNING, PAUSED = "queued", "validating", "running", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"

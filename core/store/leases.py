@@ -13,9 +13,9 @@ from typing import Any
 
 import redis
 
-from common.reporter import Fenced
-from core.store.keys import EVENTS_MAXLEN, Keys, _flat, now
-from core.store.scripts import ACQUIRE, CLAIM_ORPHAN, FENCED, IF_JOB_EXISTS, RELEASE, RENEW
+from spkd.common.reporter import Fenced
+from spkd.core.store.keys import EVENTS_MAXLEN, Keys, _flat, now
+from spkd.core.store.scripts import ACQUIRE, CLAIM_ORPHAN, FENCED, IF_JOB_EXISTS, RELEASE, RENEW
 
 
 def _if_job_exists(r: redis.Redis, keys: Keys, job_id: str, *commands: list[Any]) -> Any:

@@ -7,8 +7,8 @@ from typing import Any
 
 import redis
 
-from core.store.jobs import get_job
-from core.store.keys import FINAL, Keys
+from spkd.core.store.jobs import get_job
+from spkd.core.store.keys import FINAL, Keys
 
 DURATION_BUCKETS = (10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 MEMORY_BUCKETS = tuple(float(2**g) * 2**30 for g in range(0, 9))  # 1 GiB .. 256 GiB

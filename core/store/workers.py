@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from core import jsonsafe
-from core.store.keys import Keys, now
+from spkd.core import jsonsafe
+from spkd.core.store.keys import Keys, now
 
 
 def heartbeat(r: redis.Redis, keys: Keys, name: str, info: dict[str, Any], ttl_s: float) -> None:

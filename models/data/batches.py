@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from common.reporter import Reporter
-from common.spec import JobSpec
-from models import methods
-from models.data import inmemory, loader
-from models.networks import factory
-from models.networks.bank import ModelBank, ModelKey
-from models.networks.factory import DataConfig
-from models.training import teacher_cache
-from models.training.engine import Runtime
+from spkd.common.reporter import Reporter
+from spkd.common.spec import JobSpec
+from spkd.models import methods
+from spkd.models.data import inmemory, loader
+from spkd.models.networks import factory
+from spkd.models.networks.bank import ModelBank, ModelKey
+from spkd.models.networks.factory import DataConfig
+from spkd.models.training import teacher_cache
+from spkd.models.training.engine import Runtime
 
 Loaders = tuple[Callable[[int], Iterable], Callable[[], Iterable]]
 

@@ -8,8 +8,8 @@ best epochs and the shipped student almost by chance (a handful of images flips 
 
 from __future__ import annotations
 
-from common.scan import count_per_class
-from models.data.loader import DatasetScan
+from spkd.common.scan import count_per_class
+from spkd.models.data.loader import DatasetScan
 
 # Below either threshold the choices rest on little evidence: with 5 images a class, one image is 20
 # points of that class's accuracy; with 100 in all, one image is a full point overall.

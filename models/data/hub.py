@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import scan
-from common.errors import SpkdError
-from common.files import STORAGE_FULL_ERRNOS
+from spkd.common import scan
+from spkd.common.errors import SpkdError
+from spkd.common.files import STORAGE_FULL_ERRNOS
 
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation"}
 SPLIT_NAMES |= {"val": "validation", "test": "test", "testing": "test"}

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import decode
-from models.data.augment import crop_resize, sample_crop_params, sample_jitter, to_device
-from models.data.loader import Batch
+from spkd.common import decode
+from spkd.models.data.augment import crop_resize, sample_crop_params, sample_jitter, to_device
+from spkd.models.data.loader import Batch
 
 Placement = Literal["gpu", "host", "loader"]
 

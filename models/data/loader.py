@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import decode
-from common.errors import SpkdError
-from common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
+from spkd.common import decode
+from spkd.common.errors import SpkdError
+from spkd.common.scan import Sample, check_image, count_per_class, scan_tree, seeded_split
 
 __all__ = ["Batch", "DatasetScan", "Sample", "check_image", "load_rgb", "normalize_batch", "scan_dataset"]
 

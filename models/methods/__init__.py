@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from models.methods import dist, kd, rkd, sp  # noqa: F401  (registers the methods)
-from models.methods.base import AUTO, POOLED, Method, Outputs, create, get, known, register, unregister
-from models.methods.distiller import Distiller, TeacherFn, needs, tap_names, tap_pairs
+from spkd.models.methods import dist, kd, rkd, sp  # noqa: F401  (registers the methods)
+from spkd.models.methods.base import AUTO, POOLED, Method, Outputs, create, get, known, register, unregister
+from spkd.models.methods.distiller import Distiller, TeacherFn, needs, tap_names, tap_pairs
 
 __all__ = [
     "AUTO",

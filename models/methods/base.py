@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from common.errors import SpkdError
-from models.networks.features import AUTO, POOLED  # taps a method may name besides feature_info modules
+from spkd.common.errors import SpkdError
+from spkd.models.networks.features import AUTO, POOLED  # taps a method may name besides feature_info modules
 
 __all__ = ["AUTO", "POOLED", "Method", "Outputs", "create", "get", "known", "register", "unregister"]
 

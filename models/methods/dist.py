@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.methods.base import Method, Outputs, at_least_fp32, full_precision, register
+from spkd.models.methods.base import Method, Outputs, at_least_fp32, full_precision, register
 
 EPS = 1e-8
 

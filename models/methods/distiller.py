@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.methods.base import Method, Outputs
+from spkd.models.methods.base import Method, Outputs
 
 # (normalised-or-raw batch, sample indices) -> (logits or None, features per tap pair).
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor | None, list[torch.Tensor]]]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from models.methods.base import POOLED, Method, Outputs, at_least_fp32, full_precision, register
+from spkd.models.methods.base import POOLED, Method, Outputs, at_least_fp32, full_precision, register
 
 EPS = 1e-12  # clamp on squared distances: sqrt stays differentiable away from 0
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.methods.base import Method, Outputs, at_least_fp32, full_precision, register
-from models.training import distributed
+from spkd.models.methods.base import Method, Outputs, at_least_fp32, full_precision, register
+from spkd.models.training import distributed
 
 
 def similarity(features: torch.Tensor) -> torch.Tensor:

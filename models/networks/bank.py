@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from common.spec import JobSpec
-from models.networks import factory, weights
-from models.training import checkpoint
+from spkd.common.spec import JobSpec
+from spkd.models.networks import factory, weights
+from spkd.models.training import checkpoint
 
 
 @dataclass(frozen=True)

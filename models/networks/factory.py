@@ -11,7 +11,7 @@ import timm.models
 import torch
 from timm.data import resolve_data_config
 
-from common.errors import SpkdError
+from spkd.common.errors import SpkdError
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import SpkdError
+from spkd.common.errors import SpkdError
 
 if TYPE_CHECKING:
-    from common.spec import JobSpec
+    from spkd.common.spec import JobSpec
 
 AUTO = "auto"
 POOLED = "pooled"  # the pooled pre-logits embedding; valid for any timm classifier

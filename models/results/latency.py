@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from models.training.engine import Runtime
+    from spkd.models.training.engine import Runtime
 
 LATENCY_THREADS = 1
 WARMUP_RUNS = 10
@@ -109,7 +109,7 @@ def gpu_throughput(
     the originals stay where they are. Raises RuntimeError off CUDA."""
     if not runtime.is_cuda:
         raise RuntimeError("gpu_throughput needs a CUDA runtime")
-    from models.training.engine import prepare
+    from spkd.models.training.engine import prepare
 
     x = torch.randn(batch, 3, image_size, image_size, device=runtime.device)
     calls = {}

@@ -13,16 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import spec as common_spec
-from common.files import atomic_write
-from common.metric_names import OLD_ACC, OLD_LOSS, report_acc, row_acc, row_loss, split_key
-from models.results.deploy_report import deploy_section
-from models.results.fmt import esc as _e
-from models.results.fmt import is_number as _is_number
-from models.results.fmt import pct as _pct
-from models.results.fmt import short as _fmt
-from models.results.fmt import signed as _num
-from models.results.report_tables import confusion_table, counts_table, header_section, report_title
+from spkd.common import spec as common_spec
+from spkd.common.files import atomic_write
+from spkd.common.metric_names import OLD_ACC, OLD_LOSS, report_acc, row_acc, row_loss, split_key
+from spkd.models.results.deploy_report import deploy_section
+from spkd.models.results.fmt import esc as _e
+from spkd.models.results.fmt import is_number as _is_number
+from spkd.models.results.fmt import pct as _pct
+from spkd.models.results.fmt import short as _fmt
+from spkd.models.results.fmt import signed as _num
+from spkd.models.results.report_tables import confusion_table, counts_table, header_section, report_title
 
 REPORT_NAME = "report.html"
 CURVES_NAME = "curves.png"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.results.fmt import esc as _e
-from models.results.fmt import is_number as _is_number
+from spkd.models.results.fmt import esc as _e
+from spkd.models.results.fmt import is_number as _is_number
 
 
 def _dataset_label(dataset: Any) -> str:

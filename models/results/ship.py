@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from models.results.stats import paired_bootstrap_ci
+from spkd.models.results.stats import paired_bootstrap_ci
 
 DEFAULT = "baseline"
 BOOTSTRAP_SAMPLES = 2_000

@@ -24,8 +24,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from common import files
-from common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
+from spkd.common import files
+from spkd.common.reporter import Fenced, Progress, Reporter, StopRequested, ensure_current
 
 log = logging.getLogger("spkd.tracking")
 
@@ -443,7 +443,7 @@ def run_tracked(
     exceptions (SpkdError, StopRequested, ...) pass through after the trackers are closed with
     the outcome (FAILED, KILLED).
     """
-    from models.pipeline import run_valid
+    from spkd.models.pipeline import run_valid
 
     spec = valid.spec
     out_dir = Path(out_dir)

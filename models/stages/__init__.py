@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.spec import STAGE_INFO, JobSpec, StageInfo
-from models.stages import baseline, distill, evaluate, export, teacher
-from models.training.run import Run
+from spkd.common.spec import STAGE_INFO, JobSpec, StageInfo
+from spkd.models.stages import baseline, distill, evaluate, export, teacher
+from spkd.models.training.run import Run
 
 
 @dataclass(frozen=True)

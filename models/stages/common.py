@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from common.metric_names import row_acc, row_loss
-from models.methods import Distiller
-from models.networks.bank import ModelKey
-from models.networks.features import FeatureTap
-from models.results import export
-from models.training import checkpoint
-from models.training.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
-from models.training.run import Run
+from spkd.common.metric_names import row_acc, row_loss
+from spkd.models.methods import Distiller
+from spkd.models.networks.bank import ModelKey
+from spkd.models.networks.features import FeatureTap
+from spkd.models.results import export
+from spkd.models.training import checkpoint
+from spkd.models.training.engine import Normalizer, StagePlan, StageResume, prepare, train_stage
+from spkd.models.training.run import Run
 
 
 # ------------------------------------------------------------------------------------ models

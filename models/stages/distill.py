@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from common.spec import AUTO_WEIGHT
-from models import methods
-from models.networks.features import FeatureTap, layer_pairs
-from models.stages.common import build_student, build_teacher, train
-from models.stages.search import search
-from models.training import autoweight
-from models.training.engine import LiveTeacher, Normalizer, freeze
-from models.training.run import Run
+from spkd.common.spec import AUTO_WEIGHT
+from spkd.models import methods
+from spkd.models.networks.features import FeatureTap, layer_pairs
+from spkd.models.stages.common import build_student, build_teacher, train
+from spkd.models.stages.search import search
+from spkd.models.training import autoweight
+from spkd.models.training.engine import LiveTeacher, Normalizer, freeze
+from spkd.models.training.run import Run
 
 
 def run_stage(run: Run) -> float | None:

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from models.networks.factory import DataConfig
-from models.results import ship, stats
-from models.stages.common import finished_student, finished_teacher, student_soup
-from models.training import guards
-from models.training.engine import Normalizer
-from models.training.run import Run
+from spkd.models.networks.factory import DataConfig
+from spkd.models.results import ship, stats
+from spkd.models.stages.common import finished_student, finished_teacher, student_soup
+from spkd.models.training import guards
+from spkd.models.training.engine import Normalizer
+from spkd.models.training.run import Run
 
 _GAIN_KEYS = ("n", "gain_points", "ci95_points", "mcnemar", "verdict")
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from common import files
-from models.data import evidence
-from models.results import card as hub_card
-from models.results import deploy, export
-from models.results.deploy_report import deploy_card_lines
-from models.results.report import write_report
-from models.stages.common import finished_student, finished_teacher
-from models.training import guards
-from models.training.engine import Runtime
-from models.training.run import Run
+from spkd.common import files
+from spkd.models.data import evidence
+from spkd.models.results import card as hub_card
+from spkd.models.results import deploy, export
+from spkd.models.results.deploy_report import deploy_card_lines
+from spkd.models.results.report import write_report
+from spkd.models.stages.common import finished_student, finished_teacher
+from spkd.models.training import guards
+from spkd.models.training.engine import Runtime
+from spkd.models.training.run import Run
 
 
 def run_stage(run: Run) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.metric_names import row_acc
-from models import methods
-from models.networks.features import FeatureTap, layer_pairs
-from models.stages.common import best_row, build_student
-from models.training.engine import Normalizer, StagePlan, train_stage
-from models.training.run import Run
+from spkd.common.metric_names import row_acc
+from spkd.models import methods
+from spkd.models.networks.features import FeatureTap, layer_pairs
+from spkd.models.stages.common import best_row, build_student
+from spkd.models.training.engine import Normalizer, StagePlan, train_stage
+from spkd.models.training.run import Run
 
 
 def search_rungs(candidates: int, epochs: int) -> list[int]:

@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-from models.stages.common import build_teacher, plain, train
-from models.training.run import Run
+from spkd.models.stages.common import build_teacher, plain, train
+from spkd.models.training.run import Run
 
 
 def run_stage(run: Run) -> float | None:

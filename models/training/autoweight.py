@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from models.methods import Distiller, Method
+from spkd.models.methods import Distiller, Method
 
 # SP starts at this share of the cross-entropy. Measured start ratios (lite2 -> lite0, package
 # weights) place the known outcomes: SP at 2-5x CE tied or beat fine-tuning alone on 3-epoch CPU

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.files import atomic_write
+from spkd.common.files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.reporter import Reporter
-from models.networks.features import FeatureTap, Tapped
+from spkd.common.reporter import Reporter
+from spkd.models.networks.features import FeatureTap, Tapped
 
 
 @dataclass(frozen=True)

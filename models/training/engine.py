@@ -18,14 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.metric_names import row_acc, split_key
-from common.reporter import Progress, Reporter, StopRequested
-from models.data.loader import Batch, normalize_batch
-from models.methods import Distiller
-from models.networks.factory import DataConfig, is_cnn
-from models.networks.features import FeatureTap
-from models.training import checkpoint, distributed, guards
-from models.training.oom import BatchSizeController
+from spkd.common.metric_names import row_acc, split_key
+from spkd.common.reporter import Progress, Reporter, StopRequested
+from spkd.models.data.loader import Batch, normalize_batch
+from spkd.models.methods import Distiller
+from spkd.models.networks.factory import DataConfig, is_cnn
+from spkd.models.networks.features import FeatureTap
+from spkd.models.training import checkpoint, distributed, guards
+from spkd.models.training.oom import BatchSizeController
 
 
 # ------------------------------------------------------------------------------------ runtime

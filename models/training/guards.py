@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from common.errors import SpkdError
+from spkd.common.errors import SpkdError
 
 MIN_BATCH = 2  # SP compares the images of a batch (b x b similarities); BatchNorm needs 2 too
 GRADIENT = "gradient"

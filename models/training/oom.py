@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from common.reporter import Reporter
-from models.training import distributed
+from spkd.common.reporter import Reporter
+from spkd.models.training import distributed
 
 T = TypeVar("T")
 R = TypeVar("R")

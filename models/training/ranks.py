@@ -30,10 +30,10 @@ from typing import TypeVar
 
 import torch
 
-from common.errors import SpkdError
-from common.reporter import NullReporter, Reporter, StopRequested
-from common.spec import JobSpec
-from models.training import checkpoint, distributed
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import NullReporter, Reporter, StopRequested
+from spkd.common.spec import JobSpec
+from spkd.models.training import checkpoint, distributed
 
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ def _spawn_rank(
         "parent": os.getpid(),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = "from models.training.ranks import rank_main; rank_main()"
+    code = "from spkd.models.training.ranks import rank_main; rank_main()"
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], env=env)
 
 
@@ -145,7 +145,7 @@ def rank_main() -> None:
     """A spawned rank (argv[1]: its JSON job): the same job with a silent reporter, writing only
     into its own scratch folder. Exits 0 when it ends or is stopped with the others; on an error it
     leaves the error's last line in `<scratch>/rank-<n>.error` for rank 0 to report."""
-    from models.pipeline import run_job
+    from spkd.models.pipeline import run_job
 
     job = json.loads(sys.argv[1])
     rank, scratch = job["rank"], Path(job["scratch"])

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from common.errors import SpkdError
-from common.reporter import Reporter, ensure_current
-from common.spec import JobSpec
-from models.data import evidence, loader
-from models.data.batches import JobData, open_data
-from models.networks.bank import ModelBank
-from models.results import export
-from models.training import checkpoint, validation
-from models.training.engine import Clock, Runtime, pick_runtime
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import Reporter, ensure_current
+from spkd.common.spec import JobSpec
+from spkd.models.data import evidence, loader
+from spkd.models.data.batches import JobData, open_data
+from spkd.models.networks.bank import ModelBank
+from spkd.models.results import export
+from spkd.models.training import checkpoint, validation
+from spkd.models.training.engine import Clock, Runtime, pick_runtime
 
 FORMAT_VERSION = 1
 

@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from models.data.augment import center_params, to_device
-from models.data.inmemory import (
+from spkd.models.data.augment import center_params, to_device
+from spkd.models.data.inmemory import (
     GPU_DATA_FRACTION,
     TrainSource,
     Views,
@@ -32,7 +32,7 @@ from models.data.inmemory import (
     gpu_free_bytes,
     host_available_bytes,
 )
-from models.data.loader import Batch
+from spkd.models.data.loader import Batch
 
 # uint8 (B, 3, S, S) on the device -> (logits or None, features per method tap pair); the engine's
 # live teacher with its own normalisation in front.

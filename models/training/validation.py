@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from common import artifacts
-from common.errors import SpkdError
-from common.spec import JobSpec
-from models.data import loader
-from models.networks import factory, weights
-from models.networks.bank import ModelBank, ModelKey
-from models.networks.features import FeatureTap, check_layers, layer_pairs
-from models.training import guards
+from spkd.common import artifacts
+from spkd.common.errors import SpkdError
+from spkd.common.spec import JobSpec
+from spkd.models.data import loader
+from spkd.models.networks import factory, weights
+from spkd.models.networks.bank import ModelBank, ModelKey
+from spkd.models.networks.features import FeatureTap, check_layers, layer_pairs
+from spkd.models.training import guards
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
 from tests.helpers import KEY_B, ROOT
 
 
@@ -39,8 +39,8 @@ def test_api_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "import app.main, cli.client, cli.files, cli.jobs\n"
-        "c = TestClient(app.main.app)\n"
+        "import spkd.app.main, spkd.cli.client, spkd.cli.files, spkd.cli.jobs\n"
+        "c = TestClient(spkd.app.main.app)\n"
         "assert c.get('/healthz').status_code == 200\n"
         "assert c.get('/openapi.json').status_code == 200\n"
         "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
@@ -252,7 +252,7 @@ def test_artifacts_listing_and_download(client, r, keys, settings: Settings, dat
     out.mkdir(parents=True)
     (out / "student.safetensors").write_bytes(b"x" * 5000)
     (out / "secret.txt").write_text("not registered")
-    from common.files import manifest
+    from spkd.common.files import manifest
 
     arts = manifest(out)
     store.set_artifacts(r, keys, job_id, [a for a in arts if a["name"] != "secret.txt"])
@@ -272,7 +272,7 @@ def test_artifacts_in_folders_download(client, r, keys, settings: Settings, data
     nested = out / "tensorboard" / "distill" / "steps" / "events.out.tfevents.1.host.2.0"
     nested.parent.mkdir(parents=True)
     nested.write_bytes(b"tb" * 100)
-    from common.files import manifest
+    from spkd.common.files import manifest
 
     store.set_artifacts(r, keys, job_id, manifest(out))
     name = "tensorboard/distill/steps/events.out.tfevents.1.host.2.0"
@@ -296,7 +296,7 @@ def test_models_endpoint(client, settings: Settings) -> None:
 def test_stages_endpoint_lists_the_one_stage_list(client) -> None:
     """GET /v1/stages is common.spec's stage list in run order, with what the dashboard needs to
     name the stages and plan a job's progress; it needs a key like every /v1 route."""
-    from common.spec import STAGES
+    from spkd.common.spec import STAGES
 
     page = client.get("/v1/stages").json()
     assert [s["name"] for s in page["data"]] == list(STAGES)
@@ -336,7 +336,7 @@ def test_metrics(client, data_folder: Path) -> None:
 def test_redis_down_is_503(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from spkd.app.main import create_app
 
     s = Settings(redis_url="redis://127.0.0.1:1/0", api_keys="k", data_root=tmp_path, artifact_root=tmp_path)
     with TestClient(create_app(s)) as c:
@@ -375,7 +375,7 @@ def test_openapi_documents_every_endpoint(client) -> None:
 
 
 def test_serve_refuses_without_keys() -> None:
-    from app.auth import check_can_serve
+    from spkd.app.auth import check_can_serve
 
     with pytest.raises(SystemExit, match="without API keys"):
         check_can_serve(Settings(api_keys=""), "127.0.0.1")
@@ -388,7 +388,7 @@ def test_serve_refuses_without_keys() -> None:
 def test_serve_warns_about_guessable_keys(capsys: pytest.CaptureFixture[str]) -> None:
     """A short key still serves (refusing would lock out a running deployment) but says so, without
     printing any key."""
-    from app.auth import MIN_KEY_LENGTH, check_can_serve
+    from spkd.app.auth import MIN_KEY_LENGTH, check_can_serve
 
     check_can_serve(Settings(api_keys="short,also-short," + "k" * MIN_KEY_LENGTH), "0.0.0.0")
     err = capsys.readouterr().err

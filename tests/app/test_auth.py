@@ -13,10 +13,10 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.auth import AuthLimiter
-from common.files import manifest
-from core import store
-from core.settings import Settings
+from spkd.app.auth import AuthLimiter
+from spkd.common.files import manifest
+from spkd.core import store
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, KEY_B, tiny_spec
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/", "/static/{name}", "/static/{name:path}"}
@@ -38,7 +38,7 @@ def _concrete(path: str) -> str:
 
 
 def test_every_data_endpoint_needs_a_key(settings: Settings) -> None:
-    from app.main import create_app
+    from spkd.app.main import create_app
 
     # One wrong key per operation: more operations than the default wrong keys per window (the
     # limiter itself is tested below).

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import AuthLimiter, client_key
-from core.settings import Settings
+from spkd.app.auth import AuthLimiter, client_key
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, KEY_B, Stack, make_stack, running
 
 LIMIT = 20

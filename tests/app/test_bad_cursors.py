@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
+from spkd.core.settings import Settings
 from tests.helpers import tiny_spec
 
 SSE = {"Accept": "text/event-stream"}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, Stack, running, tiny_spec
 
 LIMIT = 100_000  # SPKD_MAX_BODY_BYTES in these tests

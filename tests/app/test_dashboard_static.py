@@ -8,7 +8,7 @@ import re
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.routes import dashboard
+from spkd.app.routes import dashboard
 
 
 def _client() -> TestClient:
@@ -70,7 +70,7 @@ def test_every_referenced_file_is_served_from_this_origin():
 def test_the_scripts_take_the_stage_list_from_the_api():
     """common.spec.STAGE_INFO is the one list of stages: the dashboard asks GET /v1/stages for their
     names, order and titles instead of keeping a copy that a new stage would not be in."""
-    from common.spec import STAGE_INFO
+    from spkd.common.spec import STAGE_INFO
 
     cards = {info.result for info in STAGE_INFO}  # metrics blocks (teacher, baseline, distilled)
     words = {w for info in STAGE_INFO for w in (info.name, info.title)} - cards

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli.files import zip_folder
-from common.errors import SpkdError
-from core.settings import Settings
-from models.data import loader
+from spkd.cli.files import zip_folder
+from spkd.common.errors import SpkdError
+from spkd.core.settings import Settings
+from spkd.models.data import loader
 from tests.helpers import HYMENOPTERA
 
 

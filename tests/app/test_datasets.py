@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core.settings import Settings
+from spkd.core.settings import Settings
 from tests.helpers import HYMENOPTERA, KEY_B, small_imagefolder, zip_dir
 
 

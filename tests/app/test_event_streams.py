@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
-from app.live import CLIENT_NAME, POOL_SIZE
-from cli.client import iter_sse
-from core import store
+from spkd.app.live import CLIENT_NAME, POOL_SIZE
+from spkd.cli.client import iter_sse
+from spkd.core import store
 from tests.helpers import KEY_A, KEY_B, PrivateRedis, Stack
 
 SSE = {"Accept": "text/event-stream"}

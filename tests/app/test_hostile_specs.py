@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
+from spkd.workers.runner import execute_job
 from tests.helpers import dump, events, output_dir, small_imagefolder, tiny_spec
-from workers.runner import execute_job
 
 torch.set_num_threads(1)
 
@@ -301,10 +301,10 @@ def test_a_job_names_only_mlflow_servers_the_operator_allows(
     to the list it runs under."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-    from common.errors import SpkdError
-    from common.spec import JobSpec
-    from core import references, store
+    from spkd.app.main import create_app
+    from spkd.common.errors import SpkdError
+    from spkd.common.spec import JobSpec
+    from spkd.core import references, store
     from tests.helpers import KEY_A, make_settings
 
     settings = make_settings(tmp_path, redis_url, mlflow_allowed_uris=ALLOWED_MLFLOW)
@@ -333,9 +333,9 @@ def test_a_job_names_only_mlflow_servers_the_operator_allows(
 def test_the_servers_own_mlflow_uri_is_always_allowed(tmp_path: Path, redis_url: str) -> None:
     """A job may name the server's default MLflow server explicitly (credentials in the setting
     are not part of the match, and never echoed in an error)."""
-    from common.errors import SpkdError
-    from common.spec import JobSpec
-    from core import references
+    from spkd.common.errors import SpkdError
+    from spkd.common.spec import JobSpec
+    from spkd.core import references
     from tests.helpers import make_settings
 
     settings = make_settings(tmp_path, redis_url, mlflow_tracking_uri="https://ops:s3cret@mlflow.corp:8443")

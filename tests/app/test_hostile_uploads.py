@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.settings import Settings
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, Stack
 
 
@@ -167,7 +167,7 @@ def test_refused_uploads_leave_everything_else_alone(client, settings: Settings,
 
 
 def test_odd_images_accepted_and_decode_to_rgb(client, settings: Settings) -> None:
-    from models.data.loader import load_rgb
+    from spkd.models.data.loader import load_rgb
 
     entries = {
         "a/cmyk.jpg": img_bytes("CMYK", "JPEG"),

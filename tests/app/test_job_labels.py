@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core import store
-from core.settings import Settings
+from spkd.core import store
+from spkd.core.settings import Settings
 
 
 def spec(**over: object) -> dict:

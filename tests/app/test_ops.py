@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from cli import procs
-from core.queue import make_celery
-from core.settings import Settings
+from spkd.cli import procs
+from spkd.core.queue import make_celery
+from spkd.core.settings import Settings
 from tests.helpers import (
     KEY_A,
     KEY_B,

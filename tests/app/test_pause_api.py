@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from core import storage, store
-from core.settings import Settings
+from spkd.core import storage, store
+from spkd.core.settings import Settings
 from tests.helpers import KEY_B, tiny_spec
 
 BOB = {"Authorization": f"Bearer {KEY_B}"}

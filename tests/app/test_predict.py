@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from core import blobs, bucket, store
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.core import blobs, bucket, store
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, KEY_B, finished_job, make_settings, onnx_classifier
 
 

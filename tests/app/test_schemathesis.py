@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.files import manifest
-from core import store
+from spkd.common.files import manifest
+from spkd.core import store
 from tests.app.test_auth import _zip_two_classes
 from tests.helpers import KEY_A, Stack
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from cli.server import SERVE_GRACE_S
-from core import store
+from spkd.app.main import create_app
+from spkd.cli.server import SERVE_GRACE_S
+from spkd.core import store
 from tests.helpers import KEY_A, Stack, make_settings
 
 

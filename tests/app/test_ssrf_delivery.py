@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cli import procs
-from core import store, webhook_security, webhook_store
-from core.settings import Settings
+from spkd.cli import procs
+from spkd.core import store, webhook_security, webhook_store
+from spkd.core.settings import Settings
+from spkd.workers.webhooks import Sender
 from tests.helpers import KEY_A, make_settings
 from tests.receiver import Receiver, finished
-from workers.webhooks import Sender
 
 EMBEDDED = [
     "http://[64:ff9b::7f00:1]/hook",  # NAT64 of 127.0.0.1: on a NAT64 network, loopback

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
+from spkd.core.settings import Settings
 from tests.helpers import tiny_spec
 
 BAD = {

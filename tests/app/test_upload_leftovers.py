@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from cli import procs
-from core import store
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.cli import procs
+from spkd.core import store
+from spkd.core.settings import Settings
 from tests.app.test_hostile_uploads import _lying_header_bomb, jpeg, make_zip
 from tests.helpers import KEY_A, PrivateRedis, SeaweedS3, make_settings, make_stack
 
@@ -253,7 +253,7 @@ def test_refused_uploads_leave_nothing_in_the_bucket(
 def test_a_validation_rerun_after_one_that_died_having_extracted_starts_clean(settings: Settings) -> None:
     """A validation that died after extracting (the API killed before it saved the record) left
     the dataset's folder; the re-run (the restart sweep claims it) replaces it instead of failing."""
-    from app import validation
+    from spkd.app import validation
 
     r, keys = store.connect(settings.redis_url), store.Keys(settings.redis_prefix)
     ds_id = store.new_id("ds")

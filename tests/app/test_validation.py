@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import validation
-from core import store
-from core.settings import Settings
+from spkd.app import validation
+from spkd.core import store
+from spkd.core.settings import Settings
 from tests.helpers import KEY_A, REDIS_URL, SPKD, Stack, make_stack, small_imagefolder, tiny_spec, zip_dir
 
 

@@ -19,13 +19,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from cli import procs
-from core import store, webhook_outbox, webhook_security, webhook_store
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.cli import procs
+from spkd.core import store, webhook_outbox, webhook_security, webhook_store
+from spkd.core.settings import Settings
+from spkd.workers.webhooks import Sender
 from tests.helpers import KEY_A, KEY_B, ROOT, SPKD, Stack, make_settings, make_stack, running, tiny_spec
 from tests.receiver import FAST, HANG, Receiver, finished, register, verify_standard_webhook, wait_log
-from workers.webhooks import Sender
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from common.reporter import NullReporter
-from common.spec import JobSpec
+from spkd.common.reporter import NullReporter
+from spkd.common.spec import JobSpec
 from tests.helpers import ROOT, small_imagefolder
 
 
 @pytest.mark.slow  # a tiny job, then the bench with a real API; CI still runs it
 def test_the_deploy_bench_prints_its_tables(tmp_path: Path, redis_url: str) -> None:
-    from models.pipeline import run_job
+    from spkd.models.pipeline import run_job
 
     data = small_imagefolder(tmp_path / "data", per_class=4)
     spec = JobSpec.model_validate(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.live import POOL_SIZE
+from spkd.app.live import POOL_SIZE
 
 ROOT = Path(__file__).resolve().parents[2]
 

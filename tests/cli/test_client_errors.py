@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SPKD = [sys.executable, "-m", "cli.main"]
+SPKD = [sys.executable, "-m", "spkd.cli.main"]
 
 
 def _closed_port() -> int:

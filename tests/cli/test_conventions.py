@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.client import ExitCode
-from cli.main import app
-from common.files import manifest
-from core import store
+from spkd.cli.client import ExitCode
+from spkd.cli.main import app
+from spkd.common.files import manifest
+from spkd.core import store
 from tests.helpers import KEY_A, ROOT, PrivateRedis, Stack, make_stack, running, tiny_spec
 
-SPKD = [sys.executable, "-m", "cli.main"]
+SPKD = [sys.executable, "-m", "spkd.cli.main"]
 # Every command and group, for the help checks.
 COMMANDS = [
     [], ["run"], ["serve"], ["worker"], ["submit"], ["status"], ["events"], ["cancel"], ["pause"],

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli.demo import write_digits_imagefolder
+from spkd.cli.demo import write_digits_imagefolder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def _demo(tmp_path: Path, *extra: str, sigint_ignored: bool = False) -> subproce
     env = {k: v for k, v in os.environ.items() if k != "SPKD_REDIS_URL"}  # its own redis-server
     env["OMP_NUM_THREADS"] = "1"  # a shared 2-core machine: no thread oversubscription
     argv = [
-        sys.executable, "-m", "cli.main", "demo",
+        sys.executable, "-m", "spkd.cli.main", "demo",
         "--teacher", "test_efficientnet", "--student", "test_resnet",
         "--teacher-weights", "none", "--student-weights", "none",
         "--finetune-epochs", "1", "--epochs", "1", "--image-size", "32", "--batch-size", "32",
@@ -188,8 +188,8 @@ def test_demo_interrupted_stops_everything(tmp_path):
 def test_demo_spec_uses_the_job_default_sp_weight_unless_given() -> None:
     from typer.testing import CliRunner
 
-    from cli.demo import DemoError, _sp_weight, build_spec
-    from cli.main import app
+    from spkd.cli.demo import DemoError, _sp_weight, build_spec
+    from spkd.cli.main import app
 
     opts = {
         "teacher": "t",

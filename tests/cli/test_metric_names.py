@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from cli import demo, jobs, local
+from spkd.cli import demo, jobs, local
 
 NEW = {
     "teacher": {"report_acc": 0.9, "select_acc": 0.5},

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core import store
+from spkd.core import store
 from tests.helpers import KEY_A, Service, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 
-SPKD = [sys.executable, "-m", "cli.main"]
+SPKD = [sys.executable, "-m", "spkd.cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from core import store
+from spkd.core import store
 from tests.helpers import KEY_A, KEY_B, ROOT, finished_job, onnx_classifier
 
-SPKD = [sys.executable, "-m", "cli.main"]
+SPKD = [sys.executable, "-m", "spkd.cli.main"]
 
 
 def _spkd(*args: str, url: str, key: str = KEY_A) -> subprocess.CompletedProcess:

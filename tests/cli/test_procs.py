@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import procs
+from spkd.cli import procs
 
 # Ignores SIGTERM (says so in its log), starts a grandchild that ignores it silently, then idles.
 STUBBORN = """

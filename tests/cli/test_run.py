@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-SPKD = [sys.executable, "-m", "cli.main"]
+SPKD = [sys.executable, "-m", "spkd.cli.main"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

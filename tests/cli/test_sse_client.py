@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from cli.client import ClientError, iter_sse
+from spkd.cli.client import ClientError, iter_sse
 
 
 class _Stream(BaseHTTPRequestHandler):

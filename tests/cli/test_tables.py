@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import _id_column
+from spkd.cli.client import _id_column
 
 
 def test_ids_are_never_cut_at_80_columns() -> None:

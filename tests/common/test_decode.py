@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common import decode, scan
-from models.data import inmemory, loader
-from models.networks.factory import DataConfig
+from spkd.common import decode, scan
+from spkd.models.data import inmemory, loader
+from spkd.models.networks.factory import DataConfig
 from tests.helpers import ROOT
 
 W, H = 40, 30  # not square: an EXIF rotation shows in the shape
@@ -90,7 +90,7 @@ def _readme_loader():
     text = (ROOT / "README.md").read_text().split("<!-- load-student -->", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     lines = [ln for ln in snippet.splitlines() if "load_rgb" in ln]
-    assert any(ln.startswith("from common.decode import load_rgb") for ln in lines), lines
+    assert any(ln.startswith("from spkd.common.decode import load_rgb") for ln in lines), lines
     assert any('= load_rgb("photo.jpg")' in ln for ln in lines), lines
     code = "\n".join(ln.replace('"photo.jpg"', "path") for ln in lines)
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.decode import load_rgb
-from common.preprocess import EvalConfig, eval_batch, eval_pixels
-from models.data.loader import make_transform
-from models.networks.factory import DataConfig
-from models.training.engine import Normalizer, Runtime
+from spkd.common.decode import load_rgb
+from spkd.common.preprocess import EvalConfig, eval_batch, eval_pixels
+from spkd.models.data.loader import make_transform
+from spkd.models.networks.factory import DataConfig
+from spkd.models.training.engine import Normalizer, Runtime
 from tests.helpers import HYMENOPTERA
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
@@ -58,8 +58,8 @@ def test_matches_the_engine_eval_transform(
 
 def test_reads_the_data_config_of_a_hub_folder(tmp_path: Path, photos) -> None:
     """The config.json the export stage writes (timm save_for_hf) gives the engine's config back."""
-    from models.networks import factory
-    from models.results.export import save_hub_folder
+    from spkd.models.networks import factory
+    from spkd.models.results.export import save_hub_folder
 
     model = factory.create("test_efficientnet", 2, image_size=48)
     dc = factory.data_config(model, 48)

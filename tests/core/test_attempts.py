@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core import attempts
+from spkd.core import attempts
 
 
 def _write(path: Path, data: bytes) -> Path:

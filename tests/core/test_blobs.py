@@ -13,8 +13,8 @@ import httpx
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from core import blobs
-from core.settings import Settings
+from spkd.core import blobs
+from spkd.core.settings import Settings
 from tests.helpers import SeaweedS3
 
 
@@ -153,8 +153,8 @@ def test_sweep_removes_unrecorded_prefixes_after_the_grace_only(
     """core/bucket.sweep_orphans: a dataset and a job with no record (an API killed after the
     publish, a delete while the bucket was down) go once untouched past the grace; recorded ones,
     recent ones, and every prefix of a bucket another spkd store claimed stay."""
-    from core import bucket
-    from core import store as jobstore
+    from spkd.core import bucket
+    from spkd.core import store as jobstore
 
     r, keys = jobstore.connect(redis_url), jobstore.Keys(f"spkdtest-{uuid.uuid4().hex[:10]}")
     try:

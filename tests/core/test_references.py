@@ -21,13 +21,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from common.errors import SpkdError
-from common.spec import JobSpec
-from core import references, store
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.common.errors import SpkdError
+from spkd.common.spec import JobSpec
+from spkd.core import references, store
+from spkd.core.settings import Settings
+from spkd.workers.runner import execute_job
 from tests.helpers import KEY_A, KEY_B, make_settings, tiny_spec
-from workers.runner import execute_job
 
 BOB = store.owner_of(KEY_B)
 ALICE = store.owner_of(KEY_A)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import SpkdError
-from common.spec import DatasetSpec
-from core import sources
-from models.data import hub
+from spkd.common.errors import SpkdError
+from spkd.common.spec import DatasetSpec
+from spkd.core import sources
+from spkd.models.data import hub
 from tests.helpers import make_folder
 
 NAMED = {"path": "colors", "id": "ds_abc", "hf": "beans", "torchvision": "FakeData"}

@@ -8,8 +8,8 @@ import ipaddress
 
 import pytest
 
-from core import references, webhook_security
-from core.settings import Settings
+from spkd.core import references, webhook_security
+from spkd.core.settings import Settings
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from core import storage, store
-from core.settings import Settings
-from core.store import jobs as store_jobs
+from spkd.app.main import create_app
+from spkd.core import storage, store
+from spkd.core.settings import Settings
+from spkd.core.store import jobs as store_jobs
+from spkd.workers.reporter import Monitor, RedisReporter
 from tests.helpers import KEY_A, KEY_B, make_settings, tiny_spec
-from workers.reporter import Monitor, RedisReporter
 
 BOB = {"Authorization": f"Bearer {KEY_B}"}
 
@@ -368,7 +368,7 @@ def test_sweep_leaves_folders_of_another_store_alone(tmp_path: Path, redis_url: 
 def test_api_starts_and_sweeps_temporaries_with_redis_down(tmp_path: Path) -> None:
     """Redis unreachable at start: upload temporaries (no record needed) still go, unrecorded
     folders stay (no store to ask), and the API serves (503 for what needs the store)."""
-    from cli import procs
+    from spkd.cli import procs
 
     settings = make_settings(tmp_path, f"redis://127.0.0.1:{procs.free_port()}/0", orphan_grace_s=60)
     ds_root = Path(settings.data_root) / "datasets"

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.reporter import Fenced, Progress
-from core import store
+from spkd.common.reporter import Fenced, Progress
+from spkd.core import store
+from spkd.workers.reporter import Monitor, RedisReporter
 from tests.helpers import KEY_A
 from tests.workers.test_runner import base_spec
-from workers.reporter import Monitor, RedisReporter
 
 
 def _take_over(r, keys, job_id: str) -> tuple[store.Lease, store.Lease]:

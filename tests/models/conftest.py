@@ -40,8 +40,8 @@ def lite_features():
     """
     from PIL import Image
 
-    from models.data.loader import load_rgb
-    from models.networks import weights
+    from spkd.models.data.loader import load_rgb
+    from spkd.models.networks import weights
 
     paths = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:4]
     paths += sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[:4]

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from models.data import inmemory, loader
-from models.networks.factory import DataConfig
+from spkd.models.data import inmemory, loader
+from spkd.models.networks.factory import DataConfig
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import timm
 import torch
 
-from common.reporter import RecordingReporter
-from common.spec import JobSpec
-from models.data import batches, inmemory, loader
-from models.networks import factory
-from models.networks.features import FeatureTap
-from models.training import engine
-from models.training.teacher_cache import TeacherCache
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import JobSpec
+from spkd.models.data import batches, inmemory, loader
+from spkd.models.networks import factory
+from spkd.models.networks.features import FeatureTap
+from spkd.models.training import engine
+from spkd.models.training.teacher_cache import TeacherCache
 
 
 def _fast(train_images, val_images, cache: str, views: int, epochs: int = 3, disabled: bool = False):

@@ -15,15 +15,15 @@ import pytest
 import timm
 import torch
 
-from common.errors import SpkdError
-from common.reporter import RecordingReporter
-from common.spec import JobSpec
-from models.methods import Distiller
-from models.networks import factory, weights
-from models.networks.features import FeatureTap
-from models.pipeline import run_job, validate_job
-from models.results import export
-from models.training import engine
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import JobSpec
+from spkd.models.methods import Distiller
+from spkd.models.networks import factory, weights
+from spkd.models.networks.features import FeatureTap
+from spkd.models.pipeline import run_job, validate_job
+from spkd.models.results import export
+from spkd.models.training import engine
 from tests.helpers import make_folder, tiny_job_spec
 from tests.models.helpers import eval_source, train_source
 
@@ -250,7 +250,7 @@ def test_fp16_on_the_cpu_says_it_runs_fp32(tmp_path):
 )
 def test_non_finite_student_is_never_evaluated_or_exported(tmp_path, resume_at, code):
     """A run resumed after distill (or after evaluate) whose checkpointed student went NaN on disk."""
-    from models.training import checkpoint
+    from spkd.models.training import checkpoint
 
     data = make_folder(tmp_path / "data", {"a": 4, "b": 4})
     spec = tiny_job_spec(
@@ -305,7 +305,7 @@ def test_each_precision_request_runs_as_said(precision, device, bf16_ok, runs, w
     """What `train.precision` becomes on each device, and the warning when it is not what was
     asked: a V100 or T4 asked for bf16 runs fp32 and the job says so (autocast alone would only
     log a warning in the worker's output and carry on in fp32)."""
-    from models.training import validation
+    from spkd.models.training import validation
 
     dtype = engine.amp_dtype_for(precision, device, bf16_ok)
     assert dtype == runs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from models.results import card
+from spkd.models.results import card
 
 
 def _parse(weights: str, dataset: dict, accuracy: float | None = 0.9415):

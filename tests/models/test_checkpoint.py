@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.reporter import Fenced, NullReporter, RecordingReporter, StopRequested
-from core import attempts
-from models.pipeline import run_job
-from models.training import checkpoint
+from spkd.common.reporter import Fenced, NullReporter, RecordingReporter, StopRequested
+from spkd.core import attempts
+from spkd.models.pipeline import run_job
+from spkd.models.training import checkpoint
 from tests.helpers import tiny_job_spec
 
 SPEC = dict(teacher={"finetune": {"epochs": 2}}, distill={"kd_weight": 0.5})

@@ -15,15 +15,15 @@ import pytest
 import timm
 import torch
 
-from common.decode import load_rgb
-from common.preprocess import EvalConfig, eval_batch
-from common.reporter import RecordingReporter
-from common.spec import JobSpec
-from models.data.loader import make_transform
-from models.networks.factory import DataConfig
-from models.pipeline import run_job
-from models.results import deploy, deploy_report, latency, report
-from models.training.engine import Normalizer, Runtime
+from spkd.common.decode import load_rgb
+from spkd.common.preprocess import EvalConfig, eval_batch
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import JobSpec
+from spkd.models.data.loader import make_transform
+from spkd.models.networks.factory import DataConfig
+from spkd.models.pipeline import run_job
+from spkd.models.results import deploy, deploy_report, latency, report
+from spkd.models.training.engine import Normalizer, Runtime
 from tests.helpers import HYMENOPTERA, finished_job, small_imagefolder
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)

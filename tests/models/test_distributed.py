@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.reporter import RecordingReporter
-from models.pipeline import run_job
-from models.training import distributed
+from spkd.common.reporter import RecordingReporter
+from spkd.models.pipeline import run_job
+from spkd.models.training import distributed
 from tests.helpers import tiny_job_spec
 
 
@@ -90,7 +90,7 @@ def test_two_ranks_with_the_teacher_cache_train_as_one_device(color_dataset, tmp
 def test_a_stop_ends_every_rank_and_the_job_resumes_on_another_device_count(color_dataset, tmp_path):
     """A cancel heard by rank 0 stops both ranks at the same step within seconds; the attempt's
     checkpoint then resumes on one device and finishes as an uninterrupted 1-device run."""
-    from common.reporter import StopRequested
+    from spkd.common.reporter import StopRequested
 
     out = tmp_path / "out"
     spec = ddp_spec(2)
@@ -131,7 +131,7 @@ class KillsARank(RecordingReporter):
 
 
 def test_a_killed_rank_fails_the_attempt_without_hanging_and_it_resumes(color_dataset, tmp_path):
-    from common.errors import SpkdError
+    from spkd.common.errors import SpkdError
 
     out = tmp_path / "out"
     killer = KillsARank(at=8)  # in distill epoch 1 (teacher_finetune has 5 steps)
@@ -182,8 +182,8 @@ def test_the_other_ranks_leave_when_rank_0_is_killed(color_dataset, tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     script = (
-        "import sys; from pathlib import Path; from common.spec import JobSpec; "
-        "from common.reporter import NullReporter; from models.pipeline import run_job; "
+        "import sys; from pathlib import Path; from spkd.common.spec import JobSpec; "
+        "from spkd.common.reporter import NullReporter; from spkd.models.pipeline import run_job; "
         "run_job(JobSpec.model_validate_json(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "
         "NullReporter(), device='cpu')"
     )

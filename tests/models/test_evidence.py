@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from common.reporter import RecordingReporter
-from models.data import loader
-from models.data.evidence import MIN_PER_CLASS, MIN_TOTAL, thin_selection
-from models.pipeline import run_job
+from spkd.common.reporter import RecordingReporter
+from spkd.models.data import loader
+from spkd.models.data.evidence import MIN_PER_CLASS, MIN_TOTAL, thin_selection
+from spkd.models.pipeline import run_job
 from tests.helpers import make_folder, tiny_job_spec
 
 

@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-from common.errors import SpkdError
-from models.methods.sp import sp_loss
-from models.networks.features import FeatureTap, layer_names
+from spkd.common.errors import SpkdError
+from spkd.models.methods.sp import sp_loss
+from spkd.models.networks.features import FeatureTap, layer_names
 
 
 @pytest.fixture(scope="module")

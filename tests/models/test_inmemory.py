@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform
 
-from models.data import augment
-from models.data import inmemory as fd
+from spkd.models.data import augment
+from spkd.models.data import inmemory as fd
 from tests.models.helpers import eval_source, normalize, train_source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.errors import SpkdError
-from models.data import loader
+from spkd.common.errors import SpkdError
+from spkd.models.data import loader
 from tests.helpers import HYMENOPTERA, make_folder
 
 
@@ -108,7 +108,7 @@ def test_hymenoptera_scan_keeps_everything_that_decodes():
 
 
 def test_loader_yields_uint8_batches_with_indices(color_dataset):
-    from models.networks.factory import DataConfig
+    from spkd.models.networks.factory import DataConfig
 
     cfg = DataConfig((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic", 0.9, "center")
     scan = loader.scan_dataset(color_dataset)
@@ -128,7 +128,7 @@ def test_deep_nesting_and_non_utf8_names_are_reported_not_fatal(tmp_path):
     import json
     import os
 
-    from common import scan as scanner
+    from spkd.common import scan as scanner
 
     make_folder(tmp_path, {"a": 2, "b": 2})
     deep = tmp_path / "a" / "/".join(["d"] * (scanner.MAX_DEPTH + 5))

@@ -10,13 +10,13 @@ import pydantic
 import pytest
 import torch
 
-from common.reporter import RecordingReporter
-from common.spec import METHOD_OPTIONS
-from models import methods
-from models.methods.base import Outputs
-from models.methods.dist import DIST, dist_losses
-from models.methods.kd import KD, kd_loss
-from models.pipeline import run_job
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import METHOD_OPTIONS
+from spkd.models import methods
+from spkd.models.methods.base import Outputs
+from spkd.models.methods.dist import DIST, dist_losses
+from spkd.models.methods.kd import KD, kd_loss
+from spkd.models.pipeline import run_job
 from tests.helpers import tiny_job_spec
 
 

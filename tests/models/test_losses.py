@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.methods.kd import kd_loss
-from models.methods.sp import SPLoss, similarity, sp_loss
+from spkd.models.methods.kd import kd_loss
+from spkd.models.methods.sp import SPLoss, similarity, sp_loss
 
 
 def sp_reference(f_s: np.ndarray, f_t: np.ndarray) -> float:

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import SpkdError
-from common.reporter import RecordingReporter
-from common.spec import METHOD_OPTIONS, JobSpec
-from models import methods
-from models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
-from models.networks import factory
-from models.networks.features import FeatureTap
-from models.pipeline import run_job
-from models.training import checkpoint, engine
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import METHOD_OPTIONS, JobSpec
+from spkd.models import methods
+from spkd.models.methods.rkd import RKD, rkd_angle_loss, rkd_distance_loss
+from spkd.models.networks import factory
+from spkd.models.networks.features import FeatureTap
+from spkd.models.pipeline import run_job
+from spkd.models.training import checkpoint, engine
 from tests.helpers import tiny_job_spec
 from tests.models.helpers import eval_source, train_source
 

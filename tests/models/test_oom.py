@@ -7,9 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from common.reporter import RecordingReporter
-from models.data.loader import Batch
-from models.training.oom import BatchSizeController, split_batch
+from spkd.common.reporter import RecordingReporter
+from spkd.models.data.loader import Batch
+from spkd.models.training.oom import BatchSizeController, split_batch
 from tests.models.helpers import FakeMemoryLimit, eval_source, normalize, train_source
 
 
@@ -94,10 +94,10 @@ def test_split_batch_handles_nested_batches():
 
 def test_engine_stage_survives_oom_by_halving(train_images):
     """The engine's own train_stage, with a simulated memory limit on the student."""
-    from models.methods import Distiller
-    from models.networks import factory
-    from models.networks.features import FeatureTap
-    from models.training import engine
+    from spkd.models.methods import Distiller
+    from spkd.models.networks import factory
+    from spkd.models.networks.features import FeatureTap
+    from spkd.models.training import engine
 
     paths, labels = train_images
     runtime = engine.pick_runtime("fp32", "cpu")

@@ -17,10 +17,10 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from common.errors import SpkdError
-from common.reporter import RecordingReporter
-from models.networks import factory
-from models.pipeline import run_job, run_valid, validate_job
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import RecordingReporter
+from spkd.models.networks import factory
+from spkd.models.pipeline import run_job, run_valid, validate_job
 from tests.helpers import HYMENOPTERA, make_folder, tiny_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]

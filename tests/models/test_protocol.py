@@ -10,16 +10,16 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common.reporter import RecordingReporter
-from models.data import loader
-from models.methods import Distiller
-from models.methods.kd import KD, kd_loss
-from models.methods.sp import SP, SPLoss
-from models.networks.features import AUTO, FeatureTap
-from models.pipeline import best_row, run_job
-from models.training import autoweight
-from models.training.engine import pick_runtime
-from models.training.oom import BatchSizeController
+from spkd.common.reporter import RecordingReporter
+from spkd.models.data import loader
+from spkd.models.methods import Distiller
+from spkd.models.methods.kd import KD, kd_loss
+from spkd.models.methods.sp import SP, SPLoss
+from spkd.models.networks.features import AUTO, FeatureTap
+from spkd.models.pipeline import best_row, run_job
+from spkd.models.training import autoweight
+from spkd.models.training.engine import pick_runtime
+from spkd.models.training.oom import BatchSizeController
 from tests.helpers import make_folder, tiny_job_spec
 from tests.models.helpers import FakeMemoryLimit
 
@@ -281,7 +281,7 @@ def test_sp_weight_follows_the_batch_when_out_of_memory_halves_it():
 
 
 def test_weight_search_judges_candidates_on_selection(color_dataset, tmp_path):
-    from models.pipeline import search_rungs
+    from spkd.models.pipeline import search_rungs
 
     assert search_rungs(3, 15) == [1, 3] and search_rungs(2, 15) == [3] and search_rungs(4, 2) == [1, 1]
     spec = tiny_job_spec(
@@ -324,7 +324,7 @@ def test_kd_weight_list_is_searched_with_the_sp_list(color_dataset, tmp_path):
 def test_kd_weight_list_alone_and_limits():
     from pydantic import ValidationError
 
-    from common.spec import JobSpec
+    from spkd.common.spec import JobSpec
 
     base = tiny_job_spec().model_dump()
     spec = JobSpec.model_validate({**base, "distill": {**base["distill"], "kd_weight": [2, 0.5]}})
@@ -351,7 +351,7 @@ class StopAtSearchEvent(RecordingReporter):
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path):
-    from common.reporter import StopRequested
+    from spkd.common.reporter import StopRequested
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300, 3000]}, baseline=False)
     whole = run_job(spec, color_dataset, tmp_path / "whole", RecordingReporter())
@@ -372,7 +372,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(color_dataset, tmp_path)
 
 
 def test_search_without_selection_is_refused(color_dataset, tmp_path):
-    from common.errors import SpkdError
+    from spkd.common.errors import SpkdError
 
     spec = tiny_job_spec(distill={"sp_weight": [30, 300]}, dataset={"selection_fraction": 0})
     with pytest.raises(SpkdError) as err:
@@ -396,6 +396,6 @@ def test_the_distilled_student_ships_only_when_it_wins_on_selection(baseline, di
     students tied the baseline's selection accuracy, and 4 of them were worse on the report split
     (by 1 to 16 images); the rule that shipped them on a tie put the shipped mean below the student
     alone by more than one image."""
-    from models.stages.evaluate import distilled_wins
+    from spkd.models.stages.evaluate import distilled_wins
 
     assert ("distilled" if distilled_wins(baseline, distilled) else "baseline") == ships

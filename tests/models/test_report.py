@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.spec import JobSpec
-from models.results.report import write_report
+from spkd.common.spec import JobSpec
+from spkd.models.results.report import write_report
 from tests.helpers import HYMENOPTERA
 
 
@@ -40,7 +40,7 @@ def _slice(dst: Path, per_class: int) -> Path:
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny real run of the engine (all stages), so the report reads a genuine metrics.json."""
-    pipeline = pytest.importorskip("models.pipeline")
+    pipeline = pytest.importorskip("spkd.models.pipeline")
     import torch
 
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "baseline": True,
         }
     )
-    from common.reporter import NullReporter
+    from spkd.common.reporter import NullReporter
 
     out = root / "out"
     pipeline.run_job(spec, data, out, NullReporter(), device="cpu")
@@ -184,8 +184,8 @@ def test_report_escapes_and_tolerates_missing_parts(tmp_path: Path):
 def test_a_stage_added_to_the_stage_list_gets_its_own_colour(monkeypatch: pytest.MonkeyPatch):
     """The report's colours follow common.spec.STAGES, the one list of stages: a new stage there is
     drawn in a colour of its own, not the fallback for names the list does not know."""
-    from common import spec
-    from models.results import report
+    from spkd.common import spec
+    from spkd.models.results import report
 
     monkeypatch.setattr(spec, "STAGES", (*spec.STAGES, "int8"))
     colours = [report.stage_colour(name) for name in spec.STAGES]

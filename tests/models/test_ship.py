@@ -11,11 +11,11 @@ import pytest
 import timm
 import torch
 
-from common.reporter import RecordingReporter
-from models.data import loader
-from models.pipeline import run_job
-from models.results import ship
-from models.stages.common import average_state_dicts
+from spkd.common.reporter import RecordingReporter
+from spkd.models.data import loader
+from spkd.models.pipeline import run_job
+from spkd.models.results import ship
+from spkd.models.stages.common import average_state_dicts
 from tests.helpers import tiny_job_spec
 
 LABELS = [0, 1] * 25  # 50 ship-part images

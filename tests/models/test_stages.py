@@ -8,14 +8,14 @@ from collections import Counter
 import timm
 import torch
 
-from common import spec
-from common.reporter import RecordingReporter
-from models.networks import factory, weights
-from models.networks.bank import ModelBank, ModelKey
-from models.pipeline import run_valid, validate_job
-from models.results.report import FALLBACK_COLOUR, stage_colour
-from models.stages import STAGES, planned
-from models.training import checkpoint
+from spkd.common import spec
+from spkd.common.reporter import RecordingReporter
+from spkd.models.networks import factory, weights
+from spkd.models.networks.bank import ModelBank, ModelKey
+from spkd.models.pipeline import run_valid, validate_job
+from spkd.models.results.report import FALLBACK_COLOUR, stage_colour
+from spkd.models.stages import STAGES, planned
+from spkd.models.training import checkpoint
 from tests.helpers import make_folder, tiny_job_spec
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from models.results import stats
+from spkd.models.results import stats
 
 
 @pytest.mark.parametrize(

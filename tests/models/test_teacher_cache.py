@@ -5,11 +5,11 @@ from __future__ import annotations
 import timm
 import torch
 
-from models.methods import Distiller
-from models.methods.kd import KD
-from models.methods.sp import SP
-from models.networks.features import FeatureTap
-from models.training import teacher_cache as tc
+from spkd.models.methods import Distiller
+from spkd.models.methods.kd import KD
+from spkd.models.methods.sp import SP
+from spkd.models.networks.features import FeatureTap
+from spkd.models.training import teacher_cache as tc
 from tests.models.helpers import normalize, train_source
 
 CPU = torch.device("cpu")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from common.reporter import RecordingReporter
-from models import stages
-from models.pipeline import run_job
-from models.stages.common import best_row, stalled
+from spkd.common.reporter import RecordingReporter
+from spkd.models import stages
+from spkd.models.pipeline import run_job
+from spkd.models.stages.common import best_row, stalled
 from tests.helpers import tiny_job_spec
 
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.reporter import RecordingReporter, StopRequested
-from common.spec import JobSpec
-from core import store
-from models.pipeline import validate_job
-from models.results.tracking import run_tracked
+from spkd.common.reporter import RecordingReporter, StopRequested
+from spkd.common.spec import JobSpec
+from spkd.core import store
+from spkd.models.pipeline import validate_job
+from spkd.models.results.tracking import run_tracked
+from spkd.workers import runner
 from tests.helpers import make_settings, output_dir, tiny_job_spec
-from workers import runner
 
 pytestmark = pytest.mark.slow
 
@@ -277,8 +277,8 @@ def test_integration_spec_accepts_mlflow_and_caps_the_list():
 def test_the_tracking_wrapper_keeps_the_fencing_check() -> None:
     """The worker wraps its fenced reporter in TrackingReporter: the engine's pre-publish check
     must still reach the inner reporter, or a run that lost its job would publish files."""
-    from common.reporter import Fenced, ensure_current
-    from models.results.tracking import TrackingReporter
+    from spkd.common.reporter import Fenced, ensure_current
+    from spkd.models.results.tracking import TrackingReporter
 
     class StaleReporter(RecordingReporter):
         def ensure_current(self) -> None:
@@ -298,8 +298,8 @@ def test_tracker_files_are_written_only_at_fenced_points(tmp_path) -> None:
     nothing to tensorboard/: step points wait in memory (no writer thread can flush them on a
     thaw), and every write is preceded by the fencing check, before the event reaches Redis (so
     an observer who saw an epoch_end saw its scalars already on disk)."""
-    from common.reporter import Fenced, Progress
-    from models.results.tracking import TensorBoardTracker, TrackingReporter
+    from spkd.common.reporter import Fenced, Progress
+    from spkd.models.results.tracking import TensorBoardTracker, TrackingReporter
 
     class LosesTheJob(RecordingReporter):
         stale = False

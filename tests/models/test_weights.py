@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from common.errors import SpkdError
-from models.networks import weights
+from spkd.common.errors import SpkdError
+from spkd.models.networks import weights
 from tests.helpers import HYMENOPTERA
 
 
@@ -146,8 +146,8 @@ def test_lite0_package_is_imagenet_loaded_right():
     """On the ant photos of hymenoptera/val, ImageNet class 310 ('ant') is top-1 for >= 80%."""
     from timm.data import create_transform
 
-    from models.data.loader import load_rgb
-    from models.networks.factory import data_config
+    from spkd.models.data.loader import load_rgb
+    from spkd.models.networks.factory import data_config
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
     model.load_state_dict(_package_imagenet_state_dict("tf_efficientnet_lite0", model))

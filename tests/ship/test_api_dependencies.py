@@ -39,8 +39,8 @@ from tests.helpers import (
 CHILD = r"""
 import json, socket, sys, threading, time, urllib.request
 import uvicorn
-from app.main import create_app
-from core.settings import Settings
+from spkd.app.main import create_app
+from spkd.core.settings import Settings
 
 zip_path, key, spec, finished, image = sys.argv[1:6]
 spec = json.loads(spec)

@@ -157,7 +157,7 @@ def test_s3_override_shares_only_redis_and_the_bucket(compose):
     worker = {v.split(":")[0] for v in services["worker"]["volumes"]["value"]}
     assert api & worker == set() and "weights-cache" in worker
     assert (api | worker | {"seaweedfs-data"}) - {"weights-cache"} <= set(s3["volumes"])
-    from core.settings import Settings
+    from spkd.core.settings import Settings
 
     for key in services["worker"]["environment"]:  # every SPKD_ name is a real setting
         if key.startswith("SPKD_"):

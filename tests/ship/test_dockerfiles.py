@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -61,10 +60,11 @@ def test_worker_image_pins_torch_and_caches_weights():
 def test_dockerignore_keeps_the_context_small():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*"  # allowlist
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    folders = [f"!{pattern.rstrip('*')}/" for pattern in packages["find"]["include"]]
+    from spkd import LAYERS
+
+    folders = [f"!{layer}/" for layer in LAYERS]
     assert len(folders) >= 5  # app, core, workers, models, cli: every package reaches the images
-    for needed in ("!pyproject.toml", "!README.md", *folders):
+    for needed in ("!pyproject.toml", "!setup.py", "!README.md", "!spkd/", *folders):
         assert needed in lines
     assert not any(line.startswith("!.venv") or line.startswith("!.git") for line in lines)
 

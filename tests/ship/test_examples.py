@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from common.spec import JobSpec
+from spkd.common.spec import JobSpec
 from tests.helpers import ROOT
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -87,7 +87,7 @@ def test_readme_is_short_and_links_every_docs_page():
 
 
 def test_configuration_page_documents_every_setting():
-    from core.settings import Settings
+    from spkd.core.settings import Settings
 
     page = doc("configuration.md")
     table = page.split("<!-- SETTINGS-TABLE -->", 1)[1].split("<!-- /SETTINGS-TABLE -->", 1)[0]
@@ -106,13 +106,13 @@ def test_service_settings_are_read_only_through_the_settings_model():
     for package in ("app", "core", "workers", "models"):
         for path in sorted((ROOT / package).rglob("*.py")):
             found += [f"{path.relative_to(ROOT)}: {name}" for name in read.findall(path.read_text())]
-    assert found == [], f"read through core.settings.Settings instead: {found}"
+    assert found == [], f"read through spkd.core.settings.Settings instead: {found}"
 
 
 def test_job_spec_page_documents_every_job_spec_field():
     from pydantic import BaseModel
 
-    from common.spec import JobSpec
+    from spkd.common.spec import JobSpec
 
     def paths(model: type[BaseModel], prefix: str = "") -> set[str]:
         out = set()

@@ -13,9 +13,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from common.reporter import RecordingReporter
-from common.spec import JobSpec
-from models.pipeline import run_job
+from spkd.common.reporter import RecordingReporter
+from spkd.common.spec import JobSpec
+from spkd.models.pipeline import run_job
 from tests.helpers import HYMENOPTERA
 
 SPEC = {

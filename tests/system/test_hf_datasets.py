@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from common import scan
-from core import store
-from models.data import hub
+from spkd.app.main import create_app
+from spkd.common import scan
+from spkd.core import store
+from spkd.models.data import hub
 from tests.helpers import (
     HYMENOPTERA,
     KEY_A,
@@ -230,8 +230,8 @@ def test_torchvision_split_table_matches_torchvision(tmp_path: Path) -> None:
 
     import torchvision.datasets as tvd
 
-    from common.spec import TORCHVISION_DATASETS
-    from core.source_checks import TORCHVISION_SPLITS
+    from spkd.common.spec import TORCHVISION_DATASETS
+    from spkd.core.source_checks import TORCHVISION_SPLITS
 
     assert sorted(TORCHVISION_SPLITS) == sorted(TORCHVISION_DATASETS)
     for name, splits in TORCHVISION_SPLITS.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.client import iter_sse
+from spkd.cli.client import iter_sse
 from tests.helpers import KEY_B, Service, small_imagefolder
 
 pytestmark = pytest.mark.slow
@@ -185,7 +185,7 @@ def test_killed_job_process_resumes_once(service: Service, dataset_id: str) -> N
 
     import redis
 
-    from core import store
+    from spkd.core import store
 
     r = redis.Redis.from_url(service.settings.redis_url, decode_responses=True)
     keys = store.Keys(service.settings.redis_prefix)

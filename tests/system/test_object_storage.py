@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import store
+from spkd.core import store
 from tests.helpers import (
     KEY_A,
     SPKD,
@@ -117,8 +117,8 @@ def test_upload_train_download_delete_through_the_bucket(
 def test_stream_mode_sends_the_bytes_itself(tmp_path: Path, redis_url: str, s3_server: SeaweedS3) -> None:
     """SPKD_S3_DOWNLOAD=stream: the API answers 200 with the object (clients that cannot reach
     the bucket). The artifact is put in the bucket and registered as a worker would."""
-    from app.auth import owner_of
-    from core import blobs, bucket
+    from spkd.app.auth import owner_of
+    from spkd.core import blobs, bucket
 
     prefix = f"stream-{uuid.uuid4().hex[:8]}"
     st = make_stack(tmp_path, redis_url, **s3_server.settings(prefix), s3_download="stream")
@@ -146,7 +146,7 @@ def test_background_upload_to_an_unusable_bucket_fails_storage_unavailable(
     the dataset ends `failed` with `storage_unavailable`, nothing kept, no secret in the record."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from spkd.app.main import create_app
     from tests.helpers import make_settings
 
     secret = "wrong-" + uuid.uuid4().hex

@@ -24,9 +24,9 @@ import httpx
 import pytest
 import torch
 
-from core import store
-from models.results import export, report
-from models.training import checkpoint
+from spkd.core import store
+from spkd.models.results import export, report
+from spkd.models.training import checkpoint
 from tests.helpers import (
     PrivateRedis,
     Stack,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core import references, store
+from spkd.core import references, store
 from tests.core.test_references import SECRET_CLASSES, _zip
 from tests.helpers import KEY_A, KEY_B, Stack, dump, events, small_imagefolder, tiny_spec, wait_final
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import store
+from spkd.core import store
 from tests.helpers import Service, make_folder
 
 pytestmark = pytest.mark.slow

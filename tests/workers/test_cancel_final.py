@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core import store
+from spkd.core import store
 from tests.helpers import (
     KEY_A,
     Stack,

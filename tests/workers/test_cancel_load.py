@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import store
+from spkd.core import store
 from tests.helpers import KEY_A, Stack, dump, events, small_imagefolder, tiny_spec, wait_event, wait_final
 
 pytestmark = pytest.mark.slow

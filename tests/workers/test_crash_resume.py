@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from core import store
-from core.queue import enqueue, make_celery
+from spkd.core import store
+from spkd.core.queue import enqueue, make_celery
 from tests.helpers import (
     Stack,
     dump,

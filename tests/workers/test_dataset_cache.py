@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core import blobs, bucket
-from core.settings import Settings
+from spkd.core import blobs, bucket
+from spkd.core.settings import Settings
 
 
 class Counting(blobs.LocalBlobs):

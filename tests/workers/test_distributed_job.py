@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core import store
+from spkd.core import store
 from tests.helpers import (
     Stack,
     dump,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli import procs
-from common.errors import SpkdError
-from workers.failures import failure_error
+from spkd.cli import procs
+from spkd.common.errors import SpkdError
+from spkd.workers.failures import failure_error
 
 
 def raised(make) -> BaseException:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from core import attempts, store
-from core.queue import enqueue, make_celery
+from spkd.core import attempts, store
+from spkd.core.queue import enqueue, make_celery
 from tests.helpers import (
     SeaweedS3,
     Stack,

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli import procs
-from common.spec import STAGES
-from core import store
-from core.queue import enqueue, make_celery
+from spkd.cli import procs
+from spkd.common.spec import STAGES
+from spkd.core import store
+from spkd.core.queue import enqueue, make_celery
 from tests.helpers import KEY_A, ROOT, Service, make_folder, tiny_spec
 
 pytestmark = pytest.mark.slow

@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 
-from common.errors import SpkdError
-from core import references, store
-from core.settings import Settings
-from models.networks import factory, weights
-from models.pipeline import validate_job
-from models.results import export
+from spkd.common.errors import SpkdError
+from spkd.core import references, store
+from spkd.core.settings import Settings
+from spkd.models.networks import factory, weights
+from spkd.models.pipeline import validate_job
+from spkd.models.results import export
 from tests.helpers import tiny_job_spec
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from cli import procs
-from common.reporter import Progress
-from common.spec import JobSpec
-from core import store
-from core.settings import Settings
+from spkd.cli import procs
+from spkd.common.reporter import Progress
+from spkd.common.spec import JobSpec
+from spkd.core import store
+from spkd.core.settings import Settings
+from spkd.workers.reporter import Monitor, RedisReporter
 from tests.helpers import (
     Stack,
     children_of,
@@ -33,7 +34,6 @@ from tests.helpers import (
     wait_event,
     wait_final,
 )
-from workers.reporter import Monitor, RedisReporter
 
 
 def _spec() -> dict:
@@ -98,10 +98,10 @@ def test_reporter_counts_the_steps_since_the_last_resume_point(r, keys) -> None:
 
 _STUCK_WORKER = """
 import time
-from core import store
+from spkd.core import store
 r = store.connect({url!r}); keys = store.Keys({prefix!r})
 lease = store.Lease(r, keys, {job!r}, 10); assert lease.acquire()
-from workers.reporter import Monitor
+from spkd.workers.reporter import Monitor
 Monitor(r, keys, {job!r}, lease, poll_s=0.05, hard_stop_s=0.5).start()
 print('ready', flush=True)
 time.sleep(60)

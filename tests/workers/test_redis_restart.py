@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core import references, store
+from spkd.core import references, store
 from tests.helpers import (
     PrivateRedis,
     Stack,

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import SpkdError
-from common.reporter import Progress
-from common.spec import JobSpec
-from core import attempts, blobs, bucket, references, store
-from core.settings import Settings
-from workers import runner
-from workers.reporter import Monitor, RedisReporter
+from spkd.common.errors import SpkdError
+from spkd.common.reporter import Progress
+from spkd.common.spec import JobSpec
+from spkd.core import attempts, blobs, bucket, references, store
+from spkd.core.settings import Settings
+from spkd.workers import runner
+from spkd.workers.reporter import Monitor, RedisReporter
 
 
 def base_spec(**over: object) -> dict:
@@ -226,10 +226,10 @@ def test_hard_stop_kills_a_stuck_job_process(r, keys, settings: Settings) -> Non
     store.transition(r, keys, jid, store.RUNNING, [store.QUEUED])
     code = (
         "import time\n"
-        "from core import store\n"
+        "from spkd.core import store\n"
         f"r = store.connect({settings.redis_url!r}); keys = store.Keys({settings.redis_prefix!r})\n"
         f"lease = store.Lease(r, keys, {jid!r}, 10); assert lease.acquire()\n"
-        "from workers.reporter import Monitor\n"
+        "from spkd.workers.reporter import Monitor\n"
         f"Monitor(r, keys, {jid!r}, lease, poll_s=0.05, hard_stop_s=0.5).start()\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"

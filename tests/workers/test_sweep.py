@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from core import store
+from spkd.core import store
 from tests.helpers import KEY_A, SPKD, Stack, output_dir, small_imagefolder, tiny_spec, wait_final
 
 

@@ -87,8 +87,8 @@ def _patch_pipeline(module: ModuleType) -> None:
 
 
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    "models.stages": _patch_stages,
-    "models.pipeline": _patch_pipeline,
+    "spkd.models.stages": _patch_stages,
+    "spkd.models.pipeline": _patch_pipeline,
 }
 
 
