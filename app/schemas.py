@@ -351,6 +351,12 @@ class Ready(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     workers: int
+    max_devices: int = Field(
+        0,
+        description="the most devices one live worker owns (`spkd worker --gpus`): a job asking for "
+        "more `train.devices` waits in its queue until such a worker starts",
+        examples=[1],
+    )
     detail: str | None = None
 
 

@@ -181,10 +181,7 @@ def _say_if_no_worker_fits(ctx: AppContext, job_id: str, devices: int) -> None:
     if devices <= 1:
         return  # every worker takes one-device jobs
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
-    live = [
-        w for w in store.live_workers(r, keys, settings.heartbeat_ttl_s) if w.get("queue") == settings.queue
-    ]
-    most = max((int(w.get("devices") or 1) for w in live), default=0)
+    most = store.most_devices(store.live_workers(r, keys, settings.heartbeat_ttl_s, settings.queue))
     if most >= devices:
         return
     store.add_event(

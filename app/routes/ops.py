@@ -40,11 +40,7 @@ def readyz(ctx: Ctx) -> Any:
     r, keys, settings = ctx.redis, ctx.keys, ctx.settings
     try:
         r.ping()
-        live = [
-            w
-            for w in store.live_workers(r, keys, settings.heartbeat_ttl_s)
-            if w.get("queue") == settings.queue
-        ]
+        live = store.live_workers(r, keys, settings.heartbeat_ttl_s, settings.queue)
     except redis.exceptions.RedisError as e:
         body = Ready(status="not_ready", redis=False, workers=0, detail=f"redis: {e}")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
@@ -53,7 +49,7 @@ def readyz(ctx: Ctx) -> Any:
             status="not_ready", redis=True, workers=0, detail=f"no live worker on queue {settings.queue!r}"
         )
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-    return Ready(status="ready", redis=True, workers=len(live))
+    return Ready(status="ready", redis=True, workers=len(live), max_devices=store.most_devices(live))
 
 
 @router.get(

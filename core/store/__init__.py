@@ -97,7 +97,7 @@ from spkd.core.store.keys import (
 )
 from spkd.core.store.leases import Lease, check_fence, claim_orphan, fenced, lease_held
 from spkd.core.store.metrics import DURATION_BUCKETS, MEMORY_BUCKETS, observe_finished_job, read_histogram
-from spkd.core.store.workers import heartbeat, live_workers, remove_worker
+from spkd.core.store.workers import heartbeat, live_workers, most_devices, remove_worker
 
 __all__ = [
     # keys.py
@@ -171,6 +171,7 @@ __all__ = [
     # workers.py
     "heartbeat",
     "live_workers",
+    "most_devices",
     "remove_worker",
     # metrics.py
     "DURATION_BUCKETS",

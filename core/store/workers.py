@@ -26,11 +26,18 @@ def remove_worker(r: redis.Redis, keys: Keys, name: str) -> None:
     r.delete(keys.worker(name))
 
 
-def live_workers(r: redis.Redis, keys: Keys, ttl_s: float) -> list[dict[str, Any]]:
+def live_workers(r: redis.Redis, keys: Keys, ttl_s: float, queue: str | None = None) -> list[dict[str, Any]]:
     """Workers heard from within `ttl_s` seconds, each its info plus `name`; drops the
-    others from the index."""
+    others from the index. `queue`: only the workers of that queue (a service's own)."""
     cutoff = now() - ttl_s
     r.zremrangebyscore(keys.workers(), "-inf", cutoff)  # forget the dead
     names = r.zrangebyscore(keys.workers(), cutoff, "+inf")
     infos = r.mget([keys.worker(n) for n in names]) if names else []
-    return [dict(json.loads(i) if i else {}, name=n) for n, i in zip(names, infos, strict=True)]
+    live = [dict(json.loads(i) if i else {}, name=n) for n, i in zip(names, infos, strict=True)]
+    return [w for w in live if queue is None or w.get("queue") == queue]
+
+
+def most_devices(workers: list[dict[str, Any]]) -> int:
+    """The most devices one of `workers` owns (`spkd worker --gpus`; a worker without a group owns
+    one), 0 when there is none: a job asking for more waits in its queue."""
+    return max((int(w.get("devices") or 1) for w in workers), default=0)

@@ -131,6 +131,7 @@ def test_a_job_goes_to_the_queue_of_its_device_count_and_says_when_no_worker_fit
 
     broker = f"{settings.redis_prefix}:celery:"
     store.heartbeat(r, keys, "one-gpu", {"queue": settings.queue, "devices": 1}, settings.heartbeat_ttl_s)
+    assert client.get("/readyz").json()["max_devices"] == 1  # an operator sees the capacity too
     two = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2})).json()
     assert r.llen(f"{broker}{settings.queue}.devices.2") == 1 and r.llen(f"{broker}{settings.queue}") == 0
     said = warnings(two["id"])
@@ -138,6 +139,7 @@ def test_a_job_goes_to_the_queue_of_its_device_count_and_says_when_no_worker_fit
     one = client.post("/v1/jobs", json=spec()).json()  # every worker takes one-device jobs
     assert r.llen(f"{broker}{settings.queue}") == 1 and warnings(one["id"]) == []
     store.heartbeat(r, keys, "two-gpus", {"queue": settings.queue, "devices": 2}, settings.heartbeat_ttl_s)
+    assert client.get("/readyz").json()["max_devices"] == 2
     fits = client.post("/v1/jobs", json=spec(train={"epochs": 1, "batch_size": 8, "devices": 2})).json()
     assert warnings(fits["id"]) == [] and r.llen(f"{broker}{settings.queue}.devices.2") == 2
 
