@@ -321,7 +321,13 @@ def test_readyz_follows_worker_heartbeats(client, r, keys, settings: Settings) -
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503 and not_ready.json()["workers"] == 0
     store.heartbeat(r, keys, "w1", {"queue": settings.queue}, settings.heartbeat_ttl_s)
-    assert client.get("/readyz").json() == {"status": "ready", "redis": True, "workers": 1, "detail": None}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "redis": True,
+        "workers": 1,
+        "max_devices": 1,
+        "detail": None,
+    }
     r.zadd(keys.workers(), {"w1": time.time() - 60})  # went silent
     assert client.get("/readyz").status_code == 503
 
