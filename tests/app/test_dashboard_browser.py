@@ -379,7 +379,7 @@ def _check_shared_axes(page: Any) -> None:
     teacher, baseline and distilled student), one CE chart (each stage's CE, training and
     selection split), and the distillation terms apart (only the distill stage has them, never CE)."""
     charts = page.locator("#curves svg[data-metric]")
-    assert charts.evaluate_all("ss => ss.map(s => s.dataset.metric)") == ["acc", "ce", "distill"]
+    assert charts.evaluate_all("ss => ss.map(s => s.dataset.metric)") == ["acc", "ce", "terms"]
     captions = page.locator("#curves figcaption").evaluate_all("cs => cs.map(c => c.textContent)")
     assert captions == [
         "Accuracy on the selection split",
@@ -395,7 +395,7 @@ def _check_shared_axes(page: Any) -> None:
     assert [s for s, _ in lines("acc", "val")] == stages  # one accuracy chart, every stage on it
     assert lines("acc", "train") == []
     assert [s for s, _ in lines("ce", "val")] == stages and [s for s, _ in lines("ce", "train")] == stages
-    terms = lines("distill")
+    terms = lines("terms")
     assert {s for s, _ in terms} == {"distill"} and "sp" in {t for _, t in terms}, terms
     assert "ce" not in {t for _, t in terms}
     acc = page.locator("#curves svg[data-metric='acc']")

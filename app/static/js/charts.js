@@ -45,8 +45,8 @@ function drawCurves() {
   box.replaceChildren(
     chart('acc', `Accuracy on the ${split} split`, acc, true),
     chart('ce', 'Cross-entropy of each stage', ce, false),
-    dist.length ? chart('distill', 'Distillation terms (training, weighted)', dist, false)
-      : el('p', { class: 'help', 'data-metric': 'distill', text: 'No distillation terms yet: they are drawn apart from the cross-entropy.' }),
+    dist.length ? chart('terms', 'Distillation terms (training, weighted)', dist, false)
+      : el('p', { class: 'help', 'data-metric': 'terms', text: 'No distillation terms yet: they are drawn apart from the cross-entropy.' }),
   );
 }
 
