@@ -199,8 +199,10 @@ def test_the_other_ranks_leave_when_rank_0_is_killed(color_dataset, tmp_path):
         job.kill()
         job.wait()
     killed = time.monotonic()
-    while _running(ranks[0]) and time.monotonic() - killed < 30:
+    # Measured 1.4-8.2 s (2 shared cores); the failure this guards against is a rank held until the
+    # group's collective timeout (ranks.COLLECTIVE_TIMEOUT_S, 300 s), so the bound is loose on purpose.
+    while _running(ranks[0]) and time.monotonic() - killed < 90:
         time.sleep(0.2)
     left = time.monotonic() - killed
     print(f"rank 1 left {left:.1f}s after rank 0 was killed")
-    assert not _running(ranks[0]) and left < 10
+    assert not _running(ranks[0]) and left < 60
