@@ -86,3 +86,38 @@ class FakeMemoryLimit:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class MemoryLimitAtStep:
+    """Like FakeMemoryLimit, but raises once: at the `at`-th training forward of `module` (its
+    stem in train mode with gradients on; evaluation forwards are not counted)."""
+
+    def __init__(self, module: torch.nn.Module, at: int):
+        self.at, self.calls, self.triggered = at, 0, 0
+        first = next((m for m in module.modules() if not any(m.children())), module)
+        self._handle = first.register_forward_pre_hook(self._check)
+
+    def _check(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self.calls += 1
+        if self.calls == self.at:
+            self.triggered += 1
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated at forward {self.at})")
+
+
+def limit_stage_at_step(stage: str, at: int) -> list[MemoryLimitAtStep]:
+    """Make `stage`'s student run out of memory once, at its `at`-th training forward, in this
+    process: wraps the engine's epoch loop to hook the stage's model. Returns the installed limits."""
+    from spkd.models.training import engine
+
+    installed: list[MemoryLimitAtStep] = []
+    train_epoch = engine._train_epoch
+
+    def wrapped(plan, *args, **kwargs):
+        if plan.name == stage and not installed:
+            installed.append(MemoryLimitAtStep(plan.model, at))
+        return train_epoch(plan, *args, **kwargs)
+
+    engine._train_epoch = wrapped
+    return installed
