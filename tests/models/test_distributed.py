@@ -207,10 +207,14 @@ def test_the_other_ranks_leave_when_rank_0_is_killed(color_dataset, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_an_oom_on_one_rank_halves_every_rank_and_trains_as_one_device(color_dataset, tmp_path, monkeypatch):
-    """Rank 1 alone runs out of memory at distill step 3: both ranks halve together (rank 0 says
-    so), redo the step in chunks of the global batch, and end where one device that ran out at the
-    same step ends; no rank waits in a collective the other never reaches."""
+@pytest.mark.parametrize("in_backward", [False, True], ids=["forward", "backward"])
+def test_an_oom_on_one_rank_halves_every_rank_and_trains_as_one_device(
+    color_dataset, tmp_path, monkeypatch, in_backward
+):
+    """Rank 1 alone runs out of memory at distill step 3 (in its forward, before the SP gather, or
+    in its backward): both ranks halve together (rank 0 says so), redo the step in chunks of the
+    global batch, and end where one device that ran out at the same step ends; no rank waits in a
+    collective the other never reaches."""
     from spkd.models.training import engine
     from tests.models.helpers import limit_stage_at_step
 
@@ -221,15 +225,16 @@ def test_an_oom_on_one_rank_halves_every_rank_and_trains_as_one_device(color_dat
         "import os\n"
         "if os.environ.get('SPKD_TEST_OOM_AT'):\n"
         "    from tests.models.helpers import limit_stage_at_step\n"
-        "    limit_stage_at_step('distill', int(os.environ['SPKD_TEST_OOM_AT']))\n"
+        "    at, where = os.environ['SPKD_TEST_OOM_AT'].split(':')\n"
+        "    limit_stage_at_step('distill', int(at), where == 'backward')\n"
     )
     monkeypatch.syspath_prepend(str(inject))
-    monkeypatch.setenv("SPKD_TEST_OOM_AT", "3")
+    monkeypatch.setenv("SPKD_TEST_OOM_AT", f"3:{'backward' if in_backward else 'forward'}")
     two, rec2, s2 = _run(ddp_spec(2), color_dataset, tmp_path / "two")
     monkeypatch.delenv("SPKD_TEST_OOM_AT")
 
     monkeypatch.setattr(engine, "_train_epoch", engine._train_epoch)  # restored after the test
-    limits = limit_stage_at_step("distill", 3)
+    limits = limit_stage_at_step("distill", 3, in_backward)
     one, rec1, s1 = _run(ddp_spec(1), color_dataset, tmp_path / "one")
     assert limits[0].triggered == 1
 
@@ -246,8 +251,7 @@ def test_an_oom_on_one_rank_halves_every_rank_and_trains_as_one_device(color_dat
     w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     diff = _max_diff(w1, w2)
-    print(
-        f"OOM on rank 1 at step 3, 2 ranks vs 1: max abs weight difference {diff:.3g}; {s2:.1f}s vs {s1:.1f}s"
-    )
+    where = "backward" if in_backward else "forward"
+    print(f"OOM on rank 1 in {where} 3, 2 ranks vs 1: max abs weight diff {diff:.3g}; {s2:.1f}s vs {s1:.1f}s")
     assert diff < 1e-4
     assert distributed.active() is None
