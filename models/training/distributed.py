@@ -2,16 +2,17 @@
 
 Every rank runs the same seeded data order and cuts its equal share out of each global batch
 (`shard`), so `train.batch_size` stays the global batch and N ranks train as one device would:
-the student is wrapped in DistributedDataParallel (gradients averaged over the ranks), the frozen
-teacher runs on every rank without gradients and without DDP, and SP sees the global batch
-(`gather_batch`: features all-gathered with their gradients). The process group is this module's
-state (`active()`); with none, every helper is the identity and the engine runs as before.
+the student is wrapped in DistributedDataParallel (gradients averaged over the ranks after each
+step), the frozen teacher runs on every rank without gradients and without DDP, and SP sees the
+global batch (`gather_batch`: features all-gathered, gradients back to each rank's share). Every
+collective of a training step sits at a point all ranks reach even when one runs out of memory
+(`check_peers`). The process group is this module's state (`active()`); with none, every helper
+is the identity and the engine runs as before.
 """
 
 from __future__ import annotations
 
 import datetime
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -90,28 +91,98 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """The global batch of a per-rank tensor (ranks concatenated on dim 0, in rank order, which is
-    the global batch's own order); gradients flow back to each rank's share. Identity without a
-    group. Each rank computes the same global loss on it, so the all_gather backward (a sum over
-    ranks) times DDP's average gives exactly the one-device gradient."""
+    the global batch's own order); gradients flow back to this rank's share only. Identity without
+    a group.
+
+    Every rank first passes an out-of-memory check point (`check_peers`: raises PeerOutOfMemory
+    when another rank ran out in this step), so a rank that failed before its gather never leaves
+    the others waiting in it. The backward holds no collective (an OOM there cannot hang a rank):
+    each rank computes the same global loss, and its share's gradient is scaled by the world size,
+    which times the ranks' gradient average gives exactly the one-device gradient."""
     if _GROUP is None:
         return x
-    if x.requires_grad:
-        import torch.distributed.nn.functional as dnn
-
-        with warnings.catch_warnings():  # deprecated for a private successor; its autograd is the point
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.cat(dnn.all_gather(x), 0)
+    check_peers()
     parts = [torch.empty_like(x) for _ in range(_GROUP.world)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.detach().contiguous())
+    if x.requires_grad:
+        parts[_GROUP.rank] = _ScaleGrad.apply(x, float(_GROUP.world))
     return torch.cat(parts, 0)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+# ------------------------------------------------------------------------------ out of memory
+class PeerOutOfMemory(torch.cuda.OutOfMemoryError):
+    """Another rank ran out of memory in this step: every rank halves and redoes it together."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(f"rank {rank} ran out of GPU memory")
+        self.rank = rank
+
+
+def _flag_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange(flag: int) -> int:
+    """All-reduce(MAX) of one rank's flag (0: fine, rank+1: ran out); the largest over the ranks."""
+    t = torch.tensor([float(flag)], device=_flag_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def check_peers() -> None:
+    """A step's check point: raises PeerOutOfMemory when a rank said it ran out (`tell_peers`).
+
+    Every rank passes the same check points in the same order (before each gather, after the
+    backward), and a rank that runs out answers the next one in its handler instead, so the
+    ranks' collectives stay matched. No-op without a group."""
+    if _GROUP is None:
+        return
+    failed = _exchange(0)
+    if failed:
+        raise PeerOutOfMemory(failed - 1)
+
+
+def tell_peers() -> None:
+    """This rank ran out of memory in the step: answer the others' next check point with it."""
+    if _GROUP is not None:
+        _exchange(_GROUP.rank + 1)
+
+
 def average_grads(params: Iterable[nn.Parameter], world: int) -> None:
-    """Average the gradients of parameters DDP does not own (a method's learnable parts)."""
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+    """Average the parameters' gradients over the ranks, in one flat all-reduce (every rank has
+    gradients for the same parameters: the same graph ran on each)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, after a step: every rank
+    then scores and stops on the same numbers."""
+    for b in module.buffers():
+        dist.broadcast(b, 0)
 
 
 # ---------------------------------------------------------------------------------- student
@@ -136,7 +207,13 @@ class DDPTap:
         self.tap = tap
         self.model = tap.model
         ids = [device] if device.type == "cuda" else None
-        self.ddp = nn.parallel.DistributedDataParallel(_TapModule(tap), device_ids=ids)
+        # No collective in the forward (sync_buffers broadcasts the buffers after a step) and none
+        # in the backward: the engine runs every step under `no_sync` and averages the gradients
+        # itself once every rank has said it did not run out of memory (a rank that did must not
+        # leave the others waiting in a collective).
+        self.ddp = nn.parallel.DistributedDataParallel(
+            _TapModule(tap), device_ids=ids, forward_sync_buffers=False
+        )
 
     def __call__(self, x: torch.Tensor) -> Tapped:
         logits, features = self.ddp(x)

@@ -220,7 +220,7 @@ def train_stage(
     seconds = resume.seconds
     # Halves the batch on CUDA out-of-memory (models/training/oom.py); a halving before a restart is kept:
     # the resumed scheduler's base lr carries the scale.
-    oom = BatchSizeController(None, reporter, plan.name)
+    oom = batch_size_controller(reporter, plan.name)
     if resume.model is not None and plan.lr > 0:
         oom.lr_scale = scheduler.base_lrs[0] / plan.lr
     clock.done_steps += resume.epoch * plan.steps_per_epoch
@@ -266,6 +266,21 @@ def train_stage(
     return curve, seconds
 
 
+def batch_size_controller(reporter: Reporter, stage: str) -> BatchSizeController:
+    """The stage's OOM handler; on several ranks it sizes the global batch in equal shares of at
+    least two images per rank."""
+    controller = BatchSizeController(None, reporter, stage)
+    if (group := distributed.active()) is not None:
+        controller.multiple, controller.min_batch_size = group.world, 2 * group.world
+    return controller
+
+
+def _no_sync(distiller: Any):
+    """DDP's `no_sync` for a student behind DDP (several ranks), else nothing."""
+    tap = distiller.student_tap
+    return tap.ddp.no_sync() if isinstance(tap, distributed.DDPTap) else nullcontext()
+
+
 def _epoch_message(row: dict) -> str:
     return (
         f"{row['stage']} epoch {row['epoch']}/{row['epochs']}: train loss {row['train_loss']:.4f}, "
@@ -294,7 +309,7 @@ def _train_epoch(
     epoch_start = last = time.perf_counter()
     loss_value: float | None = None
     scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
-    oom = oom or BatchSizeController(None, reporter, plan.name)
+    oom = oom or batch_size_controller(reporter, plan.name)
     guard = guards.FiniteGuard(  # NaN/inf loss or gradient: fail the stage, never train on
         plan.name,
         epoch + 1,
@@ -310,22 +325,28 @@ def _train_epoch(
     group = distributed.active()
 
     def one_step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if group is not None:  # this rank's share of the (chunk of the) global batch
+            batch = tuple(distributed.shard(t, group) for t in batch)  # type: ignore[assignment]
         images, labels, indices = batch
-        with runtime.autocast():
-            logits, losses = distiller(plan.student_norm(images), images, labels, indices)
-            loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
+        # Several ranks: no collective in the backward (DDP's sync is off) until every rank said at
+        # check_peers that it did not run out of memory (models/training/oom.py).
+        with _no_sync(distiller):
+            with runtime.autocast():
+                logits, losses = distiller(plan.student_norm(images), images, labels, indices)
+                loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if group is not None:
+            distributed.check_peers()
+            distributed.average_grads(params(), group.world)
+        guard.observe(losses, params())
         if scaler is not None:
-            scaler.scale(loss).backward()
-            guard.observe(losses, params())
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
-            if group is not None:  # DDP averaged the student's; the methods' parts are ours to
-                distributed.average_grads(distiller.parameters(), group.world)
-            guard.observe(losses, params())
             optimizer.step()
+        if group is not None:
+            distributed.sync_buffers(model)
         n = labels.shape[0]
         with torch.no_grad():
             sums["loss"] += loss.detach() * n
@@ -346,9 +367,8 @@ def _train_epoch(
         images = images.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True)
         indices = indices.to(dev, non_blocking=True)
-        if group is not None:  # this rank's share of the global batch
-            images, labels, indices = (distributed.shard(t, group) for t in (images, labels, indices))
-        # On CUDA out-of-memory: free, halve the batch, scale lr, warn, redo in chunks.
+        # On CUDA out-of-memory: free, halve the batch, scale lr, warn, redo in chunks (on several
+        # ranks: chunks of the global batch, every rank halving together; one_step shards them).
         guard.at(step)
         done = oom.run((images, labels, indices), one_step, optimizer, scheduler)
         scheduler.step()

@@ -6,8 +6,11 @@ learning rate by the same factor (linear scaling rule), emits a `warning` event 
 retries the same images in chunks of the new size. Batch sources read `controller.batch_size`
 so later batches come at the new size directly.
 
-A job on several ranks (train.devices) does not halve: an out-of-memory there fails the attempt
-(halving on every rank together would need the ranks to agree before each step; not built yet).
+On several ranks (train.devices) every rank runs the same chunks of the global batch, so all of
+them must halve together: a rank that runs out tells the others at their next check point
+(distributed.check_peers: before each SP gather and after the backward, where no collective is
+pending), they raise PeerOutOfMemory there, and every rank halves and redoes the step. The batch
+size is then the global one (`multiple`: the world size, so every rank gets an equal share).
 """
 
 from __future__ import annotations
@@ -93,11 +96,17 @@ class BatchSizeController:
         self.stage = stage
         self.min_batch_size = min_batch_size  # SP needs at least two images
         self.on_change = on_change  # e.g. tell the batch source
+        self.multiple = 1  # sizes stay multiples of it (the ranks' count: equal shares)
 
-    def halve(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
-        """Halve the batch, scale every lr (and the scheduler's base lrs) by 1/2, say so."""
+    def halve(
+        self, optimizer: torch.optim.Optimizer, scheduler: Any = None, where: str | None = None
+    ) -> None:
+        """Halve the batch (down to a multiple of `multiple`), scale every lr (and the scheduler's
+        base lrs) by the same factor, say so; `where` names the rank that ran out (several ranks).
+
+        Raises torch.cuda.OutOfMemoryError when the new size would be under `min_batch_size`."""
         assert self.batch_size is not None
-        new = self.batch_size // 2
+        new = self.batch_size // 2 // self.multiple * self.multiple
         if new < self.min_batch_size:
             raise torch.cuda.OutOfMemoryError(
                 f"out of memory at batch size {self.batch_size} in {self.stage}; cannot go below "
@@ -114,10 +123,12 @@ class BatchSizeController:
             scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
         if self.on_change is not None:
             self.on_change(new)
+        every = "" if where is None else " on every rank"
         self.reporter.event(
             "warning",
-            f"out of GPU memory at batch size {old} in {self.stage}: retrying with batch size {new} "
-            f"and learning rate x{factor:g} (linear scaling)",
+            f"out of GPU memory{'' if where is None else ' on ' + where} at batch size {old} in "
+            f"{self.stage}: retrying with batch size {new}{every} and learning rate x{factor:g} "
+            "(linear scaling)",
             stage=self.stage,
             batch_size=new,
             previous_batch_size=old,
@@ -145,20 +156,18 @@ class BatchSizeController:
             if (_leading(chunk) or 0) > self.batch_size:  # cut before the size shrank
                 pending = self._split(chunk) + pending
                 continue
-            failed = False
+            failed: str | None = None
             try:
                 results.append(step(chunk))
             except Exception as exc:
-                # One rank of several cannot halve alone (its chunks' DDP collectives would not
-                # match the others'): there the attempt fails and says so (gpu_out_of_memory).
-                if not is_oom(exc) or distributed.active() is not None:
+                if not is_oom(exc):
                     raise
-                failed = True
+                failed = _who_ran_out(exc)
             # Free outside the except block: the traceback holds the failed step's activations.
-            if failed:
+            if failed is not None:
                 optimizer.zero_grad(set_to_none=True)
                 _free_memory()
-                self.halve(optimizer, scheduler)
+                self.halve(optimizer, scheduler, failed or None)
                 pending = self._split(chunk) + pending
         return results
 
@@ -173,6 +182,18 @@ class BatchSizeController:
         if len(chunks) > 1 and (_leading(chunks[-1]) or 0) < self.min_batch_size:
             chunks.pop()
         return chunks
+
+
+def _who_ran_out(exc: BaseException) -> str:
+    """The rank that ran out ("" on one device); this rank's own OOM is told to the others first,
+    at their check point, so every rank halves at this same step."""
+    group = distributed.active()
+    if group is None:
+        return ""
+    if isinstance(exc, distributed.PeerOutOfMemory):
+        return f"rank {exc.rank}"
+    distributed.tell_peers()
+    return f"rank {group.rank}"
 
 
 def _free_memory() -> None:

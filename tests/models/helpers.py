@@ -86,3 +86,47 @@ class FakeMemoryLimit:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class MemoryLimitAtStep:
+    """Like FakeMemoryLimit, but raises once: at the `at`-th training forward of `module` (its
+    stem in train mode with gradients on; evaluation forwards are not counted), in that forward or,
+    with `backward`, in that step's backward (when the gradient reaches the stem)."""
+
+    def __init__(self, module: torch.nn.Module, at: int, backward: bool = False):
+        self.at, self.backward, self.calls, self.triggered = at, backward, 0, 0
+        first = next((m for m in module.modules() if not any(m.children())), module)
+        self._handle = first.register_forward_hook(self._check)
+
+    def _raise(self, *_: Any) -> None:
+        self.triggered += 1
+        where = "backward" if self.backward else "forward"
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated in {where} {self.at})")
+
+    def _check(self, module: torch.nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self.calls += 1
+        if self.calls == self.at:
+            if self.backward:
+                out.register_hook(self._raise)
+            else:
+                self._raise()
+
+
+def limit_stage_at_step(stage: str, at: int, backward: bool = False) -> list[MemoryLimitAtStep]:
+    """Make `stage`'s student run out of memory once, at its `at`-th training step (forward, or
+    backward), in this process: wraps the engine's epoch loop to hook the stage's model. Returns
+    the installed limits."""
+    from spkd.models.training import engine
+
+    installed: list[MemoryLimitAtStep] = []
+    train_epoch = engine._train_epoch
+
+    def wrapped(plan, *args, **kwargs):
+        if plan.name == stage and not installed:
+            installed.append(MemoryLimitAtStep(plan.model, at, backward))
+        return train_epoch(plan, *args, **kwargs)
+
+    engine._train_epoch = wrapped
+    return installed

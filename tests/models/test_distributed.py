@@ -206,3 +206,54 @@ def test_the_other_ranks_leave_when_rank_0_is_killed(color_dataset, tmp_path):
     left = time.monotonic() - killed
     print(f"rank 1 left {left:.1f}s after rank 0 was killed")
     assert not _running(ranks[0]) and left < 60
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("in_backward", [False, True], ids=["forward", "backward"])
+def test_an_oom_on_one_rank_halves_every_rank_and_trains_as_one_device(
+    color_dataset, tmp_path, monkeypatch, in_backward
+):
+    """Rank 1 alone runs out of memory at distill step 3 (in its forward, before the SP gather, or
+    in its backward): both ranks halve together (rank 0 says so), redo the step in chunks of the
+    global batch, and end where one device that ran out at the same step ends; no rank waits in a
+    collective the other never reaches."""
+    from spkd.models.training import engine
+    from tests.models.helpers import limit_stage_at_step
+
+    # Rank 1 is a fresh interpreter (ranks.py): a sitecustomize on its path hooks its student.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('SPKD_TEST_OOM_AT'):\n"
+        "    from tests.models.helpers import limit_stage_at_step\n"
+        "    at, where = os.environ['SPKD_TEST_OOM_AT'].split(':')\n"
+        "    limit_stage_at_step('distill', int(at), where == 'backward')\n"
+    )
+    monkeypatch.syspath_prepend(str(inject))
+    monkeypatch.setenv("SPKD_TEST_OOM_AT", f"3:{'backward' if in_backward else 'forward'}")
+    two, rec2, s2 = _run(ddp_spec(2), color_dataset, tmp_path / "two")
+    monkeypatch.delenv("SPKD_TEST_OOM_AT")
+
+    monkeypatch.setattr(engine, "_train_epoch", engine._train_epoch)  # restored after the test
+    limits = limit_stage_at_step("distill", 3, in_backward)
+    one, rec1, s1 = _run(ddp_spec(1), color_dataset, tmp_path / "one")
+    assert limits[0].triggered == 1
+
+    warned2 = [(m, d) for kind, m, d in rec2.events if kind == "warning" and "out of GPU memory" in m]
+    assert len(warned2) == 1, rec2.events
+    message, data = warned2[0]
+    assert "on rank 1" in message and "on every rank" in message
+    assert (data["previous_batch_size"], data["batch_size"], data["lr_scale"]) == (8, 4, 0.5)
+    warned1 = [d for kind, _, d in rec1.events if kind == "warning" and "out of GPU memory" in _]
+    assert [(d["previous_batch_size"], d["batch_size"]) for d in warned1] == [(8, 4)]
+    for r1, r2 in zip(one["curves"]["distill"], two["curves"]["distill"], strict=True):
+        for key in ("train_loss", "sp", "selection_loss", "selection_acc"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-5), key
+    w1 = load_file(str(tmp_path / "one" / "student" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    diff = _max_diff(w1, w2)
+    where = "backward" if in_backward else "forward"
+    print(f"OOM on rank 1 in {where} 3, 2 ranks vs 1: max abs weight diff {diff:.3g}; {s2:.1f}s vs {s1:.1f}s")
+    assert diff < 1e-4
+    assert distributed.active() is None
