@@ -57,13 +57,13 @@ def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
     guards.check_batch_size(spec.train.batch_size, len(scan.train))
     finetuned = spec.teacher.finetune is not None
     found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
-    size = factory.job_image_size(spec)
-    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, size)
+    size, t_size = factory.job_image_size(spec), factory.teacher_image_size(spec)
+    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, t_size)
     student, _ = _built(models, "student", spec, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
-    probe_model("teacher", spec.teacher.model, teacher, t_layers, size, len(scan.classes))
+    probe_model("teacher", spec.teacher.model, teacher, t_layers, t_size, len(scan.classes))
     probe_model("student", spec.student.model, student, s_layers, size, len(scan.classes))
     if note := unnamed_head_warning(spec.teacher.weights, teacher_head, finetuned):
         found.append(note)
