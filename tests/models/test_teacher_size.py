@@ -140,7 +140,11 @@ def test_job_with_a_larger_teacher(color_dataset, tmp_path, data_path, cache, me
     assert config["pretrained_cfg"]["input_size"][-1] == STUDENT
     if cache == "on":
         assert any(d.get("teacher_cache") for _k, _m, d in reporter.events)
+    html = (tmp_path / "report.html").read_text()
+    assert f"Image size: student {STUDENT} px, teacher {TEACHER} px." in html
     if measure:
+        assert f"(the teacher at {TEACHER} px)" in html
+        assert f"Cost at {TEACHER} px" in (tmp_path / "teacher" / "README.md").read_text()
         deploy = metrics["deploy"]
         assert deploy["teacher_image_size"] == TEACHER
         assert deploy["models"]["teacher"]["image_size"] == TEACHER
