@@ -83,11 +83,25 @@ class FinetuneSpec(_Strict):
         return self.max_epochs if self.epochs == "auto" else self.epochs
 
 
+# teacher.image_size: auto never asks more than this factor over the student's size nor this many px
+TEACHER_SIZE_FACTOR = 2
+TEACHER_SIZE_CAP = 384
+
+
 class TeacherSpec(_Strict):
     model: ModelName = Field(examples=["tf_efficientnet_lite2"])
     weights: Weights = Field(default="hub", examples=["package"])
     finetune: FinetuneSpec | None = Field(
         default=None, description="omit when the teacher is already fine-tuned on the target classes"
+    )
+    image_size: Annotated[int, Field(ge=16, le=1024)] | Literal["auto"] = Field(
+        default="auto",
+        description="the teacher's input size (fine-tuning, distillation, evaluation): `auto` = its "
+        f"pretrained input size, at most {TEACHER_SIZE_FACTOR} x the student's size and at most "
+        f"{TEACHER_SIZE_CAP} px (beyond that the teacher's cost grows with the pixels, and its "
+        "view is upsampled from a crop the student sees at a fraction of it); a number: that size; "
+        "equal to train.image_size: both models see the same pixels",
+        examples=["auto", 260],
     )
 
 

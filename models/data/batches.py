@@ -46,6 +46,8 @@ class JobData:
     runtime: Runtime
     fast: FastPath | None = None  # in-memory data path + teacher cache
     ship_set: loader.ImageDataset | None = None  # the selection split's ship part; None: none carved
+    teacher_size: int = 0  # the teacher's input size (teacher.image_size resolved); 0: image_size
+    _sets: dict[tuple[str, int], loader.ImageDataset] = field(default_factory=dict, repr=False)
 
     @property
     def selecting(self) -> bool:
@@ -66,27 +68,63 @@ class JobData:
         """The data config of the model a training stage trains."""
         return self.teacher_cfg if stage == "teacher_finetune" else self.student_cfg
 
-    def eval_batches(self, split: str) -> Callable[[], Iterable[loader.Batch]]:
+    @property
+    def teacher_image_size(self) -> int:
+        """The teacher's input size in px (teacher.image_size resolved)."""
+        return self.teacher_size or self.image_size
+
+    def model_size(self, stage: str) -> int:
+        """The input size in px of the model a training stage trains (and evaluates)."""
+        return self.teacher_image_size if stage == "teacher_finetune" else self.image_size
+
+    def view_size(self, stage: str | None) -> int:
+        """The size in px of a stage's train batches: the distill stage's one augmented view is
+        made at the larger of the two models' sizes and each model's Normalizer resizes it to its
+        own, so teacher and student see the same crop and flip."""
+        if stage == "distill":
+            return max(self.image_size, self.teacher_image_size)
+        return self.model_size(stage or "")
+
+    def eval_batches(self, split: str, size: int | None = None) -> Callable[[], Iterable[loader.Batch]]:
         """() -> batches of the `selection`, `ship` or `report` split (eval transform, fixed order);
-        `ship` is the report split when no ship part was carved (callers check `ship_set`)."""
+        `ship` is the report split when no ship part was carved (callers check `ship_set`).
+        `size`: the teacher's size when it differs from image_size (the teacher's eval transform,
+        from disk); None: image_size."""
+        dataset = {"selection": self.selection_set, "ship": self.ship_set}.get(split) or self.report_set
+        if size is not None and size != self.image_size:
+            sized = self._sized(dataset, size, self.teacher_cfg, training=False)
+            return lambda: self._loader(sized, training=False)
         fast = self.fast.eval_batches(split) if self.fast is not None else None
         if fast is not None:
             return fast
-        dataset = {"selection": self.selection_set, "ship": self.ship_set}.get(split) or self.report_set
         return lambda: self._loader(dataset, training=False)
 
     def loaders(self, stage: str | None = None) -> Loaders:
-        """(train_batches(epoch), eval_batches()) for a training stage; eval is the choice split.
+        """(train_batches(epoch), eval_batches()) for a training stage; eval is the choice split at
+        the trained model's size, train batches are at `view_size(stage)`.
 
         `stage` "distill" may get the teacher cache's batches (the views it was built on)."""
-        fast = self.fast.loaders(stage) if self.fast is not None else None
+        size = self.view_size(stage)
+        fast = self.fast.loaders(stage, size) if self.fast is not None else None
         train_batches = fast[0] if fast is not None else None  # decoded once, augmented on the device
         if train_batches is None:
+            train_set = self._sized(self.train_set, size, self.student_cfg, training=True)
 
             def train_batches(epoch: int):
-                return self._loader(self.train_set, training=True, epoch=epoch)
+                return self._loader(train_set, training=True, epoch=epoch)
 
-        return train_batches, self.eval_batches(self.choice_split)
+        return train_batches, self.eval_batches(self.choice_split, self.model_size(stage or ""))
+
+    def _sized(
+        self, dataset: loader.ImageDataset, size: int, cfg: DataConfig, training: bool
+    ) -> loader.ImageDataset:
+        """`dataset`'s samples with a transform at `size` (itself at image_size); made once."""
+        if size == self.image_size:
+            return dataset
+        key = (f"{id(dataset)}:{training}", size)
+        if key not in self._sets:
+            self._sets[key] = loader.ImageDataset(dataset.samples, loader.make_transform(size, cfg, training))
+        return self._sets[key]
 
     def _loader(self, dataset: loader.ImageDataset, training: bool, epoch: int = 0):
         spec = self.spec
@@ -111,10 +149,11 @@ def open_data(
 ) -> JobData:
     """The job's datasets; data configs read from the job's built `models`."""
     image_size = factory.job_image_size(spec)
+    teacher_size = factory.teacher_image_size(spec)
     student, _ = models.probe(ModelKey.of(spec, "student", scan.classes, image_size))
-    teacher, _ = models.probe(ModelKey.of(spec, "teacher", scan.classes, image_size))
+    teacher, _ = models.probe(ModelKey.of(spec, "teacher", scan.classes, teacher_size))
     student_cfg = factory.data_config(student, image_size)
-    teacher_cfg = factory.data_config(teacher, image_size)
+    teacher_cfg = factory.data_config(teacher, teacher_size)
     train_set = loader.ImageDataset(scan.train, loader.make_transform(image_size, student_cfg, training=True))
     eval_transform = loader.make_transform(image_size, student_cfg, training=False)
     report_set = loader.ImageDataset(scan.report, eval_transform)
@@ -128,6 +167,7 @@ def open_data(
         selection_set=loader.ImageDataset(scan.selection, eval_transform) if scan.selection else None,
         ship_set=loader.ImageDataset(scan.ship, eval_transform) if scan.ship else None,
         runtime=runtime,
+        teacher_size=teacher_size,
         fast=FastPath(
             spec,
             scan,
@@ -137,6 +177,7 @@ def open_data(
             reporter,
             runtime.amp_dtype,
             disabled=data_path == "loader",
+            teacher_size=teacher_size,
         ),
     )
 
@@ -160,19 +201,31 @@ class FastPath:
     ship: inmemory.EvalSource | None = None  # the selection split's ship part, when carved
     cache: teacher_cache.TeacherCache | None = None
     disabled: bool = False
+    teacher_size: int = 0  # the teacher's input size; 0: image_size
     _tried: bool = field(default=False, repr=False)
 
     # ------------------------------------------------------------------------------ batches
-    def loaders(self, stage: str | None) -> Loaders | None:
-        """(train_batches(epoch), eval_batches()) from memory, or None: use the DataLoader. The
-        eval batches are the report split's: JobData.loaders asks for the choice split itself."""
+    def loaders(self, stage: str | None, size: int | None = None) -> Loaders | None:
+        """(train_batches(epoch), eval_batches()) from memory, or None: use the DataLoader. Train
+        views are made at `size` (None: image_size). The eval batches are the report split's:
+        JobData.loaders asks for the choice split itself."""
         if not self._ready():
             return None
-        train, report = self.train, self.report
-        assert train is not None and report is not None
+        train, report = self.train_at(size or self.image_size), self.report
+        assert report is not None
         cache = self.cache if stage == "distill" else None
         train_batches = cache.epoch if cache is not None else train.epoch
         return train_batches, report.epoch
+
+    def train_at(self, size: int) -> inmemory.TrainSource:
+        """The train source with views at `size` px: the same store, permutation and views."""
+        assert self.train is not None
+        if size == self.train.image_size:
+            return self.train
+        t = self.train
+        return inmemory.TrainSource(
+            t.store, t.sizes, size, t.batch_size, t.seed, t.drop_last, t.augment, t.min_batch
+        )
 
     def eval_batches(self, split: str) -> Callable[[], Iterable] | None:
         """The `selection`, `ship` or `report` split's batches from memory, or None: use the DataLoader."""
@@ -192,9 +245,11 @@ class FastPath:
     def _build_sources(self) -> None:
         spec = self.spec
         size, bs = self.image_size, spec.train.batch_size
+        # the store serves the larger model's views too (distill: one view for both models)
+        store_size = inmemory.store_size_for(max(size, self.teacher_size))
         n_train = len(self.scan.train)
         n_eval = len(self.scan.report) + len(self.scan.selection) + len(self.scan.ship)
-        need = inmemory.image_store_bytes(n_train, inmemory.store_size_for(size))
+        need = inmemory.image_store_bytes(n_train, store_size)
         need += inmemory.image_store_bytes(n_eval, size)
         plan = inmemory.plan_memory(need, self.device)
         if plan.placement == "loader":
@@ -204,9 +259,7 @@ class FastPath:
         start = time.perf_counter()
         workers = spec.train.num_workers or None
         on_gpu = plan.placement == "gpu"
-        images, sizes = inmemory.decode_train_images(
-            [s.path for s in self.scan.train], inmemory.store_size_for(size), workers
-        )
+        images, sizes = inmemory.decode_train_images([s.path for s in self.scan.train], store_size, workers)
         labels = torch.tensor([s.label for s in self.scan.train])
         store = inmemory.ImageStore(images, labels, self.device, on_gpu)
         augment = inmemory.Augment(scale=loader.TRAIN_SCALE)
@@ -247,16 +300,17 @@ class FastPath:
             )
             return live
         assert self.train is not None
+        train = self.train_at(max(self.image_size, self.teacher_size))  # the distill stage's views
 
         def run_teacher(x: torch.Tensor):
             return live(x, None)
 
-        shapes, logit_dim = teacher_cache.probe_teacher(run_teacher, self.train)
+        shapes, logit_dim = teacher_cache.probe_teacher(run_teacher, train)
         keep_features, keep_logits = methods.spec_needs(self.spec.distill)  # what the methods read
         numel = (sum(int(torch.Size(s).numel()) for s in shapes) if keep_features else 0) + (
             (logit_dim or 0) if keep_logits else 0
         )
-        need = teacher_cache.cache_bytes(len(self.train.store), views, numel)
+        need = teacher_cache.cache_bytes(len(train.store), views, numel)
         decision = teacher_cache.decide(mode, need, self.device)
         if not decision.use:
             self.reporter.event("info", decision.reason)
@@ -264,7 +318,7 @@ class FastPath:
         start = time.perf_counter()
         try:
             self.cache = teacher_cache.TeacherCache.build(
-                self.train,
+                train,
                 run_teacher,
                 views=views,
                 batch_size=self.spec.train.batch_size,

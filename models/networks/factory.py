@@ -12,6 +12,7 @@ import torch
 from timm.data import resolve_data_config
 
 from spkd.common.errors import SpkdError
+from spkd.common.spec import TEACHER_SIZE_CAP, TEACHER_SIZE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,19 @@ def job_image_size(spec: Any) -> int:
         return spec.train.image_size
     cfg = timm.models.get_pretrained_cfg(spec.student.model)
     return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def teacher_image_size(spec: Any) -> int:
+    """The teacher's input size in px for a job (a common.spec.JobSpec): teacher.image_size when
+    a number, else (`auto`) the teacher's pretrained input size (224 when timm has none), capped
+    at TEACHER_SIZE_FACTOR x the student's size and at TEACHER_SIZE_CAP, never below 16."""
+    size = spec.teacher.image_size
+    if isinstance(size, int):
+        return size
+    cfg = timm.models.get_pretrained_cfg(spec.teacher.model)
+    pretrained = int(cfg.input_size[-1]) if cfg is not None else 224
+    cap = min(TEACHER_SIZE_FACTOR * job_image_size(spec), TEACHER_SIZE_CAP)
+    return max(16, min(pretrained, cap))
 
 
 def data_config(model: torch.nn.Module, image_size: int | None = None) -> DataConfig:

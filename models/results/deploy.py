@@ -267,6 +267,7 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
     ONNX files live in a dot-folder of `out` removed on return (never published)."""
     spec, results = run.spec, run.state.results
     size = run.data.image_size
+    sizes = {"teacher": run.data.teacher_image_size}  # the teacher is measured at its own size
     shipped = results["shipped"]["student"]
     accuracy = {
         "teacher": (results.get("teacher") or {}).get("report_acc"),
@@ -283,14 +284,17 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
                 "model": names[role],
                 "accuracy": accuracy[role],
                 "params": param_count(model),
-                "flops": count_flops(model, size),
+                "flops": count_flops(model, sizes.get(role, size)),
+                "image_size": sizes.get(role, size),
             }
             row["macs"] = row["flops"] // 2
             weights = out / folders[role] / WEIGHTS_FILE
             row["weights_file"] = f"{folders[role]}/{WEIGHTS_FILE}"
             row["weights_bytes"] = weights.stat().st_size
             row["onnx_file"] = STUDENT_ONNX if role == "student" else None  # others: measured only
-            if role != "student" and not _export_for_measuring(run, model, size, Path(tmp) / f"{role}.onnx"):
+            if role != "student" and not _export_for_measuring(
+                run, model, sizes.get(role, size), Path(tmp) / f"{role}.onnx"
+            ):
                 row["onnx_bytes"] = None  # no latency either; the job goes on
                 rows[role] = row
                 continue
@@ -304,7 +308,7 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
         int8 = _int8(run, out) if spec.export.int8 else None
         if int8 is not None and "error" not in int8:
             onnx_files["student_int8"] = out / INT8_FILE
-        latency = cpu_latency(onnx_files, size)
+        latency = cpu_latency(onnx_files, size, sizes=sizes)
     for role, row in rows.items():
         if role in latency:
             row["latency_ms"] = latency[role]
@@ -316,7 +320,7 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
         batch = spec.train.batch_size
         gpu = {"device": str(run.runtime.device), "batch": batch, "precision": _precision(run.runtime)}
         try:
-            throughput = gpu_throughput(models, size, batch, run.runtime)
+            throughput = gpu_throughput(models, size, batch, run.runtime, sizes=sizes)
         except torch.cuda.OutOfMemoryError as exc:  # a measurement, not a reason to fail the job
             torch.cuda.empty_cache()
             gpu["error"] = f"out of GPU memory at batch {batch}: {str(exc)[:200]}"
@@ -326,6 +330,7 @@ def measure_job(run: Run, out: Path, models: dict[str, torch.nn.Module]) -> dict
             rows[role]["gpu_images_per_s"] = value
     block = {
         "image_size": size,
+        "teacher_image_size": sizes["teacher"],
         "flops_counter": FLOPS_COUNTER,
         "cpu": cpu_info(),
         "gpu": gpu,

@@ -123,7 +123,7 @@ def deploy_text(deploy: dict[str, Any]) -> str:
     text.append(
         f"CPU: {cpu.get('processor', '?')}, {cpu.get('runtime', 'onnxruntime')}, "
         f"batch {cpu.get('batch', 1)}, {cpu.get('threads', '?')} thread(s); "
-        f"image size {deploy.get('image_size')} px"
+        f"image size {deploy.get('image_size')} px{_teacher_px(deploy)}"
     )
     if deploy.get("gpu"):
         g = deploy["gpu"]
@@ -138,6 +138,12 @@ def deploy_text(deploy: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
+def _teacher_px(deploy: dict[str, Any]) -> str:
+    """' (the teacher at 260 px)' when the teacher ran at its own size, else ''."""
+    t = deploy.get("teacher_image_size")
+    return f" (the teacher at {t} px)" if t is not None and t != deploy.get("image_size") else ""
+
+
 def deploy_card_lines(metrics: dict[str, Any], role: str) -> list[str]:
     """Model-card lines (hub folder README.md) about deployment: the headline, this model's costs,
     and for the shipped student the int8 file with its accuracy (or the plain warning)."""
@@ -149,8 +155,9 @@ def deploy_card_lines(metrics: dict[str, Any], role: str) -> list[str]:
     lines = ["", "## Deployment", ""]
     if isinstance(row, dict) and "params" in row:
         lat = row.get("latency_ms") or {}
+        px = row.get("image_size", deploy.get("image_size"))  # the teacher's own size on its card
         lines.append(
-            f"- Cost at {deploy.get('image_size')} px: {fmt_count(row['params'])} parameters, "
+            f"- Cost at {px} px: {fmt_count(row['params'])} parameters, "
             f"{_g(row.get('flops'))} GFLOPs ({_g(row.get('macs'))} GMACs) per image, ONNX "
             f"{_bytes_mb(row.get('onnx_bytes'))} MB; CPU latency p50 {_ms(lat.get('p50'))} ms, p95 "
             f"{_ms(lat.get('p95'))} ms (onnxruntime, batch 1, "
@@ -247,7 +254,8 @@ def deploy_section(deploy: Any) -> str:
     parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     cpu, gpu = deploy.get("cpu") or {}, deploy.get("gpu")
     note = (
-        f"Measured side by side in one run at {_e(deploy.get('image_size'))} px: CPU latency with "
+        f"Measured side by side in one run at {_e(deploy.get('image_size'))} px{_e(_teacher_px(deploy))}: "
+        "CPU latency with "
         f"{_e(cpu.get('runtime'))} on {_e(cpu.get('processor'))}, batch 1, "
         f"{_e(cpu.get('threads'))} thread(s), "
         f"after {_e(cpu.get('warmup_runs'))} warm-up runs. FLOPs: {_e(deploy.get('flops_counter'))}."

@@ -89,12 +89,15 @@ def cpu_latency(
     threads: int = LATENCY_THREADS,
     warmup: int = WARMUP_RUNS,
     runs: int = LATENCY_RUNS,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Batch-1 latency (ms: p50, p95, mean, and the number of timed runs) of each ONNX file under
-    onnxruntime on this CPU, timed round-robin (`round_robin`) on the same seeded input."""
-    x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size)).astype(np.float32)
+    onnxruntime on this CPU, timed round-robin (`round_robin`) on the same seeded input, at
+    `image_size` px or at `sizes[name]` (a teacher measured at its own input size)."""
     calls = {}
     for name, path in onnx_files.items():
+        s = (sizes or {}).get(name, image_size)
+        x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
         session = onnx_session(path, threads)
         feed = {session.get_inputs()[0].name: x}
         calls[name] = lambda s=session, f=feed: s.run(None, f)
@@ -102,18 +105,24 @@ def cpu_latency(
 
 
 def gpu_throughput(
-    models: dict[str, torch.nn.Module], image_size: int, batch: int, runtime: Runtime
+    models: dict[str, torch.nn.Module],
+    image_size: int,
+    batch: int,
+    runtime: Runtime,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Images per second of each model at `batch` on the runtime's GPU in its autocast precision
-    (channels_last for CNNs, as in training), timed round-robin. Copies the models to the GPU;
-    the originals stay where they are. Raises RuntimeError off CUDA."""
+    (channels_last for CNNs, as in training), timed round-robin, at `image_size` px or at
+    `sizes[name]`. Copies the models to the GPU; the originals stay where they are. Raises
+    RuntimeError off CUDA."""
     if not runtime.is_cuda:
         raise RuntimeError("gpu_throughput needs a CUDA runtime")
     from spkd.models.training.engine import prepare
 
-    x = torch.randn(batch, 3, image_size, image_size, device=runtime.device)
     calls = {}
     for name, model in models.items():
+        s = (sizes or {}).get(name, image_size)
+        x = torch.randn(batch, 3, s, s, device=runtime.device)
         m = prepare(copy.deepcopy(model).eval(), runtime)
         xm = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
 

@@ -179,8 +179,18 @@ def _accuracy_section(metrics: dict[str, Any]) -> str:
     return (
         "<section><h2>Accuracy</h2><table><thead><tr><th scope='col'>Model</th>"
         "<th scope='col'>Top-1, report split</th><th scope='col'>Top-1, selection split</th>"
-        f"<th scope='col'>Kept</th></tr></thead><tbody>{body}</tbody></table>{ship}</section>"
+        f"<th scope='col'>Kept</th></tr></thead><tbody>{body}</tbody></table>{ship}"
+        f"{_sizes_line(metrics)}</section>"
     )
+
+
+def _sizes_line(metrics: dict[str, Any]) -> str:
+    """Which input size each model trained and was scored at ('' for metrics without them)."""
+    student, teacher = metrics.get("image_size"), metrics.get("teacher_image_size")
+    if student is None:
+        return ""
+    teacher = teacher if teacher is not None else student
+    return f"<p>Image size: student {_e(student)} px, teacher {_e(teacher)} px.</p>"
 
 
 def _protocol_section(metrics: dict[str, Any]) -> str:

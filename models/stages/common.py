@@ -20,7 +20,8 @@ from spkd.models.training.run import Run
 
 # ------------------------------------------------------------------------------------ models
 def _key(run: Run, role: str) -> ModelKey:
-    return ModelKey.of(run.spec, role, run.scan.classes, run.data.image_size)
+    size = run.data.teacher_image_size if role == "teacher" else run.data.image_size
+    return ModelKey.of(run.spec, role, run.scan.classes, size)
 
 
 def build_student(run: Run) -> torch.nn.Module:
@@ -171,7 +172,7 @@ def train(
         name=stage,
         model=model,
         distiller=distiller,
-        student_norm=Normalizer(run.data.cfg_for(stage), run.runtime, model),
+        student_norm=Normalizer(run.data.cfg_for(stage), run.runtime, model, run.data.model_size(stage)),
         epochs=epochs,
         lr=lr,
         weight_decay=run.spec.train.weight_decay,

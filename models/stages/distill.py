@@ -44,7 +44,7 @@ def make_teacher(run: Run, teacher: torch.nn.Module, layers: list[str]) -> LiveT
     """The one place the distill stage gets teacher outputs from (a feature cache can plug in here)."""
     live = LiveTeacher(
         FeatureTap(teacher, layers, "distill.layers.teacher"),
-        Normalizer(run.data.teacher_cfg, run.runtime, teacher),
+        Normalizer(run.data.teacher_cfg, run.runtime, teacher, run.data.teacher_image_size),
         run.runtime,
     )
     fast = run.data.fast
@@ -98,7 +98,7 @@ def _choose_weights(run: Run, distiller: methods.Distiller, student: torch.nn.Mo
     measured = None
     if AUTO_WEIGHT in (spec.sp_weight, spec.kd_weight):
         train_batches, _ = run.data.loaders("distill")
-        norm = Normalizer(run.data.student_cfg, run.runtime, student)
+        norm = Normalizer(run.data.student_cfg, run.runtime, student, run.data.image_size)
         distiller.sp_weight, distiller.kd_weight = 1.0, 1.0 if spec.kd_on else 0.0
         measured = autoweight.measure(distiller, norm, train_batches(0), run.runtime)
     batch = run.spec.train.batch_size

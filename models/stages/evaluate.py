@@ -44,7 +44,8 @@ def run_stage(run: Run) -> float:
         }
     teacher, head = finished_teacher(run)
     if head:
-        t = predict(run, teacher, run.data.teacher_cfg, report())
+        t_report = run.data.eval_batches("report", run.data.teacher_image_size)  # at the teacher's size
+        t = predict(run, teacher, run.data.teacher_cfg, t_report())
         guards.check_value(t["loss"], "evaluate", None, "teacher_report_loss")
         results["teacher"] = {**results.get("teacher", {}), "report_acc": t["acc"], "report_loss": t["loss"]}
     else:

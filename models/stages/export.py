@@ -195,6 +195,7 @@ def build_metrics(run: Run) -> dict[str, Any]:
         "device": _device_name(run.runtime),
         "gpu_memory_peak_bytes": _gpu_memory_peak(run.runtime),
         "image_size": run.data.image_size,
+        "teacher_image_size": run.data.teacher_image_size,
     }
 
 

@@ -86,7 +86,7 @@ def _score(run: Run, teacher_fn, pair: Pair, sp_ref_batch: int, rung: int, epoch
         name=f"search_r{rung}_{sp_w:g}_{kd_w:g}",
         model=student,
         distiller=distiller,
-        student_norm=Normalizer(run.data.student_cfg, run.runtime, student),
+        student_norm=Normalizer(run.data.student_cfg, run.runtime, student, run.data.image_size),
         epochs=epochs,
         lr=spec.train.lr,
         weight_decay=spec.train.weight_decay,

@@ -69,14 +69,24 @@ def pick_runtime(precision: str, device: str | None) -> Runtime:
 class Normalizer:
     """uint8 batch on the device -> one model's normalised float input."""
 
-    def __init__(self, cfg: DataConfig, runtime: Runtime, model: torch.nn.Module) -> None:
+    def __init__(
+        self, cfg: DataConfig, runtime: Runtime, model: torch.nn.Module, size: int | None = None
+    ) -> None:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(cfg.mean, device=runtime.device).view(shape)
         self.std = torch.tensor(cfg.std, device=runtime.device).view(shape)
         self.channels_last = runtime.channels_last and is_cnn(model)
+        self.size = size  # the model's input size: a batch of another size is resized to it
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, 3, S, S) float, S = `size` (H when None). A view of another
+        size (the distill stage's shared view, made at the larger of the two models' sizes) is
+        resized with antialiasing, so both models see the same crop and flip."""
         x = normalize_batch(images, self.mean, self.std)
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

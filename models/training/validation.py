@@ -57,13 +57,14 @@ def validate_job(spec: JobSpec, data_dir: Path) -> ValidJob:
     guards.check_batch_size(spec.train.batch_size, len(scan.train))
     finetuned = spec.teacher.finetune is not None
     found = check_reused_heads(spec.teacher.weights, spec.student.weights, finetuned, scan.classes)
-    size = factory.job_image_size(spec)
-    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, size)
+    size, t_size = factory.job_image_size(spec), factory.teacher_image_size(spec)
+    teacher, teacher_head = _built(models, "teacher", spec, scan.classes, t_size)
     student, _ = _built(models, "student", spec, scan.classes, size)
     t_layers, s_layers, _ = layer_pairs(spec)
     check_layers(teacher, t_layers, "distill.layers.teacher")
     check_layers(student, s_layers, "distill.layers.student")
-    probe_model("teacher", spec.teacher.model, teacher, t_layers, size, len(scan.classes))
+    t_field = "train.image_size" if t_size == size else "teacher.image_size"
+    probe_model("teacher", spec.teacher.model, teacher, t_layers, t_size, len(scan.classes), t_field)
     probe_model("student", spec.student.model, student, s_layers, size, len(scan.classes))
     if note := unnamed_head_warning(spec.teacher.weights, teacher_head, finetuned):
         found.append(note)
@@ -105,9 +106,16 @@ def _built(
 
 
 def probe_model(
-    role: str, name: str, model: torch.nn.Module, layers: Sequence[str], size: int, num_classes: int
+    role: str,
+    name: str,
+    model: torch.nn.Module,
+    layers: Sequence[str],
+    size: int,
+    num_classes: int,
+    field: str = "train.image_size",
 ) -> None:
     """Run `model` once on 2 random `size` x `size` images, in eval mode, without gradients.
+    `field`: the spec field that set `size` (named by the errors).
 
     Raises SpkdError: `non_finite_weights` (its weights or its outputs hold NaN/inf),
     `model_input_mismatch` (the forward fails at this size, or gives other shapes than
@@ -129,8 +137,8 @@ def probe_model(
         raise SpkdError(
             "model_input_mismatch",
             f"the {role} {name} cannot take {size}x{size} images ({type(exc).__name__}: {exc})"
-            f"{_size_hint(model, size)}",
-            "train.image_size",
+            f"{_size_hint(model, size, field)}",
+            field,
         ) from exc
     finally:
         tap.close()
@@ -140,7 +148,7 @@ def probe_model(
             "model_input_mismatch",
             f"the {role} {name} at {size}x{size} gives logits of shape {tuple(out.logits.shape)}, "
             f"expected (2, {num_classes})",
-            "train.image_size",
+            field,
         )
     if not all(bool(torch.isfinite(t).all()) for t in [out.logits, *out.features]):
         raise SpkdError(
@@ -150,15 +158,15 @@ def probe_model(
         )
 
 
-def _size_hint(model: torch.nn.Module, size: int) -> str:
+def _size_hint(model: torch.nn.Module, size: int, field: str = "train.image_size") -> str:
     """'; use a multiple of 16, e.g. 32 or 48' for a patch model, else a generic hint."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if isinstance(patch, tuple | list) and patch and int(patch[0]) > 1:
         p = int(patch[0])
         lower, upper = (size // p) * p, (size // p + 1) * p
         options = " or ".join(str(v) for v in (lower, upper) if v >= p)
-        return f"; its patch size is {p}: set train.image_size to a multiple of {p}, e.g. {options}"
-    return "; set train.image_size to a size this model accepts (e.g. its pretrained size)"
+        return f"; its patch size is {p}: set {field} to a multiple of {p}, e.g. {options}"
+    return f"; set {field} to a size this model accepts (e.g. its pretrained size)"
 
 
 def check_reused_heads(

@@ -24,7 +24,12 @@ def test_the_deploy_bench_prints_its_tables(tmp_path: Path, redis_url: str) -> N
     data = small_imagefolder(tmp_path / "data", per_class=4)
     spec = JobSpec.model_validate(
         {
-            "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 1}},
+            "teacher": {
+                "model": "test_resnet",
+                "weights": "none",
+                "finetune": {"epochs": 1},
+                "image_size": 32,
+            },
             "student": {"model": "test_efficientnet", "weights": "none"},
             "dataset": {"path": str(data)},
             "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},

@@ -22,7 +22,7 @@ def _spkd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_run_writes_artifacts_and_prints_accuracies(color_dataset, tmp_path):
     job = {
-        "teacher": {"model": "test_resnet", "weights": "none"},
+        "teacher": {"model": "test_resnet", "weights": "none", "image_size": 32},
         "student": {"model": "test_efficientnet", "weights": "none"},
         "dataset": {"path": str(color_dataset)},
         "train": {"epochs": 1, "batch_size": 16, "image_size": 32, "num_workers": 0},

@@ -173,6 +173,15 @@ def test_a_teacher_that_cannot_take_the_size_is_named(color_dataset):
     assert err.value.code == "model_input_mismatch" and "teacher test_vit" in err.value.message
 
 
+def test_a_teacher_size_its_patch_does_not_divide_names_teacher_image_size(color_dataset):
+    spec = tiny_job_spec(teacher={"model": "test_vit", "weights": "none", "image_size": 40})
+    with pytest.raises(SpkdError) as err:
+        validate_job(spec, color_dataset)
+    e = err.value
+    assert e.code == "model_input_mismatch" and e.field == "teacher.image_size"
+    assert "40x40" in e.message and "set teacher.image_size to a multiple of 16" in e.message
+
+
 def _earlier_job_teacher(folder: Path, classes: list[str], layout: str = "hub") -> Path:
     """What a job's export stage writes for its teacher: its hub folder (`teacher/model.safetensors`,
     `config.json` with label_names); `layout="flat"`: the old layout's `teacher.safetensors` with the

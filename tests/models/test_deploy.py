@@ -31,7 +31,8 @@ CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
 
 def _job(data: Path, **over: object) -> JobSpec:
     spec = {
-        "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 1}},
+        # the teacher at the train size (auto: 2x, slower for nothing here)
+        "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 1}, "image_size": 48},
         "student": {"model": "test_efficientnet", "weights": "none"},
         "dataset": {"path": str(data)},
         "train": {"epochs": 1, "batch_size": 4, "image_size": 48, "num_workers": 0, "lr": 0.02},
@@ -81,6 +82,7 @@ def test_the_deploy_block_is_measured_and_consistent(hym_run) -> None:
         row = rows[role]
         model = timm.create_model(f"local-dir:{out / folder}", pretrained=True).eval()
         assert row["params"] == sum(p.numel() for p in model.parameters()) > 0, role
+        assert row["image_size"] == 48, role
         assert row["flops"] == deploy.count_flops(model, 48) > 0, role  # the same counter, recounted
         assert row["macs"] == row["flops"] // 2
         assert row["weights_file"] == f"{folder}/model.safetensors"

@@ -48,7 +48,12 @@ def engine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = _slice(root / "data", per_class=6)
     spec = JobSpec.model_validate(
         {
-            "teacher": {"model": "test_resnet", "weights": "none", "finetune": {"epochs": 2}},
+            "teacher": {
+                "model": "test_resnet",
+                "weights": "none",
+                "finetune": {"epochs": 2},
+                "image_size": 32,
+            },
             "student": {"model": "test_efficientnet", "weights": "none"},
             "dataset": {"path": str(data)},
             "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "num_workers": 0},

@@ -19,7 +19,12 @@ from spkd.models.pipeline import run_job
 from tests.helpers import HYMENOPTERA
 
 SPEC = {
-    "teacher": {"model": "tf_efficientnet_lite2", "weights": "package", "finetune": {"epochs": 1}},
+    "teacher": {
+        "model": "tf_efficientnet_lite2",
+        "weights": "package",
+        "finetune": {"epochs": 1},
+        "image_size": 128,
+    },
     "student": {"model": "tf_efficientnet_lite0", "weights": "package"},
     "dataset": {"path": str(HYMENOPTERA)},
     # the default distill settings: sp_weight auto (3000 is ~20x CE here at batch 32 and, in 14 steps,

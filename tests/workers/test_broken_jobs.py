@@ -31,7 +31,7 @@ def _strict(text: str):
 
 def _spec(path: str, **over: object) -> dict:
     spec: dict = {
-        "teacher": {"model": "test_resnet", "weights": "none"},
+        "teacher": {"model": "test_resnet", "weights": "none", "image_size": 32},
         "student": {"model": "test_efficientnet", "weights": "none"},
         "dataset": {"path": path},
         "train": {"epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},

@@ -19,6 +19,7 @@ from spkd.core import attempts, blobs, bucket, references, store
 from spkd.core.settings import Settings
 from spkd.workers import runner
 from spkd.workers.reporter import Monitor, RedisReporter
+from tests.helpers import pin_teacher_size
 
 
 def base_spec(**over: object) -> dict:
@@ -28,7 +29,7 @@ def base_spec(**over: object) -> dict:
         "dataset": {"path": "hym"},
     }
     s.update(over)
-    return JobSpec.model_validate(s).model_dump(mode="json")
+    return JobSpec.model_validate(pin_teacher_size(s)).model_dump(mode="json")
 
 
 def test_ids_sort_by_creation() -> None:
