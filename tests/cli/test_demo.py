@@ -203,6 +203,7 @@ def test_demo_spec_uses_the_job_default_sp_weight_unless_given() -> None:
         "image_size": 64,
         "num_workers": 0,
         "baseline": True,
+        "dataset": None,
     }
     help_text = CliRunner().invoke(app, ["demo", "--help"]).output
     assert "auto" in help_text  # the documented default is the job's own
@@ -210,3 +211,7 @@ def test_demo_spec_uses_the_job_default_sp_weight_unless_given() -> None:
     assert build_spec({"id": "ds"}, {**opts, "sp_weight": "300"})["distill"]["sp_weight"] == 300.0
     with pytest.raises(DemoError, match="'auto' or a number"):
         _sp_weight("lots")
+    # The 8x8 digit scans: the teacher at the student's size; a folder of photos: the teacher's own.
+    assert build_spec({"id": "ds"}, {**opts, "sp_weight": "auto"})["teacher"]["image_size"] == 64
+    photos = build_spec({"id": "ds"}, {**opts, "sp_weight": "auto", "dataset": "/photos"})
+    assert "image_size" not in photos["teacher"]
