@@ -118,7 +118,7 @@ def test_job_end_to_end(service: Service, dataset_id: str, tmp_path: Path) -> No
     model.eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64))
-    assert out.shape == (1, 2) and cfg["class_names"] == ["ants", "bees"]
+    assert out.shape == (1, 2) and cfg["label_names"] == ["ants", "bees"]
 
 
 def test_cancel_running_job_then_worker_takes_next(service: Service, dataset_id: str) -> None:
