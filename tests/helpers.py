@@ -8,6 +8,7 @@ module holds no fixtures, so importing it never registers one twice.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -619,3 +620,15 @@ def finished_job(
         metrics=metrics or {},
     )
     return store.get_job(r, ks, job["id"])
+
+
+def module_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every `import x` and `from x import ...` in one Python file
+    (relative imports left out): what the layer and namespace checks read."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found

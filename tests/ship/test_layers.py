@@ -4,14 +4,13 @@ torch-free floors (common, core, app) stay torch-free when imported."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, module_imports
 
 OURS = {"common", "core", "app", "models", "workers", "cli"}
 # Which other packages of ours each one may import (a package may always import itself). The
@@ -34,20 +33,14 @@ def imports_of(package: str) -> list[tuple[str, str]]:
     `package/`."""
     found = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                # spkd.<package>...: checked as <package>...; a bare <package> import is another
-                # copy of the module (test_namespace.py fails it), so it is checked here too.
-                parts = name.split(".")
-                if parts[0] == "spkd" and len(parts) > 1:
-                    parts = parts[1:]
-                if parts[0] in OURS:
-                    found.append((str(path.relative_to(ROOT)), ".".join(parts)))
+        for _, name in module_imports(path):
+            # spkd.<package>...: checked as <package>...; a bare <package> import is another
+            # copy of the module (test_namespace.py fails it), so it is checked here too.
+            parts = name.split(".")
+            if parts[0] == "spkd" and len(parts) > 1:
+                parts = parts[1:]
+            if parts[0] in OURS:
+                found.append((str(path.relative_to(ROOT)), ".".join(parts)))
     return found
 
 

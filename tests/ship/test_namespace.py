@@ -6,7 +6,6 @@ folders."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image
 
 from spkd import LAYERS
-from tests.helpers import ROOT
+from tests.helpers import ROOT, module_imports
 
 # Where our Python lives: a bare `import app` from any of them would load a second copy of a module.
 SOURCES = (*LAYERS, "tests", "bench", "scripts", "docker", "examples")
@@ -28,15 +27,8 @@ SOURCES = (*LAYERS, "tests", "bench", "scripts", "docker", "examples")
 
 def bare_imports(path: Path) -> list[str]:
     """The imports of a bare layer name (`app`, `models.pipeline`) in one Python file."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in LAYERS]
-    return found
+    rel = path.relative_to(ROOT)
+    return [f"{rel}:{line}: {name}" for line, name in module_imports(path) if name.split(".")[0] in LAYERS]
 
 
 def test_our_code_imports_itself_through_spkd() -> None:
