@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=15, help="epochs of each stage")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--teacher-size",
+        default="auto",
+        help="teacher.image_size of every job: 'auto' (the job default: the teacher's pretrained size, "
+        "at most 2x the student's) or a number of px ('same': --image-size, the old protocol)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
@@ -84,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.teacher, args.student, args.weights = "test_resnet", "test_efficientnet", "none"
         args.epochs, args.image_size, args.batch_size, args.lr = 1, 32, 32, 0.05
         args.seeds = args.seeds[:2] if len(args.seeds) > 2 else args.seeds
+    if args.teacher_size not in ("auto", "same") and not args.teacher_size.isdigit():
+        raise SystemExit(f"--teacher-size {args.teacher_size!r}: 'auto', 'same' or a number of px")
     for v in args.variants:
         parse_variant(v)  # fail before any training
     return args
@@ -110,9 +118,12 @@ def job_spec(
 ):
     from spkd.common.spec import JobSpec
 
+    size = getattr(args, "teacher_size", "auto")
+    size = args.image_size if size == "same" else size if size == "auto" else int(size)
     teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
         teacher = {"model": args.teacher, "weights": str(teacher_file)}
+    teacher["image_size"] = size
     return JobSpec.model_validate(
         {
             "teacher": teacher,
