@@ -63,9 +63,9 @@ class FinetuneSpec(_Strict):
     """Fine-tune the teacher on the target set before distillation."""
 
     epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=1000)] = Field(
-        default=15,
-        description="epochs of fine-tuning; 'auto': until the selection accuracy has not improved for "
-        "`patience` epochs (at most `max_epochs`), keeping the best epoch",
+        default="auto",
+        description="epochs of fine-tuning; 'auto' (default): until the selection accuracy has not "
+        "improved for `patience` epochs (at most `max_epochs`), keeping the best epoch",
     )
     lr: Annotated[float | None, Field(gt=0, le=10)] = Field(
         default=None, description="learning rate; default: train.lr"
@@ -606,7 +606,7 @@ STAGES = tuple(stage.name for stage in STAGE_INFO)
 
 
 EXAMPLE_SPEC = {
-    "teacher": {"model": "tf_efficientnet_lite2", "weights": "package", "finetune": {"epochs": 15}},
+    "teacher": {"model": "tf_efficientnet_lite2", "weights": "package", "finetune": {"epochs": "auto"}},
     "student": {"model": "tf_efficientnet_lite0", "weights": "package"},
     "dataset": {"path": "hymenoptera"},
     "distill": {"sp_weight": "auto", "layers": "auto", "kd_weight": 0.0, "temperature": 4.0},

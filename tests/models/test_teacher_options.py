@@ -38,6 +38,8 @@ def test_finetune_epochs_auto_or_a_number():
     assert stages.STAGES[0].epochs(auto) == 7  # the ETA counts the most it may train
     given = tiny_job_spec(teacher={"finetune": {"epochs": 4}})
     assert given.teacher.finetune.planned_epochs == 4 and given.teacher.finetune.patience == 3
+    default = tiny_job_spec(teacher={"finetune": {}})  # `finetune: {}`: every default, early stopping
+    assert default.teacher.finetune.epochs == "auto" and default.teacher.finetune.planned_epochs == 30
     with pytest.raises(pydantic.ValidationError):
         tiny_job_spec(teacher={"finetune": {"epochs": "forever"}})
     with pytest.raises(pydantic.ValidationError):
