@@ -20,7 +20,11 @@ rule's own protocol also picked the epochs on the images it judged on, which onl
 
 Variants (`--variants`): `baseline`, `auto` (the default job), `auto@0.1` (auto with another SP
 share), `sp:3000` (a fixed weight), `search:300/1000/3000` (the list search), `layers:blocks.6`
-(auto, tapping that layer in both models).
+(auto, tapping that layer in both models), and recipes beside SP `auto` (`RECIPES`: `sp+kd`,
+`sp+kd-std`, `sp+dist`, `kd`). A job this bench already finished in its --out folder with the same
+spec is read back, not rerun: rerun with more --variants to add them to a finished bench. A variant
+trains no baseline of its own, so the weak-teacher check (which compares the teacher with the
+baseline) lowers the share only in the default job.
 
     # GPU host: 224 px, 15 epochs, 3 seeds
     python bench/accuracy.py --data ../shared/data/caltech101_22 --out runs/acc-caltech
@@ -97,10 +101,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Recipes beside SP `auto`, by name: the distill settings each adds (all `auto` weights).
+RECIPES = {
+    "sp+kd": {"kd_weight": "auto"},  # SP + Hinton KD, both a share of CE (the paper's SP + KD)
+    "sp+kd-std": {"kd_weight": "auto", "kd_standardize": True},  # KD on Z-scored logits (Sun et al. 2024)
+    "sp+dist": {"methods": {"dist": {}}},  # SP + DIST (Huang et al., NeurIPS 2022)
+    "kd": {"sp_weight": 0.0, "kd_weight": "auto"},  # KD alone, for reference
+}
+
+
 def parse_variant(name: str) -> dict:
-    """'auto', 'auto@0.1', 'sp:3000', 'search:300/1000', 'layers:blocks.6', 'baseline' -> settings."""
+    """'auto', 'auto@0.1', 'sp:3000', 'search:300/1000', 'layers:blocks.6', 'baseline', or a recipe
+    of RECIPES ('sp+kd', ...) -> settings."""
     if name in ("baseline", "auto"):
         return {}
+    if name in RECIPES:
+        return {"distill": RECIPES[name]}
     kind, _, value = name.partition(":") if ":" in name else name.partition("@")
     if name.startswith("auto@"):
         return {"share": float(value)}
@@ -110,7 +126,10 @@ def parse_variant(name: str) -> dict:
         return {"distill": {"sp_weight": [float(w) for w in value.split("/")]}}
     if kind == "layers":
         return {"distill": {"layers": [{"teacher": value, "student": value}]}}
-    raise SystemExit(f"unknown variant {name!r}: baseline, auto, auto@SHARE, sp:W, search:W1/W2, layers:NAME")
+    raise SystemExit(
+        f"unknown variant {name!r}: baseline, auto, auto@SHARE, sp:W, search:W1/W2, layers:NAME, "
+        + ", ".join(RECIPES)
+    )
 
 
 def job_spec(
@@ -143,10 +162,18 @@ def job_spec(
 
 
 def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float]:
+    """(metrics, seconds) of one job; a job this bench already finished in `out` with the very same
+    spec and share is read back, not rerun (so variants can be added to a bench later)."""
     from spkd.common.reporter import NullReporter
     from spkd.models.pipeline import run_job
     from spkd.models.training import autoweight
 
+    done, seconds_file = out / "metrics.json", out / "bench_seconds.json"
+    if done.is_file() and seconds_file.is_file():
+        saved = json.loads(done.read_text())
+        timing = json.loads(seconds_file.read_text())
+        if saved.get("spec") == spec.model_dump(mode="json") and timing.get("share") == share:
+            return saved, timing["seconds"]
     default = autoweight.SP_SHARE
     if share is not None:
         autoweight.SP_SHARE = share
@@ -155,7 +182,9 @@ def _run(args, spec, out: Path, share: float | None = None) -> tuple[dict, float
         metrics = run_job(spec, args.data, out, NullReporter(), args.device)
     finally:
         autoweight.SP_SHARE = default
-    return metrics, round(time.perf_counter() - start, 1)
+    seconds = round(time.perf_counter() - start, 1)
+    seconds_file.write_text(json.dumps({"seconds": seconds, "share": share}))
+    return metrics, seconds
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:

@@ -71,6 +71,32 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         base = summary["baseline"]["acc"]
         assert summary[name]["diff"] == [a - b for a, b in zip(summary[name]["acc"], base, strict=True)]
 
+    # Rerun with one more variant: the finished jobs are read back (not retrained), the new one runs.
+    seed0 = tmp_path / "runs" / "seed0"
+    stamp = (seed0 / "auto" / "metrics.json").stat().st_mtime_ns
+    again = tmp_path / "again.json"
+    out = ["--out", str(tmp_path / "runs"), "--json", str(again)]
+    argv = [
+        "--tiny",
+        "--data",
+        str(color_dataset),
+        *out,
+        "--seeds",
+        "0",
+        "--variants",
+        "baseline",
+        "auto",
+        "sp+kd",
+    ]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    assert (seed0 / "auto" / "metrics.json").stat().st_mtime_ns == stamp
+    row = json.loads(again.read_text())["rows"][0]
+    assert row["variants"]["auto"] == result["rows"][0]["variants"]["auto"]
+    assert row["seconds"]["auto"] == result["rows"][0]["seconds"]["auto"]
+    with_kd = json.loads((seed0 / "sp_kd" / "metrics.json").read_text())
+    assert with_kd["distill_weights"]["kd"]["mode"] == "auto" and row["variants"]["sp+kd"]["acc"] > 0
+
     # Seeds run apart (one process or host each) merge into the same table.
     first = dict(result, rows=result["rows"][:1], args={**result["args"], "seeds": [0]})
     second = dict(result, rows=result["rows"][1:], args={**result["args"], "seeds": [1]})
@@ -88,3 +114,18 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
     other.write_text(json.dumps(dict(second, args={**second["args"], "epochs": 7})))
     with pytest.raises(SystemExit, match="not the same settings"):
         bench.main(["--merge", str(parts[0]), str(other)])
+
+
+def test_recipe_variants_parse_to_valid_jobs(tmp_path):
+    bench = _load_bench()
+    args = bench.parse_args(["--data", str(tmp_path), "--image-size", "64", "--variants", *bench.RECIPES])
+    teacher_file = tmp_path / "teacher.safetensors"
+    for name, distill in bench.RECIPES.items():
+        spec = bench.job_spec(args, 0, teacher_file, bench.parse_variant(name)["distill"])
+        dumped = spec.distill.model_dump()
+        for key, value in distill.items():
+            assert dumped[key] == value if key != "methods" else set(dumped[key]) == set(value)
+    with pytest.raises(SystemExit, match="sp\\+kd"):
+        bench.parse_args(["--variants", "sp+nothing"])
+    with pytest.raises(SystemExit, match="'same' or a number"):
+        bench.parse_args(["--teacher-size", "big"])
