@@ -202,6 +202,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         "variants": {"baseline": {"acc": baseline["report_acc"], "shipped": baseline["report_acc"]}},
         "seconds": {"auto": seconds},
         "rules": rules(base),
+        "teacher_vs_student": teacher_vs_student(base),
     }
     for name in args.variants:
         if name == "baseline":
@@ -247,6 +248,51 @@ def rules(metrics: dict) -> dict:
         "old_right": report[old] >= best,
         "new_right": report[new] >= best,
     }
+
+
+def teacher_vs_student(metrics: dict) -> dict:
+    """The fine-tuned teacher against the student fine-tuned alone in one default job: {"teacher",
+    "baseline"} (report accuracy), {"teacher_select", "baseline_select"} (selection accuracy, what the
+    weak-teacher check compares), "weak" (the check fired), "sp_share" (SP's auto share of CE used)
+    and "teacher_epochs" (the epochs the teacher stage trained; its best epoch "teacher_best_epoch")."""
+    check = (metrics.get("distill_weights") or {}).get("teacher_check") or {}
+    sp = (metrics.get("distill_weights") or {}).get("sp") or {}
+    teacher = metrics.get("teacher") or {}
+    return {
+        "teacher": teacher.get("report_acc"),
+        "baseline": metrics["baseline"]["report_acc"],
+        "teacher_select": check.get("teacher_select_acc"),
+        "baseline_select": check.get("baseline_select_acc"),
+        "weak": bool(check) and not check.get("teacher_better", True),
+        "sp_share": sp.get("share"),
+        "teacher_epochs": teacher.get("epochs"),
+        "teacher_best_epoch": teacher.get("best_epoch"),
+    }
+
+
+def teacher_table(rows: list[dict]) -> str:
+    """Per seed: the teacher against the student alone on the report and the selection (pick) split,
+    whether the weak-teacher check fired and the SP share the default job used."""
+    lines = [
+        "| seed | teacher, report | student alone, report | teacher - student | teacher, selection | "
+        "student alone, selection | weak-teacher check | SP share | teacher epochs (best) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}"
+
+    for r in rows:
+        t = r.get("teacher_vs_student")
+        if not t:
+            continue
+        gap = "n/a" if t["teacher"] is None else f"{100 * (t['teacher'] - t['baseline']):+.2f}"
+        share = "n/a" if t["sp_share"] is None else f"{t['sp_share']:g} x CE"
+        cells = [pct(t["teacher"]), pct(t["baseline"]), gap, pct(t["teacher_select"])]
+        cells += [pct(t["baseline_select"]), "fired" if t["weak"] else "no", share]
+        cells.append(f"{t['teacher_epochs']} ({t['teacher_best_epoch']})")
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def rules_table(rows: list[dict]) -> str:
@@ -328,6 +374,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"- {n}: distilled {per} ({_ms(s[n]['diff'])}); shipped {ship}")
     if all("rules" in r for r in rows):
         lines += ["", "Shipping rules (the default job of each seed):", "", rules_table(rows)]
+    if all("teacher_vs_student" in r for r in rows):
+        lines += ["", "The teacher against the student alone (the default job of each seed):", ""]
+        lines.append(teacher_table(rows))
     return "\n".join(lines)
 
 

@@ -62,6 +62,17 @@ def test_tiny_table(color_dataset, tmp_path, capsys):
         assert rules["report_better"] == ("tie" if b == d else "distilled" if d > b else "baseline")
         assert rules["new_right"] == (rules["report"][rules["new"]] >= max(b, d))
         assert row["variants"]["auto"]["shipped"] == auto[auto["shipped"]]["report_acc"]
+        # the teacher against the student alone, and whether the weak-teacher check fired
+        tvs, check = row["teacher_vs_student"], auto["distill_weights"]["teacher_check"]
+        assert (tvs["teacher"], tvs["baseline"]) == (
+            auto["teacher"]["report_acc"],
+            auto["baseline"]["report_acc"],
+        )
+        assert tvs["teacher_select"] == check["teacher_select_acc"] and tvs["weak"] is (
+            not check["teacher_better"]
+        )
+        assert tvs["sp_share"] == auto["distill_weights"]["sp"]["share"]
+    assert "The teacher against the student alone" in printed
     assert "Shipping rules" in printed and "| seed | baseline | distilled | soup |" in printed
     right = sum(r["rules"]["new_right"] for r in result["rows"])
     assert f"new rule {right}/2" in printed
