@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=15, help="epochs of each stage")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument(
+        "--teacher-epochs",
+        default=None,
+        help="teacher.finetune.epochs: a number, or 'auto' (the job default: early stopping on the "
+        "selection split); default: --epochs",
+    )
+    p.add_argument(
         "--teacher-size",
         default="auto",
         help="teacher.image_size of every job: 'auto' (the job default: the teacher's pretrained size, "
@@ -94,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.teacher, args.student, args.weights = "test_resnet", "test_efficientnet", "none"
         args.epochs, args.image_size, args.batch_size, args.lr = 1, 32, 32, 0.05
         args.seeds = args.seeds[:2] if len(args.seeds) > 2 else args.seeds
+    if args.teacher_epochs not in (None, "auto") and not str(args.teacher_epochs).isdigit():
+        raise SystemExit(f"--teacher-epochs {args.teacher_epochs!r}: 'auto' or a number")
     if args.teacher_size not in ("auto", "same") and not args.teacher_size.isdigit():
         raise SystemExit(f"--teacher-size {args.teacher_size!r}: 'auto', 'same' or a number of px")
     for v in args.variants:
@@ -139,7 +147,9 @@ def job_spec(
 
     size = getattr(args, "teacher_size", "auto")
     size = args.image_size if size == "same" else size if size == "auto" else int(size)
-    teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": args.epochs}}
+    epochs = getattr(args, "teacher_epochs", None) or args.epochs
+    epochs = epochs if epochs == "auto" else int(epochs)
+    teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": epochs}}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
         teacher = {"model": args.teacher, "weights": str(teacher_file)}
     teacher["image_size"] = size

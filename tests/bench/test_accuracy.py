@@ -140,3 +140,12 @@ def test_recipe_variants_parse_to_valid_jobs(tmp_path):
         bench.parse_args(["--variants", "sp+nothing"])
     with pytest.raises(SystemExit, match="'same' or a number"):
         bench.parse_args(["--teacher-size", "big"])
+    with pytest.raises(SystemExit, match="'auto' or a number"):
+        bench.parse_args(["--teacher-epochs", "long"])
+    # the new teacher defaults (auto size, early stopping) against the old protocol's
+    new = bench.job_spec(bench.parse_args(["--teacher-epochs", "auto", "--image-size", "64"]), 0)
+    old = bench.job_spec(
+        bench.parse_args(["--teacher-size", "same", "--image-size", "64", "--epochs", "3"]), 0
+    )
+    assert (new.teacher.finetune.epochs, new.teacher.image_size) == ("auto", "auto")
+    assert (old.teacher.finetune.epochs, old.teacher.image_size) == (3, 64)
