@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "selection split); default: --epochs",
     )
     p.add_argument(
+        "--teacher-body-lr",
+        type=float,
+        default=1.0,
+        help="teacher.finetune.body_lr_scale: the teacher's pretrained body at this fraction of the lr, "
+        "its new head at the lr (default 1.0: one lr, the job default)",
+    )
+    p.add_argument(
         "--teacher-size",
         default="auto",
         help="teacher.image_size of every job: 'auto' (the job default: the teacher's pretrained size, "
@@ -149,7 +156,8 @@ def job_spec(
     size = args.image_size if size == "same" else size if size == "auto" else int(size)
     epochs = getattr(args, "teacher_epochs", None) or args.epochs
     epochs = epochs if epochs == "auto" else int(epochs)
-    teacher = {"model": args.teacher, "weights": args.weights, "finetune": {"epochs": epochs}}
+    finetune = {"epochs": epochs, "body_lr_scale": getattr(args, "teacher_body_lr", 1.0)}
+    teacher = {"model": args.teacher, "weights": args.weights, "finetune": finetune}
     if teacher_file is not None:  # a variant: the seed's fine-tuned teacher, as it is
         teacher = {"model": args.teacher, "weights": str(teacher_file)}
     teacher["image_size"] = size

@@ -76,6 +76,12 @@ class FinetuneSpec(_Strict):
     max_epochs: Annotated[int, Field(ge=1, le=1000)] = Field(
         default=30, description="epochs: auto: at most this many epochs (the learning-rate schedule's length)"
     )
+    body_lr_scale: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0,
+        description="the pretrained body's learning rate as a fraction of `lr`; the new classifier head "
+        "always trains at `lr`. 1.0 (default): one rate for all, the measured schedule so far; below "
+        "1 keeps more of the ImageNet features while the fresh head catches up",
+    )
 
     @property
     def planned_epochs(self) -> int:

@@ -139,6 +139,7 @@ def train(
     epochs: int,
     lr: float,
     patience: int | None = None,
+    body_lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Run one training stage with resume and checkpoints; leave `model` at its best epoch.
 
@@ -147,6 +148,7 @@ def train(
     so a resumed run chooses exactly as an uninterrupted one. Without one the last epoch is kept.
     `patience`: stop once the selection accuracy has not improved for that many epochs (the
     schedule still spans `epochs`); None: train every epoch.
+    `body_lr_scale`: the body's lr as a fraction of `lr` (the classifier head trains at `lr`).
     Returns {"best_epoch", "select_acc", "select_loss" (both None without selection), "epochs"
     (trained)}.
     """
@@ -182,6 +184,7 @@ def train(
         steps_per_epoch=run.data.steps_per_epoch,
         eval_split=run.data.choice_split,
         stop=None if patience is None else lambda curve: stalled(curve, patience),
+        body_lr_scale=body_lr_scale,
     )
     curve, _ = train_stage(plan, run.runtime, run.reporter, run.clock, on_epoch_end, resume)
     if len(curve) < epochs:

@@ -14,7 +14,9 @@ def run_stage(run: Run) -> float | None:
     ft = run.spec.teacher.finetune
     patience = ft.patience if ft.epochs == "auto" and run.selecting else None  # auto: early stopping
     lr = ft.lr or run.spec.train.lr
-    chosen = train(run, "teacher_finetune", teacher, plain(teacher), ft.planned_epochs, lr, patience)
+    chosen = train(
+        run, "teacher_finetune", teacher, plain(teacher), ft.planned_epochs, lr, patience, ft.body_lr_scale
+    )
     run.save_stage_weights(teacher, "teacher.safetensors")
     run.state.results["teacher"] = chosen
     return chosen["select_acc"]

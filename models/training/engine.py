@@ -129,17 +129,38 @@ def make_optimizer(
     weight_decay: float,
     runtime: Runtime,
     extra: Iterable[torch.nn.Parameter] = (),
+    body_lr_scale: float = 1.0,
 ):
     """Nesterov SGD over the model's trainable parameters, plus `extra` ones (the distillation
-    methods' learnable parts) as a second group, with the same lr schedule and weight decay."""
-    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    methods' learnable parts) as another group, with the same lr schedule and weight decay.
+
+    `body_lr_scale` < 1: every trainable parameter outside the timm classifier
+    (`model.get_classifier()`) trains at `lr * body_lr_scale`, the classifier head at `lr` (the
+    discriminative fine-tuning of Howard & Ruder, ACL 2018, reduced to body and head). The schedule's
+    factor multiplies each group's own rate. 1.0 keeps one group, as before the option existed.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params: list[Any] = trainable
+    if body_lr_scale != 1.0:
+        head_ids = {id(p) for p in _classifier_params(model)}
+        head = [p for p in trainable if id(p) in head_ids]
+        body = [p for p in trainable if id(p) not in head_ids]
+        params = [{"params": body, "lr": lr * body_lr_scale}, {"params": head}]
     more = [p for p in extra if p.requires_grad]
     if more:
-        params = [{"params": params}, {"params": more}]
+        params = (params if isinstance(params[0], dict) else [{"params": params}]) + [{"params": more}]
     kwargs: dict[str, Any] = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay}
     if runtime.is_cuda:
         kwargs["fused"] = True
     return torch.optim.SGD(params, **kwargs)
+
+
+def _classifier_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of the timm classifier head (none for a model without `get_classifier`)."""
+    inner = getattr(model, "module", model)  # a DDP wrapper holds the timm model in .module
+    get = getattr(inner, "get_classifier", None)
+    head = get() if get is not None else None
+    return list(head.parameters()) if isinstance(head, torch.nn.Module) else []
 
 
 def make_scheduler(optimizer, total_steps: int):
@@ -173,6 +194,7 @@ class StagePlan:
     steps_per_epoch: int
     eval_split: str = "selection"  # what val_batches is: "selection" or "report" (names every row's keys)
     stop: Callable[[list[dict]], bool] | None = None  # curve -> stop now (early stopping); None: never
+    body_lr_scale: float = 1.0  # the body's lr as a fraction of lr; the classifier head trains at lr
 
 
 @dataclass
@@ -218,7 +240,9 @@ def train_stage(
     resume = resume or StageResume()
     model, distiller = plan.model, plan.distiller
     distiller.to(runtime.device)  # the methods' learnable parts, if any
-    optimizer = make_optimizer(model, plan.lr, plan.weight_decay, runtime, distiller.parameters())
+    optimizer = make_optimizer(
+        model, plan.lr, plan.weight_decay, runtime, distiller.parameters(), plan.body_lr_scale
+    )
     scheduler = make_scheduler(optimizer, plan.epochs * plan.steps_per_epoch)
     if resume.model is not None:
         model.load_state_dict(resume.model)

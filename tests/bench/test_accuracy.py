@@ -149,3 +149,6 @@ def test_recipe_variants_parse_to_valid_jobs(tmp_path):
     )
     assert (new.teacher.finetune.epochs, new.teacher.image_size) == ("auto", "auto")
     assert (old.teacher.finetune.epochs, old.teacher.image_size) == (3, 64)
+    assert new.teacher.finetune.body_lr_scale == old.teacher.finetune.body_lr_scale == 1.0  # the job default
+    body = bench.job_spec(bench.parse_args(["--teacher-body-lr", "0.1"]), 0)
+    assert body.teacher.finetune.body_lr_scale == 0.1
