@@ -140,25 +140,24 @@ def make_optimizer(
     factor multiplies each group's own rate. 1.0 keeps one group, as before the option existed.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    params: list[Any] = trainable
+    groups: list[dict[str, Any]] = [{"params": trainable}]
     if body_lr_scale != 1.0:
         head_ids = {id(p) for p in _classifier_params(model)}
-        head = [p for p in trainable if id(p) in head_ids]
         body = [p for p in trainable if id(p) not in head_ids]
-        params = [{"params": body, "lr": lr * body_lr_scale}, {"params": head}]
+        head = [p for p in trainable if id(p) in head_ids]
+        groups = [{"params": body, "lr": lr * body_lr_scale}, {"params": head}]
     more = [p for p in extra if p.requires_grad]
     if more:
-        params = (params if isinstance(params[0], dict) else [{"params": params}]) + [{"params": more}]
+        groups.append({"params": more})
     kwargs: dict[str, Any] = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": weight_decay}
     if runtime.is_cuda:
         kwargs["fused"] = True
-    return torch.optim.SGD(params, **kwargs)
+    return torch.optim.SGD(groups, **kwargs)
 
 
 def _classifier_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters of the timm classifier head (none for a model without `get_classifier`)."""
-    inner = getattr(model, "module", model)  # a DDP wrapper holds the timm model in .module
-    get = getattr(inner, "get_classifier", None)
+    get = getattr(model, "get_classifier", None)
     head = get() if get is not None else None
     return list(head.parameters()) if isinstance(head, torch.nn.Module) else []
 

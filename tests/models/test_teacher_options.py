@@ -73,7 +73,7 @@ def test_finetune_auto_stops_when_selection_stalls_and_keeps_the_best(color_data
 
 
 def _one_step(model, scale: float):
-    """One SGD step of make_optimizer(body_lr_scale=scale) on a fixed batch; returns the model."""
+    """One SGD step of make_optimizer(body_lr_scale=scale) on a fixed batch; returns the optimizer."""
     torch.manual_seed(0)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     cpu = Runtime(torch.device("cpu"), None, False)
